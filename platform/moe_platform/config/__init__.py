@@ -1,0 +1,26 @@
+"""Configuration: one dataclass tree, TOML files mirroring it, `--section.key=value` overrides."""
+
+from moe_platform.config.loader import (
+    config_from_dict,
+    config_to_dict,
+    config_to_toml,
+    load_config,
+    parse_overrides,
+    validate_config,
+)
+from moe_platform.config.schema import (
+    CheckpointConfig,
+    Config,
+    DataConfig,
+    ElasticConfig,
+    FailureConfig,
+    ParallelConfig,
+    RunConfig,
+    TrainConfig,
+)
+
+__all__ = [
+    "CheckpointConfig", "Config", "DataConfig", "ElasticConfig", "FailureConfig", "ParallelConfig", "RunConfig",
+    "TrainConfig", "config_from_dict", "config_to_dict", "config_to_toml", "load_config", "parse_overrides",
+    "validate_config",
+]

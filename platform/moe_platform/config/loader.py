@@ -1,0 +1,193 @@
+"""TOML loading, `--section.key=value` overrides and validation of the config tree."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from pathlib import Path
+from typing import Any
+
+from moe_platform.config.schema import Config
+
+_BOOL_WORDS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
+
+
+def _section_types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, typ: Any, where: str) -> Any:
+    """Convert a TOML value or a command-line string to the field's type, or say what is wrong."""
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in _BOOL_WORDS:
+            return _BOOL_WORDS[value.lower()]
+        raise ValueError(f"{where} must be a boolean (true/false), got {value!r}")
+    if typ is int:
+        if isinstance(value, bool):
+            raise ValueError(f"{where} must be an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            if value.strip().lower() == "auto":
+                return 0
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                pass
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ValueError(f"{where} must be an integer, got {value!r}")
+    if typ is float:
+        if isinstance(value, bool):
+            raise ValueError(f"{where} must be a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ValueError(f"{where} must be a number, got {value!r}")
+    if typ is str:
+        if isinstance(value, str):
+            return value
+        raise ValueError(f"{where} must be a string, got {value!r}")
+    raise TypeError(f"unsupported config field type {typ} at {where}")
+
+
+def config_from_dict(data: dict[str, Any], base: Config | None = None) -> Config:
+    """Build a Config from nested dicts, rejecting unknown sections/keys and values of the wrong type."""
+    cfg = base if base is not None else Config()
+    sections = _section_types(Config)
+    for section, values in data.items():
+        if section not in sections:
+            raise ValueError(f"unknown config section [{section}]; known sections: {sorted(sections)}")
+        if not isinstance(values, dict):
+            raise ValueError(f"config section [{section}] must be a table, got {values!r}")
+        section_obj = getattr(cfg, section)
+        types = _section_types(type(section_obj))
+        updates = {}
+        for key, value in values.items():
+            if key not in types:
+                raise ValueError(f"unknown config key '{section}.{key}'; known keys in [{section}]: {sorted(types)}")
+            updates[key] = _coerce(value, types[key], f"{section}.{key}")
+        setattr(cfg, section, dataclasses.replace(section_obj, **updates))
+    validate_config(cfg)
+    return cfg
+
+
+def parse_overrides(args: list[str]) -> dict[str, dict[str, str]]:
+    """['--train.lr=1e-3', '--parallel.dp', '2'] -> {'train': {'lr': '1e-3'}, 'parallel': {'dp': '2'}}."""
+    out: dict[str, dict[str, str]] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+            raise ValueError(f"expected an override of the form --section.key=value, got {arg!r}")
+        if "=" in arg:
+            key, value = arg[2:].split("=", 1)
+        else:
+            if i + 1 >= len(args):
+                raise ValueError(f"override {arg!r} has no value")
+            key, value = arg[2:], args[i + 1]
+            i += 1
+        section, _, name = key.partition(".")
+        out.setdefault(section, {})[name.replace("-", "_")] = value
+        i += 1
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- TOML file <- command-line overrides, validated once at the end."""
+    cfg = Config()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"config file not found: {p}")
+        try:
+            data = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"config file {p} is not valid TOML: {e}") from e
+        cfg = config_from_dict(data, cfg)
+    if overrides:
+        cfg = config_from_dict(parse_overrides(overrides), cfg)
+    validate_config(cfg)
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
+    return dataclasses.asdict(cfg)
+
+
+def config_to_toml(cfg: Config) -> str:
+    lines = []
+    for section, values in config_to_dict(cfg).items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            if isinstance(value, bool):
+                lines.append(f"{key} = {'true' if value else 'false'}")
+            elif isinstance(value, str):
+                escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+                lines.append(f'{key} = "{escaped}"')
+            else:
+                lines.append(f"{key} = {value!r}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def validate_config(cfg: Config) -> None:
+    """Cross-field checks; each message names the key at fault."""
+
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise ValueError(f"invalid config: {msg}")
+
+    cfg.model.validate()
+    t = cfg.train
+    need(bool(cfg.run.name) and "/" not in cfg.run.name, f"run.name must be a non-empty name without '/', got "
+                                                         f"{cfg.run.name!r}")
+    need(bool(cfg.run.storage_path), "run.storage_path must not be empty")
+    need(t.steps > 0, f"train.steps must be > 0, got {t.steps}")
+    need(t.micro_batch_size > 0, f"train.micro_batch_size must be > 0, got {t.micro_batch_size}")
+    need(t.global_batch_size > 0, f"train.global_batch_size must be > 0, got {t.global_batch_size}")
+    need(t.global_batch_size % t.micro_batch_size == 0,
+         f"train.global_batch_size ({t.global_batch_size}) must be a multiple of train.micro_batch_size "
+         f"({t.micro_batch_size})")
+    need(t.seq_len > 1, f"train.seq_len must be > 1, got {t.seq_len}")
+    need(t.seq_len <= cfg.model.max_seq_len,
+         f"train.seq_len ({t.seq_len}) must be <= model.max_seq_len ({cfg.model.max_seq_len})")
+    need(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
+    need(0 <= t.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
+    need(0 <= t.warmup <= t.steps, f"train.warmup must be in [0, train.steps], got {t.warmup}")
+    need(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, f"train.beta1/beta2 must be in [0, 1), got {t.beta1}, {t.beta2}")
+    need(t.grad_clip >= 0, f"train.grad_clip must be >= 0, got {t.grad_clip}")
+    need(t.precision in ("auto", "fp32", "bf16"), f"train.precision must be auto, fp32 or bf16, got {t.precision!r}")
+    need(t.device in ("auto", "cpu", "cuda"), f"train.device must be auto, cpu or cuda, got {t.device!r}")
+    need(t.log_interval > 0, f"train.log_interval must be > 0, got {t.log_interval}")
+    need(t.eval_interval >= 0, f"train.eval_interval must be >= 0, got {t.eval_interval}")
+    d = cfg.data
+    need(d.vocab_size >= 256 + 8, f"data.vocab_size must be >= 264 (256 bytes + special tokens), got {d.vocab_size}")
+    need(cfg.model.vocab_size in (0, d.vocab_size),
+         f"model.vocab_size ({cfg.model.vocab_size}) must be 0 or equal data.vocab_size ({d.vocab_size})")
+    need(d.max_bytes >= 0, f"data.max_bytes must be >= 0, got {d.max_bytes}")
+    need(0 <= d.val_fraction < 0.5, f"data.val_fraction must be in [0, 0.5), got {d.val_fraction}")
+    p = cfg.parallel
+    for name in ("dp", "tp", "pp", "ep"):
+        need(getattr(p, name) >= 0, f"parallel.{name} must be >= 0 (0 = auto), got {getattr(p, name)}")
+    need(p.zero_stage in (0, 1, 2), f"parallel.zero_stage must be 0, 1 or 2, got {p.zero_stage}")
+    c = cfg.checkpoint
+    need(c.interval >= 0, f"checkpoint.interval must be >= 0, got {c.interval}")
+    need(c.keep >= 1, f"checkpoint.keep must be >= 1, got {c.keep}")
+    f = cfg.failure
+    need(f.max_failures >= -1, f"failure.max_failures must be >= -1, got {f.max_failures}")
+    need(f.max_preemption_failures >= -1, f"failure.max_preemption_failures must be >= -1, got "
+                                          f"{f.max_preemption_failures}")
+    need(f.preemption_grace_s > 0, f"failure.preemption_grace_s must be > 0, got {f.preemption_grace_s}")
+    e = cfg.elastic
+    need(e.min_workers >= 1, f"elastic.min_workers must be >= 1, got {e.min_workers}")
+    need(e.max_workers >= e.min_workers,
+         f"elastic.max_workers ({e.max_workers}) must be >= elastic.min_workers ({e.min_workers})")
+    need(e.cpus_per_worker > 0, f"elastic.cpus_per_worker must be > 0, got {e.cpus_per_worker}")

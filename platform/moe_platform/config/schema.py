@@ -1,0 +1,93 @@
+"""The one configuration tree. Every field carries a one-line doc; jobs/configs/*.toml mirror it section by section."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from moe_platform.model.args import ModelArgs
+
+
+def _f(default, doc: str):
+    return field(default=default, metadata={"doc": doc})
+
+
+@dataclass
+class RunConfig:
+    name: str = _f("tiny", "run name; the run's files live in <storage_path>/<name>/")
+    storage_path: str = _f("./runs", "local directory or pyarrow filesystem URI (s3://, gs://, file://)")
+
+
+@dataclass
+class DataConfig:
+    path: str = _f("", "text file, folder of text files, or parquet file/folder; empty uses the Python stdlib sources")
+    text_column: str = _f("text", "column holding the text when the corpus is parquet")
+    vocab_size: int = _f(4096, "size of the byte-level BPE vocabulary trained on the corpus")
+    max_bytes: int = _f(8_000_000, "read at most this many bytes of corpus text (0 = no limit)")
+    cache_dir: str = _f("", "where tokenized corpora are cached; empty means ~/.cache/moe-platform")
+    val_fraction: float = _f(0.01, "fraction of samples held out for validation loss")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = _f(200, "optimizer steps to run")
+    global_batch_size: int = _f(16, "sequences per optimizer step, across all data-parallel ranks")
+    micro_batch_size: int = _f(4, "sequences per forward/backward pass on one rank")
+    seq_len: int = _f(128, "tokens per training sequence")
+    lr: float = _f(3e-3, "peak learning rate")
+    min_lr_ratio: float = _f(0.1, "final learning rate as a fraction of lr (cosine decay)")
+    warmup: int = _f(20, "linear warmup steps")
+    weight_decay: float = _f(0.1, "AdamW weight decay (not applied to norms, biases and router bias)")
+    beta1: float = _f(0.9, "AdamW beta1")
+    beta2: float = _f(0.95, "AdamW beta2")
+    grad_clip: float = _f(1.0, "clip the global gradient norm to this value (0 disables)")
+    seed: int = _f(1234, "seed for initialisation, data order and sampling")
+    precision: str = _f("auto", "auto (bf16 on GPU, fp32 on CPU), fp32 or bf16")
+    device: str = _f("auto", "auto, cpu or cuda")
+    deterministic: bool = _f(True, "deterministic kernels (bitwise-reproducible runs on CPU)")
+    log_interval: int = _f(1, "steps between metrics.jsonl lines")
+    eval_interval: int = _f(0, "steps between validation-loss evaluations (0 = only at the end)")
+    log_sample_ids: bool = _f(False, "record the sample ids of every step in metrics.jsonl (resume audits)")
+
+
+@dataclass
+class ParallelConfig:
+    dp: int = _f(1, "data-parallel degree (0 = choose automatically)")
+    tp: int = _f(1, "tensor-parallel degree (0 = choose automatically)")
+    pp: int = _f(1, "pipeline-parallel degree (0 = choose automatically)")
+    ep: int = _f(1, "expert-parallel degree, drawn from the data-parallel ranks (0 = choose automatically)")
+    zero_stage: int = _f(1, "DeepSpeed ZeRO stage for the data-parallel dimension (0, 1 or 2)")
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = _f(50, "steps between checkpoints (0 = only at the end)")
+    keep: int = _f(3, "committed checkpoints to keep (older ones are deleted)")
+    async_save: bool = _f(True, "write checkpoints in the background after a host-memory snapshot")
+    export: bool = _f(True, "write a Hugging Face export to <run>/export at the end")
+
+
+@dataclass
+class FailureConfig:
+    max_failures: int = _f(3, "worker-group failures tolerated before the job fails (-1 = unlimited)")
+    max_preemption_failures: int = _f(-1, "preemptions tolerated (-1 = unlimited)")
+    preemption_grace_s: float = _f(30.0, "seconds a preempted node has to write a just-in-time checkpoint")
+
+
+@dataclass
+class ElasticConfig:
+    min_workers: int = _f(1, "fewest training workers the job runs on")
+    max_workers: int = _f(1, "most training workers the job asks for")
+    use_gpu: bool = _f(False, "give each worker one GPU")
+    cpus_per_worker: float = _f(1.0, "CPUs reserved per training worker")
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig, metadata={"doc": "run identity and storage"})
+    model: ModelArgs = field(default_factory=ModelArgs, metadata={"doc": "model architecture"})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"doc": "corpus and tokenizer"})
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"doc": "optimisation"})
+    parallel: ParallelConfig = field(default_factory=ParallelConfig, metadata={"doc": "parallel layout"})
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig, metadata={"doc": "checkpointing"})
+    failure: FailureConfig = field(default_factory=FailureConfig, metadata={"doc": "failure budgets"})
+    elastic: ElasticConfig = field(default_factory=ElasticConfig, metadata={"doc": "worker count range"})
