@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 import typing
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from moe_platform.config.schema import Config
 
