@@ -14,12 +14,14 @@ burst of load on a shared machine hits all of them alike; the table reports the 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import socket
 import statistics
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -88,12 +90,16 @@ def init_deepspeed() -> None:
     import deepspeed.comm as ds_comm
     import torch.distributed as dist
 
+    ds_torch_backend = importlib.import_module("deepspeed.comm.torch")  # the attribute `torch` there is torch itself
+
     if not dist.is_initialized():
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{port}")
-    ds_comm.init_distributed(dist_backend="gloo")  # wraps the existing torch group, no launcher, no JIT
+    # The shared-memory allreduce DeepSpeed JIT-compiles (minutes) on first use has nothing to do on one rank.
+    with mock.patch.object(ds_torch_backend, "build_shm_op", lambda: None):
+        ds_comm.init_distributed(dist_backend="gloo")  # wraps the existing torch group
 
 
 def build_deepspeed(ours: MoE, args: ModelArgs, drop_tokens: bool, capacity_factor: float) -> nn.Module:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import typing
 from pathlib import Path
@@ -59,7 +60,7 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
     raise TypeError(f"unsupported config field type {typ} at {where}")
 
 
-def config_from_dict(data: dict[str, Any], base: Config | None = None) -> Config:
+def config_from_dict(data: dict[str, Any], base: Config | None = None, validate: bool = True) -> Config:
     """Build a Config from nested dicts, rejecting unknown sections/keys and values of the wrong type."""
     cfg = base if base is not None else Config()
     sections = _section_types(Config)
@@ -75,9 +76,19 @@ def config_from_dict(data: dict[str, Any], base: Config | None = None) -> Config
             if key not in types:
                 raise ValueError(f"unknown config key '{section}.{key}'; known keys in [{section}]: {sorted(types)}")
             updates[key] = _coerce(value, types[key], f"{section}.{key}")
-        setattr(cfg, section, dataclasses.replace(section_obj, **updates))
-    validate_config(cfg)
+        setattr(cfg, section, _replace(section_obj, updates))
+    if validate:
+        validate_config(cfg)
     return cfg
+
+
+def _replace(obj, updates: dict[str, Any]):
+    """dataclasses.replace without __post_init__ checks (ModelArgs validates itself): the whole tree is validated
+    once at the end, so a file may be completed or corrected by later overrides."""
+    new = copy.copy(obj)
+    for key, value in updates.items():
+        object.__setattr__(new, key, value)
+    return new
 
 
 def parse_overrides(args: list[str]) -> dict[str, dict[str, str]]:
@@ -112,9 +123,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             data = tomllib.loads(p.read_text())
         except tomllib.TOMLDecodeError as e:
             raise ValueError(f"config file {p} is not valid TOML: {e}") from e
-        cfg = config_from_dict(data, cfg)
+        cfg = config_from_dict(data, cfg, validate=False)
     if overrides:
-        cfg = config_from_dict(parse_overrides(overrides), cfg)
+        cfg = config_from_dict(parse_overrides(overrides), cfg, validate=False)
     validate_config(cfg)
     return cfg
 

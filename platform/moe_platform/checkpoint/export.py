@@ -1,0 +1,24 @@
+"""Export any training checkpoint as a Hugging Face model directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from moe_platform.checkpoint.hf import export_hf
+from moe_platform.checkpoint.store import load_json, load_tensors, resolve_checkpoint
+from moe_platform.model.args import ModelArgs
+
+
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
+    """Checkpoint dir (or run dir: its latest valid checkpoint) -> HF directory that transformers loads."""
+    ckpt = resolve_checkpoint(checkpoint)
+    trainer = load_json(ckpt, "trainer.json")
+    args = ModelArgs.from_dict(trainer["model_args"])
+    state = load_tensors(ckpt, "model.safetensors")
+    tok_dir = ckpt / "tokenizer"
+    eos = 0
+    if (tok_dir / "tokenizer.json").exists():
+        from moe_platform.train.tokenizer import eos_id, load_tokenizer
+
+        eos = eos_id(load_tokenizer(tok_dir))
+    return export_hf(state, args, out_dir, tok_dir if tok_dir.exists() else None, eos_id=eos)

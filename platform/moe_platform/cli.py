@@ -1,0 +1,157 @@
+"""`moe-platform` command line: train, export, generate, serve, demo, bench."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import sys
+import tempfile
+from pathlib import Path
+
+DEMO_OVERRIDES = [
+    "--run.name=demo", "--train.steps=120", "--train.eval_interval=40", "--checkpoint.interval=40",
+    "--data.max_bytes=3000000",
+]
+DEMO_PROMPT = "def main():\n"
+
+
+def _cmd_train(ns: argparse.Namespace, rest: list[str]) -> int:
+    from moe_platform.config import load_config
+    from moe_platform.train.trainer import train
+
+    cfg = load_config(ns.config, rest)
+    result = train(cfg, progress=not ns.no_progress)
+    print(json.dumps({"run_dir": str(result.run_dir), "final_step": result.final_step,
+                      "final_loss": result.final_loss, "export": str(result.export_dir) if result.export_dir else None,
+                      "resumed_from": result.resumed_from}))
+    return 0
+
+
+def _cmd_export(ns: argparse.Namespace, rest: list[str]) -> int:
+    from moe_platform.checkpoint.export import export_checkpoint
+
+    out = export_checkpoint(ns.checkpoint, ns.out_dir)
+    print(out)
+    return 0
+
+
+def _cmd_generate(ns: argparse.Namespace, rest: list[str]) -> int:
+    from moe_platform.serving.engine import Engine, SamplingParams
+
+    engine = Engine.from_pretrained(ns.model)
+    params = SamplingParams(max_tokens=ns.max_tokens, temperature=ns.temperature, top_p=ns.top_p, top_k=ns.top_k,
+                            seed=ns.seed)
+    sys.stdout.write(engine.generate(ns.prompt, params))
+    sys.stdout.write("\n")
+    return 0
+
+
+def _cmd_serve(ns: argparse.Namespace, rest: list[str]) -> int:
+    from moe_platform.serving.app import run_server
+
+    run_server(ns.model, host=ns.host, port=ns.port)
+    return 0
+
+
+def _cmd_demo(ns: argparse.Namespace, rest: list[str]) -> int:
+    from moe_platform.config import load_config
+    from moe_platform.serving.engine import Engine, SamplingParams
+    from moe_platform.train.trainer import train
+
+    storage = ns.storage_path or tempfile.mkdtemp(prefix="moe-platform-demo-")
+    cfg = load_config(None, [*DEMO_OVERRIDES, f"--run.storage_path={storage}", *rest])
+    print(f"[demo] training a {cfg.model.num_experts}-expert top-{cfg.model.top_k} MoE for {cfg.train.steps} steps "
+          f"on {'the Python stdlib sources' if not cfg.data.path else cfg.data.path} -> {storage}/{cfg.run.name}")
+    result = train(cfg, progress=True)
+    print(f"[demo] final loss {result.final_loss:.3f}; Hugging Face export at {result.export_dir}")
+    engine = Engine.from_pretrained(result.export_dir)
+    text = engine.generate(ns.prompt, SamplingParams(max_tokens=48, temperature=0.0))
+    print(f"[demo] prompt: {ns.prompt!r}\n[demo] completion: {text!r}")
+    return 0
+
+
+def _bench_dir() -> Path:
+    here = Path(__file__).resolve()
+    for parent in here.parents:
+        if (parent / "bench").is_dir() and (parent / "pyproject.toml").is_file():
+            return parent / "bench"
+    raise FileNotFoundError("bench/ not found: run `moe-platform bench` from a source checkout of moe-platform")
+
+
+def _cmd_bench(ns: argparse.Namespace, rest: list[str]) -> int:
+    bench = _bench_dir()
+    script = bench / f"{ns.name}.py"
+    if not script.is_file():
+        names = sorted(p.stem for p in bench.glob("*.py") if not p.stem.startswith("_"))
+        raise ValueError(f"unknown benchmark {ns.name!r}; available: {names}")
+    spec = importlib.util.spec_from_file_location(f"bench_{ns.name}", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return int(module.main(rest) or 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="moe-platform", description="Elastic Mixture-of-Experts training and serving "
+                                                                 "on Ray.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train from a TOML config; extra --section.key=value arguments override it",
+                       description="Train (resuming from the run's latest committed checkpoint if there is one). "
+                                   "Any --section.key=value after the options overrides the config file.")
+    t.add_argument("--config", required=True, help="TOML config file, e.g. jobs/configs/tiny.toml")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.set_defaults(fn=_cmd_train)
+
+    e = sub.add_parser("export", help="write a Hugging Face model directory from a checkpoint")
+    e.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its latest valid checkpoint)")
+    e.add_argument("out_dir", help="output directory (config.json, model.safetensors, tokenizer files)")
+    e.set_defaults(fn=_cmd_export)
+
+    g = sub.add_parser("generate", help="complete a prompt with an exported model; prints only the completion")
+    g.add_argument("--model", required=True, help="export directory")
+    g.add_argument("--prompt", required=True, help="prompt text")
+    g.add_argument("--max-tokens", type=int, default=64, help="tokens to generate (default 64)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default 0)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default 1.0)")
+    g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens; 0 = all")
+    g.add_argument("--seed", type=int, default=None, help="sampling seed")
+    g.set_defaults(fn=_cmd_generate)
+
+    s = sub.add_parser("serve", help="serve an export with the OpenAI-compatible API on Ray Serve")
+    s.add_argument("--model", required=True, help="export directory")
+    s.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    s.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    s.set_defaults(fn=_cmd_serve)
+
+    d = sub.add_parser("demo", help="train a tiny MoE on the stdlib sources, export it and generate from it",
+                       description="Train a tiny MoE, export it, and complete a prompt. Extra --section.key=value "
+                                   "arguments override the demo config.")
+    d.add_argument("--storage-path", default=None, help="where the run goes (default: a new temporary directory)")
+    d.add_argument("--prompt", default=DEMO_PROMPT, help="prompt to complete at the end")
+    d.set_defaults(fn=_cmd_demo)
+
+    b = sub.add_parser("bench", help="run a benchmark from bench/ (extra arguments go to it)")
+    b.add_argument("name", help="benchmark name, e.g. moe_layer")
+    b.set_defaults(fn=_cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    ns, rest = parser.parse_known_args(argv)
+    logging.basicConfig(level=logging.INFO if ns.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if rest and ns.command not in ("train", "demo", "bench"):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    try:
+        return ns.fn(ns, rest)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"moe-platform {ns.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

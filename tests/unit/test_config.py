@@ -1,0 +1,85 @@
+"""Config tree: TOML + overrides, and every kind of bad input named in the error."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from moe_platform.config import Config, config_to_toml, load_config, parse_overrides
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "jobs" / "configs").glob("*.toml")), ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    cfg = load_config(path)
+    assert cfg.train.steps > 0
+
+
+def test_overrides_take_precedence_and_are_typed(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text("[train]\nlr = 0.5\nsteps = 10\nwarmup = 2\n")
+    cfg = load_config(f, ["--train.lr=1e-3", "--parallel.dp", "2", "--train.deterministic=false", "--parallel.tp=auto"])
+    assert cfg.train.lr == 1e-3 and cfg.train.steps == 10
+    assert cfg.parallel.dp == 2 and cfg.parallel.tp == 0 and cfg.train.deterministic is False
+
+
+def test_toml_round_trip(tmp_path):
+    cfg = load_config(None, ["--model.num_experts=8", "--run.name=x"])
+    f = tmp_path / "rt.toml"
+    f.write_text(config_to_toml(cfg))
+    assert load_config(f) == cfg
+
+
+def test_every_field_has_a_doc():
+    def walk(cls, prefix):
+        for fld in dataclasses.fields(cls):
+            assert fld.metadata.get("doc"), f"{prefix}{fld.name} has no doc"
+            if dataclasses.is_dataclass(fld.type) or (isinstance(fld.type, type) and dataclasses.is_dataclass(fld.type)):
+                walk(fld.type, f"{prefix}{fld.name}.")
+
+    walk(Config, "")
+    for fld in dataclasses.fields(Config):
+        walk(type(getattr(Config(), fld.name)), f"{fld.name}.")
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (["--train.foo=1"], r"unknown config key 'train\.foo'"),
+        (["--bogus.x=1"], r"unknown config section \[bogus\]"),
+        (["--train.steps=ten"], r"train\.steps must be an integer"),
+        (["--train.lr=fast"], r"train\.lr must be a number"),
+        (["--train.deterministic=maybe"], r"train\.deterministic must be a boolean"),
+        (["--train.steps=0"], r"train\.steps must be > 0"),
+        (["--train.global_batch_size=10", "--train.micro_batch_size=4"], r"multiple of train\.micro_batch_size"),
+        (["--model.n_heads=6", "--model.n_kv_heads=4"], r"n_heads \(6\) must be divisible by model\.n_kv_heads"),
+        (["--model.top_k=20"], r"top_k \(20\) must be <= model\.num_experts"),
+        (["--model.balancing=magic"], r"model\.balancing must be one of"),
+        (["--train.seq_len=4096"], r"train\.seq_len \(4096\) must be <= model\.max_seq_len"),
+        (["--data.vocab_size=100"], r"data\.vocab_size must be >= 264"),
+        (["--elastic.min_workers=4", "--elastic.max_workers=2"], r"elastic\.max_workers \(2\) must be >="),
+        (["--parallel.zero_stage=3"], r"parallel\.zero_stage must be 0, 1 or 2"),
+        (["--train.precision=fp8"], r"train\.precision must be"),
+        (["train.lr=1"], r"--section\.key=value"),
+    ],
+)
+def test_bad_config_is_rejected_with_the_key_named(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        load_config(None, overrides)
+
+
+def test_bad_toml_file(tmp_path):
+    f = tmp_path / "bad.toml"
+    f.write_text("[train\nlr = ")
+    with pytest.raises(ValueError, match="not valid TOML"):
+        load_config(f)
+    with pytest.raises(FileNotFoundError, match="config file not found"):
+        load_config(tmp_path / "missing.toml")
+
+
+def test_parse_overrides_needs_a_value():
+    with pytest.raises(ValueError, match="has no value"):
+        parse_overrides(["--train.lr"])
