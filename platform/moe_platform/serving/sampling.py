@@ -1,0 +1,116 @@
+"""Per-request sampling parameters and one batched sampler for rows that each carry their own parameters.
+
+Every request owns a `torch.Generator` and draws exactly one uniform number per generated token from it, then picks the
+token by inverse CDF over its (temperature-scaled, top-k/top-p filtered) distribution. A seeded request therefore
+yields the same tokens whatever else shares its batch. Temperature 0 is greedy (argmax) and draws nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+MAX_STOP_STRINGS = 16
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int | None = field(default=16, metadata={"doc": "tokens to generate at most; None fills the context"})
+    temperature: float = field(default=1.0, metadata={"doc": "softmax temperature; 0 means greedy decoding"})
+    top_p: float = field(default=1.0, metadata={"doc": "nucleus sampling: keep the smallest set with this mass"})
+    top_k: int = field(default=0, metadata={"doc": "keep only the k most likely tokens; 0 (or -1) disables it"})
+    seed: int | None = field(default=None, metadata={"doc": "seed of this request's sampler; None draws one"})
+    stop: Sequence[str] = field(default=(), metadata={"doc": "strings that end the completion (not included)"})
+    ignore_eos: bool = field(default=False, metadata={"doc": "keep generating after the end-of-text token"})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = (self.stop,)
+        self.stop = tuple(self.stop)
+        if self.top_k == -1:
+            self.top_k = 0
+        self.validate()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def validate(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ValueError(f"invalid sampling parameters: {msg}")
+
+        if self.max_tokens is not None:
+            need(_is_int(self.max_tokens), f"max_tokens must be an integer or None, got {self.max_tokens!r}")
+            need(self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}")
+        need(_is_number(self.temperature) and math.isfinite(self.temperature) and self.temperature >= 0,
+             f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        need(_is_number(self.top_p) and 0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p!r}")
+        need(_is_int(self.top_k) and self.top_k >= 0, f"top_k must be an integer >= 0 (or -1), got {self.top_k!r}")
+        if self.seed is not None:
+            need(_is_int(self.seed) and 0 <= self.seed < 2**63, f"seed must be an integer in [0, 2**63), "
+                 f"got {self.seed!r}")
+        need(len(self.stop) <= MAX_STOP_STRINGS, f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}")
+        for s in self.stop:
+            need(isinstance(s, str) and len(s) > 0, f"stop strings must be non-empty strings, got {s!r}")
+        need(isinstance(self.ignore_eos, bool), f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def make_generator(seed: int) -> torch.Generator:
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(seed)
+    return gen
+
+
+def sample_tokens(logits: torch.Tensor, params: Sequence[SamplingParams],
+                  generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+    """logits (B, V) fp32, one SamplingParams and generator per row -> next token ids (B,) int64."""
+    if logits.dim() != 2 or logits.shape[0] != len(params) or len(params) != len(generators):
+        raise ValueError(f"sample_tokens expects logits (B, V) with B params and generators, got "
+                         f"{tuple(logits.shape)}, {len(params)}, {len(generators)}")
+    out = torch.argmax(logits, dim=-1)  # greedy rows are done; sampled rows are overwritten below
+    rows = [i for i, p in enumerate(params) if not p.greedy]
+    if not rows:
+        return out
+    sub = logits[rows].float()  # (S, V)
+    vocab = sub.shape[-1]
+    temps = torch.tensor([params[i].temperature for i in rows], dtype=sub.dtype)
+    sub = sub / temps[:, None]
+    # One uniform per sampled row, from that row's own generator: batch composition cannot change a seeded draw.
+    u = torch.cat([torch.rand(1, generator=generators[i]) for i in rows])  # (S,)
+    top_k = torch.tensor([params[i].top_k or vocab for i in rows])
+    top_p = torch.tensor([params[i].top_p for i in rows], dtype=sub.dtype)
+    if bool((top_k < vocab).any()) or bool((top_p < 1.0).any()):
+        sorted_logits, order = torch.sort(sub, dim=-1, descending=True)  # (S, V)
+        rank = torch.arange(vocab)[None, :]
+        sorted_logits = sorted_logits.masked_fill(rank >= top_k[:, None], float("-inf"))
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # Keep a token while the mass before it is below top_p, so the most likely token always survives.
+        mass_before = torch.cumsum(probs, dim=-1) - probs
+        probs = probs.masked_fill(mass_before >= top_p[:, None], 0.0)
+        picked = _inverse_cdf(probs, u)
+        out[rows] = order.gather(-1, picked[:, None]).squeeze(-1)
+    else:
+        out[rows] = _inverse_cdf(torch.softmax(sub, dim=-1), u)
+    return out
+
+
+def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """probs (S, V) unnormalised non-negative, u (S,) in [0, 1) -> index (S,) drawn from each row's distribution."""
+    cdf = torch.cumsum(probs, dim=-1)
+    target = (u * cdf[:, -1])[:, None]
+    idx = torch.searchsorted(cdf, target, right=True).squeeze(-1)
+    # Rounding can put the target at the very end; fall back to the last token that has any probability.
+    last_nonzero = (probs > 0).long().cumsum(-1).argmax(-1)
+    return torch.minimum(idx, last_nonzero)
