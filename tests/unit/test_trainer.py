@@ -67,7 +67,7 @@ def test_corrupt_latest_checkpoint_falls_back(tiny_config):
     _, result = run(cfg, stop_after=8)
     newest = latest_checkpoint(result.run_dir)
     assert newest.name.endswith("08")
-    weights = newest / "model.safetensors"
+    weights = newest / "shards" / "rank0.safetensors"
     data = bytearray(weights.read_bytes())
     data[len(data) // 2] ^= 0xFF
     weights.write_bytes(bytes(data))

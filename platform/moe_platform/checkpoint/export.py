@@ -1,11 +1,12 @@
-"""Export any training checkpoint as a Hugging Face model directory."""
+"""Export any training checkpoint, from any layout, as a Hugging Face model directory."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from moe_platform.checkpoint.hf import export_hf
-from moe_platform.checkpoint.store import load_json, load_tensors, resolve_checkpoint
+from moe_platform.checkpoint.sharded import ShardedReader
+from moe_platform.checkpoint.store import load_json, resolve_checkpoint
 from moe_platform.model.args import ModelArgs
 
 
@@ -14,7 +15,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
     ckpt = resolve_checkpoint(checkpoint)
     trainer = load_json(ckpt, "trainer.json")
     args = ModelArgs.from_dict(trainer["model_args"])
-    state = load_tensors(ckpt, "model.safetensors")
+    state = ShardedReader(ckpt).full_state_dict()
     tok_dir = ckpt / "tokenizer"
     eos = 0
     if (tok_dir / "tokenizer.json").exists():

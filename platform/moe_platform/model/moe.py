@@ -17,17 +17,18 @@ from moe_platform.model.args import ModelArgs
 
 
 class _GroupedMatmul(torch.autograd.Function):
-    """y[g] = x[g] @ w[g].T for contiguous row groups g of x; backward is the same loop transposed."""
+    """y[g] = x[g] @ w[g].T for contiguous row groups g of x; backward is the same loop transposed.
+
+    `torch._grouped_mm` runs this forward on CPU too, but its backward fails when a group is empty, so the CPU
+    path keeps its own loop (measured as fast as `_grouped_mm` there).
+    """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, w: torch.Tensor, counts: list[int]) -> torch.Tensor:
         # x: (N, K), w: (E, M, K) -> (N, M)
         out = x.new_empty(x.shape[0], w.shape[1])
-        start = 0
-        for g, n in enumerate(counts):
-            if n:
-                torch.mm(x[start:start + n], w[g].t(), out=out[start:start + n])
-            start += n
+        for g, rows in _groups(counts):
+            torch.mm(x[rows], w[g].t(), out=out[rows])
         ctx.save_for_backward(x, w)
         ctx.counts = counts
         return out
@@ -37,17 +38,32 @@ class _GroupedMatmul(torch.autograd.Function):
         x, w = ctx.saved_tensors
         grad_out = grad_out.contiguous()
         grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
-        grad_w = torch.zeros_like(w) if ctx.needs_input_grad[1] else None
-        start = 0
-        for g, n in enumerate(ctx.counts):
-            if n:
-                dy = grad_out[start:start + n]
-                if grad_x is not None:
-                    torch.mm(dy, w[g], out=grad_x[start:start + n])
-                if grad_w is not None:
-                    torch.mm(dy.t(), x[start:start + n], out=grad_w[g])
-            start += n
+        grad_w = _empty_group_grads(w, ctx.counts) if ctx.needs_input_grad[1] else None
+        for g, rows in _groups(ctx.counts):
+            dy = grad_out[rows]
+            if grad_x is not None:
+                torch.mm(dy, w[g], out=grad_x[rows])
+            if grad_w is not None:
+                torch.mm(dy.t(), x[rows], out=grad_w[g])
         return grad_x, grad_w, None
+
+
+def _groups(counts: list[int]):
+    """(group, row slice) for every non-empty group of contiguous rows."""
+    start = 0
+    for g, n in enumerate(counts):
+        if n:
+            yield g, slice(start, start + n)
+        start += n
+
+
+def _empty_group_grads(w: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """Gradient buffer for stacked per-group weights: groups with rows get overwritten, only empty ones zeroed."""
+    grad = torch.empty_like(w)
+    for g, n in enumerate(counts):
+        if n == 0:
+            grad[g].zero_()
+    return grad
 
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -56,6 +72,88 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.
         offsets = torch.cumsum(counts, 0, dtype=torch.int32)
         return torch._grouped_mm(x, w.transpose(1, 2), offs=offsets)
     return _GroupedMatmul.apply(x, w, counts.tolist())
+
+
+class _GroupedSwiGLU(torch.autograd.Function):
+    """All SwiGLU experts in one pass over their row groups, optionally fused with the token gather and the
+    router-weighted scatter back: out[token] += score * down(silu(gate(x[token])) * up(x[token])).
+
+    Why one Function instead of composing grouped_mm calls: on CPU, memory traffic of the (rows, 2I) and (rows, D)
+    intermediates, not the GEMMs, is what separates a grouped MoE from a dense FFN. Working expert by expert keeps
+    each group's activations in cache between its three GEMMs, and the fused gather/scatter never materialises the
+    sorted copies of the input and output. Only the gate/up pre-activations (rows, 2I) are saved; the activation is
+    recomputed per group in backward. The router score scales the activation before the down projection
+    (equal to scaling the output, as the projection is linear), so its gradient needs no saved expert output.
+
+    x: (N, D) tokens with token_index (M,) giving the source token of each grouped row, or (M, D) rows already
+    grouped when token_index is None. scores: (M,) router weight per row or None.
+    Returns (N, D) sums over each token's rows with token_index, else (M, D) per-row outputs.
+    """
+
+    @staticmethod
+    def forward(ctx, x, gate_up, down, counts: list[int], token_index, scores):
+        inter = down.shape[-1]
+        n_rows = sum(counts)
+        keep = any(ctx.needs_input_grad[:3]) or ctx.needs_input_grad[5]
+        # pre-activations: kept whole for backward, else one group's worth of scratch
+        h_all = x.new_empty(n_rows if keep else max(counts, default=0), 2 * inter)
+        y = x.new_empty(n_rows, x.shape[1])
+        for g, rows in _groups(counts):
+            xg = x[rows] if token_index is None else x.index_select(0, token_index[rows])
+            h = h_all[rows] if keep else h_all[: rows.stop - rows.start]
+            torch.mm(xg, gate_up[g].t(), out=h)  # (n, D) -> (n, 2I)
+            act = F.silu(h[:, :inter]).mul_(h[:, inter:])
+            if scores is not None:
+                act.mul_(scores[rows, None].to(act.dtype))
+            torch.mm(act, down[g].t(), out=y[rows])
+        ctx.counts = counts
+        ctx.save_for_backward(x, gate_up, down, token_index, scores, h_all if keep else None)
+        if token_index is None:
+            return y
+        # One scatter for all groups: many small index_add_ calls are far slower on CPU. Rows are sorted by expert,
+        # so each token sums its experts in expert order (as Mixtral's loop does).
+        return torch.zeros_like(x).index_add_(0, token_index, y)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, gate_up, down, token_index, scores, h_all = ctx.saved_tensors
+        need_x, need_gate_up, need_down, _, _, need_scores = ctx.needs_input_grad
+        inter = down.shape[-1]
+        grad_out = grad_out.contiguous()
+        grad_rows = x.new_empty(sum(ctx.counts), x.shape[1]) if need_x else None  # (M, D), per grouped row
+        grad_gate_up = _empty_group_grads(gate_up, ctx.counts) if need_gate_up else None
+        grad_down = _empty_group_grads(down, ctx.counts) if need_down else None
+        grad_scores = scores.new_empty(scores.shape) if need_scores else None
+        dh = x.new_empty(max(ctx.counts, default=0), 2 * inter)  # one group's gate/up gradient, reused
+        for g, rows in _groups(ctx.counts):
+            n = rows.stop - rows.start
+            idx = None if token_index is None else token_index[rows]
+            dy = grad_out[rows] if idx is None else grad_out.index_select(0, idx)  # (n, D)
+            gate, up = h_all[rows, :inter], h_all[rows, inter:]
+            silu = F.silu(gate)
+            act = silu * up
+            w = None if scores is None else scores[rows, None].to(act.dtype)
+            if need_down:
+                torch.mm(dy.t(), act if w is None else act * w, out=grad_down[g])
+            d_act = torch.mm(dy, down[g])  # (n, D) -> (n, I), gradient of the score-scaled activation
+            if need_scores:
+                grad_scores[rows] = (d_act * act).sum(-1).to(grad_scores.dtype)
+            if not (need_x or need_gate_up):
+                continue
+            if w is not None:
+                d_act.mul_(w)
+            dhg = dh[:n]
+            torch.mul(d_act, silu, out=dhg[:, inter:])
+            torch.ops.aten.silu_backward.grad_input(d_act.mul_(up), gate, grad_input=dhg[:, :inter])
+            if need_gate_up:
+                xg = x[rows] if idx is None else x.index_select(0, idx)
+                torch.mm(dhg.t(), xg, out=grad_gate_up[g])
+            if need_x:
+                torch.mm(dhg, gate_up[g], out=grad_rows[rows])
+        grad_x = grad_rows
+        if need_x and token_index is not None:
+            grad_x = torch.zeros_like(x).index_add_(0, token_index, grad_rows)
+        return grad_x, grad_gate_up, grad_down, None, None, grad_scores
 
 
 class _AttachAuxLoss(torch.autograd.Function):
@@ -88,7 +186,6 @@ class Router(nn.Module):
         if self.use_bias:
             # Only steers which experts are chosen, never the mixing weights (DeepSeek-V3); updated outside autograd.
             self.register_buffer("expert_bias", torch.zeros(args.num_experts, dtype=torch.float32))
-            self.register_buffer("load_since_update", torch.zeros(args.num_experts), persistent=False)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         # x: (N, D) -> logits, probs: (N, E); weights, indices: (N, k)
@@ -121,15 +218,31 @@ class GroupedExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * hidden, dim))
         self.down_proj = nn.Parameter(torch.empty(num_experts, dim, hidden))
 
-    def forward(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        # x_sorted: (M, D) rows grouped by local expert, counts: (E_local,) -> (M, D)
-        gate, up = grouped_mm(x_sorted, self.gate_up_proj, counts).chunk(2, dim=-1)
-        return grouped_mm(F.silu(gate) * up, self.down_proj, counts)
+    def forward(self, x: torch.Tensor, counts: torch.Tensor, token_index: torch.Tensor | None = None,
+                scores: torch.Tensor | None = None) -> torch.Tensor:
+        """Run every expert on its rows. counts: (E_local,) rows per expert, in expert order.
+
+        Without token_index, x: (M, D) rows already grouped by expert -> (M, D), one output per row.
+        With token_index (M,), row i is token x[token_index[i]] of x: (N, D) -> (N, D), each token the sum of its
+        rows' outputs. scores (M,), when given, weight each row's output.
+        """
+        if x.device.type == "cpu":
+            return _GroupedSwiGLU.apply(x, self.gate_up_proj, self.down_proj, counts.tolist(), token_index, scores)
+        rows = x if token_index is None else x[token_index]  # (N, D) -> (M, D)
+        gate, up = grouped_mm(rows, self.gate_up_proj, counts).chunk(2, dim=-1)
+        out = grouped_mm(F.silu(gate) * up, self.down_proj, counts)
+        if scores is not None:
+            out = out * scores[:, None].to(out.dtype)
+        if token_index is None:
+            return out
+        # sorted by expert, so each token sums its experts in expert order (the same order as Mixtral's loop)
+        return torch.zeros_like(x).index_add_(0, token_index, out)
 
 
 class MoE(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, layer_idx: int = 0):
         super().__init__()
+        self.layer_idx = layer_idx
         self.num_experts = args.num_experts
         self.top_k = args.top_k
         self.capacity_factor = args.capacity_factor
@@ -147,6 +260,13 @@ class MoE(nn.Module):
         self.token_dispatcher = None
         self.last_aux_loss = torch.zeros(())
         self.last_tokens_per_expert = torch.zeros(args.num_experts, dtype=torch.long)
+        self.reset_step_stats()
+
+    def reset_step_stats(self) -> None:
+        """Per-optimizer-step sums over micro-batches: tokens per expert (routing-bias updates, metrics) and the
+        balancing loss divided by the accumulation steps (what the objective received)."""
+        self.step_load = torch.zeros(self.num_experts, dtype=torch.long)
+        self.step_aux = torch.zeros(())
 
     def capacity(self, num_tokens: int) -> int:
         return math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_experts)
@@ -162,11 +282,11 @@ class MoE(nn.Module):
             out = out + self.shared_experts(flat)
         self.last_tokens_per_expert = counts.detach()
         if self.training:
-            if self.gate.use_bias:
-                self.gate.load_since_update += counts.to(self.gate.load_since_update.dtype)
+            self.step_load = self.step_load.to(counts.device) + counts.detach()
             aux = self._balancing_loss(logits, probs, counts)
             if aux is not None:
                 self.last_aux_loss = aux.detach()
+                self.step_aux = self.step_aux.to(aux.device) + aux.detach() * self.aux_loss_scale
                 out = _AttachAuxLoss.apply(out, aux, self.aux_loss_scale)
         return out.reshape(shape)
 
@@ -188,12 +308,8 @@ class MoE(nn.Module):
         if self.capacity_factor > 0:
             order, counts = self._drop_overflow(order, flat_expert, counts, self.capacity(n_tokens))
         token_of = order // self.top_k  # (M,) source token of each sorted assignment
-        expert_out = self.experts(flat[token_of], counts)  # (M, D)
-        w = weights.reshape(-1)[order].to(expert_out.dtype)
-        out = torch.zeros_like(flat)
-        # Sorted by expert, so each token sums its experts in expert order (the same order as Mixtral's loop).
-        out.index_add_(0, token_of, expert_out * w[:, None])
-        return out
+        # gather, experts, router weighting and the scatter back to tokens run fused: (N, D) -> (N, D)
+        return self.experts(flat, counts, token_index=token_of, scores=weights.reshape(-1)[order])
 
     @staticmethod
     def _drop_overflow(order, flat_expert, counts, capacity: int):
@@ -209,11 +325,11 @@ class MoE(nn.Module):
 def update_routing_biases(moe_layers: list[MoE], rate: float, loads: list[torch.Tensor] | None = None) -> None:
     """DeepSeek-V3 aux-loss-free balancing: raise the bias of under-loaded experts, lower over-loaded ones.
 
-    `loads` lets a data-parallel trainer pass loads already summed over ranks so every rank applies the same update.
+    The default load is each layer's `step_load`; a data-parallel trainer passes loads already summed over ranks so
+    every rank applies the same update.
     """
     for i, moe in enumerate(moe_layers):
         if not moe.gate.use_bias:
             continue
-        load = loads[i] if loads is not None else moe.gate.load_since_update
-        moe.gate.expert_bias += rate * torch.sign(load.float().mean() - load.float())
-        moe.gate.load_since_update.zero_()
+        load = (loads[i] if loads is not None else moe.step_load).float().to(moe.gate.expert_bias.device)
+        moe.gate.expert_bias += rate * torch.sign(load.mean() - load)

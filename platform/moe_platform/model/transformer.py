@@ -16,7 +16,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
         self.self_attn = Attention(args, layer_idx)
         self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
-        self.mlp = MoE(args)
+        self.mlp = MoE(args, layer_idx)
 
     def forward(self, x: torch.Tensor, rope, cache=None) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), rope, cache)

@@ -1,7 +1,11 @@
-"""Training-state checkpoints: snapshot to host memory on the training thread, write and commit in the background.
+"""Training-state checkpoints: take a host-memory snapshot on the training thread, write and commit it afterwards.
 
-A checkpoint holds the model (safetensors), optimizer state, RNG states, sampler position, the LR-schedule step, the
-config and model args and the tokenizer, under a manifest of sha256 sums; only a committed one is ever loaded.
+A checkpoint holds every rank's shard of the model and optimizer state (by full parameter name, so any layout can
+load it), each rank's RNG state, the trainer state (step, sampler position, config, model args, layout) and the
+tokenizer, under a manifest of sha256 sums; only a committed one is ever loaded.
+
+One process: the write runs in a background thread, so a step waits only for the snapshot. Several processes: every
+rank writes its own shard files into rank 0's temporary directory, then rank 0 commits once all have arrived.
 """
 
 from __future__ import annotations
@@ -18,55 +22,83 @@ from moe_platform.checkpoint import (
     CheckpointWriter,
     capture_rng_state,
     cleanup_checkpoints,
-    flatten_optimizer_state,
     load_json,
-    load_tensors,
     read_state,
     restore_rng_state,
-    unflatten_optimizer_state,
-    write_state,
 )
+from moe_platform.checkpoint.sharded import LocalState, ShardFiles, write_local_state
 from moe_platform.train.tokenizer import TOKENIZER_FILES
 
-MODEL_FILE = "model.safetensors"
 TRAINER_FILE = "trainer.json"
 
 
 @dataclass
 class Snapshot:
-    """Everything a checkpoint holds, already copied off the live training state."""
+    """Everything one rank contributes to a checkpoint, already copied off the live training state."""
 
     step: int
-    model: dict[str, torch.Tensor]
-    optimizer: tuple[dict[str, torch.Tensor], dict]
+    rank: int
+    state: LocalState
     rng: tuple[dict[str, torch.Tensor], dict]
-    trainer: dict[str, Any]
-    tokenizer_dir: Path
+    trainer: dict[str, Any] | None = None  # rank 0 only
+    tokenizer_dir: Path | None = None  # rank 0 only
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-def take_snapshot(step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict,
-                  tokenizer_dir: Path, meta: dict | None = None) -> Snapshot:
-    """Copy the state to host memory; after this returns, training may change the live tensors freely."""
-    model_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-    optim_tensors, optim_meta = flatten_optimizer_state(optimizer.state_dict())
-    optim_tensors = {k: v.detach().to("cpu", copy=True) for k, v in optim_tensors.items()}
-    return Snapshot(step, model_state, (optim_tensors, optim_meta), capture_rng_state(), dict(trainer_state),
-                    tokenizer_dir, dict(meta or {}))
+def take_snapshot(step: int, rank: int, state: LocalState, trainer_state: dict | None = None,
+                  tokenizer_dir: Path | None = None, meta: dict | None = None) -> Snapshot:
+    return Snapshot(step, rank, state, capture_rng_state(), trainer_state, tokenizer_dir, dict(meta or {}))
 
 
-def write_snapshot(run_dir: Path, snap: Snapshot, keep: int) -> Path:
-    with CheckpointWriter(run_dir, snap.step, meta=snap.meta) as writer:
-        writer.save_tensors(MODEL_FILE, snap.model)
-        write_state(writer, "optimizer", *snap.optimizer)
-        write_state(writer, "rng", *snap.rng)
-        writer.save_json(TRAINER_FILE, snap.trainer)
+def write_rank_files(files, snap: Snapshot) -> None:
+    """This rank's share of a checkpoint: its shards and RNG state (and, on rank 0, the trainer state, tokenizer)."""
+    write_local_state(files, snap.rank, snap.state)
+    files.save_tensors(f"rng/rank{snap.rank}.safetensors", snap.rng[0])
+    files.save_json(f"rng/rank{snap.rank}.json", snap.rng[1])
+    if snap.trainer is not None:
+        files.save_json(TRAINER_FILE, snap.trainer)
+    if snap.tokenizer_dir is not None:
         for name in TOKENIZER_FILES:
             src = snap.tokenizer_dir / name
             if src.exists():
-                writer.copy_file(src, f"tokenizer/{name}")
+                files.copy_file(src, f"tokenizer/{name}")
+
+
+def write_snapshot(run_dir: Path, snap: Snapshot, keep: int) -> Path:
+    """Single-process checkpoint: write everything and commit."""
+    with CheckpointWriter(run_dir, snap.step, meta=snap.meta) as writer:
+        write_rank_files(writer, snap)
         final = writer.commit()
     cleanup_checkpoints(run_dir, keep)
+    return final
+
+
+def write_distributed(run_dir: Path, snap: Snapshot, keep: int, world_size: int) -> Path | None:
+    """Every rank calls this together; returns the committed directory on rank 0."""
+    import torch.distributed as dist
+
+    writer = CheckpointWriter(run_dir, snap.step, meta=snap.meta) if snap.rank == 0 else None
+    where = [str(writer.tmp_dir) if writer else None]
+    dist.broadcast_object_list(where, src=0)
+    error: Exception | None = None
+    try:
+        write_rank_files(writer if writer else ShardFiles(Path(where[0])), snap)
+    except Exception as e:  # every rank must still reach the collectives below, or the others hang
+        error = e
+    ok = torch.tensor([0 if error else 1])
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN)  # every rank learns whether all shards were written
+    final = None
+    if writer is not None:
+        if int(ok) == 1:
+            final = writer.commit()
+            cleanup_checkpoints(run_dir, keep)
+        else:
+            writer.abort()
+    dist.barrier()
+    if error is not None:
+        raise error
+    if int(ok) != 1:
+        raise RuntimeError(f"checkpoint of step {snap.step} failed on another rank; nothing was committed")
     return final
 
 
@@ -115,17 +147,11 @@ class AsyncCheckpointer:
         return self.last_committed
 
 
-def load_training_state(ckpt_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-                        restore_rng: bool = True) -> dict[str, Any]:
-    """Load a verified checkpoint into live objects; returns the trainer state (step, sampler, ...)."""
-    state = load_tensors(ckpt_dir, MODEL_FILE)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"checkpoint {ckpt_dir} does not fit this model (different model config?): "
-                         f"missing {missing[:5]}, unexpected {unexpected[:5]}")
-    if optimizer is not None:
-        tensors, meta = read_state(ckpt_dir, "optimizer")
-        optimizer.load_state_dict(unflatten_optimizer_state(tensors, meta))
-    if restore_rng:
-        restore_rng_state(*read_state(ckpt_dir, "rng"))
+def restore_rank_rng(ckpt_dir: Path, rank: int) -> None:
+    """This rank's RNG state if the checkpoint has one (same world size), else rank 0's."""
+    stem = f"rng/rank{rank}" if (ckpt_dir / f"rng/rank{rank}.json").exists() else "rng/rank0"
+    restore_rng_state(*read_state(ckpt_dir, stem))
+
+
+def read_trainer_state(ckpt_dir: Path) -> dict[str, Any]:
     return load_json(ckpt_dir, TRAINER_FILE)

@@ -1,6 +1,7 @@
-"""The training loop of one process: tokenizer and data, model, AdamW, exact resume, metrics, checkpoints, export.
+"""The training loop of one rank: tokenizer and data, model on its layout, exact resume, metrics, checkpoints, export.
 
-Resume is the default path: a run whose directory holds a committed checkpoint continues from it.
+Resume is the default path: a run whose directory holds a committed checkpoint continues from it, whatever layout
+wrote it. On one process the loop runs plain PyTorch; on several it runs the same model on DeepSpeed.
 """
 
 from __future__ import annotations
@@ -9,26 +10,33 @@ import json
 import logging
 import os
 import random
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from moe_platform.checkpoint import latest_checkpoint
-from moe_platform.checkpoint.hf import export_hf
+from moe_platform.checkpoint.export import export_checkpoint
+from moe_platform.checkpoint.sharded import ShardedReader
 from moe_platform.config import Config, config_to_dict
 from moe_platform.model.args import ModelArgs
 from moe_platform.model.moe import update_routing_biases
-from moe_platform.model.transformer import MoETransformer, build_model
-from moe_platform.train.checkpointing import AsyncCheckpointer, load_training_state, take_snapshot
+from moe_platform.model.transformer import build_model
+from moe_platform.parallel.layout import Layout, ProcessGroups, build_process_groups, plan_layout
+from moe_platform.train.checkpointing import (
+    AsyncCheckpointer,
+    read_trainer_state,
+    restore_rank_rng,
+    take_snapshot,
+    write_distributed,
+)
 from moe_platform.train.data import DataSampler, build_token_dataset, iter_documents
+from moe_platform.train.engine import DeepSpeedBackend, LocalBackend
 from moe_platform.train.metrics import MetricsLog, matmul_peak_flops, write_loss_curve
-from moe_platform.train.optim import build_optimizer, lr_at, set_lr
+from moe_platform.train.optim import lr_at
 from moe_platform.train.tokenizer import eos_id, load_tokenizer, save_tokenizer, train_tokenizer
 
 log = logging.getLogger("moe_platform.train")
@@ -41,13 +49,33 @@ class TrainResult:
     final_loss: float
     export_dir: Path | None
     resumed_from: int | None
+    layout: str = "dp1·tp1·pp1·ep1"
 
 
-def resolve_device(name: str) -> torch.device:
+@dataclass
+class DistContext:
+    """Where this process sits: torch.distributed is already initialised when world_size > 1."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def barrier(self) -> None:
+        if self.distributed:
+            torch.distributed.barrier()
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device = 'cuda' but no CUDA device is available")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("train.device = 'cuda' but no CUDA device is available")
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
     return torch.device(name)
 
 
@@ -71,109 +99,142 @@ def prepare_tokenizer(cfg: Config, run_dir: Path):
 
 
 class Trainer:
-    def __init__(self, cfg: Config, progress: bool = True):
+    def __init__(self, cfg: Config, progress: bool = True, dist: DistContext | None = None):
         self.cfg = cfg
+        self.dist = dist or DistContext()
         self.run_dir = Path(cfg.run.storage_path).expanduser() / cfg.run.name
-        self.device = resolve_device(cfg.train.device)
-        self.progress = progress
+        self.device = resolve_device(cfg.train.device, self.dist.local_rank)
+        self.progress = progress and self.dist.rank == 0
         prec = cfg.train.precision
         self.autocast_dtype = (torch.bfloat16 if prec == "bf16" or (prec == "auto" and self.device.type == "cuda")
                                else None)
         self.step = 0
         self.resumed_from: int | None = None
+        self.groups: ProcessGroups | None = None
 
     # -- set-up -------------------------------------------------------------------------------------------------
 
-    def setup(self) -> None:
-        cfg = self.cfg
+    def _check_storage(self) -> None:
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             probe = self.run_dir / f".write-test-{os.getpid()}"
             probe.write_text("")
             probe.unlink()
         except OSError as e:
-            raise ValueError(f"run.storage_path {cfg.run.storage_path!r} is not writable: {e}") from e
+            raise ValueError(f"run.storage_path {self.cfg.run.storage_path!r} is not writable: {e}") from e
+
+    def setup(self) -> None:
+        cfg, rank = self.cfg, self.dist.rank
+        if rank == 0:
+            self._check_storage()
         if cfg.train.deterministic and self.device.type == "cpu":
             torch.use_deterministic_algorithms(True)
-        self.tokenizer, self.tokenizer_dir = prepare_tokenizer(cfg, self.run_dir)
+        cache = Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else None
+        # Rank 0 trains the tokenizer and fills the token cache once; the other ranks then read both.
+        for turn in (0, 1):
+            if (rank == 0) == (turn == 0):
+                self.tokenizer, self.tokenizer_dir = prepare_tokenizer(cfg, self.run_dir)
+                self.dataset = build_token_dataset(cfg.data, self.tokenizer, cfg.train.seq_len, cache)
+            self.dist.barrier()
         self.eos_id = eos_id(self.tokenizer)
-        self.dataset = build_token_dataset(cfg.data, self.tokenizer, cfg.train.seq_len,
-                                           Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else None)
         self.sampler = DataSampler(self.dataset.train_ids_count, cfg.train.global_batch_size, cfg.train.seed)
-        margs = ModelArgs.from_dict({**cfg.model.to_dict(), "vocab_size": self.tokenizer.get_vocab_size()})
-        self.model_args = margs
-        self.model: MoETransformer = build_model(margs, device=self.device, seed=cfg.train.seed)
-        self.optimizer = build_optimizer(self.model, cfg.train)
-        self.moe_layers = self.model.moe_layers()
-        self.accum = cfg.train.global_batch_size // cfg.train.micro_batch_size
-        for moe in self.moe_layers:
-            moe.aux_loss_scale = 1.0 / self.accum
+        self.model_args = ModelArgs.from_dict({**cfg.model.to_dict(), "vocab_size": self.tokenizer.get_vocab_size()})
+        self.layout = plan_layout(self.dist.world_size, self.model_args, cfg.parallel, cfg.train.global_batch_size,
+                                  cfg.train.micro_batch_size)
+        if self.dist.distributed:
+            self.groups = build_process_groups(self.layout, rank)
+        ckpt = latest_checkpoint(self.run_dir)
+        reader = self._checked_reader(ckpt) if ckpt is not None else None
+        model = build_model(self.model_args, device=self.device, seed=cfg.train.seed)
+        if self.dist.distributed:
+            self.backend = DeepSpeedBackend(model, cfg, self.groups, self.device, reader)
+        else:
+            self.backend = LocalBackend(model, cfg, self.device, self.autocast_dtype,
+                                        cfg.train.global_batch_size // cfg.train.micro_batch_size)
+            if reader is not None:
+                self.backend.load_state(reader)
         self.checkpointer = AsyncCheckpointer(self.run_dir, cfg.checkpoint.keep, cfg.checkpoint.async_save)
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
-        self.flops_per_token = margs.flops_per_token(cfg.train.seq_len)
-        self.peak_flops = matmul_peak_flops(self.device)
-        seed_everything(cfg.train.seed)
-        self._resume()
+        self.flops_per_token = self.model_args.flops_per_token(cfg.train.seq_len)
+        self.peak_flops = matmul_peak_flops(self.device) * self.dist.world_size
+        seed_everything(cfg.train.seed + rank)
+        if ckpt is not None:
+            state = read_trainer_state(ckpt)
+            self.step = state["step"]
+            self.sampler.load_state_dict(state["sampler"])
+            restore_rank_rng(ckpt, rank)
+            self.resumed_from = self.step
+            log.info("resumed from %s at step %d (written by %s, now %s)", ckpt, self.step,
+                     state.get("layout"), self.layout)
+        if rank == 0:
+            self.metrics.truncate_after(self.step)
+        self.dist.barrier()
 
-    def _resume(self) -> None:
-        ckpt = latest_checkpoint(self.run_dir)
-        if ckpt is None:
-            self.metrics.truncate_after(0)
-            return
-        saved = json.loads((ckpt / "trainer.json").read_text())
-        if saved["model_args"] != self.model_args.to_dict():
-            diff = {k: (v, self.model_args.to_dict().get(k)) for k, v in saved["model_args"].items()
-                    if self.model_args.to_dict().get(k) != v}
+    def _checked_reader(self, ckpt: Path) -> ShardedReader:
+        saved = read_trainer_state(ckpt)
+        now = self.model_args.to_dict()
+        if saved["model_args"] != now:
+            diff = {k: (v, now.get(k)) for k, v in saved["model_args"].items() if now.get(k) != v}
             raise ValueError(f"checkpoint {ckpt} was written by a different model config (saved, now): {diff}; "
                              f"use another run.name or storage_path to start a new run")
-        state = load_training_state(ckpt, self.model, self.optimizer)
-        self.step = state["step"]
-        self.sampler.load_state_dict(state["sampler"])
-        self.resumed_from = self.step
-        self.metrics.truncate_after(self.step)
-        log.info("resumed from %s at step %d", ckpt, self.step)
+        return ShardedReader(ckpt)
 
     # -- training ------------------------------------------------------------------------------------------------
 
+    @property
+    def model(self):
+        return self.backend.model
+
+    @property
+    def dp(self) -> tuple[int, int]:
+        return (self.groups.dp_rank, self.groups.dp_size) if self.groups else (0, 1)
+
     def trainer_state(self) -> dict[str, Any]:
         return {"step": self.step, "sampler": self.sampler.state_dict(), "model_args": self.model_args.to_dict(),
-                "config": config_to_dict(self.cfg), "lr_schedule": {"kind": "warmup_cosine", "step": self.step}}
+                "config": config_to_dict(self.cfg), "layout": self.layout.to_dict(),
+                "world_size": self.dist.world_size, "lr_schedule": {"kind": "warmup_cosine", "step": self.step}}
 
-    def loss_fn(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            logits = self.model(tokens)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    def _micro_batches(self, ids: np.ndarray) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        local = self.sampler.shard(ids, *self.dp)
+        return [tuple(t.to(self.device, non_blocking=True) for t in self.dataset.get(m))
+                for m in self.sampler.micro_batches(local, self.cfg.train.micro_batch_size)]
+
+    def _global_moe_stats(self) -> tuple[float, torch.Tensor]:
+        """Balancing loss (as one process would report it) and tokens per expert for every layer, over all ranks."""
+        moes = self.backend.moe_layers
+        loads = torch.zeros(self.model_args.n_layers, self.model_args.num_experts)
+        aux = torch.zeros(())
+        for m in moes:
+            loads[m.layer_idx] += m.step_load.float().cpu()
+            aux += m.step_aux.cpu()
+            m.reset_step_stats()
+        if self.dist.distributed:
+            packed = torch.cat([loads.flatten(), aux[None]])
+            torch.distributed.all_reduce(packed)
+            tp = self.groups.tp_size
+            loads = packed[:-1].view_as(loads) / tp  # tensor-parallel ranks saw the same tokens
+            aux = packed[-1] / (tp * self.groups.dp_size)
+        return float(aux), loads
 
     def train_step(self) -> dict[str, Any]:
+        import time
+
         cfg = self.cfg.train
         t0 = time.perf_counter()
-        self.model.train()
         lr = lr_at(self.step, cfg)
-        set_lr(self.optimizer, lr)
+        self.backend.set_lr(lr)
         ids = self.sampler.next_global_batch()
-        total_loss = torch.zeros((), device=self.device)
-        aux_total = 0.0
-        loads = torch.zeros(len(self.moe_layers), self.model_args.num_experts, device=self.device)
-        for micro in self.sampler.micro_batches(ids, cfg.micro_batch_size):
-            tokens, targets = (t.to(self.device, non_blocking=True) for t in self.dataset.get(micro))
-            loss = self.loss_fn(tokens, targets) / self.accum
-            loss.backward()
-            total_loss += loss.detach()
-            aux_total += sum(float(m.last_aux_loss) for m in self.moe_layers) / self.accum
-            loads += torch.stack([m.last_tokens_per_expert.float() for m in self.moe_layers])
-        grad_norm = (torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-                     if cfg.grad_clip > 0 else torch.zeros(()))
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        update_routing_biases(self.moe_layers, self.model_args.bias_update_rate)
+        loss, grad_norm = self.backend.train_batch(self._micro_batches(ids))
+        aux, loads = self._global_moe_stats()
+        update_routing_biases(self.backend.moe_layers, self.model_args.bias_update_rate,
+                              [loads[m.layer_idx] for m in self.backend.moe_layers])
         self.step += 1
         dt = time.perf_counter() - t0
         tokens_per_s = len(ids) * cfg.seq_len / dt
         rec = {
-            "step": self.step, "loss": float(total_loss), "aux_loss": aux_total, "lr": lr,
-            "grad_norm": float(grad_norm), "tokens_per_s": tokens_per_s,
-            "mfu": tokens_per_s * self.flops_per_token / self.peak_flops,
-            "expert_imbalance": float((loads.max(dim=1).values / loads.mean(dim=1).clamp(min=1)).mean()),
+            "step": self.step, "loss": loss, "aux_loss": aux, "lr": lr, "grad_norm": grad_norm,
+            "tokens_per_s": tokens_per_s, "mfu": tokens_per_s * self.flops_per_token / self.peak_flops,
+            "expert_imbalance": float((loads.max(dim=1).values / loads.mean(dim=1).clamp(min=1e-9)).mean()),
             "tokens_per_expert": loads.sum(0).tolist(), "step_time_s": dt,
         }
         if cfg.log_sample_ids:
@@ -183,35 +244,44 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, max_batches: int = 8) -> float | None:
         val = self.dataset.val_ids()
-        if len(val) == 0:
-            return None
-        self.model.eval()
-        losses = []
         mbs = self.cfg.train.micro_batch_size
-        for i in range(0, min(len(val), max_batches * mbs), mbs):
-            tokens, targets = (t.to(self.device) for t in self.dataset.get(val[i:i + mbs]))
-            losses.append(float(self.loss_fn(tokens, targets)))
+        dp_rank, dp_size = self.dp
+        usable = (min(len(val), max_batches * mbs * dp_size) // (mbs * dp_size)) * mbs * dp_size
+        if usable == 0:
+            return None
+        losses = []
+        for i in range(0, usable, mbs * dp_size):
+            chunk = val[i:i + mbs * dp_size][dp_rank * mbs:(dp_rank + 1) * mbs]
+            tokens, targets = (t.to(self.device) for t in self.dataset.get(chunk))
+            losses.append(self.backend.eval_loss(tokens, targets))
         return sum(losses) / len(losses)
 
     def save_checkpoint(self, blocking: bool = False) -> None:
-        self.checkpointer.save(lambda: take_snapshot(self.step, self.model, self.optimizer, self.trainer_state(),
-                                                     self.tokenizer_dir, meta={"world_size": 1}), blocking=blocking)
+        rank = self.dist.rank
+        meta = {"layout": self.layout.to_dict(), "world_size": self.dist.world_size}
 
-    def export(self, out_dir: Path) -> Path:
-        return export_hf(self.model.state_dict(), self.model_args, out_dir, self.tokenizer_dir, eos_id=self.eos_id)
+        def snap():
+            return take_snapshot(self.step, rank, self.backend.local_state(),
+                                 self.trainer_state() if rank == 0 else None,
+                                 self.tokenizer_dir if rank == 0 else None, meta)
+
+        if self.dist.distributed:
+            write_distributed(self.run_dir, snap(), self.cfg.checkpoint.keep, self.dist.world_size)
+        else:
+            self.checkpointer.save(snap, blocking=blocking)
 
     def fit(self, stop_after: int | None = None) -> TrainResult:
         """Train to train.steps; `stop_after` ends early at that step (checkpointed) as a planned interruption."""
         cfg = self.cfg
         total = cfg.train.steps if stop_after is None else min(stop_after, cfg.train.steps)
-        bar = tqdm(total=total, initial=self.step, desc=f"train {cfg.run.name}", disable=not self.progress,
-                   dynamic_ncols=True)
+        bar = tqdm(total=cfg.train.steps, initial=self.step, desc=f"train {cfg.run.name} [{self.layout}]",
+                   disable=not self.progress, dynamic_ncols=True)
         rec: dict[str, Any] = {"loss": float("nan")}
         while self.step < total:
             rec = self.train_step()
             if cfg.train.eval_interval and self.step % cfg.train.eval_interval == 0:
                 rec["val_loss"] = self.evaluate()
-            if self.step % cfg.train.log_interval == 0 or self.step == total:
+            if self.dist.rank == 0 and (self.step % cfg.train.log_interval == 0 or self.step == total):
                 self.metrics.append(rec)
             bar.update(1)
             bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
@@ -222,17 +292,25 @@ class Trainer:
             self.save_checkpoint(blocking=True)
         self.checkpointer.wait()
         if self.step < cfg.train.steps:
-            return TrainResult(self.run_dir, self.step, rec["loss"], None, self.resumed_from)
+            return TrainResult(self.run_dir, self.step, rec["loss"], None, self.resumed_from, str(self.layout))
         val = self.evaluate()
-        export_dir = self.export(self.run_dir / "export") if cfg.checkpoint.export else None
-        write_loss_curve(self.metrics.path, self.run_dir / "loss.png", title=cfg.run.name)
-        summary = {"final_step": self.step, "final_loss": rec["loss"], "val_loss": val,
-                   "resumed_from": self.resumed_from, "export": str(export_dir) if export_dir else None}
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        return TrainResult(self.run_dir, self.step, rec["loss"], export_dir, self.resumed_from)
+        export_dir = None
+        if self.dist.rank == 0:
+            if cfg.checkpoint.export:
+                export_dir = export_checkpoint(latest_checkpoint(self.run_dir), self.run_dir / "export")
+            write_loss_curve(self.metrics.path, self.run_dir / "loss.png", title=cfg.run.name)
+            summary = {"final_step": self.step, "final_loss": rec["loss"], "val_loss": val,
+                       "resumed_from": self.resumed_from, "layout": str(self.layout),
+                       "export": str(export_dir) if export_dir else None}
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        self.dist.barrier()
+        return TrainResult(self.run_dir, self.step, rec["loss"], export_dir, self.resumed_from, str(self.layout))
 
 
-def train(cfg: Config, progress: bool = True) -> TrainResult:
-    trainer = Trainer(cfg, progress=progress)
+def train(cfg: Config, progress: bool = True, dist: DistContext | None = None) -> TrainResult:
+    trainer = Trainer(cfg, progress=progress, dist=dist)
     trainer.setup()
     return trainer.fit()
+
+
+__all__ = ["DistContext", "Layout", "TrainResult", "Trainer", "train"]

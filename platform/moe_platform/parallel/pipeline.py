@@ -1,0 +1,65 @@
+"""Pipeline stages: the single-device model cut into a sequence of layers for DeepSpeed's PipelineModule (1F1B).
+
+The stage wrappers hold the model's own submodules, so parameters keep their identity (and their full names, found
+through `param_names`) whatever stage they land on. Only activations (B, T, D) travel between stages; each MoE layer
+attaches its balancing loss to its output, so no extra tensors need to cross stage boundaries.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moe_platform.model.transformer import DecoderLayer, MoETransformer
+from moe_platform.parallel.layout import ProcessGroups
+
+
+class EmbeddingStage(nn.Module):
+    def __init__(self, model: MoETransformer):
+        super().__init__()
+        self.embed_tokens = model.model.embed_tokens
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(tokens)
+
+
+class DecoderStage(nn.Module):
+    def __init__(self, layer: DecoderLayer, rotary: nn.Module):
+        super().__init__()
+        self.layer = layer
+        self.rotary = rotary
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        bsz, seq, _ = hidden.shape
+        positions = torch.arange(seq, device=hidden.device).expand(bsz, -1)
+        return self.layer(hidden, self.rotary(positions))
+
+
+class HeadStage(nn.Module):
+    def __init__(self, model: MoETransformer):
+        super().__init__()
+        self.norm = model.model.norm
+        self.lm_head = model.lm_head
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.norm(hidden)).float()
+
+
+def pipeline_layers(model: MoETransformer) -> list[nn.Module]:
+    rotary = model.model.rotary
+    return [EmbeddingStage(model), *(DecoderStage(layer, rotary) for layer in model.model.layers), HeadStage(model)]
+
+
+def build_pipeline_module(model: MoETransformer, groups: ProcessGroups, loss_fn):
+    """A DeepSpeed PipelineModule over this model with our layout's (pipe, data, model) rank order."""
+    from deepspeed.pipe import PipelineModule
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+    if model.args.tie_word_embeddings:
+        raise ValueError("model.tie_word_embeddings cannot be combined with pipeline parallelism (parallel.pp > 1)")
+    layout = groups.layout
+    # Axes ('pipe', 'data', 'model'): model (tp) fastest, then data, then pipe, which is our Layout's rank order.
+    topology = PipeModelDataParallelTopology(num_pp=layout.pp, num_mp=layout.tp, num_dp=layout.dp)
+    # Balance transformer blocks across stages; embedding and head ride on the first and last stage.
+    return PipelineModule(layers=pipeline_layers(model), topology=topology, loss_fn=loss_fn,
+                          partition_method="type:DecoderStage")

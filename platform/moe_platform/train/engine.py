@@ -1,0 +1,388 @@
+"""Training backends: one optimizer step over a rank's micro-batches, on one process or on a parallel layout.
+
+`LocalBackend` is plain PyTorch on one process (the reference every layout is tested against). `DeepSpeedBackend`
+applies tensor and expert parallelism to the same single-device model, cuts it into pipeline stages when pp > 1, and
+hands it to DeepSpeed, which owns the data-parallel dimension (ZeRO 0/1/2), the 1F1B schedule, gradient accumulation,
+clipping and bf16. Both expose the state as `LocalState` (full names, shard boxes), so checkpoints move between them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moe_platform.checkpoint.sharded import LocalState, ShardedReader, ShardSpec
+from moe_platform.config import Config
+from moe_platform.model.moe import MoE
+from moe_platform.model.transformer import MoETransformer
+from moe_platform.parallel.layout import ProcessGroups
+from moe_platform.parallel.pipeline import build_pipeline_module
+from moe_platform.parallel.sharding import full_shapes, is_expert_tensor, local_shard_spec
+from moe_platform.train.optim import build_optimizer, set_lr
+
+log = logging.getLogger("moe_platform.train")
+ADAM_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
+
+
+def _plain_optimizer_state(optimizer: torch.optim.Optimizer, named: Iterable[tuple[str, nn.Parameter]], state):
+    for name, p in named:
+        s = optimizer.state.get(p)
+        if not s:
+            continue
+        for key in ADAM_KEYS:
+            getattr(state, key)[name] = s[key].detach().float().cpu().clone()
+        state.step[name] = int(s["step"])
+
+
+def _restore_plain_optimizer_state(optimizer, named, reader: ShardedReader, specs: dict[str, ShardSpec]) -> None:
+    for name, p in named:
+        if not reader.has(name, "exp_avg"):
+            continue
+        optimizer.state[p] = {
+            "step": torch.tensor(float(reader.step(name))),
+            **{key: specs[name].extract(reader.full(name, key)).to(p.device, p.dtype) for key in ADAM_KEYS},
+        }
+
+
+def _load_model_tensors(named: Iterable[tuple[str, torch.Tensor]], reader: ShardedReader,
+                        specs: dict[str, ShardSpec]) -> None:
+    with torch.no_grad():
+        for name, t in named:
+            value = specs[name].extract(reader.full(name))
+            if value.shape != t.shape:
+                raise ValueError(f"checkpoint tensor {name} has shape {tuple(value.shape)} here, the model needs "
+                                 f"{tuple(t.shape)} (different model config?)")
+            t.copy_(value)
+
+
+class LocalBackend:
+    """One process, plain PyTorch: the single-process reference."""
+
+    def __init__(self, model: MoETransformer, cfg: Config, device: torch.device, autocast_dtype, accum: int):
+        self.model = model
+        self.device = device
+        self.autocast_dtype = autocast_dtype
+        self.accum = accum
+        self.grad_clip = cfg.train.grad_clip
+        self.optimizer = build_optimizer(model, cfg.train)
+        self.moe_layers = model.moe_layers()
+        for moe in self.moe_layers:
+            moe.aux_loss_scale = 1.0 / accum
+        shapes = full_shapes(model.args)
+        self.specs = {name: ShardSpec.whole(shapes[name]) for name in model.state_dict()}
+        self.dp_group = None
+        self.is_logging_rank = True
+
+    def set_lr(self, lr: float) -> None:
+        set_lr(self.optimizer, lr)
+
+    def forward_loss(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            return lm_loss(self.model(tokens), targets)
+
+    def train_batch(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float]:
+        self.model.train()
+        total = torch.zeros((), device=self.device)
+        for tokens, targets in micro_batches:
+            loss = self.forward_loss(tokens, targets) / self.accum
+            loss.backward()
+            total += loss.detach()
+        norm = (torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip) if self.grad_clip > 0
+                else torch.zeros(()))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(total), float(norm)
+
+    @torch.no_grad()
+    def eval_loss(self, tokens: torch.Tensor, targets: torch.Tensor) -> float:
+        self.model.eval()
+        return float(self.forward_loss(tokens, targets))
+
+    def local_state(self) -> LocalState:
+        state = LocalState(model={k: v.detach().float().cpu().clone() for k, v in self.model.state_dict().items()},
+                           specs=self.specs)
+        _plain_optimizer_state(self.optimizer, self.model.named_parameters(), state)
+        return state
+
+    def load_state(self, reader: ShardedReader) -> None:
+        _load_model_tensors(self.model.state_dict().items(), reader, self.specs)
+        _restore_plain_optimizer_state(self.optimizer, self.model.named_parameters(), reader, self.specs)
+
+
+class DeepSpeedMPU:
+    """The model-parallel unit DeepSpeed asks for group information (tensor parallelism without a pipeline)."""
+
+    def __init__(self, groups: ProcessGroups):
+        import torch.distributed as dist
+
+        self.g = groups
+        self._world = dist.group.WORLD
+
+    def get_model_parallel_rank(self):
+        return self.g.tp_rank
+
+    def get_model_parallel_world_size(self):
+        return self.g.tp_size
+
+    def get_model_parallel_group(self):
+        return self.g.tp
+
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+    get_tensor_model_parallel_group = get_model_parallel_group
+
+    def get_data_parallel_rank(self):
+        return self.g.dp_rank
+
+    def get_data_parallel_world_size(self):
+        return self.g.dp_size
+
+    def get_data_parallel_group(self):
+        return self.g.dp if self.g.dp is not None else _single_rank_group(self.g.rank)
+
+    def get_pipeline_model_parallel_world_size(self):
+        return 1
+
+    get_pipe_parallel_world_size = get_pipeline_model_parallel_world_size
+
+
+_SINGLE_GROUPS: dict[int, object] = {}
+
+
+def _single_rank_group(rank: int):
+    """A group of just this rank (DeepSpeed wants a group object even where a degree is 1)."""
+    import torch.distributed as dist
+
+    if rank not in _SINGLE_GROUPS:
+        for r in range(dist.get_world_size()):  # every rank must create every group, in the same order
+            _SINGLE_GROUPS[r] = dist.new_group([r])
+    return _SINGLE_GROUPS[rank]
+
+
+def _make_moe_visible_to_deepspeed(model: nn.Module) -> None:
+    """DeepSpeed sends expert gradients to the expert-data-parallel group (and splits ZeRO partitions by expert
+    group) only for modules that are instances of its own MoE layer class. Our expert-parallel MoE keeps its own
+    dispatch and grouped compute; we only add DeepSpeed's class as a base so the engine recognises it."""
+    from deepspeed.moe.layer import MoE as DeepSpeedMoE
+
+    cls_cache: dict[type, type] = {}
+    for module in model.modules():
+        if isinstance(module, MoE) and not isinstance(module, DeepSpeedMoE):
+            cls = type(module)
+            if cls not in cls_cache:
+                cls_cache[cls] = type(f"DeepSpeedVisible{cls.__name__}", (cls, DeepSpeedMoE), {})
+            module.__class__ = cls_cache[cls]
+
+
+def _optimizer_param_groups(named: list[tuple[str, nn.Parameter]], cfg: Config) -> list[dict]:
+    """decay/no-decay groups, each split again into dense and expert parameters (DeepSpeed's 'moe' groups)."""
+    groups = []
+    for is_expert in (False, True):
+        for decay in (True, False):
+            params = [p for n, p in named if p.requires_grad and (p.dim() >= 2) == decay and
+                      is_expert_tensor(n) == is_expert]
+            if not params:
+                continue
+            group = {"params": params, "weight_decay": cfg.train.weight_decay if decay else 0.0,
+                     "name": f"{'expert' if is_expert else 'dense'}-{'decay' if decay else 'no_decay'}"}
+            if is_expert and getattr(params[0], "allreduce", True) is False:
+                group["moe"] = True
+            groups.append(group)
+    return groups
+
+
+class DeepSpeedBackend:
+    """A layout (dp, tp, pp, ep) of the same model on DeepSpeed."""
+
+    def __init__(self, model: MoETransformer, cfg: Config, groups: ProcessGroups, device: torch.device,
+                 reader: ShardedReader | None = None):
+        import deepspeed
+
+        from moe_platform.parallel import parallelize_model
+
+        self.cfg = cfg
+        self.groups = groups
+        self.device = device
+        layout = groups.layout
+        self.gas = cfg.train.global_batch_size // (cfg.train.micro_batch_size * layout.dp)
+        shapes = full_shapes(model.args)
+        parallelize_model(model, groups)
+        self.moe_layers = model.moe_layers()
+        for moe in self.moe_layers:
+            moe.aux_loss_scale = 1.0 / self.gas
+        # Full names by tensor identity, fixed before the model is cut into stages.
+        self.names = {id(t): n for n, t in model.state_dict(keep_vars=True).items()}
+        self.model = model  # this rank's (tensor/expert-sharded) copy; stages hold parts of it when pp > 1
+        if layout.pp > 1:
+            module = build_pipeline_module(model, groups, lm_loss)
+            self.moe_layers = [m for m in module.modules() if isinstance(m, MoE)]
+        else:
+            module = model
+        module.to(device)
+        local = [(self.names[id(t)], t) for t in module.state_dict(keep_vars=True).values()]
+        self.local_tensors = local
+        self.local_params = [(n, t) for n, t in local if isinstance(t, nn.Parameter)]
+        self.specs = {n: local_shard_spec(n, shapes[n], groups) for n, _ in local}
+        if reader is not None:  # weights go in before DeepSpeed copies them into its fp32 partitions
+            _load_model_tensors(local, reader, self.specs)
+        if layout.ep > 1:
+            self._create_deepspeed_expert_groups(module)
+            _make_moe_visible_to_deepspeed(module)
+        bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
+        ds_config = {
+            "train_batch_size": cfg.train.global_batch_size,
+            "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
+            "gradient_accumulation_steps": self.gas,
+            "gradient_clipping": cfg.train.grad_clip,
+            "zero_optimization": {"stage": cfg.parallel.zero_stage, "contiguous_gradients": True,
+                                  "reduce_scatter": True, "overlap_comm": False},
+            "bf16": {"enabled": bf16},
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 2**31 - 1,
+            "wall_clock_breakdown": False,
+        }
+        optimizer = torch.optim.AdamW(_optimizer_param_groups(self.local_params, cfg), lr=cfg.train.lr,
+                                      betas=(cfg.train.beta1, cfg.train.beta2), eps=1e-8, foreach=False)
+        mpu = DeepSpeedMPU(groups) if layout.pp == 1 and layout.tp > 1 else None
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config,
+                                                                 mpu=mpu)
+        self.is_pipeline = layout.pp > 1
+        self.dp_group = groups.dp
+        # Metrics come from the last pipeline stage (it has the loss), first data/tensor rank.
+        self.is_logging_rank = groups.dp_rank == 0 and groups.tp_rank == 0 and groups.pp_rank == layout.pp - 1
+        if reader is not None:
+            self._restore_optimizer(reader)
+
+    def _create_deepspeed_expert_groups(self, module) -> None:
+        from deepspeed.utils import groups as ds_groups
+
+        ep = self.groups.ep_size
+        if self.is_pipeline_layout:
+            ds_groups._create_expert_data_and_model_parallel(ep, mpu=module._grid)
+        elif self.groups.tp_size > 1:
+            ds_groups._create_expert_data_and_model_parallel(ep, mpu=DeepSpeedMPU(self.groups))
+        else:
+            ds_groups._create_expert_and_data_parallel(ep)
+        name = f"ep_size_{ep}"
+        ours = sorted(self.groups.ranks("ep"))
+        theirs = sorted(ds_groups._get_expert_parallel_group_ranks(name))
+        assert ours == theirs, f"expert-parallel groups disagree with DeepSpeed's: {ours} vs {theirs}"
+
+    @property
+    def is_pipeline_layout(self) -> bool:
+        return self.groups.layout.pp > 1
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def train_batch(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float]:
+        import torch.distributed as dist
+
+        if self.is_pipeline:
+            loss = self.engine.train_batch(data_iter=iter(micro_batches))
+            loss = loss.detach().float()
+        else:
+            self.engine.train()
+            total = torch.zeros((), device=self.device)
+            for tokens, targets in micro_batches:
+                loss = lm_loss(self.engine(tokens), targets)
+                self.engine.backward(loss)
+                self.engine.step()
+                total += loss.detach().float()
+            loss = total / len(micro_batches)
+            if self.groups.dp is not None:
+                dist.all_reduce(loss, group=self.groups.dp)
+                loss /= self.groups.dp_size
+        norm = self.engine.get_global_grad_norm()
+        return float(loss), float(norm if norm is not None else 0.0)
+
+    @torch.no_grad()
+    def eval_loss(self, tokens: torch.Tensor, targets: torch.Tensor) -> float:
+        import torch.distributed as dist
+
+        if self.is_pipeline:
+            loss = self.engine.eval_batch(data_iter=iter([(tokens, targets)]))
+            return float(loss)
+        self.engine.eval()
+        loss = lm_loss(self.engine(tokens), targets).detach().float()
+        if self.groups.dp is not None:
+            dist.all_reduce(loss, group=self.groups.dp)
+            loss /= self.groups.dp_size
+        return float(loss)
+
+    # -- state ---------------------------------------------------------------------------------------------------
+
+    def _zero(self):
+        """DeepSpeed's ZeRO / bf16 optimizer wrapper when it keeps fp32 partitions, else None."""
+        return self.optimizer if hasattr(self.optimizer, "_lazy_init_hp_params_optimizer_state") else None
+
+    def _flat_partitions(self, zo) -> list[torch.Tensor]:
+        for attr in ("single_partition_of_fp32_groups", "fp32_groups_flat_partition"):
+            if hasattr(zo, attr):
+                return getattr(zo, attr)
+        raise RuntimeError(f"unsupported DeepSpeed optimizer {type(zo).__name__}")
+
+    @staticmethod
+    def _link_optimizer_fragments(zo) -> None:
+        """(Re)build each parameter's views into the flat optimizer state. DeepSpeed links them once, right after
+        stepping its first parameter group, so with several groups the later groups' views would stay empty."""
+        zo._hp_optimizer_states_linked = False
+        zo._lazy_init_hp_params_optimizer_state()
+
+    def local_state(self) -> LocalState:
+        """This rank's shard of every tensor (collective: every rank of the layout must call it)."""
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        zo = self._zero()
+        model: dict[str, torch.Tensor] = {}
+        state = LocalState(model=model, specs=self.specs)
+        step = None
+        if zo is not None:
+            steps = [s["step"] for s in zo.optimizer.state.values() if "step" in s]
+            step = int(steps[0]) if steps else None
+            if step is not None:
+                self._link_optimizer_fragments(zo)
+        for name, t in self.local_tensors:
+            full = safe_get_full_fp32_param(t) if (zo is not None and isinstance(t, nn.Parameter)) else None
+            model[name] = (full if full is not None else t.detach()).float().cpu().clone()
+            if zo is not None and isinstance(t, nn.Parameter) and step is not None:
+                for key in ADAM_KEYS:
+                    getattr(state, key)[name] = safe_get_full_optimizer_state(t, key).float().cpu().clone()
+                state.step[name] = step
+        if zo is None:
+            _plain_optimizer_state(self.optimizer, self.local_params, state)
+        # One writer per distinct shard: dense tensors from data-parallel rank 0, experts from edp rank 0.
+        state.owned = {n for n, _ in self.local_tensors
+                       if (self.groups.edp_rank == 0 if (is_expert_tensor(n) and self.groups.ep_size > 1)
+                           else self.groups.dp_rank == 0)}
+        return state
+
+    def _restore_optimizer(self, reader: ShardedReader) -> None:
+        from deepspeed.utils import safe_set_full_optimizer_state
+
+        if not any(reader.has(n, "exp_avg") for n, _ in self.local_params):
+            return
+        zo = self._zero()
+        if zo is None:
+            _restore_plain_optimizer_state(self.optimizer, self.local_params, reader, self.specs)
+            return
+        step = next(reader.step(n) for n, _ in self.local_params if reader.has(n, "exp_avg"))
+        base = zo.optimizer
+        # Create the optimizer state DeepSpeed would create at its first step, link the per-parameter views into it,
+        # then fill each parameter's fragment from the checkpoint.
+        for flat in self._flat_partitions(zo):
+            base.state[flat] = {"step": torch.tensor(float(step)), "exp_avg": torch.zeros_like(flat),
+                                "exp_avg_sq": torch.zeros_like(flat)}
+        self._link_optimizer_fragments(zo)
+        for name, p in self.local_params:
+            for key in ADAM_KEYS:
+                safe_set_full_optimizer_state(p, self.specs[name].extract(reader.full(name, key)).to(p.device), key)

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Create .venv (if missing) and install moe-platform with its test extras. CPU machines get the CPU build of torch.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  torch_req=(torch)          # a GPU machine keeps (or gets) its CUDA build
+else
+  torch_req=(torch==2.13.0)  # CPU: pinned, so pip does not pull a multi-GB CUDA build
+fi
+stamp=.venv/.moe-platform-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  .venv/bin/python -m pip install -q --disable-pip-version-check "${torch_req[@]}" -e '.[test]'
+  touch "$stamp"
+fi
