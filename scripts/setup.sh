@@ -14,3 +14,9 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q --disable-pip-version-check "${torch_req[@]}" -e '.[test]'
   touch "$stamp"
 fi
+# DeepSpeed compiles its CPU shared-memory communication op on first use (about a minute, cached per machine):
+# do it once here rather than inside the first multi-process test.
+if [ "${torch_req[0]}" != torch ]; then
+  .venv/bin/python -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load()" \
+    >/dev/null 2>&1 || echo "warning: could not pre-build DeepSpeed's CPU communication op" >&2
+fi

@@ -19,11 +19,16 @@ DEMO_PROMPT = "def main():\n"
 
 def _cmd_train(ns: argparse.Namespace, rest: list[str]) -> int:
     from moe_platform.config import load_config
-    from moe_platform.train.trainer import train
+    from moe_platform.train.launch import launch_local
 
     cfg = load_config(ns.config, rest)
-    result = train(cfg, progress=not ns.no_progress)
-    print(json.dumps({"run_dir": str(result.run_dir), "final_step": result.final_step,
+    if ns.ray:
+        from moe_platform.train.ray_launcher import launch_ray
+
+        print(json.dumps(launch_ray(cfg, address=ns.address, progress=not ns.no_progress)))
+        return 0
+    result = launch_local(cfg, progress=not ns.no_progress)
+    print(json.dumps({"run_dir": str(result.run_dir), "layout": result.layout, "final_step": result.final_step,
                       "final_loss": result.final_loss, "export": str(result.export_dir) if result.export_dir else None,
                       "resumed_from": result.resumed_from}))
     return 0
@@ -99,10 +104,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train from a TOML config; extra --section.key=value arguments override it",
-                       description="Train (resuming from the run's latest committed checkpoint if there is one). "
+                       description="Train (resuming from the run's latest committed checkpoint if there is one, "
+                                   "whatever layout wrote it). The layout's ranks (parallel.dp x tp x pp, or "
+                                   "elastic.max_workers when a degree is 0/auto) run as processes on this machine. "
                                    "Any --section.key=value after the options overrides the config file.")
     t.add_argument("--config", required=True, help="TOML config file, e.g. jobs/configs/tiny.toml")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--ray", action="store_true", help="run the ranks as Ray Train workers (elastic, restarted on "
+                                                      "failure and preemption) instead of local processes")
+    t.add_argument("--address", default=None, help="with --ray: the Ray cluster (default RAY_ADDRESS, else an "
+                                                   "embedded local Ray)")
     t.set_defaults(fn=_cmd_train)
 
     e = sub.add_parser("export", help="write a Hugging Face model directory from a checkpoint")

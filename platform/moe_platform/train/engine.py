@@ -102,9 +102,9 @@ class LocalBackend:
         return float(total), float(norm)
 
     @torch.no_grad()
-    def eval_loss(self, tokens: torch.Tensor, targets: torch.Tensor) -> float:
+    def eval_loss(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
         self.model.eval()
-        return float(self.forward_loss(tokens, targets))
+        return sum(float(self.forward_loss(t, y)) for t, y in micro_batches) / len(micro_batches)
 
     def local_state(self) -> LocalState:
         state = LocalState(model={k: v.detach().float().cpu().clone() for k, v in self.model.state_dict().items()},
@@ -167,7 +167,11 @@ def _single_rank_group(rank: int):
     return _SINGLE_GROUPS[rank]
 
 
-def _make_moe_visible_to_deepspeed(model: nn.Module) -> None:
+def _groups_already_created(self, *args, **kwargs) -> None:
+    """Our trainer creates DeepSpeed's expert groups (and checks them against our layout) before initialize."""
+
+
+def _make_moe_visible_to_deepspeed(model: nn.Module, ep_size: int) -> None:
     """DeepSpeed sends expert gradients to the expert-data-parallel group (and splits ZeRO partitions by expert
     group) only for modules that are instances of its own MoE layer class. Our expert-parallel MoE keeps its own
     dispatch and grouped compute; we only add DeepSpeed's class as a base so the engine recognises it."""
@@ -178,8 +182,12 @@ def _make_moe_visible_to_deepspeed(model: nn.Module) -> None:
         if isinstance(module, MoE) and not isinstance(module, DeepSpeedMoE):
             cls = type(module)
             if cls not in cls_cache:
-                cls_cache[cls] = type(f"DeepSpeedVisible{cls.__name__}", (cls, DeepSpeedMoE), {})
+                cls_cache[cls] = type(f"DeepSpeedVisible{cls.__name__}", (cls, DeepSpeedMoE),
+                                      {"set_deepspeed_parallelism": _groups_already_created})
             module.__class__ = cls_cache[cls]
+            module.ep_size = ep_size
+            module.expert_group_name = f"ep_size_{ep_size}"
+            module.num_local_experts = module.num_experts // ep_size
 
 
 def _optimizer_param_groups(named: list[tuple[str, nn.Parameter]], cfg: Config) -> list[dict]:
@@ -194,7 +202,8 @@ def _optimizer_param_groups(named: list[tuple[str, nn.Parameter]], cfg: Config) 
             group = {"params": params, "weight_decay": cfg.train.weight_decay if decay else 0.0,
                      "name": f"{'expert' if is_expert else 'dense'}-{'decay' if decay else 'no_decay'}"}
             if is_expert and getattr(params[0], "allreduce", True) is False:
-                group["moe"] = True
+                # DeepSpeed finds an expert group's reduction group by the group's name.
+                group.update(moe=True, name=params[0].group_name)
             groups.append(group)
     return groups
 
@@ -208,6 +217,8 @@ class DeepSpeedBackend:
 
         from moe_platform.parallel import parallelize_model
 
+        # DeepSpeed's communication layer wraps the process group we already joined (pipeline modules need it).
+        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
         self.cfg = cfg
         self.groups = groups
         self.device = device
@@ -235,7 +246,8 @@ class DeepSpeedBackend:
             _load_model_tensors(local, reader, self.specs)
         if layout.ep > 1:
             self._create_deepspeed_expert_groups(module)
-            _make_moe_visible_to_deepspeed(module)
+            _make_moe_visible_to_deepspeed(module, layout.ep)
+        bucket = int(min(5e8, max(2**20, sum(p.numel() for _, p in self.local_params))))
         bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
         ds_config = {
             "train_batch_size": cfg.train.global_batch_size,
@@ -243,7 +255,10 @@ class DeepSpeedBackend:
             "gradient_accumulation_steps": self.gas,
             "gradient_clipping": cfg.train.grad_clip,
             "zero_optimization": {"stage": cfg.parallel.zero_stage, "contiguous_gradients": True,
-                                  "reduce_scatter": True, "overlap_comm": False},
+                                  "reduce_scatter": True, "overlap_comm": False,
+                                  # DeepSpeed preallocates buckets of this many elements (default 5e8, i.e. 2 GB
+                                  # of fp32 per rank); size them to the model instead.
+                                  "reduce_bucket_size": bucket, "allgather_bucket_size": bucket},
             "bf16": {"enabled": bf16},
             "zero_allow_untested_optimizer": True,
             "steps_per_print": 2**31 - 1,
@@ -306,14 +321,15 @@ class DeepSpeedBackend:
         return float(loss), float(norm if norm is not None else 0.0)
 
     @torch.no_grad()
-    def eval_loss(self, tokens: torch.Tensor, targets: torch.Tensor) -> float:
+    def eval_loss(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+        """Mean loss over this rank's micro-batches, averaged over data-parallel ranks."""
         import torch.distributed as dist
 
         if self.is_pipeline:
-            loss = self.engine.eval_batch(data_iter=iter([(tokens, targets)]))
+            loss = self.engine.eval_batch(data_iter=iter(micro_batches), num_micro_batches=len(micro_batches))
             return float(loss)
         self.engine.eval()
-        loss = lm_loss(self.engine(tokens), targets).detach().float()
+        loss = sum(lm_loss(self.engine(t), y).detach().float() for t, y in micro_batches) / len(micro_batches)
         if self.groups.dp is not None:
             dist.all_reduce(loss, group=self.groups.dp)
             loss /= self.groups.dp_size

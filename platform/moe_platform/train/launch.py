@@ -14,7 +14,9 @@ from pathlib import Path
 import torch
 
 from moe_platform.config import Config, config_from_dict, config_to_dict
-from moe_platform.train.trainer import DistContext, TrainResult, Trainer
+from moe_platform.model.args import ModelArgs
+from moe_platform.parallel import resolve_layout
+from moe_platform.train.trainer import DistContext, Trainer, TrainResult
 
 
 def world_size_for(cfg: Config) -> int:
@@ -67,6 +69,8 @@ def launch_local(cfg: Config, world_size: int | None = None, progress: bool = Tr
                  stop_after: int | None = None) -> TrainResult:
     """Train with `world_size` ranks on this machine (default: what the config's layout needs)."""
     world_size = world_size or world_size_for(cfg)
+    # Refuse an impossible layout here, before any process or process group exists.
+    resolve_layout(cfg, world_size, ModelArgs.from_dict({**cfg.model.to_dict(), "vocab_size": cfg.data.vocab_size}))
     if world_size == 1:
         return run_rank(cfg, DistContext(), progress, stop_after)
     import torch.multiprocessing as mp

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,8 @@ from moe_platform.config import Config, config_to_dict
 from moe_platform.model.args import ModelArgs
 from moe_platform.model.moe import update_routing_biases
 from moe_platform.model.transformer import build_model
-from moe_platform.parallel.layout import Layout, ProcessGroups, build_process_groups, plan_layout
+from moe_platform.parallel import resolve_layout
+from moe_platform.parallel.layout import Layout, ProcessGroups, build_process_groups
 from moe_platform.train.checkpointing import (
     AsyncCheckpointer,
     read_trainer_state,
@@ -50,6 +52,16 @@ class TrainResult:
     export_dir: Path | None
     resumed_from: int | None
     layout: str = "dp1·tp1·pp1·ep1"
+    preempted: bool = False
+
+
+@dataclass
+class TrainerHooks:
+    """Where a launcher plugs in (Ray Train reports metrics and checkpoints, and watches for preemption)."""
+
+    on_step: Callable[[dict[str, Any]], None] | None = None  # every rank, after each step, with the step's metrics
+    on_checkpoint: Callable[[Path | None, int], None] | None = None  # every rank, after a commit (the dir on rank 0)
+    preemption_requested: Callable[[], bool] | None = None  # polled each step; any rank saying yes stops all
 
 
 @dataclass
@@ -99,9 +111,11 @@ def prepare_tokenizer(cfg: Config, run_dir: Path):
 
 
 class Trainer:
-    def __init__(self, cfg: Config, progress: bool = True, dist: DistContext | None = None):
+    def __init__(self, cfg: Config, progress: bool = True, dist: DistContext | None = None,
+                 hooks: TrainerHooks | None = None):
         self.cfg = cfg
         self.dist = dist or DistContext()
+        self.hooks = hooks or TrainerHooks()
         self.run_dir = Path(cfg.run.storage_path).expanduser() / cfg.run.name
         self.device = resolve_device(cfg.train.device, self.dist.local_rank)
         self.progress = progress and self.dist.rank == 0
@@ -110,6 +124,7 @@ class Trainer:
                                else None)
         self.step = 0
         self.resumed_from: int | None = None
+        self.resharded = False  # resumed from a checkpoint written by another layout
         self.groups: ProcessGroups | None = None
 
     # -- set-up -------------------------------------------------------------------------------------------------
@@ -139,8 +154,7 @@ class Trainer:
         self.eos_id = eos_id(self.tokenizer)
         self.sampler = DataSampler(self.dataset.train_ids_count, cfg.train.global_batch_size, cfg.train.seed)
         self.model_args = ModelArgs.from_dict({**cfg.model.to_dict(), "vocab_size": self.tokenizer.get_vocab_size()})
-        self.layout = plan_layout(self.dist.world_size, self.model_args, cfg.parallel, cfg.train.global_batch_size,
-                                  cfg.train.micro_batch_size)
+        self.layout = resolve_layout(cfg, self.dist.world_size, self.model_args)
         if self.dist.distributed:
             self.groups = build_process_groups(self.layout, rank)
         ckpt = latest_checkpoint(self.run_dir)
@@ -164,6 +178,7 @@ class Trainer:
             self.sampler.load_state_dict(state["sampler"])
             restore_rank_rng(ckpt, rank)
             self.resumed_from = self.step
+            self.resharded = state.get("layout") != self.layout.to_dict()
             log.info("resumed from %s at step %d (written by %s, now %s)", ckpt, self.step,
                      state.get("layout"), self.layout)
         if rank == 0:
@@ -243,18 +258,16 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, max_batches: int = 8) -> float | None:
+        """Validation loss over up to `max_batches` micro-batches per data-parallel rank."""
         val = self.dataset.val_ids()
         mbs = self.cfg.train.micro_batch_size
         dp_rank, dp_size = self.dp
-        usable = (min(len(val), max_batches * mbs * dp_size) // (mbs * dp_size)) * mbs * dp_size
-        if usable == 0:
+        per_rank = min(len(val) // (mbs * dp_size), max_batches) * mbs
+        if per_rank == 0:
             return None
-        losses = []
-        for i in range(0, usable, mbs * dp_size):
-            chunk = val[i:i + mbs * dp_size][dp_rank * mbs:(dp_rank + 1) * mbs]
-            tokens, targets = (t.to(self.device) for t in self.dataset.get(chunk))
-            losses.append(self.backend.eval_loss(tokens, targets))
-        return sum(losses) / len(losses)
+        mine = val[: per_rank * dp_size][dp_rank * per_rank:(dp_rank + 1) * per_rank]
+        micro = [tuple(t.to(self.device) for t in self.dataset.get(m)) for m in self.sampler.micro_batches(mine, mbs)]
+        return self.backend.eval_loss(micro)
 
     def save_checkpoint(self, blocking: bool = False) -> None:
         rank = self.dist.rank
@@ -266,9 +279,21 @@ class Trainer:
                                  self.tokenizer_dir if rank == 0 else None, meta)
 
         if self.dist.distributed:
-            write_distributed(self.run_dir, snap(), self.cfg.checkpoint.keep, self.dist.world_size)
+            committed = write_distributed(self.run_dir, snap(), self.cfg.checkpoint.keep, self.dist.world_size)
         else:
             self.checkpointer.save(snap, blocking=blocking)
+            committed = self.checkpointer.wait() if blocking else None
+        if self.hooks.on_checkpoint is not None and (blocking or self.dist.distributed):
+            self.hooks.on_checkpoint(committed, self.step)
+
+    def _preemption_requested(self) -> bool:
+        """True on every rank as soon as any rank's launcher reports a preemption notice."""
+        flag = bool(self.hooks.preemption_requested and self.hooks.preemption_requested())
+        if self.dist.distributed:
+            t = torch.tensor([int(flag)])
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+            flag = bool(t.item())
+        return flag
 
     def fit(self, stop_after: int | None = None) -> TrainResult:
         """Train to train.steps; `stop_after` ends early at that step (checkpointed) as a planned interruption."""
@@ -285,10 +310,18 @@ class Trainer:
                 self.metrics.append(rec)
             bar.update(1)
             bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+            if self.hooks.on_step is not None:
+                self.hooks.on_step(rec)
+            if self.hooks.preemption_requested is not None and self._preemption_requested():
+                log.warning("preemption notice at step %d: writing a just-in-time checkpoint", self.step)
+                self.save_checkpoint(blocking=True)
+                bar.close()
+                return TrainResult(self.run_dir, self.step, rec["loss"], None, self.resumed_from, str(self.layout),
+                                   preempted=True)
             if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0 and self.step < total:
                 self.save_checkpoint()
         bar.close()
-        if self.resumed_from != self.step:
+        if self.resumed_from != self.step or self.resharded:  # a resharded resume is re-saved in the new layout
             self.save_checkpoint(blocking=True)
         self.checkpointer.wait()
         if self.step < cfg.train.steps:

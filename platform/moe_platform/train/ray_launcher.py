@@ -1,0 +1,407 @@
+"""Run training as Ray Train (V2) workers: elastic, spot-tolerant, observable.
+
+`launch_ray(cfg)` connects to a Ray cluster (`address`, else RAY_ADDRESS, else an embedded local one), refuses up
+front what can never run (an unreachable cluster, more workers than the cluster can ever host, an impossible layout,
+unwritable storage), then runs a `TorchTrainer` whose workers each run the same `Trainer` as the local launcher.
+Ray sets up torch.distributed (gloo on CPU, NCCL on GPU) and LOCAL_RANK; every worker plans the layout for the world
+size it got and resumes from the run's latest committed checkpoint, whatever layout wrote it.
+
+How the trainer maps onto Ray Train:
+- Checkpoints. The trainer commits `<storage_path>/<name>/checkpoints/step_N` (every rank's shards, written straight
+  to the shared filesystem), and `<storage_path>/<name>` is also Ray's run directory, so each commit is reported in
+  place (`CheckpointUploadMode.NO_UPLOAD`): Ray's Result and dashboard know it without a copy. The trainer deletes
+  old checkpoints itself; Ray only indexes them (a stale index from an earlier launch is dropped at start).
+- Reports. `ray.train.report` is a barrier across workers whose per-worker queue holds one report and is drained
+  once per controller poll (~2 s), so reporting every step would throttle training to that rate. Every rank reports
+  at each checkpoint instead; per-step numbers go to metrics.jsonl (the trainer) and the Prometheus metrics below.
+- Failures. A dead worker makes Ray restart the whole group (up to failure.max_failures times); the new workers
+  resume from the latest committed checkpoint and redo only the steps after it.
+- Preemption. Ray Train watches node drains (spot reclaim notices) and hands them to the workers; the trainer polls
+  `ray.train.get_preemption_info()` each step (all ranks, as the API requires), writes a just-in-time checkpoint
+  and stops. The workers then wait for the node to go: returning would end the run as finished. Ray restarts the
+  group at the drain deadline plus failure.preemption_grace_s, charging failure.max_preemption_failures, on the
+  nodes that are left; with elastic.min_workers < max_workers it may come back on fewer workers (resharded).
+
+Metrics (ray.util.metrics from rank 0, tag `run`; Prometheus shows them with Ray's `ray_` prefix):
+    moe_train_step                last optimizer step finished
+    moe_train_loss                training loss of that step
+    moe_train_tokens_per_s        training throughput of the whole job (tokens / s)
+    moe_train_mfu                 model FLOPs utilisation against the measured (CPU) or known (GPU) matmul peak
+    moe_train_expert_imbalance    most-loaded expert's tokens over the mean, averaged over layers (1.0 = balanced)
+    moe_train_checkpoint_seconds  wall time the training loop spent on the last checkpoint
+    moe_train_restarts            counter: worker-group starts that resumed from a checkpoint
+    moe_train_preemptions         counter: preemption notices answered with a just-in-time checkpoint
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.metadata
+import json
+import logging
+import math
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from moe_platform.checkpoint import checkpoint_step
+from moe_platform.config import Config, config_from_dict, config_to_dict
+from moe_platform.model.args import ModelArgs
+from moe_platform.parallel import resolve_layout
+from moe_platform.train.launch import world_size_for
+from moe_platform.train.trainer import DistContext, Trainer, TrainerHooks
+
+log = logging.getLogger("moe_platform.train.ray")
+
+RAY_RUN_INDEX = "checkpoint_manager_snapshot.json"  # Ray Train's index of reported checkpoints in the run dir
+UNKNOWN_DEADLINE_S = 120.0  # Ray Train's wait when a drain gives no deadline
+PARK_MARGIN_S = 60.0  # how much longer than Ray's restart point a preempted worker waits before failing loudly
+
+
+# -- what the job needs ------------------------------------------------------------------------------------------
+
+
+def num_workers_for(cfg: Config) -> int | tuple[int, int]:
+    """Ray's worker count: an elastic (min, max) range when elastic.min_workers < max_workers, else a fixed count."""
+    e = cfg.elastic
+    if e.min_workers < e.max_workers:
+        return (e.min_workers, e.max_workers)
+    return world_size_for(cfg)
+
+
+def _worker_range(num_workers: int | tuple[int, int]) -> tuple[int, int]:
+    return num_workers if isinstance(num_workers, tuple) else (num_workers, num_workers)
+
+
+def check_layouts(cfg: Config, lo: int, hi: int) -> None:
+    """Every world size Ray may hand the job must have a valid layout, or a restart would fail on the workers."""
+    args = ModelArgs.from_dict({**cfg.model.to_dict(), "vocab_size": cfg.data.vocab_size})
+    for world_size in range(lo, hi + 1):
+        try:
+            resolve_layout(cfg, world_size, args)
+        except ValueError as e:
+            raise ValueError(f"no valid layout for {world_size} worker(s), which Ray may give this job "
+                             f"(workers {lo}..{hi}): {e}") from e
+
+
+def with_absolute_paths(cfg: Config) -> Config:
+    """A copy whose local paths are absolute: Ray workers run in their own working directories, maybe elsewhere."""
+    data = copy.deepcopy(config_to_dict(cfg))
+    storage = data["run"]["storage_path"]
+    if "://" in storage:
+        scheme, _, rest = storage.partition("://")
+        if scheme != "file":
+            raise ValueError(f"run.storage_path {storage!r}: the trainer reads and writes checkpoints as files, so it "
+                             f"needs a local or shared filesystem path (mount {scheme}:// storage and give its path)")
+        storage = rest
+    data["run"]["storage_path"] = str(Path(storage).expanduser().resolve())
+    if data["data"]["path"] and Path(data["data"]["path"]).expanduser().exists():
+        data["data"]["path"] = str(Path(data["data"]["path"]).expanduser().resolve())
+    if data["data"]["cache_dir"]:
+        data["data"]["cache_dir"] = str(Path(data["data"]["cache_dir"]).expanduser().resolve())
+    return config_from_dict(data)
+
+
+def check_storage(cfg: Config) -> Path:
+    """The run directory, created and probed for writing (on this machine: the storage must be shared)."""
+    run_dir = Path(cfg.run.storage_path) / cfg.run.name
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"run.storage_path {cfg.run.storage_path!r} is not writable ({run_dir}): {e}") from e
+    return run_dir
+
+
+def drop_stale_ray_index(run_dir: Path) -> None:
+    """Ray refuses to start a run whose index names a checkpoint that is gone, and the trainer deletes old
+    checkpoints itself; the trainer resumes from its own directory anyway, so a stale index is simply dropped."""
+    index = run_dir / RAY_RUN_INDEX
+    if not index.exists():
+        return
+    try:
+        state = json.loads(index.read_text())
+        entries = [*state.get("checkpoint_results", []), state.get("latest_checkpoint_result") or {}]
+        names = [e["checkpoint_dir_name"] for e in entries if e.get("checkpoint_dir_name")]
+        stale = [n for n in names if not (run_dir / n).exists()]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        stale = [f"unreadable index ({e})"]
+    if stale:
+        log.info("dropping Ray's checkpoint index %s: it names checkpoints that are gone: %s", index, stale)
+        index.unlink()
+
+
+# -- the cluster ---------------------------------------------------------------------------------------------------
+
+
+def _host_port(address: str) -> tuple[str, int] | None:
+    """host and port of a GCS (`host:port`) or Ray Client (`ray://host:port`) address; None for `auto`."""
+    scheme, sep, rest = address.partition("://")
+    if sep and scheme in ("http", "https"):
+        raise ValueError(f"Ray address {address!r} is a dashboard (job submission) address; training connects to "
+                         f"the cluster's GCS address (host:6379) or a Ray Client address (ray://host:10001)")
+    hostport = rest if sep else address
+    if hostport == "auto":
+        return None
+    host, colon, port = hostport.rpartition(":")
+    if not colon or not port.isdigit():
+        raise ValueError(f"Ray address {address!r} is not of the form host:port or ray://host:port")
+    return host.strip("[]"), int(port)
+
+
+def connect(address: str | None, num_cpus: int) -> bool:
+    """Connect to `address` / RAY_ADDRESS, or start an embedded local Ray; True when this call started Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address in (None, "local"):
+        # address="local" (not None): never attach by accident to some other cluster running on this machine.
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+        return True
+    target = _host_port(address)
+    if target is not None:
+        try:
+            socket.create_connection(target, timeout=5).close()
+        except OSError as e:
+            raise ValueError(f"no Ray cluster reachable at {address!r} ({e}); start one (`ray start --head`) or "
+                             f"unset RAY_ADDRESS to train on an embedded local Ray") from e
+    try:
+        ray.init(address=address, logging_level=logging.WARNING)
+    except (ConnectionError, RuntimeError, TimeoutError) as e:
+        raise ValueError(f"could not connect to the Ray cluster at {address!r}: {e}") from e
+    return True
+
+
+def _cluster_capacity(per_worker: dict[str, float]) -> tuple[int, str]:
+    """How many workers the cluster can ever host: from the autoscaler's limits when there is an autoscaler,
+    else from the nodes it has (a worker must fit on one node)."""
+    import ray
+
+    limits = None
+    try:
+        from ray._private.state import state  # what Ray Train itself checks against for autoscaling clusters
+
+        limits = state.get_max_resources_from_cluster_config()
+    except Exception:  # no autoscaler config, or an older GCS: fall back to the nodes
+        limits = None
+    if limits:
+        fits = min(int(limits.get(k, 0) // v) for k, v in per_worker.items())
+        return fits, f"autoscaler maximum {dict(limits)}"
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    fits = sum(min(int(n["Resources"].get(k, 0) // v) for k, v in per_worker.items()) for n in nodes)
+    return fits, f"{len(nodes)} node(s) with {[{k: n['Resources'].get(k, 0) for k in per_worker} for n in nodes]}"
+
+
+def check_cluster_fits(per_worker: dict[str, float], lo: int, hi: int, address: str | None) -> None:
+    fits, what = _cluster_capacity(per_worker)
+    where = address or os.environ.get("RAY_ADDRESS") or "the local Ray"
+    if fits < lo:
+        raise ValueError(f"the job needs at least {lo} training worker(s) of {per_worker}, but the Ray cluster at "
+                         f"{where} can host at most {fits} ({what}); lower the parallel degrees / elastic.min_workers "
+                         f"or elastic.cpus_per_worker, or add nodes")
+    if fits < hi:
+        log.warning("the Ray cluster can host %d of the %d workers asked for (%s); training on fewer", fits, hi, what)
+
+
+# -- inside each Ray Train worker ----------------------------------------------------------------------------------
+
+
+class TrainMetrics:
+    """The job's Prometheus metrics (see the module docstring), set from rank 0."""
+
+    def __init__(self, run_name: str):
+        from ray.util.metrics import Counter, Gauge
+
+        def gauge(name, doc):
+            return Gauge(name, doc, tag_keys=("run",))
+
+        self.step = gauge("moe_train_step", "last optimizer step finished")
+        self.loss = gauge("moe_train_loss", "training loss of the last step")
+        self.tokens_per_s = gauge("moe_train_tokens_per_s", "training throughput of the job, tokens per second")
+        self.mfu = gauge("moe_train_mfu", "model FLOPs utilisation of the last step")
+        self.imbalance = gauge("moe_train_expert_imbalance", "max/mean tokens per expert, averaged over layers")
+        self.checkpoint_s = gauge("moe_train_checkpoint_seconds", "seconds the loop spent on the last checkpoint")
+        self.restarts = Counter("moe_train_restarts", "worker-group starts that resumed from a checkpoint",
+                                tag_keys=("run",))
+        self.preemptions = Counter("moe_train_preemptions", "preemption notices answered with a checkpoint",
+                                   tag_keys=("run",))
+        for m in (self.step, self.loss, self.tokens_per_s, self.mfu, self.imbalance, self.checkpoint_s,
+                  self.restarts, self.preemptions):
+            m.set_default_tags({"run": run_name})
+
+    def record_step(self, rec: dict[str, Any]) -> None:
+        self.step.set(rec["step"])
+        self.loss.set(rec["loss"])
+        self.tokens_per_s.set(rec["tokens_per_s"])
+        self.mfu.set(rec["mfu"])
+        self.imbalance.set(rec["expert_imbalance"])
+
+
+class RayBridge:
+    """The Trainer's hooks inside a Ray Train worker: checkpoint reports, preemption notices, metrics, progress."""
+
+    def __init__(self, cfg: Config, dist: DistContext, progress: bool):
+        self.cfg = cfg
+        self.dist = dist
+        self.progress = progress and dist.rank == 0
+        self.metrics = TrainMetrics(cfg.run.name) if dist.rank == 0 else None
+        self.trainer: Trainer | None = None
+        self.last_rec: dict[str, Any] = {}
+        self.last_reported: Path | None = None
+        self.preemption = None  # the ray.train.PreemptionInfo answered with a just-in-time checkpoint
+        self.mark = time.perf_counter()  # the end of the last step's hooks: a checkpoint save starts right after
+        self.log_every = max(1, cfg.train.steps // 50)
+
+    def hooks(self) -> TrainerHooks:
+        return TrainerHooks(on_step=self.on_step, on_checkpoint=self.on_checkpoint,
+                            preemption_requested=self.preemption_requested)
+
+    def on_setup(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+        if self.metrics is not None and trainer.resumed_from is not None:
+            self.metrics.restarts.inc()
+        if self.dist.rank == 0:
+            how = f"resumed from step {trainer.resumed_from}" if trainer.resumed_from is not None else "from scratch"
+            print(f"[moe-platform] rank 0 of {self.dist.world_size}: layout {trainer.layout}, {how}", flush=True)
+
+    def on_step(self, rec: dict[str, Any]) -> None:
+        self.last_rec = {k: v for k, v in rec.items() if isinstance(v, (int, float)) and v is not None}
+        if self.metrics is not None:
+            self.metrics.record_step(rec)
+        step, total = rec["step"], self.cfg.train.steps
+        if self.progress and (step % self.log_every == 0 or step == total):
+            print(f"[moe-platform] step {step}/{total} loss {rec['loss']:.4f} tok/s {rec['tokens_per_s']:.0f}",
+                  flush=True)
+        if not self.dist.distributed:
+            # One process saves in the background without calling on_checkpoint: report each commit once seen.
+            committed = self.trainer.checkpointer.last_committed
+            if committed is not None and committed != self.last_reported:
+                self._report(committed, checkpoint_step(committed), self.trainer.checkpointer.last_blocking_s)
+        self.mark = time.perf_counter()
+
+    def preemption_requested(self) -> bool:
+        import ray.train
+
+        info = ray.train.get_preemption_info()  # a barrier: every rank calls it once per step
+        self.mark = time.perf_counter()
+        if info is None:
+            return False
+        self.preemption = info
+        if self.metrics is not None:
+            self.metrics.preemptions.inc()
+        if self.dist.rank == 0:
+            print(f"[moe-platform] preemption notice for ranks {info.preempted_ranks} (nodes "
+                  f"{info.preempted_node_ids}, deadline_ms {info.deadline_ms}): writing a just-in-time checkpoint",
+                  flush=True)
+        return True
+
+    def on_checkpoint(self, committed: Path | None, step: int) -> None:
+        self._report(committed, step, time.perf_counter() - self.mark)
+
+    def _report(self, committed: Path | None, step: int, seconds: float) -> None:
+        import ray.train
+
+        checkpoint = ray.train.Checkpoint.from_directory(str(committed)) if committed is not None else None
+        ray.train.report({**self.last_rec, "step": step, "checkpoint_seconds": seconds}, checkpoint=checkpoint,
+                         checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD)
+        self.last_reported = committed
+        if self.metrics is not None:
+            self.metrics.checkpoint_s.set(seconds)
+
+    def await_reclaim(self, step: int) -> None:
+        """After a just-in-time checkpoint: wait for the node to go (returning would end the run as finished).
+        Ray restarts the group at the drain deadline plus the grace; failing loudly later forces a restart anyway."""
+        info = self.preemption
+        deadline_s = info.deadline_ms / 1000 if info.deadline_ms else time.time() + UNKNOWN_DEADLINE_S
+        give_up = deadline_s + self.cfg.failure.preemption_grace_s + PARK_MARGIN_S
+        log.warning("rank %d: checkpointed step %d for the preemption; waiting for Ray Train to restart the group",
+                    self.dist.rank, step)
+        threading.Event().wait(max(0.0, give_up - time.time()))
+        raise RuntimeError(f"preempted at step {step} (checkpointed), but Ray Train did not restart the worker group "
+                           f"by the drain deadline + grace; failing so that it does")
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
+    """One Ray Train worker: the Trainer on this worker's rank, with Ray's hooks."""
+    import ray.train
+    import torch
+
+    ctx = ray.train.get_context()
+    dist = DistContext(ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank())
+    os.environ.setdefault("LOCAL_RANK", str(dist.local_rank))  # DeepSpeed reads it; Ray's torch setup sets it
+    cfg = config_from_dict(config["cfg"])
+    torch.set_num_threads(max(1, int(cfg.elastic.cpus_per_worker)))  # the CPUs Ray reserved for this worker
+    bridge = RayBridge(cfg, dist, config["progress"])
+    trainer = Trainer(cfg, progress=False, dist=dist, hooks=bridge.hooks())
+    trainer.setup()
+    bridge.on_setup(trainer)
+    result = trainer.fit()
+    if result.preempted:
+        bridge.await_reclaim(result.final_step)
+    return {"run_dir": str(result.run_dir), "final_step": result.final_step, "final_loss": result.final_loss,
+            "export_dir": str(result.export_dir) if result.export_dir else None,
+            "resumed_from": result.resumed_from, "layout": result.layout, "world_size": dist.world_size}
+
+
+# -- the driver ----------------------------------------------------------------------------------------------------
+
+
+def _worker_runtime_env() -> dict | None:
+    """Ship the library to the workers when it is imported from a source checkout rather than installed."""
+    try:
+        importlib.metadata.version("moe-platform")
+        return None
+    except importlib.metadata.PackageNotFoundError:
+        import moe_platform
+
+        return {"py_modules": [str(Path(moe_platform.__file__).parent)]}
+
+
+def launch_ray(cfg: Config, address: str | None = None, progress: bool = True) -> dict[str, Any]:
+    """Train on Ray Train workers; returns rank 0's result (run_dir, final_step, final_loss, export_dir,
+    resumed_from, layout, world_size) plus Ray's view of it (ray_checkpoint, ray_run_path)."""
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    cfg = with_absolute_paths(cfg)
+    num_workers = num_workers_for(cfg)
+    lo, hi = _worker_range(num_workers)
+    check_layouts(cfg, lo, hi)
+    run_dir = check_storage(cfg)
+    e, f = cfg.elastic, cfg.failure
+    per_worker = {"CPU": e.cpus_per_worker, **({"GPU": 1.0} if e.use_gpu else {})}
+    started = connect(address, num_cpus=max(os.cpu_count() or 1, math.ceil(hi * e.cpus_per_worker)))
+    try:
+        check_cluster_fits(per_worker, lo, hi, address)
+        drop_stale_ray_index(run_dir)
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"cfg": config_to_dict(cfg), "progress": progress},
+            scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=e.use_gpu,
+                                         resources_per_worker={"CPU": e.cpus_per_worker}),
+            run_config=RunConfig(
+                name=cfg.run.name, storage_path=cfg.run.storage_path,
+                failure_config=FailureConfig(max_failures=f.max_failures,
+                                             max_preemption_failures=f.max_preemption_failures,
+                                             preemption_grace_s=f.preemption_grace_s),
+                worker_runtime_env=_worker_runtime_env()),
+        )
+        result = trainer.fit()
+    finally:
+        if started:
+            ray.shutdown()
+    out = dict(result.return_value or {})
+    out["ray_checkpoint"] = result.checkpoint.path if result.checkpoint is not None else None
+    out["ray_run_path"] = result.path
+    return out
+
+
+__all__ = ["launch_ray", "num_workers_for", "train_loop_per_worker"]

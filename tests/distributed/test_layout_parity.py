@@ -1,0 +1,112 @@
+"""Every parallel layout trains like the single process: real multi-process gloo runs on DeepSpeed, compared per step
+(loss) and at the end (every parameter), plus resharding a checkpoint across layouts bit for bit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_overrides
+from moe_platform.checkpoint import latest_checkpoint
+from moe_platform.checkpoint.sharded import ShardedReader
+from moe_platform.config import load_config
+from moe_platform.train.launch import launch_local
+from moe_platform.train.metrics import MetricsLog
+
+STEPS = 10
+COMMON = {"train.steps": STEPS, "train.global_batch_size": 8, "train.micro_batch_size": 2, "train.warmup": 2,
+          "checkpoint.interval": 0, "checkpoint.export": "false", "train.eval_interval": 0}
+
+LAYOUTS = {
+    "dp2": dict(dp=2),
+    "tp2": dict(tp=2),
+    "pp2": dict(pp=2),
+    "dp2-ep2": dict(dp=2, ep=2),
+    "dp2-pp2": dict(dp=2, pp=2),
+    "tp2-pp2": dict(tp=2, pp=2),
+    "dp2-pp2-ep2": dict(dp=2, pp=2, ep=2),
+    "dp2-tp2-pp2": dict(dp=2, tp=2, pp=2),
+    "dp2-zero2": dict(dp=2, zero_stage=2),
+}
+SLOW = {"dp2-tp2-pp2"}
+
+
+def config(corpus: Path, storage: Path, name: str, **extra):
+    return load_config(None, tiny_overrides(corpus, storage, **{**COMMON, "run.name": name, **extra}))
+
+
+def layout_overrides(degrees: dict) -> dict:
+    return {f"parallel.{k}": v for k, v in degrees.items()}
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [r["loss"] for r in MetricsLog(run_dir / "metrics.jsonl").read()]
+
+
+def full_state(run_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
+    reader = ShardedReader(latest_checkpoint(run_dir))
+    return {kind: reader.full_state_dict(kind) for kind in ("model", "exp_avg", "exp_avg_sq")}
+
+
+@pytest.fixture(scope="module")
+def storage(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("layouts")
+
+
+@pytest.fixture(scope="module")
+def reference(corpus_file, storage):
+    result = launch_local(config(corpus_file, storage, "single"), progress=False)
+    return losses(result.run_dir), full_state(result.run_dir)["model"]
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in LAYOUTS])
+def test_layout_matches_single_process(name, corpus_file, storage, reference):
+    ref_losses, ref_params = reference
+    result = launch_local(config(corpus_file, storage, name, **layout_overrides(LAYOUTS[name])), progress=False)
+    got = losses(result.run_dir)
+    assert len(got) == STEPS
+    gaps = [abs(a - b) / abs(b) for a, b in zip(got, ref_losses, strict=True)]
+    assert max(gaps) <= 1e-5, f"{name}: per-step relative loss gaps {gaps}"
+    params = full_state(result.run_dir)["model"]
+    assert params.keys() == ref_params.keys()
+    for key, value in ref_params.items():
+        torch.testing.assert_close(params[key], value, rtol=0, atol=1e-5, msg=f"{name}: parameter {key}")
+
+
+def test_resharding_is_bitwise_and_training_continues(corpus_file, storage, reference):
+    """Save at dp2·pp2·ep2, load at tp2, dp4, one rank and back: the same full parameters and optimizer states,
+    bit for bit; then training on continues with the single-process losses."""
+    ref_losses, _ = reference
+    save_at = dict(dp=2, pp=2, ep=2)
+    cfg = lambda degrees: config(corpus_file, storage, "reshard", **layout_overrides(degrees))  # noqa: E731
+    first = launch_local(cfg(save_at), progress=False, stop_after=STEPS // 2)
+    original = full_state(first.run_dir)
+    for degrees in (dict(tp=2), dict(dp=4), dict(), save_at):
+        result = launch_local(cfg(degrees), progress=False, stop_after=STEPS // 2)
+        assert result.resumed_from == STEPS // 2
+        again = full_state(result.run_dir)
+        for kind, tensors in original.items():
+            assert again[kind].keys() == tensors.keys()
+            for key, value in tensors.items():
+                assert torch.equal(again[kind][key], value), f"{kind} {key} changed resharding to {degrees}"
+    final = launch_local(cfg(dict(dp=2, ep=2)), progress=False)
+    assert final.final_step == STEPS
+    got = losses(final.run_dir)
+    gaps = [abs(a - b) / abs(b) for a, b in zip(got, ref_losses, strict=True)]
+    assert max(gaps) <= 1e-5, gaps
+
+
+@pytest.mark.parametrize("degrees, match", [
+    (dict(dp=3, ep=3), r"num_experts \(4\) must be divisible by ep \(3\)"),
+    (dict(tp=3), r"divisible by tp"),
+    (dict(pp=4), r"n_layers \(2\) must be >= pp \(4\)|pp"),
+])
+def test_impossible_layout_is_refused_before_any_process_starts(degrees, match, corpus_file, storage):
+    cfg = config(corpus_file, storage, "bad", **layout_overrides(degrees), **{"train.global_batch_size": 12,
+                                                                            "train.micro_batch_size": 1})
+    with pytest.raises(ValueError, match=match) as err:
+        launch_local(cfg, progress=False)
+    assert "valid layouts" in str(err.value).lower()
+    assert not (storage / "bad").exists(), "nothing may be written for a refused layout"
