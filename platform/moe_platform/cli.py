@@ -30,7 +30,7 @@ def _cmd_train(ns: argparse.Namespace, rest: list[str]) -> int:
     result = launch_local(cfg, progress=not ns.no_progress)
     print(json.dumps({"run_dir": str(result.run_dir), "layout": result.layout, "final_step": result.final_step,
                       "final_loss": result.final_loss, "export": str(result.export_dir) if result.export_dir else None,
-                      "resumed_from": result.resumed_from}))
+                      "resumed_from": result.resumed_from}, ensure_ascii=False))
     return 0
 
 
