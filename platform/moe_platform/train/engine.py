@@ -32,13 +32,14 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
 
 
-def _plain_optimizer_state(optimizer: torch.optim.Optimizer, named: Iterable[tuple[str, nn.Parameter]], state):
+def _plain_optimizer_state(optimizer: torch.optim.Optimizer, named: Iterable[tuple[str, nn.Parameter]], state,
+                           copy: bool = True):
     for name, p in named:
         s = optimizer.state.get(p)
         if not s:
             continue
         for key in ADAM_KEYS:
-            getattr(state, key)[name] = s[key].detach().float().cpu().clone()
+            getattr(state, key)[name] = s[key].detach().float().cpu().clone() if copy else s[key]
         state.step[name] = int(s["step"])
 
 
@@ -80,6 +81,7 @@ class LocalBackend:
         self.specs = {name: ShardSpec.whole(shapes[name]) for name in model.state_dict()}
         self.dp_group = None
         self.is_logging_rank = True
+        self._staging: LocalState | None = None
 
     def set_lr(self, lr: float) -> None:
         set_lr(self.optimizer, lr)
@@ -107,10 +109,21 @@ class LocalBackend:
         return sum(float(self.forward_loss(t, y)) for t, y in micro_batches) / len(micro_batches)
 
     def local_state(self) -> LocalState:
-        state = LocalState(model={k: v.detach().float().cpu().clone() for k, v in self.model.state_dict().items()},
-                           specs=self.specs)
-        _plain_optimizer_state(self.optimizer, self.model.named_parameters(), state)
-        return state
+        """A host copy of the state in reused staging buffers: after the first checkpoint a snapshot is a memcpy
+        into memory that is already mapped (the checkpointer writes one snapshot at a time, so reuse is safe)."""
+        live = LocalState(model=dict(self.model.state_dict()), specs=self.specs)
+        _plain_optimizer_state(self.optimizer, self.model.named_parameters(), live, copy=False)
+        if self._staging is None:
+            self._staging = LocalState(model={}, specs=self.specs)
+        staging = self._staging
+        staging.step = dict(live.step)
+        for kind in ("model", "exp_avg", "exp_avg_sq"):
+            src, dst = getattr(live, kind), getattr(staging, kind)
+            for name, t in src.items():
+                if name not in dst or dst[name].shape != t.shape:
+                    dst[name] = torch.empty(t.shape, dtype=torch.float32, device="cpu")
+                dst[name].copy_(t.detach())
+        return staging
 
     def load_state(self, reader: ShardedReader) -> None:
         _load_model_tensors(self.model.state_dict().items(), reader, self.specs)
