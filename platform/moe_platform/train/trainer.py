@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -232,8 +233,6 @@ class Trainer:
         return float(aux), loads
 
     def train_step(self) -> dict[str, Any]:
-        import time
-
         cfg = self.cfg.train
         t0 = time.perf_counter()
         lr = lr_at(self.step, cfg)
