@@ -93,6 +93,7 @@ def _cmd_bench(ns: argparse.Namespace, rest: list[str]) -> int:
         raise ValueError(f"unknown benchmark {ns.name!r}; available: {names}")
     spec = importlib.util.spec_from_file_location(f"bench_{ns.name}", script)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses and pickling look modules up by name
     spec.loader.exec_module(module)
     return int(module.main(rest) or 0)
 

@@ -56,14 +56,21 @@ class MoETransformer(nn.Module):
     def moe_layers(self) -> list[MoE]:
         return [m for m in self.modules() if isinstance(m, MoE)]
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache=None) -> torch.Tensor:
-        """tokens (B, T) -> logits (B, T, vocab). With a bound KVCache, positions (B, T) say where each token sits."""
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache=None,
+                logits_at: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (B, T) -> logits (B, T, vocab). With a bound KVCache, positions (B, T) say where each token sits.
+
+        logits_at (B,) computes the vocabulary head only at that index of each row -> (B, vocab), which is all a
+        prefill needs and saves a (B, T, vocab) matmul.
+        """
         if positions is None:
             positions = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
         h = self.model.embed_tokens(tokens)
         rope = self.model.rotary(positions)
         for layer in self.model.layers:
             h = layer(h, rope, cache)
+        if logits_at is not None:
+            h = h[torch.arange(h.shape[0], device=h.device), logits_at]  # (B, T, dim) -> (B, dim)
         return self.lm_head(self.model.norm(h)).float()
 
 

@@ -1,1 +1,12 @@
-"""moe_platform.serving"""
+"""moe_platform.serving: OpenAI-compatible inference for exported MoE models.
+
+- `engine`: `Engine` (KV-cache slots, continuous batching, sampling) and `SamplingParams`; no Ray import, so the
+  engine runs and is tested on its own (`Engine.from_pretrained(dir).generate(prompt, SamplingParams(...))`).
+- `openai_api` / `protocol`: the OpenAI HTTP layer (validation, JSON and SSE shapes, errors) over an engine.
+- `app`: the Ray Serve deployment, `build_app` (import path for `serve run serve/config.yaml`) and `run_server`.
+"""
+
+from moe_platform.serving.engine import Engine, EngineConfig, RequestOutput
+from moe_platform.serving.sampling import SamplingParams
+
+__all__ = ["Engine", "EngineConfig", "RequestOutput", "SamplingParams"]

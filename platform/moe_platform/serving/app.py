@@ -1,0 +1,249 @@
+"""The Ray Serve application: a thin deployment around `Engine`, routing FastAPI endpoints to `OpenAIFrontend`.
+
+Run it with `serve run serve/config.yaml` / `serve deploy serve/config.yaml` (import path
+`moe_platform.serving.app:build_app`), or from Python with `run_server(model_dir)` (what `moe-platform serve` calls).
+
+Operations:
+- overload: the engine's bounded queue answers 429 JSON with Retry-After; `max_ongoing_requests` and
+  `max_queued_requests` bound what Serve itself queues in front of a replica (its rejections are 429 + Retry-After too);
+- health: `check_health` fails when the engine loop died, so Serve replaces the replica;
+- hot model update: change `user_config: {model: NEW_EXPORT}` and redeploy; `reconfigure` loads the new export next to
+  the running engine, switches new requests to it, and lets the old engine finish what it accepted (no failures);
+- metrics: time to first token, inter-token latency, queue depth, batch size, tokens/s and per-expert load go to
+  `ray.util.metrics` (Prometheus via Ray's metrics export).
+"""
+
+
+import asyncio
+import logging
+import os
+import random
+import threading
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from ray import serve
+from ray.serve import Application
+from ray.util import metrics as ray_metrics
+
+from moe_platform.serving.engine import Engine, EngineConfig
+from moe_platform.serving.openai_api import DEFAULT_MAX_BODY_BYTES, OpenAIFrontend, install_error_handlers
+
+logger = logging.getLogger("ray.serve")
+DEFAULT_MODEL_NAME = "moe-platform"
+_ENGINE_OPTIONS = tuple(EngineConfig.__dataclass_fields__)
+_LATENCY_BOUNDARIES = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
+_MAX_SAMPLES_PER_EXPORT = 2000  # bounds the metric-export cost per interval; the distribution stays unbiased
+
+fastapi_app = FastAPI(title="moe-platform", docs_url=None, redoc_url=None, openapi_url=None)
+install_error_handlers(fastapi_app)
+
+
+class AppArgs(BaseModel):
+    """Arguments of `build_app` (the `args:` of a Serve config), validated; unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="export directory: config.json, model.safetensors, tokenizer files")
+    model_name: str = Field(DEFAULT_MODEL_NAME, description="the model id clients send and /v1/models lists")
+    api_key: str | None = Field(None, description="require 'Authorization: Bearer <api_key>' on /v1/*")
+    max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, ge=1024, description="larger request bodies get 413")
+    metrics_interval_s: float = Field(1.0, gt=0, description="seconds between engine-stat exports to Ray metrics")
+    # Engine options (see EngineConfig).
+    max_batch_size: int = 64
+    batch_wait_timeout_s: float = 0.05
+    prefill_token_budget: int = 512
+    max_waiting: int = 256
+    max_seq_len: int = 0
+    dtype: str = "float32"
+    num_threads: int = 0
+    seed: int = 0
+    # Deployment options (a Serve config's `deployments:` section overrides these).
+    num_replicas: int | None = Field(None, ge=1, description="fixed replica count (ignored when autoscaling)")
+    min_replicas: int | None = Field(None, ge=0, description="autoscaling lower bound; set with max_replicas")
+    max_replicas: int | None = Field(None, ge=1, description="autoscaling upper bound")
+    target_ongoing_requests: float = Field(48.0, gt=0, description="autoscaling target per replica")
+    max_ongoing_requests: int = Field(384, ge=1, description="requests a replica holds at once (Serve)")
+    max_queued_requests: int = Field(512, ge=-1, description="requests Serve queues per caller before 429")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per replica")
+
+    def engine_options(self) -> dict:
+        return {name: getattr(self, name) for name in _ENGINE_OPTIONS}
+
+    def deployment_options(self) -> dict:
+        opts: dict = {
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "max_queued_requests": self.max_queued_requests,
+            "ray_actor_options": {"num_cpus": self.num_cpus},
+        }
+        if (self.min_replicas is None) != (self.max_replicas is None):
+            raise ValueError("set both min_replicas and max_replicas to autoscale (or neither)")
+        if self.min_replicas is not None:
+            if self.min_replicas > self.max_replicas:
+                raise ValueError(f"min_replicas ({self.min_replicas}) must be <= max_replicas ({self.max_replicas})")
+            opts["autoscaling_config"] = {"min_replicas": self.min_replicas, "max_replicas": self.max_replicas,
+                                          "target_ongoing_requests": self.target_ongoing_requests}
+        else:
+            opts["num_replicas"] = self.num_replicas or 1
+        return opts
+
+
+class _RayMetrics:
+    """Engine statistics -> ray.util.metrics, exported from a background thread every `interval` seconds."""
+
+    def __init__(self, model_name: str):
+        tags = ("model",)
+        self.default = {"model": model_name}
+        self.ttft = ray_metrics.Histogram("moe_serve_time_to_first_token_s", "time to first token (s)",
+                                          _LATENCY_BOUNDARIES, tags)
+        self.itl = ray_metrics.Histogram("moe_serve_inter_token_latency_s", "time between two tokens of a request (s)",
+                                         _LATENCY_BOUNDARIES, tags)
+        self.queue = ray_metrics.Gauge("moe_serve_queue_depth", "requests waiting for a batch slot", tags)
+        self.batch = ray_metrics.Gauge("moe_serve_running_batch_size", "sequences in the running batch", tags)
+        self.tps = ray_metrics.Gauge("moe_serve_tokens_per_s", "generated tokens per second (10 s window)", tags)
+        self.tokens = ray_metrics.Counter("moe_serve_generated_tokens", "generated tokens", tags)
+        self.expert = ray_metrics.Counter("moe_serve_expert_tokens", "tokens routed to each expert",
+                                          ("model", "layer", "expert"))
+        self.imbalance = ray_metrics.Gauge("moe_serve_expert_load_imbalance",
+                                           "max over mean expert load per layer, worst layer", tags)
+        self._last: dict[int, tuple[int, list[list[int]]]] = {}
+
+    def export(self, engine: Engine) -> None:
+        stats = engine.stats()
+        self.queue.set(stats["waiting"], self.default)
+        self.batch.set(stats["running"], self.default)
+        self.tps.set(stats["tokens_per_s"], self.default)
+        ttft, itl = engine.drain_latency_samples()
+        for samples, hist in ((ttft, self.ttft), (itl, self.itl)):
+            if len(samples) > _MAX_SAMPLES_PER_EXPORT:
+                samples = random.sample(samples, _MAX_SAMPLES_PER_EXPORT)
+            for value in samples:
+                hist.observe(value, self.default)
+        prev_tokens, prev_load = self._last.get(id(engine), (0, None))
+        if stats["generated_tokens"] > prev_tokens:
+            self.tokens.inc(stats["generated_tokens"] - prev_tokens, self.default)
+        load = stats["expert_load"]
+        worst = 0.0
+        for layer, row in enumerate(load):
+            for expert, count in enumerate(row):
+                delta = count - (prev_load[layer][expert] if prev_load else 0)
+                if delta > 0:
+                    self.expert.inc(delta, {**self.default, "layer": str(layer), "expert": str(expert)})
+            mean = sum(row) / len(row)
+            worst = max(worst, max(row) / mean if mean else 0.0)
+        self.imbalance.set(worst, self.default)
+        self._last = {id(engine): (stats["generated_tokens"], load)}
+
+
+@serve.deployment(
+    max_ongoing_requests=384,
+    max_queued_requests=512,
+    backpressure_config={"status_code": 429, "retry_after_s": 1},
+    health_check_period_s=10,
+    health_check_timeout_s=30,
+    graceful_shutdown_timeout_s=60,
+)
+@serve.ingress(fastapi_app)
+class MoEServer:
+    """One replica: an engine (swappable by `reconfigure`) behind the OpenAI frontend."""
+
+    def __init__(self, model: str, engine_options: dict, model_name: str = DEFAULT_MODEL_NAME,
+                 api_key: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+                 metrics_interval_s: float = 1.0, base_dir: str = "."):
+        self._engine_options = dict(engine_options)
+        self._base_dir = Path(base_dir)  # where build_app ran: relative user_config paths resolve against it
+        self._engine = Engine.from_pretrained(model, **self._engine_options).start()
+        self._swap_lock = threading.Lock()
+        self.frontend = OpenAIFrontend(lambda: self._engine, model_name, api_key, max_body_bytes)
+        self._metrics = _RayMetrics(model_name)
+        self._stop = threading.Event()
+        self._metrics_thread = threading.Thread(target=self._export_metrics, args=(metrics_interval_s,),
+                                                name="moe-metrics", daemon=True)
+        self._metrics_thread.start()
+
+    def _export_metrics(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            try:
+                self._metrics.export(self._engine)
+            except Exception:  # noqa: BLE001 - metrics must never take the replica down
+                logger.exception("exporting serving metrics failed")
+
+    async def reconfigure(self, user_config: dict) -> None:
+        """`user_config: {model: DIR}` points the replica at another export without dropping requests."""
+        unknown = sorted(set(user_config or {}) - {"model"})
+        if unknown:
+            raise ValueError(f"unknown user_config keys {unknown}; supported: ['model']")
+        model = (user_config or {}).get("model")
+        if not model:
+            return
+        path = (self._base_dir / Path(model).expanduser()).resolve()
+        if path != Path(self._engine.model_dir).resolve():
+            await asyncio.to_thread(self._swap_engine, str(path))
+
+    def _swap_engine(self, model: str) -> None:
+        with self._swap_lock:
+            new = Engine.from_pretrained(model, **self._engine_options).start()
+            old, self._engine = self._engine, new
+        # The old engine finishes every request it accepted, then stops; its memory goes with it.
+        threading.Thread(target=old.shutdown, kwargs={"drain": True, "timeout": 600}, daemon=True).start()
+
+    def check_health(self) -> None:
+        self._engine.check_health()
+
+    def __del__(self):
+        self._stop.set()
+        self._engine.shutdown(drain=False, timeout=5)
+
+    @fastapi_app.post("/v1/completions")
+    async def completions(self, request: Request):
+        return await self.frontend.completions(request)
+
+    @fastapi_app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        return await self.frontend.chat_completions(request)
+
+    @fastapi_app.get("/v1/models")
+    async def models(self, request: Request):
+        return await self.frontend.models(request)
+
+    @fastapi_app.get("/health")
+    async def health(self):
+        return await self.frontend.health()
+
+
+def build_app(args: dict | AppArgs) -> Application:
+    """Serve application builder: `args` as in `AppArgs` (from a Serve config's `args:` or `run_server`)."""
+    try:
+        parsed = args if isinstance(args, AppArgs) else AppArgs.model_validate(dict(args))
+    except ValidationError as e:
+        raise ValueError(f"invalid moe-platform serve arguments: {e}") from None
+    model = Path(parsed.model).expanduser().resolve()
+    if not (model / "config.json").is_file():
+        raise ValueError(f"model directory {model} has no config.json: pass the export directory written by "
+                         f"`moe-platform export` (or training's <run>/export)")
+    EngineConfig.from_options(**parsed.engine_options())  # fail here, not in every replica
+    deployment = MoEServer.options(**parsed.deployment_options())
+    return deployment.bind(str(model), parsed.engine_options(), parsed.model_name, parsed.api_key,
+                           parsed.max_body_bytes, parsed.metrics_interval_s, os.getcwd())
+
+
+def start_server(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, name: str = "moe-platform",
+                 **options) -> str:
+    """Deploy the app on the running (or a new local) Ray cluster without blocking; return its base URL."""
+    app = build_app({"model": str(model_dir), **options})
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(app, name=name, route_prefix="/", blocking=False)
+    return f"http://{host}:{port}"
+
+
+def run_server(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, **options) -> None:
+    """Serve `model_dir` on http://host:port/v1 until Ctrl-C (loopback by default), then shut Serve down."""
+    url = start_server(model_dir, host=host, port=port, **options)
+    print(f"moe-platform serving {model_dir} at {url}/v1 (Ctrl-C to stop)", flush=True)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()

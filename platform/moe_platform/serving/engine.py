@@ -1,0 +1,589 @@
+"""The inference engine: an export loaded into our model, a preallocated KV cache and a continuous-batching loop.
+
+No Ray or Serve here (the Serve deployment in `app.py` is a thin shell around this class), so everything below is
+unit-tested on its own. One engine step:
+
+1. take new requests and aborts from the thread-safe inbox;
+2. admit waiting requests into free cache slots and run this step's prefill chunks (bucketed by length, under the
+   per-step token budget); a sequence whose prompt completes samples its first token and joins the decode batch;
+3. run one decode forward over every decoding sequence and sample one token each;
+4. detokenize, apply stop strings / EOS / max_tokens, and retire finished sequences at once (their slot is free for
+   the next step).
+
+`step()` can be driven directly (tests, `generate` without a thread) or by the background loop started with
+`start()`, which `stream()` (asyncio) and `generate()` use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import json
+import queue
+import random
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from moe_platform.checkpoint.hf import load_hf
+from moe_platform.model.transformer import MoETransformer, build_model
+from moe_platform.serving.cache import ServingKVCache
+from moe_platform.serving.chat import ChatTemplate
+from moe_platform.serving.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from moe_platform.serving.errors import (
+    ContextLengthError,
+    EngineOverloadedError,
+    EngineUnavailableError,
+    InvalidRequestError,
+)
+from moe_platform.serving.sampling import SamplingParams, make_generator, sample_tokens
+from moe_platform.serving.scheduler import PrefillGroup, Scheduler, SeqStatus
+from moe_platform.serving.scheduler import Sequence as Seq
+
+__all__ = ["Engine", "EngineConfig", "RequestOutput", "RequestStream", "SamplingParams"]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_THROUGHPUT_WINDOW_S = 10.0
+_MAX_LATENCY_SAMPLES = 65536
+
+
+@dataclass
+class EngineConfig:
+    max_batch_size: int = field(default=64, metadata={"doc": "sequences decoded together (= KV-cache slots)"})
+    batch_wait_timeout_s: float = field(
+        default=0.05, metadata={"doc": "an idle engine waits this long for more requests before its first prefill"})
+    prefill_token_budget: int = field(
+        default=512, metadata={"doc": "prompt tokens prefilled per step at most (long prompts are chunked)"})
+    max_waiting: int = field(default=256, metadata={"doc": "queued (not yet admitted) requests before rejecting"})
+    max_seq_len: int = field(default=0, metadata={"doc": "context window; 0 takes the model's max_seq_len"})
+    dtype: str = field(default="float32", metadata={"doc": "weights, activations and KV cache: float32 or bfloat16"})
+    num_threads: int = field(default=0, metadata={"doc": "torch intra-op threads; 0 keeps torch's setting"})
+    seed: int = field(default=0, metadata={"doc": "seeds the per-request seeds of requests that bring none"})
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ValueError(f"invalid engine option: {msg}")
+
+        for name in ("max_batch_size", "prefill_token_budget", "max_waiting"):
+            value = getattr(self, name)
+            need(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                 f"{name} must be an integer >= 1, got {value!r}")
+        need(isinstance(self.batch_wait_timeout_s, (int, float)) and 0 <= self.batch_wait_timeout_s <= 10,
+             f"batch_wait_timeout_s must be in [0, 10] seconds, got {self.batch_wait_timeout_s!r}")
+        need(isinstance(self.max_seq_len, int) and self.max_seq_len >= 0,
+             f"max_seq_len must be an integer >= 0, got {self.max_seq_len!r}")
+        need(self.dtype in _DTYPES, f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        need(isinstance(self.num_threads, int) and self.num_threads >= 0,
+             f"num_threads must be an integer >= 0, got {self.num_threads!r}")
+
+    @classmethod
+    def from_options(cls, **options) -> EngineConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"unknown engine options {unknown}; known: {sorted(known)}")
+        return cls(**options)
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request: the new text/tokens since the previous output."""
+
+    request_id: str
+    text: str
+    token_ids: list[int]
+    finished: bool
+    finish_reason: str | None  # "stop" (EOS or stop string), "length", "abort" or "error"
+    prompt_tokens: int
+    completion_tokens: int
+    error: str | None = None
+
+    def merge(self, later: RequestOutput) -> RequestOutput:
+        """This output followed by `later` (of the same request) as one output."""
+        return dataclasses.replace(later, text=self.text + later.text, token_ids=self.token_ids + later.token_ids)
+
+
+class RequestStream:
+    """A submitted request seen from asyncio: iterate it for outputs (queued ones are merged); `abort()` cancels."""
+
+    def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop):
+        self.engine = engine
+        self.request_id = ""
+        self.finished = False
+        self._loop = loop
+        self._queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+
+    def put(self, out: RequestOutput) -> None:
+        """Called on the engine thread (one output; `Engine` batches its deliveries through `deliver`)."""
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, out)
+
+    @staticmethod
+    def deliver(items: list[tuple[RequestStream, RequestOutput]]) -> None:
+        """Runs on the streams' event loop: hand every output of one engine step to its stream."""
+        for stream, out in items:
+            stream._queue.put_nowait(out)
+
+    __call__ = put
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        out = await self._queue.get()
+        while not self._queue.empty():
+            out = out.merge(self._queue.get_nowait())
+        self.finished = out.finished
+        if out.error is not None:
+            raise EngineUnavailableError(out.error)
+        return out
+
+    def abort(self) -> None:
+        if not self.finished and self.request_id:
+            self.engine.abort(self.request_id)
+
+
+class Engine:
+    def __init__(self, model: MoETransformer, tokenizer, eos_token_id: int, config: EngineConfig | None = None,
+                 chat_template: ChatTemplate | None = None, model_dir: str | None = None):
+        self.config = config or EngineConfig()
+        if self.config.num_threads:
+            torch.set_num_threads(self.config.num_threads)
+        self.model = model.eval()
+        self.args = model.args
+        self.tokenizer = tokenizer
+        self.eos_token_id = eos_token_id
+        self.chat_template = chat_template or ChatTemplate()
+        self.model_dir = model_dir
+        self.max_seq_len = min(self.config.max_seq_len or self.args.max_seq_len, self.args.max_seq_len)
+        self._dtype = next(model.parameters()).dtype
+        # Right padding of a prefill chunk writes up to `prefill_token_budget` positions past the prompt.
+        self.cache = ServingKVCache(self.args, self.config.max_batch_size,
+                                    self.max_seq_len + self.config.prefill_token_budget, dtype=self._dtype)
+        self.scheduler = Scheduler(self.cache, self.config.max_batch_size, self.config.prefill_token_budget)
+        self._rng = random.Random(self.config.seed)
+        self._moe_layers = model.moe_layers()
+        # Thread-safe inbox: ("add", Seq) / ("abort", request_id); drained by the thread that runs step().
+        self._lock = threading.Lock()
+        self._cv = threading.Condition(self._lock)
+        self._inbox: deque[tuple[str, object]] = deque()
+        self._inbox_adds = 0
+        self._active_ids: set[str] = set()
+        self._id_prefix = f"{uuid.uuid4().hex[:12]}-"  # request ids: prefix + counter (no os.urandom per request)
+        self._id_counter = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._drain = False
+        self._closed = False
+        self._failure: BaseException | None = None
+        # Plain statistics (the Serve deployment turns them into Ray metrics).
+        self._expert_load = torch.zeros(self.args.n_layers, self.args.num_experts, dtype=torch.long)
+        self._ttft: deque[float] = deque(maxlen=_MAX_LATENCY_SAMPLES)
+        self._itl: deque[float] = deque(maxlen=_MAX_LATENCY_SAMPLES)
+        self._recent: deque[tuple[float, int]] = deque()  # (step end time, tokens generated in the step)
+        self._recent_total = 0
+        self._tokens_per_s = 0.0
+        self._last_step_time = 0.0
+        self._counters = {"requests_finished": 0, "prompt_tokens": 0, "generated_tokens": 0, "steps": 0,
+                          "prefill_forwards": 0, "decode_forwards": 0}
+        self._last_decode_batch = 0
+        self._deliveries: list[tuple[object, RequestOutput]] = []  # (sink, output) of the current step
+
+    # -- loading -------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, **options) -> Engine:
+        """Load an export directory (config.json, model.safetensors, tokenizer files). Options: `EngineConfig`."""
+        from moe_platform.train.tokenizer import eos_id, load_tokenizer
+
+        config = EngineConfig.from_options(**options)
+        model_dir = Path(model_dir)
+        args, state = load_hf(model_dir)
+        model = build_model(args, dtype=_DTYPES[config.dtype], seed=0)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{model_dir}: weights do not match the model config (missing {sorted(missing)[:5]}, "
+                             f"unexpected {sorted(unexpected)[:5]})")
+        tokenizer = load_tokenizer(model_dir)
+        try:
+            eos = eos_id(tokenizer)
+        except ValueError:
+            eos = _eos_from_config(model_dir)
+        return cls(model, tokenizer, eos, config, ChatTemplate.from_dir(model_dir), str(model_dir))
+
+    # -- requests ------------------------------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def render_chat(self, messages: Sequence[Mapping[str, str]]) -> str:
+        return self.chat_template.render(messages, add_generation_prompt=True)
+
+    def prepare_prompt(self, prompt: str | Sequence[int], param: str = "prompt") -> list[int]:
+        """Prompt text or token ids -> validated token ids (an empty prompt starts from the end-of-text token)."""
+        if isinstance(prompt, str):
+            ids = self.encode(prompt)
+        else:
+            ids = list(prompt)
+            vocab = self.args.vocab_size
+            bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
+            if bad:
+                raise InvalidRequestError(f"token ids must be integers in [0, {vocab}), got {bad[:5]}", param=param)
+        if not ids:
+            ids = [self.eos_token_id]
+        if len(ids) >= self.max_seq_len:
+            raise ContextLengthError(f"the prompt is {len(ids)} tokens but this model's context window is "
+                                     f"{self.max_seq_len} tokens, which must also hold at least one generated "
+                                     f"token; shorten the prompt", param=param)
+        return ids
+
+    def resolve_max_tokens(self, prompt_len: int, params: SamplingParams) -> int:
+        room = self.max_seq_len - prompt_len
+        if params.max_tokens is None:
+            return room
+        if params.max_tokens > room:
+            raise ContextLengthError(f"this model's context window is {self.max_seq_len} tokens, but the prompt "
+                                     f"({prompt_len} tokens) plus max_tokens ({params.max_tokens}) needs "
+                                     f"{prompt_len + params.max_tokens}; lower max_tokens to at most {room}",
+                                     param="max_tokens")
+        return params.max_tokens
+
+    def add_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
+                    request_id: str | None = None,
+                    sink: Callable[[RequestOutput], None] | RequestStream | None = None) -> str:
+        """Queue a request (thread-safe). Its outputs are returned by step() and handed to `sink` at the end of each
+        step: a callable is called on the engine thread, a RequestStream gets them on its event loop."""
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
+        ids = self.prepare_prompt(prompt)
+        max_tokens = self.resolve_max_tokens(len(ids), params)
+        seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
+        request_id = request_id or f"{self._id_prefix}{next(self._id_counter):x}"
+        seq = Seq(request_id, ids, params, max_tokens, time.monotonic(), sink=sink,
+                  generator=None if params.greedy else make_generator(seed))
+        seq.detokenizer = IncrementalDetokenizer(self.tokenizer)
+        seq.stopper = StopStringMatcher(params.stop)
+        with self._cv:
+            if self._closed or self._failure is not None:
+                raise EngineUnavailableError("the engine is shut down; retry on another replica")
+            if request_id in self._active_ids:
+                raise InvalidRequestError(f"request id {request_id!r} is already running", param="request_id")
+            if self._inbox_adds + len(self.scheduler.waiting) >= self.config.max_waiting:
+                raise EngineOverloadedError(f"the server is overloaded ({self.config.max_waiting} requests are "
+                                            f"already waiting); retry later")
+            self._active_ids.add(request_id)
+            self._inbox.append(("add", seq))
+            self._inbox_adds += 1
+            self._cv.notify()
+        return request_id
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request (thread-safe); it finishes with reason "abort" at the next step."""
+        with self._cv:
+            if request_id in self._active_ids:
+                self._inbox.append(("abort", request_id))
+                self._cv.notify()
+
+    def has_unfinished(self) -> bool:
+        return bool(self._active_ids)
+
+    # -- one iteration -------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduling iteration (prefill chunks + one decode step); return the outputs it produced."""
+        outputs: list[RequestOutput] = []
+        self._drain_inbox(outputs)
+        for group in self.scheduler.schedule_prefill():
+            self._run_prefill(group, outputs)
+        batch = self.scheduler.decode_batch()
+        self._last_decode_batch = len(batch)
+        if batch:
+            self._run_decode(batch, outputs)
+        self._counters["steps"] += 1
+        self._update_throughput(sum(len(o.token_ids) for o in outputs))
+        self._deliver()
+        return outputs
+
+    def _deliver(self) -> None:
+        """Hand this step's outputs to their sinks: one wake-up per event loop per step, not one per token."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, RequestOutput]]] = {}
+        for sink, out in self._deliveries:
+            if isinstance(sink, RequestStream):
+                by_loop.setdefault(sink._loop, []).append((sink, out))
+            else:
+                sink(out)
+        self._deliveries.clear()
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(RequestStream.deliver, items)
+
+    def _update_throughput(self, produced: int) -> None:
+        now = time.monotonic()
+        self._recent.append((now, produced))
+        self._recent_total += produced
+        while now - self._recent[0][0] > _THROUGHPUT_WINDOW_S:
+            self._recent_total -= self._recent.popleft()[1]
+        span = now - self._recent[0][0]
+        self._tokens_per_s = self._recent_total / span if span > 0.5 else 0.0
+        self._last_step_time = now
+
+    def _drain_inbox(self, outputs: list[RequestOutput]) -> None:
+        with self._lock:
+            items = list(self._inbox)
+            self._inbox.clear()
+            self._inbox_adds = 0
+        for kind, item in items:
+            if kind == "add":
+                self.scheduler.add(item)  # type: ignore[arg-type]
+            else:
+                seq = self.scheduler.find(item)  # type: ignore[arg-type]
+                if seq is not None:
+                    self.scheduler.finish(seq, "abort")
+                    self._emit(seq, outputs)
+
+    def _run_prefill(self, group: PrefillGroup, outputs: list[RequestOutput]) -> None:
+        chunks = group.chunks
+        width = group.padded_len
+        tokens = torch.full((len(chunks), width), self.eos_token_id, dtype=torch.long)
+        positions = torch.empty((len(chunks), width), dtype=torch.long)
+        for i, c in enumerate(chunks):
+            tokens[i, : c.length] = torch.tensor(c.seq.prompt_ids[c.start:c.start + c.length])
+            positions[i] = torch.arange(c.start, c.start + width)
+        last = torch.tensor([c.length - 1 for c in chunks])
+        self.cache.bind_rows([c.seq.slot for c in chunks], positions, self._dtype)
+        logits = self.model(tokens, positions, self.cache, logits_at=last)  # (rows, vocab)
+        self._count_expert_load()
+        self._counters["prefill_forwards"] += 1
+        for c in chunks:
+            c.seq.num_computed += c.length
+        done = [i for i, c in enumerate(chunks) if c.completes_prompt]
+        if not done:
+            return
+        seqs = [chunks[i].seq for i in done]
+        next_ids = sample_tokens(logits[done], [s.params for s in seqs], [s.generator for s in seqs]).tolist()
+        now = time.monotonic()
+        for seq, token in zip(seqs, next_ids, strict=True):
+            self._counters["prompt_tokens"] += seq.prompt_len
+            if not self._append_token(seq, token, now, outputs):
+                self.scheduler.prefill_done(seq)
+
+    def _run_decode(self, batch: list[Seq], outputs: list[RequestOutput]) -> None:
+        tokens = torch.tensor([[s.output_ids[-1]] for s in batch])  # (D, 1)
+        positions = torch.tensor([[s.num_computed] for s in batch])  # the last token's position
+        cache = self.cache.bind_rows(list(range(len(batch))), positions, self._dtype)
+        logits = self.model(tokens, positions, cache)[:, -1]  # (D, 1, vocab) -> (D, vocab)
+        self._count_expert_load()
+        self._counters["decode_forwards"] += 1
+        for seq in batch:
+            seq.num_computed += 1
+        next_ids = sample_tokens(logits, [s.params for s in batch], [s.generator for s in batch]).tolist()
+        now = time.monotonic()
+        for seq, token in zip(batch, next_ids, strict=True):
+            self._append_token(seq, token, now, outputs)
+
+    def _count_expert_load(self) -> None:
+        for i, moe in enumerate(self._moe_layers):
+            self._expert_load[i] += moe.last_tokens_per_expert.to(self._expert_load.dtype)
+
+    def _append_token(self, seq: Seq, token: int, now: float, outputs: list[RequestOutput]) -> bool:
+        """Record one generated token; return True if it finished the sequence."""
+        seq.output_ids.append(token)
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+            self._ttft.append(now - seq.arrival_time)
+        else:
+            self._itl.append(now - seq.last_token_time)
+        seq.last_token_time = now
+        self._counters["generated_tokens"] += 1
+        reason = None
+        if token == self.eos_token_id and not seq.params.ignore_eos:
+            reason = "stop"
+        elif seq.stopper.append(seq.detokenizer.add(token)):
+            reason = "stop"
+        if reason is None and (len(seq.output_ids) >= seq.max_tokens or seq.num_tokens >= self.max_seq_len):
+            reason = "length"
+        if reason is not None and not seq.stopper.stopped and seq.stopper.append(seq.detokenizer.flush()):
+            reason = "stop"
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+            self._counters["requests_finished"] += 1
+        self._emit(seq, outputs, [token])
+        return reason is not None
+
+    def _emit(self, seq: Seq, outputs: list[RequestOutput], new_ids: list[int] | None = None,
+              error: str | None = None) -> None:
+        finished = seq.status is SeqStatus.FINISHED
+        safe = seq.stopper.safe_length(finished)
+        text = seq.stopper.text[seq.emitted_chars:safe]
+        seq.emitted_chars = max(seq.emitted_chars, safe)
+        out = RequestOutput(seq.request_id, text, new_ids or [], finished, seq.finish_reason, seq.prompt_len,
+                            len(seq.output_ids), error)
+        if finished:
+            with self._lock:
+                self._active_ids.discard(seq.request_id)
+        outputs.append(out)
+        if seq.sink is not None:
+            self._deliveries.append((seq.sink, out))
+
+    # -- background loop -----------------------------------------------------------------------------------------
+    def start(self) -> Engine:
+        """Start the background loop thread (idempotent)."""
+        with self._lock:
+            if self._closed or self._failure is not None:
+                raise EngineUnavailableError("the engine is shut down")
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="moe-engine", daemon=True)
+                self._thread.start()
+        return self
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self._cv:
+                    while not (self._stopping or self._inbox or self.scheduler.has_work()):
+                        self._cv.wait()
+                    if self._stopping and (not self._drain or not (self._inbox or self.scheduler.has_work())):
+                        self._closed = True
+                        break
+                    if not self.scheduler.has_work() and self.config.batch_wait_timeout_s > 0:
+                        # Idle engine: give a burst of arrivals a moment to share the first prefill.
+                        deadline = time.monotonic() + self.config.batch_wait_timeout_s
+                        while self._inbox_adds < self.config.max_batch_size and not self._stopping:
+                            remaining = deadline - time.monotonic()
+                            if remaining <= 0:
+                                break
+                            self._cv.wait(remaining)
+                self.step()
+        except BaseException as e:  # noqa: BLE001 - any failure must reach the waiting requests
+            self._failure = e
+            with self._lock:
+                self._closed = True
+        self._fail_all("the engine stopped" if self._failure is None else f"the engine failed: {self._failure!r}")
+
+    def _fail_all(self, message: str) -> None:
+        with self._lock:
+            pending = [item for kind, item in self._inbox if kind == "add"]
+            self._inbox.clear()
+            self._inbox_adds = 0
+        reason = "error" if self._failure is not None else "abort"
+        for seq in pending:  # never reached the scheduler
+            seq.status, seq.finish_reason = SeqStatus.FINISHED, reason
+            self._emit(seq, [], error=message)
+        for seq in self.scheduler.all_unfinished():
+            self.scheduler.finish(seq, reason)
+            self._emit(seq, [], error=message)
+        self._deliver()
+
+    def shutdown(self, drain: bool = False, timeout: float | None = 60.0) -> None:
+        """Stop the loop; with `drain`, first finish every request already accepted (new ones are still accepted
+        until the loop runs dry)."""
+        with self._cv:
+            self._stopping = True
+            self._drain = drain
+            self._cv.notify_all()
+            thread = self._thread
+            if thread is None:
+                self._closed = True
+        if thread is not None:
+            thread.join(timeout)
+        else:
+            self._fail_all("the engine stopped")
+
+    def check_health(self) -> None:
+        """Raise if the engine cannot serve (its loop failed or stopped)."""
+        if self._failure is not None:
+            raise RuntimeError(f"engine loop failed: {self._failure!r}")
+        if self._closed:
+            raise RuntimeError("engine is shut down")
+        if self._thread is not None and not self._thread.is_alive():
+            raise RuntimeError("engine loop thread died")
+
+    # -- convenience APIs ----------------------------------------------------------------------------------------
+    def submit(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
+               request_id: str | None = None) -> RequestStream:
+        """Queue a request from asyncio code (validation and overload errors raise here, not while iterating);
+        async-iterate the returned handle for its outputs."""
+        handle = RequestStream(self, asyncio.get_running_loop())
+        self.start()
+        handle.request_id = self.add_request(prompt, params, request_id, sink=handle)
+        return handle
+
+    async def stream(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
+                     request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Submit a request and yield its outputs as they come (consecutive ones merged). Cancelling aborts it."""
+        handle = self.submit(prompt, params, request_id)
+        try:
+            async for out in handle:
+                yield out
+        finally:
+            handle.abort()
+
+    def generate(self, prompt: str | Sequence[int], params: SamplingParams | None = None) -> str:
+        """Generate one completion synchronously and return its text (without the prompt)."""
+        return self.generate_batch([prompt], params)[0]
+
+    def generate_batch(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams | None = None,
+                       timeout: float | None = None) -> list[str]:
+        """Generate completions for several prompts together (continuous batching); return their texts in order."""
+        results: queue.SimpleQueue[RequestOutput] = queue.SimpleQueue()
+        ids = [self.add_request(p, params, sink=results.put) for p in prompts]
+        texts = {rid: "" for rid in ids}
+        pending = set(ids)
+        background = self.running
+        while pending:
+            if not background:
+                self.step()
+            while pending and (background or not results.empty()):
+                out = results.get(timeout=timeout)
+                if out.error is not None:
+                    raise EngineUnavailableError(out.error)
+                texts[out.request_id] += out.text
+                if out.finished:
+                    pending.discard(out.request_id)
+        return [texts[rid] for rid in ids]
+
+    # -- statistics ----------------------------------------------------------------------------------------------
+    def stats(self) -> dict:
+        """Plain numbers about the engine's state and work so far (read from any thread)."""
+        stale = time.monotonic() - self._last_step_time > _THROUGHPUT_WINDOW_S
+        return {
+            "waiting": self._inbox_adds + len(self.scheduler.waiting),
+            "running": self.scheduler.num_running,
+            "decode_batch_size": self._last_decode_batch,
+            "prefilling": len(self.scheduler.prefilling),
+            "num_slots": self.config.max_batch_size,
+            "tokens_per_s": 0.0 if stale else self._tokens_per_s,
+            "expert_load": self._expert_load.tolist(),
+            "kv_cache_bytes": self.cache.nbytes,
+            **self._counters,
+        }
+
+    def drain_latency_samples(self) -> tuple[list[float], list[float]]:
+        """Time-to-first-token and inter-token latency samples (seconds) recorded since the previous call."""
+        ttft = [self._ttft.popleft() for _ in range(len(self._ttft))]
+        itl = [self._itl.popleft() for _ in range(len(self._itl))]
+        return ttft, itl
+
+
+def _eos_from_config(model_dir: Path) -> int:
+    for name in ("generation_config.json", "config.json"):
+        path = model_dir / name
+        if path.is_file():
+            eos = json.loads(path.read_text()).get("eos_token_id")
+            if isinstance(eos, list) and eos:
+                eos = eos[0]
+            if isinstance(eos, int):
+                return eos
+    raise ValueError(f"{model_dir}: cannot tell the end-of-text token (no <|endoftext|> in the tokenizer and no "
+                     f"eos_token_id in generation_config.json or config.json)")

@@ -1,0 +1,296 @@
+"""The OpenAI-compatible HTTP layer over an `Engine`, written against Starlette/FastAPI only (no Ray).
+
+`OpenAIFrontend` turns a request into engine submissions and engine outputs into OpenAI JSON or server-sent events.
+Everything a client can get wrong becomes a 4xx OpenAI error object before any work is queued; an overloaded engine
+answers 429 with Retry-After. The Serve deployment (`app.py`) only routes to these methods.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+from collections.abc import AsyncIterator, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from moe_platform.serving import protocol as P
+from moe_platform.serving.engine import Engine, RequestOutput, RequestStream
+from moe_platform.serving.errors import (
+    EngineOverloadedError,
+    EngineUnavailableError,
+    InvalidRequestError,
+    ServingError,
+)
+
+DEFAULT_MAX_BODY_BYTES = 1 << 20
+
+
+class PayloadTooLargeError(InvalidRequestError):
+    status = 413
+
+
+class NotFoundError(InvalidRequestError):
+    status = 404
+
+
+class AuthenticationError(ServingError):
+    status = 401
+    type = "invalid_request_error"
+
+
+def error_response(err: ServingError) -> JSONResponse:
+    headers = {}
+    if isinstance(err, EngineOverloadedError):
+        headers["Retry-After"] = str(max(1, round(err.retry_after_s)))
+    elif isinstance(err, EngineUnavailableError):
+        headers["Retry-After"] = "1"
+    elif isinstance(err, AuthenticationError):
+        headers["WWW-Authenticate"] = "Bearer"
+    return JSONResponse(err.to_dict(), status_code=err.status, headers=headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Make FastAPI's own errors (unknown route, wrong method, ...) OpenAI-shaped too."""
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        err = ServingError(str(exc.detail), code=None)
+        err.status, err.type = exc.status_code, "invalid_request_error" if exc.status_code < 500 else "server_error"
+        if exc.status_code == 404:
+            err.message = f"unknown endpoint {request.method} {request.url.path}"
+        return JSONResponse(err.to_dict(), status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(InvalidRequestError(f"invalid request: {exc.errors()[:3]}"))
+
+    @app.exception_handler(ServingError)
+    async def _serving_error(request: Request, exc: ServingError) -> JSONResponse:
+        return error_response(exc)
+
+
+class OpenAIFrontend:
+    """OpenAI endpoints over the engine returned by `engine_ref()` (the deployment may swap engines at runtime)."""
+
+    def __init__(self, engine_ref: Callable[[], Engine], model_name: str, api_key: str | None = None,
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
+        if max_body_bytes < 1024:
+            raise ValueError(f"max_body_bytes must be >= 1024, got {max_body_bytes}")
+        self.engine_ref = engine_ref
+        self.model_name = model_name
+        self.api_key = api_key or None
+        self.max_body_bytes = max_body_bytes
+        self.created = P.now_s()
+
+    # -- endpoints -----------------------------------------------------------------------------------------------
+    async def health(self) -> Response:
+        try:
+            self.engine_ref().check_health()
+        except RuntimeError as e:
+            return error_response(EngineUnavailableError(f"unhealthy: {e}"))
+        return JSONResponse({"status": "ok", "model": self.model_name})
+
+    async def models(self, request: Request) -> Response:
+        try:
+            self._authorize(request)
+        except ServingError as e:
+            return error_response(e)
+        return JSONResponse(P.models_response(self.model_name, self.created))
+
+    async def completions(self, request: Request) -> Response:
+        return await self._handle(request, chat=False)
+
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._handle(request, chat=True)
+
+    # -- request pipeline ----------------------------------------------------------------------------------------
+    async def _handle(self, request: Request, chat: bool) -> Response:
+        try:
+            self._authorize(request)
+            body = await self._read_body(request)
+            req = P.parse_request(P.ChatCompletionRequest if chat else P.CompletionRequest, body)
+            if req.model != self.model_name:
+                raise NotFoundError(f"the model '{req.model}' does not exist; this server serves "
+                                    f"'{self.model_name}' (see GET /v1/models)", param="model",
+                                    code="model_not_found")
+            engine = self.engine_ref()
+            jobs = self._jobs(engine, req, chat)
+            streams = self._submit_all(engine, jobs)
+        except ServingError as e:
+            return error_response(e)
+        rid = P.new_id("chatcmpl" if chat else "cmpl")
+        created = P.now_s()
+        echoes = [echo for _, _, echo in jobs]
+        if req.stream:
+            gen = self._sse(streams, rid, created, chat, req.include_usage, echoes)
+            return StreamingResponse(gen, media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        try:
+            results = await asyncio.gather(*(_collect(s) for s in streams))
+        except ServingError as e:
+            return error_response(e)
+        finally:
+            for s in streams:
+                s.abort()
+        prompt_tokens = sum(r.prompt_tokens for r in results)
+        completion_tokens = sum(r.completion_tokens for r in results)
+        use = P.usage(prompt_tokens, completion_tokens)
+        if chat:
+            choices = [P.chat_choice(i, r.text, r.finish_reason) for i, r in enumerate(results)]
+            return JSONResponse(P.chat_response(rid, self.model_name, created, choices, use))
+        choices = [P.completion_choice(i, echoes[i] + r.text, r.finish_reason) for i, r in enumerate(results)]
+        return JSONResponse(P.completion_response(rid, self.model_name, created, choices, use))
+
+    def _authorize(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+            raise AuthenticationError("invalid or missing API key: send the header 'Authorization: Bearer <key>'",
+                                      code="invalid_api_key")
+
+    async def _read_body(self, request: Request) -> bytes:
+        limit = self.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                raise InvalidRequestError(f"invalid Content-Length header {declared!r}")
+            if int(declared) > limit:
+                raise PayloadTooLargeError(f"the request body is {declared} bytes; the limit is {limit} bytes",
+                                           code="payload_too_large")
+        chunks, size = [], 0
+        async for part in request.stream():
+            size += len(part)
+            if size > limit:
+                raise PayloadTooLargeError(f"the request body exceeds the limit of {limit} bytes",
+                                           code="payload_too_large")
+            chunks.append(part)
+        return b"".join(chunks)
+
+    def _jobs(self, engine: Engine, req, chat: bool) -> list[tuple[list[int], object, str]]:
+        """(prompt ids, sampling params, echo text) for every choice; validates lengths against the context."""
+        if chat:
+            prompts = [engine.render_chat(req.template_messages())]
+            requested = req.requested_max_tokens
+            param = "messages"
+        else:
+            prompts = req.prompts()
+            requested = req.max_tokens if "max_tokens" in req.model_fields_set else None
+            param = "prompt"
+        jobs = []
+        for prompt in prompts:
+            ids = engine.prepare_prompt(prompt, param=param)
+            echo = ""
+            if not chat and req.echo:
+                echo = prompt if isinstance(prompt, str) else engine.tokenizer.decode(ids)
+            for choice in range(req.n):
+                params = req.sampling_params(requested, choice)
+                if requested is None and not chat:
+                    # OpenAI's completions default is 16 tokens; without an explicit value, fit what room is left.
+                    params.max_tokens = min(16, engine.max_seq_len - len(ids))
+                engine.resolve_max_tokens(len(ids), params)
+                jobs.append((ids, params, echo))
+        return jobs
+
+    def _submit_all(self, engine: Engine, jobs) -> list[RequestStream]:
+        streams: list[RequestStream] = []
+        try:
+            for ids, params, _ in jobs:
+                streams.append(self._submit(engine, ids, params))
+        except ServingError:
+            for s in streams:
+                s.abort()
+            raise
+        return streams
+
+    def _submit(self, engine: Engine, ids: list[int], params) -> RequestStream:
+        try:
+            return engine.submit(ids, params)
+        except EngineUnavailableError:
+            # The deployment may have just swapped in a new engine (hot model update): use that one instead.
+            current = self.engine_ref()
+            if current is engine:
+                raise
+            return current.submit(ids, params)
+
+    async def _sse(self, streams: list[RequestStream], rid: str, created: int, chat: bool, include_usage: bool,
+                   echoes: list[str]) -> AsyncIterator[str]:
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        model = self.model_name
+        # One choice (the common case) reads its stream directly; several are merged through a queue.
+        outputs = _indexed(streams[0]) if len(streams) == 1 else _merged(streams)
+        prompt_tokens = completion_tokens = 0
+        remaining = len(streams)
+        try:
+            for i in range(len(streams)):
+                if chat:
+                    yield P.sse(P.chunk(rid, obj, model, created, [P.chat_chunk_choice(
+                        i, {"role": "assistant", "content": ""}, None)]))
+                elif echoes[i]:
+                    yield P.sse(P.chunk(rid, obj, model, created, [P.completion_choice(i, echoes[i], None)]))
+            async for index, out in outputs:
+                if isinstance(out, ServingError):
+                    yield P.sse(out.to_dict())
+                    break
+                if out.finished:
+                    remaining -= 1
+                    prompt_tokens += out.prompt_tokens
+                    completion_tokens += out.completion_tokens
+                elif not out.text:
+                    continue
+                reason = out.finish_reason if out.finished else None
+                choice = (P.chat_chunk_choice(index, {"content": out.text} if out.text else {}, reason) if chat
+                          else P.completion_choice(index, out.text, reason))
+                # Without stream_options.include_usage the usage rides on the last chunk (clients may ignore it).
+                use = P.usage(prompt_tokens, completion_tokens) if remaining == 0 and not include_usage else None
+                yield P.sse(P.chunk(rid, obj, model, created, [choice], use))
+                if remaining == 0:
+                    break
+            if remaining == 0 and include_usage:
+                yield P.sse(P.chunk(rid, obj, model, created, [], P.usage(prompt_tokens, completion_tokens)))
+            yield P.sse("[DONE]")
+        finally:
+            await outputs.aclose()
+            for s in streams:
+                s.abort()
+
+
+async def _collect(stream: RequestStream) -> RequestOutput:
+    """Run a request to the end; return one output holding all its text."""
+    total = None
+    async for out in stream:
+        total = out if total is None else total.merge(out)
+    assert total is not None and total.finished
+    return total
+
+
+async def _indexed(stream: RequestStream) -> AsyncIterator[tuple[int, RequestOutput | ServingError]]:
+    try:
+        async for out in stream:
+            yield 0, out
+    except ServingError as e:
+        yield 0, e
+
+
+async def _merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput | ServingError]]:
+    """(choice index, output) pairs from several streams as they arrive; a failed stream yields its error."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, stream: RequestStream) -> None:
+        async for item in _indexed(stream):
+            queue.put_nowait((index, item[1]))
+
+    pumps = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        done = 0
+        while done < len(streams):
+            index, out = await queue.get()
+            done += isinstance(out, ServingError) or out.finished
+            yield index, out
+    finally:
+        for p in pumps:
+            p.cancel()

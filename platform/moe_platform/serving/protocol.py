@@ -1,0 +1,279 @@
+"""OpenAI request validation and response shapes (completions, chat completions, models, errors).
+
+Requests are validated strictly: a wrong JSON type is a 400, never coerced, and a parameter we cannot honour (log
+probabilities, penalties, tools) is a 400 that says so instead of being silently ignored. Every failure becomes an
+`InvalidRequestError` carrying the OpenAI `param` it is about.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+import uuid
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from moe_platform.serving.errors import InvalidRequestError
+from moe_platform.serving.sampling import SamplingParams
+
+MAX_N = 16
+MAX_STOP = 4
+MAX_PROMPTS = 64
+
+
+class _Strict(BaseModel):
+    # Unknown fields are ignored (clients send vendor extras); known ones must have exactly the right JSON type.
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _SamplingFields(_Strict):
+    model: str
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    top_k: Annotated[int, Field(ge=-1)] | None = None
+    n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
+    seed: Annotated[int, Field(ge=0, lt=2**63)] | None = None
+    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
+    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    ignore_eos: bool = False
+
+    def _check_unsupported(self) -> None:
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name):
+                raise InvalidRequestError(f"{name} is not supported by this server; omit it or send 0", param=name)
+        if self.logit_bias:
+            raise InvalidRequestError("logit_bias is not supported by this server", param="logit_bias")
+        stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        if any(s == "" for s in stops):
+            raise InvalidRequestError("stop strings must not be empty", param="stop")
+        if self.stream_options is not None and not self.stream:
+            raise InvalidRequestError("stream_options is only allowed when stream is true", param="stream_options")
+
+    def sampling_params(self, max_tokens: int | None, choice: int) -> SamplingParams:
+        """Engine parameters for choice `choice` (n > 1 with a seed gives each choice its own seed)."""
+        seed = None if self.seed is None else (self.seed + choice) % 2**63
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=1.0 if self.temperature is None else float(self.temperature),
+            top_p=1.0 if self.top_p is None else float(self.top_p),
+            top_k=self.top_k or 0,
+            seed=seed,
+            stop=[self.stop] if isinstance(self.stop, str) else (self.stop or []),
+            ignore_eos=self.ignore_eos,
+        )
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: (str | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)]
+             | Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+             | Annotated[list[Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]],
+                         Field(min_length=1, max_length=MAX_PROMPTS)])
+    max_tokens: Annotated[int, Field(ge=1)] | None = 16
+    echo: bool = False
+    logprobs: Annotated[int, Field(ge=0)] | None = None
+    best_of: Annotated[int, Field(ge=1)] | None = None
+    suffix: str | None = None
+
+    def check(self) -> CompletionRequest:
+        self._check_unsupported()
+        if self.logprobs is not None:
+            raise InvalidRequestError("logprobs are not supported by this server", param="logprobs")
+        if self.best_of not in (None, 1):
+            raise InvalidRequestError("best_of > 1 is not supported by this server", param="best_of")
+        if self.suffix:
+            raise InvalidRequestError("suffix is not supported by this server", param="suffix")
+        if len(self.prompts()) * self.n > MAX_PROMPTS:
+            raise InvalidRequestError(f"at most {MAX_PROMPTS} completions per request (prompts x n)", param="n")
+        return self
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompt field as a list of prompts (text or token ids)."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if p and isinstance(p[0], int):
+            return [p]  # type: ignore[list-item]
+        return list(p)  # type: ignore[arg-type]
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def as_template_message(self) -> dict[str, str]:
+        content = self.content
+        if isinstance(content, list):
+            content = "".join(part.text for part in content)
+        # Our chat template knows system/user/assistant; OpenAI's newer "developer" role is a system message.
+        return {"role": "system" if self.role == "developer" else self.role, "content": content or ""}
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text"]
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    response_format: ResponseFormat | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+
+    def check(self) -> ChatCompletionRequest:
+        self._check_unsupported()
+        if self.logprobs or self.top_logprobs is not None:
+            raise InvalidRequestError("logprobs are not supported by this server", param="logprobs")
+        if self.tools:
+            raise InvalidRequestError("tools are not supported by this server", param="tools")
+        if self.max_tokens is not None and self.max_completion_tokens is not None and \
+                self.max_tokens != self.max_completion_tokens:
+            raise InvalidRequestError("max_tokens and max_completion_tokens disagree; send one of them",
+                                      param="max_completion_tokens")
+        return self
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def template_messages(self) -> list[dict[str, str]]:
+        return [m.as_template_message() for m in self.messages]
+
+
+def parse_json_body(body: bytes) -> Any:
+    """Bytes -> JSON value; malformed JSON (and NaN/Infinity, which JSON does not have) is a 400."""
+    try:
+        return json.loads(body, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as e:
+        msg = str(e) if isinstance(e, ValueError) else "JSON nested too deeply"
+        raise InvalidRequestError(f"the request body is not valid JSON: {msg}", code="invalid_json") from None
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def parse_request(model_cls: type[_SamplingFields], body: bytes):
+    """Validate a JSON body as `model_cls`; the first failures become one InvalidRequestError naming the param."""
+    data = parse_json_body(body)
+    if not isinstance(data, dict):
+        raise InvalidRequestError(f"the request body must be a JSON object, got {type(data).__name__}")
+    try:
+        return model_cls.model_validate(data).check()
+    except ValidationError as e:
+        raise _validation_error(e) from None
+
+
+def _validation_error(e: ValidationError) -> InvalidRequestError:
+    errors = e.errors(include_url=False)
+    first = errors[0]
+    param = _loc_to_param(first["loc"])
+    if first["type"] == "missing":
+        return InvalidRequestError(f"missing required parameter: '{param}'", param=param, code="missing_required")
+    # A union reports one error per branch: group them by parameter ("a valid string or a valid list").
+    by_param: dict[str, list[str]] = {}
+    for err in errors:
+        msgs = by_param.setdefault(_loc_to_param(err["loc"]), [])
+        if err["msg"] not in msgs:
+            msgs.append(err["msg"])
+    details = "; ".join(f"'{p}': {' or '.join(msgs)}" for p, msgs in list(by_param.items())[:3])
+    return InvalidRequestError(f"invalid request: {details}", param=param, code="invalid_value")
+
+
+# Union branches appear in error locations as type names ("str", "list[int]", "function-after[...]"): not fields.
+_TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict", "none", "nullable", "json-or-python"}
+
+
+def _loc_to_param(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in _TYPE_NAMES or not part.isidentifier():
+            continue
+        else:
+            out = f"{out}.{part}" if out else part
+    return out
+
+
+# -- responses -------------------------------------------------------------------------------------------------------
+# One random process prefix plus a counter: unique across replicas, and no os.urandom per request (slow in some VMs).
+_ID_PREFIX = uuid.uuid4().hex[:16]
+_ID_COUNTER = itertools.count()
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{_ID_PREFIX}{next(_ID_COUNTER):08x}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion_response(rid: str, model: str, created: int, choices: list[dict], use: dict) -> dict:
+    return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": choices,
+            "usage": use, "system_fingerprint": None}
+
+
+def completion_choice(index: int, text: str, finish_reason: str | None) -> dict:
+    return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+
+
+def chat_response(rid: str, model: str, created: int, choices: list[dict], use: dict) -> dict:
+    return {"id": rid, "object": "chat.completion", "created": created, "model": model, "choices": choices,
+            "usage": use, "system_fingerprint": None}
+
+
+def chat_choice(index: int, text: str, finish_reason: str | None) -> dict:
+    return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None,
+            "finish_reason": finish_reason}
+
+
+def chat_chunk_choice(index: int, delta: dict, finish_reason: str | None) -> dict:
+    return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+
+
+def chunk(rid: str, obj: str, model: str, created: int, choices: list[dict], use: dict | None = None) -> dict:
+    out = {"id": rid, "object": obj, "created": created, "model": model, "choices": choices,
+           "system_fingerprint": None}
+    if use is not None:
+        out["usage"] = use
+    return out
+
+
+def models_response(model: str, created: int) -> dict:
+    return {"object": "list", "data": [{"id": model, "object": "model", "created": created,
+                                        "owned_by": "moe-platform"}]}
+
+
+def sse(data: dict | str) -> str:
+    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+    return f"data: {payload}\n\n"
+
+
+def now_s() -> int:
+    return int(time.time())

@@ -1,0 +1,62 @@
+"""Fixtures for the serving integration tests: tiny exports (tokenizer + model) and free loopback ports."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from moe_platform.checkpoint.hf import export_hf
+from moe_platform.model.args import ModelArgs
+from moe_platform.model.transformer import build_model
+from moe_platform.train.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
+
+SERVING_CORPUS = "/work/shared/data/tinyshakespeare.txt"
+SERVING_MAX_SEQ_LEN = 256
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    return _free_port()
+
+
+@pytest.fixture(scope="module")
+def serving_port() -> int:
+    return _free_port()
+
+
+@pytest.fixture(scope="session")
+def serving_tokenizer_dir(tmp_path_factory) -> Path:
+    """A byte-level BPE tokenizer (vocab 512) trained on a slice of tinyshakespeare."""
+    with open(SERVING_CORPUS, encoding="utf-8") as f:
+        text = f.read(200_000)
+    tok = train_tokenizer([text[i:i + 2000] for i in range(0, len(text), 2000)], 512)
+    return save_tokenizer(tok, tmp_path_factory.mktemp("serving_tok"), model_max_length=SERVING_MAX_SEQ_LEN)
+
+
+def _tiny_export(tokenizer_dir: Path, out_dir: Path, seed: int) -> Path:
+    vocab = load_tokenizer(tokenizer_dir).get_vocab_size()
+    args = ModelArgs(vocab_size=vocab, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=128,
+                     num_experts=8, top_k=2, max_seq_len=SERVING_MAX_SEQ_LEN, init_std=0.1)
+    model = build_model(args, seed=seed)
+    return export_hf(model.state_dict(), args, out_dir, tokenizer_dir=tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def serving_export(serving_tokenizer_dir, tmp_path_factory) -> Path:
+    """A tiny Mixtral-compatible export (dim 64, 2 layers, 8 experts top-2, context 256) with random weights."""
+    return _tiny_export(serving_tokenizer_dir, tmp_path_factory.mktemp("serving_export_a"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def serving_export_b(serving_tokenizer_dir, tmp_path_factory) -> Path:
+    """Same architecture and tokenizer as `serving_export`, different weights."""
+    return _tiny_export(serving_tokenizer_dir, tmp_path_factory.mktemp("serving_export_b"), seed=1)

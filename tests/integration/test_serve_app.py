@@ -1,0 +1,270 @@
+"""The Serve application over HTTP: the official openai client (streaming included), bad input -> OpenAI-shaped 4xx,
+413, overload -> 429 (never 500), health, models, API key. One Ray/Serve instance for the whole module."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from types import SimpleNamespace
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+ray = pytest.importorskip("ray")
+openai = pytest.importorskip("openai")
+
+from moe_platform.serving.engine import Engine, SamplingParams  # noqa: E402
+
+MODEL = "moe-platform"
+API_KEY = "sk-test-123"
+ERROR_KEYS = {"message", "type", "param", "code"}
+
+
+@pytest.fixture(scope="module")
+def server(serving_export, serving_port):
+    from ray import serve
+
+    from moe_platform.serving.app import build_app, start_server
+
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        url = start_server(serving_export, port=serving_port, max_batch_size=8, batch_wait_timeout_s=0.0)
+        serve.run(build_app({"model": str(serving_export), "api_key": API_KEY, "max_batch_size": 2}),
+                  name="secure", route_prefix="/secure")
+        serve.run(build_app({"model": str(serving_export), "max_batch_size": 2, "max_waiting": 2,
+                             "batch_wait_timeout_s": 0.0, "max_body_bytes": 4096}),
+                  name="tight", route_prefix="/tight")
+        yield SimpleNamespace(url=url, http=httpx.Client(base_url=url, timeout=60))
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def local(serving_export):
+    return Engine.from_pretrained(serving_export, batch_wait_timeout_s=0.0)
+
+
+def assert_openai_error(response: httpx.Response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    err = response.json()["error"]
+    assert set(err) == ERROR_KEYS and isinstance(err["message"], str) and err["message"]
+    return err
+
+
+def sse_events(body: str) -> list[str]:
+    return [line[len("data: "):] for line in body.splitlines() if line.startswith("data: ")]
+
+
+def test_health_and_models(server, client):
+    r = server.http.get("/health")
+    assert r.status_code == 200 and r.json()["status"] == "ok"
+    assert [m.id for m in client.models.list()] == [MODEL]
+
+
+def test_completion_matches_the_engine(client, local):
+    greedy = SamplingParams(max_tokens=12, temperature=0.0)
+    r = client.completions.create(model=MODEL, prompt="ROMEO:", max_tokens=12, temperature=0)
+    assert r.choices[0].text == local.generate("ROMEO:", greedy)
+    assert r.choices[0].finish_reason in ("stop", "length")
+    assert r.usage.prompt_tokens == len(local.encode("ROMEO:"))
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    many = client.completions.create(model=MODEL, prompt=["ROMEO:", "JULIET:"], max_tokens=4, n=2, temperature=0.8,
+                                     seed=3)
+    assert [c.index for c in many.choices] == [0, 1, 2, 3]
+    echoed = client.completions.create(model=MODEL, prompt="ROMEO:", max_tokens=3, temperature=0, echo=True)
+    assert echoed.choices[0].text.startswith("ROMEO:")
+
+
+def test_chat_completion_uses_the_chat_template(client, local):
+    messages = [{"role": "system", "content": "Speak in verse."}, {"role": "user", "content": "Who art thou?"}]
+    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0)
+    prompt = local.render_chat(messages)
+    assert prompt.endswith("<|assistant|>\n")
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == local.generate(prompt, SamplingParams(max_tokens=10, temperature=0))
+    assert r.usage.prompt_tokens == len(local.encode(prompt))
+
+
+def test_streaming_completion_and_chat(server, client):
+    full = client.completions.create(model=MODEL, prompt="To be, or not", max_tokens=16, temperature=0)
+    chunks = list(client.completions.create(model=MODEL, prompt="To be, or not", max_tokens=16, temperature=0,
+                                            stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == full.choices[0].text
+    assert chunks[-1].choices[0].finish_reason == full.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+
+    messages = [{"role": "user", "content": "Speak."}]
+    chat = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0,
+                                               stream=True, stream_options={"include_usage": True}))
+    assert chat[0].choices[0].delta.role == "assistant"
+    assert chat[-1].choices == [] and chat[-1].usage.completion_tokens >= 1
+    text = "".join(c.choices[0].delta.content or "" for c in chat[:-1])
+    whole = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0)
+    assert text == whole.choices[0].message.content
+
+    raw = server.http.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 3, "stream": True})
+    assert raw.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(raw.text)
+    assert events[-1] == "[DONE]" and json.loads(events[-2])["usage"]["total_tokens"] > 0
+
+
+M = {"model": MODEL}
+BAD_INPUTS = [
+    # (endpoint, body (bytes are sent raw), status, param the error must name)
+    ("completions", b'{"model": "moe-platform", "prompt": ', 400, None),
+    ("completions", b"[1, 2, 3]", 400, None),
+    ("completions", b'{"model": "moe-platform", "prompt": "hi", "temperature": NaN}', 400, None),
+    ("completions", {**M}, 400, "prompt"),
+    ("completions", {"prompt": "hi"}, 400, "model"),
+    ("completions", {**M, "prompt": 5}, 400, "prompt"),
+    ("completions", {**M, "prompt": "hi", "max_tokens": "10"}, 400, "max_tokens"),
+    ("completions", {"model": "gpt-4o", "prompt": "hi"}, 404, "model"),
+    ("completions", {**M, "prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
+    ("completions", {**M, "prompt": "hi", "max_tokens": -5}, 400, "max_tokens"),
+    ("completions", {**M, "prompt": "hi", "max_tokens": 10_000}, 400, "max_tokens"),
+    ("completions", {**M, "prompt": "word " * 400}, 400, "prompt"),
+    ("completions", {**M, "prompt": [1, 999_999]}, 400, "prompt"),
+    ("completions", {**M, "prompt": "hi", "temperature": -1}, 400, "temperature"),
+    ("completions", {**M, "prompt": "hi", "temperature": 5}, 400, "temperature"),
+    ("completions", {**M, "prompt": "hi", "top_p": 0}, 400, "top_p"),
+    ("completions", {**M, "prompt": "hi", "top_k": -5}, 400, "top_k"),
+    ("completions", {**M, "prompt": "hi", "n": 0}, 400, "n"),
+    ("completions", {**M, "prompt": "hi", "n": 100}, 400, "n"),
+    ("completions", {**M, "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ("completions", {**M, "prompt": "hi", "stop": 5}, 400, "stop"),
+    ("completions", {**M, "prompt": "hi", "seed": -1}, 400, "seed"),
+    ("completions", {**M, "prompt": "hi", "stream": "yes"}, 400, "stream"),
+    ("completions", {**M, "prompt": "hi", "logprobs": 2}, 400, "logprobs"),
+    ("completions", {**M, "prompt": "hi", "presence_penalty": 1.0}, 400, "presence_penalty"),
+    ("chat/completions", {**M, "messages": []}, 400, "messages"),
+    ("chat/completions", {**M, "messages": "hi"}, 400, "messages"),
+    ("chat/completions", {**M, "messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages[0].role"),
+    ("chat/completions", {**M, "messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content"),
+    ("chat/completions", {**M, "messages": [{"role": "user"}], "max_tokens": 10_000}, 400, "max_tokens"),
+    ("chat/completions", {**M, "messages": [{"role": "user", "content": "word " * 400}]}, 400, "messages"),
+    ("chat/completions", {**M, "messages": [{"role": "user", "content": "hi"}], "tools": [{}]}, 400, "tools"),
+]
+
+
+@pytest.mark.parametrize("endpoint, body, status, param", BAD_INPUTS)
+def test_bad_input_is_an_openai_4xx(server, endpoint, body, status, param):
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = server.http.post(f"/v1/{endpoint}", content=content, headers={"content-type": "application/json"})
+    err = assert_openai_error(r, status)
+    if param is not None:
+        assert err["param"] == param, err
+    assert server.http.get("/health").status_code == 200  # and the server keeps serving
+
+
+def test_unknown_route_and_method_are_openai_errors(server):
+    assert_openai_error(server.http.get("/v1/nope"), 404)
+    assert_openai_error(server.http.get("/v1/completions"), 405)
+
+
+def test_body_over_the_limit_is_413(server):
+    big = b'{"model": "moe-platform", "prompt": "' + b"x" * 8192 + b'"}'
+    err = assert_openai_error(server.http.post("/tight/v1/completions", content=big), 413)
+    assert err["code"] == "payload_too_large"
+
+    def chunked():  # no Content-Length: the limit applies while reading
+        yield big[:4000]
+        yield big[4000:]
+
+    assert_openai_error(server.http.post("/tight/v1/completions", content=chunked()), 413)
+    assert_openai_error(server.http.post("/v1/completions", content=b"x" * (2 << 20)), 413)
+    assert server.http.post("/tight/v1/completions", json={**M, "prompt": "ok", "max_tokens": 2}).status_code == 200
+
+
+JSON_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-10, 300), st.floats(-5, 5, allow_nan=False),
+                        st.text(max_size=12), st.lists(st.integers(-3, 600), max_size=4),
+                        st.lists(st.text(max_size=4), max_size=5))
+
+
+def mostly(good: st.SearchStrategy) -> st.SearchStrategy:
+    """Usually a valid value, sometimes any JSON value: whole requests are often valid, and every field gets broken."""
+    return st.integers(0, 15).flatmap(lambda roll: JSON_VALUES if roll == 15 else good)
+
+
+SAMPLING = {
+    "max_tokens": mostly(st.integers(1, 12)),
+    "temperature": mostly(st.floats(0, 2, allow_nan=False)),
+    "top_p": mostly(st.floats(0.05, 1, allow_nan=False)),
+    "top_k": mostly(st.integers(-1, 60)),
+    "n": mostly(st.integers(1, 3)),
+    "stop": mostly(st.one_of(st.text(min_size=1, max_size=3), st.lists(st.text(min_size=1, max_size=3), max_size=4))),
+    "seed": mostly(st.integers(0, 2**32)),
+    "stream": mostly(st.booleans()),
+}
+COMPLETION_BODIES = st.fixed_dictionaries(
+    {"model": mostly(st.just(MODEL)),
+     "prompt": mostly(st.one_of(st.text(max_size=60), st.lists(st.integers(0, 520), min_size=1, max_size=8)))},
+    optional={**SAMPLING, "echo": mostly(st.booleans())})
+MESSAGES = st.lists(st.fixed_dictionaries({"role": mostly(st.sampled_from(["system", "user", "assistant"])),
+                                           "content": mostly(st.text(max_size=40))}), min_size=1, max_size=3)
+CHAT_BODIES = st.fixed_dictionaries({"model": mostly(st.just(MODEL)), "messages": mostly(MESSAGES)},
+                                    optional=SAMPLING)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                 HealthCheck.too_slow])
+@given(request=st.one_of(st.tuples(st.just("completions"), COMPLETION_BODIES),
+                         st.tuples(st.just("chat/completions"), CHAT_BODIES)))
+def test_request_shapes_never_5xx(server, request):
+    endpoint, body = request
+    r = server.http.post(f"/v1/{endpoint}", json=body)
+    assert r.status_code < 500, r.text
+    if r.status_code == 200:
+        if body.get("stream") is True:
+            assert sse_events(r.text)[-1] == "[DONE]"
+        else:
+            assert len(r.json()["choices"]) >= 1
+    else:
+        assert set(r.json()["error"]) == ERROR_KEYS
+
+
+def test_overload_answers_429_with_retry_after_never_500(server):
+    body = {**M, "prompt": "ROMEO:", "max_tokens": 48, "temperature": 0, "ignore_eos": True}
+
+    async def burst():
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as http:
+            return await asyncio.gather(*(http.post("/tight/v1/completions", json=body) for _ in range(24)))
+
+    responses = asyncio.run(burst())
+    statuses = [r.status_code for r in responses]
+    assert set(statuses) <= {200, 429}, statuses
+    assert statuses.count(429) >= 1 and statuses.count(200) >= 2
+    for r in responses:
+        if r.status_code == 429:
+            err = assert_openai_error(r, 429)
+            assert err["code"] == "overloaded" and int(r.headers["retry-after"]) >= 1
+    assert server.http.post("/tight/v1/completions", json=body).status_code == 200  # recovered
+
+
+def test_api_key_is_required_when_configured(server):
+    assert_openai_error(server.http.get("/secure/v1/models"), 401)
+    bad = openai.OpenAI(base_url=f"{server.url}/secure/v1", api_key="wrong", max_retries=0, timeout=60)
+    with pytest.raises(openai.AuthenticationError):
+        bad.completions.create(model=MODEL, prompt="hi", max_tokens=2)
+    good = openai.OpenAI(base_url=f"{server.url}/secure/v1", api_key=API_KEY, max_retries=0, timeout=60)
+    assert good.completions.create(model=MODEL, prompt="hi", max_tokens=2).usage.completion_tokens >= 1
+    assert server.http.get("/secure/health").status_code == 200  # probes need no key
+    assert server.http.get("/v1/models").status_code == 200  # the key is per app, off by default
+
+
+def test_engine_stats_export_to_ray_metrics(server, local):
+    from moe_platform.serving.app import _RayMetrics
+
+    local.generate("ROMEO:", SamplingParams(max_tokens=4, temperature=0))
+    metrics = _RayMetrics("test-model")
+    metrics.export(local)
+    metrics.export(local)  # deltas: nothing new is counted twice
+    assert local.drain_latency_samples() == ([], [])

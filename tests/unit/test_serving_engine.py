@@ -1,0 +1,339 @@
+"""Serving engine alone (no Ray): continuous batching, bucketed/chunked prefill, sampling, stops, HF parity."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+import pytest
+import torch
+
+from moe_platform.checkpoint.hf import export_hf
+from moe_platform.model.args import ModelArgs
+from moe_platform.model.transformer import build_model
+from moe_platform.serving.cache import ServingKVCache
+from moe_platform.serving.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from moe_platform.serving.engine import Engine, SamplingParams
+from moe_platform.serving.errors import (
+    ContextLengthError,
+    EngineOverloadedError,
+    EngineUnavailableError,
+    InvalidRequestError,
+)
+from moe_platform.serving.sampling import sample_tokens
+from moe_platform.serving.scheduler import Scheduler, Sequence, bucket_of
+from moe_platform.train.tokenizer import save_tokenizer, train_tokenizer
+
+CORPUS = "/work/shared/data/tinyshakespeare.txt"
+MAX_SEQ_LEN = 256
+GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory):
+    with open(CORPUS, encoding="utf-8") as f:
+        text = f.read(200_000)
+    tok = train_tokenizer([text[i:i + 2000] for i in range(0, len(text), 2000)], 512)
+    tok_dir = save_tokenizer(tok, tmp_path_factory.mktemp("tok"), model_max_length=MAX_SEQ_LEN)
+    args = ModelArgs(vocab_size=tok.get_vocab_size(), dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                     intermediate_size=128, num_experts=8, top_k=2, max_seq_len=MAX_SEQ_LEN, init_std=0.1)
+    model = build_model(args, seed=0)
+    return export_hf(model.state_dict(), args, tmp_path_factory.mktemp("export"), tokenizer_dir=tok_dir)
+
+
+@pytest.fixture(scope="module")
+def engine(export_dir):
+    return Engine.from_pretrained(export_dir, max_batch_size=8, batch_wait_timeout_s=0.0)
+
+
+@pytest.fixture(scope="module")
+def prompts(engine):
+    texts = ["ROMEO:", "JULIET:\nO Romeo, Romeo! wherefore art thou", "First Citizen:\nBefore we proceed any further",
+             "a", "KING HENRY " * 15]
+    return [engine.encode(t) for t in texts]
+
+
+def run_all(engine: Engine, requests: list[tuple[list[int], SamplingParams]]) -> list[list[int]]:
+    """Submit everything, step until done; return each request's generated token ids."""
+    ids = [engine.add_request(p, params) for p, params in requests]
+    tokens: dict[str, list[int]] = {i: [] for i in ids}
+    for _ in range(10_000):
+        if not engine.has_unfinished():
+            break
+        for out in engine.step():
+            tokens.setdefault(out.request_id, []).extend(out.token_ids)
+    assert not engine.has_unfinished()
+    return [tokens[i] for i in ids]
+
+
+@pytest.fixture(scope="module")
+def hf_greedy(export_dir, prompts):
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(export_dir, dtype=torch.float32).eval()
+    out = []
+    for p in prompts:
+        gen = hf.generate(torch.tensor([p]), max_new_tokens=GREEDY.max_tokens, min_new_tokens=GREEDY.max_tokens,
+                          do_sample=False, eos_token_id=None, pad_token_id=0)
+        out.append(gen[0, len(p):].tolist())
+    return out
+
+
+@pytest.mark.parametrize("options", [
+    {"max_batch_size": 8, "prefill_token_budget": 512},  # one step admits and prefills everything
+    {"max_batch_size": 2, "prefill_token_budget": 32},  # queueing, joins/leaves, chunked prompts
+    {"max_batch_size": 3, "prefill_token_budget": 7},  # chunks smaller than every bucket
+])
+def test_greedy_matches_transformers_generate(export_dir, prompts, hf_greedy, options):
+    engine = Engine.from_pretrained(export_dir, batch_wait_timeout_s=0.0, **options)
+    assert run_all(engine, [(p, GREEDY) for p in prompts]) == hf_greedy
+
+
+def test_generate_text_matches_transformers_with_eos(export_dir, engine, prompts):
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(export_dir, dtype=torch.float32).eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(export_dir)
+    prompt = "JULIET:\nO Romeo, Romeo! wherefore art thou"
+    ids = hf_tok(prompt, return_tensors="pt").input_ids
+    assert ids[0].tolist() == engine.encode(prompt)
+    gen = hf.generate(ids, max_new_tokens=40, do_sample=False)[0, ids.shape[1]:].tolist()
+    if engine.eos_token_id in gen:
+        gen = gen[: gen.index(engine.eos_token_id)]
+    expected = hf_tok.decode(gen, skip_special_tokens=True)
+    assert engine.generate(prompt, SamplingParams(max_tokens=40, temperature=0)) == expected
+
+
+def test_continuous_batching_joins_and_leaves(export_dir, prompts):
+    engine = Engine.from_pretrained(export_dir, max_batch_size=4, batch_wait_timeout_s=0.0)
+    short = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+    long = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    solo_a, solo_b = run_all(engine, [(prompts[0], long)])[0], run_all(engine, [(prompts[1], short)])[0]
+
+    a = engine.add_request(prompts[0], long)
+    got: dict[str, list[int]] = {a: []}
+    for _ in range(3):
+        for out in engine.step():
+            got[out.request_id] += out.token_ids
+    assert engine.scheduler.num_decoding == 1
+    b = engine.add_request(prompts[1], short)  # joins between decode steps while `a` runs
+    got[b] = []
+    sizes = []
+    for _ in range(100):
+        if not engine.has_unfinished():
+            break
+        finished_b = False
+        for out in engine.step():
+            got[out.request_id] += out.token_ids
+            finished_b |= out.request_id == b and out.finished
+        sizes.append(engine.scheduler.num_decoding)
+        if finished_b:
+            assert engine.scheduler.num_decoding == 1  # `b` left the batch in the step it finished
+    assert sizes[0] == 2 and 1 in sizes[1:]
+    assert got[a] == solo_a and got[b] == solo_b
+
+
+def test_max_batch_size_bounds_the_running_batch(export_dir, prompts):
+    engine = Engine.from_pretrained(export_dir, max_batch_size=2, batch_wait_timeout_s=0.0)
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    ids = [engine.add_request(prompts[i % len(prompts)], params) for i in range(5)]
+    done: set[str] = set()
+    for _ in range(200):
+        if not engine.has_unfinished():
+            break
+        done |= {o.request_id for o in engine.step() if o.finished}
+        assert engine.scheduler.num_running <= 2
+    assert done == set(ids)
+
+
+def test_prefill_is_bucketed_and_budgeted():
+    args = ModelArgs(vocab_size=64, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, num_experts=2, top_k=1,
+                     intermediate_size=8, max_seq_len=1024)
+    sched = Scheduler(ServingKVCache(args, 8, 2048), max_batch_size=8, prefill_token_budget=300)
+    for i, n in enumerate([5, 20, 30, 100, 400]):
+        sched.add(Sequence(str(i), [1] * n, SamplingParams(), 1, 0.0))
+    groups = sched.schedule_prefill()
+    assert [g.bucket for g in groups] == [16, 32, 128, 256]
+    assert [[c.length for c in g.chunks] for g in groups] == [[5], [20, 30], [100], [145]]
+    assert sum(c.length for g in groups for c in g.chunks) == 300  # the budget, the long prompt chunked
+    assert [g.padded_len for g in groups] == [5, 30, 100, 145]
+    assert bucket_of(1) == 16 and bucket_of(17) == 32 and bucket_of(512) == 512
+
+
+def test_long_prompt_prefill_does_not_stall_decodes(export_dir, engine):
+    engine = Engine.from_pretrained(export_dir, max_batch_size=4, prefill_token_budget=32, batch_wait_timeout_s=0)
+    runner = engine.add_request(engine.encode("ROMEO:"), SamplingParams(max_tokens=40, temperature=0,
+                                                                        ignore_eos=True))
+    engine.step()
+    long_prompt = list(range(5, 205))  # 200 tokens -> 7 chunks of <= 32
+    late = engine.add_request(long_prompt, SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
+    steps_until_first = 0
+    for _ in range(20):
+        outs = {o.request_id: o for o in engine.step()}
+        steps_until_first += 1
+        assert runner in outs and len(outs[runner].token_ids) == 1  # the running request decodes every step
+        if late in outs:
+            break
+    assert steps_until_first == math.ceil(200 / 32)
+    assert engine.stats()["prefill_forwards"] >= 8
+
+
+@pytest.mark.parametrize("bad", [
+    {"temperature": -0.1}, {"temperature": float("nan")}, {"top_p": 0.0}, {"top_p": 1.5}, {"top_k": -2},
+    {"max_tokens": 0}, {"max_tokens": 2.5}, {"seed": -1}, {"stop": [""]}, {"stop": ["x"] * 17},
+    {"temperature": True},
+])
+def test_sampling_params_validation(bad):
+    with pytest.raises(ValueError, match="invalid sampling parameters"):
+        SamplingParams(**bad)
+
+
+def test_sampling_rules():
+    torch.manual_seed(0)
+    logits = torch.randn(6, 50)
+    gens = [torch.Generator().manual_seed(i) for i in range(6)]
+    greedy = logits.argmax(-1)
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=1.0, top_k=1),
+              SamplingParams(temperature=2.0, top_p=1e-6), SamplingParams(temperature=0.7, top_k=3),
+              SamplingParams(temperature=1.0, top_p=0.5), SamplingParams(temperature=1.0)]
+    out = sample_tokens(logits, params, gens)
+    assert out[:3].tolist() == greedy[:3].tolist()  # greedy, top_k=1 and a tiny nucleus all pick the argmax
+    assert out[3] in logits[3].topk(3).indices
+    probs = torch.softmax(logits[4], -1)
+    order = probs.argsort(descending=True)
+    nucleus = order[: int((probs[order].cumsum(0) < 0.5).sum()) + 1]
+    assert out[4] in nucleus
+    # Empirical frequencies of plain sampling follow softmax(logits / T).
+    row = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    gen = torch.Generator().manual_seed(0)
+    draws = torch.stack([sample_tokens(row, [SamplingParams(temperature=1.0)], [gen]) for _ in range(4000)])
+    freq = torch.bincount(draws.flatten(), minlength=4).float() / 4000
+    assert torch.allclose(freq, torch.softmax(row[0], -1), atol=0.03)
+
+
+def test_seed_determinism_independent_of_batch(engine, prompts):
+    params = SamplingParams(max_tokens=16, temperature=0.9, top_p=0.95, top_k=50, seed=1234, ignore_eos=True)
+    alone = run_all(engine, [(prompts[2], params)])[0]
+    noise = SamplingParams(max_tokens=10, temperature=1.0)
+    together = run_all(engine, [(prompts[0], noise), (prompts[2], params), (prompts[3], noise)])[1]
+    assert alone == together
+    other = run_all(engine, [(prompts[2], SamplingParams(max_tokens=16, temperature=0.9, seed=99,
+                                                         ignore_eos=True))])[0]
+    assert other != alone
+
+
+def test_stop_strings(engine):
+    prompt = "First Citizen:\nBefore we proceed any further"
+    full = engine.generate(prompt, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
+    stop = full[8:11]
+    assert len(full) > 12 and stop.strip()
+    cut = full[: full.find(stop)]
+    rid = engine.add_request(prompt, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True,
+                                                    stop=["never-appears", stop]))
+    deltas, last = [], None
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.request_id == rid:
+                deltas.append(out.text)
+                last = out
+    assert "".join(deltas) == cut and last.finish_reason == "stop"
+
+
+@pytest.mark.parametrize("deltas, stops, emitted, stopped_text", [
+    (["hel", "lo wor", "ld"], ["lo w"], ["he", "l", ""], "hel"),
+    (["ab", "cx", "yz"], ["xyz"], ["ab", "c", ""], "abc"),
+    (["ab", "cd"], ["zz"], ["ab", "cd"], None),
+    (["a", "b", "c"], ["bd"], ["a", "", "bc"], None),
+])
+def test_stop_string_matcher_holds_back_possible_prefixes(deltas, stops, emitted, stopped_text):
+    m = StopStringMatcher(stops)
+    sent = 0
+    got = []
+    for d in deltas:
+        m.append(d)
+        safe = m.safe_length(finished=m.stopped)
+        got.append(m.text[sent:safe])
+        sent = max(sent, safe)
+    assert got == emitted
+    assert (m.text if m.stopped else None) == stopped_text
+
+
+def test_incremental_detokenizer_streams_exact_text(engine):
+    text = "Wherefore art thou — héllo wörld 日本語 🙂🚀 done"
+    ids = engine.encode(text)
+    detok = IncrementalDetokenizer(engine.tokenizer)
+    pieces = [detok.add(t) for t in ids] + [detok.flush()]
+    assert "".join(pieces) == engine.tokenizer.decode(ids) == text
+    assert not any("\ufffd" in p for p in pieces)
+
+
+def test_context_window_rules(engine):
+    assert engine.resolve_max_tokens(10, SamplingParams(max_tokens=None)) == MAX_SEQ_LEN - 10
+    with pytest.raises(ContextLengthError, match="context window"):
+        engine.add_request(list(range(5, 5 + MAX_SEQ_LEN)), SamplingParams())
+    with pytest.raises(ContextLengthError, match="max_tokens"):
+        engine.add_request([5] * 200, SamplingParams(max_tokens=100))
+    with pytest.raises(InvalidRequestError, match="token ids"):
+        engine.add_request([5, 10**6], SamplingParams())
+    # max_tokens=None fills the window; the sequence stops exactly at the context length.
+    out = run_all(engine, [([5] * 240, SamplingParams(max_tokens=None, temperature=0, ignore_eos=True))])[0]
+    assert len(out) == MAX_SEQ_LEN - 240
+    assert engine.generate("", SamplingParams(max_tokens=3, temperature=0)) is not None  # empty prompt is fine
+
+
+def test_background_loop_async_streams_and_abort(export_dir):
+    engine = Engine.from_pretrained(export_dir, max_batch_size=4, batch_wait_timeout_s=0.01)
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    reference = [engine.generate(p, params) for p in ("ROMEO:", "JULIET:", "To be")]
+    engine.start()
+
+    async def collect(prompt):
+        return "".join([out.text async for out in engine.stream(prompt, params)])
+
+    async def abort_early():
+        stream = engine.stream("KING:", SamplingParams(max_tokens=200, temperature=0, ignore_eos=True))
+        first = await stream.__anext__()
+        await stream.aclose()  # the client went away: the request is aborted
+        return first
+
+    async def main():
+        return await asyncio.gather(*(collect(p) for p in ("ROMEO:", "JULIET:", "To be")), abort_early())
+
+    *texts, first = asyncio.run(main())
+    assert texts == reference and not first.finished
+    assert engine.generate("ROMEO:", params) == reference[0]  # the sync API also works with the loop running
+    engine.shutdown(drain=True, timeout=30)  # returns once the loop retired everything, the aborted one included
+    assert not engine.has_unfinished()
+    with pytest.raises(EngineUnavailableError):
+        engine.add_request("ROMEO:", params)
+    with pytest.raises(RuntimeError):
+        engine.check_health()
+
+
+def test_overload_rejects_beyond_max_waiting(export_dir):
+    engine = Engine.from_pretrained(export_dir, max_batch_size=2, max_waiting=3, batch_wait_timeout_s=0.0)
+    for _ in range(3):
+        engine.add_request("ROMEO:", SamplingParams(max_tokens=2))
+    with pytest.raises(EngineOverloadedError, match="overloaded"):
+        engine.add_request("ROMEO:", SamplingParams(max_tokens=2))
+    run_all(engine, [])
+    engine.add_request("ROMEO:", SamplingParams(max_tokens=2))  # room again once the queue drained
+
+
+def test_stats_and_latency_samples(export_dir, prompts):
+    engine = Engine.from_pretrained(export_dir, max_batch_size=4, batch_wait_timeout_s=0.0)
+    run_all(engine, [(p, SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)) for p in prompts[:3]])
+    stats = engine.stats()
+    assert stats["generated_tokens"] == 15 and stats["requests_finished"] == 3
+    assert stats["prompt_tokens"] == sum(len(p) for p in prompts[:3])
+    load = torch.tensor(stats["expert_load"])
+    assert load.shape == (2, 8) and bool((load.sum(1) > 0).all())
+    assert torch.equal(load.sum(1), load.sum(1)[0].expand(2))  # every layer routes the same tokens
+    ttft, itl = engine.drain_latency_samples()
+    assert len(ttft) == 3 and len(itl) == 12 and min(ttft + itl) >= 0
+    assert engine.drain_latency_samples() == ([], [])
+
+
+def test_unknown_engine_option_is_an_error(export_dir):
+    with pytest.raises(ValueError, match="unknown engine options"):
+        Engine.from_pretrained(export_dir, max_batchsize=3)
+    with pytest.raises(ValueError, match="max_batch_size"):
+        Engine.from_pretrained(export_dir, max_batch_size=0)
