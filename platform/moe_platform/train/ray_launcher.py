@@ -9,11 +9,13 @@ size it got and resumes from the run's latest committed checkpoint, whatever lay
 How the trainer maps onto Ray Train:
 - Checkpoints. The trainer commits `<storage_path>/<name>/checkpoints/step_N` (every rank's shards, written straight
   to the shared filesystem), and `<storage_path>/<name>` is also Ray's run directory, so each commit is reported in
-  place (`CheckpointUploadMode.NO_UPLOAD`): Ray's Result and dashboard know it without a copy. The trainer deletes
-  old checkpoints itself; Ray only indexes them (a stale index from an earlier launch is dropped at start).
+  place (an identity "upload"): Ray's Result and dashboard know it without a copy. The trainer deletes old
+  checkpoints itself; Ray only indexes them (its index is pruned to the checkpoints left at the start and end).
 - Reports. `ray.train.report` is a barrier across workers whose per-worker queue holds one report and is drained
   once per controller poll (~2 s), so reporting every step would throttle training to that rate. Every rank reports
-  at each checkpoint instead; per-step numbers go to metrics.jsonl (the trainer) and the Prometheus metrics below.
+  at checkpoints instead (at most about one per poll; always the last and a just-in-time one), handing the report
+  to Ray's background thread (CheckpointUploadMode.ASYNC) so that training never waits for the queue; per-step
+  numbers go to metrics.jsonl (the trainer) and the metrics below.
 - Failures. A dead worker makes Ray restart the whole group (up to failure.max_failures times); the new workers
   resume from the latest committed checkpoint and redo only the steps after it.
 - Preemption. Ray Train watches node drains (spot reclaim notices) and hands them to the workers; the trainer polls
@@ -59,6 +61,7 @@ log = logging.getLogger("moe_platform.train.ray")
 RAY_RUN_INDEX = "checkpoint_manager_snapshot.json"  # Ray Train's index of reported checkpoints in the run dir
 UNKNOWN_DEADLINE_S = 120.0  # Ray Train's wait when a drain gives no deadline
 PARK_MARGIN_S = 60.0  # how much longer than Ray's restart point a preempted worker waits before failing loudly
+REPORT_INTERVAL_S = 2.0  # Ray Train takes one report per controller poll (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s)
 
 
 # -- what the job needs ------------------------------------------------------------------------------------------
@@ -108,6 +111,9 @@ def with_absolute_paths(cfg: Config) -> Config:
 def check_storage(cfg: Config) -> Path:
     """The run directory, created and probed for writing (on this machine: the storage must be shared)."""
     run_dir = Path(cfg.run.storage_path) / cfg.run.name
+    if "runtime_resources" in run_dir.parts:
+        log.warning("run directory %s lies in the copy of the job's working dir, which Ray deletes with the cluster; "
+                    "give run.storage_path as an absolute path on shared storage", run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / f".write-test-{os.getpid()}"
@@ -118,22 +124,43 @@ def check_storage(cfg: Config) -> Path:
     return run_dir
 
 
-def drop_stale_ray_index(run_dir: Path) -> None:
-    """Ray refuses to start a run whose index names a checkpoint that is gone, and the trainer deletes old
-    checkpoints itself; the trainer resumes from its own directory anyway, so a stale index is simply dropped."""
+def prune_ray_index(run_dir: Path) -> None:
+    """Keep Ray Train's index of reported checkpoints in step with the trainer, which deletes old checkpoints itself:
+    Ray refuses to start a run (and Result.from_path to load one) whose index names a checkpoint that is gone. The
+    trainer resumes from its own directory, so an index this cannot make sense of is simply dropped."""
     index = run_dir / RAY_RUN_INDEX
     if not index.exists():
         return
+
+    def exists(entry) -> bool:
+        return (run_dir / entry["checkpoint_dir_name"]).exists()
+
     try:
         state = json.loads(index.read_text())
-        entries = [*state.get("checkpoint_results", []), state.get("latest_checkpoint_result") or {}]
-        names = [e["checkpoint_dir_name"] for e in entries if e.get("checkpoint_dir_name")]
-        stale = [n for n in names if not (run_dir / n).exists()]
+        results, order = state["checkpoint_results"], state["checkpoint_report_indices"]
+        if len(results) != len(order):
+            raise ValueError("checkpoint_results and checkpoint_report_indices differ in length")
+        kept = [i for i, entry in enumerate(results) if exists(entry)]
+        latest = state.get("latest_checkpoint_result")
+        if len(kept) == len(results) and (latest is None or exists(latest)):
+            return
+        state["checkpoint_results"] = [results[i] for i in kept]
+        state["checkpoint_report_indices"] = [order[i] for i in kept]
+        if latest is not None and not exists(latest):
+            state["latest_checkpoint_result"] = state["checkpoint_results"][-1] if kept else None
+        pending = list(zip(state["pending_training_results"], state["pending_validation_specs"], strict=True))
+        pending = [(r, v) for r, v in pending if exists(r)]
+        state["pending_training_results"] = [r for r, _ in pending]
+        state["pending_validation_specs"] = [v for _, v in pending]
+        for key in ("validated_checkpoint_dir_names", "timed_out_validation_checkpoint_dir_names",
+                    "failed_validation_checkpoint_dir_names"):
+            state[key] = [n for n in state.get(key, []) if (run_dir / n).exists()]
+        tmp = index.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(state))
+        os.replace(tmp, index)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        stale = [f"unreadable index ({e})"]
-    if stale:
-        log.info("dropping Ray's checkpoint index %s: it names checkpoints that are gone: %s", index, stale)
-        index.unlink()
+        log.info("dropping Ray's checkpoint index %s, which does not match the run's checkpoints: %s", index, e)
+        index.unlink(missing_ok=True)
 
 
 # -- the cluster ---------------------------------------------------------------------------------------------------
@@ -253,8 +280,9 @@ class RayBridge:
         self.progress = progress and dist.rank == 0
         self.metrics = TrainMetrics(cfg.run.name) if dist.rank == 0 else None
         self.trainer: Trainer | None = None
-        self.last_rec: dict[str, Any] = {}
+        self.step_recs: dict[int, dict[str, Any]] = {}  # numbers of the steps not yet checkpointed, for reports
         self.last_reported: Path | None = None
+        self.last_report_t = -math.inf
         self.preemption = None  # the ray.train.PreemptionInfo answered with a just-in-time checkpoint
         self.mark = time.perf_counter()  # the end of the last step's hooks: a checkpoint save starts right after
         self.log_every = max(1, cfg.train.steps // 50)
@@ -269,21 +297,20 @@ class RayBridge:
             self.metrics.restarts.inc()
         if self.dist.rank == 0:
             how = f"resumed from step {trainer.resumed_from}" if trainer.resumed_from is not None else "from scratch"
-            print(f"[moe-platform] rank 0 of {self.dist.world_size}: layout {trainer.layout}, {how}", flush=True)
+            log.info("[moe-platform] rank 0 of %d: layout %s, %s", self.dist.world_size, trainer.layout, how)
 
     def on_step(self, rec: dict[str, Any]) -> None:
-        self.last_rec = {k: v for k, v in rec.items() if isinstance(v, (int, float)) and v is not None}
+        self.step_recs[rec["step"]] = {k: v for k, v in rec.items() if isinstance(v, (int, float))}
         if self.metrics is not None:
             self.metrics.record_step(rec)
         step, total = rec["step"], self.cfg.train.steps
         if self.progress and (step % self.log_every == 0 or step == total):
-            print(f"[moe-platform] step {step}/{total} loss {rec['loss']:.4f} tok/s {rec['tokens_per_s']:.0f}",
-                  flush=True)
+            log.info("[moe-platform] step %d/%d loss %.4f tok/s %.0f", step, total, rec["loss"], rec["tokens_per_s"])
         if not self.dist.distributed:
             # One process saves in the background without calling on_checkpoint: report each commit once seen.
             committed = self.trainer.checkpointer.last_committed
             if committed is not None and committed != self.last_reported:
-                self._report(committed, checkpoint_step(committed), self.trainer.checkpointer.last_blocking_s)
+                self.on_commit(committed, checkpoint_step(committed), self.trainer.checkpointer.last_blocking_s)
         self.mark = time.perf_counter()
 
     def preemption_requested(self) -> bool:
@@ -297,23 +324,46 @@ class RayBridge:
         if self.metrics is not None:
             self.metrics.preemptions.inc()
         if self.dist.rank == 0:
-            print(f"[moe-platform] preemption notice for ranks {info.preempted_ranks} (nodes "
-                  f"{info.preempted_node_ids}, deadline_ms {info.deadline_ms}): writing a just-in-time checkpoint",
-                  flush=True)
+            log.warning("[moe-platform] preemption notice for ranks %s (nodes %s, deadline_ms %s): writing a "
+                        "just-in-time checkpoint", info.preempted_ranks, info.preempted_node_ids, info.deadline_ms)
         return True
 
     def on_checkpoint(self, committed: Path | None, step: int) -> None:
-        self._report(committed, step, time.perf_counter() - self.mark)
+        self.on_commit(committed, step, time.perf_counter() - self.mark)
+
+    def on_commit(self, committed: Path | None, step: int, seconds: float) -> None:
+        if self.metrics is not None:
+            self.metrics.checkpoint_s.set(seconds)
+        if self._report_due(step):
+            self._report(committed, step, seconds)
+        self.last_reported = committed
+        self.step_recs = {s: r for s, r in self.step_recs.items() if s > step}
+
+    def _report_due(self, step: int) -> bool:
+        """Ray takes one report per controller poll and queues the rest, which would hold up the end of a run that
+        checkpoints more often: between polls only a commit that comes after a quiet interval is reported, and the
+        last one and a just-in-time one always are. Rank 0 decides for all: reports are collective."""
+        due = (step >= self.cfg.train.steps or self.preemption is not None
+               or time.monotonic() - self.last_report_t >= REPORT_INTERVAL_S)
+        if self.dist.distributed:
+            import torch
+
+            decision = [due]
+            torch.distributed.broadcast_object_list(decision, src=0)
+            due = decision[0]
+        return due
 
     def _report(self, committed: Path | None, step: int, seconds: float) -> None:
         import ray.train
 
         checkpoint = ray.train.Checkpoint.from_directory(str(committed)) if committed is not None else None
-        ray.train.report({**self.last_rec, "step": step, "checkpoint_seconds": seconds}, checkpoint=checkpoint,
-                         checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD)
-        self.last_reported = committed
-        if self.metrics is not None:
-            self.metrics.checkpoint_s.set(seconds)
+        # The checkpoint already lies in Ray's run directory: "uploading" it is the identity, done off the training
+        # thread so that the one-deep report queue never holds training up (and Ray must not delete it after).
+        ray.train.report({**self.step_recs.get(step, {}), "step": step, "checkpoint_seconds": seconds},
+                         checkpoint=checkpoint,
+                         checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
+                         checkpoint_upload_fn=_already_in_place, delete_local_checkpoint_after_upload=False)
+        self.last_report_t = time.monotonic()
 
     def await_reclaim(self, step: int) -> None:
         """After a just-in-time checkpoint: wait for the node to go (returning would end the run as finished).
@@ -326,6 +376,10 @@ class RayBridge:
         threading.Event().wait(max(0.0, give_up - time.time()))
         raise RuntimeError(f"preempted at step {step} (checkpointed), but Ray Train did not restart the worker group "
                            f"by the drain deadline + grace; failing so that it does")
+
+
+def _already_in_place(checkpoint, checkpoint_dir_name: str):
+    return checkpoint
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
@@ -381,7 +435,7 @@ def launch_ray(cfg: Config, address: str | None = None, progress: bool = True) -
     started = connect(address, num_cpus=max(os.cpu_count() or 1, math.ceil(hi * e.cpus_per_worker)))
     try:
         check_cluster_fits(per_worker, lo, hi, address)
-        drop_stale_ray_index(run_dir)
+        prune_ray_index(run_dir)
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"cfg": config_to_dict(cfg), "progress": progress},
@@ -394,7 +448,10 @@ def launch_ray(cfg: Config, address: str | None = None, progress: bool = True) -
                                              preemption_grace_s=f.preemption_grace_s),
                 worker_runtime_env=_worker_runtime_env()),
         )
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+        finally:
+            prune_ray_index(run_dir)  # so that Ray's Result.from_path(run_dir) works afterwards
     finally:
         if started:
             ray.shutdown()

@@ -1,0 +1,121 @@
+"""Spot preemption on a real two-node Ray (ray.cluster_utils.Cluster: a head and a worker raylet, 1 CPU each).
+
+An elastic dp run (1..2 workers) trains on both nodes; the worker node gets a preemption drain notice through Ray's
+drain API (`ray drain-node`); Ray Train tells the workers, which write a just-in-time checkpoint; the node then goes
+away, and Ray Train restarts the run on the one worker left, which resumes from that checkpoint (resharded from dp2
+to dp1) and finishes with every step logged exactly once. One cluster for the module."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+ray = pytest.importorskip("ray")
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]  # a hung cluster fails, never stalls
+
+from moe_platform.checkpoint import checkpoint_step, latest_checkpoint  # noqa: E402
+from moe_platform.train.metrics import MetricsLog  # noqa: E402
+from moe_platform.train.ray_launcher import launch_ray  # noqa: E402
+
+STEPS = 150
+DRAIN_AFTER_STEP = 3
+DRAIN_DEADLINE_S = 6
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_nodes():
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 1, "include_dashboard": False, "dashboard_agent_listen_port": _free_port(),
+        # notice a vanished node within ~3 s rather than ~15 s
+        "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}})
+    worker = cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    cluster.connect()
+    yield cluster, worker
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def _logged_step(metrics: Path) -> int:
+    steps = []
+    for line in metrics.read_text().splitlines() if metrics.exists() else []:
+        try:
+            steps.append(json.loads(line)["step"])
+        except (ValueError, KeyError):  # a line being written right now
+            continue
+    return max(steps, default=0)
+
+
+def _poll(condition, timeout_s: float, what: str) -> None:
+    end = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > end:
+            raise TimeoutError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+        time.sleep(0.05)
+
+
+def preempt_node(cluster, node, run_dir: Path, events: dict) -> None:
+    """Background, as a cloud provider reclaiming a spot VM: once training runs, a preemption drain notice with a
+    deadline for `node`; at the deadline the VM vanishes (no graceful shutdown)."""
+    try:
+        _poll(lambda: _logged_step(run_dir / "metrics.jsonl") >= DRAIN_AFTER_STEP, 180, "training to start")
+        events["drained_at_step"] = _logged_step(run_dir / "metrics.jsonl")
+        r = subprocess.run(
+            [str(Path(sys.executable).parent / "ray"), "drain-node", "--address", cluster.address,
+             "--node-id", node.node_id, "--reason", "DRAIN_NODE_REASON_PREEMPTION",
+             "--reason-message", "spot instance reclaimed", f"--deadline-remaining-seconds={DRAIN_DEADLINE_S}"],
+            capture_output=True, text=True, timeout=60)
+        deadline = time.monotonic() + DRAIN_DEADLINE_S  # no earlier than the deadline the CLI announced
+        events["drain"] = (r.returncode, r.stderr[-2000:])
+        _poll(lambda: latest_checkpoint(run_dir) is not None, 60, "the just-in-time checkpoint")
+        events["jit_step"] = checkpoint_step(latest_checkpoint(run_dir))
+        events["jit_before_deadline"] = time.monotonic() < deadline
+        _poll(lambda: time.monotonic() > deadline, 60, "the drain deadline")
+        cluster.remove_node(node, allow_graceful=False)
+        events["removed"] = True
+    except BaseException as e:  # reported by the test
+        events["error"] = repr(e)
+
+
+def test_preempted_node_checkpoints_and_resumes_on_fewer_workers(two_nodes, tiny_config, monkeypatch):
+    cluster, worker_node = two_nodes
+    monkeypatch.setenv("RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", "0.5")  # Ray Train's drain watcher (default 5 s)
+    # Ray Train may still count the vanished node's CPU when it restarts, then waits this long (default 60 s) for a
+    # worker group that cannot start before it settles for the workers there are.
+    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "5")
+    cfg = tiny_config(**{"run.name": "spot", "parallel.dp": 0, "elastic.min_workers": 1, "elastic.max_workers": 2,
+                         "train.steps": STEPS, "checkpoint.interval": 0,  # only the just-in-time one before the end
+                         # a preemption must not count as a failure; the grace covers noticing the vanished node (~3 s)
+                         "failure.max_failures": 0, "failure.preemption_grace_s": 5})
+    run_dir = Path(cfg.run.storage_path) / cfg.run.name
+    events: dict = {}
+    spot = threading.Thread(target=preempt_node, args=(cluster, worker_node, run_dir, events), daemon=True)
+    spot.start()
+    result = launch_ray(cfg, progress=False)
+    spot.join(timeout=30)
+
+    assert "error" not in events and events.get("removed"), events
+    assert events["drain"][0] == 0, events["drain"]
+    jit = events["jit_step"]
+    assert events["drained_at_step"] <= jit < STEPS and events["jit_before_deadline"]
+    # The run came back on the one node left, from the just-in-time checkpoint, resharded to one worker.
+    assert result["final_step"] == STEPS
+    assert result["world_size"] == 1 and result["layout"].startswith("dp1")
+    assert result["resumed_from"] == jit
+    assert [r["step"] for r in MetricsLog(run_dir / "metrics.jsonl").read()] == list(range(1, STEPS + 1))
+    assert checkpoint_step(latest_checkpoint(run_dir)) == STEPS

@@ -1,0 +1,59 @@
+"""What the Ray launcher decides before any cluster exists: worker counts, layouts for every elastic world size,
+absolute paths for workers that run elsewhere, Ray addresses. (The launcher itself runs in tests/integration.)"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from moe_platform.train.ray_launcher import _host_port, check_layouts, num_workers_for, with_absolute_paths
+
+
+@pytest.mark.parametrize("extra, want", [
+    ({}, 1),
+    ({"parallel.dp": 2}, 2),
+    ({"parallel.dp": 0, "elastic.min_workers": 2, "elastic.max_workers": 2}, 2),  # automatic degree, fixed count
+    ({"parallel.dp": 0, "elastic.min_workers": 1, "elastic.max_workers": 2}, (1, 2)),
+    ({"parallel.dp": 2, "elastic.min_workers": 1, "elastic.max_workers": 2}, (1, 2)),
+])
+def test_num_workers(tiny_config, extra, want):
+    assert num_workers_for(tiny_config(**extra)) == want
+
+
+def test_every_elastic_world_size_needs_a_layout(tiny_config):
+    cfg = tiny_config(**{"parallel.dp": 0, "elastic.min_workers": 1, "elastic.max_workers": 3})
+    check_layouts(cfg, 1, 2)
+    with pytest.raises(ValueError, match=r"no valid layout for 3 worker\(s\).*workers 1\.\.3"):
+        check_layouts(cfg, 1, 3)
+
+
+def test_paths_become_absolute(tiny_config, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = with_absolute_paths(tiny_config(**{"run.storage_path": "runs", "data.cache_dir": "cache"}))
+    assert cfg.run.storage_path == str(tmp_path / "runs")
+    assert cfg.data.cache_dir == str(tmp_path / "cache")
+    assert Path(cfg.data.path).is_absolute()
+    assert with_absolute_paths(tiny_config(**{"run.storage_path": f"file://{tmp_path}/r"})).run.storage_path == \
+        str(tmp_path / "r")
+    with pytest.raises(ValueError, match="needs a local or shared filesystem path"):
+        with_absolute_paths(tiny_config(**{"run.storage_path": "s3://bucket/runs"}))
+
+
+@pytest.mark.parametrize("address, want", [
+    ("10.0.0.1:6379", ("10.0.0.1", 6379)),
+    ("ray://head:10001", ("head", 10001)),
+    ("[::1]:6379", ("::1", 6379)),
+    ("auto", None),
+])
+def test_ray_addresses(address, want):
+    assert _host_port(address) == want
+
+
+@pytest.mark.parametrize("address, message", [
+    ("http://127.0.0.1:8265", "dashboard"),
+    ("head", "not of the form host:port"),
+])
+def test_bad_ray_addresses(address, message):
+    with pytest.raises(ValueError, match=message):
+        _host_port(address)
