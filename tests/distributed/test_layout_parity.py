@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_overrides
 from moe_platform.checkpoint import latest_checkpoint
 from moe_platform.checkpoint.sharded import ShardedReader
 from moe_platform.config import load_config
 from moe_platform.train.launch import launch_local
 from moe_platform.train.metrics import MetricsLog
+from tinyrun import tiny_overrides
 
 STEPS = 10
 COMMON = {"train.steps": STEPS, "train.global_batch_size": 8, "train.micro_batch_size": 2, "train.warmup": 2,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import tiny_overrides
+from tinyrun import tiny_overrides
 
 EXE = shutil.which("moe-platform", path=str(Path(sys.executable).parent)) or "moe-platform"
 TINY_MODEL = [o for o in tiny_overrides(Path("x"), Path("y")) if o.startswith("--model.")]

@@ -140,3 +140,10 @@ def scatter_to_group(x: torch.Tensor, group, dim: int = -1) -> torch.Tensor:
     Raises ValueError when the group size does not divide `x.shape[dim]`.
     """
     return x if _inactive(group) else _ScatterToGroup.apply(x, group, _normalise_dim(x, dim))
+
+
+def collective_device() -> torch.device:
+    """Where a small control tensor must live to take part in a collective: NCCL only reduces CUDA tensors."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

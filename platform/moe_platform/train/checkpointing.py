@@ -27,6 +27,7 @@ from moe_platform.checkpoint import (
     restore_rng_state,
 )
 from moe_platform.checkpoint.sharded import LocalState, ShardFiles, write_local_state
+from moe_platform.parallel.comm import collective_device
 from moe_platform.train.tokenizer import TOKENIZER_FILES
 
 TRAINER_FILE = "trainer.json"
@@ -85,7 +86,7 @@ def write_distributed(run_dir: Path, snap: Snapshot, keep: int, world_size: int)
         write_rank_files(writer if writer else ShardFiles(Path(where[0])), snap)
     except Exception as e:  # every rank must still reach the collectives below, or the others hang
         error = e
-    ok = torch.tensor([0 if error else 1])
+    ok = torch.tensor([0 if error else 1], device=collective_device())
     dist.all_reduce(ok, op=dist.ReduceOp.MIN)  # every rank learns whether all shards were written
     final = None
     if writer is not None:

@@ -28,6 +28,7 @@ from moe_platform.model.args import ModelArgs
 from moe_platform.model.moe import update_routing_biases
 from moe_platform.model.transformer import build_model
 from moe_platform.parallel import resolve_layout
+from moe_platform.parallel.comm import collective_device
 from moe_platform.parallel.layout import Layout, ProcessGroups, build_process_groups
 from moe_platform.train.checkpointing import (
     AsyncCheckpointer,
@@ -225,8 +226,9 @@ class Trainer:
             aux += m.step_aux.cpu()
             m.reset_step_stats()
         if self.dist.distributed:
-            packed = torch.cat([loads.flatten(), aux[None]])
+            packed = torch.cat([loads.flatten(), aux[None]]).to(collective_device())
             torch.distributed.all_reduce(packed)
+            packed = packed.cpu()
             tp = self.groups.tp_size
             loads = packed[:-1].view_as(loads) / tp  # tensor-parallel ranks saw the same tokens
             aux = packed[-1] / (tp * self.groups.dp_size)
@@ -289,7 +291,7 @@ class Trainer:
         """True on every rank as soon as any rank's launcher reports a preemption notice."""
         flag = bool(self.hooks.preemption_requested and self.hooks.preemption_requested())
         if self.dist.distributed:
-            t = torch.tensor([int(flag)])
+            t = torch.tensor([int(flag)], device=collective_device())
             torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
             flag = bool(t.item())
         return flag
