@@ -1,0 +1,185 @@
+"""The cluster definitions: launcher configs pass Ray's own schema, token auth is on everywhere, dashboards stay
+private, GPU workers are spot, KubeRay manifests have their structure, and the Grafana dashboard only queries metrics
+our code (or Ray Serve) registers. Offline: nothing here talks to a cloud or a cluster."""
+
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+LAUNCHER_CONFIGS = ["cluster.yaml", "cluster-gcp.yaml", "cluster-local.yaml"]
+CLOUD_CONFIGS = ["cluster.yaml", "cluster-gcp.yaml"]
+K8S = ROOT / "platform" / "k8s"
+GRAFANA = ROOT / "platform" / "grafana" / "moe-platform.json"
+
+
+def load(name: str) -> dict:
+    return yaml.safe_load((ROOT / name).read_text())
+
+
+def start_commands(cfg: dict, key: str) -> str:
+    return "\n".join(cfg.get(key) or [])
+
+
+@pytest.mark.parametrize("name", LAUNCHER_CONFIGS)
+def test_launcher_config_passes_ray_schema(name):
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    cfg = load(name)
+    if cfg["provider"]["type"] == "fake_multinode":
+        # The wheel ships no defaults file for this provider, so the config is complete by itself.
+        validate_config(cfg)
+    else:
+        # Merges the provider's bundled defaults.yaml only; no cloud API call.
+        validate_config(prepare_config(cfg))
+
+
+@pytest.mark.parametrize("name", LAUNCHER_CONFIGS)
+def test_token_auth_and_private_dashboard(name):
+    cfg = load(name)
+    text = (ROOT / name).read_text()
+    head = start_commands(cfg, "head_start_ray_commands")
+    assert "RAY_AUTH_MODE=token" in head and "RAY_AUTH_TOKEN_PATH=" in head, name
+    assert "--dashboard-host=127.0.0.1" in head, name
+    assert "0.0.0.0" not in text, name
+    assert "RAY_AUTH_TOKEN=" not in text, f"{name}: the token belongs in a file, not in the config"
+    assert "umask 077" in text and "ray-token" in text, f"{name}: document creating the 0600 token file"
+    if name in CLOUD_CONFIGS:
+        workers = start_commands(cfg, "worker_start_ray_commands")
+        assert "RAY_AUTH_MODE=token" in workers and "RAY_AUTH_TOKEN_PATH=" in workers, name
+        for cmds in (head, workers):
+            assert "chmod 600 ~/.moe-platform/ray-token" in cmds, name
+        assert "~/.moe-platform/ray-token" in cfg["file_mounts"], name
+
+
+@pytest.mark.parametrize("name", CLOUD_CONFIGS)
+def test_cloud_layout_on_demand_head_spot_gpu_workers(name):
+    cfg = load(name)
+    types = cfg["available_node_types"]
+    head = types[cfg["head_node_type"]]
+    assert head["resources"].get("CPU") == 0, "training ranks and replicas must never land on the head"
+    assert not head["resources"].get("GPU")
+    assert cfg["provider"]["cache_stopped_nodes"] is False
+    assert cfg["file_mounts"]["~/moe-platform"] == "."
+    assert any("pip install -e ~/moe-platform" in c for c in cfg["setup_commands"])
+
+    def is_spot(node_config: dict) -> bool:
+        aws = node_config.get("InstanceMarketOptions", {}).get("MarketType") == "spot"
+        sched = node_config.get("scheduling", {})
+        sched = sched[0] if isinstance(sched, list) else sched
+        gcp = sched.get("provisioningModel") == "SPOT" or sched.get("preemptible") is True
+        return aws or gcp
+
+    spot = [t for t in types.values() if is_spot(t["node_config"])]
+    assert spot and all(t["resources"].get("GPU", 0) >= 1 and t["min_workers"] == 0 for t in spot)
+    assert not is_spot(head["node_config"])
+    floors = [t for n, t in types.items() if n != cfg["head_node_type"] and not is_spot(t["node_config"])]
+    assert floors and all(t["resources"].get("GPU", 0) >= 1 and t["min_workers"] == 0 for t in floors)
+
+
+def test_local_config_is_fake_multinode():
+    cfg = load("cluster-local.yaml")
+    assert cfg["provider"]["type"] == "fake_multinode"
+    # the provider hard-codes this head type name
+    assert cfg["head_node_type"] == "ray.head.default"
+    workers = [t for n, t in cfg["available_node_types"].items() if n != "ray.head.default"]
+    assert len(workers) == 1 and workers[0]["min_workers"] == 0 and workers[0]["max_workers"] == 3
+    assert 0 < workers[0]["resources"]["CPU"] <= 4
+
+
+# -- KubeRay ---------------------------------------------------------------------------------------------------
+
+
+def cluster_spec(doc: dict) -> dict:
+    return {"RayCluster": lambda s: s, "RayJob": lambda s: s["rayClusterSpec"],
+            "RayService": lambda s: s["rayClusterConfig"]}[doc["kind"]](doc["spec"])
+
+
+@pytest.mark.parametrize("name,kind", [("raycluster.yaml", "RayCluster"), ("rayjob-train.yaml", "RayJob"),
+                                       ("rayservice-serve.yaml", "RayService")])
+def test_kuberay_manifest_structure(name, kind):
+    doc = yaml.safe_load((K8S / name).read_text())
+    assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == kind
+    spec = cluster_spec(doc)
+    assert spec["authOptions"]["mode"] == "token"
+    head = spec["headGroupSpec"]
+    assert head["rayStartParams"]["num-cpus"] == "0"
+    assert head.get("serviceType", "ClusterIP") == "ClusterIP", "the head must not be exposed outside Kubernetes"
+    (group,) = spec["workerGroupSpecs"]
+    pod = group["template"]["spec"]
+    assert any("SPOT" in str(v).upper() or "spot" in k for k, v in pod["nodeSelector"].items())
+    assert pod["tolerations"]
+    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    if kind == "RayCluster":
+        assert head["rayStartParams"]["dashboard-host"] == "127.0.0.1"
+
+
+def test_rayjob_entrypoint_runs_the_training_job():
+    doc = yaml.safe_load((K8S / "rayjob-train.yaml").read_text())
+    entry = doc["spec"]["entrypoint"]
+    assert entry.startswith("python jobs/train.py --config jobs/configs/tiny.toml")
+    storage = re.search(r"--run\.storage_path=(\S+)", entry).group(1)
+    assert storage.startswith("/"), "the trainer needs an absolute filesystem path on shared storage"
+    mounts = doc["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["volumeMounts"]
+    assert any(storage.startswith(m["mountPath"]) for m in mounts)
+
+
+def test_rayservice_serve_config_matches_serve_config_yaml():
+    doc = yaml.safe_load((K8S / "rayservice-serve.yaml").read_text())
+    ours = yaml.safe_load(doc["spec"]["serveConfigV2"])
+    ref = yaml.safe_load((ROOT / "serve" / "config.yaml").read_text())
+    assert len(ours["applications"]) == len(ref["applications"])
+    for a, b in zip(ours["applications"], ref["applications"], strict=True):
+        assert a["import_path"] == b["import_path"] == "moe_platform.serving.app:build_app"
+        assert a["name"] == b["name"] and a["route_prefix"] == b["route_prefix"]
+        # only the model paths differ: absolute on the shared volume
+        assert Path(a["args"]["model"]).is_absolute()
+        assert {k: v for k, v in a["args"].items() if k != "model"} == \
+               {k: v for k, v in b["args"].items() if k != "model"}
+        for da, db in zip(a["deployments"], b["deployments"], strict=True):
+            assert da["user_config"]["model"] == a["args"]["model"]
+            assert {k: v for k, v in da.items() if k != "user_config"} == \
+                   {k: v for k, v in db.items() if k != "user_config"}
+
+
+# -- Grafana ---------------------------------------------------------------------------------------------------
+
+
+def registered_metric_names() -> set[str]:
+    """Names passed to ray.util.metrics in our code, plus the Ray Serve metrics the dashboard may use."""
+    names: set[str] = set()
+    source = ROOT / "platform" / "moe_platform"
+    for path in source.rglob("*.py"):
+        names |= set(re.findall(r"""["'](moe_[a-z0-9_]+)["']""", path.read_text()))
+    ray_root = Path(importlib.util.find_spec("ray").origin).parent  # located, not imported (importing Serve is slow)
+    serve_src = ray_root / "serve" / "_private" / "deployment_state.py"
+    names |= set(re.findall(r"""["'](serve_[a-z0-9_]+)["']""", serve_src.read_text()))
+    return names
+
+
+def test_grafana_dashboard_queries_existing_metrics():
+    dash = json.loads(GRAFANA.read_text())
+    names = registered_metric_names()
+    assert {"moe_train_loss", "moe_serve_time_to_first_token_s"} <= names
+    exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+    exprs += [v["query"] for v in dash["templating"]["list"] if v["type"] == "query"]
+    assert exprs
+    used = set()
+    for expr in exprs:
+        metrics = re.findall(r"\bray_([a-z0-9_]+)", expr)
+        assert metrics, f"no Ray metric in {expr!r}"
+        for m in metrics:
+            base = re.sub(r"_(total|bucket|sum|count)$", "", m)
+            assert base in names, f"{expr!r} uses ray_{m}, but nothing registers {base!r}"
+            used.add(base)
+    wanted = {"moe_train_loss", "moe_train_tokens_per_s", "moe_train_mfu", "moe_train_expert_imbalance",
+              "moe_train_checkpoint_seconds", "moe_train_restarts", "moe_train_preemptions",
+              "moe_serve_time_to_first_token_s", "moe_serve_inter_token_latency_s", "moe_serve_queue_depth",
+              "moe_serve_running_batch_size", "moe_serve_expert_tokens", "serve_deployment_replica_healthy"}
+    assert wanted <= used, f"panels missing for {sorted(wanted - used)}"
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids))
