@@ -16,7 +16,7 @@ import pytest
 import torch
 
 ray = pytest.importorskip("ray")
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]  # a hung cluster fails, never stalls
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]  # a hung cluster fails, never stalls
 psutil = pytest.importorskip("psutil")
 
 from moe_platform.checkpoint import checkpoint_step, latest_checkpoint  # noqa: E402
