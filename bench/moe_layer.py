@@ -46,6 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--no-deepspeed", action="store_true", help="skip the DeepSpeed rows (no peer ratio then)")
+    p.add_argument("--only", default="", help="comma-separated name prefixes to run (the ceiling always runs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-json", default=str(REPO / "docs" / "bench_moe_layer.json"))
     p.add_argument("--out-png", default=str(REPO / "docs" / "bench_moe_layer.png"))
@@ -141,7 +142,7 @@ def build_implementations(opt: argparse.Namespace, device: torch.device, dtype: 
         return step
 
     impls = {"ours (dropless)": (ours, plain(ours)), "ours (capacity 1.0)": (capped, plain(capped))}
-    if not opt.no_deepspeed:
+    if not opt.no_deepspeed and (not opt.only or "deepspeed" in opt.only):
         init_deepspeed()
         for name, drop, cf in ((PEER, False, 1.0), ("deepspeed capacity 1.0", True, 1.0)):
             layer = build_deepspeed(ours, args, drop, cf)
@@ -157,6 +158,9 @@ def build_implementations(opt: argparse.Namespace, device: torch.device, dtype: 
     impls[f"dense FFN (I={opt.top_k * opt.intermediate})"] = (dense, plain(dense))
     ceiling = MatmulCeiling(opt.dim, 3 * opt.intermediate)
     impls["matmul ceiling"] = (ceiling, plain(ceiling))
+    if opt.only:
+        prefixes = tuple(p.strip() for p in opt.only.split(",")) + ("matmul ceiling",)
+        impls = {name: impl for name, impl in impls.items() if name.startswith(prefixes)}
     for module, _ in impls.values():
         module.to(device=device, dtype=dtype).train()
     return impls
@@ -235,7 +239,7 @@ def plot(report: dict, path: str) -> None:
     fig, ax = plt.subplots(figsize=(9, 4.5))
     colors = ["tab:blue" if r["name"].startswith("ours") else "tab:gray" for r in rows]
     bars = ax.bar([r["name"] for r in rows], [r["frac_ceiling"] for r in rows], color=colors)
-    for bar, r in zip(bars, rows):
+    for bar, r in zip(bars, rows, strict=True):
         ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height() + 0.01, f"{r['gflops']:.0f}",
                 ha="center", va="bottom", fontsize=8)
     ax.axhline(0.8, color="tab:red", linestyle="--", linewidth=1, label="target 0.80")

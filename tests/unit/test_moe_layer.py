@@ -35,7 +35,6 @@ def naive_moe(moe: MoE, x: torch.Tensor, capacity: int | None = None) -> torch.T
     weights, indices = torch.topk(probs, moe.top_k, dim=-1)
     weights = weights / weights.sum(-1, keepdim=True)
     gate_up, down = moe.experts.gate_up_proj, moe.experts.down_proj
-    inter = down.shape[-1]
     out = torch.zeros_like(x)
     for e in range(moe.num_experts):
         token, slot = torch.where(indices == e)  # row-major: (token, slot) order
@@ -171,10 +170,14 @@ def test_aux_loss_gradient_reaches_router():
     torch.testing.assert_close(ours, moe.gate.weight.grad, rtol=1e-5, atol=1e-6)
 
 
-def test_no_aux_loss_in_eval_or_when_disabled():
-    moe = build_moe(balancing="none").train()
-    moe(randn(8, 16))
+@pytest.mark.parametrize("balancing, training", [("none", True), ("bias", True), ("aux_loss", False)])
+def test_no_aux_loss_when_disabled_or_in_eval(balancing, training):
+    moe = build_moe(balancing=balancing).train(training)
+    x = randn(8, 16, seed=5).requires_grad_(True)
+    out = moe(x)
     assert float(moe.last_aux_loss) == 0.0
+    out.sum().backward()  # nothing attached: the router gradient is the output's alone
+    assert moe.gate.weight.grad is not None
 
 
 def test_z_loss():
@@ -193,7 +196,6 @@ def test_bias_balancing_moves_load_toward_balance():
         x += 3 * moe.gate.weight[0] / moe.gate.weight[0].norm()  # skew: most tokens prefer expert 0
     before = None
     for _ in range(30):
-        _, probs, weights, _ = moe.gate(x)
         moe(x)
         load = moe.last_tokens_per_expert.float()
         before = load if before is None else before
@@ -201,10 +203,14 @@ def test_bias_balancing_moves_load_toward_balance():
         moe.reset_step_stats()
     assert before.max() > 0.6 * 256  # the input really is skewed
     assert load.max() < before.max() and load.std() < 0.5 * before.std()
-    # the bias steers the choice only; mixing weights stay the plain softmax probabilities, renormalised
-    _, probs, weights, indices = moe.gate(x)
-    torch.testing.assert_close(weights, torch.ones_like(weights))  # top-1: renormalised to 1
     assert moe.gate.expert_bias[0] < 0 < moe.gate.expert_bias[1:].max()
+    # the bias steers the choice only; mixing weights stay the plain softmax probabilities, renormalised
+    moe.gate.top_k = 2
+    logits, probs, weights, indices = moe.gate(x)
+    torch.testing.assert_close(probs, torch.softmax(logits, -1))
+    assert not torch.equal(indices, probs.topk(2, -1).indices)  # the bias changed some choices
+    chosen = probs.gather(-1, indices)
+    torch.testing.assert_close(weights, chosen / chosen.sum(-1, keepdim=True))
 
 
 @pytest.mark.parametrize("capacity_factor, top_k", [(0.5, 2), (1.0, 1), (0.25, 3)])

@@ -78,82 +78,79 @@ class _GroupedSwiGLU(torch.autograd.Function):
     """All SwiGLU experts in one pass over their row groups, optionally fused with the token gather and the
     router-weighted scatter back: out[token] += score * down(silu(gate(x[token])) * up(x[token])).
 
-    Why one Function instead of composing grouped_mm calls: on CPU, memory traffic of the (rows, 2I) and (rows, D)
-    intermediates, not the GEMMs, is what separates a grouped MoE from a dense FFN. Working expert by expert keeps
-    each group's activations in cache between its three GEMMs, and the fused gather/scatter never materialises the
-    sorted copies of the input and output. Only the gate/up pre-activations (rows, 2I) are saved; the activation is
-    recomputed per group in backward. The router score scales the activation before the down projection
-    (equal to scaling the output, as the projection is linear), so its gradient needs no saved expert output.
+    Why one Function instead of composing grouped_mm calls: on CPU, memory traffic of the (rows, 2I) intermediates
+    and the number of small kernels, not the GEMMs, separate a grouped MoE from a dense FFN. Working expert by expert
+    keeps a group's activations in cache between its GEMMs; backward writes the gate and up gradients straight into
+    one buffer (no chunk/cat copies); the activation is recomputed per group from the saved pre-activations instead
+    of being stored. The router score is applied to whole (rows, D) tensors outside the loop, after the down
+    projection as in Mixtral, and its gradient is one row-wise dot product with the saved unscaled output.
 
     x: (N, D) tokens with token_index (M,) giving the source token of each grouped row, or (M, D) rows already
     grouped when token_index is None. scores: (M,) router weight per row or None.
-    Returns (N, D) sums over each token's rows with token_index, else (M, D) per-row outputs.
+    Returns (N, D) per-token sums over their rows with token_index, else (M, D) per-row outputs.
     """
 
     @staticmethod
-    def forward(ctx, x, gate_up, down, counts: list[int], token_index, scores):
+    def forward(ctx, x, gate_up, down, counts: list[int], token_index, scores, grad_enabled: bool):
         inter = down.shape[-1]
         n_rows = sum(counts)
-        keep = any(ctx.needs_input_grad[:3]) or ctx.needs_input_grad[5]
+        for_backward = grad_enabled and any(ctx.needs_input_grad)  # needs_input_grad ignores torch.no_grad()
+        rows_in = x if token_index is None else x.new_empty(n_rows, x.shape[1])  # (M, D) grouped input rows
         # pre-activations: kept whole for backward, else one group's worth of scratch
-        h_all = x.new_empty(n_rows if keep else max(counts, default=0), 2 * inter)
-        y = x.new_empty(n_rows, x.shape[1])
+        pre = x.new_empty(n_rows if for_backward else max(counts, default=0), 2 * inter)
+        y = x.new_empty(n_rows, x.shape[1])  # (M, D) expert outputs before the router weight
         for g, rows in _groups(counts):
-            xg = x[rows] if token_index is None else x.index_select(0, token_index[rows])
-            h = h_all[rows] if keep else h_all[: rows.stop - rows.start]
-            torch.mm(xg, gate_up[g].t(), out=h)  # (n, D) -> (n, 2I)
-            act = F.silu(h[:, :inter]).mul_(h[:, inter:])
-            if scores is not None:
-                act.mul_(scores[rows, None].to(act.dtype))
-            torch.mm(act, down[g].t(), out=y[rows])
+            if token_index is not None:
+                torch.index_select(x, 0, token_index[rows], out=rows_in[rows])
+            h = pre[rows] if for_backward else pre[: rows.stop - rows.start]
+            torch.mm(rows_in[rows], gate_up[g].t(), out=h)  # (n, D) -> (n, 2I)
+            torch.mm(F.silu(h[:, :inter]).mul_(h[:, inter:]), down[g].t(), out=y[rows])
         ctx.counts = counts
-        ctx.save_for_backward(x, gate_up, down, token_index, scores, h_all if keep else None)
+        ctx.x_shape = x.shape
+        ctx.save_for_backward(rows_in, gate_up, down, token_index, scores, pre if for_backward else None,
+                              y if for_backward and ctx.needs_input_grad[5] else None)
+        out = y if scores is None else y * scores[:, None].to(y.dtype)
         if token_index is None:
-            return y
-        # One scatter for all groups: many small index_add_ calls are far slower on CPU. Rows are sorted by expert,
-        # so each token sums its experts in expert order (as Mixtral's loop does).
-        return torch.zeros_like(x).index_add_(0, token_index, y)
+            return out
+        # Rows are sorted by expert, so each token sums its experts in expert order (as Mixtral's loop does).
+        return x.new_zeros(x.shape).index_add_(0, token_index, out)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, gate_up, down, token_index, scores, h_all = ctx.saved_tensors
-        need_x, need_gate_up, need_down, _, _, need_scores = ctx.needs_input_grad
-        inter = down.shape[-1]
-        grad_out = grad_out.contiguous()
-        grad_rows = x.new_empty(sum(ctx.counts), x.shape[1]) if need_x else None  # (M, D), per grouped row
-        grad_gate_up = _empty_group_grads(gate_up, ctx.counts) if need_gate_up else None
-        grad_down = _empty_group_grads(down, ctx.counts) if need_down else None
-        grad_scores = scores.new_empty(scores.shape) if need_scores else None
-        dh = x.new_empty(max(ctx.counts, default=0), 2 * inter)  # one group's gate/up gradient, reused
-        for g, rows in _groups(ctx.counts):
-            n = rows.stop - rows.start
-            idx = None if token_index is None else token_index[rows]
-            dy = grad_out[rows] if idx is None else grad_out.index_select(0, idx)  # (n, D)
-            gate, up = h_all[rows, :inter], h_all[rows, inter:]
-            silu = F.silu(gate)
-            act = silu * up
-            w = None if scores is None else scores[rows, None].to(act.dtype)
-            if need_down:
-                torch.mm(dy.t(), act if w is None else act * w, out=grad_down[g])
-            d_act = torch.mm(dy, down[g])  # (n, D) -> (n, I), gradient of the score-scaled activation
+        rows_in, gate_up, down, token_index, scores, pre, y = ctx.saved_tensors
+        need_x, need_gate_up, need_down, _, _, need_scores, _ = ctx.needs_input_grad
+        counts, inter = ctx.counts, down.shape[-1]
+        # (N, D) -> (M, D): the gradient reaching each grouped row
+        grad_rows_out = grad_out.contiguous() if token_index is None else grad_out.index_select(0, token_index)
+        grad_scores = None
+        if scores is not None:
             if need_scores:
-                grad_scores[rows] = (d_act * act).sum(-1).to(grad_scores.dtype)
+                grad_scores = torch.linalg.vecdot(grad_rows_out, y).to(scores.dtype)
+            grad_rows_out = grad_rows_out * scores[:, None].to(grad_rows_out.dtype)
+        grad_gate_up = _empty_group_grads(gate_up, counts) if need_gate_up else None
+        grad_down = _empty_group_grads(down, counts) if need_down else None
+        grad_rows_in = torch.empty_like(rows_in) if need_x else None
+        grad_pre = rows_in.new_empty(max(counts, default=0), 2 * inter)  # one group's, reused
+        for g, rows in _groups(counts):
+            dy = grad_rows_out[rows]  # (n, D)
+            gate, up = pre[rows, :inter], pre[rows, inter:]
+            silu = F.silu(gate)
+            if need_down:
+                torch.mm(dy.t(), silu * up, out=grad_down[g])
             if not (need_x or need_gate_up):
                 continue
-            if w is not None:
-                d_act.mul_(w)
-            dhg = dh[:n]
-            torch.mul(d_act, silu, out=dhg[:, inter:])
-            torch.ops.aten.silu_backward.grad_input(d_act.mul_(up), gate, grad_input=dhg[:, :inter])
+            d_act = torch.mm(dy, down[g])  # (n, D) -> (n, I)
+            dh = grad_pre[: rows.stop - rows.start]  # (n, 2I): gate half, up half
+            torch.mul(d_act, silu, out=dh[:, inter:])
+            torch.ops.aten.silu_backward.grad_input(d_act.mul_(up), gate, grad_input=dh[:, :inter])
             if need_gate_up:
-                xg = x[rows] if idx is None else x.index_select(0, idx)
-                torch.mm(dhg.t(), xg, out=grad_gate_up[g])
+                torch.mm(dh.t(), rows_in[rows], out=grad_gate_up[g])
             if need_x:
-                torch.mm(dhg, gate_up[g], out=grad_rows[rows])
-        grad_x = grad_rows
+                torch.mm(dh, gate_up[g], out=grad_rows_in[rows])
+        grad_x = grad_rows_in
         if need_x and token_index is not None:
-            grad_x = torch.zeros_like(x).index_add_(0, token_index, grad_rows)
-        return grad_x, grad_gate_up, grad_down, None, None, grad_scores
+            grad_x = grad_rows_in.new_zeros(ctx.x_shape).index_add_(0, token_index, grad_rows_in)
+        return grad_x, grad_gate_up, grad_down, None, None, grad_scores, None
 
 
 class _AttachAuxLoss(torch.autograd.Function):
@@ -227,7 +224,8 @@ class GroupedExperts(nn.Module):
         rows' outputs. scores (M,), when given, weight each row's output.
         """
         if x.device.type == "cpu":
-            return _GroupedSwiGLU.apply(x, self.gate_up_proj, self.down_proj, counts.tolist(), token_index, scores)
+            return _GroupedSwiGLU.apply(x, self.gate_up_proj, self.down_proj, counts.tolist(), token_index, scores,
+                                        torch.is_grad_enabled())
         rows = x if token_index is None else x[token_index]  # (N, D) -> (M, D)
         gate, up = grouped_mm(rows, self.gate_up_proj, counts).chunk(2, dim=-1)
         out = grouped_mm(F.silu(gate) * up, self.down_proj, counts)
