@@ -1,0 +1,243 @@
+"""Goodput under simulated preemptions on the plain launcher: the same N-step training run once uninterrupted
+(the baseline) and once with the whole job SIGKILLed every T seconds and relaunched until it reaches N steps
+(resume from the latest committed checkpoint is automatic). Goodput = baseline wall time / interrupted wall time.
+
+The run also measures what one preemption costs: the restart (relaunch to the first new step, less one step) plus
+the steps lost since the last committed checkpoint. One preemption every P seconds then leaves
+    goodput(P) = 1 - cost_per_preemption / P,
+given for P = 600 s (one preemption per 10 minutes) with the inputs shown.
+
+    python bench/goodput.py --steps 120 --interrupt-every 30 --checkpoint-interval 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "platform"))
+
+from moe_platform.checkpoint import checkpoint_step  # noqa: E402
+from moe_platform.checkpoint.store import latest_checkpoint  # noqa: E402
+
+SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+
+
+def read_steps(path: Path) -> tuple[list[int], int]:
+    """Steps in metrics.jsonl, and how many lines did not parse (a line cut by the kill)."""
+    steps, bad = [], 0
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                steps.append(json.loads(line)["step"])
+            except (ValueError, KeyError):
+                bad += 1
+    return steps, bad
+
+
+def truncate_metrics(path: Path, step: int) -> int:
+    """What the trainer does on resume (drop lines after the checkpoint), done before the launch so that the watcher
+    sees only this attempt's steps; also drops a line cut by the kill. Returns the lines that did not parse."""
+    if not path.exists():
+        return 0
+    kept, bad = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError):
+            bad += 1
+    path.write_text("".join(line + "\n" for line in kept))
+    return bad
+
+
+def watch(path: Path, seen: dict[int, float], stop: threading.Event, poll_s: float = 0.02) -> None:
+    while not stop.wait(poll_s):
+        now = time.perf_counter()
+        for s in read_steps(path)[0]:
+            seen.setdefault(s, now)
+
+
+def run_attempt(overrides: list[str], run_dir: Path, kill_after: float | None) -> dict:
+    """One launch of the whole job (all ranks) in its own process group; SIGKILLed after `kill_after` seconds."""
+    ckpt = latest_checkpoint(run_dir) if run_dir.exists() else None
+    start_step = checkpoint_step(ckpt) if ckpt is not None else 0
+    metrics = run_dir / "metrics.jsonl"
+    cut_lines = truncate_metrics(metrics, start_step)
+    seen: dict[int, float] = {}
+    stop = threading.Event()
+    watcher = threading.Thread(target=watch, args=(metrics, seen, stop), daemon=True)
+    watcher.start()
+    t0 = time.perf_counter()
+    log = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: a full pipe would stall the ranks
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(overrides)],
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=log, text=True)
+    killed = False
+    try:
+        proc.wait(timeout=kill_after)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every rank at once, like a reclaimed node
+        killed = True
+        proc.wait()
+    wall = time.perf_counter() - t0
+    stop.set()
+    watcher.join()
+    log.seek(0)
+    stderr = log.read()
+    log.close()
+    if not killed and proc.returncode != 0:
+        raise RuntimeError(f"training exited with {proc.returncode}:\n{stderr[-3000:]}")
+    new = sorted(s for s in seen if s > start_step)
+    return {"start_step": start_step, "killed": killed, "wall_s": wall, "cut_lines": cut_lines,
+            "last_step": new[-1] if new else start_step,
+            "first_step_s": seen[new[0]] - t0 if new else None,
+            "step_times": {s: seen[s] - t0 for s in new}}
+
+
+def overrides_for(args, storage: Path) -> list[str]:
+    corpus = args.corpus or (str(SHAKESPEARE) if SHAKESPEARE.exists() else "")
+    return [
+        "--run.name=goodput", f"--run.storage_path={storage}", f"--data.path={corpus}", "--data.vocab_size=2048",
+        f"--data.max_bytes={args.max_bytes}", f"--data.cache_dir={storage / 'cache'}",
+        f"--model.dim={args.dim}", f"--model.n_layers={args.layers}", "--model.n_heads=4", "--model.n_kv_heads=2",
+        f"--model.intermediate_size={args.intermediate}", f"--model.num_experts={args.experts}", "--model.top_k=2",
+        f"--train.steps={args.steps}", f"--train.global_batch_size={args.global_batch}",
+        f"--train.micro_batch_size={args.global_batch // (2 * args.dp)}", f"--train.seq_len={args.seq_len}",
+        "--train.warmup=1", "--train.eval_interval=0", f"--checkpoint.interval={args.checkpoint_interval}",
+        "--checkpoint.keep=2", "--checkpoint.export=false", f"--parallel.dp={args.dp}",
+    ]
+
+
+def child(overrides_json: str) -> int:
+    from moe_platform.config import load_config
+    from moe_platform.train.launch import launch_local
+
+    cfg = load_config(None, json.loads(overrides_json))
+    launch_local(cfg, world_size=cfg.parallel.dp, progress=False)
+    return 0
+
+
+def step_wall(attempts: list[dict]) -> float:
+    deltas = []
+    for a in attempts:
+        t = a["step_times"]
+        deltas += [t[s] - t[s - 1] for s in t if s - 1 in t]
+    return statistics.median(deltas)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--steps", type=int, default=120, help="N: steps of the run")
+    p.add_argument("--interrupt-every", type=float, default=30.0, help="T: seconds each launch lives before SIGKILL")
+    p.add_argument("--checkpoint-interval", type=int, default=10)
+    p.add_argument("--period", type=float, default=600.0, help="P: seconds between preemptions to extrapolate to")
+    p.add_argument("--max-attempts", type=int, default=30)
+    p.add_argument("--dp", type=int, default=2)
+    p.add_argument("--global-batch", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--experts", type=int, default=16)
+    p.add_argument("--intermediate", type=int, default=256)
+    p.add_argument("--max-bytes", type=int, default=300_000)
+    p.add_argument("--corpus", default=None)
+    p.add_argument("--out-json", default=str(REPO / "docs" / "bench_goodput.json"))
+    p.add_argument("--out-png", default=str(REPO / "docs" / "bench_goodput.png"))
+    args = p.parse_args(argv)
+    if args.child is not None:
+        return child(args.child)
+
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory() as tmp:
+        base_storage, int_storage = Path(tmp) / "baseline", Path(tmp) / "interrupted"
+        baseline = run_attempt(overrides_for(args, base_storage), base_storage / "goodput", None)
+        load_mid = os.getloadavg()
+        attempts = []
+        while not attempts or attempts[-1]["killed"]:
+            if len(attempts) >= args.max_attempts:
+                raise RuntimeError(f"not finished after {args.max_attempts} launches; raise --interrupt-every")
+            attempts.append(run_attempt(overrides_for(args, int_storage), int_storage / "goodput",
+                                        args.interrupt_every))
+            a = attempts[-1]
+            print(f"launch {len(attempts)}: from step {a['start_step']} to {a['last_step']} in {a['wall_s']:.1f} s"
+                  f"{' (killed)' if a['killed'] else ''}", flush=True)
+    load_after = os.getloadavg()
+
+    total_s = sum(a["wall_s"] for a in attempts)
+    n_pre = sum(a["killed"] for a in attempts)
+    goodput_measured = baseline["wall_s"] / total_s
+    step_s = step_wall([baseline])
+    restarts = [a["first_step_s"] - step_s for a in attempts[1:] if a["first_step_s"] is not None]
+    restart_s = statistics.median(restarts) if restarts else float("nan")
+    lost = [a["last_step"] - b["start_step"] for a, b in zip(attempts, attempts[1:], strict=False) if a["killed"]]
+    lost_steps = statistics.mean(lost) if lost else 0.0
+    cost_parts = restart_s + lost_steps * step_s
+    cost_total = (total_s - baseline["wall_s"]) / n_pre if n_pre else 0.0
+    cost = max(cost_parts, cost_total)  # the larger of the two estimates, so the extrapolation is not flattering
+    goodput_p = 1 - cost / args.period
+    expected_lost = args.checkpoint_interval / 2  # a preemption at a random time loses half an interval on average
+    goodput_p_random = 1 - (restart_s + expected_lost * step_s) / args.period
+
+    print(f"dp{args.dp}, dim {args.dim}, {args.layers} layers, {args.experts} experts, N={args.steps} steps, "
+          f"SIGKILL every T={args.interrupt_every:.0f} s, checkpoint every {args.checkpoint_interval} steps; "
+          f"load average {load_before[0]:.2f} / {load_mid[0]:.2f} / {load_after[0]:.2f} (start/mid/end) "
+          f"on {os.cpu_count()} CPUs")
+    print(f"{'run':<14}{'launches':>9}{'wall s':>9}{'steps/s':>9}{'goodput':>9}")
+    print(f"{'baseline':<14}{1:>9}{baseline['wall_s']:>9.1f}{args.steps / baseline['wall_s']:>9.3f}{1.0:>9.3f}")
+    print(f"{'interrupted':<14}{len(attempts):>9}{total_s:>9.1f}{args.steps / total_s:>9.3f}{goodput_measured:>9.3f}")
+    print(f"measured per preemption ({n_pre}): restart {restart_s:.1f} s (median relaunch to first new step, less one "
+          f"step), lost {lost_steps:.1f} steps x {step_s:.2f} s = {cost_parts:.1f} s; "
+          f"from the totals (interrupted - baseline) / {n_pre} = {cost_total:.1f} s")
+    print(f"goodput(P={args.period:.0f} s) = 1 - cost / P = 1 - {cost:.1f} / {args.period:.0f} = {goodput_p:.3f} "
+          f"(target >= 0.95); with half an interval lost on average: {goodput_p_random:.3f}")
+
+    result = {
+        "args": vars(args), "cpus": os.cpu_count(),
+        "loadavg": {"start": load_before, "after_baseline": load_mid, "end": load_after},
+        "baseline": baseline, "attempts": attempts, "total_interrupted_s": total_s, "preemptions": n_pre,
+        "goodput_measured": goodput_measured, "step_wall_s": step_s, "restart_s": restart_s, "restarts_s": restarts,
+        "lost_steps": lost, "cost_from_parts_s": cost_parts, "cost_from_totals_s": cost_total,
+        "cost_per_preemption_s": cost, "formula": "goodput(P) = 1 - cost_per_preemption_s / P",
+        "period_s": args.period, "goodput_at_period": goodput_p, "goodput_at_period_half_interval_lost":
+            goodput_p_random, "cut_metrics_lines": sum(a["cut_lines"] for a in attempts)}
+    Path(args.out_json).write_text(json.dumps(result, indent=2))
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    bt = baseline["step_times"]
+    ax.plot(list(bt.values()), list(bt), color="tab:gray", label="uninterrupted")
+    offset = 0.0
+    for i, a in enumerate(attempts):
+        t = a["step_times"]
+        ax.plot([offset + v for v in t.values()], list(t), color="tab:red",
+                label="SIGKILL every T s" if i == 0 else None)
+        offset += a["wall_s"]
+        if a["killed"]:
+            ax.axvline(offset, color="tab:red", alpha=0.3, lw=0.8)
+    ax.set_xlabel("wall seconds")
+    ax.set_ylabel("training step reached")
+    ax.set_title(f"goodput {goodput_measured:.2f} at T={args.interrupt_every:.0f} s; "
+                 f"extrapolated {goodput_p:.3f} at one preemption / {args.period / 60:.0f} min")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(args.out_png, dpi=100)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
