@@ -298,14 +298,18 @@ class MoE(nn.Module):
             terms.append(self.z_loss_coef * torch.logsumexp(logits.float(), dim=-1).pow(2).mean())
         return sum(terms) if terms else None
 
-    def _dispatch_local(self, flat: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        n_tokens = flat.shape[0]
+    def sort_assignments(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Expert choices (N, k) -> the kept assignments sorted by expert (stable, so in token order within an
+        expert): order (M,) into the flattened (N*k,) choices, counts (E,) per expert, source token (M,) of each."""
         flat_expert = indices.reshape(-1)  # (N, k) -> (N*k,)
         order = torch.argsort(flat_expert, stable=True)
         counts = torch.bincount(flat_expert, minlength=self.num_experts)
         if self.capacity_factor > 0:
-            order, counts = self._drop_overflow(order, flat_expert, counts, self.capacity(n_tokens))
-        token_of = order // self.top_k  # (M,) source token of each sorted assignment
+            order, counts = self._drop_overflow(order, flat_expert, counts, self.capacity(indices.shape[0]))
+        return order, counts, order // self.top_k
+
+    def _dispatch_local(self, flat: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        order, counts, token_of = self.sort_assignments(indices)
         # gather, experts, router weighting and the scatter back to tokens run fused: (N, D) -> (N, D)
         return self.experts(flat, counts, token_index=token_of, scores=weights.reshape(-1)[order])
 

@@ -154,13 +154,8 @@ class AllToAllDispatcher:
 
     def __call__(self, flat: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         moe = self.moe
-        n_tokens = flat.shape[0]
-        flat_expert = indices.reshape(-1)  # (N, k) -> (N*k,)
-        order = torch.argsort(flat_expert, stable=True)
-        counts = torch.bincount(flat_expert, minlength=moe.num_experts)
-        if moe.capacity_factor > 0:
-            order, counts = moe._drop_overflow(order, flat_expert, counts, moe.capacity(n_tokens))
-        token_of = order // moe.top_k  # (M,) source token of each kept assignment, sorted by global expert
+        # (M,) kept assignments sorted by global expert, exactly as the single-device path keeps and orders them
+        order, counts, token_of = moe.sort_assignments(indices)
         scores = weights.reshape(-1)[order]  # (M,)
         rows = flat.index_select(0, token_of)  # (N, D) -> (M, D)
 
