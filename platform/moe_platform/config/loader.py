@@ -198,6 +198,7 @@ def validate_config(cfg: Config) -> None:
     need(f.max_preemption_failures >= -1, f"failure.max_preemption_failures must be >= -1, got "
                                           f"{f.max_preemption_failures}")
     need(f.preemption_grace_s > 0, f"failure.preemption_grace_s must be > 0, got {f.preemption_grace_s}")
+    need(f.preemption_check_steps >= 1, f"failure.preemption_check_steps must be >= 1, got {f.preemption_check_steps}")
     e = cfg.elastic
     need(e.min_workers >= 1, f"elastic.min_workers must be >= 1, got {e.min_workers}")
     need(e.max_workers >= e.min_workers,

@@ -71,6 +71,7 @@ class FailureConfig:
     max_failures: int = _f(3, "worker-group failures tolerated before the job fails (-1 = unlimited)")
     max_preemption_failures: int = _f(-1, "preemptions tolerated (-1 = unlimited)")
     preemption_grace_s: float = _f(30.0, "seconds a preempted node has to write a just-in-time checkpoint")
+    preemption_check_steps: int = _f(1, "steps between checks for a preemption notice (each is a tiny collective)")
 
 
 @dataclass

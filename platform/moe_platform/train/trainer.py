@@ -313,7 +313,8 @@ class Trainer:
             bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
             if self.hooks.on_step is not None:
                 self.hooks.on_step(rec)
-            if self.hooks.preemption_requested is not None and self._preemption_requested():
+            if (self.hooks.preemption_requested is not None
+                    and self.step % cfg.failure.preemption_check_steps == 0 and self._preemption_requested()):
                 log.warning("preemption notice at step %d: writing a just-in-time checkpoint", self.step)
                 self.save_checkpoint(blocking=True)
                 bar.close()
