@@ -173,6 +173,7 @@ def inputs_for(name: str, x: torch.Tensor, g: torch.Tensor, x_wide: torch.Tensor
 
 def measure(opt: argparse.Namespace) -> dict:
     device, dtype = torch.device(opt.device), DTYPES[opt.dtype]
+    load_before = os.getloadavg()[0]
     torch.manual_seed(opt.seed)
     impls = build_implementations(opt, device, dtype)
     gen = torch.Generator().manual_seed(opt.seed + 1)
@@ -201,6 +202,9 @@ def measure(opt: argparse.Namespace) -> dict:
     flops = opt.tokens * opt.top_k * 3 * opt.dim * opt.intermediate * 2 * 3
     ceiling_s = statistics.median(times["matmul ceiling"])
     peer_s = statistics.median(times[PEER]) if PEER in times else None
+    # DeepSpeed's dropless layer pads every expert to the busiest one: its real work is experts * max(load) rows
+    ours = impls.get("ours (dropless)")
+    loads = ours[0].last_tokens_per_expert.tolist() if ours else []
     rows = []
     for name, ts in times.items():
         s = statistics.median(ts)
@@ -213,7 +217,9 @@ def measure(opt: argparse.Namespace) -> dict:
         "ceiling_gflops": flops / ceiling_s / 1e9,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "loadavg_1m_before": load_before,
         "loadavg_1m_after": os.getloadavg()[0],
+        "tokens_per_expert": loads,
         "results": rows,
     }
 
@@ -221,7 +227,10 @@ def measure(opt: argparse.Namespace) -> dict:
 def print_table(report: dict) -> None:
     print(f"activated expert FLOPs per fwd+bwd step: {report['flops_per_step'] / 1e9:.2f} G; "
           f"ceiling {report['ceiling_gflops']:.1f} GFLOP/s; threads {report['threads']}; "
-          f"load(1m) {report['loadavg_1m_after']:.2f}")
+          f"load(1m) {report['loadavg_1m_before']:.2f} before, {report['loadavg_1m_after']:.2f} after")
+    if report["tokens_per_expert"]:
+        loads = report["tokens_per_expert"]
+        print(f"tokens per expert: min {min(loads)}, mean {sum(loads) / len(loads):.0f}, max {max(loads)}")
     print(f"{'implementation':<28} {'ms fwd+bwd':>11} {'GFLOP/s':>9} {'of ceiling':>11} {'vs DS dropless':>15}")
     for r in report["results"]:
         ratio = f"{r['vs_deepspeed_dropless']:.2f}x" if r["vs_deepspeed_dropless"] else "-"
@@ -243,6 +252,7 @@ def plot(report: dict, path: str) -> None:
         ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height() + 0.01, f"{r['gflops']:.0f}",
                 ha="center", va="bottom", fontsize=8)
     ax.axhline(0.8, color="tab:red", linestyle="--", linewidth=1, label="target 0.80")
+    ax.set_ylim(0, max(1.2, max(r["frac_ceiling"] for r in rows) + 0.15))
     ax.set_ylabel("fraction of matmul ceiling (fwd+bwd)")
     ax.set_title(f"MoE layer, d={c['dim']}, E={c['experts']}, top-{c['top_k']}, I={c['intermediate']}, "
                  f"{c['tokens']} tokens, {c['device']} {c['dtype']} (labels: GFLOP/s)", fontsize=10)
