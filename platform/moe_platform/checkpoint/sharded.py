@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from moe_platform.checkpoint.store import CheckpointError, CheckpointWriter
+from moe_platform.checkpoint.store import CheckpointError, CheckpointWriter, _prepare_tensors
 
 SHARDS_DIR = "shards"
 STATE_KINDS = ("model", "exp_avg", "exp_avg_sq")
@@ -145,21 +145,24 @@ class ShardedReader:
 
 
 class ShardFiles:
-    """Writes a rank's files into another rank's open checkpoint directory (same calls as CheckpointWriter)."""
+    """Writes a rank's files into a checkpoint's temp directory, maybe shared with other ranks (same calls as
+    CheckpointWriter); `written` lists them for the rank's own manifest entries."""
 
     def __init__(self, directory: Path):
         self.dir = Path(directory)
+        self.written: list[str] = []
 
     def _target(self, name: str) -> Path:
         path = self.dir / name
         path.parent.mkdir(parents=True, exist_ok=True)
+        self.written.append(name)
         return path
 
     def save_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> Path:
         from safetensors.torch import save_file
 
         path = self._target(name)
-        save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}, str(path))
+        save_file(_prepare_tensors(tensors, name), str(path))
         return path
 
     def save_json(self, name: str, obj) -> Path:

@@ -129,6 +129,32 @@ def _hash_file(path: Path, fsync: bool = False) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
+def hash_files(directory: str | os.PathLike, names: Iterable[str], fsync: bool = False) -> dict[str, dict[str, Any]]:
+    """Manifest entries {relpath: {sha256, bytes}} of files under `directory` (fsynced on the way with fsync=True)."""
+    out = {}
+    for rel in sorted(names):
+        sha, size = _hash_file(Path(directory) / _check_relpath(rel), fsync=fsync)
+        out[rel] = {"sha256": sha, "bytes": size}
+    return out
+
+
+def build_manifest(step: int, meta: Mapping[str, Any], files: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """The manifest.json document of a checkpoint of `step` holding `files` (relpath -> {sha256, bytes})."""
+    return {
+        "format": MANIFEST_FORMAT,
+        "version": MANIFEST_VERSION,
+        "step": _check_step(step),
+        "created": datetime.now(timezone.utc).isoformat(),
+        "meta": dict(meta),
+        "files": {rel: dict(files[rel]) for rel in sorted(files)},
+    }
+
+
+def tmp_dir_name(step: int, token: str) -> str:
+    """Name of a temp dir for the checkpoint of `step` (under checkpoints/; never loaded, removed by cleanup)."""
+    return f"{TMP_PREFIX}{step_dir_name(step)}-{token}"
+
+
 def _write_durable(path: Path, data: bytes) -> None:
     with open(path, "wb") as f:
         f.write(data)
@@ -151,7 +177,8 @@ class CheckpointWriter:
     found there, so only one rank needs to commit once the others are done.
     """
 
-    def __init__(self, run_dir: str | os.PathLike, step: int, meta: Mapping[str, Any] | None = None):
+    def __init__(self, run_dir: str | os.PathLike, step: int, meta: Mapping[str, Any] | None = None,
+                 tmp_name: str | None = None):
         self.step = _check_step(step)
         self.run_dir = Path(run_dir)
         self.meta: dict[str, Any] = dict(meta or {})
@@ -160,8 +187,9 @@ class CheckpointWriter:
         self.checkpoints_dir = self.run_dir / CHECKPOINTS_DIRNAME
         self.final_dir = self.checkpoints_dir / step_dir_name(step)
         self.checkpoints_dir.mkdir(parents=True, exist_ok=True)
-        self.tmp_dir = self.checkpoints_dir / f"{TMP_PREFIX}{step_dir_name(step)}-{uuid.uuid4().hex}"
-        self.tmp_dir.mkdir()
+        # Several ranks writing into one temp dir agree on `tmp_name` beforehand (see tmp_dir_name).
+        self.tmp_dir = self.checkpoints_dir / (tmp_name or tmp_dir_name(step, uuid.uuid4().hex))
+        self.tmp_dir.mkdir(exist_ok=tmp_name is not None)
         self._registered: set[str] = set()
         self._state = "open"  # -> "committed" | "aborted"
 
@@ -235,22 +263,24 @@ class CheckpointWriter:
             raise CheckpointError(self.tmp_dir, f"registered file {missing[0]} vanished before commit", missing[0])
         return sorted(found)
 
-    def commit(self) -> Path:
-        """Hash + fsync every file, write manifest then COMMITTED, and atomically rename into place."""
+    def commit(self, files: Mapping[str, Mapping[str, Any]] | None = None) -> Path:
+        """Hash + fsync every file, write manifest then COMMITTED, and atomically rename into place.
+
+        `files` ({relpath: {sha256, bytes}}, see hash_files) are entries the ranks that wrote them hashed and fsynced
+        already: they make up the manifest as given, after a check that each is there with its size.
+        """
         self._require_open()
         try:
-            files: dict[str, dict[str, Any]] = {}
-            for rel in self._collect_files():
-                sha, size = _hash_file(self.tmp_dir / rel, fsync=True)
-                files[rel] = {"sha256": sha, "bytes": size}
-            manifest = {
-                "format": MANIFEST_FORMAT,
-                "version": MANIFEST_VERSION,
-                "step": self.step,
-                "created": datetime.now(timezone.utc).isoformat(),
-                "meta": self.meta,
-                "files": files,
-            }
+            if files is None:
+                files = hash_files(self.tmp_dir, self._collect_files(), fsync=True)
+            else:
+                files = {_check_relpath(rel): dict(entry) for rel, entry in files.items()}
+                for rel, entry in files.items():
+                    path = self.tmp_dir / rel
+                    if not path.is_file() or path.stat().st_size != entry["bytes"]:
+                        raise CheckpointError(self.tmp_dir, f"file {rel} is missing or not the size its writer "
+                                                            f"hashed ({entry['bytes']} bytes)", rel)
+            manifest = build_manifest(self.step, self.meta, files)
             _write_durable(self.tmp_dir / MANIFEST_NAME, (_dumps_json(manifest, "manifest") + "\n").encode())
             # The marker goes last: a dir holding it is complete as far as the writer is concerned.
             _write_durable(self.tmp_dir / COMMITTED_NAME, b"")
