@@ -31,3 +31,39 @@ def tiny_overrides(corpus: Path, storage: Path, **extra) -> list[str]:
     }
     base.update(extra)
     return [f"--{k}={v}" for k, v in base.items()]
+
+
+def poll(condition, timeout_s: float, what: str, interval_s: float = 0.05) -> None:
+    """Wait until `condition()` is true; a TimeoutError naming `what` after `timeout_s` (never a fixed sleep)."""
+    import time
+
+    end = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > end:
+            raise TimeoutError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+        time.sleep(interval_s)
+
+
+def run_events(run_dir: Path) -> list[dict]:
+    """The run's events.jsonl (starts, resumes, checkpoint-and-stops), [] before the first."""
+    import json
+
+    path = Path(run_dir) / "events.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def start_in_background(fn) -> tuple:
+    """Run `fn()` on a daemon thread; returns (thread, out): out["result"] gets its value, out["error"] its error."""
+    import threading
+
+    out: dict = {}
+
+    def run():
+        try:
+            out["result"] = fn()
+        except BaseException as e:  # reported by the caller
+            out["error"] = e
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, out

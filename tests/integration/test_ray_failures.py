@@ -1,12 +1,14 @@
-"""Ray Train fault tolerance on a real local Ray: a training worker SIGKILLed mid-run makes Ray restart the worker
-group, every worker resumes from the latest committed checkpoint, and the run ends bitwise where an uninterrupted
-run of the same layout ends, with each step in metrics.jsonl exactly once. Plus the errors raised before training.
-One Ray instance for the whole module."""
+"""Ray Train fault tolerance on a real local Ray: training workers SIGKILLed at random moments (three times in a
+60-step run, any rank, mid-step or mid-checkpoint) make Ray restart the worker group, every worker resumes from the
+latest committed checkpoint, and the run ends bitwise where an uninterrupted run of the same layout ends, with each
+step in metrics.jsonl exactly once and every sample consumed exactly once, in the same order. Plus the errors raised
+before training. One Ray instance for the whole module."""
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import threading
 import time
@@ -24,9 +26,10 @@ from moe_platform.checkpoint.sharded import ShardedReader  # noqa: E402
 from moe_platform.train.metrics import MetricsLog  # noqa: E402
 from moe_platform.train.ray_launcher import launch_ray  # noqa: E402
 
-STEPS = 30
+STEPS = 60
 CHECKPOINT_INTERVAL = 8
-KILL_AFTER_STEP = 10  # past the first committed checkpoint, well before the end
+KILLS = 3
+SEED = int(os.environ.get("MOE_CHAOS_SEED", "0")) or random.SystemRandom().randrange(1, 10**6)
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +40,9 @@ def local_ray():
 
 
 def dp2_config(tiny_config, name: str, **extra):
-    return tiny_config(**{"run.name": name, "parallel.dp": 2, "train.steps": STEPS,
-                          "checkpoint.interval": CHECKPOINT_INTERVAL, "checkpoint.keep": 2, "failure.max_failures": 2,
-                          **extra})
+    return tiny_config(**{"run.name": name, "parallel.dp": 2, "train.steps": STEPS, "train.log_sample_ids": True,
+                          "checkpoint.interval": CHECKPOINT_INTERVAL, "checkpoint.keep": 2,
+                          "failure.max_failures": KILLS, **extra})
 
 
 def ray_train_workers() -> list[psutil.Process]:
@@ -68,19 +71,30 @@ def last_logged_step(metrics: Path) -> int:
     return max(steps, default=0)
 
 
-def kill_a_worker_after(metrics: Path, step: int, killed: dict, deadline_s: float = 180.0) -> None:
-    """Background: once `metrics` shows `step`, SIGKILL one training worker (polling, bounded)."""
+def starts(run_dir: Path) -> int:
+    """Worker-group starts that reached training (events.jsonl: one `start`/`resume` line each)."""
+    path = run_dir / "events.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def chaos(run_dir: Path, rng: random.Random, kills: list, deadline_s: float = 300.0) -> None:
+    """Background: KILLS times, once the current worker group trains, wait a random number of steps and a random
+    fraction of a step, then SIGKILL a random training worker (polling, bounded)."""
     end = time.monotonic() + deadline_s
-    while time.monotonic() < end:
-        if last_logged_step(metrics) >= step:
-            workers = ray_train_workers()
-            if workers:
-                victim = workers[-1]
-                killed["step"] = last_logged_step(metrics)
-                os.kill(victim.pid, signal.SIGKILL)
-                killed["pid"] = victim.pid
-                return
-        time.sleep(0.02)
+    metrics = run_dir / "metrics.jsonl"
+    first = CHECKPOINT_INTERVAL + 1  # after the first committed checkpoint, so that every restart resumes
+    window = (STEPS - first - 3) // KILLS  # spread the kills over the run, each in its own window of steps
+    for i in range(KILLS):
+        at_step = rng.randrange(first + i * window, first + (i + 1) * window)
+        while time.monotonic() < end and not (starts(run_dir) > i and last_logged_step(metrics) >= at_step):
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0, 0.3))  # anywhere in a step, or in a checkpoint write
+        workers = ray_train_workers()
+        if not workers or time.monotonic() >= end:
+            return
+        victim = rng.choice(workers)
+        kills.append({"at_step": last_logged_step(metrics), "pid": victim.pid})
+        os.kill(victim.pid, signal.SIGKILL)
 
 
 def final_params(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -110,30 +124,36 @@ def test_unwritable_storage(tiny_config, tmp_path):
         launch_ray(cfg, progress=False)
 
 
-def test_killed_worker_resumes_from_checkpoint_bitwise(local_ray, tiny_config):
+def test_three_random_kills_resume_bitwise_with_every_sample_once(local_ray, tiny_config):
     reference = launch_ray(dp2_config(tiny_config, "reference"), progress=False)
     assert reference["final_step"] == STEPS and reference["resumed_from"] is None
     assert reference["layout"].startswith("dp2")
 
     cfg = dp2_config(tiny_config, "killed")
-    metrics = Path(cfg.run.storage_path) / cfg.run.name / "metrics.jsonl"
-    killed: dict = {}
-    killer = threading.Thread(target=kill_a_worker_after, args=(metrics, KILL_AFTER_STEP, killed), daemon=True)
+    run_dir = Path(cfg.run.storage_path) / cfg.run.name
+    kills: list = []
+    killer = threading.Thread(target=chaos, args=(run_dir, random.Random(SEED), kills), daemon=True)
     killer.start()
     result = launch_ray(cfg, progress=False)
     killer.join(timeout=5)
 
-    assert "pid" in killed, "no training worker was killed"
-    assert killed["step"] < STEPS, "the run finished before the worker could be killed"
+    assert len(kills) == KILLS and kills[-1]["at_step"] < STEPS, f"seed {SEED}: kills {kills}"
     assert result["final_step"] == STEPS
-    # The new group resumed from a committed checkpoint written before the kill.
-    assert result["resumed_from"] is not None and CHECKPOINT_INTERVAL <= result["resumed_from"] <= killed["step"]
+    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in events] == ["start"] + ["resume"] * KILLS, f"seed {SEED}: {events}"
+    # Each new group resumed from a committed checkpoint written before its kill.
+    for kill, event in zip(kills, events[1:], strict=True):
+        assert event["step"] <= kill["at_step"] and event["step"] % CHECKPOINT_INTERVAL == 0, (SEED, kills, events)
     assert result["ray_checkpoint"] == str(latest_checkpoint(result["run_dir"]))
 
-    steps = [r["step"] for r in MetricsLog(metrics).read()]
-    assert steps == list(range(1, STEPS + 1)), "every step exactly once"
-    ref_losses = [r["loss"] for r in MetricsLog(Path(reference["run_dir"]) / "metrics.jsonl").read()]
-    assert [r["loss"] for r in MetricsLog(metrics).read()] == ref_losses
+    # After the restarts are de-duplicated, every step once, with the reference run's losses and samples.
+    recs = MetricsLog(run_dir / "metrics.jsonl").read()
+    ref = MetricsLog(Path(reference["run_dir"]) / "metrics.jsonl").read()
+    assert [r["step"] for r in recs] == list(range(1, STEPS + 1)), f"seed {SEED}: every step exactly once"
+    assert [r["loss"] for r in recs] == [r["loss"] for r in ref], f"seed {SEED}"
+    samples = [i for r in recs for i in r["sample_ids"]]
+    assert samples == [i for r in ref for i in r["sample_ids"]], f"seed {SEED}: sample stream differs"
+    assert len(samples) == len(set(samples)) == STEPS * cfg.train.global_batch_size, "a sample twice or skipped"
 
     want, got = final_params(Path(reference["run_dir"])), final_params(Path(result["run_dir"]))
     assert want.keys() == got.keys()

@@ -7,7 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from moe_platform.train.ray_launcher import _host_port, check_layouts, num_workers_for, with_absolute_paths
+from moe_platform.train.ray_launcher import (
+    _host_port,
+    check_layouts,
+    check_storage,
+    num_workers_for,
+    with_absolute_paths,
+)
 
 
 @pytest.mark.parametrize("extra, want", [
@@ -30,14 +36,25 @@ def test_every_elastic_world_size_needs_a_layout(tiny_config):
 
 def test_paths_become_absolute(tiny_config, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cfg = with_absolute_paths(tiny_config(**{"run.storage_path": "runs", "data.cache_dir": "cache"}))
+    cfg = with_absolute_paths(tiny_config(**{"run.storage_path": "runs", "data.cache_dir": "cache",
+                                             "run.local_dir": "mirror/node{rank}"}))
     assert cfg.run.storage_path == str(tmp_path / "runs")
     assert cfg.data.cache_dir == str(tmp_path / "cache")
+    assert cfg.run.local_dir == str(tmp_path / "mirror" / "node{rank}")
     assert Path(cfg.data.path).is_absolute()
-    assert with_absolute_paths(tiny_config(**{"run.storage_path": f"file://{tmp_path}/r"})).run.storage_path == \
-        str(tmp_path / "r")
-    with pytest.raises(ValueError, match="needs a local or shared filesystem path"):
-        with_absolute_paths(tiny_config(**{"run.storage_path": "s3://bucket/runs"}))
+    for uri in (f"file://{tmp_path}/r", "s3://bucket/runs", "gs://bucket/runs"):  # opened by pyarrow on each worker
+        assert with_absolute_paths(tiny_config(**{"run.storage_path": uri})).run.storage_path == uri
+    assert with_absolute_paths(tiny_config()).run.local_dir == "", "empty: each worker's own cache dir"
+
+
+def test_storage_is_checked_before_any_cluster(tiny_config, tmp_path):
+    assert check_storage(tiny_config(**{"run.storage_path": f"file://{tmp_path}/bucket"})) == tmp_path / "bucket" / "t"
+    assert (tmp_path / "bucket" / "t").is_dir()
+    with pytest.raises(ValueError, match=r"'foo://bucket/runs' is not a storage pyarrow can open"):
+        check_storage(tiny_config(**{"run.storage_path": "foo://bucket/runs"}))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match=r"'file://.*/file/runs' is not writable"):
+        check_storage(tiny_config(**{"run.storage_path": f"file://{tmp_path}/file/runs"}))
 
 
 @pytest.mark.parametrize("address, want", [

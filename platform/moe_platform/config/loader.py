@@ -193,6 +193,7 @@ def validate_config(cfg: Config) -> None:
     c = cfg.checkpoint
     need(c.interval >= 0, f"checkpoint.interval must be >= 0, got {c.interval}")
     need(c.keep >= 1, f"checkpoint.keep must be >= 1, got {c.keep}")
+    need(c.publish_keep >= 1, f"checkpoint.publish_keep must be >= 1, got {c.publish_keep}")
     f = cfg.failure
     need(f.max_failures >= -1, f"failure.max_failures must be >= -1, got {f.max_failures}")
     need(f.max_preemption_failures >= -1, f"failure.max_preemption_failures must be >= -1, got "
@@ -204,3 +205,6 @@ def validate_config(cfg: Config) -> None:
     need(e.max_workers >= e.min_workers,
          f"elastic.max_workers ({e.max_workers}) must be >= elastic.min_workers ({e.min_workers})")
     need(e.cpus_per_worker > 0, f"elastic.cpus_per_worker must be > 0, got {e.cpus_per_worker}")
+    need(e.resize_interval_s >= 0, f"elastic.resize_interval_s must be >= 0, got {e.resize_interval_s}")
+    need(e.resize_checkpoint_timeout_s > 0,
+         f"elastic.resize_checkpoint_timeout_s must be > 0, got {e.resize_checkpoint_timeout_s}")

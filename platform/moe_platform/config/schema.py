@@ -15,6 +15,8 @@ def _f(default, doc: str):
 class RunConfig:
     name: str = _f("tiny", "run name; the run's files live in <storage_path>/<name>/")
     storage_path: str = _f("./runs", "local directory or pyarrow filesystem URI (s3://, gs://, file://)")
+    local_dir: str = _f("", "with a URI storage_path, the node-local mirror the run works in is <local_dir>/<name> "
+                            "(empty: ~/.cache/moe-platform/runs/<hash of the URI>; {rank} makes one per rank)")
 
 
 @dataclass
@@ -64,6 +66,8 @@ class CheckpointConfig:
     keep: int = _f(3, "committed checkpoints to keep (older ones are deleted)")
     async_save: bool = _f(True, "write checkpoints in the background after a host-memory snapshot")
     export: bool = _f(True, "write a Hugging Face export to <run>/export at the end")
+    publish_to: str = _f("", "also publish the final export to the object-store model registry under this name")
+    publish_keep: int = _f(3, "versions of the published model the registry keeps (older ones are freed)")
 
 
 @dataclass
@@ -80,6 +84,8 @@ class ElasticConfig:
     max_workers: int = _f(1, "most training workers the job asks for")
     use_gpu: bool = _f(False, "give each worker one GPU")
     cpus_per_worker: float = _f(1.0, "CPUs reserved per training worker")
+    resize_interval_s: float = _f(60.0, "seconds between Ray Train's checks for more (or less) capacity to resize into")
+    resize_checkpoint_timeout_s: float = _f(120.0, "longest a resize waits for the running workers' checkpoint")
 
 
 @dataclass

@@ -24,15 +24,18 @@ class MetricsLog:
         with open(self.path, "a") as f:
             f.write(json.dumps(record, allow_nan=True) + "\n")
 
-    def truncate_after(self, step: int) -> None:
-        """Drop lines of steps after `step` (work lost by a crash is redone, so each step appears once)."""
+    def truncate_after(self, step: int) -> int:
+        """Drop lines of steps after `step` (work lost by a crash is redone, so each step appears once); returns how
+        many logged steps were dropped, i.e. will be computed again."""
         if not self.path.exists():
-            return
-        kept = [line for line in self.path.read_text().splitlines()
-                if (rec := _parse(line)) is not None and rec.get("step", 0) <= step]
+            return 0
+        recs = [(line, _parse(line)) for line in self.path.read_text().splitlines()]
+        kept = [line for line, rec in recs if rec is not None and rec.get("step", 0) <= step]
+        dropped = {rec["step"] for _, rec in recs if rec is not None and rec.get("step", 0) > step}
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, self.path)
+        return len(dropped)
 
     def read(self) -> list[dict[str, Any]]:
         if not self.path.exists():

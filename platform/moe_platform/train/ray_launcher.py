@@ -11,6 +11,9 @@ How the trainer maps onto Ray Train:
   to the shared filesystem), and `<storage_path>/<name>` is also Ray's run directory, so each commit is reported in
   place (an identity "upload"): Ray's Result and dashboard know it without a copy. The trainer deletes old
   checkpoints itself; Ray only indexes them (its index is pruned to the checkpoints left at the start and end).
+  With a storage URI (s3://, gs://, file://) each node works in a local mirror (run.local_dir) and the trainer
+  uploads every checkpoint itself, COMMITTED last (moe_platform.checkpoint.remote); Ray is handed the stored copy
+  only once that upload has committed, so a rank that dies mid-upload never makes a half checkpoint Ray's latest.
 - Reports. `ray.train.report` is a barrier across workers whose per-worker queue holds one report and is drained
   once per controller poll (~2 s), so reporting every step would throttle training to that rate. Every rank reports
   at checkpoints instead (at most about one per poll; always the last and a just-in-time one), handing the report
@@ -23,6 +26,10 @@ How the trainer maps onto Ray Train:
   and stops. The workers then wait for the node to go: returning would end the run as finished. Ray restarts the
   group at the drain deadline plus failure.preemption_grace_s, charging failure.max_preemption_failures, on the
   nodes that are left; with elastic.min_workers < max_workers it may come back on fewer workers (resharded).
+- Resize. With elastic.min_workers < max_workers, Ray Train checks every elastic.resize_interval_s how many workers
+  its resources allow and restarts the group at that size when it changed (a node came back, or a higher-priority
+  requester such as Serve took resources away). Just before, the controller callback in moe_platform.train.resize
+  asks the running workers for a checkpoint, answered like a preemption notice, so a resize loses no step.
 
 Metrics (ray.util.metrics from rank 0, tag `run`; Prometheus shows them with Ray's `ray_` prefix):
     moe_train_step                last optimizer step finished
@@ -33,6 +40,7 @@ Metrics (ray.util.metrics from rank 0, tag `run`; Prometheus shows them with Ray
     moe_train_checkpoint_seconds  wall time the training loop spent on the last checkpoint
     moe_train_restarts            counter: worker-group starts that resumed from a checkpoint
     moe_train_preemptions         counter: preemption notices answered with a just-in-time checkpoint
+    moe_train_lost_steps          counter: steps computed again after a restart (done after the checkpoint resumed)
 """
 
 from __future__ import annotations
@@ -53,6 +61,7 @@ from moe_platform.checkpoint import checkpoint_step
 from moe_platform.config import Config, config_from_dict, config_to_dict
 from moe_platform.model.args import ModelArgs
 from moe_platform.parallel import resolve_layout
+from moe_platform.train import resize
 from moe_platform.train.launch import world_size_for
 from moe_platform.train.trainer import DistContext, Trainer, TrainerHooks
 
@@ -91,16 +100,16 @@ def check_layouts(cfg: Config, lo: int, hi: int) -> None:
 
 
 def with_absolute_paths(cfg: Config) -> Config:
-    """A copy whose local paths are absolute: Ray workers run in their own working directories, maybe elsewhere."""
+    """A copy whose local paths are absolute: Ray workers run in their own working directories, maybe elsewhere.
+    A storage URI (s3://, gs://, file://) stays as it is: every worker opens it through pyarrow, as Ray does."""
+    from moe_platform.checkpoint.remote import is_uri
+
     data = copy.deepcopy(config_to_dict(cfg))
-    storage = data["run"]["storage_path"]
-    if "://" in storage:
-        scheme, _, rest = storage.partition("://")
-        if scheme != "file":
-            raise ValueError(f"run.storage_path {storage!r}: the trainer reads and writes checkpoints as files, so it "
-                             f"needs a local or shared filesystem path (mount {scheme}:// storage and give its path)")
-        storage = rest
-    data["run"]["storage_path"] = str(Path(storage).expanduser().resolve())
+    run = data["run"]
+    if not is_uri(run["storage_path"]):
+        run["storage_path"] = str(Path(run["storage_path"]).expanduser().resolve())
+    if run["local_dir"]:  # an empty one means each worker's own ~/.cache/moe-platform/runs/...
+        run["local_dir"] = str(Path(run["local_dir"]).expanduser().resolve())
     if data["data"]["path"] and Path(data["data"]["path"]).expanduser().exists():
         data["data"]["path"] = str(Path(data["data"]["path"]).expanduser().resolve())
     if data["data"]["cache_dir"]:
@@ -109,7 +118,19 @@ def with_absolute_paths(cfg: Config) -> Config:
 
 
 def check_storage(cfg: Config) -> Path:
-    """The run directory, created and probed for writing (on this machine: the storage must be shared)."""
+    """The run directory, created and probed for writing (on this machine: a local storage path must be shared).
+    A storage URI is probed through pyarrow, so that an unknown scheme, an unreachable bucket or missing write access
+    fail here; what is returned is then the run directory's local path for file://, and for object storage this
+    machine's mirror, which holds no Ray index (a stale index in the bucket is dropped here instead)."""
+    from moe_platform.checkpoint.remote import RemoteRun, is_uri, mirror_dir
+
+    if is_uri(cfg.run.storage_path):
+        remote = RemoteRun(cfg.run.storage_path, cfg.run.name)
+        remote.check_writable()
+        if remote.is_local:
+            return Path(remote.root)
+        remote.drop_stale_ray_index(RAY_RUN_INDEX)
+        return mirror_dir(cfg.run.storage_path, cfg.run.name, cfg.run.local_dir)
     run_dir = Path(cfg.run.storage_path) / cfg.run.name
     if "runtime_resources" in run_dir.parts:
         log.warning("run directory %s lies in the copy of the job's working dir, which Ray deletes with the cluster; "
@@ -226,9 +247,25 @@ def _cluster_capacity(per_worker: dict[str, float]) -> tuple[int, str]:
     return fits, f"{len(nodes)} node(s) with {[{k: n['Resources'].get(k, 0) for k in per_worker} for n in nodes]}"
 
 
+def _autoscaler_running() -> bool:
+    """Whether an autoscaler reports on this cluster (Ray's v1 autoscaler, the default of `ray up`, does not expose
+    its node limits, so the nodes that exist now say nothing about what it can add)."""
+    try:
+        from ray._private import ray_constants
+        from ray.experimental.internal_kv import _internal_kv_get
+
+        return _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS) is not None
+    except Exception:
+        return False
+
+
 def check_cluster_fits(per_worker: dict[str, float], lo: int, hi: int, address: str | None) -> None:
     fits, what = _cluster_capacity(per_worker)
     where = address or os.environ.get("RAY_ADDRESS") or "the local Ray"
+    if fits < lo and not what.startswith("autoscaler") and _autoscaler_running():
+        log.warning("the Ray cluster at %s hosts %d of the %d training worker(s) needed now (%s); its autoscaler "
+                    "may add nodes, so Ray Train waits for them", where, fits, lo, what)
+        return
     if fits < lo:
         raise ValueError(f"the job needs at least {lo} training worker(s) of {per_worker}, but the Ray cluster at "
                          f"{where} can host at most {fits} ({what}); lower the parallel degrees / elastic.min_workers "
@@ -259,8 +296,10 @@ class TrainMetrics:
                                 tag_keys=("run",))
         self.preemptions = Counter("moe_train_preemptions", "preemption notices answered with a checkpoint",
                                    tag_keys=("run",))
+        self.lost_steps = Counter("moe_train_lost_steps", "steps computed again after a restart",
+                                  tag_keys=("run",))
         for m in (self.step, self.loss, self.tokens_per_s, self.mfu, self.imbalance, self.checkpoint_s,
-                  self.restarts, self.preemptions):
+                  self.restarts, self.preemptions, self.lost_steps):
             m.set_default_tags({"run": run_name})
 
     def record_step(self, rec: dict[str, Any]) -> None:
@@ -284,6 +323,7 @@ class RayBridge:
         self.last_reported: Path | None = None
         self.last_report_t = -math.inf
         self.preemption = None  # the ray.train.PreemptionInfo answered with a just-in-time checkpoint
+        self.resizing = False  # Ray Train asked for a checkpoint before it resizes the worker group
         self.mark = time.perf_counter()  # the end of the last step's hooks: a checkpoint save starts right after
         self.log_every = max(1, cfg.train.steps // 50)
 
@@ -295,6 +335,8 @@ class RayBridge:
         self.trainer = trainer
         if self.metrics is not None and trainer.resumed_from is not None:
             self.metrics.restarts.inc()
+            if trainer.lost_steps:
+                self.metrics.lost_steps.inc(trainer.lost_steps)
         if self.dist.rank == 0:
             how = f"resumed from step {trainer.resumed_from}" if trainer.resumed_from is not None else "from scratch"
             log.info("[moe-platform] rank 0 of %d: layout %s, %s", self.dist.world_size, trainer.layout, how)
@@ -316,10 +358,12 @@ class RayBridge:
     def preemption_requested(self) -> bool:
         import ray.train
 
-        info = ray.train.get_preemption_info()  # a barrier: every rank calls it once per step
+        info = ray.train.get_preemption_info()  # a barrier: every rank calls it at every check
         self.mark = time.perf_counter()
         if info is None:
-            return False
+            # Ray Train is about to resize the group (moe_platform.train.resize): a checkpoint first, as for a notice.
+            self.resizing = self.resizing or resize.resize_requested()
+            return self.resizing
         self.preemption = info
         if self.metrics is not None:
             self.metrics.preemptions.inc()
@@ -343,7 +387,7 @@ class RayBridge:
         """Ray takes one report per controller poll and queues the rest, which would hold up the end of a run that
         checkpoints more often: between polls only a commit that comes after a quiet interval is reported, and the
         last one and a just-in-time one always are. Rank 0 decides for all: reports are collective."""
-        due = (step >= self.cfg.train.steps or self.preemption is not None
+        due = (step >= self.cfg.train.steps or self.preemption is not None or self.resizing
                or time.monotonic() - self.last_report_t >= REPORT_INTERVAL_S)
         if self.dist.distributed:
             import torch
@@ -354,15 +398,29 @@ class RayBridge:
         return due
 
     def _report(self, committed: Path | None, step: int, seconds: float) -> None:
+        import functools
+
         import ray.train
 
-        checkpoint = ray.train.Checkpoint.from_directory(str(committed)) if committed is not None else None
+        remote = self.trainer.remote if self.trainer is not None else None
+        upload = _already_in_place
+        if remote is None:
+            checkpoint = ray.train.Checkpoint.from_directory(str(committed)) if committed is not None else None
+        elif self.dist.rank == 0:
+            # A storage URI is Ray's storage too: the checkpoint's copy there is the one to report, handed to Ray
+            # only once the trainer's upload has COMMITTED it (a half upload is never Ray's latest checkpoint).
+            storage = ray.train.get_context().get_storage()
+            checkpoint = ray.train.Checkpoint(remote.step_path(step), filesystem=storage.storage_filesystem)
+            upload = functools.partial(_already_in_place,
+                                       committed=functools.partial(self.trainer.checkpointer.wait_remote, step))
+        else:
+            checkpoint = None
         # The checkpoint already lies in Ray's run directory: "uploading" it is the identity, done off the training
         # thread so that the one-deep report queue never holds training up (and Ray must not delete it after).
         ray.train.report({**self.step_recs.get(step, {}), "step": step, "checkpoint_seconds": seconds},
                          checkpoint=checkpoint,
                          checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
-                         checkpoint_upload_fn=_already_in_place, delete_local_checkpoint_after_upload=False)
+                         checkpoint_upload_fn=upload, delete_local_checkpoint_after_upload=False)
         self.last_report_t = time.monotonic()
 
     def await_reclaim(self, step: int) -> None:
@@ -378,7 +436,11 @@ class RayBridge:
                            f"by the drain deadline + grace; failing so that it does")
 
 
-def _already_in_place(checkpoint, checkpoint_dir_name: str):
+def _already_in_place(checkpoint, checkpoint_dir_name: str, committed=None):
+    """Ray's "upload" of a checkpoint already in its run directory, on Ray's upload thread: the identity, after
+    `committed()` has waited for the trainer's own upload to a storage URI to commit (and raised if it failed)."""
+    if committed is not None:
+        committed()
     return checkpoint
 
 
@@ -396,7 +458,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     trainer = Trainer(cfg, progress=False, dist=dist, hooks=bridge.hooks())
     trainer.setup()
     bridge.on_setup(trainer)
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except BaseException:
+        resize.answer(None)  # a controller waiting for a resize checkpoint need not wait for this worker
+        raise
+    if result.preempted and bridge.preemption is None:  # stopped for a resize (on this rank or another)
+        resize.answer(result.final_step)
+        resize.park(result.final_step)
+    resize.answer(None)
     if result.preempted:
         bridge.await_reclaim(result.final_step)
     return {"run_dir": str(result.run_dir), "final_step": result.final_step, "final_loss": result.final_loss,
@@ -440,13 +510,15 @@ def launch_ray(cfg: Config, address: str | None = None, progress: bool = True) -
             train_loop_per_worker,
             train_loop_config={"cfg": config_to_dict(cfg), "progress": progress},
             scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=e.use_gpu,
-                                         resources_per_worker={"CPU": e.cpus_per_worker}),
+                                         resources_per_worker={"CPU": e.cpus_per_worker},
+                                         elastic_resize_monitor_interval_s=e.resize_interval_s),
             run_config=RunConfig(
                 name=cfg.run.name, storage_path=cfg.run.storage_path,
                 failure_config=FailureConfig(max_failures=f.max_failures,
                                              max_preemption_failures=f.max_preemption_failures,
                                              preemption_grace_s=f.preemption_grace_s),
-                worker_runtime_env=_worker_runtime_env()),
+                worker_runtime_env=_worker_runtime_env(),
+                callbacks=[resize.build_resize_callback(e.resize_checkpoint_timeout_s)] if lo < hi else None),
         )
         try:
             result = trainer.fit()

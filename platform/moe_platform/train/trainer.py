@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from moe_platform.checkpoint import latest_checkpoint
 from moe_platform.checkpoint.export import export_checkpoint
+from moe_platform.checkpoint.remote import RemoteRun, is_uri, mirror_dir
 from moe_platform.checkpoint.sharded import ShardedReader
 from moe_platform.config import Config, config_to_dict
 from moe_platform.model.args import ModelArgs
@@ -35,7 +35,6 @@ from moe_platform.train.checkpointing import (
     read_trainer_state,
     restore_rank_rng,
     take_snapshot,
-    write_distributed,
 )
 from moe_platform.train.data import DataSampler, build_token_dataset, iter_documents
 from moe_platform.train.engine import DeepSpeedBackend, LocalBackend
@@ -118,7 +117,11 @@ class Trainer:
         self.cfg = cfg
         self.dist = dist or DistContext()
         self.hooks = hooks or TrainerHooks()
-        self.run_dir = Path(cfg.run.storage_path).expanduser() / cfg.run.name
+        storage = cfg.run.storage_path
+        # With a storage URI the run lives in a node-local mirror that checkpoints sync with (checkpoint.remote).
+        self.remote = RemoteRun(storage, cfg.run.name) if is_uri(storage) else None
+        self.run_dir = (mirror_dir(storage, cfg.run.name, cfg.run.local_dir, self.dist.rank) if self.remote
+                        else Path(storage).expanduser() / cfg.run.name)
         self.device = resolve_device(cfg.train.device, self.dist.local_rank)
         self.progress = progress and self.dist.rank == 0
         prec = cfg.train.precision
@@ -127,22 +130,27 @@ class Trainer:
         self.step = 0
         self.resumed_from: int | None = None
         self.resharded = False  # resumed from a checkpoint written by another layout
+        self.lost_steps = 0  # logged steps after the resumed checkpoint: done before a crash, computed again
         self.groups: ProcessGroups | None = None
 
     # -- set-up -------------------------------------------------------------------------------------------------
 
     def _check_storage(self) -> None:
+        if self.remote is not None and self.dist.rank == 0:
+            self.remote.check_writable()
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             probe = self.run_dir / f".write-test-{os.getpid()}"
             probe.write_text("")
             probe.unlink()
         except OSError as e:
-            raise ValueError(f"run.storage_path {self.cfg.run.storage_path!r} is not writable: {e}") from e
+            what = "run.local_dir mirror" if self.remote else "run.storage_path"
+            raise ValueError(f"{what} {str(self.run_dir) if self.remote else self.cfg.run.storage_path!r} is not "
+                             f"writable: {e}") from e
 
     def setup(self) -> None:
         cfg, rank = self.cfg, self.dist.rank
-        if rank == 0:
+        if rank == 0 or self.remote is not None:  # every node's mirror, and the storage once
             self._check_storage()
         if cfg.train.deterministic and self.device.type == "cpu":
             torch.use_deterministic_algorithms(True)
@@ -150,7 +158,11 @@ class Trainer:
         # Rank 0 trains the tokenizer and fills the token cache once; the other ranks then read both.
         for turn in (0, 1):
             if (rank == 0) == (turn == 0):
+                if self.remote is not None:
+                    self.remote.get_dir("tokenizer", self.run_dir / "tokenizer", required="tokenizer.json")
                 self.tokenizer, self.tokenizer_dir = prepare_tokenizer(cfg, self.run_dir)
+                if self.remote is not None and rank == 0 and not self.remote.exists("tokenizer/tokenizer.json"):
+                    self.remote.put_dir(self.tokenizer_dir, "tokenizer", last="tokenizer.json")
                 self.dataset = build_token_dataset(cfg.data, self.tokenizer, cfg.train.seq_len, cache)
             self.dist.barrier()
         self.eos_id = eos_id(self.tokenizer)
@@ -159,7 +171,9 @@ class Trainer:
         self.layout = resolve_layout(cfg, self.dist.world_size, self.model_args)
         if self.dist.distributed:
             self.groups = build_process_groups(self.layout, rank)
-        ckpt = latest_checkpoint(self.run_dir)
+        self.checkpointer = AsyncCheckpointer(self.run_dir, cfg.checkpoint.keep, cfg.checkpoint.async_save,
+                                              rank, self.dist.world_size, self.remote)
+        ckpt = self.checkpointer.resume_point()
         reader = self._checked_reader(ckpt) if ckpt is not None else None
         model = build_model(self.model_args, device=self.device, seed=cfg.train.seed)
         if self.dist.distributed:
@@ -169,7 +183,6 @@ class Trainer:
                                         cfg.train.global_batch_size // cfg.train.micro_batch_size)
             if reader is not None:
                 self.backend.load_state(reader)
-        self.checkpointer = AsyncCheckpointer(self.run_dir, cfg.checkpoint.keep, cfg.checkpoint.async_save)
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
         self.flops_per_token = self.model_args.flops_per_token(cfg.train.seq_len)
         self.peak_flops = matmul_peak_flops(self.device) * self.dist.world_size
@@ -184,8 +197,17 @@ class Trainer:
             log.info("resumed from %s at step %d (written by %s, now %s)", ckpt, self.step,
                      state.get("layout"), self.layout)
         if rank == 0:
-            self.metrics.truncate_after(self.step)
+            self.lost_steps = self.metrics.truncate_after(self.step)
+            self._log_event("resume" if ckpt is not None else "start", lost_steps=self.lost_steps)
         self.dist.barrier()
+
+    def _log_event(self, event: str, **extra) -> None:
+        """One line in <run>/events.jsonl per start, resume (with the logged steps that will be computed again) and
+        preemption: the run's history across restarts, which metrics.jsonl (one line per step) does not keep."""
+        rec = {"time": time.time(), "event": event, "step": self.step, "world_size": self.dist.world_size,
+               "layout": str(self.layout), **extra}
+        with open(self.run_dir / "events.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
 
     def _checked_reader(self, ckpt: Path) -> ShardedReader:
         saved = read_trainer_state(ckpt)
@@ -279,13 +301,13 @@ class Trainer:
                                  self.trainer_state() if rank == 0 else None,
                                  self.tokenizer_dir if rank == 0 else None, meta)
 
-        if self.dist.distributed:
-            committed = write_distributed(self.run_dir, snap(), self.cfg.checkpoint.keep, self.dist.world_size)
-        else:
-            self.checkpointer.save(snap, blocking=blocking)
-            committed = self.checkpointer.wait() if blocking else None
-        if self.hooks.on_checkpoint is not None and (blocking or self.dist.distributed):
-            self.hooks.on_checkpoint(committed, self.step)
+        self._announce_commits(self.checkpointer.save(snap, blocking=blocking), blocking)
+
+    def _announce_commits(self, confirmed: list[tuple[Path | None, int]], blocking: bool) -> None:
+        """on_checkpoint for each commit all ranks now know of (one process: a blocking one; on_step sees the rest)."""
+        for committed, step in confirmed if self.dist.distributed else confirmed[-1:] if blocking else []:
+            if self.hooks.on_checkpoint is not None:
+                self.hooks.on_checkpoint(committed, step)
 
     def _preemption_requested(self) -> bool:
         """True on every rank as soon as any rank's launcher reports a preemption notice."""
@@ -317,6 +339,8 @@ class Trainer:
                     and self.step % cfg.failure.preemption_check_steps == 0 and self._preemption_requested()):
                 log.warning("preemption notice at step %d: writing a just-in-time checkpoint", self.step)
                 self.save_checkpoint(blocking=True)
+                if self.dist.rank == 0:
+                    self._log_event("checkpoint_and_stop")
                 bar.close()
                 return TrainResult(self.run_dir, self.step, rec["loss"], None, self.resumed_from, str(self.layout),
                                    preempted=True)
@@ -325,19 +349,25 @@ class Trainer:
         bar.close()
         if self.resumed_from != self.step or self.resharded:  # a resharded resume is re-saved in the new layout
             self.save_checkpoint(blocking=True)
-        self.checkpointer.wait()
+        self._announce_commits(self.checkpointer.wait(), blocking=False)
         if self.step < cfg.train.steps:
             return TrainResult(self.run_dir, self.step, rec["loss"], None, self.resumed_from, str(self.layout))
         val = self.evaluate()
         export_dir = None
         if self.dist.rank == 0:
             if cfg.checkpoint.export:
-                export_dir = export_checkpoint(latest_checkpoint(self.run_dir), self.run_dir / "export")
+                export_dir = export_checkpoint(self.checkpointer.local_checkpoint(self.step), self.run_dir / "export")
+                if cfg.checkpoint.publish_to:  # promote through the object-store model registry (logged, never fatal)
+                    from moe_platform.cluster.registry import publish_training_export
+
+                    publish_training_export(export_dir, cfg, step=self.step)
             write_loss_curve(self.metrics.path, self.run_dir / "loss.png", title=cfg.run.name)
             summary = {"final_step": self.step, "final_loss": rec["loss"], "val_loss": val,
                        "resumed_from": self.resumed_from, "layout": str(self.layout),
                        "export": str(export_dir) if export_dir else None}
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            if self.remote is not None:
+                self.remote.put_results(self.run_dir)
         self.dist.barrier()
         return TrainResult(self.run_dir, self.step, rec["loss"], export_dir, self.resumed_from, str(self.layout))
 
