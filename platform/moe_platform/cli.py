@@ -1,4 +1,4 @@
-"""`moe-platform` command line: train, export, generate, serve, demo, bench."""
+"""`moe-platform` command line: train, export, publish, generate, serve, demo, bench."""
 
 from __future__ import annotations
 
@@ -42,6 +42,29 @@ def _cmd_export(ns: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
+def _cmd_publish(ns: argparse.Namespace, rest: list[str]) -> int:
+    from moe_platform.cluster.registry import publish_export
+
+    version = publish_export(ns.export_dir, ns.name, step=ns.step, keep=ns.keep, address=ns.address)
+    print(json.dumps({"name": ns.name, "version": version, "uri": f"registry://{ns.name}@{version}"}))
+    return 0
+
+
+def _cmd_arbiter(ns: argparse.Namespace, rest: list[str]) -> int:
+    from moe_platform.cluster.arbiter import ensure_arbiter, stop_arbiter
+    from moe_platform.cluster.registry import connect
+
+    connect(ns.address)
+    if ns.stop:
+        print(json.dumps({"stopped": stop_arbiter()}))
+        return 0
+    import ray
+
+    handle = ensure_arbiter(interval_s=ns.interval)
+    print(json.dumps(ray.get(handle.status.remote(), timeout=60)))
+    return 0
+
+
 def _cmd_generate(ns: argparse.Namespace, rest: list[str]) -> int:
     from moe_platform.serving.engine import Engine, SamplingParams
 
@@ -74,7 +97,37 @@ def _cmd_demo(ns: argparse.Namespace, rest: list[str]) -> int:
     engine = Engine.from_pretrained(result.export_dir)
     text = engine.generate(ns.prompt, SamplingParams(max_tokens=48, temperature=0.0))
     print(f"[demo] prompt: {ns.prompt!r}\n[demo] completion: {text!r}")
+    if not ns.no_serve:
+        _demo_serve(result.export_dir, ns.prompt)
     return 0
+
+
+def _demo_serve(export_dir: Path, prompt: str) -> None:
+    """The platform's serving half on an embedded Ray: publish the export to the object-store registry, serve it
+    with Ray Serve on loopback, and ask it through the OpenAI client."""
+    import socket
+
+    import openai
+    import ray
+    from ray import serve
+
+    from moe_platform.cluster.registry import publish_export
+    from moe_platform.serving.app import start_server
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    try:
+        version = publish_export(export_dir, "demo")
+        url = start_server(f"registry://demo@{version}", port=port, num_replicas=1, max_batch_size=8)
+        print(f"[demo] published registry://demo@{version}; Ray Serve OpenAI API at {url}/v1")
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+        reply = client.completions.create(model="moe-platform", prompt=prompt, max_tokens=48, temperature=0)
+        print(f"[demo] served completion: {reply.choices[0].text!r} ({reply.usage.completion_tokens} tokens)")
+    finally:
+        serve.shutdown()
+        ray.shutdown()
 
 
 def _bench_dir() -> Path:
@@ -122,6 +175,28 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("out_dir", help="output directory (config.json, model.safetensors, tokenizer files)")
     e.set_defaults(fn=_cmd_export)
 
+    pub = sub.add_parser("publish", help="publish an export to the model registry in a running Ray cluster's "
+                                         "object store", description="Publish an export directory as the next "
+                         "version of NAME in the object-store model registry of a running Ray cluster. Serve loads "
+                         "it with model registry://NAME (latest) or registry://NAME@VERSION. Prints the version.")
+    pub.add_argument("export_dir", help="export directory (config.json, model.safetensors, tokenizer files)")
+    pub.add_argument("--name", required=True, help="model name in the registry (letters, digits, . _ -)")
+    pub.add_argument("--keep", type=int, default=3, help="versions of NAME to keep; older ones are freed (default 3)")
+    pub.add_argument("--step", type=int, default=None, help="training step to record with the version")
+    pub.add_argument("--address", default=None, help="the Ray cluster (default RAY_ADDRESS, else the running local "
+                                                     "one)")
+    pub.set_defaults(fn=_cmd_publish)
+
+    a = sub.add_parser("arbiter", help="give Serve priority over elastic training on a running Ray cluster",
+                       description="Start (idempotent) the cluster's serving arbiter: it reserves the resources of "
+                       "every Serve application's target replicas ahead of elastic training jobs, which shrink (after "
+                       "a checkpoint) when Serve scales up and grow back when it scales down. Serve apps built by "
+                       "moe-platform start it themselves. Prints its status as JSON.")
+    a.add_argument("--address", default=None, help="the Ray cluster (default RAY_ADDRESS, else the running local one)")
+    a.add_argument("--interval", type=float, default=2.0, help="seconds between reads of Serve's demand (default 2)")
+    a.add_argument("--stop", action="store_true", help="stop it: training may use the whole cluster again")
+    a.set_defaults(fn=_cmd_arbiter)
+
     g = sub.add_parser("generate", help="complete a prompt with an exported model; prints only the completion")
     g.add_argument("--model", required=True, help="export directory")
     g.add_argument("--prompt", required=True, help="prompt text")
@@ -133,16 +208,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(fn=_cmd_generate)
 
     s = sub.add_parser("serve", help="serve an export with the OpenAI-compatible API on Ray Serve")
-    s.add_argument("--model", required=True, help="export directory")
+    s.add_argument("--model", required=True, help="export directory, or registry://NAME[@VERSION] (a model published "
+                                                  "to the running cluster's registry)")
     s.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     s.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     s.set_defaults(fn=_cmd_serve)
 
-    d = sub.add_parser("demo", help="train a tiny MoE on the stdlib sources, export it and generate from it",
-                       description="Train a tiny MoE, export it, and complete a prompt. Extra --section.key=value "
-                                   "arguments override the demo config.")
+    d = sub.add_parser("demo", help="train a tiny MoE on the stdlib sources, export it, generate and serve it",
+                       description="Train a tiny MoE, export it and complete a prompt in-process; then publish it to "
+                                   "the object-store registry of an embedded Ray, serve it with Ray Serve on loopback "
+                                   "and ask it through the OpenAI client. Extra --section.key=value arguments "
+                                   "override the demo config.")
     d.add_argument("--storage-path", default=None, help="where the run goes (default: a new temporary directory)")
     d.add_argument("--prompt", default=DEMO_PROMPT, help="prompt to complete at the end")
+    d.add_argument("--no-serve", action="store_true", help="skip the serving part (embedded Ray: registry, Serve, "
+                                                           "an OpenAI-client request)")
     d.set_defaults(fn=_cmd_demo)
 
     b = sub.add_parser("bench", help="run a benchmark from bench/ (extra arguments go to it)")

@@ -337,3 +337,35 @@ def test_unknown_engine_option_is_an_error(export_dir):
         Engine.from_pretrained(export_dir, max_batchsize=3)
     with pytest.raises(ValueError, match="max_batch_size"):
         Engine.from_pretrained(export_dir, max_batch_size=0)
+
+
+def _in_memory_parts(export_dir):
+    from moe_platform.checkpoint.hf import load_hf
+
+    args, state = load_hf(export_dir)
+    files = {p.name: p.read_bytes() for p in export_dir.iterdir() if p.suffix == ".json"}
+    return args, state, files
+
+
+def test_from_state_dict_uses_the_tensors_in_place_and_matches_from_pretrained(export_dir, engine, prompts):
+    args, state, files = _in_memory_parts(export_dir)
+    keep = object()
+    mem = Engine.from_state_dict(args, state, files, "in-memory", keepalive=keep, max_batch_size=8)
+    params = mem.model.state_dict()
+    assert all(params[k].data_ptr() == t.data_ptr() for k, t in state.items())  # no copy at the engine's dtype
+    assert mem.model_dir == "in-memory" and mem.keepalive is keep and mem.eos_token_id == engine.eos_token_id
+    assert mem.chat_template.template == engine.chat_template.template
+    assert run_all(mem, [(p, GREEDY) for p in prompts]) == run_all(engine, [(p, GREEDY) for p in prompts])
+    bf16 = Engine.from_state_dict(args, state, files, "in-memory", dtype="bfloat16").model.state_dict()
+    assert all(bf16[k].dtype == torch.bfloat16 and bf16[k].data_ptr() != t.data_ptr() for k, t in state.items())
+
+
+def test_from_state_dict_rejects_mismatched_parts(export_dir):
+    args, state, files = _in_memory_parts(export_dir)
+    with pytest.raises(ValueError, match="no tokenizer.json"):
+        Engine.from_state_dict(args, state, {k: v for k, v in files.items() if k != "tokenizer.json"}, "x")
+    name = next(iter(state))
+    with pytest.raises(ValueError, match=rf"missing \['{name}'\]"):
+        Engine.from_state_dict(args, {k: v for k, v in state.items() if k != name}, files, "x")
+    with pytest.raises(ValueError, match="wrong shape"):
+        Engine.from_state_dict(args, {**state, name: state[name][:1]}, files, "x")

@@ -9,6 +9,10 @@ Operations:
 - health: `check_health` fails when the engine loop died, so Serve replaces the replica;
 - hot model update: change `user_config: {model: NEW_EXPORT}` and redeploy; `reconfigure` loads the new export next to
   the running engine, switches new requests to it, and lets the old engine finish what it accepted (no failures);
+- models from the object-store registry: `model: registry://NAME[@VERSION]` (args or user_config) loads a version
+  published with `moe_platform.cluster.registry.publish_export` straight from the object store (no files, zero-copy
+  on the node); `build_app` pins `registry://NAME` (latest) to the version current at build time, so every replica
+  of a deployment serves the same weights;
 - metrics: time to first token, inter-token latency, queue depth, batch size, tokens/s and per-expert load go to
   `ray.util.metrics` (Prometheus via Ray's metrics export).
 """
@@ -21,12 +25,14 @@ import random
 import threading
 from pathlib import Path
 
+import ray
 from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 from ray.serve import Application
 from ray.util import metrics as ray_metrics
 
+from moe_platform.cluster import registry
 from moe_platform.serving.engine import Engine, EngineConfig
 from moe_platform.serving.openai_api import DEFAULT_MAX_BODY_BYTES, OpenAIFrontend, install_error_handlers
 
@@ -45,7 +51,8 @@ class AppArgs(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(description="export directory: config.json, model.safetensors, tokenizer files")
+    model: str = Field(description="export directory (config.json, model.safetensors, tokenizer files) or "
+                                   "registry://NAME[@VERSION] (a version published to the object-store registry)")
     model_name: str = Field(DEFAULT_MODEL_NAME, description="the model id clients send and /v1/models lists")
     api_key: str | None = Field(None, description="require 'Authorization: Bearer <api_key>' on /v1/*")
     max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, ge=1024, description="larger request bodies get 413")
@@ -67,6 +74,8 @@ class AppArgs(BaseModel):
     max_ongoing_requests: int = Field(384, ge=1, description="requests a replica holds at once (Serve)")
     max_queued_requests: int = Field(512, ge=-1, description="requests Serve queues per caller before 429")
     num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per replica")
+    priority_over_training: bool = Field(True, description="reserve replica resources ahead of elastic training "
+                                                           "jobs on the cluster (moe_platform.cluster.arbiter)")
 
     def engine_options(self) -> dict:
         return {name: getattr(self, name) for name in _ENGINE_OPTIONS}
@@ -136,6 +145,12 @@ class _RayMetrics:
         self._last = {id(engine): (stats["generated_tokens"], load)}
 
 
+def _identity(model: str | None) -> str | None:
+    """What a model reference names, for "is this the model already loaded?" (`serve.deployment` pickles the class
+    below when it is defined, so what its methods use must be defined above it)."""
+    return model if model is None or registry.is_registry_uri(model) else str(Path(model).resolve())
+
+
 @serve.deployment(
     max_ongoing_requests=384,
     max_queued_requests=512,
@@ -153,7 +168,7 @@ class MoEServer:
                  metrics_interval_s: float = 1.0, base_dir: str = "."):
         self._engine_options = dict(engine_options)
         self._base_dir = Path(base_dir)  # where build_app ran: relative user_config paths resolve against it
-        self._engine = Engine.from_pretrained(model, **self._engine_options).start()
+        self._engine = self._load(model).start()
         self._swap_lock = threading.Lock()
         self.frontend = OpenAIFrontend(lambda: self._engine, model_name, api_key, max_body_bytes)
         self._metrics = _RayMetrics(model_name)
@@ -169,21 +184,30 @@ class MoEServer:
             except Exception:  # noqa: BLE001 - metrics must never take the replica down
                 logger.exception("exporting serving metrics failed")
 
+    def _load(self, model: str | registry.ModelVersion) -> Engine:
+        if isinstance(model, registry.ModelVersion) or registry.is_registry_uri(model):
+            return registry.load_engine(model, **self._engine_options)
+        return Engine.from_pretrained(model, **self._engine_options)
+
     async def reconfigure(self, user_config: dict) -> None:
-        """`user_config: {model: DIR}` points the replica at another export without dropping requests."""
+        """`user_config: {model: DIR or registry://NAME[@VERSION]}` switches models without dropping requests."""
         unknown = sorted(set(user_config or {}) - {"model"})
         if unknown:
             raise ValueError(f"unknown user_config keys {unknown}; supported: ['model']")
         model = (user_config or {}).get("model")
-        if not model:
-            return
-        path = (self._base_dir / Path(model).expanduser()).resolve()
-        if path != Path(self._engine.model_dir).resolve():
-            await asyncio.to_thread(self._swap_engine, str(path))
+        if model:
+            await asyncio.to_thread(self._swap_engine, model)
 
     def _swap_engine(self, model: str) -> None:
+        if registry.is_registry_uri(model):
+            target = registry.resolve(model)  # "latest" means the latest now
+            identity = target.uri
+        else:
+            target = identity = str((self._base_dir / Path(model).expanduser()).resolve())
         with self._swap_lock:
-            new = Engine.from_pretrained(model, **self._engine_options).start()
+            if identity == _identity(self._engine.model_dir):
+                return
+            new = self._load(target).start()
             old, self._engine = self._engine, new
         # The old engine finishes every request it accepted, then stops; its memory goes with it.
         threading.Thread(target=old.shutdown, kwargs={"drain": True, "timeout": 600}, daemon=True).start()
@@ -212,17 +236,35 @@ class MoEServer:
         return await self.frontend.health()
 
 
+def _ensure_arbiter() -> None:
+    """Serving before training on this cluster (idempotent): never a reason for a deployment to fail."""
+    from moe_platform.cluster.arbiter import ensure_arbiter
+
+    try:
+        ensure_arbiter()
+    except Exception as e:
+        logging.getLogger("moe_platform.serving").warning("could not start the serving arbiter: %s", e)
+
+
 def build_app(args: dict | AppArgs) -> Application:
     """Serve application builder: `args` as in `AppArgs` (from a Serve config's `args:` or `run_server`)."""
     try:
         parsed = args if isinstance(args, AppArgs) else AppArgs.model_validate(dict(args))
     except ValidationError as e:
         raise ValueError(f"invalid moe-platform serve arguments: {e}") from None
-    model = Path(parsed.model).expanduser().resolve()
-    if not (model / "config.json").is_file():
-        raise ValueError(f"model directory {model} has no config.json: pass the export directory written by "
-                         f"`moe-platform export` (or training's <run>/export)")
+    if registry.is_registry_uri(parsed.model):
+        registry.parse_uri(parsed.model)
+        # Pin "latest" so that every replica (also those autoscaling adds later) serves the same version. Builders
+        # that run before connecting to Ray (`serve run IMPORT_PATH model=...`) leave that to the replicas.
+        model = registry.resolve(parsed.model).uri if ray.is_initialized() else parsed.model
+    else:
+        model = Path(parsed.model).expanduser().resolve()
+        if not (model / "config.json").is_file():
+            raise ValueError(f"model directory {model} has no config.json: pass the export directory written by "
+                             f"`moe-platform export` (or training's <run>/export)")
     EngineConfig.from_options(**parsed.engine_options())  # fail here, not in every replica
+    if parsed.priority_over_training and ray.is_initialized():
+        _ensure_arbiter()
     deployment = MoEServer.options(**parsed.deployment_options())
     return deployment.bind(str(model), parsed.engine_options(), parsed.model_name, parsed.api_key,
                            parsed.max_body_bytes, parsed.metrics_interval_s, os.getcwd())
@@ -230,7 +272,10 @@ def build_app(args: dict | AppArgs) -> Application:
 
 def start_server(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, name: str = "moe-platform",
                  **options) -> str:
-    """Deploy the app on the running (or a new local) Ray cluster without blocking; return its base URL."""
+    """Deploy the app on the running (or a new local) Ray cluster without blocking; return its base URL.
+    A registry://NAME[@VERSION] model needs the running cluster whose registry holds it."""
+    if registry.is_registry_uri(str(model_dir)):
+        registry.connect()
     app = build_app({"model": str(model_dir), **options})
     serve.start(http_options={"host": host, "port": port})
     serve.run(app, name=name, route_prefix="/", blocking=False)
@@ -247,3 +292,4 @@ def run_server(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000,
         pass
     finally:
         serve.shutdown()
+

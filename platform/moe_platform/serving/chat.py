@@ -34,7 +34,13 @@ class ChatTemplate:
         path = Path(model_dir) / "tokenizer_config.json"
         if not path.is_file():
             return cls()
-        config = json.loads(path.read_text(encoding="utf-8"))
+        return cls.from_config(json.loads(path.read_text(encoding="utf-8")))
+
+    @classmethod
+    def from_config(cls, config: Mapping | None) -> ChatTemplate:
+        """The same from the parsed tokenizer_config.json (None: ours)."""
+        if not config:
+            return cls()
         specials = {k: config[k] for k in ("bos_token", "eos_token") if isinstance(config.get(k), str)}
         template = config.get("chat_template")
         if isinstance(template, list):  # transformers also allows [{"name": ..., "template": ...}]

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from moe_platform.checkpoint.hf import load_hf
+from moe_platform.model.args import ModelArgs
 from moe_platform.model.transformer import MoETransformer, build_model
 from moe_platform.serving.cache import ServingKVCache
 from moe_platform.serving.chat import ChatTemplate
@@ -163,7 +164,8 @@ class Engine:
         self.tokenizer = tokenizer
         self.eos_token_id = eos_token_id
         self.chat_template = chat_template or ChatTemplate()
-        self.model_dir = model_dir
+        self.model_dir = model_dir  # where the model came from: an export directory or e.g. registry://NAME@VERSION
+        self.keepalive: object = None  # whatever owns the memory the weights live in (see from_state_dict)
         self.max_seq_len = min(self.config.max_seq_len or self.args.max_seq_len, self.args.max_seq_len)
         self._dtype = next(model.parameters()).dtype
         # Right padding of a prefill chunk writes up to `prefill_token_budget` positions past the prompt.
@@ -218,6 +220,51 @@ class Engine:
         except ValueError:
             eos = _eos_from_config(model_dir)
         return cls(model, tokenizer, eos, config, ChatTemplate.from_dir(model_dir), str(model_dir))
+
+    @classmethod
+    def from_state_dict(cls, args: ModelArgs, state: Mapping[str, torch.Tensor], files: Mapping[str, bytes | str],
+                        source: str, keepalive: object = None, **options) -> Engine:
+        """Build from in-memory parts: our state dict (`MoETransformer.state_dict()` names, stacked experts) and the
+        export's small files by name (tokenizer.json required; tokenizer_config.json, generation_config.json,
+        config.json optional). `source` names the model (`model_dir` reports it). Options: `EngineConfig`.
+
+        The tensors become the parameters themselves (`assign=True`), not copies: a CPU tensor that already has the
+        engine's dtype is used in place, so read-only views into shared memory (a Ray object-store buffer) are served
+        from without a copy. The model never writes its weights at inference; writing to such a view would crash.
+        A dtype or device conversion (e.g. float32 weights served as bfloat16) copies that tensor. `keepalive` is
+        held as long as the engine, e.g. the object-store reference the views belong to.
+        """
+        from tokenizers import Tokenizer
+
+        from moe_platform.train.tokenizer import eos_id
+
+        config = EngineConfig.from_options(**options)
+        if "tokenizer.json" not in files:
+            raise ValueError(f"{source}: no tokenizer.json among the model files {sorted(files)}")
+        state = dict(state)
+        if args.tie_word_embeddings and "lm_head.weight" not in state and "model.embed_tokens.weight" in state:
+            state["lm_head.weight"] = state["model.embed_tokens.weight"]
+        model = build_model(args, dtype=_DTYPES[config.dtype], seed=0)
+        expected = model.state_dict()
+        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        bad_shapes = sorted(k for k in set(expected) & set(state) if tuple(state[k].shape) != tuple(expected[k].shape))
+        if missing or unexpected or bad_shapes:
+            raise ValueError(f"{source}: weights do not match the model args (missing {missing[:5]}, unexpected "
+                             f"{unexpected[:5]}, wrong shape {bad_shapes[:5]})")
+        placed = {k: t if (t.dtype, t.device) == (expected[k].dtype, expected[k].device) else t.to(expected[k])
+                  for k, t in state.items()}
+        model.load_state_dict(placed, strict=True, assign=True)
+        tokenizer = Tokenizer.from_str(_text(files["tokenizer.json"]))
+        try:
+            eos = eos_id(tokenizer)
+        except ValueError:
+            eos = _eos_from_configs(source, [json.loads(_text(files[n])) for n in ("generation_config.json",
+                                                                                   "config.json") if n in files])
+        chat = ChatTemplate.from_config(json.loads(_text(files["tokenizer_config.json"]))
+                                        if "tokenizer_config.json" in files else None)
+        engine = cls(model, tokenizer, eos, config, chat, source)
+        engine.keepalive = keepalive
+        return engine
 
     # -- requests ------------------------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
@@ -577,13 +624,21 @@ class Engine:
 
 
 def _eos_from_config(model_dir: Path) -> int:
-    for name in ("generation_config.json", "config.json"):
-        path = model_dir / name
-        if path.is_file():
-            eos = json.loads(path.read_text()).get("eos_token_id")
-            if isinstance(eos, list) and eos:
-                eos = eos[0]
-            if isinstance(eos, int):
-                return eos
-    raise ValueError(f"{model_dir}: cannot tell the end-of-text token (no <|endoftext|> in the tokenizer and no "
+    configs = [json.loads((model_dir / name).read_text()) for name in ("generation_config.json", "config.json")
+               if (model_dir / name).is_file()]
+    return _eos_from_configs(str(model_dir), configs)
+
+
+def _eos_from_configs(source: str, configs: Sequence[Mapping]) -> int:
+    for config in configs:
+        eos = config.get("eos_token_id")
+        if isinstance(eos, list) and eos:
+            eos = eos[0]
+        if isinstance(eos, int):
+            return eos
+    raise ValueError(f"{source}: cannot tell the end-of-text token (no <|endoftext|> in the tokenizer and no "
                      f"eos_token_id in generation_config.json or config.json)")
+
+
+def _text(data: bytes | str) -> str:
+    return data.decode("utf-8") if isinstance(data, bytes) else data

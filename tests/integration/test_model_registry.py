@@ -1,0 +1,269 @@
+"""Model registry in the Ray object store, on one real local Ray cluster for the module (no mocks).
+
+Publishing, listing, pruning, errors; weights that outlive their publisher (a killed actor, an exited CLI process);
+zero-copy loading (the engine's parameters are the object store's read-only pages); and Serve started from
+`registry://tiny`, switched to `registry://tiny@2` by `user_config` while clients stream: no request fails."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+import yaml
+
+ray = pytest.importorskip("ray")
+
+from moe_platform.checkpoint.hf import export_hf, load_hf  # noqa: E402
+from moe_platform.cluster import registry  # noqa: E402
+from moe_platform.config import load_config  # noqa: E402
+from moe_platform.serving.engine import Engine, SamplingParams  # noqa: E402
+
+pytestmark = pytest.mark.timeout(600)  # a hung cluster fails, never stalls
+
+REPO = Path(__file__).resolve().parents[2]
+EXE = shutil.which("moe-platform", path=str(Path(sys.executable).parent)) or "moe-platform"
+PROMPT = "KING RICHARD:\nNow is the winter"
+GREEDY = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+BODY = {"model": "moe-platform", "prompt": PROMPT, "max_tokens": 16, "temperature": 0, "ignore_eos": True}
+CLIENTS = 6
+MAX_REQUESTS_PER_CLIENT = 300
+SWITCH_DEADLINE_S = 120
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        from ray import serve
+
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def greedy_texts(serving_export, serving_export_b) -> tuple[str, str]:
+    """What the two exports answer to PROMPT, loaded from disk."""
+    texts = tuple(Engine.from_pretrained(d).generate(PROMPT, GREEDY) for d in (serving_export, serving_export_b))
+    assert texts[0] != texts[1]
+    return texts
+
+
+@pytest.fixture(scope="module")
+def bf16_export(serving_export, tmp_path_factory) -> Path:
+    args, state = load_hf(serving_export)
+    return export_hf(state, args, tmp_path_factory.mktemp("bf16_export"), tokenizer_dir=serving_export,
+                     dtype=torch.bfloat16)
+
+
+def test_publish_list_resolve(cluster, serving_export, serving_export_b, greedy_texts):
+    assert registry.publish_export(serving_export, "basic", step=10) == 1
+    assert registry.publish_export(serving_export_b, "basic", step=20) == 2
+    listed = registry.list_models()["basic"]
+    assert [(v["version"], v["step"], v["source"]) for v in listed] == [
+        (1, 10, str(serving_export)), (2, 20, str(serving_export_b))]
+    assert listed[0]["nbytes"] == sum(t.numel() * 4 for t in load_hf(serving_export)[1].values())
+
+    latest, first = registry.resolve("registry://basic"), registry.resolve("registry://basic@1")
+    assert (latest.uri, first.uri) == ("registry://basic@2", "registry://basic@1")
+    assert registry.resolve("basic", version=1).weights == first.weights
+    assert first.model_args == json.loads((serving_export / "moe_platform_args.json").read_text())
+    assert first.files["tokenizer.json"] == (serving_export / "tokenizer.json").read_bytes()
+    assert not any(name.endswith(".safetensors") for name in first.files)
+    # The registry's weights answer exactly like the export directories they came from.
+    for uri, text in (("registry://basic@1", greedy_texts[0]), ("registry://basic", greedy_texts[1])):
+        assert registry.load_engine(uri).generate(PROMPT, GREEDY) == text
+
+
+def test_old_versions_are_pruned_but_a_holder_keeps_its_copy(cluster, serving_export, serving_export_b,
+                                                             greedy_texts):
+    v1 = registry.publish_export(serving_export, "pruned", keep=2)
+    held = registry.resolve("registry://pruned@1")  # like a replica still serving v1
+    for export in (serving_export_b, serving_export, serving_export_b):
+        registry.publish_export(export, "pruned", keep=2)
+    assert [v["version"] for v in registry.list_models()["pruned"]] == [3, 4]
+    with pytest.raises(registry.RegistryError, match=r"no version 1 any more \(the registry keeps the last 2\)"):
+        registry.resolve(f"registry://pruned@{v1}")
+    # Dropped by the registry, but reference counting keeps it for whoever still holds it.
+    assert registry.load_engine(held).generate(PROMPT, GREEDY) == greedy_texts[0]
+
+
+def test_unknown_names_versions_and_bad_references(cluster, serving_export, tmp_path):
+    registry.publish_export(serving_export, "known")
+    with pytest.raises(registry.RegistryError, match=r"no model named 'nope' in the registry; published models: "
+                                                     r"\[.*'known'.*\]"):
+        registry.resolve("registry://nope")
+    with pytest.raises(registry.RegistryError, match=r"model 'known' has no version 7; available: \[1\]"):
+        registry.resolve("registry://known@7")
+    for bad in ("registry://known@x", "registry://known@0", "registry://", "registry://a/b"):
+        with pytest.raises(registry.RegistryError):
+            registry.parse_uri(bad)
+    with pytest.raises(registry.RegistryError, match="invalid model name"):
+        registry.publish_export(serving_export, "a@b")
+    with pytest.raises(registry.RegistryError, match="keep must be an integer >= 1"):
+        registry.publish_export(serving_export, "known", keep=0)
+    with pytest.raises(FileNotFoundError):
+        registry.publish_export(tmp_path, "known")
+
+    from moe_platform.serving.app import build_app
+
+    with pytest.raises(registry.RegistryError, match="no model named 'absent'"):
+        build_app({"model": "registry://absent"})
+
+
+@ray.remote(num_cpus=0)
+class Publisher:
+    def publish(self, export_dir: str, name: str) -> int:
+        return registry.publish_export(export_dir, name)
+
+    def own(self, value) -> list:
+        return [ray.put(value)]  # wrapped so the caller gets the reference (a borrower), not the value
+
+    def ping(self) -> bool:
+        return True
+
+
+def test_weights_outlive_the_publisher(cluster, serving_export, serving_export_b, greedy_texts):
+    publisher = Publisher.remote()
+    version = ray.get(publisher.publish.remote(str(serving_export), "orphan"))
+    [owned_by_publisher] = ray.get(publisher.own.remote(np.ones(1 << 20)))
+    ray.kill(publisher, no_restart=True)
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(publisher.ping.remote())
+    # The control: an object the dead publisher owned is gone with it (its node learns of the death asynchronously) ...
+    deadline = time.monotonic() + 60
+    with pytest.raises(ray.exceptions.ObjectLostError):
+        while time.monotonic() < deadline:
+            ray.get(owned_by_publisher, timeout=60)
+            time.sleep(0.05)
+    # ... but the weights it published are the registry's.
+    assert registry.load_engine(f"registry://orphan@{version}").generate(PROMPT, GREEDY) == greedy_texts[0]
+
+    # Same through the CLI: a separate driver process publishes and exits.
+    out = subprocess.run([EXE, "publish", str(serving_export_b), "--name", "orphan", "--address", cluster],
+                         capture_output=True, text=True, timeout=180, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    printed = json.loads(out.stdout.strip().splitlines()[-1])
+    assert printed == {"name": "orphan", "version": version + 1, "uri": f"registry://orphan@{version + 1}"}
+    assert registry.load_engine("registry://orphan").generate(PROMPT, GREEDY) == greedy_texts[1]
+
+
+@pytest.mark.parametrize("export_dtype, engine_dtype, zero_copy", [
+    ("float32", "float32", True),
+    ("bfloat16", "bfloat16", True),  # no numpy bfloat16: travels as int16 bit patterns, viewed back in place
+    ("float32", "bfloat16", False),  # the engine converts: a copy is unavoidable
+])
+def test_weights_load_zero_copy_where_the_dtype_allows(cluster, serving_export, bf16_export, export_dtype,
+                                                       engine_dtype, zero_copy):
+    export = serving_export if export_dtype == "float32" else bf16_export
+    name = f"zc-{export_dtype}"
+    registry.publish_export(export, name)
+    mv = registry.resolve(name)
+    arrays = ray.get(mv.weights)
+    assert all(not a.flags.writeable and not a.flags.owndata for a in arrays.values())  # views of the store
+    engine = registry.load_engine(mv, dtype=engine_dtype)
+    params = engine.model.state_dict()
+    assert set(arrays) == set(params)
+    shared = {name for name, a in arrays.items() if params[name].data_ptr() == a.ctypes.data}
+    assert shared == (set(arrays) if zero_copy else set())
+    assert all(p.dtype == getattr(torch, engine_dtype) for p in params.values() if p.is_floating_point())
+    # Same answers as the same export loaded from disk with the same options.
+    assert engine.generate(PROMPT, GREEDY) == Engine.from_pretrained(export, dtype=engine_dtype).generate(PROMPT,
+                                                                                                          GREEDY)
+
+
+def test_training_hook_publishes_when_configured(cluster, serving_export, caplog):
+    off = load_config(None, [])
+    assert registry.publish_training_export(serving_export, off, step=5) is None
+    on = load_config(None, ["--checkpoint.publish_to=trained", "--checkpoint.publish_keep=1"])
+    assert registry.publish_training_export(serving_export, on, step=5) == 1
+    assert registry.publish_training_export(serving_export, on, step=6) == 2
+    assert [(v["version"], v["step"]) for v in registry.list_models()["trained"]] == [(2, 6)]
+    bad = load_config(None, ["--checkpoint.publish_to=bad/name"])
+    assert registry.publish_training_export(serving_export, bad, step=5) is None  # logged, the run still succeeds
+    assert "invalid model name" in caplog.text
+
+
+# -- Serve: started from registry://tiny, switched to registry://tiny@2 under load ----------------------------------
+
+
+def serve_config(model: str, port: int, user_model: str) -> dict:
+    config = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
+    config["http_options"]["port"] = port
+    app = config["applications"][0]
+    app["args"].update(model=model, max_batch_size=8, batch_wait_timeout_s=0.0)
+    app["deployments"][0]["user_config"] = {"model": user_model}
+    return config
+
+
+def completion(http: httpx.Client, stream: bool) -> tuple[int, str]:
+    r = http.post("/v1/completions", json={**BODY, "stream": stream})
+    if r.status_code != 200 or not stream:
+        return r.status_code, r.json()["choices"][0]["text"] if r.status_code == 200 else r.text
+    events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+    if events[-1] != "[DONE]":
+        return 599, r.text  # a stream that broke off counts as a failure
+    return 200, "".join(c["choices"][0]["text"] for c in map(json.loads, events[:-1]) if c["choices"])
+
+
+def test_serve_switches_registry_versions_under_load(cluster, serving_export, serving_export_b, serving_port,
+                                                     greedy_texts):
+    from ray import serve
+    from ray.serve._private import api as serve_api
+    from ray.serve.schema import ServeDeploySchema
+
+    old_text, new_text = greedy_texts
+    assert registry.publish_export(serving_export, "tiny") == 1
+    config = serve_config("registry://tiny", serving_port, "registry://tiny")
+    client = serve_api.serve_start(http_options=config["http_options"], proxy_location="HeadOnly")
+    client.deploy_apps(ServeDeploySchema.model_validate(config), _blocking=True)
+    assert registry.publish_export(serving_export_b, "tiny") == 2  # the app stays on the version it was built on
+
+    results: list[tuple[int, str]] = []
+    stop = threading.Event()
+
+    def client_loop(i: int) -> None:
+        with httpx.Client(base_url=f"http://127.0.0.1:{serving_port}", timeout=60) as http:
+            for n in range(MAX_REQUESTS_PER_CLIENT):
+                if stop.is_set():
+                    break
+                results.append(completion(http, stream=(i + n) % 2 == 0))
+
+    threads = [threading.Thread(target=client_loop, args=(i,), daemon=True) for i in range(CLIENTS)]
+    for t in threads:
+        t.start()
+    with httpx.Client(base_url=f"http://127.0.0.1:{serving_port}", timeout=60) as http:
+        assert completion(http, stream=False) == (200, old_text)
+        switch = serve_config("registry://tiny", serving_port, "registry://tiny@2")
+        client.deploy_apps(ServeDeploySchema.model_validate(switch), _blocking=False)  # only user_config changes
+        deadline = time.monotonic() + SWITCH_DEADLINE_S
+        switched = False
+        while not switched and time.monotonic() < deadline:
+            status, text = completion(http, stream=False)
+            assert status == 200, text
+            switched = text == new_text
+        assert switched, "registry://tiny@2 never answered"
+        after = [completion(http, stream=s) for s in (False, True, False)]
+    stop.set()
+    for t in threads:
+        t.join(timeout=120)
+
+    assert after == [(200, new_text)] * 3
+    failures = [r for r in results if r[0] != 200]
+    assert not failures, failures[:3]
+    assert {text for _, text in results} <= {old_text, new_text}  # each answer wholly from one version
+    assert len(results) >= CLIENTS
+    status = serve.status().applications["moe-platform"]
+    assert status.status == "RUNNING"
+    assert status.deployments["MoEServer"].replica_states == {"RUNNING": 1}  # updated in place, not replaced
