@@ -89,6 +89,10 @@ def test_local_config_is_fake_multinode():
     workers = [t for n, t in cfg["available_node_types"].items() if n != "ray.head.default"]
     assert len(workers) == 1 and workers[0]["min_workers"] == 0 and workers[0]["max_workers"] == 3
     assert 0 < workers[0]["resources"]["CPU"] <= 4
+    # The provider starts raylets itself and refuses tag updates: with node updaters or launch-config checks on, the
+    # autoscaler fails every launch and terminates the node again (tests/integration/test_fake_autoscaling.py).
+    assert cfg["provider"]["disable_node_updaters"] is True
+    assert cfg["provider"]["disable_launch_config_check"] is True
 
 
 # -- KubeRay ---------------------------------------------------------------------------------------------------
