@@ -77,7 +77,7 @@ def overrides(args, storage: Path, name: str) -> list[str]:
         f"--train.micro_batch_size={args.global_batch // (2 * args.dp)}", f"--train.seq_len={args.seq_len}",
         "--train.warmup=1", "--train.eval_interval=0", "--checkpoint.interval=0", "--checkpoint.export=false",
         f"--parallel.dp={args.dp}", f"--elastic.min_workers={args.dp}", f"--elastic.max_workers={args.dp}",
-        "--elastic.cpus_per_worker=1",
+        "--elastic.cpus_per_worker=1", f"--failure.preemption_check_steps={args.preemption_check_steps}",
     ]
 
 
@@ -133,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--experts", type=int, default=16)
     p.add_argument("--intermediate", type=int, default=256)
     p.add_argument("--max-bytes", type=int, default=300_000)
+    p.add_argument("--preemption-check-steps", type=int, default=1,
+                   help="failure.preemption_check_steps: steps between Ray's preemption polls (a collective each)")
     p.add_argument("--corpus", default=None)
     p.add_argument("--order", nargs="+", default=["plain", "ray"], choices=["plain", "ray"],
                    help="launchers in the order run; repeat one to alternate (medians of its repeats are shown)")
@@ -156,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = {kind: {k: med(kind, k) for k in keys} for kind in ("plain", "ray")}
     ratio = summary["ray"]["tokens_per_s"] / summary["plain"]["tokens_per_s"]
     trainer_ratio = summary["ray"]["trainer_tokens_per_s"] / summary["plain"]["trainer_tokens_per_s"]
-    print(f"dp{args.dp}, dim {args.dim}, {args.layers} layers, {args.experts} experts, {args.steps} steps "
+    print(f"dp{args.dp}, dim {args.dim}, {args.layers} layers, {args.experts} experts, {args.steps} steps, "
+          f"preemption check every {args.preemption_check_steps} step(s) "
           f"(median after {args.warmup_steps}); load average before {load_before[0]:.2f}, after {load_after[0]:.2f} "
           f"on {os.cpu_count()} CPUs")
     print(f"{'launcher':<10}{'tok/s (wall)':>14}{'tok/s (step)':>14}{'1st step s':>12}{'  excl. ray.init':>17}"
@@ -187,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
           bottom=[summary[k]["time_to_first_step_after_ray_init_s"] for k in kinds], label="ray.init")
     b.set_ylabel("seconds to first step")
     b.legend(fontsize=8)
-    fig.suptitle(f"dp{args.dp} on {os.cpu_count()} CPUs, load avg {load_before[0]:.1f}")
+    fig.suptitle(f"dp{args.dp} on {os.cpu_count()} CPUs, preemption check every {args.preemption_check_steps} "
+                 f"step(s), load avg {load_before[0]:.1f}")
     fig.tight_layout()
     fig.savefig(args.out_png, dpi=100)
     return 0
