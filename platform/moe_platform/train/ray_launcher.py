@@ -248,15 +248,30 @@ def _cluster_capacity(per_worker: dict[str, float]) -> tuple[int, str]:
 
 
 def _autoscaler_running() -> bool:
-    """Whether an autoscaler reports on this cluster (Ray's v1 autoscaler, the default of `ray up`, does not expose
-    its node limits, so the nodes that exist now say nothing about what it can add)."""
+    """Whether an autoscaler that can add nodes reports on this cluster. Ray's v1 autoscaler (the default of `ray up`)
+    does not expose its node limits, so the nodes that exist now say nothing about what it can add. A head started
+    without a cluster config also runs the monitor, with a read-only provider whose node types just mirror the
+    existing nodes (`node_<id>`): that one can add nothing."""
+    import json
+
     try:
         from ray._private import ray_constants
         from ray.experimental.internal_kv import _internal_kv_get
 
-        return _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS) is not None
+        raw = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
+        report = json.loads(raw).get("autoscaler_report") if raw else None
     except Exception:
         return False
+    return _report_can_add_nodes(report)
+
+
+def _report_can_add_nodes(report: dict | None) -> bool:
+    if not report:
+        return False
+    mapping = report.get("node_type_mapping") or {}
+    types = set(mapping.values()) | set(report.get("active_nodes") or {}) | set(report.get("pending_launches") or {})
+    readonly = {f"node_{node_id}" for node_id in mapping}
+    return bool(types - readonly)
 
 
 def check_cluster_fits(per_worker: dict[str, float], lo: int, hi: int, address: str | None) -> None:
