@@ -37,7 +37,7 @@ import httpx
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-CORPUS = Path(os.environ.get("MOE_BENCH_CORPUS", "/work/shared/data/tinyshakespeare.txt"))
+CORPUS = Path(os.environ.get("MOE_BENCH_CORPUS", REPO.parent / "shared" / "data" / "tinyshakespeare.txt"))
 MODEL = "moe-platform"
 
 

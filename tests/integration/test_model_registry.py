@@ -11,18 +11,16 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 import torch
-import yaml
 
 ray = pytest.importorskip("ray")
 
+from hotswap import PROMPT, serve_config, switch_under_load  # noqa: E402
 from moe_platform.checkpoint.hf import export_hf, load_hf  # noqa: E402
 from moe_platform.cluster import registry  # noqa: E402
 from moe_platform.config import load_config  # noqa: E402
@@ -30,14 +28,8 @@ from moe_platform.serving.engine import Engine, SamplingParams  # noqa: E402
 
 pytestmark = pytest.mark.timeout(600)  # a hung cluster fails, never stalls
 
-REPO = Path(__file__).resolve().parents[2]
 EXE = shutil.which("moe-platform", path=str(Path(sys.executable).parent)) or "moe-platform"
-PROMPT = "KING RICHARD:\nNow is the winter"
 GREEDY = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
-BODY = {"model": "moe-platform", "prompt": PROMPT, "max_tokens": 16, "temperature": 0, "ignore_eos": True}
-CLIENTS = 6
-MAX_REQUESTS_PER_CLIENT = 300
-SWITCH_DEADLINE_S = 120
 
 
 @pytest.fixture(scope="module")
@@ -198,25 +190,6 @@ def test_training_hook_publishes_when_configured(cluster, serving_export, caplog
 # -- Serve: started from registry://tiny, switched to registry://tiny@2 under load ----------------------------------
 
 
-def serve_config(model: str, port: int, user_model: str) -> dict:
-    config = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
-    config["http_options"]["port"] = port
-    app = config["applications"][0]
-    app["args"].update(model=model, max_batch_size=8, batch_wait_timeout_s=0.0)
-    app["deployments"][0]["user_config"] = {"model": user_model}
-    return config
-
-
-def completion(http: httpx.Client, stream: bool) -> tuple[int, str]:
-    r = http.post("/v1/completions", json={**BODY, "stream": stream})
-    if r.status_code != 200 or not stream:
-        return r.status_code, r.json()["choices"][0]["text"] if r.status_code == 200 else r.text
-    events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
-    if events[-1] != "[DONE]":
-        return 599, r.text  # a stream that broke off counts as a failure
-    return 200, "".join(c["choices"][0]["text"] for c in map(json.loads, events[:-1]) if c["choices"])
-
-
 def test_serve_switches_registry_versions_under_load(cluster, serving_export, serving_export_b, serving_port,
                                                      greedy_texts):
     from ray import serve
@@ -230,40 +203,10 @@ def test_serve_switches_registry_versions_under_load(cluster, serving_export, se
     client.deploy_apps(ServeDeploySchema.model_validate(config), _blocking=True)
     assert registry.publish_export(serving_export_b, "tiny") == 2  # the app stays on the version it was built on
 
-    results: list[tuple[int, str]] = []
-    stop = threading.Event()
-
-    def client_loop(i: int) -> None:
-        with httpx.Client(base_url=f"http://127.0.0.1:{serving_port}", timeout=60) as http:
-            for n in range(MAX_REQUESTS_PER_CLIENT):
-                if stop.is_set():
-                    break
-                results.append(completion(http, stream=(i + n) % 2 == 0))
-
-    threads = [threading.Thread(target=client_loop, args=(i,), daemon=True) for i in range(CLIENTS)]
-    for t in threads:
-        t.start()
-    with httpx.Client(base_url=f"http://127.0.0.1:{serving_port}", timeout=60) as http:
-        assert completion(http, stream=False) == (200, old_text)
-        switch = serve_config("registry://tiny", serving_port, "registry://tiny@2")
-        client.deploy_apps(ServeDeploySchema.model_validate(switch), _blocking=False)  # only user_config changes
-        deadline = time.monotonic() + SWITCH_DEADLINE_S
-        switched = False
-        while not switched and time.monotonic() < deadline:
-            status, text = completion(http, stream=False)
-            assert status == 200, text
-            switched = text == new_text
-        assert switched, "registry://tiny@2 never answered"
-        after = [completion(http, stream=s) for s in (False, True, False)]
-    stop.set()
-    for t in threads:
-        t.join(timeout=120)
-
-    assert after == [(200, new_text)] * 3
-    failures = [r for r in results if r[0] != 200]
-    assert not failures, failures[:3]
-    assert {text for _, text in results} <= {old_text, new_text}  # each answer wholly from one version
-    assert len(results) >= CLIENTS
+    switch = serve_config("registry://tiny", serving_port, "registry://tiny@2")  # only user_config changes
+    switch_under_load(f"http://127.0.0.1:{serving_port}",
+                      lambda: client.deploy_apps(ServeDeploySchema.model_validate(switch), _blocking=False),
+                      old_text, new_text)
     status = serve.status().applications["moe-platform"]
     assert status.status == "RUNNING"
     assert status.deployments["MoEServer"].replica_states == {"RUNNING": 1}  # updated in place, not replaced

@@ -29,6 +29,7 @@ from moe_platform.train.ray_launcher import launch_ray  # noqa: E402
 STEPS = 60
 CHECKPOINT_INTERVAL = 8
 KILLS = 3
+END_MARGIN_STEPS = 15  # steps at the end of the run where no kill is aimed
 SEED = int(os.environ.get("MOE_CHAOS_SEED", "0")) or random.SystemRandom().randrange(1, 10**6)
 
 
@@ -83,7 +84,9 @@ def chaos(run_dir: Path, rng: random.Random, kills: list, deadline_s: float = 30
     end = time.monotonic() + deadline_s
     metrics = run_dir / "metrics.jsonl"
     first = CHECKPOINT_INTERVAL + 1  # after the first committed checkpoint, so that every restart resumes
-    window = (STEPS - first - 3) // KILLS  # spread the kills over the run, each in its own window of steps
+    # Spread the kills over the run, each in its own window of steps, and keep them clear of the end: a tiny step takes
+    # tens of milliseconds, so the random delay below can carry the workers several steps past `at_step`.
+    window = (STEPS - first - END_MARGIN_STEPS) // KILLS
     for i in range(KILLS):
         at_step = rng.randrange(first + i * window, first + (i + 1) * window)
         while time.monotonic() < end and not (starts(run_dir) > i and last_logged_step(metrics) >= at_step):

@@ -81,9 +81,11 @@ def test_only_an_autoscaler_with_node_types_of_its_own_can_add_nodes():
 
     head = "cb9cdb75"
     # `ray start --head` without a cluster config: the monitor's read-only provider mirrors the nodes it sees
-    readonly = {"active_nodes": {f"node_{head}": 1}, "pending_launches": {}, "node_type_mapping": {head: f"node_{head}"}}
+    readonly = {"active_nodes": {f"node_{head}": 1}, "pending_launches": {},
+                "node_type_mapping": {head: f"node_{head}"}}
     assert not _report_can_add_nodes(readonly)
     assert not _report_can_add_nodes(None)
     # `ray up`: the head's type comes from the cluster config, and worker types may be launching
-    assert _report_can_add_nodes({"active_nodes": {"ray.head.default": 1}, "node_type_mapping": {head: "ray.head.default"}})
+    assert _report_can_add_nodes({"active_nodes": {"ray.head.default": 1},
+                                  "node_type_mapping": {head: "ray.head.default"}})
     assert _report_can_add_nodes({"active_nodes": {}, "pending_launches": {"cpu_worker": 1}, "node_type_mapping": {}})

@@ -23,16 +23,15 @@ from moe_platform.serving.errors import (
 from moe_platform.serving.sampling import sample_tokens
 from moe_platform.serving.scheduler import Scheduler, Sequence, bucket_of
 from moe_platform.train.tokenizer import save_tokenizer, train_tokenizer
+from tinyrun import corpus_text
 
-CORPUS = "/work/shared/data/tinyshakespeare.txt"
 MAX_SEQ_LEN = 256
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
 def export_dir(tmp_path_factory):
-    with open(CORPUS, encoding="utf-8") as f:
-        text = f.read(200_000)
+    text = corpus_text(200_000)
     tok = train_tokenizer([text[i:i + 2000] for i in range(0, len(text), 2000)], 512)
     tok_dir = save_tokenizer(tok, tmp_path_factory.mktemp("tok"), model_max_length=MAX_SEQ_LEN)
     args = ModelArgs(vocab_size=tok.get_vocab_size(), dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
