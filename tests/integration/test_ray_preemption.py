@@ -117,5 +117,10 @@ def test_preempted_node_checkpoints_and_resumes_on_fewer_workers(two_nodes, tiny
     assert result["final_step"] == STEPS
     assert result["world_size"] == 1 and result["layout"].startswith("dp1")
     assert result["resumed_from"] == jit
+    # every rank took the stop for the preemption it was (not a resize), whichever of them saw the notice first
+    history = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    stop = max(i for i, e in enumerate(history) if e["event"] == "checkpoint_and_stop")
+    assert [e["event"] for e in history[stop:]] == ["checkpoint_and_stop", "preempted", "resume"], history
+    assert history[stop + 1]["step"] == jit and history[stop + 1]["deadline_ms"], history
     assert [r["step"] for r in MetricsLog(run_dir / "metrics.jsonl").read()] == list(range(1, STEPS + 1))
     assert checkpoint_step(latest_checkpoint(run_dir)) == STEPS

@@ -21,11 +21,14 @@ How the trainer maps onto Ray Train:
   numbers go to metrics.jsonl (the trainer) and the metrics below.
 - Failures. A dead worker makes Ray restart the whole group (up to failure.max_failures times); the new workers
   resume from the latest committed checkpoint and redo only the steps after it.
-- Preemption. Ray Train watches node drains (spot reclaim notices) and hands them to the workers; the trainer polls
-  `ray.train.get_preemption_info()` each step (all ranks, as the API requires), writes a just-in-time checkpoint
-  and stops. The workers then wait for the node to go: returning would end the run as finished. Ray restarts the
-  group at the drain deadline plus failure.preemption_grace_s, charging failure.max_preemption_failures, on the
-  nodes that are left; with elastic.min_workers < max_workers it may come back on fewer workers (resharded).
+- Preemption. Ray Train watches node drains (spot reclaim notices) and marks every worker of the group with the
+  notice. Each rank reads its own mark every failure.preemption_check_steps steps and the ranks agree through one
+  all-reduce of a flag over their process group (a fraction of a millisecond); `ray.train.get_preemption_info()`
+  would agree through a Ray actor instead, a barrier of several milliseconds per check, and is used only where the
+  worker's own mark cannot be read. On a notice every rank writes a just-in-time checkpoint and stops; the workers
+  then wait for the node to go: returning would end the run as finished. Ray restarts the group at the drain
+  deadline plus failure.preemption_grace_s, charging failure.max_preemption_failures, on the nodes that are left;
+  with elastic.min_workers < max_workers it may come back on fewer workers (resharded).
 - Resize. With elastic.min_workers < max_workers, Ray Train checks every elastic.resize_interval_s how many workers
   its resources allow and restarts the group at that size when it changed (a node came back, or a higher-priority
   requester such as Serve took resources away). Just before, the controller callback in moe_platform.train.resize
@@ -371,20 +374,38 @@ class RayBridge:
         self.mark = time.perf_counter()
 
     def preemption_requested(self) -> bool:
-        import ray.train
-
-        info = ray.train.get_preemption_info()  # a barrier: every rank calls it at every check
+        """This rank's view, at each check (the trainer then all-reduces the flag: any rank's notice stops all)."""
+        info = local_preemption_info()
         self.mark = time.perf_counter()
         if info is None:
             # Ray Train is about to resize the group (moe_platform.train.resize): a checkpoint first, as for a notice.
             self.resizing = self.resizing or resize.resize_requested()
             return self.resizing
         self.preemption = info
+        return True
+
+    def settle_stop(self) -> bool:
+        """After the ranks stopped together at a check: whether it was for a preemption (else a resize), the same
+        answer on every rank. Ray marks the workers one by one, so a rank that stopped because another saw the notice
+        may not hold it yet: the ranks share what they hold (once per stop, never per step)."""
+        held = [self.preemption]
+        if self.dist.distributed:
+            import torch
+
+            held = [None] * self.dist.world_size
+            torch.distributed.all_gather_object(held, self.preemption)
+        info = next((i for i in held if i is not None), None)
+        if info is None:
+            return False
+        self.preemption = self.preemption or info
         if self.metrics is not None:
             self.metrics.preemptions.inc()
         if self.dist.rank == 0:
-            log.warning("[moe-platform] preemption notice for ranks %s (nodes %s, deadline_ms %s): writing a "
+            log.warning("[moe-platform] preemption notice for ranks %s (nodes %s, deadline_ms %s): wrote a "
                         "just-in-time checkpoint", info.preempted_ranks, info.preempted_node_ids, info.deadline_ms)
+            if self.trainer is not None:
+                self.trainer.log_event("preempted", preempted_ranks=list(info.preempted_ranks),
+                                       deadline_ms=info.deadline_ms)
         return True
 
     def on_checkpoint(self, committed: Path | None, step: int) -> None:
@@ -400,16 +421,19 @@ class RayBridge:
 
     def _report_due(self, step: int) -> bool:
         """Ray takes one report per controller poll and queues the rest, which would hold up the end of a run that
-        checkpoints more often: between polls only a commit that comes after a quiet interval is reported, and the
-        last one and a just-in-time one always are. Rank 0 decides for all: reports are collective."""
+        checkpoints more often: between polls only a commit that comes after a quiet interval is reported (rank 0's
+        clock decides), and the last one and a just-in-time one always are (any rank that holds the notice or the
+        resize request decides). The ranks agree: reports are collective."""
         due = (step >= self.cfg.train.steps or self.preemption is not None or self.resizing
-               or time.monotonic() - self.last_report_t >= REPORT_INTERVAL_S)
+               or (self.dist.rank == 0 and time.monotonic() - self.last_report_t >= REPORT_INTERVAL_S))
         if self.dist.distributed:
             import torch
 
-            decision = [due]
-            torch.distributed.broadcast_object_list(decision, src=0)
-            due = decision[0]
+            from moe_platform.parallel.comm import collective_device
+
+            flag = torch.tensor([int(due)], device=collective_device())
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            due = bool(flag.item())
         return due
 
     def _report(self, committed: Path | None, step: int, seconds: float) -> None:
@@ -451,6 +475,20 @@ class RayBridge:
                            f"by the drain deadline + grace; failing so that it does")
 
 
+def local_preemption_info():
+    """The preemption notice Ray Train marked this worker with (None: none yet). Read from the worker's own train
+    context, with no collective; without that context (another Ray version), Ray's public call, a barrier that every
+    rank makes at the same checks."""
+    try:
+        from ray.train.v2._internal.execution.context import get_train_context
+
+        return get_train_context().preemption_context.preemption_info
+    except (ImportError, AttributeError):
+        import ray.train
+
+        return ray.train.get_preemption_info()
+
+
 def _already_in_place(checkpoint, checkpoint_dir_name: str, committed=None):
     """Ray's "upload" of a checkpoint already in its run directory, on Ray's upload thread: the identity, after
     `committed()` has waited for the trainer's own upload to a storage URI to commit (and raised if it failed)."""
@@ -478,11 +516,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     except BaseException:
         resize.answer(None)  # a controller waiting for a resize checkpoint need not wait for this worker
         raise
-    if result.preempted and bridge.preemption is None:  # stopped for a resize (on this rank or another)
+    preempted = result.preempted and bridge.settle_stop()
+    if result.preempted and not preempted:  # stopped for a resize (asked of this rank or another)
         resize.answer(result.final_step)
         resize.park(result.final_step)
     resize.answer(None)
-    if result.preempted:
+    if preempted:
         bridge.await_reclaim(result.final_step)
     return {"run_dir": str(result.run_dir), "final_step": result.final_step, "final_loss": result.final_loss,
             "export_dir": str(result.export_dir) if result.export_dir else None,

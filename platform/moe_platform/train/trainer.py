@@ -198,12 +198,13 @@ class Trainer:
                      state.get("layout"), self.layout)
         if rank == 0:
             self.lost_steps = self.metrics.truncate_after(self.step)
-            self._log_event("resume" if ckpt is not None else "start", lost_steps=self.lost_steps)
+            self.log_event("resume" if ckpt is not None else "start", lost_steps=self.lost_steps)
         self.dist.barrier()
 
-    def _log_event(self, event: str, **extra) -> None:
+    def log_event(self, event: str, **extra) -> None:
         """One line in <run>/events.jsonl per start, resume (with the logged steps that will be computed again) and
-        preemption: the run's history across restarts, which metrics.jsonl (one line per step) does not keep."""
+        stop for a preemption or resize (launchers add why): the run's history across restarts, which metrics.jsonl
+        (one line per step) does not keep. Rank 0 writes it."""
         rec = {"time": time.time(), "event": event, "step": self.step, "world_size": self.dist.world_size,
                "layout": str(self.layout), **extra}
         with open(self.run_dir / "events.jsonl", "a") as f:
@@ -273,7 +274,7 @@ class Trainer:
             "step": self.step, "loss": loss, "aux_loss": aux, "lr": lr, "grad_norm": grad_norm,
             "tokens_per_s": tokens_per_s, "mfu": tokens_per_s * self.flops_per_token / self.peak_flops,
             "expert_imbalance": float((loads.max(dim=1).values / loads.mean(dim=1).clamp(min=1e-9)).mean()),
-            "tokens_per_expert": loads.sum(0).tolist(), "step_time_s": dt,
+            "tokens_per_expert": loads.sum(0).tolist(), "step_time_s": dt, "time": time.time(),
         }
         if cfg.log_sample_ids:
             rec["sample_ids"] = ids.tolist()
@@ -340,7 +341,7 @@ class Trainer:
                 log.warning("preemption notice at step %d: writing a just-in-time checkpoint", self.step)
                 self.save_checkpoint(blocking=True)
                 if self.dist.rank == 0:
-                    self._log_event("checkpoint_and_stop")
+                    self.log_event("checkpoint_and_stop")
                 bar.close()
                 return TrainResult(self.run_dir, self.step, rec["loss"], None, self.resumed_from, str(self.layout),
                                    preempted=True)
