@@ -26,11 +26,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "platform"))
+sys.path.insert(0, str(REPO / "bench"))
 
+from _training import add_shape_args, run_overrides  # noqa: E402
 from moe_platform.checkpoint import checkpoint_step  # noqa: E402
 from moe_platform.checkpoint.store import latest_checkpoint  # noqa: E402
-
-SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 
 def read_steps(path: Path) -> tuple[list[int], int]:
@@ -105,17 +105,8 @@ def run_attempt(overrides: list[str], run_dir: Path, kill_after: float | None) -
 
 
 def overrides_for(args, storage: Path) -> list[str]:
-    corpus = args.corpus or (str(SHAKESPEARE) if SHAKESPEARE.exists() else "")
-    return [
-        "--run.name=goodput", f"--run.storage_path={storage}", f"--data.path={corpus}", "--data.vocab_size=2048",
-        f"--data.max_bytes={args.max_bytes}", f"--data.cache_dir={storage / 'cache'}",
-        f"--model.dim={args.dim}", f"--model.n_layers={args.layers}", "--model.n_heads=4", "--model.n_kv_heads=2",
-        f"--model.intermediate_size={args.intermediate}", f"--model.num_experts={args.experts}", "--model.top_k=2",
-        f"--train.steps={args.steps}", f"--train.global_batch_size={args.global_batch}",
-        f"--train.micro_batch_size={args.global_batch // (2 * args.dp)}", f"--train.seq_len={args.seq_len}",
-        "--train.warmup=1", "--train.eval_interval=0", f"--checkpoint.interval={args.checkpoint_interval}",
-        "--checkpoint.keep=2", "--checkpoint.export=false", f"--parallel.dp={args.dp}",
-    ]
+    return run_overrides(args, storage, "goodput", args.global_batch // (2 * args.dp), **{
+        "checkpoint.interval": args.checkpoint_interval, "checkpoint.keep": 2, "parallel.dp": args.dp})
 
 
 def child(overrides_json: str) -> int:
@@ -144,14 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--period", type=float, default=600.0, help="P: seconds between preemptions to extrapolate to")
     p.add_argument("--max-attempts", type=int, default=30)
     p.add_argument("--dp", type=int, default=2)
-    p.add_argument("--global-batch", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--dim", type=int, default=128)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--experts", type=int, default=16)
-    p.add_argument("--intermediate", type=int, default=256)
-    p.add_argument("--max-bytes", type=int, default=300_000)
-    p.add_argument("--corpus", default=None)
+    add_shape_args(p)
     p.add_argument("--out-json", default=str(REPO / "docs" / "bench_goodput.json"))
     p.add_argument("--out-png", default=str(REPO / "docs" / "bench_goodput.png"))
     args = p.parse_args(argv)

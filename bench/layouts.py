@@ -18,12 +18,12 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "platform"))
+sys.path.insert(0, str(REPO / "bench"))
 
+from _training import add_shape_args, run_overrides  # noqa: E402
 from moe_platform.config import load_config  # noqa: E402
 from moe_platform.train.launch import launch_local  # noqa: E402
 from moe_platform.train.metrics import MetricsLog  # noqa: E402
-
-SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 
 def parse_layout(name: str) -> dict[str, int]:
@@ -41,17 +41,7 @@ def run_layout(name: str, args, storage: Path) -> dict:
     degrees = parse_layout(name)
     micro = degrees.pop("m", args.micro_batches)
     mbs = args.global_batch // micro
-    corpus = args.corpus or (str(SHAKESPEARE) if SHAKESPEARE.exists() else "")
-    overrides = [
-        f"--run.name={name}", f"--run.storage_path={storage}", f"--data.path={corpus}", "--data.vocab_size=2048",
-        f"--data.max_bytes={args.max_bytes}", f"--data.cache_dir={storage / 'cache'}",
-        f"--model.dim={args.dim}", f"--model.n_layers={args.layers}", "--model.n_heads=4", "--model.n_kv_heads=2",
-        f"--model.intermediate_size={args.intermediate}", f"--model.num_experts={args.experts}", "--model.top_k=2",
-        f"--train.steps={args.steps}", f"--train.global_batch_size={args.global_batch}",
-        f"--train.micro_batch_size={mbs}", f"--train.seq_len={args.seq_len}", "--train.warmup=1",
-        "--checkpoint.interval=0", "--checkpoint.export=false", "--train.eval_interval=0",
-        *[f"--parallel.{k}={v}" for k, v in degrees.items()],
-    ]
+    overrides = run_overrides(args, storage, name, mbs, **{f"parallel.{k}": v for k, v in degrees.items()})
     cfg = load_config(None, overrides)
     result = launch_local(cfg, progress=False)
     recs = MetricsLog(result.run_dir / "metrics.jsonl").read()[args.warmup_steps:]
@@ -66,15 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layouts", nargs="+", default=["dp1", "dp2", "tp2", "pp2", "dp2-ep2", "pp2-m8", "pp2-m2"])
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--warmup-steps", type=int, default=3, help="first steps left out of the median")
-    p.add_argument("--global-batch", type=int, default=16)
     p.add_argument("--micro-batches", type=int, default=4, help="micro-batches per step (default 4)")
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--dim", type=int, default=128)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--experts", type=int, default=16)
-    p.add_argument("--intermediate", type=int, default=256)
-    p.add_argument("--max-bytes", type=int, default=400_000)
-    p.add_argument("--corpus", default=None)
+    add_shape_args(p, global_batch=16, max_bytes=400_000)
     p.add_argument("--out-json", default=str(REPO / "docs" / "bench_layouts.json"))
     p.add_argument("--out-png", default=str(REPO / "docs" / "bench_layouts.png"))
     args = p.parse_args(argv)

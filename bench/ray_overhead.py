@@ -2,13 +2,22 @@
 torchrun-equivalent peer): the same model, layout (dp2 by default) and steps, steady-state tokens/s and time to
 first step of each.
 
-Steady state is the median wall time between consecutive metrics.jsonl lines after the warm-up steps, watched from
-a thread of this process: it includes what runs around the step (Ray's per-step preemption poll, hooks), which the
-trainer's own `step_time_s` (also reported) leaves out. Time to first step is the wall time from the launch call to
-the first metrics.jsonl line (so it includes that first step); for Ray it is given with and without starting the
-embedded local Ray (`ray.init(address="local")`, never another cluster that may run on this machine).
+Steady state is the wall-clock rate between the end of the warm-up steps and the end of the last step, from the Unix
+time each step's metrics.jsonl line carries: it includes everything that runs between steps (the preemption check,
+Ray's hooks and metrics), which the trainer's own `step_time_s` (also reported, as a median) leaves out. Time to
+first step is the wall time from the launch call to the end of the first step; for Ray it is given with and without
+starting the embedded local Ray (`ray.init(address="local")`, never another cluster that may run on this machine).
 
-    python bench/ray_overhead.py --steps 40 --warmup-steps 5
+A third launcher tells what of the difference is Ray itself rather than how training runs under it: the plain
+ranks again, with an idle Ray instance (GCS, raylet, dashboard agent, log monitor, idle workers) started beside them
+on the same cores, as a Ray Train job has.
+
+On a small shared machine one run's throughput moves by up to ~15% from the next, for every launcher alike, so the
+launchers take turns (`--rounds` times plain, Ray Train, plain beside Ray): the headline ratio is the median over
+rounds of each round's own ratio (so slow drifts of the machine cancel), shown with its spread; the table gives each
+launcher's medians.
+
+    python bench/ray_overhead.py --steps 60 --warmup-steps 10
 """
 
 from __future__ import annotations
@@ -19,125 +28,75 @@ import os
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "platform"))
+sys.path.insert(0, str(REPO / "bench"))
 
+from _training import add_shape_args, run_overrides  # noqa: E402
 from moe_platform.config import load_config  # noqa: E402
 from moe_platform.train.launch import launch_local  # noqa: E402
+from moe_platform.train.metrics import MetricsLog  # noqa: E402
 
-SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
-
-
-class MetricsWatcher(threading.Thread):
-    """Notes the wall time (perf_counter) at which each step's line first appears in metrics.jsonl."""
-
-    def __init__(self, path: Path, poll_s: float = 0.02):
-        super().__init__(daemon=True)
-        self.path, self.poll_s = path, poll_s
-        self.seen: dict[int, float] = {}
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        size = -1
-        while not self.stop.is_set():
-            self.scan(size_hint=size)
-            size = self.path.stat().st_size if self.path.exists() else -1
-            self.stop.wait(self.poll_s)
-        self.scan(size_hint=-2)
-
-    def scan(self, size_hint: int) -> None:
-        if not self.path.exists() or self.path.stat().st_size == size_hint:
-            return
-        now = time.perf_counter()
-        for line in self.path.read_text().splitlines():
-            try:
-                step = json.loads(line)["step"]
-            except (ValueError, KeyError):
-                continue  # a line being written
-            self.seen.setdefault(step, now)
-
-    def finish(self) -> dict[int, float]:
-        self.stop.set()
-        self.join()
-        return self.seen
+KINDS = ["plain", "ray", "beside_ray"]
+LABELS = {"plain": "plain processes", "ray": "Ray Train", "beside_ray": "plain processes, idle Ray beside"}
+SHORT = {"plain": "plain", "ray": "Ray Train", "beside_ray": "plain + idle Ray"}
 
 
 def overrides(args, storage: Path, name: str) -> list[str]:
-    corpus = args.corpus or (str(SHAKESPEARE) if SHAKESPEARE.exists() else "")
-    return [
-        f"--run.name={name}", f"--run.storage_path={storage}", f"--data.path={corpus}", "--data.vocab_size=2048",
-        f"--data.max_bytes={args.max_bytes}", f"--data.cache_dir={storage / 'cache'}",
-        f"--model.dim={args.dim}", f"--model.n_layers={args.layers}", "--model.n_heads=4", "--model.n_kv_heads=2",
-        f"--model.intermediate_size={args.intermediate}", f"--model.num_experts={args.experts}", "--model.top_k=2",
-        f"--train.steps={args.steps}", f"--train.global_batch_size={args.global_batch}",
-        f"--train.micro_batch_size={args.global_batch // (2 * args.dp)}", f"--train.seq_len={args.seq_len}",
-        "--train.warmup=1", "--train.eval_interval=0", "--checkpoint.interval=0", "--checkpoint.export=false",
-        f"--parallel.dp={args.dp}", f"--elastic.min_workers={args.dp}", f"--elastic.max_workers={args.dp}",
-        "--elastic.cpus_per_worker=1", f"--failure.preemption_check_steps={args.preemption_check_steps}",
-    ]
+    return run_overrides(args, storage, name, args.global_batch // (2 * args.dp), **{
+        "parallel.dp": args.dp, "elastic.min_workers": args.dp, "elastic.max_workers": args.dp,
+        "elastic.cpus_per_worker": 1, "failure.preemption_check_steps": args.preemption_check_steps})
 
 
 def measure(kind: str, args, storage: Path) -> dict:
     cfg = load_config(None, overrides(args, storage, kind))
     metrics = storage / kind / "metrics.jsonl"
-    watcher = MetricsWatcher(metrics)
-    watcher.start()
     ray_init_s = 0.0
-    t0 = time.perf_counter()
-    try:
-        if kind == "ray":
-            import ray
+    t0 = time.time()
+    if kind == "plain":
+        launch_local(cfg, world_size=args.dp, progress=False)
+    else:
+        import ray
 
-            from moe_platform.train.ray_launcher import launch_ray
+        from moe_platform.train.ray_launcher import launch_ray
 
-            ray.init(address="local", num_cpus=args.dp, include_dashboard=False, logging_level="WARNING")
-            ray_init_s = time.perf_counter() - t0
-            try:
+        ray.init(address="local", num_cpus=args.dp, include_dashboard=False, logging_level="WARNING")
+        ray_init_s = time.time() - t0
+        try:
+            if kind == "ray":
                 launch_ray(cfg, address="local", progress=False)
-            finally:
-                ray.shutdown()
-        else:
-            launch_local(cfg, world_size=args.dp, progress=False)
-    finally:
-        wall = time.perf_counter() - t0
-        seen = watcher.finish()
-    recs = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    if len(recs) < args.steps or len(seen) < args.steps:
-        raise RuntimeError(f"{kind}: expected {args.steps} steps in {metrics}, found {len(recs)} (watched {len(seen)})")
-    steps = sorted(seen)
-    deltas = [seen[s] - seen[s - 1] for s in steps if s > args.warmup_steps + 1 and s - 1 in seen]
-    step_wall_s = statistics.median(deltas)
+            else:  # "beside_ray": the plain ranks, with an idle Ray instance (its daemons) on the same cores
+                launch_local(cfg, world_size=args.dp, progress=False)
+        finally:
+            ray.shutdown()
+    wall = time.time() - t0
+    recs = sorted(MetricsLog(metrics).read(), key=lambda r: r["step"])
+    if [r["step"] for r in recs] != list(range(1, args.steps + 1)):
+        raise RuntimeError(f"{kind}: expected steps 1..{args.steps} once each in {metrics}")
+    first, last = recs[args.warmup_steps - 1], recs[-1]  # the rate over steps warmup+1 .. steps
+    step_wall_s = (last["time"] - first["time"]) / (last["step"] - first["step"])
     step_time_s = statistics.median(r["step_time_s"] for r in recs[args.warmup_steps:])
     tokens_per_step = args.global_batch * args.seq_len
     return {"launcher": kind, "wall_s": wall, "ray_init_s": ray_init_s,
-            "time_to_first_step_s": seen[steps[0]] - t0,
-            "time_to_first_step_after_ray_init_s": seen[steps[0]] - t0 - ray_init_s,
+            "time_to_first_step_s": recs[0]["time"] - t0,
+            "time_to_first_step_after_ray_init_s": recs[0]["time"] - t0 - ray_init_s,
             "step_wall_s": step_wall_s, "step_time_s": step_time_s,
-            "tokens_per_s": tokens_per_step / step_wall_s, "trainer_tokens_per_s": tokens_per_step / step_time_s,
-            "step_wall_deltas_s": deltas}
+            "tokens_per_s": tokens_per_step / step_wall_s, "trainer_tokens_per_s": tokens_per_step / step_time_s}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--warmup-steps", type=int, default=5, help="first steps left out of the medians")
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--warmup-steps", type=int, default=10, help="first steps left out of the steady state")
     p.add_argument("--dp", type=int, default=2)
-    p.add_argument("--global-batch", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--dim", type=int, default=128)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--experts", type=int, default=16)
-    p.add_argument("--intermediate", type=int, default=256)
-    p.add_argument("--max-bytes", type=int, default=300_000)
+    add_shape_args(p)
     p.add_argument("--preemption-check-steps", type=int, default=1,
-                   help="failure.preemption_check_steps: steps between Ray's preemption polls (a collective each)")
-    p.add_argument("--corpus", default=None)
-    p.add_argument("--order", nargs="+", default=["plain", "ray"], choices=["plain", "ray"],
-                   help="launchers in the order run; repeat one to alternate (medians of its repeats are shown)")
+                   help="failure.preemption_check_steps: steps between preemption checks (an all-reduce each)")
+    p.add_argument("--rounds", type=int, default=4, help="runs of each launcher, taking turns: plain, Ray Train, "
+                                                         "plain beside an idle Ray")
     p.add_argument("--out-json", default=str(REPO / "docs" / "bench_ray_overhead.json"))
     p.add_argument("--out-png", default=str(REPO / "docs" / "bench_ray_overhead.png"))
     args = p.parse_args(argv)
@@ -145,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
 
     load_before = os.getloadavg()
     runs = []
-    for i, kind in enumerate(args.order):
+    for i, kind in enumerate(KINDS * args.rounds):
         with tempfile.TemporaryDirectory() as tmp:
             runs.append({**measure(kind, args, Path(tmp) / str(i)), "loadavg_after": os.getloadavg()})
     load_after = os.getloadavg()
@@ -153,41 +112,60 @@ def main(argv: list[str] | None = None) -> int:
     def med(kind, key):
         return statistics.median(r[key] for r in runs if r["launcher"] == kind)
 
+    def round_ratios(kind: str, peer: str) -> list[float]:
+        """kind's tokens/s over peer's in each round (the runs of one round follow each other)."""
+        by_round = [runs[i:i + len(KINDS)] for i in range(0, len(runs), len(KINDS))]
+        return [next(r for r in rnd if r["launcher"] == kind)["tokens_per_s"]
+                / next(r for r in rnd if r["launcher"] == peer)["tokens_per_s"] for rnd in by_round]
+
     keys = ["tokens_per_s", "step_wall_s", "trainer_tokens_per_s", "time_to_first_step_s",
             "time_to_first_step_after_ray_init_s", "ray_init_s", "wall_s"]
-    summary = {kind: {k: med(kind, k) for k in keys} for kind in ("plain", "ray")}
-    ratio = summary["ray"]["tokens_per_s"] / summary["plain"]["tokens_per_s"]
+    summary = {kind: {k: med(kind, k) for k in keys} for kind in KINDS}
+    ratios = {"ray/plain": round_ratios("ray", "plain"), "beside_ray/plain": round_ratios("beside_ray", "plain"),
+              "ray/beside_ray": round_ratios("ray", "beside_ray")}
+    ratio = statistics.median(ratios["ray/plain"])
     trainer_ratio = summary["ray"]["trainer_tokens_per_s"] / summary["plain"]["trainer_tokens_per_s"]
     print(f"dp{args.dp}, dim {args.dim}, {args.layers} layers, {args.experts} experts, {args.steps} steps, "
           f"preemption check every {args.preemption_check_steps} step(s) "
-          f"(median after {args.warmup_steps}); load average before {load_before[0]:.2f}, after {load_after[0]:.2f} "
-          f"on {os.cpu_count()} CPUs")
-    print(f"{'launcher':<10}{'tok/s (wall)':>14}{'tok/s (step)':>14}{'1st step s':>12}{'  excl. ray.init':>17}"
-          f"{'total s':>10}")
-    for kind in ("plain", "ray"):
+          f"(steady state after {args.warmup_steps}), {args.rounds} rounds; load average before {load_before[0]:.2f}, "
+          f"after {load_after[0]:.2f} on {os.cpu_count()} CPUs")
+    print(f"{'launcher':<34}{'tok/s (wall)':>14}{'tok/s (step)':>14}{'1st step s':>12}{'  excl. ray.init':>17}"
+          f"{'total s':>10}   runs, tok/s (wall)")
+    for kind in KINDS:
         s = summary[kind]
-        print(f"{kind:<10}{s['tokens_per_s']:>14.0f}{s['trainer_tokens_per_s']:>14.0f}"
-              f"{s['time_to_first_step_s']:>12.2f}{s['time_to_first_step_after_ray_init_s']:>17.2f}{s['wall_s']:>10.1f}")
-    print(f"steady-state tokens/s ratio Ray/plain: {ratio:.3f} wall-clock, {trainer_ratio:.3f} trainer step_time_s "
-          f"(target >= 0.98)")
+        each = [round(r["tokens_per_s"]) for r in runs if r["launcher"] == kind]
+        print(f"{LABELS[kind]:<34}{s['tokens_per_s']:>14.0f}{s['trainer_tokens_per_s']:>14.0f}"
+              f"{s['time_to_first_step_s']:>12.2f}{s['time_to_first_step_after_ray_init_s']:>17.2f}"
+              f"{s['wall_s']:>10.1f}   {each}")
+    for name, values in ratios.items():
+        print(f"  {name}: median {statistics.median(values):.3f} of rounds {[round(v, 3) for v in values]}")
+    print(f"steady-state tokens/s ratio Ray/plain: {ratio:.3f} wall-clock (target >= 0.98), {trainer_ratio:.3f} on "
+          f"the medians of the trainer's step_time_s")
     Path(args.out_json).write_text(json.dumps({
         "args": vars(args), "loadavg_before": load_before, "loadavg_after": load_after, "cpus": os.cpu_count(),
-        "summary": summary, "ratio": ratio, "trainer_ratio": trainer_ratio, "runs": runs}, indent=2))
+        "summary": summary, "ratio": ratio, "round_ratios": ratios, "trainer_ratio": trainer_ratio,
+        "runs": runs}, indent=2))
 
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
-    kinds = ["plain", "ray"]
-    a.bar(kinds, [summary[k]["tokens_per_s"] for k in kinds], color=["tab:gray", "tab:blue"])
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+    colors = {"plain": "tab:gray", "ray": "tab:blue", "beside_ray": "tab:olive"}
+    names = [SHORT[k] for k in KINDS]
+    a.bar(names, [summary[k]["tokens_per_s"] for k in KINDS], color=[colors[k] for k in KINDS], alpha=0.6,
+          label="median")
+    for i, k in enumerate(KINDS):
+        each = [r["tokens_per_s"] for r in runs if r["launcher"] == k]
+        a.scatter([i] * len(each), each, color="black", s=12, zorder=3, label="one run" if i == 0 else None)
     a.set_ylabel("steady-state tokens / s")
-    a.set_title(f"Ray/plain = {ratio:.3f}")
-    b.bar(kinds, [summary[k]["time_to_first_step_after_ray_init_s"] for k in kinds], color=["tab:gray", "tab:blue"],
-          label="launch call to first step")
-    b.bar(kinds, [summary[k]["ray_init_s"] for k in kinds], color="tab:orange",
-          bottom=[summary[k]["time_to_first_step_after_ray_init_s"] for k in kinds], label="ray.init")
+    a.set_title(f"Ray/plain = {ratio:.3f} (rounds {min(ratios['ray/plain']):.2f}..{max(ratios['ray/plain']):.2f})")
+    a.legend(fontsize=8, loc="lower right")
+    b.bar(names, [summary[k]["time_to_first_step_after_ray_init_s"] for k in KINDS],
+          color=[colors[k] for k in KINDS], label="launch call to first step")
+    b.bar(names, [summary[k]["ray_init_s"] for k in KINDS], color="tab:orange",
+          bottom=[summary[k]["time_to_first_step_after_ray_init_s"] for k in KINDS], label="ray.init")
     b.set_ylabel("seconds to first step")
     b.legend(fontsize=8)
     fig.suptitle(f"dp{args.dp} on {os.cpu_count()} CPUs, preemption check every {args.preemption_check_steps} "
