@@ -26,6 +26,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
+echo "[quickstart] working in $work (deleted at the end unless KEEP=1)"
 echo "[quickstart] 1/4 starting a local Ray head (token auth, dashboard on 127.0.0.1)"
 bash scripts/cluster-up.sh "$state"
 # shellcheck disable=SC1091
