@@ -131,8 +131,11 @@ def test_weights_outlive_the_publisher(cluster, serving_export, serving_export_b
     version = ray.get(publisher.publish.remote(str(serving_export), "orphan"))
     [owned_by_publisher] = ray.get(publisher.own.remote(np.ones(1 << 20)))
     ray.kill(publisher, no_restart=True)
-    with pytest.raises(ray.exceptions.RayActorError):
-        ray.get(publisher.ping.remote())
+    deadline = time.monotonic() + 60
+    with pytest.raises(ray.exceptions.RayActorError):  # the kill takes effect asynchronously
+        while time.monotonic() < deadline:
+            ray.get(publisher.ping.remote(), timeout=60)
+            time.sleep(0.05)
     # The control: an object the dead publisher owned is gone with it (its node learns of the death asynchronously) ...
     deadline = time.monotonic() + 60
     with pytest.raises(ray.exceptions.ObjectLostError):
