@@ -147,3 +147,13 @@ def collective_device() -> torch.device:
     if dist.is_initialized() and dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is true on any rank of the world (one all-reduce of a one-element tensor);
+    `flag` itself when there is no process group."""
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([int(flag)], device=collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())

@@ -427,13 +427,9 @@ class RayBridge:
         due = (step >= self.cfg.train.steps or self.preemption is not None or self.resizing
                or (self.dist.rank == 0 and time.monotonic() - self.last_report_t >= REPORT_INTERVAL_S))
         if self.dist.distributed:
-            import torch
+            from moe_platform.parallel.comm import any_rank
 
-            from moe_platform.parallel.comm import collective_device
-
-            flag = torch.tensor([int(due)], device=collective_device())
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            due = bool(flag.item())
+            due = any_rank(due)
         return due
 
     def _report(self, committed: Path | None, step: int, seconds: float) -> None:

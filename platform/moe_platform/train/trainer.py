@@ -28,7 +28,7 @@ from moe_platform.model.args import ModelArgs
 from moe_platform.model.moe import update_routing_biases
 from moe_platform.model.transformer import build_model
 from moe_platform.parallel import resolve_layout
-from moe_platform.parallel.comm import collective_device
+from moe_platform.parallel.comm import any_rank, collective_device
 from moe_platform.parallel.layout import Layout, ProcessGroups, build_process_groups
 from moe_platform.train.checkpointing import (
     AsyncCheckpointer,
@@ -313,11 +313,7 @@ class Trainer:
     def _preemption_requested(self) -> bool:
         """True on every rank as soon as any rank's launcher reports a preemption notice."""
         flag = bool(self.hooks.preemption_requested and self.hooks.preemption_requested())
-        if self.dist.distributed:
-            t = torch.tensor([int(flag)], device=collective_device())
-            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-            flag = bool(t.item())
-        return flag
+        return any_rank(flag) if self.dist.distributed else flag
 
     def fit(self, stop_after: int | None = None) -> TrainResult:
         """Train to train.steps; `stop_after` ends early at that step (checkpointed) as a planned interruption."""
