@@ -67,3 +67,18 @@ def start_in_background(fn) -> tuple:
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     return thread, out
+
+
+def cluster_processes(state: Path | str) -> list[int]:
+    """Processes of the cluster that scripts/cluster-up.sh started with STATE_DIR `state`: every process it starts
+    inherits MOE_CLUSTER_STATE=<state>."""
+    marker = f"MOE_CLUSTER_STATE={state}".encode()
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if marker in (proc / "environ").read_bytes().split(b"\0"):
+                    pids.append(int(proc.name))
+            except OSError:
+                continue
+    return pids

@@ -18,6 +18,9 @@ from types import SimpleNamespace
 import pytest
 
 pytest.importorskip("ray")
+
+from tinyrun import cluster_processes  # noqa: E402
+
 pytestmark = [pytest.mark.timeout(240)]  # a hung cluster fails, never stalls
 
 REPO = Path(__file__).resolve().parents[2]
@@ -32,20 +35,6 @@ def read_env_file(path: Path) -> dict[str, str]:
         key, _, value = line.removeprefix("export ").partition("=")
         out[key] = value
     return out
-
-
-def cluster_processes(state: Path) -> list[int]:
-    """Processes carrying the cluster's marker (every process it started inherits MOE_CLUSTER_STATE)."""
-    marker = f"MOE_CLUSTER_STATE={state}".encode()
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                if marker in (proc / "environ").read_bytes().split(b"\0"):
-                    pids.append(int(proc.name))
-            except OSError:
-                continue
-    return pids
 
 
 @pytest.fixture(scope="module")

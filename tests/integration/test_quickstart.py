@@ -14,24 +14,13 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("ray")
+
+from tinyrun import cluster_processes  # noqa: E402
+
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]  # a hung cluster fails, never stalls
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-
-
-def processes_with_marker(prefix: str) -> list[int]:
-    """Processes whose MOE_CLUSTER_STATE (inherited by everything a cluster of cluster-up.sh starts) is under prefix."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                env = (proc / "environ").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if any(v.startswith(f"MOE_CLUSTER_STATE={prefix}".encode()) for v in env):
-                pids.append(int(proc.name))
-    return pids
 
 
 def test_quickstart_trains_serves_answers_and_cleans_up(tmp_path):
@@ -48,4 +37,4 @@ def test_quickstart_trains_serves_answers_and_cleans_up(tmp_path):
     # the completion the openai client got back from the served model (its repr)
     assert re.search(r"\[quickstart\] answer: ['\"]", out), f"no answer from the served model:\n{out[-3000:]}"
     assert not Path(work).exists(), f"the quickstart left {work} behind"
-    assert processes_with_marker(work) == [], "the quickstart left processes of its cluster running"
+    assert cluster_processes(f"{work}/cluster") == [], "the quickstart left processes of its cluster running"
