@@ -68,7 +68,7 @@ def build_export(out: Path, seed: int) -> Path:
     from moe_platform.checkpoint.hf import export_hf
     from moe_platform.model.args import ModelArgs
     from moe_platform.model.transformer import build_model
-    from moe_platform.train.tokenizer import save_tokenizer, train_tokenizer
+    from moe_platform.tokenizer import save_tokenizer, train_tokenizer
 
     text = CORPUS.read_text(encoding="utf-8")
     tok = train_tokenizer([text[i:i + 4000] for i in range(0, len(text), 4000)], 4096)
@@ -86,7 +86,7 @@ class Req:
 
 
 def make_trace(export: Path, n: int, rate: float, prompt_range, output_range, seed: int) -> list[Req]:
-    from moe_platform.train.tokenizer import load_tokenizer
+    from moe_platform.tokenizer import load_tokenizer
 
     ids = load_tokenizer(export).encode(CORPUS.read_text(encoding="utf-8")[:400_000]).ids
     rng = random.Random(seed)
@@ -447,7 +447,7 @@ def run(argv=None) -> dict:
     from transformers import AutoModelForCausalLM
 
     from moe_platform.serving.engine import Engine
-    from moe_platform.train.tokenizer import eos_id, load_tokenizer
+    from moe_platform.tokenizer import eos_id, load_tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         export = Path(args.export) if args.export else build_export(Path(tmp), args.seed)

@@ -22,12 +22,17 @@ def _cmd_train(ns: argparse.Namespace, rest: list[str]) -> int:
     from moe_platform.train.launch import launch_local
 
     cfg = load_config(ns.config, rest)
+    on_export = None
+    if cfg.checkpoint.publish_to:  # promote through the object-store model registry (logged, never fatal)
+        from moe_platform.cluster.registry import export_publisher
+
+        on_export = export_publisher(cfg)
     if ns.ray:
         from moe_platform.train.ray_launcher import launch_ray
 
-        print(json.dumps(launch_ray(cfg, address=ns.address, progress=not ns.no_progress)))
+        print(json.dumps(launch_ray(cfg, address=ns.address, progress=not ns.no_progress, on_export=on_export)))
         return 0
-    result = launch_local(cfg, progress=not ns.no_progress)
+    result = launch_local(cfg, progress=not ns.no_progress, on_export=on_export)
     print(json.dumps({"run_dir": str(result.run_dir), "layout": result.layout, "final_step": result.final_step,
                       "final_loss": result.final_loss, "export": str(result.export_dir) if result.export_dir else None,
                       "resumed_from": result.resumed_from}, ensure_ascii=False))

@@ -10,7 +10,7 @@ import pytest
 from moe_platform.checkpoint.hf import export_hf
 from moe_platform.model.args import ModelArgs
 from moe_platform.model.transformer import build_model
-from moe_platform.train.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
+from moe_platform.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 from tinyrun import corpus_text
 
 SERVING_MAX_SEQ_LEN = 256

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from moe_platform.checkpoint.hf import export_hf, load_hf  # noqa: E402
 from moe_platform.cluster import registry  # noqa: E402
 from moe_platform.config import load_config  # noqa: E402
 from moe_platform.serving.engine import Engine, SamplingParams  # noqa: E402
+from moe_platform.serving.loader import load_engine  # noqa: E402
 
 pytestmark = pytest.mark.timeout(600)  # a hung cluster fails, never stalls
 
@@ -75,7 +77,7 @@ def test_publish_list_resolve(cluster, serving_export, serving_export_b, greedy_
     assert not any(name.endswith(".safetensors") for name in first.files)
     # The registry's weights answer exactly like the export directories they came from.
     for uri, text in (("registry://basic@1", greedy_texts[0]), ("registry://basic", greedy_texts[1])):
-        assert registry.load_engine(uri).generate(PROMPT, GREEDY) == text
+        assert load_engine(uri).generate(PROMPT, GREEDY) == text
 
 
 def test_old_versions_are_pruned_but_a_holder_keeps_its_copy(cluster, serving_export, serving_export_b,
@@ -88,7 +90,7 @@ def test_old_versions_are_pruned_but_a_holder_keeps_its_copy(cluster, serving_ex
     with pytest.raises(registry.RegistryError, match=r"no version 1 any more \(the registry keeps the last 2\)"):
         registry.resolve(f"registry://pruned@{v1}")
     # Dropped by the registry, but reference counting keeps it for whoever still holds it.
-    assert registry.load_engine(held).generate(PROMPT, GREEDY) == greedy_texts[0]
+    assert load_engine(held).generate(PROMPT, GREEDY) == greedy_texts[0]
 
 
 def test_unknown_names_versions_and_bad_references(cluster, serving_export, tmp_path):
@@ -143,7 +145,7 @@ def test_weights_outlive_the_publisher(cluster, serving_export, serving_export_b
             ray.get(owned_by_publisher, timeout=60)
             time.sleep(0.05)
     # ... but the weights it published are the registry's.
-    assert registry.load_engine(f"registry://orphan@{version}").generate(PROMPT, GREEDY) == greedy_texts[0]
+    assert load_engine(f"registry://orphan@{version}").generate(PROMPT, GREEDY) == greedy_texts[0]
 
     # Same through the CLI: a separate driver process publishes and exits.
     out = subprocess.run([EXE, "publish", str(serving_export_b), "--name", "orphan", "--address", cluster],
@@ -151,7 +153,7 @@ def test_weights_outlive_the_publisher(cluster, serving_export, serving_export_b
     assert out.returncode == 0, out.stderr[-2000:]
     printed = json.loads(out.stdout.strip().splitlines()[-1])
     assert printed == {"name": "orphan", "version": version + 1, "uri": f"registry://orphan@{version + 1}"}
-    assert registry.load_engine("registry://orphan").generate(PROMPT, GREEDY) == greedy_texts[1]
+    assert load_engine("registry://orphan").generate(PROMPT, GREEDY) == greedy_texts[1]
 
 
 @pytest.mark.parametrize("export_dtype, engine_dtype, zero_copy", [
@@ -167,7 +169,7 @@ def test_weights_load_zero_copy_where_the_dtype_allows(cluster, serving_export, 
     mv = registry.resolve(name)
     arrays = ray.get(mv.weights)
     assert all(not a.flags.writeable and not a.flags.owndata for a in arrays.values())  # views of the store
-    engine = registry.load_engine(mv, dtype=engine_dtype)
+    engine = load_engine(mv, dtype=engine_dtype)
     params = engine.model.state_dict()
     assert set(arrays) == set(params)
     shared = {name for name, a in arrays.items() if params[name].data_ptr() == a.ctypes.data}
@@ -179,15 +181,16 @@ def test_weights_load_zero_copy_where_the_dtype_allows(cluster, serving_export, 
 
 
 def test_training_hook_publishes_when_configured(cluster, serving_export, caplog):
-    off = load_config(None, [])
-    assert registry.publish_training_export(serving_export, off, step=5) is None
-    on = load_config(None, ["--checkpoint.publish_to=trained", "--checkpoint.publish_keep=1"])
-    assert registry.publish_training_export(serving_export, on, step=5) == 1
-    assert registry.publish_training_export(serving_export, on, step=6) == 2
+    assert registry.export_publisher(load_config(None, [])) is None
+    on = registry.export_publisher(load_config(None, ["--checkpoint.publish_to=trained",
+                                                      "--checkpoint.publish_keep=1"]))
+    on = pickle.loads(pickle.dumps(on))  # it travels to Ray Train workers and spawned ranks
+    on(serving_export, 5)
+    on(serving_export, 6)
     assert [(v["version"], v["step"]) for v in registry.list_models()["trained"]] == [(2, 6)]
-    bad = load_config(None, ["--checkpoint.publish_to=bad/name"])
-    assert registry.publish_training_export(serving_export, bad, step=5) is None  # logged, the run still succeeds
-    assert "invalid model name" in caplog.text
+    bad = registry.export_publisher(load_config(None, ["--checkpoint.publish_to=bad/name"]))
+    bad(serving_export, 5)  # logged, the run still succeeds
+    assert "invalid model name" in caplog.text and "bad/name" not in registry.list_models()
 
 
 # -- Serve: started from registry://tiny, switched to registry://tiny@2 under load ----------------------------------

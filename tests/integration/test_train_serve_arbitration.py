@@ -100,7 +100,8 @@ def test_serving_scale_up_shrinks_training_and_scale_down_grows_it_back(cluster,
                 except httpx.HTTPError as e:
                     failed.append(repr(e))
 
-    trainer, out = start_in_background(lambda: launch_ray(cfg, progress=False))
+    trainer, out = start_in_background(lambda: launch_ray(cfg, progress=False,
+                                                                    on_export=registry.export_publisher(cfg)))
     poll(lambda: [e for e in run_events(run_dir) if e["event"] == "start"] or "error" in out, 180, "training to start")
     assert run_events(run_dir)[0]["world_size"] == 3, run_events(run_dir)  # all CPUs Serve does not need
     clients = [threading.Thread(target=client, daemon=True) for _ in range(2)]

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from moe_platform.config.schema import DataConfig
+from moe_platform.tokenizer import eos_id, train_tokenizer
 from moe_platform.train.data import DataSampler, build_token_dataset, iter_documents
-from moe_platform.train.tokenizer import eos_id, train_tokenizer
 
 DOCS = [f"def function_{i}(x):\n    return x * {i} + {i * i}  # document number {i}\n" * 3 for i in range(60)]
 

@@ -22,7 +22,7 @@ from moe_platform.serving.errors import (
 )
 from moe_platform.serving.sampling import sample_tokens
 from moe_platform.serving.scheduler import Scheduler, Sequence, bucket_of
-from moe_platform.train.tokenizer import save_tokenizer, train_tokenizer
+from moe_platform.tokenizer import save_tokenizer, train_tokenizer
 from tinyrun import corpus_text
 
 MAX_SEQ_LEN = 256

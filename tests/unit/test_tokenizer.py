@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from moe_platform.train.tokenizer import (
+from moe_platform.tokenizer import (
     CHAT_TEMPLATE,
     EOS_TOKEN,
     MIN_VOCAB_SIZE,

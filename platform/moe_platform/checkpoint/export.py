@@ -19,7 +19,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
     tok_dir = ckpt / "tokenizer"
     eos = 0
     if (tok_dir / "tokenizer.json").exists():
-        from moe_platform.train.tokenizer import eos_id, load_tokenizer
+        from moe_platform.tokenizer import eos_id, load_tokenizer
 
         eos = eos_id(load_tokenizer(tok_dir))
     return export_hf(state, args, out_dir, tok_dir if tok_dir.exists() else None, eos_id=eos)

@@ -130,7 +130,7 @@ def export_hf(state: dict[str, torch.Tensor], args: ModelArgs, out_dir: str | Pa
         {"bos_token_id": eos_id, "eos_token_id": eos_id, "pad_token_id": eos_id}, indent=2) + "\n")
     (out / MODEL_ARGS_FILE).write_text(json.dumps(args.to_dict(), indent=2) + "\n")
     if tokenizer_dir is not None:
-        from moe_platform.train.tokenizer import TOKENIZER_FILES
+        from moe_platform.tokenizer import TOKENIZER_FILES
 
         for name in TOKENIZER_FILES:
             src = Path(tokenizer_dir) / name

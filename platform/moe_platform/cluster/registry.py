@@ -11,7 +11,7 @@ layout (`MoETransformer.state_dict()` names, experts already stacked, so loading
   whose spot node is reclaimed). They live as long as the registry actor; it is in-memory state, so after a head
   restart publish again (disk exports are the durable copy).
 - Zero copy: `ray.get` on the same node returns read-only numpy views into the shared-memory object store;
-  `load_weights` wraps them with `torch.from_numpy` and `Engine.from_state_dict` makes them the parameters
+  `load_weights` wraps them with `torch.from_numpy` and the serving engine makes them the parameters
   (`assign=True`), so every replica on a node serves from the same physical pages. Copies happen only where needed:
   once per node when a replica's node first pulls the object, and for a dtype the engine converts to (`dtype:
   bfloat16` serving float32 weights). bfloat16 weights travel as their raw 16-bit patterns and stay zero-copy.
@@ -20,7 +20,9 @@ layout (`MoETransformer.state_dict()` names, experts already stacked, so loading
 
 Client functions (training and serving call these, not the actor):
 `publish_export(export_dir, name) -> version`, `resolve("registry://NAME[@VERSION]") -> ModelVersion`,
-`list_models()`, `load_weights(model_version)`, `load_engine(uri, **engine_options)`.
+`list_models()`, `load_weights(model_version)`, and `export_publisher(cfg)` (the `on_export` hook that training
+launchers run after the final export). This module is the storage core and imports nothing from serving: the
+engine is built from a version by `moe_platform.serving.loader.load_engine`.
 Serve takes `model: registry://NAME` (latest) or `registry://NAME@VERSION` in `args.model` / `user_config.model`.
 """
 
@@ -41,7 +43,6 @@ import torch
 
 from moe_platform.checkpoint.hf import load_hf
 from moe_platform.model.args import ModelArgs
-from moe_platform.serving.engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -251,26 +252,34 @@ def load_weights(model: ModelVersion) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_engine(model: str | ModelVersion, **options) -> Engine:
-    """An `Engine` on a registry version (`registry://NAME[@VERSION]`); options: `EngineConfig`."""
-    mv = model if isinstance(model, ModelVersion) else resolve(model)
-    return Engine.from_state_dict(ModelArgs.from_dict(mv.model_args), load_weights(mv), mv.files, mv.uri,
-                                  keepalive=mv.weights, **options)
-
-
-def publish_training_export(export_dir: str | Path, cfg, step: int | None = None) -> int | None:
-    """Training's hook after the final export: publish it as `cfg.checkpoint.publish_to` (no-op when empty).
+def publish_training_export(export_dir: str | Path, name: str, *, keep: int = DEFAULT_KEEP,
+                            step: int | None = None) -> int | None:
+    """Publish a training run's final export as the next version of `name`.
 
     A failed publish is logged, not raised: the export on disk is the run's durable result, and
     `moe-platform publish` can publish it later.
     """
-    name = cfg.checkpoint.publish_to
-    if not name:
-        return None
     try:
-        version = publish_export(export_dir, name, step=step, keep=cfg.checkpoint.publish_keep)
+        version = publish_export(export_dir, name, step=step, keep=keep)
     except Exception as e:  # noqa: BLE001 - see the docstring
         log.error("publishing %s to the model registry as %r failed: %s", export_dir, name, e)
         return None
     log.info("published the final export as %s%s@%d", URI_PREFIX, name, version)
     return version
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportPublisher:
+    """A training launcher's `on_export` hook (picklable: it travels to Ray Train workers and spawned ranks)."""
+
+    name: str
+    keep: int = DEFAULT_KEEP
+
+    def __call__(self, export_dir: Path, step: int) -> None:
+        publish_training_export(export_dir, self.name, keep=self.keep, step=step)
+
+
+def export_publisher(cfg) -> ExportPublisher | None:
+    """The hook that publishes a run's final export as `cfg.checkpoint.publish_to`; None when that is empty."""
+    name = cfg.checkpoint.publish_to
+    return ExportPublisher(name, cfg.checkpoint.publish_keep) if name else None

@@ -10,6 +10,7 @@ from typing import Any
 
 import tomllib
 
+from moe_platform.checks import requirer
 from moe_platform.config.schema import Config
 
 _BOOL_WORDS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
@@ -153,9 +154,7 @@ def config_to_toml(cfg: Config) -> str:
 def validate_config(cfg: Config) -> None:
     """Cross-field checks; each message names the key at fault."""
 
-    def need(ok: bool, msg: str) -> None:
-        if not ok:
-            raise ValueError(f"invalid config: {msg}")
+    need = requirer("config")
 
     cfg.model.validate()
     t = cfg.train

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from moe_platform.checks import requirer
+
 BALANCING_METHODS = ("aux_loss", "bias", "none")
 
 
@@ -63,9 +65,7 @@ class ModelArgs:
         )
 
     def validate(self) -> None:
-        def need(ok: bool, msg: str) -> None:
-            if not ok:
-                raise ValueError(f"invalid model config: {msg}")
+        need = requirer("model config")
 
         for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "intermediate_size", "num_experts", "top_k",
                      "max_seq_len"):

@@ -34,6 +34,7 @@ from ray.util import metrics as ray_metrics
 
 from moe_platform.cluster import registry
 from moe_platform.serving.engine import Engine, EngineConfig
+from moe_platform.serving.loader import load_engine
 from moe_platform.serving.openai_api import DEFAULT_MAX_BODY_BYTES, OpenAIFrontend, install_error_handlers
 
 logger = logging.getLogger("ray.serve")
@@ -185,9 +186,7 @@ class MoEServer:
                 logger.exception("exporting serving metrics failed")
 
     def _load(self, model: str | registry.ModelVersion) -> Engine:
-        if isinstance(model, registry.ModelVersion) or registry.is_registry_uri(model):
-            return registry.load_engine(model, **self._engine_options)
-        return Engine.from_pretrained(model, **self._engine_options)
+        return load_engine(model, **self._engine_options)
 
     async def reconfigure(self, user_config: dict) -> None:
         """`user_config: {model: DIR or registry://NAME[@VERSION]}` switches models without dropping requests."""

@@ -1,6 +1,6 @@
 """The chat template of an export: messages -> prompt text, exactly as the tokenizer's `chat_template` renders them.
 
-Exports written by moe-platform carry `moe_platform.train.tokenizer.CHAT_TEMPLATE`; that one renders with the
+Exports written by moe-platform carry `moe_platform.tokenizer.CHAT_TEMPLATE`; that one renders with the
 pure-Python `apply_chat_template` (no Jinja needed, and the tokenizer tests keep the two identical). Any other
 template found in tokenizer_config.json (e.g. a foreign Mixtral export) renders with a sandboxed Jinja environment,
 like transformers does.
@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from moe_platform.serving.errors import InvalidRequestError
-from moe_platform.train.tokenizer import CHAT_TEMPLATE, EOS_TOKEN, apply_chat_template
+from moe_platform.tokenizer import CHAT_TEMPLATE, EOS_TOKEN, apply_chat_template
 
 
 class ChatTemplate:

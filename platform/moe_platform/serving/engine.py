@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from moe_platform.checkpoint.hf import load_hf
+from moe_platform.checks import requirer
 from moe_platform.model.args import ModelArgs
 from moe_platform.model.transformer import MoETransformer, build_model
 from moe_platform.serving.cache import ServingKVCache
@@ -69,9 +70,7 @@ class EngineConfig:
     seed: int = field(default=0, metadata={"doc": "seeds the per-request seeds of requests that bring none"})
 
     def __post_init__(self) -> None:
-        def need(ok: bool, msg: str) -> None:
-            if not ok:
-                raise ValueError(f"invalid engine option: {msg}")
+        need = requirer("engine option")
 
         for name in ("max_batch_size", "prefill_token_budget", "max_waiting"):
             value = getattr(self, name)
@@ -204,7 +203,7 @@ class Engine:
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, **options) -> Engine:
         """Load an export directory (config.json, model.safetensors, tokenizer files). Options: `EngineConfig`."""
-        from moe_platform.train.tokenizer import eos_id, load_tokenizer
+        from moe_platform.tokenizer import eos_id, load_tokenizer
 
         config = EngineConfig.from_options(**options)
         model_dir = Path(model_dir)
@@ -236,7 +235,7 @@ class Engine:
         """
         from tokenizers import Tokenizer
 
-        from moe_platform.train.tokenizer import eos_id
+        from moe_platform.tokenizer import eos_id
 
         config = EngineConfig.from_options(**options)
         if "tokenizer.json" not in files:

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from moe_platform.checks import requirer
+
 MAX_STOP_STRINGS = 16
 
 
@@ -39,9 +41,7 @@ class SamplingParams:
         return self.temperature == 0.0
 
     def validate(self) -> None:
-        def need(ok: bool, msg: str) -> None:
-            if not ok:
-                raise ValueError(f"invalid sampling parameters: {msg}")
+        need = requirer("sampling parameters")
 
         if self.max_tokens is not None:
             need(_is_int(self.max_tokens), f"max_tokens must be an integer or None, got {self.max_tokens!r}")

@@ -41,7 +41,7 @@ from moe_platform.checkpoint.remote import PART_TIMEOUT_S, PARTS_DIRNAME, Remote
 from moe_platform.checkpoint.sharded import LocalState, ShardFiles, write_local_state
 from moe_platform.checkpoint.store import CHECKPOINTS_DIRNAME, MANIFEST_NAME, build_manifest, hash_files, tmp_dir_name
 from moe_platform.parallel.comm import collective_device
-from moe_platform.train.tokenizer import TOKENIZER_FILES
+from moe_platform.tokenizer import TOKENIZER_FILES
 
 log = logging.getLogger("moe_platform.train")
 

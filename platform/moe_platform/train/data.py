@@ -33,7 +33,7 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from moe_platform.config.schema import DataConfig
-from moe_platform.train.tokenizer import eos_id
+from moe_platform.tokenizer import eos_id
 
 _CACHE_FORMAT_VERSION = 1
 _STDLIB_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"})

@@ -57,6 +57,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -345,9 +346,9 @@ class RayBridge:
         self.mark = time.perf_counter()  # the end of the last step's hooks: a checkpoint save starts right after
         self.log_every = max(1, cfg.train.steps // 50)
 
-    def hooks(self) -> TrainerHooks:
+    def hooks(self, on_export=None) -> TrainerHooks:
         return TrainerHooks(on_step=self.on_step, on_checkpoint=self.on_checkpoint,
-                            preemption_requested=self.preemption_requested)
+                            preemption_requested=self.preemption_requested, on_export=on_export)
 
     def on_setup(self, trainer: Trainer) -> None:
         self.trainer = trainer
@@ -504,7 +505,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     cfg = config_from_dict(config["cfg"])
     torch.set_num_threads(max(1, int(cfg.elastic.cpus_per_worker)))  # the CPUs Ray reserved for this worker
     bridge = RayBridge(cfg, dist, config["progress"])
-    trainer = Trainer(cfg, progress=False, dist=dist, hooks=bridge.hooks())
+    trainer = Trainer(cfg, progress=False, dist=dist, hooks=bridge.hooks(config.get("on_export")))
     trainer.setup()
     bridge.on_setup(trainer)
     try:
@@ -538,9 +539,11 @@ def _worker_runtime_env() -> dict | None:
         return {"py_modules": [str(Path(moe_platform.__file__).parent)]}
 
 
-def launch_ray(cfg: Config, address: str | None = None, progress: bool = True) -> dict[str, Any]:
+def launch_ray(cfg: Config, address: str | None = None, progress: bool = True,
+               on_export: Callable[[Path, int], None] | None = None) -> dict[str, Any]:
     """Train on Ray Train workers; returns rank 0's result (run_dir, final_step, final_loss, export_dir,
-    resumed_from, layout, world_size) plus Ray's view of it (ray_checkpoint, ray_run_path)."""
+    resumed_from, layout, world_size) plus Ray's view of it (ray_checkpoint, ray_run_path). Rank 0's worker calls
+    `on_export(export_dir, step)` after the final export (`moe_platform.cluster.registry.export_publisher`)."""
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -558,7 +561,7 @@ def launch_ray(cfg: Config, address: str | None = None, progress: bool = True) -
         prune_ray_index(run_dir)
         trainer = TorchTrainer(
             train_loop_per_worker,
-            train_loop_config={"cfg": config_to_dict(cfg), "progress": progress},
+            train_loop_config={"cfg": config_to_dict(cfg), "progress": progress, "on_export": on_export},
             scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=e.use_gpu,
                                          resources_per_worker={"CPU": e.cpus_per_worker},
                                          elastic_resize_monitor_interval_s=e.resize_interval_s),

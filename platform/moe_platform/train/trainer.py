@@ -30,6 +30,7 @@ from moe_platform.model.transformer import build_model
 from moe_platform.parallel import resolve_layout
 from moe_platform.parallel.comm import any_rank, collective_device
 from moe_platform.parallel.layout import Layout, ProcessGroups, build_process_groups
+from moe_platform.tokenizer import eos_id, load_tokenizer, save_tokenizer, train_tokenizer
 from moe_platform.train.checkpointing import (
     AsyncCheckpointer,
     read_trainer_state,
@@ -40,7 +41,6 @@ from moe_platform.train.data import DataSampler, build_token_dataset, iter_docum
 from moe_platform.train.engine import DeepSpeedBackend, LocalBackend
 from moe_platform.train.metrics import MetricsLog, matmul_peak_flops, write_loss_curve
 from moe_platform.train.optim import lr_at
-from moe_platform.train.tokenizer import eos_id, load_tokenizer, save_tokenizer, train_tokenizer
 
 log = logging.getLogger("moe_platform.train")
 
@@ -63,6 +63,7 @@ class TrainerHooks:
     on_step: Callable[[dict[str, Any]], None] | None = None  # every rank, after each step, with the step's metrics
     on_checkpoint: Callable[[Path | None, int], None] | None = None  # every rank, after a commit (the dir on rank 0)
     preemption_requested: Callable[[], bool] | None = None  # polled each step; any rank saying yes stops all
+    on_export: Callable[[Path, int], None] | None = None  # rank 0, after the final export (dir, step): e.g. publish
 
 
 @dataclass
@@ -354,10 +355,11 @@ class Trainer:
         if self.dist.rank == 0:
             if cfg.checkpoint.export:
                 export_dir = export_checkpoint(self.checkpointer.local_checkpoint(self.step), self.run_dir / "export")
-                if cfg.checkpoint.publish_to:  # promote through the object-store model registry (logged, never fatal)
-                    from moe_platform.cluster.registry import publish_training_export
-
-                    publish_training_export(export_dir, cfg, step=self.step)
+                if self.hooks.on_export is not None:
+                    self.hooks.on_export(export_dir, self.step)
+                elif cfg.checkpoint.publish_to:
+                    log.warning("checkpoint.publish_to = %r, but this launcher was given no publisher: nothing was "
+                                "published (`moe-platform train` and jobs/train.py publish)", cfg.checkpoint.publish_to)
             write_loss_curve(self.metrics.path, self.run_dir / "loss.png", title=cfg.run.name)
             summary = {"final_step": self.step, "final_loss": rec["loss"], "val_loss": val,
                        "resumed_from": self.resumed_from, "layout": str(self.layout),

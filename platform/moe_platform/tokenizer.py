@@ -85,7 +85,7 @@ def eos_id(tok: Tokenizer) -> int:
     """The id of `EOS_TOKEN` (also bos, pad and unk) in `tok`."""
     token_id = tok.token_to_id(EOS_TOKEN)
     if token_id is None:
-        raise ValueError(f"tokenizer has no {EOS_TOKEN} token; it was not built by moe_platform.train.tokenizer")
+        raise ValueError(f"tokenizer has no {EOS_TOKEN} token; it was not built by moe_platform.tokenizer")
     return token_id
 
 

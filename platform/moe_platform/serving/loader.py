@@ -1,0 +1,23 @@
+"""Where a serving engine's weights come from: an export (Hugging Face model directory) on disk, or a version in the
+object-store model registry (`registry://NAME[@VERSION]`, zero-copy on the node; see `moe_platform.cluster.registry`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from moe_platform.cluster import registry
+from moe_platform.model.args import ModelArgs
+from moe_platform.serving.engine import Engine
+
+
+def load_engine(model: str | Path | registry.ModelVersion, **options) -> Engine:
+    """An `Engine` (not started) on an export directory or a registry version; options: `EngineConfig`."""
+    if isinstance(model, registry.ModelVersion) or registry.is_registry_uri(str(model)):
+        mv = model if isinstance(model, registry.ModelVersion) else registry.resolve(str(model))
+        return Engine.from_state_dict(ModelArgs.from_dict(mv.model_args), registry.load_weights(mv), mv.files,
+                                      mv.uri, keepalive=mv.weights, **options)
+    return Engine.from_pretrained(model, **options)
+
+
+__all__ = ["load_engine"]
