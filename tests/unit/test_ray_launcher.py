@@ -3,15 +3,19 @@ absolute paths for workers that run elsewhere, Ray addresses. (The launcher itse
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
+from moe_platform.checkpoint.remote import RemoteRun
 from moe_platform.train.ray_launcher import (
+    RAY_RUN_INDEX,
     _host_port,
     check_layouts,
     check_storage,
     num_workers_for,
+    prune_ray_index,
     with_absolute_paths,
 )
 
@@ -48,8 +52,14 @@ def test_paths_become_absolute(tiny_config, tmp_path, monkeypatch):
 
 
 def test_storage_is_checked_before_any_cluster(tiny_config, tmp_path):
-    assert check_storage(tiny_config(**{"run.storage_path": f"file://{tmp_path}/bucket"})) == tmp_path / "bucket" / "t"
+    run_dir, store = check_storage(tiny_config(**{"run.storage_path": f"file://{tmp_path}/bucket"}))
+    assert run_dir == tmp_path / "bucket" / "t" and store.root == str(run_dir)
     assert (tmp_path / "bucket" / "t").is_dir()
+    run_dir, store = check_storage(tiny_config(**{"run.storage_path": str(tmp_path / "plain")}))
+    assert run_dir == tmp_path / "plain" / "t" and store.root == str(run_dir) and run_dir.is_dir()
+    (tmp_path / "plain" / "x").write_text("a file where the runs directory should be")
+    with pytest.raises(ValueError, match=r"run.storage_path '.*/x' is not writable"):
+        check_storage(tiny_config(**{"run.storage_path": str(tmp_path / "plain" / "x")}))
     with pytest.raises(ValueError, match=r"'foo://bucket/runs' is not a storage pyarrow can open"):
         check_storage(tiny_config(**{"run.storage_path": "foo://bucket/runs"}))
     (tmp_path / "file").write_text("x")
@@ -89,3 +99,36 @@ def test_only_an_autoscaler_with_node_types_of_its_own_can_add_nodes():
     assert _report_can_add_nodes({"active_nodes": {"ray.head.default": 1},
                                   "node_type_mapping": {head: "ray.head.default"}})
     assert _report_can_add_nodes({"active_nodes": {}, "pending_launches": {"cpu_worker": 1}, "node_type_mapping": {}})
+
+
+def _ray_index(names: list[str]) -> dict:
+    entries = [{"checkpoint_dir_name": n, "metrics": {}} for n in names]
+    return {"checkpoint_results": entries, "checkpoint_report_indices": list(range(len(names))),
+            "latest_checkpoint_result": entries[-1] if entries else None, "pending_training_results": [],
+            "pending_validation_specs": [], "validated_checkpoint_dir_names": names}
+
+
+@pytest.mark.parametrize("uri", [False, True], ids=["local-dir", "storage-uri"])
+def test_ray_index_keeps_only_checkpoints_that_exist(tmp_path, uri):
+    """One pruning for every storage: Ray refuses an index that names a checkpoint the trainer has deleted."""
+    run_dir = tmp_path / "runs" / "t"
+    store = RemoteRun(f"file://{tmp_path}/runs", "t") if uri else RemoteRun.local(run_dir)
+    for name in ("checkpoints/step_00000002", "checkpoints/step_00000004"):
+        (run_dir / name).mkdir(parents=True)
+    prune_ray_index(store)  # no index: nothing to do
+    assert not (run_dir / RAY_RUN_INDEX).exists()
+    index = _ray_index(["checkpoints/step_00000001", "checkpoints/step_00000002", "checkpoints/step_00000004"])
+    (run_dir / RAY_RUN_INDEX).write_text(json.dumps(index))
+    prune_ray_index(store)
+    kept = json.loads((run_dir / RAY_RUN_INDEX).read_text())
+    assert [e["checkpoint_dir_name"] for e in kept["checkpoint_results"]] == ["checkpoints/step_00000002",
+                                                                             "checkpoints/step_00000004"]
+    assert kept["checkpoint_report_indices"] == [1, 2]
+    assert kept["validated_checkpoint_dir_names"] == ["checkpoints/step_00000002", "checkpoints/step_00000004"]
+    (run_dir / "checkpoints/step_00000004").rmdir()
+    prune_ray_index(store)
+    assert json.loads((run_dir / RAY_RUN_INDEX).read_text())["latest_checkpoint_result"]["checkpoint_dir_name"] == (
+        "checkpoints/step_00000002")
+    (run_dir / RAY_RUN_INDEX).write_text("{not json")
+    prune_ray_index(store)  # an index this cannot read is dropped (the trainer resumes from its own checkpoints)
+    assert not (run_dir / RAY_RUN_INDEX).exists()

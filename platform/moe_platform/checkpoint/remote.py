@@ -29,14 +29,13 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from moe_platform.checkpoint.files import check_writable, fsync_dir, write_durable
 from moe_platform.checkpoint.store import (
     CHECKPOINTS_DIRNAME,
     COMMITTED_NAME,
     MANIFEST_NAME,
     OLD_PREFIX,
     CheckpointError,
-    _fsync_dir,
-    _write_durable,
     step_dir_name,
     tmp_dir_name,
     verify_checkpoint,
@@ -115,6 +114,12 @@ class RemoteRun:
         self.root = f"{base.rstrip('/')}/{name}" if base.rstrip("/") else name
         self._made: set[str] = set()
 
+    @classmethod
+    def local(cls, run_dir: str | os.PathLike) -> RemoteRun:
+        """A run directory on this machine's filesystem, behind the same interface."""
+        run_dir = Path(run_dir).expanduser().resolve()
+        return cls(run_dir.parent.as_uri(), run_dir.name)
+
     @property
     def is_local(self) -> bool:
         """True when the storage is this machine's filesystem (file://), so `root` is a local path."""
@@ -128,16 +133,7 @@ class RemoteRun:
 
     def check_writable(self) -> None:
         """Create the run dir and write, read back and delete a probe: a clear error before any training."""
-        probe = self.path(f".write-test-{uuid.uuid4().hex}")
-        try:
-            self.fs.create_dir(self.root, recursive=True)
-            with self.fs.open_output_stream(probe) as f:
-                f.write(b"ok")
-            with self.fs.open_input_stream(probe) as f:
-                assert f.read() == b"ok"
-            self.fs.delete_file(probe)
-        except Exception as e:  # pyarrow raises OSError, ArrowException or a cloud SDK's own error
-            raise ValueError(f"run.storage_path {self.uri!r} is not writable ({self.root}): {e}") from e
+        check_writable(self.root, f"run.storage_path {self.uri!r}", self.fs)
 
     # -- files ---------------------------------------------------------------------------------------------------
 
@@ -322,38 +318,21 @@ class RemoteRun:
             for rel in files:
                 if not self.get_file(f"{CHECKPOINTS_DIRNAME}/{step_dir_name(step)}/{rel}", tmp / rel):
                     raise CheckpointError(where, f"missing file {rel} listed in the manifest", rel)
-            _write_durable(tmp / MANIFEST_NAME, manifest)
-            _write_durable(tmp / COMMITTED_NAME, b"")
+            write_durable(tmp / MANIFEST_NAME, manifest)
+            write_durable(tmp / COMMITTED_NAME, b"")
             verify_checkpoint(tmp)  # sizes and sha256 of everything downloaded
             if final.exists():
                 old = root / f"{OLD_PREFIX}{final.name}-{uuid.uuid4().hex}"
                 os.replace(final, old)
                 shutil.rmtree(old, ignore_errors=True)
             os.replace(tmp, final)
-            _fsync_dir(root)
+            fsync_dir(root)
         except CheckpointError as e:
             raise CheckpointError(where, e.reason, e.file) from e
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         log.info("downloaded checkpoint %s to %s", where, final)
         return final
-
-    def drop_stale_ray_index(self, index_name: str) -> None:
-        """Ray Train refuses to start a run whose checkpoint index names a checkpoint that is gone (this module
-        prunes old ones): drop such an index (the trainer resumes from its own checkpoints, not Ray's index)."""
-        data = self.get_bytes(index_name)
-        if data is None:
-            return
-        try:
-            state = json.loads(data)
-            entries = [*state["checkpoint_results"], *([state["latest_checkpoint_result"]]
-                                                       if state.get("latest_checkpoint_result") else [])]
-            if all(self.exists(e["checkpoint_dir_name"]) for e in entries):
-                return
-        except (ValueError, KeyError, TypeError) as e:
-            log.info("Ray's checkpoint index %s is unreadable (%s)", self.path(index_name), e)
-        log.info("dropping Ray's checkpoint index %s, which names checkpoints that are gone", self.path(index_name))
-        self.delete(index_name)
 
 
 __all__ = ["RemoteRun", "is_uri", "merge_parts", "mirror_dir", "node_lock", "poll"]

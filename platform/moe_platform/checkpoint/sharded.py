@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from moe_platform.checkpoint.store import CheckpointError, CheckpointWriter, _prepare_tensors
+from moe_platform.checkpoint.store import CheckpointError, CheckpointWriter, prepare_tensors
 
 SHARDS_DIR = "shards"
 STATE_KINDS = ("model", "exp_avg", "exp_avg_sq")
@@ -162,7 +162,7 @@ class ShardFiles:
         from safetensors.torch import save_file
 
         path = self._target(name)
-        save_file(_prepare_tensors(tensors, name), str(path))
+        save_file(prepare_tensors(tensors, name), str(path))
         return path
 
     def save_json(self, name: str, obj) -> Path:

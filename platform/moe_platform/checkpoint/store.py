@@ -34,6 +34,8 @@ from typing import Any
 
 import torch
 
+from moe_platform.checkpoint.files import fsync_dir, write_durable
+
 logger = logging.getLogger(__name__)
 
 CHECKPOINTS_DIRNAME = "checkpoints"
@@ -100,17 +102,6 @@ def _check_relpath(name: str) -> str:
     return pure.as_posix()
 
 
-def _fsync_dir(path: Path) -> None:
-    # Directory fsync makes the creation/rename of entries durable; it is a no-op concept on Windows.
-    if not hasattr(os, "O_DIRECTORY"):
-        return
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _hash_file(path: Path, fsync: bool = False) -> tuple[str, int]:
     """Stream a file through sha256; optionally fsync it on the same open handle."""
     digest = hashlib.sha256()
@@ -153,13 +144,6 @@ def build_manifest(step: int, meta: Mapping[str, Any], files: Mapping[str, Mappi
 def tmp_dir_name(step: int, token: str) -> str:
     """Name of a temp dir for the checkpoint of `step` (under checkpoints/; never loaded, removed by cleanup)."""
     return f"{TMP_PREFIX}{step_dir_name(step)}-{token}"
-
-
-def _write_durable(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 class CheckpointWriter:
@@ -222,7 +206,7 @@ class CheckpointWriter:
         from safetensors.torch import save_file
 
         target = self.path(name)
-        save_file(_prepare_tensors(tensors, name), str(target), metadata=dict(metadata) if metadata else None)
+        save_file(prepare_tensors(tensors, name), str(target), metadata=dict(metadata) if metadata else None)
         self._registered.add(_check_relpath(name))
         return target
 
@@ -281,11 +265,11 @@ class CheckpointWriter:
                         raise CheckpointError(self.tmp_dir, f"file {rel} is missing or not the size its writer "
                                                             f"hashed ({entry['bytes']} bytes)", rel)
             manifest = build_manifest(self.step, self.meta, files)
-            _write_durable(self.tmp_dir / MANIFEST_NAME, (_dumps_json(manifest, "manifest") + "\n").encode())
+            write_durable(self.tmp_dir / MANIFEST_NAME, (_dumps_json(manifest, "manifest") + "\n").encode())
             # The marker goes last: a dir holding it is complete as far as the writer is concerned.
-            _write_durable(self.tmp_dir / COMMITTED_NAME, b"")
+            write_durable(self.tmp_dir / COMMITTED_NAME, b"")
             for root, _dirs, _files in os.walk(self.tmp_dir):
-                _fsync_dir(Path(root))
+                fsync_dir(Path(root))
             self._publish()
         except BaseException:
             self.abort()
@@ -307,7 +291,7 @@ class CheckpointWriter:
             if old is not None and not self.final_dir.exists():
                 os.replace(old, self.final_dir)
             raise
-        _fsync_dir(self.checkpoints_dir)
+        fsync_dir(self.checkpoints_dir)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
 
@@ -328,7 +312,7 @@ class CheckpointWriter:
             self.commit()
 
 
-def _prepare_tensors(tensors: Mapping[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+def prepare_tensors(tensors: Mapping[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
     if not isinstance(tensors, Mapping):
         raise TypeError(f"save_tensors({name!r}) needs a dict of str -> Tensor, got {type(tensors).__name__}")
     out: dict[str, torch.Tensor] = {}
@@ -552,7 +536,7 @@ def cleanup_checkpoints(
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)
     if removed:
-        _fsync_dir(root)
+        fsync_dir(root)
     return removed
 
 

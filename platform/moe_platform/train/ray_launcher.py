@@ -62,6 +62,8 @@ from pathlib import Path
 from typing import Any
 
 from moe_platform.checkpoint import checkpoint_step
+from moe_platform.checkpoint.files import check_writable
+from moe_platform.checkpoint.remote import RemoteRun, is_uri, mirror_dir
 from moe_platform.config import Config, config_from_dict, config_to_dict
 from moe_platform.model.args import ModelArgs
 from moe_platform.parallel import resolve_layout
@@ -106,8 +108,6 @@ def check_layouts(cfg: Config, lo: int, hi: int) -> None:
 def with_absolute_paths(cfg: Config) -> Config:
     """A copy whose local paths are absolute: Ray workers run in their own working directories, maybe elsewhere.
     A storage URI (s3://, gs://, file://) stays as it is: every worker opens it through pyarrow, as Ray does."""
-    from moe_platform.checkpoint.remote import is_uri
-
     data = copy.deepcopy(config_to_dict(cfg))
     run = data["run"]
     if not is_uri(run["storage_path"]):
@@ -121,47 +121,40 @@ def with_absolute_paths(cfg: Config) -> Config:
     return config_from_dict(data)
 
 
-def check_storage(cfg: Config) -> Path:
-    """The run directory, created and probed for writing (on this machine: a local storage path must be shared).
+def check_storage(cfg: Config) -> tuple[Path, RemoteRun]:
+    """The run directory, created and probed for writing (on this machine: a local storage path must be shared),
+    and the run's storage as a `RemoteRun` (also for a local path), where Ray Train keeps its checkpoint index.
     A storage URI is probed through pyarrow, so that an unknown scheme, an unreachable bucket or missing write access
-    fail here; what is returned is then the run directory's local path for file://, and for object storage this
-    machine's mirror, which holds no Ray index (a stale index in the bucket is dropped here instead)."""
-    from moe_platform.checkpoint.remote import RemoteRun, is_uri, mirror_dir
-
+    fail here; the directory returned is then the run directory's local path for file://, and for object storage
+    this machine's mirror."""
     if is_uri(cfg.run.storage_path):
         remote = RemoteRun(cfg.run.storage_path, cfg.run.name)
         remote.check_writable()
-        if remote.is_local:
-            return Path(remote.root)
-        remote.drop_stale_ray_index(RAY_RUN_INDEX)
-        return mirror_dir(cfg.run.storage_path, cfg.run.name, cfg.run.local_dir)
+        run_dir = Path(remote.root) if remote.is_local else mirror_dir(cfg.run.storage_path, cfg.run.name,
+                                                                       cfg.run.local_dir)
+        return run_dir, remote
     run_dir = Path(cfg.run.storage_path) / cfg.run.name
     if "runtime_resources" in run_dir.parts:
         log.warning("run directory %s lies in the copy of the job's working dir, which Ray deletes with the cluster; "
                     "give run.storage_path as an absolute path on shared storage", run_dir)
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise ValueError(f"run.storage_path {cfg.run.storage_path!r} is not writable ({run_dir}): {e}") from e
-    return run_dir
+    check_writable(run_dir, f"run.storage_path {cfg.run.storage_path!r}")
+    return run_dir, RemoteRun.local(run_dir)
 
 
-def prune_ray_index(run_dir: Path) -> None:
+def prune_ray_index(store: RemoteRun) -> None:
     """Keep Ray Train's index of reported checkpoints in step with the trainer, which deletes old checkpoints itself:
     Ray refuses to start a run (and Result.from_path to load one) whose index names a checkpoint that is gone. The
-    trainer resumes from its own directory, so an index this cannot make sense of is simply dropped."""
-    index = run_dir / RAY_RUN_INDEX
-    if not index.exists():
+    trainer resumes from its own directory, so an index this cannot make sense of is simply dropped. One function
+    for every storage: `store` is the run's directory on a local disk or behind a storage URI."""
+    data = store.get_bytes(RAY_RUN_INDEX)
+    if data is None:
         return
 
     def exists(entry) -> bool:
-        return (run_dir / entry["checkpoint_dir_name"]).exists()
+        return store.exists(entry["checkpoint_dir_name"])
 
     try:
-        state = json.loads(index.read_text())
+        state = json.loads(data)
         results, order = state["checkpoint_results"], state["checkpoint_report_indices"]
         if len(results) != len(order):
             raise ValueError("checkpoint_results and checkpoint_report_indices differ in length")
@@ -179,13 +172,12 @@ def prune_ray_index(run_dir: Path) -> None:
         state["pending_validation_specs"] = [v for _, v in pending]
         for key in ("validated_checkpoint_dir_names", "timed_out_validation_checkpoint_dir_names",
                     "failed_validation_checkpoint_dir_names"):
-            state[key] = [n for n in state.get(key, []) if (run_dir / n).exists()]
-        tmp = index.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(state))
-        os.replace(tmp, index)
+            state[key] = [n for n in state.get(key, []) if store.exists(n)]
+        store.put_bytes(RAY_RUN_INDEX, json.dumps(state).encode())
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        log.info("dropping Ray's checkpoint index %s, which does not match the run's checkpoints: %s", index, e)
-        index.unlink(missing_ok=True)
+        log.info("dropping Ray's checkpoint index %s, which does not match the run's checkpoints: %s",
+                 store.path(RAY_RUN_INDEX), e)
+        store.delete(RAY_RUN_INDEX)
 
 
 # -- the cluster ---------------------------------------------------------------------------------------------------
@@ -552,13 +544,13 @@ def launch_ray(cfg: Config, address: str | None = None, progress: bool = True,
     num_workers = num_workers_for(cfg)
     lo, hi = _worker_range(num_workers)
     check_layouts(cfg, lo, hi)
-    run_dir = check_storage(cfg)
+    run_dir, store = check_storage(cfg)
     e, f = cfg.elastic, cfg.failure
     per_worker = {"CPU": e.cpus_per_worker, **({"GPU": 1.0} if e.use_gpu else {})}
     started = connect(address, num_cpus=max(os.cpu_count() or 1, math.ceil(hi * e.cpus_per_worker)))
     try:
         check_cluster_fits(per_worker, lo, hi, address)
-        prune_ray_index(run_dir)
+        prune_ray_index(store)
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"cfg": config_to_dict(cfg), "progress": progress, "on_export": on_export},
@@ -576,7 +568,7 @@ def launch_ray(cfg: Config, address: str | None = None, progress: bool = True,
         try:
             result = trainer.fit()
         finally:
-            prune_ray_index(run_dir)  # so that Ray's Result.from_path(run_dir) works afterwards
+            prune_ray_index(store)  # so that Ray's Result.from_path(run_dir) works afterwards
     finally:
         if started:
             ray.shutdown()

@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from moe_platform.checkpoint.export import export_checkpoint
+from moe_platform.checkpoint.files import check_writable
 from moe_platform.checkpoint.remote import RemoteRun, is_uri, mirror_dir
 from moe_platform.checkpoint.sharded import ShardedReader
 from moe_platform.config import Config, config_to_dict
@@ -139,15 +140,8 @@ class Trainer:
     def _check_storage(self) -> None:
         if self.remote is not None and self.dist.rank == 0:
             self.remote.check_writable()
-        try:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            probe = self.run_dir / f".write-test-{os.getpid()}"
-            probe.write_text("")
-            probe.unlink()
-        except OSError as e:
-            what = "run.local_dir mirror" if self.remote else "run.storage_path"
-            raise ValueError(f"{what} {str(self.run_dir) if self.remote else self.cfg.run.storage_path!r} is not "
-                             f"writable: {e}") from e
+        what = "run.local_dir mirror" if self.remote else f"run.storage_path {self.cfg.run.storage_path!r}"
+        check_writable(self.run_dir, what)
 
     def setup(self) -> None:
         cfg, rank = self.cfg, self.dist.rank
