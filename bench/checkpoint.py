@@ -22,8 +22,8 @@ import torch  # noqa: E402
 from moe_platform.config import load_config  # noqa: E402
 from moe_platform.model.args import ModelArgs  # noqa: E402
 from moe_platform.model.transformer import build_model  # noqa: E402
+from moe_platform.train.backends import LocalBackend  # noqa: E402
 from moe_platform.train.checkpointing import AsyncCheckpointer, take_snapshot  # noqa: E402
-from moe_platform.train.engine import LocalBackend  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

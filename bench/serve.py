@@ -267,7 +267,7 @@ def start_servers(args, export: Path, n_requests: int) -> str:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    url = start_server(export, port=port, **engine_options(args, n_requests))
+    url = start_server(export, port=port, engine=engine_options(args, n_requests))
     serve.run(NoOp.bind(), name="noop", route_prefix="/noop")
     serve.run(NoOpFastAPI.bind(), name="noop-fastapi", route_prefix="/noop-fastapi")
     return url

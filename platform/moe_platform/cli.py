@@ -125,7 +125,8 @@ def _demo_serve(export_dir: Path, prompt: str) -> None:
     ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     try:
         version = publish_export(export_dir, "demo")
-        url = start_server(f"registry://demo@{version}", port=port, num_replicas=1, max_batch_size=8)
+        url = start_server(f"registry://demo@{version}", port=port, num_replicas=1,
+                           engine={"max_batch_size": 8})
         print(f"[demo] published registry://demo@{version}; Ray Serve OpenAI API at {url}/v1")
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
         reply = client.completions.create(model="moe-platform", prompt=prompt, max_tokens=48, temperature=0)

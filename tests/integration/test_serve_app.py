@@ -30,11 +30,11 @@ def server(serving_export, serving_port):
 
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
-        url = start_server(serving_export, port=serving_port, max_batch_size=8, batch_wait_timeout_s=0.0)
-        serve.run(build_app({"model": str(serving_export), "api_key": API_KEY, "max_batch_size": 2}),
+        url = start_server(serving_export, port=serving_port, engine={"max_batch_size": 8, "batch_wait_timeout_s": 0.0})
+        serve.run(build_app({"model": str(serving_export), "api_key": API_KEY, "engine": {"max_batch_size": 2}}),
                   name="secure", route_prefix="/secure")
-        serve.run(build_app({"model": str(serving_export), "max_batch_size": 2, "max_waiting": 2,
-                             "batch_wait_timeout_s": 0.0, "max_body_bytes": 4096}),
+        serve.run(build_app({"model": str(serving_export), "max_body_bytes": 4096,
+                             "engine": {"max_batch_size": 2, "max_waiting": 2, "batch_wait_timeout_s": 0.0}}),
                   name="tight", route_prefix="/tight")
         yield SimpleNamespace(url=url, http=httpx.Client(base_url=url, timeout=60))
     finally:

@@ -2,6 +2,7 @@
 private, GPU workers are spot, KubeRay manifests have their structure, and the Grafana dashboard only queries metrics
 our code (or Ray Serve) registers. Offline: nothing here talks to a cloud or a cluster."""
 
+import dataclasses
 import importlib.util
 import json
 import re
@@ -148,6 +149,29 @@ def test_rayservice_serve_config_matches_serve_config_yaml():
             assert da["user_config"]["model"] == a["args"]["model"]
             assert {k: v for k, v in da.items() if k != "user_config"} == \
                    {k: v for k, v in db.items() if k != "user_config"}
+
+
+def test_serve_yaml_defaults_are_the_code_defaults():
+    """EngineConfig is the one definition of the engine options, AppArgs of the app's: the Serve configs show exactly
+    their defaults, and a config the app rejects (an unknown engine key) is caught before any cluster."""
+    from moe_platform.serving.app import AppArgs
+    from moe_platform.serving.engine import EngineConfig
+
+    ref = yaml.safe_load((ROOT / "serve" / "config.yaml").read_text())["applications"][0]
+    assert ref["args"]["engine"] == dataclasses.asdict(EngineConfig())
+    parsed = AppArgs.model_validate(ref["args"])
+    assert parsed.engine == EngineConfig()
+    for key in ("model_name", "api_key", "max_body_bytes"):
+        assert ref["args"][key] == AppArgs.model_fields[key].default, key
+    deployment = ref["deployments"][0]
+    for key in ("max_ongoing_requests", "max_queued_requests"):
+        assert deployment[key] == AppArgs.model_fields[key].default, key
+    assert deployment["autoscaling_config"]["target_ongoing_requests"] == (
+        AppArgs.model_fields["target_ongoing_requests"].default)
+    with pytest.raises(ValueError, match=r"unknown engine options \['max_batch'\]"):
+        AppArgs.model_validate({**ref["args"], "engine": {"max_batch": 4}})
+    with pytest.raises(ValueError, match="max_batch_size must be an integer >= 1"):
+        AppArgs.model_validate({**ref["args"], "engine": {"max_batch_size": 0}})
 
 
 # -- Grafana ---------------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from moe_platform.serving.errors import (
     InvalidRequestError,
 )
 from moe_platform.serving.sampling import sample_tokens
-from moe_platform.serving.scheduler import Scheduler, Sequence, bucket_of
+from moe_platform.serving.scheduler import Scheduler, SequenceState, bucket_of
 from moe_platform.tokenizer import save_tokenizer, train_tokenizer
 from tinyrun import corpus_text
 
@@ -148,7 +148,7 @@ def test_prefill_is_bucketed_and_budgeted():
                      intermediate_size=8, max_seq_len=1024)
     sched = Scheduler(ServingKVCache(args, 8, 2048), max_batch_size=8, prefill_token_budget=300)
     for i, n in enumerate([5, 20, 30, 100, 400]):
-        sched.add(Sequence(str(i), [1] * n, SamplingParams(), 1, 0.0))
+        sched.add(SequenceState(str(i), [1] * n, SamplingParams(), 1, 0.0))
     groups = sched.schedule_prefill()
     assert [g.bucket for g in groups] == [16, 32, 128, 256]
     assert [[c.length for c in g.chunks] for g in groups] == [[5], [20, 30], [100], [145]]

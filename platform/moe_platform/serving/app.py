@@ -19,6 +19,7 @@ Operations:
 
 
 import asyncio
+import dataclasses
 import logging
 import os
 import random
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import ray
 from fastapi import FastAPI, Request
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from ray import serve
 from ray.serve import Application
 from ray.util import metrics as ray_metrics
@@ -39,7 +40,6 @@ from moe_platform.serving.openai_api import DEFAULT_MAX_BODY_BYTES, OpenAIFronte
 
 logger = logging.getLogger("ray.serve")
 DEFAULT_MODEL_NAME = "moe-platform"
-_ENGINE_OPTIONS = tuple(EngineConfig.__dataclass_fields__)
 _LATENCY_BOUNDARIES = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
 _MAX_SAMPLES_PER_EXPORT = 2000  # bounds the metric-export cost per interval; the distribution stays unbiased
 
@@ -50,7 +50,7 @@ install_error_handlers(fastapi_app)
 class AppArgs(BaseModel):
     """Arguments of `build_app` (the `args:` of a Serve config), validated; unknown keys are errors."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
 
     model: str = Field(description="export directory (config.json, model.safetensors, tokenizer files) or "
                                    "registry://NAME[@VERSION] (a version published to the object-store registry)")
@@ -58,15 +58,8 @@ class AppArgs(BaseModel):
     api_key: str | None = Field(None, description="require 'Authorization: Bearer <api_key>' on /v1/*")
     max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, ge=1024, description="larger request bodies get 413")
     metrics_interval_s: float = Field(1.0, gt=0, description="seconds between engine-stat exports to Ray metrics")
-    # Engine options (see EngineConfig).
-    max_batch_size: int = 64
-    batch_wait_timeout_s: float = 0.05
-    prefill_token_budget: int = 512
-    max_waiting: int = 256
-    max_seq_len: int = 0
-    dtype: str = "float32"
-    num_threads: int = 0
-    seed: int = 0
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="engine options (EngineConfig, the one "
+                                                                            "definition of their names and defaults)")
     # Deployment options (a Serve config's `deployments:` section overrides these).
     num_replicas: int | None = Field(None, ge=1, description="fixed replica count (ignored when autoscaling)")
     min_replicas: int | None = Field(None, ge=0, description="autoscaling lower bound; set with max_replicas")
@@ -78,8 +71,17 @@ class AppArgs(BaseModel):
     priority_over_training: bool = Field(True, description="reserve replica resources ahead of elastic training "
                                                            "jobs on the cluster (moe_platform.cluster.arbiter)")
 
+    @field_validator("engine", mode="before")
+    @classmethod
+    def _engine(cls, value):
+        if isinstance(value, EngineConfig):
+            return value
+        if not isinstance(value, dict):
+            raise ValueError(f"engine must be a mapping of engine options, got {type(value).__name__}")
+        return EngineConfig.from_options(**value)  # unknown keys and bad values are errors naming the option
+
     def engine_options(self) -> dict:
-        return {name: getattr(self, name) for name in _ENGINE_OPTIONS}
+        return dataclasses.asdict(self.engine)
 
     def deployment_options(self) -> dict:
         opts: dict = {
@@ -153,8 +155,9 @@ def _identity(model: str | None) -> str | None:
 
 
 @serve.deployment(
-    max_ongoing_requests=384,
-    max_queued_requests=512,
+    # build_app sets these from AppArgs; the defaults here are AppArgs' own, for a bare `serve run` of the class
+    max_ongoing_requests=AppArgs.model_fields["max_ongoing_requests"].default,
+    max_queued_requests=AppArgs.model_fields["max_queued_requests"].default,
     backpressure_config={"status_code": 429, "retry_after_s": 1},
     health_check_period_s=10,
     health_check_timeout_s=30,
@@ -261,7 +264,6 @@ def build_app(args: dict | AppArgs) -> Application:
         if not (model / "config.json").is_file():
             raise ValueError(f"model directory {model} has no config.json: pass the export directory written by "
                              f"`moe-platform export` (or training's <run>/export)")
-    EngineConfig.from_options(**parsed.engine_options())  # fail here, not in every replica
     if parsed.priority_over_training and ray.is_initialized():
         _ensure_arbiter()
     deployment = MoEServer.options(**parsed.deployment_options())
@@ -272,7 +274,8 @@ def build_app(args: dict | AppArgs) -> Application:
 def start_server(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, name: str = "moe-platform",
                  **options) -> str:
     """Deploy the app on the running (or a new local) Ray cluster without blocking; return its base URL.
-    A registry://NAME[@VERSION] model needs the running cluster whose registry holds it."""
+    `options` are `AppArgs` (engine options go in `engine={...}`). A registry://NAME[@VERSION] model needs the
+    running cluster whose registry holds it."""
     if registry.is_registry_uri(str(model_dir)):
         registry.connect()
     app = build_app({"model": str(model_dir), **options})

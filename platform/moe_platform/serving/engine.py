@@ -47,7 +47,7 @@ from moe_platform.serving.errors import (
 )
 from moe_platform.serving.sampling import SamplingParams, make_generator, sample_tokens
 from moe_platform.serving.scheduler import PrefillGroup, Scheduler, SeqStatus
-from moe_platform.serving.scheduler import Sequence as Seq
+from moe_platform.serving.scheduler import SequenceState as Seq
 
 __all__ = ["Engine", "EngineConfig", "RequestOutput", "RequestStream", "SamplingParams"]
 
@@ -121,17 +121,11 @@ class RequestStream:
         self._loop = loop
         self._queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
 
-    def put(self, out: RequestOutput) -> None:
-        """Called on the engine thread (one output; `Engine` batches its deliveries through `deliver`)."""
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, out)
-
     @staticmethod
     def deliver(items: list[tuple[RequestStream, RequestOutput]]) -> None:
         """Runs on the streams' event loop: hand every output of one engine step to its stream."""
         for stream, out in items:
             stream._queue.put_nowait(out)
-
-    __call__ = put
 
     def __aiter__(self) -> RequestStream:
         return self

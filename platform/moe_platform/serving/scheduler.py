@@ -33,7 +33,7 @@ class SeqStatus(enum.Enum):
 
 
 @dataclass(eq=False)
-class Sequence:
+class SequenceState:
     """One request's state. `num_computed` counts tokens whose keys/values are in the cache."""
 
     request_id: str
@@ -69,7 +69,7 @@ class Sequence:
 
 @dataclass
 class PrefillChunk:
-    seq: Sequence
+    seq: SequenceState
     start: int  # first prompt position of the chunk
     length: int  # real (unpadded) tokens in the chunk
 
@@ -108,9 +108,9 @@ class Scheduler:
         self.cache = cache
         self.max_batch_size = max_batch_size
         self.prefill_token_budget = prefill_token_budget
-        self.waiting: deque[Sequence] = deque()
-        self.prefilling: list[Sequence] = []  # admission order
-        self.slot_owner: list[Sequence | None] = [None] * max_batch_size
+        self.waiting: deque[SequenceState] = deque()
+        self.prefilling: list[SequenceState] = []  # admission order
+        self.slot_owner: list[SequenceState | None] = [None] * max_batch_size
         self.num_decoding = 0  # D: decoding sequences occupy slots [0, D)
         self._free = set(range(max_batch_size))
 
@@ -122,14 +122,14 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.prefilling or self.num_decoding)
 
-    def decode_batch(self) -> list[Sequence]:
+    def decode_batch(self) -> list[SequenceState]:
         """Decoding sequences in slot order: row i of the decode batch is slot i."""
         batch = self.slot_owner[: self.num_decoding]
         assert all(s is not None and s.status is SeqStatus.DECODE and s.slot == i for i, s in enumerate(batch))
         return batch  # type: ignore[return-value]
 
     # -- transitions -------------------------------------------------------------------------------------------------
-    def add(self, seq: Sequence) -> None:
+    def add(self, seq: SequenceState) -> None:
         seq.status = SeqStatus.WAITING
         self.waiting.append(seq)
 
@@ -153,7 +153,7 @@ class Scheduler:
             groups.setdefault(bucket, PrefillGroup(bucket, [])).chunks.append(PrefillChunk(seq, seq.num_computed, n))
         return [groups[b] for b in sorted(groups)]
 
-    def prefill_done(self, seq: Sequence) -> None:
+    def prefill_done(self, seq: SequenceState) -> None:
         """`seq` has its whole prompt cached and its first token sampled: move it into the decode region."""
         assert seq.status is SeqStatus.PREFILL and seq.prompt_remaining == 0
         self.prefilling.remove(seq)
@@ -174,7 +174,7 @@ class Scheduler:
         seq.status = SeqStatus.DECODE
         self.num_decoding += 1
 
-    def finish(self, seq: Sequence, reason: str) -> None:
+    def finish(self, seq: SequenceState, reason: str) -> None:
         """Retire `seq` (finished, or aborted with reason "abort") and free its slot, keeping [0, D) packed."""
         if seq.status is SeqStatus.FINISHED:
             return
@@ -201,7 +201,7 @@ class Scheduler:
         self._free.add(slot)
         seq.slot = -1
 
-    def find(self, request_id: str) -> Sequence | None:
+    def find(self, request_id: str) -> SequenceState | None:
         for seq in self.waiting:
             if seq.request_id == request_id:
                 return seq
@@ -210,5 +210,5 @@ class Scheduler:
                 return seq
         return None
 
-    def all_unfinished(self) -> list[Sequence]:
+    def all_unfinished(self) -> list[SequenceState]:
         return list(self.waiting) + [s for s in self.slot_owner if s is not None]

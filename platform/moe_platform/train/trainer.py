@@ -32,6 +32,7 @@ from moe_platform.parallel import resolve_layout
 from moe_platform.parallel.comm import any_rank, collective_device
 from moe_platform.parallel.layout import Layout, ProcessGroups, build_process_groups
 from moe_platform.tokenizer import eos_id, load_tokenizer, save_tokenizer, train_tokenizer
+from moe_platform.train.backends import DeepSpeedBackend, LocalBackend
 from moe_platform.train.checkpointing import (
     AsyncCheckpointer,
     read_trainer_state,
@@ -39,7 +40,6 @@ from moe_platform.train.checkpointing import (
     take_snapshot,
 )
 from moe_platform.train.data import DataSampler, build_token_dataset, iter_documents
-from moe_platform.train.engine import DeepSpeedBackend, LocalBackend
 from moe_platform.train.metrics import MetricsLog, matmul_peak_flops, write_loss_curve
 from moe_platform.train.optim import lr_at
 

@@ -21,7 +21,7 @@ from moe_platform.model.moe import MoE
 from moe_platform.model.transformer import MoETransformer
 from moe_platform.parallel.layout import ProcessGroups
 from moe_platform.parallel.pipeline import build_pipeline_module
-from moe_platform.parallel.sharding import full_shapes, is_expert_tensor, local_shard_spec
+from moe_platform.parallel.placement import full_shapes, is_expert_tensor, local_shard_spec
 from moe_platform.train.optim import build_optimizer, set_lr
 
 log = logging.getLogger("moe_platform.train")
