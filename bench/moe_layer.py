@@ -17,7 +17,6 @@ import argparse
 import importlib
 import json
 import os
-import socket
 import statistics
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ from torch import nn
 
 from moe_platform.model.args import ModelArgs
 from moe_platform.model.moe import MoE, SwiGLU
+from moe_platform.train.launch import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -94,10 +94,7 @@ def init_deepspeed() -> None:
     ds_torch_backend = importlib.import_module("deepspeed.comm.torch")  # the attribute `torch` there is torch itself
 
     if not dist.is_initialized():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{port}")
+        dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{free_port()}")
     # The shared-memory allreduce DeepSpeed JIT-compiles (minutes) on first use has nothing to do on one rank.
     with mock.patch.object(ds_torch_backend, "build_shm_op", lambda: None):
         ds_comm.init_distributed(dist_backend="gloo")  # wraps the existing torch group

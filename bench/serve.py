@@ -26,7 +26,6 @@ import contextlib
 import json
 import os
 import random
-import socket
 import statistics
 import tempfile
 import time
@@ -248,6 +247,7 @@ def start_servers(args, export: Path, n_requests: int) -> str:
     from ray import serve
 
     from moe_platform.serving.app import start_server
+    from moe_platform.train.launch import free_port
 
     @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
     class NoOp:
@@ -264,9 +264,7 @@ def start_servers(args, export: Path, n_requests: int) -> str:
             return {"status": "ok"}
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     url = start_server(export, port=port, engine=engine_options(args, n_requests))
     serve.run(NoOp.bind(), name="noop", route_prefix="/noop")
     serve.run(NoOpFastAPI.bind(), name="noop-fastapi", route_prefix="/noop-fastapi")

@@ -26,7 +26,8 @@ def serve_config(model: str | Path, port: int, user_model: str | Path | None = N
     config = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
     config["http_options"]["port"] = port
     app = config["applications"][0]
-    app["args"].update(model=str(model), max_batch_size=8, batch_wait_timeout_s=0.0)
+    app["args"]["model"] = str(model)
+    app["args"]["engine"].update(max_batch_size=8, batch_wait_timeout_s=0.0)
     app["deployments"][0]["user_config"] = {"model": str(user_model if user_model is not None else model)}
     return config
 

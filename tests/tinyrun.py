@@ -1,13 +1,23 @@
-"""The tiny training set-up the tests share: a small corpus and config overrides that train in seconds on 2 cores.
+"""What the tests share: the tiny training set-up (a small corpus and config overrides that train in seconds on 2
+cores), free ports, bounded polling, run-directory readers, and the Ray pieces (a local Ray, a multi-node cluster on
+this machine, node drains, `ray job submit`).
 
 A module of its own (not conftest) so test files in every folder can import it by a unique name.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent  # the venv's bin: `ray`, `serve`, and the `python` Ray jobs run with
 SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 
@@ -33,23 +43,120 @@ def tiny_overrides(corpus: Path, storage: Path, **extra) -> list[str]:
     return [f"--{k}={v}" for k, v in base.items()]
 
 
-def poll(condition, timeout_s: float, what: str, interval_s: float = 0.05) -> None:
-    """Wait until `condition()` is true; a TimeoutError naming `what` after `timeout_s` (never a fixed sleep)."""
-    import time
+def venv_env(base: dict | None = None, **extra: str) -> dict:
+    """An environment (os.environ by default) whose PATH finds the venv's `ray`, `serve` and `python` first."""
+    import os
 
+    env = dict(os.environ if base is None else base)
+    return {**env, "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}", **extra}
+
+
+def free_ports(n: int) -> list[int]:
+    """`n` different TCP ports on 127.0.0.1 that nothing listens on right now."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def free_port() -> int:
+    return free_ports(1)[0]
+
+
+def poll(condition, timeout_s: float, what: str, interval_s: float = 0.05):
+    """Wait until `condition()` is truthy and return that value; a TimeoutError naming `what` after `timeout_s`
+    (never a fixed sleep)."""
     end = time.monotonic() + timeout_s
-    while not condition():
+    while not (value := condition()):
         if time.monotonic() > end:
             raise TimeoutError(f"timed out after {timeout_s:.0f}s waiting for {what}")
         time.sleep(interval_s)
+    return value
 
 
 def run_events(run_dir: Path) -> list[dict]:
     """The run's events.jsonl (starts, resumes, checkpoint-and-stops), [] before the first."""
-    import json
-
     path = Path(run_dir) / "events.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def logged_steps(run_dir: Path) -> list[int]:
+    """The steps in the run's metrics.jsonl, in order (a line being written right now is left out)."""
+    from moe_platform.train.metrics import MetricsLog
+
+    return [r["step"] for r in MetricsLog(Path(run_dir) / "metrics.jsonl").read()]
+
+
+def last_logged_step(run_dir: Path) -> int:
+    return max(logged_steps(run_dir), default=0)
+
+
+def config_overrides(cfg) -> list[str]:
+    """A whole config as `--section.key=value` arguments (for `jobs/train.py` and `moe-platform train`)."""
+    from moe_platform.config import config_to_dict
+
+    return [f"--{section}.{key}={value}" for section, values in config_to_dict(cfg).items()
+            for key, value in values.items()]
+
+
+def submit_job(address: str, job_id: str, entrypoint: list[str], env: dict, working_dir: bool = True,
+               timeout_s: float = 120) -> subprocess.CompletedProcess:
+    """`ray job submit --no-wait` (with this checkout as the working dir), asked again while the head's job agent is
+    still starting (bounded); the last answer, whatever it was."""
+    end = time.monotonic() + timeout_s
+    while True:
+        r = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", address, "--submission-id", job_id,
+                            "--no-wait", *(["--working-dir", str(REPO)] if working_dir else []), "--", *entrypoint],
+                           env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+        if "No available agent" not in r.stdout + r.stderr or time.monotonic() > end:
+            return r
+        time.sleep(1)
+
+
+@contextlib.contextmanager
+def local_ray(num_cpus: int) -> Iterator[str]:
+    """A local Ray instance for one test module (no dashboard); yields its GCS address."""
+    import ray
+
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+
+
+@contextlib.contextmanager
+def node_cluster(head_cpus: int, worker_cpus: int):
+    """A two-node Ray cluster on this machine (`ray.cluster_utils.Cluster`: two raylets), connected; a vanished node
+    is noticed within ~3 s (1 s health checks) rather than ~15 s."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": head_cpus, "include_dashboard": False, "dashboard_agent_listen_port": free_port(),
+        "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}})
+    try:
+        cluster.add_node(num_cpus=worker_cpus)
+        cluster.wait_for_nodes()
+        cluster.connect()
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def drain_for_preemption(cluster, node, deadline_s: float) -> tuple[subprocess.CompletedProcess, float]:
+    """What a cloud's spot reclaim looks like to Ray: `ray drain-node` with reason preemption and a deadline.
+    Returns the CLI's answer and the deadline (time.monotonic()), no earlier than the one the CLI announced."""
+    r = subprocess.run(
+        [str(BIN / "ray"), "drain-node", "--address", cluster.address, "--node-id", node.node_id,
+         "--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "spot instance reclaimed",
+         f"--deadline-remaining-seconds={deadline_s}"], capture_output=True, text=True, timeout=60)
+    return r, time.monotonic() + deadline_s
 
 
 def start_in_background(fn) -> tuple:
@@ -67,6 +174,27 @@ def start_in_background(fn) -> tuple:
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     return thread, out
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """The `export K=V` lines scripts/cluster-up.sh writes to STATE_DIR/env."""
+    return dict(line.removeprefix("export ").split("=", 1) for line in Path(path).read_text().splitlines() if line)
+
+
+@contextlib.contextmanager
+def scripted_cluster(state: Path, env: dict, *up_args: str) -> Iterator[dict[str, str]]:
+    """A cluster started by scripts/cluster-up.sh STATE ARGS (token auth, its own ports and temp dir), and stopped by
+    scripts/cluster-down.sh, which must leave none of its processes running; yields the exports of STATE/env."""
+    up = subprocess.run(["bash", "scripts/cluster-up.sh", str(state), *up_args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=200)
+    try:
+        assert up.returncode == 0, f"{up.stdout}\n{up.stderr}"
+        yield read_env_file(state / "env")
+    finally:
+        down = subprocess.run(["bash", "scripts/cluster-down.sh", str(state)], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert down.returncode == 0, f"{down.stdout}\n{down.stderr}"
+        assert cluster_processes(state) == [], "cluster-down.sh left processes of its cluster running"
 
 
 def cluster_processes(state: Path | str) -> list[int]:

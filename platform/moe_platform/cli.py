@@ -110,18 +110,15 @@ def _cmd_demo(ns: argparse.Namespace, rest: list[str]) -> int:
 def _demo_serve(export_dir: Path, prompt: str) -> None:
     """The platform's serving half on an embedded Ray: publish the export to the object-store registry, serve it
     with Ray Serve on loopback, and ask it through the OpenAI client."""
-    import socket
-
     import openai
     import ray
     from ray import serve
 
     from moe_platform.cluster.registry import publish_export
     from moe_platform.serving.app import start_server
+    from moe_platform.train.launch import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     try:
         version = publish_export(export_dir, "demo")

@@ -9,7 +9,6 @@ shards gathered with `ep_unshard`) must equal the reference gradient.
 from __future__ import annotations
 
 import datetime
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from moe_platform.parallel.expert_parallel import (
     reduce_expert_grads,
 )
 from moe_platform.parallel.layout import Layout, ProcessGroups, build_process_groups
+from tinyrun import free_port
 
 SEQ = 8
 VOCAB = 64
@@ -98,12 +98,6 @@ def _loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, VOCAB), targets.reshape(-1))  # (B, T, V) -> (B*T, V)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank: int, world: int, port: int, cases: list[Case], out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
@@ -151,7 +145,7 @@ def _reference(case: Case):
 @pytest.mark.parametrize("world", sorted(CASES), ids=lambda w: f"world{w}")
 def test_expert_parallel_matches_single_process(world, tmp_path):
     cases = CASES[world]
-    mp.spawn(_worker, args=(world, _free_port(), cases, str(tmp_path)), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, free_port(), cases, str(tmp_path)), nprocs=world, join=True)
     for case in cases:
         layout = case.layout
         results = [torch.load(tmp_path / f"{case.name}.rank{r}.pt") for r in range(world)]

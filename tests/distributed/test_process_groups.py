@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime
-import socket
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from moe_platform.parallel.layout import GROUP_KINDS, Layout, build_process_groups
+from tinyrun import free_port
 
 WORLD = 4
 LAYOUTS = [
@@ -21,12 +21,6 @@ LAYOUTS = [
     Layout(tp=2, pp=2),
     Layout(dp=4, ep=4),
 ]
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, port: int) -> None:
@@ -61,4 +55,4 @@ def _worker(rank: int, port: int) -> None:
 
 
 def test_groups_reduce_over_exactly_their_ranks():
-    mp.spawn(_worker, args=(_free_port(),), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(),), nprocs=WORLD, join=True)

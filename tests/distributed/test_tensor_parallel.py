@@ -9,7 +9,6 @@ sharding rules that checkpoint resharding relies on.
 from __future__ import annotations
 
 import datetime
-import socket
 from pathlib import Path
 
 import pytest
@@ -23,6 +22,7 @@ from moe_platform.model.transformer import build_model
 from moe_platform.parallel.comm import copy_to_group, gather_from_group, reduce_from_group, scatter_to_group
 from moe_platform.parallel.layout import Layout, ProcessGroups, build_process_groups
 from moe_platform.parallel.tensor_parallel import apply_tp, shard_tensor, tp_shard_spec, unshard_tensors
+from tinyrun import free_port
 
 TINY = dict(dim=32, n_layers=2, n_heads=4, intermediate_size=48, num_experts=4, top_k=2, vocab_size=64,
             max_seq_len=32)
@@ -58,12 +58,6 @@ def _step(model, args: ModelArgs) -> tuple[torch.Tensor, torch.Tensor]:
     loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
     loss.backward()
     return logits.detach(), loss.detach()
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _comm_results(group) -> dict:
@@ -119,7 +113,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 @pytest.mark.parametrize("world", sorted(CASES))
 def test_tp_matches_single_process(world, tmp_path):
     # mp.spawn re-raises the first worker failure with that worker's traceback.
-    mp.spawn(_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, free_port(), str(tmp_path)), nprocs=world, join=True)
     for i, (layout, overrides) in enumerate(CASES[world]):
         args = _args(**overrides)
         ref = build_model(args, seed=SEED)

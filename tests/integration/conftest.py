@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
 
+import tinyrun
 from moe_platform.checkpoint.hf import export_hf
 from moe_platform.model.args import ModelArgs
 from moe_platform.model.transformer import build_model
@@ -16,21 +16,10 @@ from tinyrun import corpus_text
 SERVING_MAX_SEQ_LEN = 256
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    return _free_port()
-
-
 @pytest.fixture(scope="module")
 def serving_port() -> int:
-    return _free_port()
+    """A TCP port on 127.0.0.1 that nothing listens on right now, for the module's Serve app."""
+    return tinyrun.free_port()
 
 
 @pytest.fixture(scope="session")

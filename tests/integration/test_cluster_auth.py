@@ -8,8 +8,6 @@ import json
 import os
 import stat
 import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -19,54 +17,26 @@ import pytest
 
 pytest.importorskip("ray")
 
-from tinyrun import cluster_processes  # noqa: E402
+from tinyrun import BIN, scripted_cluster, submit_job, venv_env  # noqa: E402
 
 pytestmark = [pytest.mark.timeout(240)]  # a hung cluster fails, never stalls
 
-REPO = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent  # the venv's bin: `ray`, and the `python` jobs run with
 AUTH_VARS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS")
-
-
-def read_env_file(path: Path) -> dict[str, str]:
-    """`export K=V` lines written by cluster-up.sh."""
-    out = {}
-    for line in path.read_text().splitlines():
-        key, _, value = line.removeprefix("export ").partition("=")
-        out[key] = value
-    return out
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     state = tmp_path_factory.mktemp("cluster")
     # HOME elsewhere: nothing falls back on a token in the real ~/.ray
-    base = {k: v for k, v in os.environ.items() if k not in AUTH_VARS}
-    base |= {"PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "HOME": str(tmp_path_factory.mktemp("home"))}
-    up = subprocess.run(["bash", "scripts/cluster-up.sh", str(state), "--num-cpus=1"], cwd=REPO, env=base,
-                        capture_output=True, text=True, timeout=200)
-    try:
-        assert up.returncode == 0, f"{up.stdout}\n{up.stderr}"
-        env = read_env_file(state / "env")
+    base = venv_env({k: v for k, v in os.environ.items() if k not in AUTH_VARS},
+                    HOME=str(tmp_path_factory.mktemp("home")))
+    with scripted_cluster(state, base, "--num-cpus=1") as env:
         yield SimpleNamespace(state=state, url=env["MOE_DASHBOARD_URL"], token=Path(env["RAY_AUTH_TOKEN_PATH"]),
                               base_env=base, with_token={**base, **env})
-    finally:
-        down = subprocess.run(["bash", "scripts/cluster-down.sh", str(state)], cwd=REPO, env=base,
-                              capture_output=True, text=True, timeout=120)
-        assert down.returncode == 0, f"{down.stdout}\n{down.stderr}"
-        assert cluster_processes(state) == [], "cluster-down.sh left processes of its cluster running"
 
 
 def submit(cluster, env: dict, job_id: str, code: str = "print(6 * 7)") -> subprocess.CompletedProcess:
-    """`ray job submit --no-wait`; asked again while the head's job agent is still starting (bounded)."""
-    end = time.monotonic() + 120
-    while True:
-        r = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", cluster.url, "--submission-id", job_id,
-                            "--no-wait", "--", "python", "-c", code],
-                           env=env, cwd=REPO, capture_output=True, text=True, timeout=60)
-        if "No available agent" not in r.stdout + r.stderr or time.monotonic() > end:
-            return r
-        time.sleep(1)
+    return submit_job(cluster.url, job_id, ["python", "-c", code], env, working_dir=False)
 
 
 def list_jobs(cluster) -> str:

@@ -16,8 +16,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -31,11 +29,18 @@ psutil = pytest.importorskip("psutil")
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]  # a hung cluster fails, never stalls
 
 from moe_platform.checkpoint import checkpoint_step, latest_checkpoint  # noqa: E402
-from moe_platform.config import config_to_dict  # noqa: E402
-from moe_platform.train.metrics import MetricsLog  # noqa: E402
+from tinyrun import (  # noqa: E402
+    REPO,
+    config_overrides,
+    last_logged_step,
+    logged_steps,
+    poll,
+    run_events,
+    scripted_cluster,
+    submit_job,
+    venv_env,
+)
 
-REPO = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent  # the venv's bin: `ray`, and the `python` jobs run with
 IDLE_TIMEOUT_S = 30
 MAX_WORKER_NODES = 2
 STEPS = 120
@@ -63,15 +68,6 @@ class Cluster(SimpleNamespace):
         return self.api(f"/api/jobs/{job_id}/logs")["logs"]
 
 
-def wait_for(what: str, condition, timeout_s: float, interval_s: float = 0.5):
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        if value := condition():
-            return value
-        time.sleep(interval_s)
-    raise TimeoutError(f"{what}: not within {timeout_s:.0f}s")
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     state = tmp_path_factory.mktemp("cluster")
@@ -81,48 +77,22 @@ def cluster(tmp_path_factory):
     cfg["available_node_types"]["worker"].update(min_workers=0, max_workers=MAX_WORKER_NODES, resources={"CPU": 1})
     config = state.parent / "autoscaling-test.yaml"
     config.write_text(yaml.safe_dump(cfg))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH", "RAY_ADDRESS"))}
-    env |= {"PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-            "AUTOSCALER_UPDATE_INTERVAL_S": "1"}  # the autoscaler's loop (default 5 s)
+    env = venv_env({k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH", "RAY_ADDRESS"))},
+                   AUTOSCALER_UPDATE_INTERVAL_S="1")  # the autoscaler's loop (default 5 s)
     # A dead node is noticed after 3 missed 1 s health checks (default 5 x 3 s).
     system = '{"health_check_period_ms": 1000, "health_check_failure_threshold": 3}'
-    up = subprocess.run(["bash", "scripts/cluster-up.sh", str(state), "--num-cpus=0", f"--autoscaling-config={config}",
-                         f"--system-config={system}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=200)
-    try:
-        assert up.returncode == 0, f"{up.stdout}\n{up.stderr}"
-        exports = dict(line.removeprefix("export ").split("=", 1) for line in (state / "env").read_text().splitlines())
+    with scripted_cluster(state, env, "--num-cpus=0", f"--autoscaling-config={config}",
+                          f"--system-config={system}") as exports:
         c = Cluster(state=state, url=exports["MOE_DASHBOARD_URL"], env={**env, **exports},
                     token=Path(exports["RAY_AUTH_TOKEN_PATH"]).read_text().strip())
-        wait_for("the dashboard's node list", lambda: c.api("/api/v0/nodes?limit=100") is not None, 120)
+        poll(lambda: c.api("/api/v0/nodes?limit=100") is not None, 120, "the dashboard's node list", 0.5)
         yield c
-    finally:
-        down = subprocess.run(["bash", "scripts/cluster-down.sh", str(state)], cwd=REPO, env=env, capture_output=True,
-                              text=True, timeout=120)
-        assert down.returncode == 0, f"{down.stdout}\n{down.stderr}"
 
 
 def submit(cluster: Cluster, job_id: str, cfg) -> None:
-    overrides = [f"--{s}.{k}={v}" for s, values in config_to_dict(cfg).items() for k, v in values.items()]
-    end = time.monotonic() + 120
-    while True:  # again while the head's job agent is still starting
-        r = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", cluster.url, "--submission-id", job_id,
-                            "--no-wait", "--working-dir", str(REPO), "--", "python", "jobs/train.py", "--config",
-                            "jobs/configs/tiny.toml", *overrides],
-                           env=cluster.env, cwd=REPO, capture_output=True, text=True, timeout=120)
-        if r.returncode == 0:
-            return
-        if "No available agent" not in r.stdout + r.stderr or time.monotonic() > end:
-            raise AssertionError(f"ray job submit failed:\n{r.stdout}\n{r.stderr}")
-        time.sleep(1)
-
-
-def events(run_dir: Path) -> list[dict]:
-    path = run_dir / "events.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-
-
-def last_step(run_dir: Path) -> int:
-    return max((r["step"] for r in MetricsLog(run_dir / "metrics.jsonl").read()), default=0)
+    r = submit_job(cluster.url, job_id, ["python", "jobs/train.py", "--config", "jobs/configs/tiny.toml",
+                                         *config_overrides(cfg)], cluster.env)
+    assert r.returncode == 0, f"ray job submit failed:\n{r.stdout}\n{r.stderr}"
 
 
 def assert_succeeded_with_every_step_once(cluster: Cluster, job_id: str, run_dir: Path) -> None:
@@ -130,7 +100,7 @@ def assert_succeeded_with_every_step_once(cluster: Cluster, job_id: str, run_dir
     assert status == "SUCCEEDED", f"job {job_id}: {status}\n{cluster.job_logs(job_id)[-6000:]}"
     ckpt = latest_checkpoint(run_dir)
     assert ckpt is not None and checkpoint_step(ckpt) == STEPS, "no committed final checkpoint"
-    assert [r["step"] for r in MetricsLog(run_dir / "metrics.jsonl").read()] == list(range(1, STEPS + 1))
+    assert logged_steps(run_dir) == list(range(1, STEPS + 1))
     assert (run_dir / "export" / "model.safetensors").exists()
 
 
@@ -169,7 +139,7 @@ def test_a_job_on_a_cluster_with_no_worker_node_makes_the_autoscaler_add_nodes(c
     most = max(most, len(cluster.worker_nodes()))
     assert_succeeded_with_every_step_once(cluster, job_id, run_dir)
     assert most == MAX_WORKER_NODES, "the autoscaler did not add a worker node for each of the job's workers"
-    print("events:", [(e["event"], e["step"], e["world_size"]) for e in events(run_dir)])
+    print("events:", [(e["event"], e["step"], e["world_size"]) for e in run_events(run_dir)])
 
 
 def test_losing_a_node_mid_run_shrinks_the_job_which_still_succeeds(cluster, tiny_config):
@@ -181,21 +151,22 @@ def test_losing_a_node_mid_run_shrinks_the_job_which_still_succeeds(cluster, tin
 
     def on_two_workers_past_a_checkpoint():
         if cluster.job_status(job_id) in TERMINAL:
-            raise AssertionError(f"job ended before it ran on 2 workers: {[e for e in events(run_dir)]}\n"
+            raise AssertionError(f"job ended before it ran on 2 workers: {[e for e in run_events(run_dir)]}\n"
                                  f"{cluster.job_logs(job_id)[-4000:]}")
-        ev, ckpt = events(run_dir), latest_checkpoint(run_dir)
+        ev, ckpt = run_events(run_dir), latest_checkpoint(run_dir)
         group = [e for e in ev if e["event"] in ("start", "resume")]
-        return (group and group[-1]["world_size"] == 2 and ckpt is not None
-                and checkpoint_step(ckpt) > group[-1]["step"] and last_step(run_dir) >= checkpoint_step(ckpt) + 2)
+        if not group or group[-1]["world_size"] != 2 or ckpt is None or checkpoint_step(ckpt) <= group[-1]["step"]:
+            return False
+        return last_logged_step(run_dir) >= checkpoint_step(ckpt) + 2
 
-    wait_for("a 2-worker group past its first checkpoint", on_two_workers_past_a_checkpoint, 180, interval_s=0.1)
-    killed_at, killed_time = last_step(run_dir), time.time()
+    poll(on_two_workers_past_a_checkpoint, 180, "a 2-worker group past its first checkpoint", 0.1)
+    killed_at, killed_time = last_logged_step(run_dir), time.time()
     assert killed_at < STEPS
     node_id = kill_node_of_a_training_worker(cluster)
-    wait_for(f"job {job_id} to end", lambda: cluster.job_status(job_id) in TERMINAL, 200)
+    poll(lambda: cluster.job_status(job_id) in TERMINAL, 200, f"job {job_id} to end", 0.5)
 
     assert_succeeded_with_every_step_once(cluster, job_id, run_dir)
-    ev = events(run_dir)
+    ev = run_events(run_dir)
     restarts = [e for e in ev if e["event"] == "resume" and e["time"] > killed_time]
     assert restarts, f"no restart after the kill at step {killed_at}: {ev}"
     # the group shrank onto the node left, from a checkpoint committed before the kill
@@ -204,4 +175,4 @@ def test_losing_a_node_mid_run_shrinks_the_job_which_still_succeeds(cluster, tin
           [(e["event"], e["step"], e["world_size"]) for e in ev])
     assert node_id not in {n["node_id"] for n in cluster.worker_nodes()}
     # Idle again: the autoscaler terminates the node left (down to min_workers=0).
-    wait_for("scale-down to no worker node", lambda: cluster.worker_nodes() == [], IDLE_TIMEOUT_S + 90, 1.0)
+    poll(lambda: cluster.worker_nodes() == [], IDLE_TIMEOUT_S + 90, "scale-down to no worker node", 1.0)

@@ -27,6 +27,7 @@ from moe_platform.cluster import registry  # noqa: E402
 from moe_platform.config import load_config  # noqa: E402
 from moe_platform.serving.engine import Engine, SamplingParams  # noqa: E402
 from moe_platform.serving.loader import load_engine  # noqa: E402
+from tinyrun import local_ray  # noqa: E402
 
 pytestmark = pytest.mark.timeout(600)  # a hung cluster fails, never stalls
 
@@ -36,14 +37,13 @@ GREEDY = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def cluster():
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    try:
-        yield ray.get_runtime_context().gcs_address
-    finally:
-        from ray import serve
+    from ray import serve
 
-        serve.shutdown()
-        ray.shutdown()
+    with local_ray(num_cpus=4) as address:
+        try:
+            yield address
+        finally:
+            serve.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,6 @@ the same config within 1e-5 relative. One cluster for the module."""
 from __future__ import annotations
 
 import math
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,44 +20,28 @@ ray = pytest.importorskip("ray")
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]  # a hung cluster fails, never stalls
 
 from moe_platform.cluster.arbiter import ensure_arbiter  # noqa: E402
-from moe_platform.train.metrics import MetricsLog  # noqa: E402
 from moe_platform.train.ray_launcher import launch_ray  # noqa: E402
 from moe_platform.train.trainer import train  # noqa: E402
-from tinyrun import poll, run_events, start_in_background  # noqa: E402
+from tinyrun import (  # noqa: E402
+    drain_for_preemption,
+    last_logged_step,
+    logged_steps,
+    node_cluster,
+    poll,
+    run_events,
+    start_in_background,
+)
 
 STEPS = 120
 DRAIN_AFTER_STEP = 3
 DRAIN_DEADLINE_S = 5
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def cluster():
-    from ray.cluster_utils import Cluster
-
-    c = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 2, "include_dashboard": False, "dashboard_agent_listen_port": _free_port(),
-        "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}})
-    c.add_node(num_cpus=2)
-    c.wait_for_nodes()
-    c.connect()
-    ensure_arbiter(interval_s=0.5)  # has Ray's AutoscalingCoordinator notice the new node at once, not within 20 s
-    yield c
-    ray.shutdown()
-    c.shutdown()
-
-
-
-
-def _logged_step(run_dir: Path) -> int:
-    return max((r["step"] for r in MetricsLog(run_dir / "metrics.jsonl").read()), default=0)
-
-
+    with node_cluster(head_cpus=2, worker_cpus=2) as c:
+        ensure_arbiter(interval_s=0.5)  # has Ray's AutoscalingCoordinator notice the new node at once, not in 20 s
+        yield c
 
 
 def take_away_and_give_back(cluster, run_dir: Path, log: dict) -> None:
@@ -68,13 +49,8 @@ def take_away_and_give_back(cluster, run_dir: Path, log: dict) -> None:
     `log` so that the test reports them after the job ends."""
     try:
         worker = next(n for n in cluster.worker_nodes)
-        poll(lambda: _logged_step(run_dir) >= DRAIN_AFTER_STEP, 240, "training to start on 4 workers")
-        r = subprocess.run(
-            [str(Path(sys.executable).parent / "ray"), "drain-node", "--address", cluster.address,
-             "--node-id", worker.node_id, "--reason", "DRAIN_NODE_REASON_PREEMPTION",
-             "--reason-message", "spot instance reclaimed", f"--deadline-remaining-seconds={DRAIN_DEADLINE_S}"],
-            capture_output=True, text=True, timeout=60)
-        deadline = time.monotonic() + DRAIN_DEADLINE_S
+        poll(lambda: last_logged_step(run_dir) >= DRAIN_AFTER_STEP, 240, "training to start on 4 workers")
+        r, deadline = drain_for_preemption(cluster, worker, DRAIN_DEADLINE_S)
         log["drain_rc"] = (r.returncode, r.stderr[-2000:])
         poll(lambda: time.monotonic() > deadline, 60, "the drain deadline")
         cluster.remove_node(worker, allow_graceful=False)
@@ -84,8 +60,8 @@ def take_away_and_give_back(cluster, run_dir: Path, log: dict) -> None:
 
         poll(lambda: resumed_on(2), 120, "the run to resume on 2 workers")
         back_at = resumed_on(2)[0]["step"]
-        poll(lambda: _logged_step(run_dir) >= back_at + 2, 120, "training on 2 workers")
-        log["grow_from_step"] = _logged_step(run_dir)
+        poll(lambda: last_logged_step(run_dir) >= back_at + 2, 120, "training on 2 workers")
+        log["grow_from_step"] = last_logged_step(run_dir)
         cluster.add_node(num_cpus=2)
         log["added"] = True
     except BaseException as e:  # reported by the test
@@ -122,7 +98,7 @@ def test_shrink_to_two_workers_and_grow_back_to_four(cluster, tiny_config, monke
     resumes = [e["step"] for e in events if e["event"] == "resume"]
     assert stops == resumes and resumes[-1] >= log["grow_from_step"], events
     assert result["final_step"] == STEPS and result["world_size"] == 4 and result["layout"] == "dp2·tp1·pp2·ep1"
-    assert [r["step"] for r in MetricsLog(run_dir / "metrics.jsonl").read()] == list(range(1, STEPS + 1))
+    assert logged_steps(run_dir) == list(range(1, STEPS + 1))
 
     ref = train(tiny_config(**{"run.name": "straight", **overrides}), progress=False)
     assert math.isclose(result["final_loss"], ref.final_loss, rel_tol=1e-5), (result["final_loss"], ref.final_loss)

@@ -6,7 +6,6 @@ before training. One Ray instance for the whole module."""
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
@@ -25,6 +24,7 @@ from moe_platform.checkpoint import checkpoint_step, latest_checkpoint  # noqa: 
 from moe_platform.checkpoint.sharded import ShardedReader  # noqa: E402
 from moe_platform.train.metrics import MetricsLog  # noqa: E402
 from moe_platform.train.ray_launcher import launch_ray  # noqa: E402
+from tinyrun import free_port, last_logged_step, local_ray, run_events  # noqa: E402
 
 STEPS = 60
 CHECKPOINT_INTERVAL = 8
@@ -34,10 +34,9 @@ SEED = int(os.environ.get("MOE_CHAOS_SEED", "0")) or random.SystemRandom().randr
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+def ray_cluster():
+    with local_ray(num_cpus=2):
+        yield
 
 
 def dp2_config(tiny_config, name: str, **extra):
@@ -58,45 +57,24 @@ def ray_train_workers() -> list[psutil.Process]:
     return found
 
 
-def last_logged_step(metrics: Path) -> int:
-    try:
-        lines = metrics.read_text().splitlines()
-    except FileNotFoundError:
-        return 0
-    steps = []
-    for line in lines:
-        try:
-            steps.append(json.loads(line)["step"])
-        except (ValueError, KeyError):  # a line being written right now
-            continue
-    return max(steps, default=0)
-
-
-def starts(run_dir: Path) -> int:
-    """Worker-group starts that reached training (events.jsonl: one `start`/`resume` line each)."""
-    path = run_dir / "events.jsonl"
-    return len(path.read_text().splitlines()) if path.exists() else 0
-
-
 def chaos(run_dir: Path, rng: random.Random, kills: list, deadline_s: float = 300.0) -> None:
     """Background: KILLS times, once the current worker group trains, wait a random number of steps and a random
     fraction of a step, then SIGKILL a random training worker (polling, bounded)."""
     end = time.monotonic() + deadline_s
-    metrics = run_dir / "metrics.jsonl"
     first = CHECKPOINT_INTERVAL + 1  # after the first committed checkpoint, so that every restart resumes
     # Spread the kills over the run, each in its own window of steps, and keep them clear of the end: a tiny step takes
     # tens of milliseconds, so the random delay below can carry the workers several steps past `at_step`.
     window = (STEPS - first - END_MARGIN_STEPS) // KILLS
     for i in range(KILLS):
         at_step = rng.randrange(first + i * window, first + (i + 1) * window)
-        while time.monotonic() < end and not (starts(run_dir) > i and last_logged_step(metrics) >= at_step):
+        while time.monotonic() < end and not (len(run_events(run_dir)) > i and last_logged_step(run_dir) >= at_step):
             time.sleep(0.02)
         time.sleep(rng.uniform(0, 0.3))  # anywhere in a step, or in a checkpoint write
         workers = ray_train_workers()
         if not workers or time.monotonic() >= end:
             return
         victim = rng.choice(workers)
-        kills.append({"at_step": last_logged_step(metrics), "pid": victim.pid})
+        kills.append({"at_step": last_logged_step(run_dir), "pid": victim.pid})
         os.kill(victim.pid, signal.SIGKILL)
 
 
@@ -107,11 +85,7 @@ def final_params(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def test_unreachable_cluster(tiny_config):
-    import socket
-
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # nothing listens on it
     cfg = tiny_config()
     if ray.is_initialized():
         pytest.skip("this process is already connected to a Ray cluster")
@@ -127,7 +101,7 @@ def test_unwritable_storage(tiny_config, tmp_path):
         launch_ray(cfg, progress=False)
 
 
-def test_three_random_kills_resume_bitwise_with_every_sample_once(local_ray, tiny_config):
+def test_three_random_kills_resume_bitwise_with_every_sample_once(ray_cluster, tiny_config):
     reference = launch_ray(dp2_config(tiny_config, "reference"), progress=False)
     assert reference["final_step"] == STEPS and reference["resumed_from"] is None
     assert reference["layout"].startswith("dp2")
@@ -142,7 +116,7 @@ def test_three_random_kills_resume_bitwise_with_every_sample_once(local_ray, tin
 
     assert len(kills) == KILLS and kills[-1]["at_step"] < STEPS, f"seed {SEED}: kills {kills}"
     assert result["final_step"] == STEPS
-    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    events = run_events(run_dir)
     assert [e["event"] for e in events] == ["start"] + ["resume"] * KILLS, f"seed {SEED}: {events}"
     # Each new group resumed from a committed checkpoint written before its kill.
     for kill, event in zip(kills, events[1:], strict=True):
@@ -164,7 +138,7 @@ def test_three_random_kills_resume_bitwise_with_every_sample_once(local_ray, tin
     assert not different, f"parameters differ from the uninterrupted run: {different[:5]}"
 
 
-def test_more_workers_than_the_cluster_can_host(local_ray, tiny_config):
+def test_more_workers_than_the_cluster_can_host(ray_cluster, tiny_config):
     cfg = dp2_config(tiny_config, "too_big", **{"parallel.dp": 4, "train.global_batch_size": 8})
     with pytest.raises(ValueError, match=r"at least 4 training worker.*can host at most 2"):
         launch_ray(cfg, progress=False)

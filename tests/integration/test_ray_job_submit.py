@@ -10,9 +10,7 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.error
@@ -26,46 +24,29 @@ ray = pytest.importorskip("ray")
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]  # a hung cluster fails, never stalls
 
 from moe_platform.checkpoint import checkpoint_step, latest_checkpoint  # noqa: E402
-from moe_platform.config import config_to_dict  # noqa: E402
-from moe_platform.train.metrics import MetricsLog  # noqa: E402
+from tinyrun import BIN, REPO, config_overrides, free_ports, logged_steps, poll, submit_job, venv_env  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent  # the venv's bin: `ray`, and the `python` the job runs with
 STEPS = 6
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
+def _answers(url: str) -> bool:
+    """Whether `url` answers at all (the dashboard needs the auth token for real answers; any status will do)."""
     try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def _wait_http(url: str, timeout_s: float) -> None:
-    """Until `url` answers at all (the dashboard needs the auth token for real answers; any status will do)."""
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        try:
-            urllib.request.urlopen(url, timeout=2).close()
-            return
-        except urllib.error.HTTPError:
-            return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(f"nothing answered at {url} within {timeout_s:.0f}s")
+        urllib.request.urlopen(url, timeout=2).close()
+    except urllib.error.HTTPError:
+        pass
+    except OSError:
+        return False
+    return True
 
 
 @pytest.fixture(scope="module")
 def ray_head():
-    gcs, dashboard, agent, client = _free_ports(4)
+    gcs, dashboard, agent, client = free_ports(4)
     temp_dir = tempfile.mkdtemp(prefix="rayjob-", dir="/tmp")  # its own temp dir: no other Ray attaches to it
     # The cluster runs in the venv, so the job's `python` is the venv's; RAY_AUTH_MODE=token makes the CLI send the
     # token that `ray start` uses (~/.ray/auth_token).
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_AUTH_MODE": "token"}
+    env = venv_env(RAY_AUTH_MODE="token")
     env.pop("RAY_ADDRESS", None)
     log = open(Path(temp_dir) / "ray-start.log", "w")  # noqa: SIM115 (closed at teardown)
     head = subprocess.Popen(
@@ -75,7 +56,7 @@ def ray_head():
          "--disable-usage-stats"],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        _wait_http(f"http://127.0.0.1:{dashboard}/api/version", timeout_s=120)
+        poll(lambda: _answers(f"http://127.0.0.1:{dashboard}/api/version"), 120, "the dashboard", 0.5)
         yield SimpleNamespace(address=f"http://127.0.0.1:{dashboard}", env=env)
     finally:
         head.send_signal(signal.SIGINT)  # `ray start --block` stops the processes it started
@@ -93,29 +74,13 @@ def ray_cli(head, *args: str, timeout: float = 60) -> subprocess.CompletedProces
                           timeout=timeout)
 
 
-def submit(head, job_id: str, entrypoint: list[str], timeout_s: float = 120) -> None:
-    """`ray job submit --no-wait`, again while the head's job agent is still starting (bounded)."""
-    end = time.monotonic() + timeout_s
-    while True:
-        r = ray_cli(head, "job", "submit", "--address", head.address, "--submission-id", job_id, "--no-wait",
-                    "--working-dir", str(REPO), "--", *entrypoint)
-        if r.returncode == 0:
-            return
-        if "No available agent" not in r.stdout + r.stderr or time.monotonic() > end:
-            raise AssertionError(f"ray job submit failed:\n{r.stdout}\n{r.stderr}")
-        time.sleep(1)
-
-
-def as_overrides(cfg) -> list[str]:
-    return [f"--{section}.{key}={value}" for section, values in config_to_dict(cfg).items()
-            for key, value in values.items()]
-
-
 def test_train_job_through_ray_job_submit(ray_head, tiny_config):
     # keep=1: the trainer deletes checkpoints that Ray's index may still name (the launcher prunes the index)
     cfg = tiny_config(**{"run.name": "job", "train.steps": STEPS, "checkpoint.interval": 3, "checkpoint.keep": 1})
     job_id = f"moe-train-{os.getpid()}-{int(time.time())}"
-    submit(ray_head, job_id, ["python", "jobs/train.py", "--config", "jobs/configs/tiny.toml", *as_overrides(cfg)])
+    r = submit_job(ray_head.address, job_id, ["python", "jobs/train.py", "--config", "jobs/configs/tiny.toml",
+                                              *config_overrides(cfg)], ray_head.env)
+    assert r.returncode == 0, f"ray job submit failed:\n{r.stdout}\n{r.stderr}"
     logs = ray_cli(ray_head, "job", "logs", "--address", ray_head.address, "--follow", job_id, timeout=300)
     status = ray_cli(ray_head, "job", "status", "--address", ray_head.address, job_id)
     assert "succeeded" in status.stdout.lower(), f"{status.stdout}\n{status.stderr}\n--- job logs ---\n{logs.stdout}"
@@ -128,7 +93,7 @@ def test_train_job_through_ray_job_submit(ray_head, tiny_config):
 
     ckpt = latest_checkpoint(run_dir)
     assert ckpt is not None and checkpoint_step(ckpt) == STEPS
-    assert [r["step"] for r in MetricsLog(run_dir / "metrics.jsonl").read()] == list(range(1, STEPS + 1))
+    assert logged_steps(run_dir) == list(range(1, STEPS + 1))
     assert (run_dir / "export" / "model.safetensors").exists()
     # Ray Train's view of the same run (its index pruned of the checkpoints the trainer deleted): the latest
     # checkpoint is the trainer's committed one.

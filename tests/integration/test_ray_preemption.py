@@ -7,10 +7,6 @@ to dp1) and finishes with every step logged exactly once. One cluster for the mo
 
 from __future__ import annotations
 
-import json
-import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -21,71 +17,32 @@ ray = pytest.importorskip("ray")
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]  # a hung cluster fails, never stalls
 
 from moe_platform.checkpoint import checkpoint_step, latest_checkpoint  # noqa: E402
-from moe_platform.train.metrics import MetricsLog  # noqa: E402
 from moe_platform.train.ray_launcher import launch_ray  # noqa: E402
+from tinyrun import drain_for_preemption, last_logged_step, logged_steps, node_cluster, poll, run_events  # noqa: E402
 
 STEPS = 150
 DRAIN_AFTER_STEP = 3
 DRAIN_DEADLINE_S = 6
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_nodes():
-    from ray.cluster_utils import Cluster
-
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "include_dashboard": False, "dashboard_agent_listen_port": _free_port(),
-        # notice a vanished node within ~3 s rather than ~15 s
-        "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}})
-    worker = cluster.add_node(num_cpus=1)
-    cluster.wait_for_nodes()
-    cluster.connect()
-    yield cluster, worker
-    ray.shutdown()
-    cluster.shutdown()
-
-
-def _logged_step(metrics: Path) -> int:
-    steps = []
-    for line in metrics.read_text().splitlines() if metrics.exists() else []:
-        try:
-            steps.append(json.loads(line)["step"])
-        except (ValueError, KeyError):  # a line being written right now
-            continue
-    return max(steps, default=0)
-
-
-def _poll(condition, timeout_s: float, what: str) -> None:
-    end = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > end:
-            raise TimeoutError(f"timed out after {timeout_s:.0f}s waiting for {what}")
-        time.sleep(0.05)
+    with node_cluster(head_cpus=1, worker_cpus=1) as cluster:
+        yield cluster, next(iter(cluster.worker_nodes))
 
 
 def preempt_node(cluster, node, run_dir: Path, events: dict) -> None:
     """Background, as a cloud provider reclaiming a spot VM: once training runs, a preemption drain notice with a
     deadline for `node`; at the deadline the VM vanishes (no graceful shutdown)."""
     try:
-        _poll(lambda: _logged_step(run_dir / "metrics.jsonl") >= DRAIN_AFTER_STEP, 180, "training to start")
-        events["drained_at_step"] = _logged_step(run_dir / "metrics.jsonl")
-        r = subprocess.run(
-            [str(Path(sys.executable).parent / "ray"), "drain-node", "--address", cluster.address,
-             "--node-id", node.node_id, "--reason", "DRAIN_NODE_REASON_PREEMPTION",
-             "--reason-message", "spot instance reclaimed", f"--deadline-remaining-seconds={DRAIN_DEADLINE_S}"],
-            capture_output=True, text=True, timeout=60)
-        deadline = time.monotonic() + DRAIN_DEADLINE_S  # no earlier than the deadline the CLI announced
+        poll(lambda: last_logged_step(run_dir) >= DRAIN_AFTER_STEP, 180, "training to start")
+        events["drained_at_step"] = last_logged_step(run_dir)
+        r, deadline = drain_for_preemption(cluster, node, DRAIN_DEADLINE_S)
         events["drain"] = (r.returncode, r.stderr[-2000:])
-        _poll(lambda: latest_checkpoint(run_dir) is not None, 60, "the just-in-time checkpoint")
+        poll(lambda: latest_checkpoint(run_dir) is not None, 60, "the just-in-time checkpoint")
         events["jit_step"] = checkpoint_step(latest_checkpoint(run_dir))
         events["jit_before_deadline"] = time.monotonic() < deadline
-        _poll(lambda: time.monotonic() > deadline, 60, "the drain deadline")
+        poll(lambda: time.monotonic() > deadline, 60, "the drain deadline")
         cluster.remove_node(node, allow_graceful=False)
         events["removed"] = True
     except BaseException as e:  # reported by the test
@@ -118,9 +75,9 @@ def test_preempted_node_checkpoints_and_resumes_on_fewer_workers(two_nodes, tiny
     assert result["world_size"] == 1 and result["layout"].startswith("dp1")
     assert result["resumed_from"] == jit
     # every rank took the stop for the preemption it was (not a resize), whichever of them saw the notice first
-    history = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    history = run_events(run_dir)
     stop = max(i for i, e in enumerate(history) if e["event"] == "checkpoint_and_stop")
     assert [e["event"] for e in history[stop:]] == ["checkpoint_and_stop", "preempted", "resume"], history
     assert history[stop + 1]["step"] == jit and history[stop + 1]["deadline_ms"], history
-    assert [r["step"] for r in MetricsLog(run_dir / "metrics.jsonl").read()] == list(range(1, STEPS + 1))
+    assert logged_steps(run_dir) == list(range(1, STEPS + 1))
     assert checkpoint_step(latest_checkpoint(run_dir)) == STEPS

@@ -12,18 +12,17 @@ ray = pytest.importorskip("ray")
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]  # a hung cluster fails, never stalls
 
 from moe_platform.checkpoint import list_checkpoints, verify_checkpoint  # noqa: E402
-from moe_platform.train.metrics import MetricsLog  # noqa: E402
 from moe_platform.train.ray_launcher import launch_ray  # noqa: E402
+from tinyrun import local_ray, logged_steps  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+def ray_cluster():
+    with local_ray(num_cpus=2):
+        yield
 
 
-def test_checkpoints_in_a_storage_uri_are_reported_to_ray_and_resumed(local_ray, tiny_config, tmp_path):
+def test_checkpoints_in_a_storage_uri_are_reported_to_ray_and_resumed(ray_cluster, tiny_config, tmp_path):
     from ray.train import Result
 
     def cfg(steps: int, mirrors: str):
@@ -45,4 +44,4 @@ def test_checkpoints_in_a_storage_uri_are_reported_to_ray_and_resumed(local_ray,
         verify_checkpoint(ckpt)
     result = Result.from_path(f"file://{remote}")
     assert Path(result.checkpoint.path) == remote / "checkpoints" / "step_00000012"
-    assert [r["step"] for r in MetricsLog(remote / "metrics.jsonl").read()] == list(range(1, 13))
+    assert logged_steps(remote) == list(range(1, 13))

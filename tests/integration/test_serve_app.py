@@ -16,6 +16,7 @@ ray = pytest.importorskip("ray")
 openai = pytest.importorskip("openai")
 
 from moe_platform.serving.engine import Engine, SamplingParams  # noqa: E402
+from tinyrun import local_ray  # noqa: E402
 
 MODEL = "moe-platform"
 API_KEY = "sk-test-123"
@@ -28,18 +29,18 @@ def server(serving_export, serving_port):
 
     from moe_platform.serving.app import build_app, start_server
 
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    try:
-        url = start_server(serving_export, port=serving_port, engine={"max_batch_size": 8, "batch_wait_timeout_s": 0.0})
-        serve.run(build_app({"model": str(serving_export), "api_key": API_KEY, "engine": {"max_batch_size": 2}}),
-                  name="secure", route_prefix="/secure")
-        serve.run(build_app({"model": str(serving_export), "max_body_bytes": 4096,
-                             "engine": {"max_batch_size": 2, "max_waiting": 2, "batch_wait_timeout_s": 0.0}}),
-                  name="tight", route_prefix="/tight")
-        yield SimpleNamespace(url=url, http=httpx.Client(base_url=url, timeout=60))
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    with local_ray(num_cpus=4):
+        try:
+            url = start_server(serving_export, port=serving_port,
+                               engine={"max_batch_size": 8, "batch_wait_timeout_s": 0.0})
+            serve.run(build_app({"model": str(serving_export), "api_key": API_KEY, "engine": {"max_batch_size": 2}}),
+                      name="secure", route_prefix="/secure")
+            serve.run(build_app({"model": str(serving_export), "max_body_bytes": 4096,
+                                 "engine": {"max_batch_size": 2, "max_waiting": 2, "batch_wait_timeout_s": 0.0}}),
+                      name="tight", route_prefix="/tight")
+            yield SimpleNamespace(url=url, http=httpx.Client(base_url=url, timeout=60))
+        finally:
+            serve.shutdown()
 
 
 @pytest.fixture(scope="module")

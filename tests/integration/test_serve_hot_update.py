@@ -9,29 +9,28 @@ ray = pytest.importorskip("ray")
 
 from hotswap import PROMPT, serve_config, switch_under_load  # noqa: E402
 from moe_platform.serving.engine import Engine, SamplingParams  # noqa: E402
+from tinyrun import local_ray  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def deployed(serving_export, serving_port):
     """serve/config.yaml deployed the way `serve run`/`serve deploy` do (a config pushed to the controller)."""
+    from ray import serve
     from ray.serve._private import api as serve_api
     from ray.serve.schema import ServeDeploySchema
 
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    try:
-        config = serve_config(serving_export, serving_port)
-        client = serve_api.serve_start(http_options=config["http_options"], proxy_location="HeadOnly")
+    with local_ray(num_cpus=4):
+        try:
+            config = serve_config(serving_export, serving_port)
+            client = serve_api.serve_start(http_options=config["http_options"], proxy_location="HeadOnly")
 
-        def deploy(cfg: dict, blocking: bool) -> None:
-            client.deploy_apps(ServeDeploySchema.model_validate(cfg), _blocking=blocking)
+            def deploy(cfg: dict, blocking: bool) -> None:
+                client.deploy_apps(ServeDeploySchema.model_validate(cfg), _blocking=blocking)
 
-        deploy(config, blocking=True)
-        yield deploy, f"http://127.0.0.1:{serving_port}"
-    finally:
-        from ray import serve
-
-        serve.shutdown()
-        ray.shutdown()
+            deploy(config, blocking=True)
+            yield deploy, f"http://127.0.0.1:{serving_port}"
+        finally:
+            serve.shutdown()
 
 
 def test_hot_update_under_load_drops_nothing(deployed, serving_export, serving_export_b, serving_port):

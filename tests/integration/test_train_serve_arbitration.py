@@ -15,17 +15,16 @@ from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 
 ray = pytest.importorskip("ray")
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(480)]
 
+from hotswap import serve_config  # noqa: E402
 from moe_platform.cluster import registry  # noqa: E402
 from moe_platform.cluster.arbiter import ensure_arbiter, stop_arbiter  # noqa: E402
 from moe_platform.serving.engine import Engine, SamplingParams  # noqa: E402
-from moe_platform.train.metrics import MetricsLog  # noqa: E402
 from moe_platform.train.ray_launcher import launch_ray  # noqa: E402
-from tinyrun import poll, run_events, start_in_background  # noqa: E402
+from tinyrun import local_ray, logged_steps, poll, run_events, start_in_background  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 500
@@ -51,18 +50,13 @@ def _running_replicas() -> int:
 
 @pytest.fixture(scope="module")
 def cluster(serving_export, serving_port):
+    from ray import serve
     from ray.serve._private import api as serve_api
     from ray.serve.schema import ServeDeploySchema
 
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    config = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
-    config["http_options"]["port"] = serving_port
-    app = config["applications"][0]
-    app["args"].update(model=str(serving_export), max_batch_size=8, batch_wait_timeout_s=0.0)
-    dep = app["deployments"][0]
+    config = serve_config(serving_export, serving_port)
+    dep = config["applications"][0]["deployments"][0]
     dep.pop("autoscaling_config")
-    dep["user_config"] = {"model": str(serving_export)}
-    client = serve_api.serve_start(http_options=config["http_options"], proxy_location="HeadOnly")
 
     def scale_serving(replicas: int, blocking: bool, model: str | None = None) -> None:
         dep["num_replicas"] = replicas
@@ -70,16 +64,15 @@ def cluster(serving_export, serving_port):
             dep["user_config"] = {"model": model}
         client.deploy_apps(ServeDeploySchema.model_validate(config), _blocking=blocking)
 
-    try:
-        ensure_arbiter(interval_s=0.5)
-        scale_serving(1, blocking=True)
-        yield scale_serving, f"http://127.0.0.1:{serving_port}"
-    finally:
-        from ray import serve
-
-        stop_arbiter()
-        serve.shutdown()
-        ray.shutdown()
+    with local_ray(num_cpus=4):
+        client = serve_api.serve_start(http_options=config["http_options"], proxy_location="HeadOnly")
+        try:
+            ensure_arbiter(interval_s=0.5)
+            scale_serving(1, blocking=True)
+            yield scale_serving, f"http://127.0.0.1:{serving_port}"
+        finally:
+            stop_arbiter()
+            serve.shutdown()
 
 
 def test_serving_scale_up_shrinks_training_and_scale_down_grows_it_back(cluster, tiny_config):
@@ -129,7 +122,7 @@ def test_serving_scale_up_shrinks_training_and_scale_down_grows_it_back(cluster,
     assert sizes[:3] == [3, 2, 3], events
     assert all(e["lost_steps"] == 0 for e in events if e["event"] == "resume"), events
     assert result["final_step"] == STEPS
-    assert [r["step"] for r in MetricsLog(run_dir / "metrics.jsonl").read()] == list(range(1, STEPS + 1))
+    assert logged_steps(run_dir) == list(range(1, STEPS + 1))
 
     # Promotion: the job published its export; the running app swaps it in from the object store.
     published = registry.resolve("registry://shared")
