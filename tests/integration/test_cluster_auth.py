@@ -15,8 +15,6 @@ from types import SimpleNamespace
 
 import pytest
 
-pytest.importorskip("ray")
-
 from tinyrun import BIN, scripted_cluster, submit_job, venv_env  # noqa: E402
 
 pytestmark = [pytest.mark.timeout(240)]  # a hung cluster fails, never stalls

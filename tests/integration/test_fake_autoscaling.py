@@ -21,11 +21,10 @@ import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
+import psutil
 import pytest
 import yaml
 
-pytest.importorskip("ray")
-psutil = pytest.importorskip("psutil")
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]  # a hung cluster fails, never stalls
 
 from moe_platform.checkpoint import checkpoint_step, latest_checkpoint  # noqa: E402

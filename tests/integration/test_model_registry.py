@@ -17,9 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import ray
 import torch
-
-ray = pytest.importorskip("ray")
 
 from hotswap import PROMPT, serve_config, switch_under_load  # noqa: E402
 from moe_platform.checkpoint.hf import export_hf, load_hf  # noqa: E402

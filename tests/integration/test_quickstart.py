@@ -5,27 +5,23 @@ is shortened with the overrides the script passes on (it ends at ~4 minutes on 2
 
 from __future__ import annotations
 
+import ast
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-pytest.importorskip("ray")
-
-from tinyrun import cluster_processes  # noqa: E402
+from tinyrun import REPO, cluster_processes, venv_env  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]  # a hung cluster fails, never stalls
 
-REPO = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
 
 
 def test_quickstart_trains_serves_answers_and_cleans_up(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH", "RAY_ADDRESS"))}
-    env |= {"PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}", "HOME": str(tmp_path)}  # no token from a real ~/.ray
+    env = venv_env({k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH", "RAY_ADDRESS"))},
+                   HOME=str(tmp_path))  # no token from a real ~/.ray
     r = subprocess.run(["bash", "scripts/quickstart.sh", "--train.steps=16", "--train.warmup=4",
                         "--train.eval_interval=8", "--checkpoint.interval=8", "--data.max_bytes=400000"],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=540)
@@ -35,6 +31,8 @@ def test_quickstart_trains_serves_answers_and_cleans_up(tmp_path):
     assert re.search(r"\[quickstart\] dashboard: http://127\.0\.0\.1:\d+", out), out[-3000:]
     assert "SUCCEEDED" in out, "the training job did not report SUCCEEDED"
     # the completion the openai client got back from the served model (its repr)
-    assert re.search(r"\[quickstart\] answer: ['\"]", out), f"no answer from the served model:\n{out[-3000:]}"
+    answer = re.search(r"^\[quickstart\] answer: (.+)$", out, re.MULTILINE)
+    assert answer, f"no answer from the served model:\n{out[-3000:]}"
+    assert ast.literal_eval(answer.group(1)), "the served model answered with an empty completion"
     assert not Path(work).exists(), f"the quickstart left {work} behind"
     assert cluster_processes(f"{work}/cluster") == [], "the quickstart left processes of its cluster running"

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 
-ray = pytest.importorskip("ray")
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]  # a hung cluster fails, never stalls
 
 from moe_platform.cluster.arbiter import ensure_arbiter  # noqa: E402

@@ -13,12 +13,12 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
+import ray
 import torch
 
-ray = pytest.importorskip("ray")
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]  # a hung cluster fails, never stalls
-psutil = pytest.importorskip("psutil")
 
 from moe_platform.checkpoint import checkpoint_step, latest_checkpoint  # noqa: E402
 from moe_platform.checkpoint.sharded import ShardedReader  # noqa: E402

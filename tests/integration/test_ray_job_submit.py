@@ -20,7 +20,6 @@ from types import SimpleNamespace
 
 import pytest
 
-ray = pytest.importorskip("ray")
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]  # a hung cluster fails, never stalls
 
 from moe_platform.checkpoint import checkpoint_step, latest_checkpoint  # noqa: E402

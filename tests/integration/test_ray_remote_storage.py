@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-ray = pytest.importorskip("ray")
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]  # a hung cluster fails, never stalls
 
 from moe_platform.checkpoint import list_checkpoints, verify_checkpoint  # noqa: E402

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import pytest
 
-ray = pytest.importorskip("ray")
-
 from hotswap import PROMPT, serve_config, switch_under_load  # noqa: E402
 from moe_platform.serving.engine import Engine, SamplingParams  # noqa: E402
 from tinyrun import local_ray  # noqa: E402

@@ -16,7 +16,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-ray = pytest.importorskip("ray")
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(480)]
 
 from hotswap import serve_config  # noqa: E402

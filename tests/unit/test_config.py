@@ -81,3 +81,12 @@ def test_bad_toml_file(tmp_path):
 def test_parse_overrides_needs_a_value():
     with pytest.raises(ValueError, match="has no value"):
         parse_overrides(["--train.lr"])
+
+
+def test_a_short_run_clamps_the_warmup_it_did_not_ask_for(caplog):
+    cfg = load_config(REPO / "jobs" / "configs" / "tiny.toml", ["--train.steps=12"])  # the file's warmup is 20
+    assert cfg.train.steps == 12 and cfg.train.warmup == 12
+    assert "train.warmup (20) is longer than the run" in caplog.text
+    assert load_config(None, ["--train.steps=12", "--train.warmup=5"]).train.warmup == 5
+    with pytest.raises(ValueError, match=r"train\.warmup must be in \[0, train\.steps\], got 30"):
+        load_config(None, ["--train.steps=12", "--train.warmup=30"])  # asked for explicitly: an error

@@ -6,13 +6,12 @@ import json
 
 import pytest
 import torch
+import transformers
 
 from moe_platform.checkpoint.hf import export_hf, load_hf
 from moe_platform.model.args import ModelArgs
 from moe_platform.model.kv_cache import KVCache
 from moe_platform.model.transformer import build_model
-
-transformers = pytest.importorskip("transformers")
 
 ARGS = ModelArgs(vocab_size=211, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=80, num_experts=8,
                  top_k=2, max_seq_len=96)

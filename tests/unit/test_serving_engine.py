@@ -67,7 +67,7 @@ def run_all(engine: Engine, requests: list[tuple[list[int], SamplingParams]]) ->
 
 @pytest.fixture(scope="module")
 def hf_greedy(export_dir, prompts):
-    transformers = pytest.importorskip("transformers")
+    import transformers
     hf = transformers.AutoModelForCausalLM.from_pretrained(export_dir, dtype=torch.float32).eval()
     out = []
     for p in prompts:
@@ -88,7 +88,7 @@ def test_greedy_matches_transformers_generate(export_dir, prompts, hf_greedy, op
 
 
 def test_generate_text_matches_transformers_with_eos(export_dir, engine, prompts):
-    transformers = pytest.importorskip("transformers")
+    import transformers
     hf = transformers.AutoModelForCausalLM.from_pretrained(export_dir, dtype=torch.float32).eval()
     hf_tok = transformers.AutoTokenizer.from_pretrained(export_dir)
     prompt = "JULIET:\nO Romeo, Romeo! wherefore art thou"
@@ -275,7 +275,11 @@ def test_context_window_rules(engine):
     # max_tokens=None fills the window; the sequence stops exactly at the context length.
     out = run_all(engine, [([5] * 240, SamplingParams(max_tokens=None, temperature=0, ignore_eos=True))])[0]
     assert len(out) == MAX_SEQ_LEN - 240
-    assert engine.generate("", SamplingParams(max_tokens=3, temperature=0)) is not None  # empty prompt is fine
+    # An empty prompt starts from the end-of-text token: the same three tokens as that prompt, decoded.
+    three = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    ids = run_all(engine, [([engine.eos_token_id], three)])[0]
+    assert len(ids) == 3
+    assert engine.generate("", three) == engine.tokenizer.decode(ids, skip_special_tokens=True)
 
 
 def test_background_loop_async_streams_and_abort(export_dir):

@@ -61,7 +61,7 @@ def saved_dir(tok, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def hf_tok(saved_dir):
-    transformers = pytest.importorskip("transformers")
+    import transformers
     return transformers.AutoTokenizer.from_pretrained(str(saved_dir))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import typing
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ import tomllib
 from moe_platform.checks import requirer
 from moe_platform.config.schema import Config
 
+log = logging.getLogger("moe_platform.config")
 _BOOL_WORDS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
 
 
@@ -125,8 +127,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         except tomllib.TOMLDecodeError as e:
             raise ValueError(f"config file {p} is not valid TOML: {e}") from e
         cfg = config_from_dict(data, cfg, validate=False)
-    if overrides:
-        cfg = config_from_dict(parse_overrides(overrides), cfg, validate=False)
+    explicit = parse_overrides(overrides) if overrides else {}
+    if explicit:
+        cfg = config_from_dict(explicit, cfg, validate=False)
+    t = cfg.train
+    if t.warmup > t.steps > 0 and "warmup" not in explicit.get("train", {}):
+        # A short run (`--train.steps=12`) is the first thing people try: the file's warmup yields to it. A warmup
+        # given on the command line beyond the run stays an error (validate_config).
+        log.warning("train.warmup (%d) is longer than the run: using train.steps (%d) warmup steps", t.warmup,
+                    t.steps)
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(t, warmup=t.steps))
     validate_config(cfg)
     return cfg
 
