@@ -28,9 +28,11 @@ LAYOUTS = {
     "tp2-pp2": dict(tp=2, pp=2),
     "dp2-pp2-ep2": dict(dp=2, pp=2, ep=2),
     "dp2-tp2-pp2": dict(dp=2, tp=2, pp=2),
+    "dp2-tp2-ep2": dict(dp=2, tp=2, ep=2),  # tensor-parallel experts inside expert parallelism on DeepSpeed
+    "dp2-zero0": dict(dp=2, zero_stage=0),
     "dp2-zero2": dict(dp=2, zero_stage=2),
 }
-SLOW = {"dp2-tp2-pp2"}
+SLOW = {"dp2-tp2-pp2", "dp2-tp2-ep2"}
 
 
 def config(corpus: Path, storage: Path, name: str, **extra):
