@@ -86,6 +86,21 @@ class MatmulCeiling(nn.Module):
         return torch.mm(x, self.weight.t())
 
 
+class FusedSwiGLU(nn.Module):
+    """DeepSpeed's expert in our experts' form: one gate/up GEMM (D -> 2I), SwiGLU, down (I -> D), so the DeepSpeed
+    rows compare dispatch and grouping, not the MLP's shape."""
+
+    def __init__(self, dim: int, inter: int):
+        super().__init__()
+        self.inter = inter
+        self.gate_up_proj = nn.Linear(dim, 2 * inter, bias=False)
+        self.down_proj = nn.Linear(inter, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.gate_up_proj(x)  # (n, D) -> (n, 2I)
+        return self.down_proj(F.silu(h[..., : self.inter]) * h[..., self.inter:])
+
+
 def init_deepspeed() -> None:
     """A single-process gloo group: DeepSpeed's MoE asks deepspeed.comm for its expert-parallel groups."""
     import deepspeed.comm as ds_comm
@@ -103,17 +118,15 @@ def init_deepspeed() -> None:
 def build_deepspeed(ours: MoE, args: ModelArgs, drop_tokens: bool, capacity_factor: float) -> nn.Module:
     from deepspeed.moe.layer import MoE as DeepSpeedMoE
 
-    expert = SwiGLU(args.dim, args.intermediate_size)
+    expert = FusedSwiGLU(args.dim, args.intermediate_size)
     layer = DeepSpeedMoE(args.dim, expert, num_experts=args.num_experts, ep_size=1, k=args.top_k,
                          capacity_factor=capacity_factor, drop_tokens=drop_tokens, use_rts=False,
                          top2_2nd_expert_sampling=False)
     layer.set_deepspeed_parallelism()
     with torch.no_grad():  # same router and experts as ours, so every layer routes identically
         layer.deepspeed_moe.gate.wg.weight.copy_(ours.gate.weight)
-        inter = args.intermediate_size
         for e, mlp in enumerate(layer.deepspeed_moe.experts.deepspeed_experts):
-            mlp.gate_proj.weight.copy_(ours.experts.gate_up_proj[e, :inter])
-            mlp.up_proj.weight.copy_(ours.experts.gate_up_proj[e, inter:])
+            mlp.gate_up_proj.weight.copy_(ours.experts.gate_up_proj[e])
             mlp.down_proj.weight.copy_(ours.experts.down_proj[e])
     return layer
 

@@ -47,9 +47,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompt-tokens", type=int, nargs=2, default=(16, 512), metavar=("MIN", "MAX"))
     p.add_argument("--output-tokens", type=int, nargs=2, default=(16, 256), metavar=("MIN", "MAX"))
     p.add_argument("--max-batch", type=int, default=64, help="our max_batch_size and transformers' batch size")
-    p.add_argument("--one-at-a-time-requests", type=int, default=8)
-    p.add_argument("--c64-requests", type=int, default=128)
-    p.add_argument("--c1-requests", type=int, default=8)
     p.add_argument("--overhead-requests", type=int, default=200)
     p.add_argument("--rounds", type=int, default=2, help="every workload is split into this many interleaved rounds")
     p.add_argument("--threads", type=int, default=1, help="torch threads for every system measured")
@@ -462,20 +459,19 @@ def run(argv=None) -> dict:
                                                           "hf_one_at_a_time")}
             closed_loop(http, trace[:4], 4)  # warm-up
             rounds = split_rounds(trace, args.rounds)
-            c64_rounds = split_rounds([trace[i % len(trace)] for i in range(args.c64_requests)], args.rounds)
-            c1_rounds = split_rounds(trace[: args.c1_requests], args.rounds)
-            one_rounds = split_rounds(trace[: args.one_at_a_time_requests], args.rounds)
-            for i, part in enumerate(rounds):  # interleaved: a burst of outside load hits every system alike
+            # Every workload runs on the same requests, the headline trace's (c64, c1 and one at a time ignore its
+            # arrival times), in interleaved rounds: a burst of outside load hits every system alike.
+            for i, part in enumerate(rounds):
                 print(f"round {i + 1}/{len(rounds)}: {len(part)} requests")
-                work = [("ours_http", lambda p: open_loop(http, p), part),
-                        ("ours_inprocess", lambda p: open_loop(inproc, p), part),
-                        ("hf_static", lambda p: hf_static(hf, p, args.max_batch, pad), part),
-                        ("c64", lambda p: closed_loop(http, p, 64), c64_rounds[i]),
-                        ("c1", lambda p: closed_loop(http, p, 1), c1_rounds[i]),
-                        ("hf_one_at_a_time", lambda p: hf_one_at_a_time(hf, p, pad), one_rounds[i])]
-                for name, measure, requests in work:
-                    if requests:
-                        runs[name].append(measure(requests))
+                work = [("ours_http", lambda p: open_loop(http, p)),
+                        ("ours_inprocess", lambda p: open_loop(inproc, p)),
+                        ("hf_static", lambda p: hf_static(hf, p, args.max_batch, pad)),
+                        ("c64", lambda p: closed_loop(http, p, 64)),
+                        ("c1", lambda p: closed_loop(http, p, 1)),
+                        ("hf_one_at_a_time", lambda p: hf_one_at_a_time(hf, p, pad))]
+                for name, measure in work:
+                    if part:
+                        runs[name].append(measure(part))
             for name, value in runs.items():
                 res[name] = summarize(value)
                 print(f"{name}: {res[name]['tokens_per_s']:.0f} tok/s")

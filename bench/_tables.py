@@ -1,0 +1,108 @@
+"""The markdown tables of docs/benchmarks.md, rendered from the JSON each benchmark writes (docs/bench_NAME.json).
+
+    python bench/_tables.py            # print every table
+    python bench/_tables.py serve      # one
+
+docs/benchmarks.md holds these tables verbatim; tests/unit/test_bench_docs.py fails when a table there differs from
+what its committed JSON renders to, so the figures in the docs are always the figures of the run recorded beside them.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+def _row(*cells) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    return "\n".join([_row(*header), _row(*["---"] * len(header)), *(_row(*r) for r in rows)])
+
+
+def moe_layer(d: dict) -> str:
+    rows = []
+    for r in d["results"]:
+        headline = r["name"] == "ours (dropless)"
+        frac = f"**{r['frac_ceiling']:.2f}**" if headline else f"{r['frac_ceiling']:.2f}"
+        vs = r.get("vs_deepspeed_dropless")
+        vs = "–" if vs is None else (f"**{vs:.2f}×**" if headline else f"{vs:.2f}×")
+        rows.append([r["name"], f"{r['ms']:.1f}", f"{r['gflops']:.1f}", frac, vs])
+    return _table(["implementation", "ms fwd+bwd", "GFLOP/s", "of ceiling", "vs DeepSpeed dropless"], rows)
+
+
+def layouts(d: dict) -> str:
+    rows = []
+    for r in d["rows"]:
+        bubble = f"{r['bubble_measured']:.2f}" if "bubble_measured" in r else "–"
+        theory = f"{r['bubble_theory']:.2f}" if "bubble_theory" in r else "–"
+        rows.append([r["name"], r["micro_batches_per_rank"], f"{r['step_s']:.3f}", f"{r['tokens_per_s']:.0f}",
+                     f"{r['speedup_vs_single']:.2f}", bubble, theory])
+    return _table(["layout", "m/rank", "step s", "tokens/s", "vs 1 process", "bubble measured", "1F1B theory"], rows)
+
+
+def checkpoint(d: dict) -> str:
+    m = d["median"]
+    rows = [["ours, synchronous", f"{m['sync']:.3f}"], ["ours, asynchronous", f"{m['async']:.3f}"],
+            ["(ours, background write, not blocking)", f"{m['async_background_write']:.3f}"],
+            ["PyTorch DCP `save`", f"{m['dcp_sync']:.3f}"], ["PyTorch DCP `async_save`", f"{m['dcp_async']:.3f}"],
+            ["(DCP `async_save` until written, not blocking)", f"{m['dcp_async_total']:.3f}"]]
+    table = _table(["mode", f"blocking s (median of {d['args']['repeats']})"], rows)
+    return (f"{table}\n\nasync ÷ sync blocking: ours **{d['ratio']:.3f}**, PyTorch DCP {d['dcp_ratio']:.3f}; "
+            f"our async ÷ DCP async_save: {d['async_vs_dcp_async']:.2f}")
+
+
+def ray_overhead(d: dict) -> str:
+    names = {"plain": "plain processes", "ray": "Ray Train", "beside_ray": "plain processes, idle Ray beside"}
+    rows = []
+    for key, label in names.items():
+        s = d["summary"][key]
+        runs = ", ".join(f"{r['tokens_per_s']:.0f}" for r in d["runs"] if r["launcher"] == key)
+        rows.append([label, f"{s['tokens_per_s']:.0f}", runs, f"{s['trainer_tokens_per_s']:.0f}",
+                     f"{s['time_to_first_step_s']:.2f}", f"{s['time_to_first_step_after_ray_init_s']:.2f}"])
+    table = _table(["launcher", "tokens/s (wall), median", f"the {d['args']['rounds']} runs",
+                    "trainer step time, tokens/s", "time to first step s", "excl. `ray.init`"], rows)
+    rr = d["round_ratios"]
+    return (f"{table}\n\nSteady-state tokens/s Ray ÷ plain: **{d['ratio']:.3f}** (rounds {min(rr['ray/plain']):.2f}–"
+            f"{max(rr['ray/plain']):.2f}); plain beside an idle Ray ÷ plain: "
+            f"{statistics.median(rr['beside_ray/plain']):.3f}; Ray ÷ plain beside Ray: "
+            f"{statistics.median(rr['ray/beside_ray']):.3f}")
+
+
+def goodput(d: dict) -> str:
+    base = d["baseline"]
+    rows = [["uninterrupted", 1, f"{base['wall_s']:.1f}", f"{d['args']['steps'] / base['wall_s']:.3f}", "1.000"],
+            [f"killed every {d['args']['interrupt_every']:.0f} s", d["preemptions"] + 1,
+             f"{d['total_interrupted_s']:.1f}", f"{d['args']['steps'] / d['total_interrupted_s']:.3f}",
+             f"{d['goodput_measured']:.3f}"]]
+    table = _table(["run", "launches", "wall s", "steps/s", "goodput"], rows)
+    return (f"{table}\n\nCost per preemption {d['cost_per_preemption_s']:.1f} s (restart "
+            f"{d['restart_s']:.1f} s, lost steps {d['lost_steps']}); extrapolated to one preemption per "
+            f"{d['period_s'] / 60:.0f} minutes: goodput **{d['goodput_at_period']:.3f}**")
+
+
+def serve(d: dict) -> str:
+    rows = []
+    for r in d["table"]:
+        ratio = "" if r["ratio"] is None else f"{r['ratio']:.2f}×"
+        met = "" if r["met"] is None else ("yes" if r["met"] else "no")
+        rows.append([r["metric"], f"{r['a']:.3f}", f"{r['b']:.3f}", ratio, r["target"], met])
+    return _table(["metric", "value", "peer", "ratio", "target", "met"], rows)
+
+
+RENDER = {"moe_layer": moe_layer, "layouts": layouts, "checkpoint": checkpoint, "ray_overhead": ray_overhead,
+          "goodput": goodput, "serve": serve}
+
+
+def render(name: str, docs: Path = DOCS) -> str:
+    return RENDER[name](json.loads((docs / f"bench_{name}.json").read_text()))
+
+
+if __name__ == "__main__":
+    for name in sys.argv[1:] or RENDER:
+        print(f"## {name}\n\n{render(name)}\n")
