@@ -154,6 +154,11 @@ def _cmd_bench(ns: argparse.Namespace, rest: list[str]) -> int:
     return int(module.main(rest) or 0)
 
 
+def _address_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--address", default=None, help="the Ray cluster (default RAY_ADDRESS, else the running local "
+                                                        "one)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moe-platform", description="Elastic Mixture-of-Experts training and serving "
                                                                  "on Ray.")
@@ -186,8 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     pub.add_argument("--name", required=True, help="model name in the registry (letters, digits, . _ -)")
     pub.add_argument("--keep", type=int, default=3, help="versions of NAME to keep; older ones are freed (default 3)")
     pub.add_argument("--step", type=int, default=None, help="training step to record with the version")
-    pub.add_argument("--address", default=None, help="the Ray cluster (default RAY_ADDRESS, else the running local "
-                                                     "one)")
+    _address_arg(pub)
     pub.set_defaults(fn=_cmd_publish)
 
     a = sub.add_parser("arbiter", help="give Serve priority over elastic training on a running Ray cluster",
@@ -195,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "every Serve application's target replicas ahead of elastic training jobs, which shrink (after "
                        "a checkpoint) when Serve scales up and grow back when it scales down. Serve apps built by "
                        "moe-platform start it themselves. Prints its status as JSON.")
-    a.add_argument("--address", default=None, help="the Ray cluster (default RAY_ADDRESS, else the running local one)")
+    _address_arg(a)
     a.add_argument("--interval", type=float, default=2.0, help="seconds between reads of Serve's demand (default 2)")
     a.add_argument("--stop", action="store_true", help="stop it: training may use the whole cluster again")
     a.set_defaults(fn=_cmd_arbiter)

@@ -84,26 +84,18 @@ class _ReduceFromGroup(torch.autograd.Function):
         return grad, None
 
 
-class _GatherFromGroup(torch.autograd.Function):
+class _GatherOrScatter(torch.autograd.Function):
+    """All-gather along `dim` (gather=True) or keep this rank's slice of it; each is the other's backward."""
+
     @staticmethod
-    def forward(ctx, x: torch.Tensor, group, dim: int) -> torch.Tensor:
-        ctx.group, ctx.dim = group, dim
-        return _all_gather(x, group, dim)
+    def forward(ctx, x: torch.Tensor, group, dim: int, gather: bool) -> torch.Tensor:
+        ctx.group, ctx.dim, ctx.gather = group, dim, gather
+        return _all_gather(x, group, dim) if gather else _own_slice(x, group, dim)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return _own_slice(grad, ctx.group, ctx.dim), None, None
-
-
-class _ScatterToGroup(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group, dim: int) -> torch.Tensor:
-        ctx.group, ctx.dim = group, dim
-        return _own_slice(x, group, dim)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return _all_gather(grad, ctx.group, ctx.dim), None, None
+        back = _own_slice(grad, ctx.group, ctx.dim) if ctx.gather else _all_gather(grad, ctx.group, ctx.dim)
+        return back, None, None, None
 
 
 def _inactive(group) -> bool:
@@ -131,7 +123,7 @@ def gather_from_group(x: torch.Tensor, group, dim: int = -1) -> torch.Tensor:
 
     Every rank must pass a tensor of the same shape.
     """
-    return x if _inactive(group) else _GatherFromGroup.apply(x, group, _normalise_dim(x, dim))
+    return x if _inactive(group) else _GatherOrScatter.apply(x, group, _normalise_dim(x, dim), True)
 
 
 def scatter_to_group(x: torch.Tensor, group, dim: int = -1) -> torch.Tensor:
@@ -139,7 +131,7 @@ def scatter_to_group(x: torch.Tensor, group, dim: int = -1) -> torch.Tensor:
 
     Raises ValueError when the group size does not divide `x.shape[dim]`.
     """
-    return x if _inactive(group) else _ScatterToGroup.apply(x, group, _normalise_dim(x, dim))
+    return x if _inactive(group) else _GatherOrScatter.apply(x, group, _normalise_dim(x, dim), False)
 
 
 def collective_device() -> torch.device:

@@ -77,21 +77,11 @@ class Layout:
         self._require_ep_divides_dp()
         return self.dp // self.ep
 
-    @property
-    def dp_enabled(self) -> bool:
-        return self.dp > 1
-
-    @property
-    def tp_enabled(self) -> bool:
-        return self.tp > 1
-
-    @property
-    def pp_enabled(self) -> bool:
-        return self.pp > 1
-
-    @property
-    def ep_enabled(self) -> bool:
-        return self.ep > 1
+    # Whether a dimension is split at all: code asks these (`layout.tp_enabled`), never the raw degrees.
+    dp_enabled = property(lambda self: self.dp > 1)
+    tp_enabled = property(lambda self: self.tp > 1)
+    pp_enabled = property(lambda self: self.pp > 1)
+    ep_enabled = property(lambda self: self.ep > 1)
 
     def size(self, kind: str) -> int:
         """Number of ranks in one group of `kind` (one of GROUP_KINDS)."""
