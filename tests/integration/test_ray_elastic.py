@@ -70,8 +70,10 @@ def take_away_and_give_back(cluster, run_dir: Path, log: dict) -> None:
 def test_shrink_to_two_workers_and_grow_back_to_four(cluster, tiny_config, monkeypatch):
     monkeypatch.setenv("RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", "0.5")  # Ray Train's drain watcher (default 5 s)
     monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "5")  # see test_ray_preemption
-    # lr 1e-3: at the tiny model's default 3e-3, even two uninterrupted runs at different layouts drift apart by
-    # ~1e-4 within 120 steps (a last-bit difference flips a top-k routing choice and grows from there).
+    # lr 1e-3: at the tiny model's default 3e-3, two uninterrupted runs at different layouts already part by ~1e-4
+    # within 120 steps: the gradient sums' last bits flip one token's top-k choice at step 55 and the runs follow
+    # different paths from there (docs/operations.md, "Resized runs and bitwise equality"; tested in
+    # tests/distributed/test_layout_parity.py). At 1e-3 no choice flips within the run.
     overrides = {"train.steps": STEPS, "checkpoint.interval": 0, "train.lr": 1e-3,  # only JIT and resize checkpoints
                  "train.global_batch_size": 12, "train.micro_batch_size": 2}  # 2, 3 and 4 ranks
     cfg = tiny_config(**{"run.name": "elastic", "parallel.dp": 2, "parallel.pp": 2, "elastic.min_workers": 2,
