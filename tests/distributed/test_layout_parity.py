@@ -119,7 +119,7 @@ def test_layouts_part_only_where_a_routing_choice_flips(corpus_file, storage):
     parallelism sums gradients in another order, which moves losses by ~1e-7. That stays so until a router logit
     near a tie rounds the other way and one token's top-k experts change; from that step on the runs take different
     paths. Measured here: identical routing and gaps <= 1e-6 up to that step, and a gap above 1e-5 after it."""
-    extra = {"train.steps": 60, "train.lr": 3e-3, "train.global_batch_size": 12, "train.micro_batch_size": 2}
+    extra = {"train.steps": 120, "train.lr": 3e-3, "train.global_batch_size": 12, "train.micro_batch_size": 2}
     runs = {}
     for name, degrees in (("drift-1", {}), ("drift-dp2", dict(dp=2))):
         result = launch_local(config(corpus_file, storage, name, **extra, **layout_overrides(degrees)), progress=False)
