@@ -3,6 +3,7 @@
 - `engine`: `Engine` (KV-cache slots, continuous batching, sampling) and `SamplingParams`; no Ray import, so the
   engine runs and is tested on its own (`Engine.from_pretrained(dir).generate(prompt, SamplingParams(...))`).
 - `openai_api` / `protocol`: the OpenAI HTTP layer (validation, JSON and SSE shapes, errors) over an engine.
+- `loader`: `load_engine(model)` for an export directory or a `registry://NAME[@VERSION]` version.
 - `app`: the Ray Serve deployment, `build_app` (import path for `serve run serve/config.yaml`) and `run_server`.
 """
 
