@@ -129,8 +129,8 @@ def step_wall(attempts: list[dict]) -> float:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--steps", type=int, default=120, help="N: steps of the run")
-    p.add_argument("--interrupt-every", type=float, default=30.0, help="T: seconds each launch lives before SIGKILL")
+    p.add_argument("--steps", type=int, default=300, help="N: steps of the run")
+    p.add_argument("--interrupt-every", type=float, default=20.0, help="T: seconds each launch lives before SIGKILL")
     p.add_argument("--checkpoint-interval", type=int, default=10)
     p.add_argument("--period", type=float, default=600.0, help="P: seconds between preemptions to extrapolate to")
     p.add_argument("--max-attempts", type=int, default=30)
