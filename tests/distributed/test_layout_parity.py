@@ -131,3 +131,32 @@ def test_layouts_part_only_where_a_routing_choice_flips(corpus_file, storage):
     first = flips[0]
     assert max(gaps[: first - 1]) <= 1e-6, f"the runs parted before routing did (step {first}): {gaps[:first]}"
     assert max(gaps[first - 1:]) > 1e-5, "after the routing flip the runs should part"
+
+
+# The options imported architectures need, trained on layouts that split what they touch: q/k/v biases and the
+# shared experts' gate under tensor parallelism (Qwen2-MoE), per-head q/k norms (Qwen3-MoE), a norm over the whole
+# projection under expert and pipeline parallelism (OLMoE; tensor parallelism refuses it).
+ARCH_OPTIONS = {
+    "qwen2": ({"model.attention_bias": "true", "model.n_shared_experts": 1, "model.shared_intermediate_size": 32,
+               "model.shared_expert_gate": "true", "model.norm_topk_prob": "false"}, ["tp2", "dp2-ep2"]),
+    "qwen3": ({"model.qk_norm": "head", "model.head_dim": 12}, ["tp2", "pp2"]),
+    "olmoe": ({"model.qk_norm": "full", "model.norm_topk_prob": "false"}, ["dp2-ep2", "pp2"]),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(ARCH_OPTIONS))
+def test_architecture_options_match_single_process_on_layouts(arch, corpus_file, storage):
+    options, layouts = ARCH_OPTIONS[arch]
+    extra = {**options, "train.steps": 4}
+    ref = losses(launch_local(config(corpus_file, storage, f"{arch}-single", **extra), progress=False).run_dir)
+    for name in layouts:
+        result = launch_local(config(corpus_file, storage, f"{arch}-{name}", **extra,
+                                     **layout_overrides(LAYOUTS[name])), progress=False)
+        gaps = [abs(a - b) / abs(b) for a, b in zip(losses(result.run_dir), ref, strict=True)]
+        assert max(gaps) <= 1e-5, f"{arch} at {name}: per-step relative loss gaps {gaps}"
+
+
+def test_a_whole_projection_norm_refuses_tensor_parallelism(corpus_file, storage):
+    cfg = config(corpus_file, storage, "olmoe-tp2", **ARCH_OPTIONS["olmoe"][0], **layout_overrides({"tp": 2}))
+    with pytest.raises(ValueError, match=r"model.qk_norm = 'full' \(OLMoE\) normalises over every attention head"):
+        launch_local(cfg, progress=False)

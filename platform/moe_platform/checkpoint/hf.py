@@ -1,14 +1,19 @@
-"""Hugging Face export and import.
+"""Hugging Face export and import: Mixtral, Qwen3-MoE, Qwen2-MoE and OLMoE model directories.
 
-Our parameter names equal transformers' in-memory Mixtral names, so export is a rename to Mixtral's on-disk layout
-(per-expert w1/w3/w2 under block_sparse_moe, which every Mixtral loader reads), not a numerical conversion.
-Options that Mixtral cannot express (shared experts, routing bias, capacity dropping) export in our own format:
-config.json with model_type "moe-platform" and the same safetensors names, which our serving engine loads.
+Our parameter names equal transformers' in-memory names, so import and export are renames (and stacking or
+splitting of the per-expert weights), never a numerical conversion: a round trip gives the same tensors bit for bit.
+What each architecture computes beyond Mixtral is a model option (query/key norms, q/k/v biases, a gated shared
+expert, top-k renormalisation), and an imported model remembers its architecture (`hf_architecture`) so that its
+export is the same architecture again. Options no architecture can express (routing bias, capacity dropping) export
+in our own format: config.json with model_type "moe-platform" and the same safetensors names, which our serving
+engine loads. Weights are safetensors only; nothing is ever unpickled or imported through trust_remote_code.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import re
 import shutil
 from pathlib import Path
@@ -18,95 +23,171 @@ from safetensors.torch import load_file, save_file
 
 from moe_platform.model.args import ModelArgs
 
+log = logging.getLogger(__name__)
+
 MODEL_ARGS_FILE = "moe_platform_args.json"
 WEIGHTS_FILE = "model.safetensors"
 _EXPERTS = re.compile(r"^(model\.layers\.\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
-_HF_EXPERT = re.compile(r"^(model\.layers\.\d+)\.block_sparse_moe\.experts\.(\d+)\.(w1|w2|w3)\.weight$")
+# Per-expert on-disk names: Mixtral's w1 (gate) / w3 (up) / w2 (down), the Qwen/OLMoE family's gate/up/down_proj.
+_HF_EXPERT = re.compile(r"^(model\.layers\.\d+)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\."
+                        r"(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$")
+_ROLE = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up", "w2": "down", "down_proj": "down"}
 
 
-def to_mixtral_state_dict(state: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
-    """Our names -> Mixtral's on-disk names: split stacked experts, `.mlp.` -> `.block_sparse_moe.`."""
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    """A Hugging Face MoE architecture: its config.json <-> our ModelArgs, and its on-disk tensor names."""
+
+    name: str  # config.json "architectures"
+    model_type: str
+    expert_names: tuple[str, str, str]  # per-expert (gate, up, down) weight names
+    moe_module: str  # "block_sparse_moe" (Mixtral) or "mlp"
+    shared_module: str = ""  # the shared expert's module name on disk ("shared_expert" for Qwen2-MoE)
+
+    def expresses(self, args: ModelArgs) -> str | None:
+        """Why `args` cannot be written as this architecture, or None when it can."""
+        want = _REQUIRED[self.name]
+        for key, value in want.items():
+            if getattr(args, key) != value:
+                return f"model.{key} = {getattr(args, key)!r} ({self.name} needs {value!r})"
+        if args.balancing == "bias":
+            return "model.balancing = 'bias' (a routing bias no Hugging Face architecture here has)"
+        if args.capacity_factor:
+            return "model.capacity_factor > 0 (token dropping)"
+        if self.name == "Qwen2MoeForCausalLM" and args.n_shared_experts != 1:
+            return f"model.n_shared_experts = {args.n_shared_experts} (Qwen2-MoE has exactly one shared expert)"
+        return None
+
+
+ARCHITECTURES = {a.name: a for a in (
+    Architecture("MixtralForCausalLM", "mixtral", ("w1", "w3", "w2"), "block_sparse_moe"),
+    Architecture("Qwen3MoeForCausalLM", "qwen3_moe", ("gate_proj", "up_proj", "down_proj"), "mlp"),
+    Architecture("Qwen2MoeForCausalLM", "qwen2_moe", ("gate_proj", "up_proj", "down_proj"), "mlp", "shared_expert"),
+    Architecture("OlmoeForCausalLM", "olmoe", ("gate_proj", "up_proj", "down_proj"), "mlp"),
+)}
+# The options each architecture computes with (anything else would change what its own code computes).
+_REQUIRED = {
+    "MixtralForCausalLM": {"qk_norm": "none", "attention_bias": False, "norm_topk_prob": True,
+                           "shared_expert_gate": False, "n_shared_experts": 0},
+    "Qwen3MoeForCausalLM": {"qk_norm": "head", "attention_bias": False, "shared_expert_gate": False,
+                            "n_shared_experts": 0},
+    "Qwen2MoeForCausalLM": {"qk_norm": "none", "attention_bias": True, "shared_expert_gate": True},
+    "OlmoeForCausalLM": {"qk_norm": "full", "attention_bias": False, "shared_expert_gate": False,
+                         "n_shared_experts": 0},
+}
+_BY_MODEL_TYPE = {a.model_type: a for a in ARCHITECTURES.values()}
+
+
+def supported_architectures() -> list[str]:
+    return sorted(ARCHITECTURES)
+
+
+def to_hf_state_dict(state: dict[str, torch.Tensor], args: ModelArgs, arch: Architecture) -> dict[str, torch.Tensor]:
+    """Our names -> the architecture's on-disk names: stacked experts split per expert, modules renamed."""
     out: dict[str, torch.Tensor] = {}
     inter = args.intermediate_size
+    gate_name, up_name, down_name = arch.expert_names
     for name, t in state.items():
         m = _EXPERTS.match(name)
         if m:
             prefix, kind = m.groups()
             for e in range(t.shape[0]):
-                base = f"{prefix}.block_sparse_moe.experts.{e}"
-                if kind == "gate_up_proj":  # (E, 2I, D): first half is the gate (w1), second the up projection (w3)
-                    out[f"{base}.w1.weight"] = t[e, :inter].contiguous()
-                    out[f"{base}.w3.weight"] = t[e, inter:].contiguous()
+                base = f"{prefix}.{arch.moe_module}.experts.{e}"
+                if kind == "gate_up_proj":  # (E, 2I, D): the first half is the gate, the second the up projection
+                    out[f"{base}.{gate_name}.weight"] = t[e, :inter].contiguous()
+                    out[f"{base}.{up_name}.weight"] = t[e, inter:].contiguous()
                 else:  # (E, D, I)
-                    out[f"{base}.w2.weight"] = t[e].contiguous()
-        elif ".mlp.gate.weight" in name:
-            out[name.replace(".mlp.gate.", ".block_sparse_moe.gate.")] = t.contiguous()
-        elif name == "lm_head.weight" and args.tie_word_embeddings:
+                    out[f"{base}.{down_name}.weight"] = t[e].contiguous()
             continue
-        else:
-            out[name] = t.contiguous()
+        if name == "lm_head.weight" and args.tie_word_embeddings:
+            continue
+        if ".mlp.gate." in name:
+            name = name.replace(".mlp.gate.", f".{arch.moe_module}.gate.")
+        elif ".mlp.shared_experts." in name and arch.shared_module:
+            name = name.replace(".mlp.shared_experts.", f".mlp.{arch.shared_module}.")
+        out[name] = t.contiguous()
     return out
 
 
-def from_mixtral_state_dict(state: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
-    """Mixtral's on-disk names (or transformers-5 fused names) -> ours."""
+def from_hf_state_dict(state: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
+    """Any supported architecture's on-disk names (per-expert, or transformers-5's fused experts) -> ours."""
     out: dict[str, torch.Tensor] = {}
     experts: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
     for name, t in state.items():
         m = _HF_EXPERT.match(name)
         if m:
             prefix, e, w = m.groups()
-            experts.setdefault((prefix, w), {})[int(e)] = t
-        else:
-            out[name.replace(".block_sparse_moe.", ".mlp.")] = t
-    for (prefix, w), by_index in list(experts.items()):
-        if w == "w3":
+            experts.setdefault((prefix, _ROLE[w]), {})[int(e)] = t
             continue
-        missing = sorted(set(range(args.num_experts)) - set(by_index))
-        if missing:
-            raise ValueError(f"{prefix}: experts {missing} have no {w} weight in the checkpoint")
-        stacked = torch.stack([by_index[e] for e in range(args.num_experts)])
-        if w == "w1":
-            up = torch.stack([experts[(prefix, "w3")][e] for e in range(args.num_experts)])
-            out[f"{prefix}.mlp.experts.gate_up_proj"] = torch.cat([stacked, up], dim=1)  # (E, 2I, D)
-        else:
-            out[f"{prefix}.mlp.experts.down_proj"] = stacked
+        name = name.replace(".block_sparse_moe.", ".mlp.").replace(".mlp.shared_expert.", ".mlp.shared_experts.")
+        out[name] = t
+    for prefix in sorted({p for p, _ in experts}):
+        stacked = {}
+        for role in ("gate", "up", "down"):
+            by_index = experts.get((prefix, role), {})
+            missing = sorted(set(range(args.num_experts)) - set(by_index))
+            if missing:
+                raise ValueError(f"{prefix}: experts {missing[:8]} have no {role} projection in the checkpoint")
+            stacked[role] = torch.stack([by_index[e] for e in range(args.num_experts)])
+        out[f"{prefix}.mlp.experts.gate_up_proj"] = torch.cat([stacked["gate"], stacked["up"]], dim=1)  # (E, 2I, D)
+        out[f"{prefix}.mlp.experts.down_proj"] = stacked["down"]  # (E, D, I)
     if args.tie_word_embeddings and "lm_head.weight" not in out:
         out["lm_head.weight"] = out["model.embed_tokens.weight"]
     return out
 
 
-def mixtral_config(args: ModelArgs, eos_id: int = 0) -> dict:
-    return {
-        "architectures": ["MixtralForCausalLM"],
-        "model_type": "mixtral",
-        "vocab_size": args.vocab_size,
-        "hidden_size": args.dim,
-        "intermediate_size": args.intermediate_size,
-        "num_hidden_layers": args.n_layers,
-        "num_attention_heads": args.n_heads,
-        "num_key_value_heads": args.n_kv_heads,
-        "head_dim": args.resolved_head_dim,
-        "hidden_act": "silu",
-        "max_position_embeddings": args.max_seq_len,
-        "initializer_range": args.init_std,
-        "rms_norm_eps": args.norm_eps,
-        "rope_theta": args.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": args.rope_theta},
-        "num_experts_per_tok": args.top_k,
-        "num_local_experts": args.num_experts,
-        "router_aux_loss_coef": args.aux_loss_coef,
-        "output_router_logits": False,
-        "router_jitter_noise": 0.0,
-        "sliding_window": None,
-        "attention_dropout": 0.0,
-        "tie_word_embeddings": args.tie_word_embeddings,
-        "bos_token_id": eos_id,
-        "eos_token_id": eos_id,
-        "pad_token_id": eos_id,
-        "use_cache": True,
+def to_mixtral_state_dict(state: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
+    return to_hf_state_dict(state, args, ARCHITECTURES["MixtralForCausalLM"])
+
+
+def from_mixtral_state_dict(state: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
+    return from_hf_state_dict(state, args)
+
+
+def hf_config(args: ModelArgs, arch: Architecture, eos_id: int = 0) -> dict:
+    """config.json of `args` written as `arch`."""
+    rope = {"rope_type": "default", "rope_theta": args.rope_theta}
+    common = {
+        "architectures": [arch.name], "model_type": arch.model_type, "vocab_size": args.vocab_size,
+        "hidden_size": args.dim, "num_hidden_layers": args.n_layers, "num_attention_heads": args.n_heads,
+        "num_key_value_heads": args.n_kv_heads, "head_dim": args.resolved_head_dim, "hidden_act": "silu",
+        "max_position_embeddings": args.max_seq_len, "initializer_range": args.init_std,
+        "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_theta, "rope_parameters": rope,
+        "num_experts_per_tok": args.top_k, "router_aux_loss_coef": args.aux_loss_coef,
+        "output_router_logits": False, "attention_dropout": 0.0, "tie_word_embeddings": args.tie_word_embeddings,
+        "bos_token_id": eos_id, "eos_token_id": eos_id, "pad_token_id": eos_id, "use_cache": True,
         "torch_dtype": "float32",
     }
+    if arch.model_type == "mixtral":
+        return {**common, "intermediate_size": args.intermediate_size, "num_local_experts": args.num_experts,
+                "router_jitter_noise": 0.0, "sliding_window": None}
+    family = {"num_experts": args.num_experts, "norm_topk_prob": args.norm_topk_prob}
+    if arch.model_type == "olmoe":
+        return {**common, **family, "intermediate_size": args.intermediate_size, "attention_bias": False,
+                "clip_qkv": None}
+    qwen = {**family, "intermediate_size": args.intermediate_size, "moe_intermediate_size": args.intermediate_size,
+            "decoder_sparse_step": 1, "mlp_only_layers": [], "use_sliding_window": False, "sliding_window": None}
+    if arch.model_type == "qwen3_moe":
+        return {**common, **qwen, "attention_bias": False}
+    return {**common, **qwen, "qkv_bias": True,
+            "shared_expert_intermediate_size": args.resolved_shared_intermediate_size}
+
+
+def mixtral_config(args: ModelArgs, eos_id: int = 0) -> dict:
+    return hf_config(args, ARCHITECTURES["MixtralForCausalLM"], eos_id)
+
+
+def export_architecture(args: ModelArgs) -> Architecture | None:
+    """The architecture an export of `args` is written as: the one it was imported from (`hf_architecture`), else
+    Mixtral when the options allow; None means our own format (config.json model_type "moe-platform")."""
+    if args.hf_architecture:
+        arch = ARCHITECTURES[args.hf_architecture]
+        why = arch.expresses(args)
+        if why is None:
+            return arch
+        log.warning("exporting in moe-platform's own format, not %s (imported from it): %s", arch.name, why)
+        return None
+    return ARCHITECTURES["MixtralForCausalLM"] if args.is_mixtral_compatible else None
 
 
 def export_hf(state: dict[str, torch.Tensor], args: ModelArgs, out_dir: str | Path,
@@ -115,9 +196,10 @@ def export_hf(state: dict[str, torch.Tensor], args: ModelArgs, out_dir: str | Pa
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: (v.to(dtype) if dtype is not None else v).detach().cpu() for k, v in state.items()}
-    if args.is_mixtral_compatible:
-        tensors = to_mixtral_state_dict(state, args)
-        config = mixtral_config(args, eos_id)
+    arch = export_architecture(args)
+    if arch is not None:
+        tensors = to_hf_state_dict(state, args, arch)
+        config = hf_config(args, arch, eos_id)
     else:
         tensors = {k: v.contiguous() for k, v in state.items() if not (k == "lm_head.weight" and
                                                                         args.tie_word_embeddings)}
@@ -139,25 +221,68 @@ def export_hf(state: dict[str, torch.Tensor], args: ModelArgs, out_dir: str | Pa
     return out
 
 
+def _reject(config: dict, arch: Architecture, **unsupported) -> None:
+    """A clear error for config values our model does not compute (so an import never silently differs)."""
+    for key, ok in unsupported.items():
+        value = config.get(key)
+        if not ok(value):
+            raise ValueError(f"{arch.name} with {key} = {value!r} is not supported (moe-platform imports the "
+                             f"default form of this setting)")
+
+
 def args_from_hf_config(config: dict) -> ModelArgs:
+    """config.json of a supported architecture (or of our own format) -> ModelArgs."""
     if config.get("model_type") == "moe-platform":
         return ModelArgs.from_dict({k: v for k, v in config.items() if k not in ("architectures", "model_type",
                                                                                    "torch_dtype")})
-    if config.get("model_type") != "mixtral":
-        raise ValueError(f"cannot import model_type {config.get('model_type')!r}: only 'mixtral' and "
-                         f"'moe-platform' directories are supported")
-    rope = config.get("rope_parameters") or {}
-    return ModelArgs(
+    names = config.get("architectures") or []
+    arch = next((ARCHITECTURES[n] for n in names if n in ARCHITECTURES), None) or _BY_MODEL_TYPE.get(
+        config.get("model_type"))
+    if arch is None:
+        raise ValueError(f"cannot import architecture {names or config.get('model_type')!r}: supported are "
+                         f"{supported_architectures()} (and moe-platform's own exports); nothing is imported "
+                         f"through trust_remote_code")
+    required = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_experts_per_tok",
+                "intermediate_size" if arch.model_type in ("mixtral", "olmoe") else "moe_intermediate_size"]
+    missing = [k for k in required if k not in config]
+    if arch.model_type != "mixtral" and "num_experts" not in config and "num_local_experts" not in config:
+        missing.append("num_experts")
+    if arch.model_type == "mixtral" and "num_local_experts" not in config:
+        missing.append("num_local_experts")
+    if arch.model_type == "qwen2_moe" and "shared_expert_intermediate_size" not in config:
+        missing.append("shared_expert_intermediate_size")
+    if missing:
+        raise ValueError(f"{arch.name} config.json lacks {missing}: not a complete model config")
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    _reject(config, arch, rope_scaling=lambda v: not v or v.get("rope_type", v.get("type")) == "default")
+    if rope.get("rope_type", "default") != "default":
+        raise ValueError(f"{arch.name} with rope type {rope.get('rope_type')!r} is not supported (default RoPE only)")
+    heads = config["num_attention_heads"]
+    kw = dict(
         vocab_size=config["vocab_size"], dim=config["hidden_size"], n_layers=config["num_hidden_layers"],
-        n_heads=config["num_attention_heads"], n_kv_heads=config.get("num_key_value_heads") or
-        config["num_attention_heads"], head_dim=config.get("head_dim") or 0,
-        intermediate_size=config["intermediate_size"], num_experts=config["num_local_experts"],
+        n_heads=heads, n_kv_heads=config.get("num_key_value_heads") or heads, head_dim=config.get("head_dim") or 0,
         top_k=config["num_experts_per_tok"], max_seq_len=config.get("max_position_embeddings", 4096),
         rope_theta=float(rope.get("rope_theta", config.get("rope_theta", 1e6))),
         norm_eps=config.get("rms_norm_eps", 1e-5), aux_loss_coef=config.get("router_aux_loss_coef", 0.02),
-        tie_word_embeddings=config.get("tie_word_embeddings", False),
-        init_std=config.get("initializer_range", 0.02),
+        tie_word_embeddings=config.get("tie_word_embeddings", False), init_std=config.get("initializer_range", 0.02),
+        hf_architecture=arch.name,
     )
+    if arch.model_type == "mixtral":
+        _reject(config, arch, sliding_window=lambda v: v is None)
+        return ModelArgs(**kw, intermediate_size=config["intermediate_size"], num_experts=config["num_local_experts"])
+    experts = config.get("num_experts", config.get("num_local_experts"))  # transformers writes either name
+    kw.update(num_experts=experts, norm_topk_prob=bool(config.get("norm_topk_prob", False)))
+    if arch.model_type == "olmoe":
+        _reject(config, arch, clip_qkv=lambda v: v is None, attention_bias=lambda v: not v)
+        return ModelArgs(**kw, intermediate_size=config["intermediate_size"], qk_norm="full")
+    _reject(config, arch, use_sliding_window=lambda v: not v, decoder_sparse_step=lambda v: v in (None, 1),
+            mlp_only_layers=lambda v: not v)
+    if arch.model_type == "qwen3_moe":
+        _reject(config, arch, attention_bias=lambda v: not v)
+        return ModelArgs(**kw, intermediate_size=config["moe_intermediate_size"], qk_norm="head")
+    return ModelArgs(**kw, intermediate_size=config["moe_intermediate_size"],  # qwen2_moe
+                     attention_bias=bool(config.get("qkv_bias", True)), n_shared_experts=1,
+                     shared_intermediate_size=config["shared_expert_intermediate_size"], shared_expert_gate=True)
 
 
 def load_hf(model_dir: str | Path, device: str | torch.device = "cpu") -> tuple[ModelArgs, dict[str, torch.Tensor]]:
@@ -174,4 +299,4 @@ def load_hf(model_dir: str | Path, device: str | torch.device = "cpu") -> tuple[
     raw: dict[str, torch.Tensor] = {}
     for shard in shards:
         raw.update(load_file(str(shard), device=str(device)))
-    return args, from_mixtral_state_dict(raw, args)
+    return args, from_hf_state_dict(raw, args)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from moe_platform.checks import requirer
 
 BALANCING_METHODS = ("aux_loss", "bias", "none")
+QK_NORMS = ("none", "head", "full")
 
 
 @dataclass
@@ -41,6 +42,23 @@ class ModelArgs:
         default=0.0, metadata={"doc": "expert capacity as a multiple of the even share; 0 means dropless"}
     )
     tie_word_embeddings: bool = field(default=False, metadata={"doc": "share input embedding and output head"})
+    qk_norm: str = field(
+        default="none",
+        metadata={"doc": "RMSNorm of queries and keys before RoPE: none, head (each head, Qwen3-MoE) or full (the "
+                         "whole projection, OLMoE)"},
+    )
+    attention_bias: bool = field(default=False, metadata={"doc": "bias on the q/k/v projections (Qwen2-MoE)"})
+    norm_topk_prob: bool = field(
+        default=True, metadata={"doc": "renormalise the top-k routing weights to sum to 1 (Mixtral, Qwen3-MoE)"}
+    )
+    shared_expert_gate: bool = field(
+        default=False, metadata={"doc": "scale the shared experts' output by a per-token sigmoid gate (Qwen2-MoE)"}
+    )
+    hf_architecture: str = field(
+        default="",
+        metadata={"doc": "the Hugging Face architecture an imported model exports back to; empty: Mixtral when "
+                         "the options allow, else our own format"},
+    )
     init_std: float = field(default=0.02, metadata={"doc": "standard deviation of the weight initialisation"})
 
     def __post_init__(self) -> None:
@@ -62,6 +80,10 @@ class ModelArgs:
             and self.balancing != "bias"
             and self.capacity_factor == 0.0
             and self.head_dim in (0, self.dim // self.n_heads)
+            and self.qk_norm == "none"
+            and not self.attention_bias
+            and self.norm_topk_prob
+            and not self.shared_expert_gate
         )
 
     def validate(self) -> None:
@@ -83,6 +105,9 @@ class ModelArgs:
              f"model.balancing must be one of {BALANCING_METHODS}, got {self.balancing!r}")
         need(self.n_shared_experts >= 0, f"model.n_shared_experts must be >= 0, got {self.n_shared_experts}")
         need(self.capacity_factor >= 0, f"model.capacity_factor must be >= 0, got {self.capacity_factor}")
+        need(self.qk_norm in QK_NORMS, f"model.qk_norm must be one of {QK_NORMS}, got {self.qk_norm!r}")
+        need(not self.shared_expert_gate or self.n_shared_experts > 0,
+             "model.shared_expert_gate needs shared experts (model.n_shared_experts > 0)")
         for name in ("aux_loss_coef", "z_loss_coef", "bias_update_rate", "rope_theta", "norm_eps", "init_std"):
             need(getattr(self, name) >= 0, f"model.{name} must be >= 0, got {getattr(self, name)}")
 
@@ -101,9 +126,11 @@ class ModelArgs:
         """Total and per-token-active parameter counts (embeddings included once each)."""
         hd = self.resolved_head_dim
         attn = self.dim * hd * (2 * self.n_heads + 2 * self.n_kv_heads)
+        attn += hd * (self.n_heads + 2 * self.n_kv_heads) if self.attention_bias else 0
+        attn += {"none": 0, "head": 2 * hd, "full": hd * (self.n_heads + self.n_kv_heads)}[self.qk_norm]
         expert = 3 * self.dim * self.intermediate_size
         shared = 3 * self.dim * self.resolved_shared_intermediate_size * self.n_shared_experts
-        router = self.dim * self.num_experts
+        router = self.dim * self.num_experts + (self.dim if self.shared_expert_gate else 0)
         norms = 2 * self.dim
         per_layer_total = attn + expert * self.num_experts + shared + router + norms
         per_layer_active = attn + expert * self.top_k + shared + router + norms

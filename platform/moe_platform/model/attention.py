@@ -54,16 +54,29 @@ class Attention(nn.Module):
         self.n_heads = args.n_heads
         self.n_kv_heads = args.n_kv_heads
         self.head_dim = args.resolved_head_dim
-        self.q_proj = nn.Linear(args.dim, self.n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.q_proj = nn.Linear(args.dim, self.n_heads * self.head_dim, bias=args.attention_bias)
+        self.k_proj = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=args.attention_bias)
+        self.v_proj = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=args.attention_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, args.dim, bias=False)
+        # Query/key norms: over each head (Qwen3-MoE) or over the whole projection (OLMoE); both before RoPE.
+        self.qk_norm = args.qk_norm
+        if args.qk_norm != "none":
+            q_width, k_width = ((self.head_dim, self.head_dim) if args.qk_norm == "head"
+                                else (self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim))
+            self.q_norm = RMSNorm(q_width, args.norm_eps)
+            self.k_norm = RMSNorm(k_width, args.norm_eps)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache=None) -> torch.Tensor:
         bsz, seq, _ = x.shape
         # Head counts come from the projections so a tensor-parallel shard (fewer local heads) runs unchanged.
-        q = self.q_proj(x).view(bsz, seq, -1, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k = self.k_proj(x).view(bsz, seq, -1, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
+        q, k = self.q_proj(x), self.k_proj(x)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(bsz, seq, -1, self.head_dim)  # (B, T, H, hd)
+        k = k.view(bsz, seq, -1, self.head_dim)  # (B, T, KV, hd)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, hd), (B, KV, T, hd)
         v = self.v_proj(x).view(bsz, seq, -1, self.head_dim).transpose(1, 2)
         cos, sin = rope
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)

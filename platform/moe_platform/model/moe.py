@@ -183,6 +183,7 @@ class Router(nn.Module):
         self.num_experts = args.num_experts
         self.weight = nn.Parameter(torch.empty(args.num_experts, args.dim))
         self.use_bias = args.balancing == "bias"
+        self.norm_topk_prob = args.norm_topk_prob
         if self.use_bias:
             # Only steers which experts are chosen, never the mixing weights (DeepSeek-V3); updated outside autograd.
             self.register_buffer("expert_bias", torch.zeros(args.num_experts, dtype=torch.float32))
@@ -194,7 +195,8 @@ class Router(nn.Module):
         scores = probs + self.expert_bias if self.use_bias else probs
         indices = torch.topk(scores, self.top_k, dim=-1).indices
         weights = probs.gather(-1, indices)
-        weights = weights / weights.sum(dim=-1, keepdim=True)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
         return logits, probs, weights, indices
 
 
@@ -255,6 +257,8 @@ class MoE(nn.Module):
             SwiGLU(args.dim, args.resolved_shared_intermediate_size * args.n_shared_experts)
             if args.n_shared_experts else None
         )
+        # Qwen2-MoE: a per-token sigmoid gate scales the shared experts' contribution.
+        self.shared_expert_gate = nn.Linear(args.dim, 1, bias=False) if args.shared_expert_gate else None
         # Set by the trainer to 1/grad_accum so the balancing loss is averaged like the main loss.
         self.aux_loss_scale = 1.0
         # A replacement for _dispatch_local (expert parallelism installs an all-to-all one); see parallel/.
@@ -280,7 +284,10 @@ class MoE(nn.Module):
         dispatch = self.token_dispatcher or self._dispatch_local
         out = dispatch(flat, weights, indices)
         if self.shared_experts is not None:
-            out = out + self.shared_experts(flat)
+            shared = self.shared_experts(flat)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(flat)) * shared
+            out = out + shared
         self.last_tokens_per_expert = counts.detach()
         if self.training:
             self.step_load = self.step_load.to(counts.device) + counts.detach()

@@ -221,6 +221,9 @@ def _layout_problems(
         errors.append(f"model.n_kv_heads ({m.n_kv_heads}) must be divisible by tp ({tp})")
     if m.intermediate_size % tp:
         errors.append(f"model.intermediate_size ({m.intermediate_size}) must be divisible by tp ({tp})")
+    if m.qk_norm == "full" and tp > 1:
+        errors.append(f"model.qk_norm = 'full' (OLMoE) normalises over every attention head, which tp ({tp}) splits "
+                      f"over ranks; use tp = 1 (data, pipeline and expert parallelism all work)")
     if m.n_shared_experts > 0 and m.resolved_shared_intermediate_size % tp:
         errors.append(
             f"shared expert hidden size ({m.resolved_shared_intermediate_size}) must be divisible by tp ({tp})"

@@ -12,8 +12,10 @@ one all-reduce per block in forward and one in backward:
   same columns, giving (E, D, I/tp). Only dims 1 and 2 are touched, so this composes with expert parallelism (which
   slices dim 0) in either order.
 * Shared experts (SwiGLU): gate_proj/up_proj column-parallel, down_proj row-parallel, entered and left the same way.
-* Embedding, norms, router and lm_head stay replicated. A vocab-parallel embedding/head is a later optimisation;
-  replicated is simpler and measured fine at the sizes we train.
+* q/k/v biases (Qwen2-MoE) split with their rows; per-head query/key norms (Qwen3-MoE) are replicated, and a norm
+  over the whole projection (OLMoE) cannot be split, so such models run with tp = 1.
+* Embedding, norms, router, the shared experts' sigmoid gate and lm_head stay replicated. A vocab-parallel
+  embedding/head is a later optimisation; replicated is simpler and measured fine at the sizes we train.
 
 Why the router needs care: it is replicated and runs outside the parallel region, but its mixing weights (`scores`)
 scale the expert outputs inside it. Each rank's gradient w.r.t. the scores covers only its I/tp slice of the
@@ -56,6 +58,9 @@ _ATTENTION_SHARDS = {
     "q_proj.weight": (0, "contiguous", _HEADS_HINT),  # (H*hd, D): output rows are heads
     "k_proj.weight": (0, "contiguous", _HEADS_HINT),  # (KV*hd, D)
     "v_proj.weight": (0, "contiguous", _HEADS_HINT),
+    "q_proj.bias": (0, "contiguous", _HEADS_HINT),  # (H*hd,): with the rows they add to (model.attention_bias)
+    "k_proj.bias": (0, "contiguous", _HEADS_HINT),
+    "v_proj.bias": (0, "contiguous", _HEADS_HINT),
     "o_proj.weight": (1, "contiguous", _HEADS_HINT),  # (D, H*hd): input columns are heads
 }
 _EXPERT_SHARDS = {
@@ -167,6 +172,8 @@ def _shard_module_params(module: nn.Module, table: dict, tp_size: int, tp_rank: 
         owner_path, _, attr = rel.rpartition(".")
         owner = module.get_submodule(owner_path) if owner_path else module
         param = getattr(owner, attr)
+        if param is None:  # an optional parameter this model does not have (a bias)
+            continue
         _check_split(f"{where}.{rel}", tuple(param.shape), dim, kind, hint, tp_size)
         with torch.no_grad():
             local = _split(param.detach(), dim, kind, tp_size, tp_rank).clone(memory_format=torch.contiguous_format)
@@ -174,7 +181,7 @@ def _shard_module_params(module: nn.Module, table: dict, tp_size: int, tp_rank: 
         new.tensor_model_parallel = True
         new.partition_dim = dim
         setattr(owner, attr, new)
-        if isinstance(owner, nn.Linear):  # keep repr/introspection truthful
+        if isinstance(owner, nn.Linear) and attr == "weight":  # keep repr/introspection truthful
             owner.out_features, owner.in_features = new.shape
 
 
@@ -222,6 +229,9 @@ def _validate(model: nn.Module, tp: int) -> None:
                 raise ValueError(
                     f"{where}: {_HEADS_HINT}; got n_heads={m.n_heads}, n_kv_heads={m.n_kv_heads}, tp={tp}"
                 )
+            if m.qk_norm == "full":
+                raise ValueError(f"{where}: model.qk_norm = 'full' normalises over every head; it cannot be split "
+                                 f"over tp={tp}")
         elif isinstance(m, MoE):
             _require_unsharded(m.experts, f"{where}.experts")
             inter = m.experts.down_proj.shape[-1]
