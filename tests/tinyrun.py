@@ -210,3 +210,58 @@ def cluster_processes(state: Path | str) -> list[int]:
             except OSError:
                 continue
     return pids
+
+
+# -- tiny Hugging Face MoE models (built from transformers' config classes: nothing is downloaded) ----------------
+HF_ARCHITECTURES = ("MixtralForCausalLM", "OlmoeForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")
+
+
+def hf_config(arch: str, vocab_size: int):
+    """A tiny config of `arch`: 2 layers, 4 heads (2 kv), 8 experts top-2, with each architecture's features on."""
+    import transformers
+
+    common = dict(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128, num_experts_per_tok=2,
+                  tie_word_embeddings=False)
+    return {
+        "MixtralForCausalLM": lambda: transformers.MixtralConfig(intermediate_size=48, num_local_experts=8, **common),
+        "Qwen3MoeForCausalLM": lambda: transformers.Qwen3MoeConfig(intermediate_size=96, moe_intermediate_size=32,
+                                                                   num_experts=8, norm_topk_prob=True, head_dim=24,
+                                                                   **common),
+        "Qwen2MoeForCausalLM": lambda: transformers.Qwen2MoeConfig(intermediate_size=96, moe_intermediate_size=32,
+                                                                   num_experts=8, shared_expert_intermediate_size=40,
+                                                                   **common),
+        "OlmoeForCausalLM": lambda: transformers.OlmoeConfig(intermediate_size=32, num_experts=8, **common),
+    }[arch]()
+
+
+def tiny_tokenizer(out: Path) -> Path:
+    """A byte-level BPE tokenizer (vocab 300) trained on a slice of the test corpus, saved in `out`."""
+    from moe_platform.tokenizer import save_tokenizer, train_tokenizer
+
+    text = corpus_text(60_000)
+    tok = train_tokenizer([text[i:i + 2000] for i in range(0, len(text), 2000)], 300)
+    return save_tokenizer(tok, out, model_max_length=128)
+
+
+def save_tiny_hf_model(arch: str, out: Path, tokenizer_dir: Path):
+    """A random `arch` model saved by transformers in shards of ~100 KB (model.safetensors.index.json), with the
+    tokenizer's files beside it, as a model directory from a hub looks. Every weight is random, norms and routers
+    included, so a misplaced tensor shows. Returns (the transformers model, the directory)."""
+    import torch
+    import transformers
+
+    from moe_platform.tokenizer import load_tokenizer
+
+    vocab = load_tokenizer(tokenizer_dir).get_vocab_size()
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(hf_config(arch, vocab), dtype=torch.float32)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            base = 1.0 if name.endswith("norm.weight") else 0.0
+            p.copy_(base + 0.2 * torch.randn(p.shape, generator=gen))
+    model.eval().save_pretrained(out, max_shard_size="100KB")
+    for f in Path(tokenizer_dir).iterdir():
+        (out / f.name).write_bytes(f.read_bytes())
+    return model, out

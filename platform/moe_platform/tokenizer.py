@@ -89,6 +89,29 @@ def eos_id(tok: Tokenizer) -> int:
     return token_id
 
 
+def eos_from_configs(source: str, configs: list[dict]) -> int:
+    """The first `eos_token_id` of a model's generation_config.json / config.json documents (in that order)."""
+    for config in configs:
+        eos = config.get("eos_token_id")
+        if isinstance(eos, list) and eos:
+            eos = eos[0]
+        if isinstance(eos, int):
+            return eos
+    raise ValueError(f"{source}: cannot tell the end-of-text token (no {EOS_TOKEN} in the tokenizer and no "
+                     f"eos_token_id in generation_config.json or config.json)")
+
+
+def model_eos_id(tok: Tokenizer, model_dir: str | Path) -> int:
+    """End-of-text id of a model's tokenizer: ours (`EOS_TOKEN`), else what the model directory's configs say."""
+    try:
+        return eos_id(tok)
+    except ValueError:
+        d = Path(model_dir)
+        configs = [json.loads((d / name).read_text()) for name in ("generation_config.json", "config.json")
+                   if (d / name).is_file()]
+        return eos_from_configs(str(d), configs)
+
+
 def save_tokenizer(tok: Tokenizer, out_dir: str | Path, model_max_length: int = DEFAULT_MODEL_MAX_LENGTH) -> Path:
     """Write `TOKENIZER_FILES` into `out_dir` (created if needed) so `AutoTokenizer.from_pretrained` loads it."""
     if model_max_length < 1:

@@ -13,7 +13,7 @@ from moe_platform.checkpoint.sharded import ShardedReader
 from moe_platform.config import load_config
 from moe_platform.train.launch import launch_local
 from moe_platform.train.metrics import MetricsLog
-from tinyrun import tiny_overrides
+from tinyrun import HF_ARCHITECTURES, save_tiny_hf_model, tiny_overrides, tiny_tokenizer
 
 STEPS = 10
 COMMON = {"train.steps": STEPS, "train.global_batch_size": 8, "train.micro_batch_size": 2, "train.warmup": 2,
@@ -133,30 +133,33 @@ def test_layouts_part_only_where_a_routing_choice_flips(corpus_file, storage):
     assert max(gaps[first - 1:]) > 1e-5, "after the routing flip the runs should part"
 
 
-# The options imported architectures need, trained on layouts that split what they touch: q/k/v biases and the
-# shared experts' gate under tensor parallelism (Qwen2-MoE), per-head q/k norms (Qwen3-MoE), a norm over the whole
-# projection under expert and pipeline parallelism (OLMoE; tensor parallelism refuses it).
-ARCH_OPTIONS = {
-    "qwen2": ({"model.attention_bias": "true", "model.n_shared_experts": 1, "model.shared_intermediate_size": 32,
-               "model.shared_expert_gate": "true", "model.norm_topk_prob": "false"}, ["tp2", "dp2-ep2"]),
-    "qwen3": ({"model.qk_norm": "head", "model.head_dim": 12}, ["tp2", "pp2"]),
-    "olmoe": ({"model.qk_norm": "full", "model.norm_topk_prob": "false"}, ["dp2-ep2", "pp2"]),
-}
+# Imported Hugging Face models train on every layout like on one process. The layouts split what each architecture
+# adds: q/k/v biases and the gated shared expert under tensor parallelism (Qwen2-MoE), per-head q/k norms (Qwen3-MoE),
+# a norm over the whole projection under expert and pipeline parallelism (OLMoE; tensor parallelism refuses it).
+IMPORT_LAYOUTS = {arch: ["dp2-ep2", "pp2"] + ([] if arch == "OlmoeForCausalLM" else ["tp2"])
+                  for arch in HF_ARCHITECTURES}
 
 
-@pytest.mark.parametrize("arch", sorted(ARCH_OPTIONS))
-def test_architecture_options_match_single_process_on_layouts(arch, corpus_file, storage):
-    options, layouts = ARCH_OPTIONS[arch]
-    extra = {**options, "train.steps": 4}
+@pytest.fixture(scope="module")
+def hf_models(tmp_path_factory) -> dict[str, Path]:
+    tok = tiny_tokenizer(tmp_path_factory.mktemp("hf-tok"))
+    return {arch: save_tiny_hf_model(arch, tmp_path_factory.mktemp(arch), tok)[1] for arch in HF_ARCHITECTURES}
+
+
+@pytest.mark.parametrize("arch", HF_ARCHITECTURES)
+def test_imported_models_train_on_layouts_like_one_process(arch, hf_models, corpus_file, storage):
+    extra = {"init.from_hf": str(hf_models[arch]), "train.steps": 2}
     ref = losses(launch_local(config(corpus_file, storage, f"{arch}-single", **extra), progress=False).run_dir)
-    for name in layouts:
+    for name in IMPORT_LAYOUTS[arch]:
         result = launch_local(config(corpus_file, storage, f"{arch}-{name}", **extra,
                                      **layout_overrides(LAYOUTS[name])), progress=False)
         gaps = [abs(a - b) / abs(b) for a, b in zip(losses(result.run_dir), ref, strict=True)]
         assert max(gaps) <= 1e-5, f"{arch} at {name}: per-step relative loss gaps {gaps}"
 
 
-def test_a_whole_projection_norm_refuses_tensor_parallelism(corpus_file, storage):
-    cfg = config(corpus_file, storage, "olmoe-tp2", **ARCH_OPTIONS["olmoe"][0], **layout_overrides({"tp": 2}))
+def test_a_whole_projection_norm_refuses_tensor_parallelism(hf_models, corpus_file, storage):
+    cfg = config(corpus_file, storage, "olmoe-tp2", **{"init.from_hf": str(hf_models["OlmoeForCausalLM"])},
+                 **layout_overrides({"tp": 2}))
     with pytest.raises(ValueError, match=r"model.qk_norm = 'full' \(OLMoE\) normalises over every attention head"):
         launch_local(cfg, progress=False)
+    assert not (storage / "olmoe-tp2").exists(), "refused before anything is written"

@@ -14,51 +14,20 @@ from safetensors.torch import load_file
 from moe_platform.checkpoint.hf import export_hf, load_hf, supported_architectures
 from moe_platform.model.transformer import MoETransformer
 from moe_platform.serving.engine import Engine, SamplingParams
-from moe_platform.tokenizer import save_tokenizer, train_tokenizer
-from tinyrun import corpus_text
+from tinyrun import HF_ARCHITECTURES, hf_config, save_tiny_hf_model, tiny_tokenizer
 
-COMMON = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-              max_position_embeddings=128, num_experts_per_tok=2, tie_word_embeddings=False)
-CONFIGS = {
-    "MixtralForCausalLM": lambda v: transformers.MixtralConfig(vocab_size=v, intermediate_size=48, num_local_experts=8,
-                                                               **COMMON),
-    "Qwen3MoeForCausalLM": lambda v: transformers.Qwen3MoeConfig(vocab_size=v, intermediate_size=96,
-                                                                 moe_intermediate_size=32, num_experts=8,
-                                                                 norm_topk_prob=True, head_dim=24, **COMMON),
-    "Qwen2MoeForCausalLM": lambda v: transformers.Qwen2MoeConfig(vocab_size=v, intermediate_size=96,
-                                                                 moe_intermediate_size=32, num_experts=8,
-                                                                 shared_expert_intermediate_size=40, **COMMON),
-    "OlmoeForCausalLM": lambda v: transformers.OlmoeConfig(vocab_size=v, intermediate_size=32, num_experts=8,
-                                                           **COMMON),
-}
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory):
-    text = corpus_text(60_000)
-    tok = train_tokenizer([text[i:i + 2000] for i in range(0, len(text), 2000)], 300)
-    return save_tokenizer(tok, tmp_path_factory.mktemp("tok"), model_max_length=128)
+    return tiny_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
-@pytest.fixture(scope="module", params=sorted(CONFIGS))
+@pytest.fixture(scope="module", params=HF_ARCHITECTURES)
 def hf_model(request, tokenizer_dir, tmp_path_factory):
-    """(architecture, transformers model, its directory): random weights everywhere (norms and routers included,
-    so a misplaced tensor shows), saved in shards of ~100 KB with a model.safetensors.index.json."""
-    from moe_platform.tokenizer import load_tokenizer
-
-    vocab = load_tokenizer(tokenizer_dir).get_vocab_size()
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(CONFIGS[request.param](vocab), dtype=torch.float32)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            base = 1.0 if name.endswith("norm.weight") else 0.0
-            p.copy_(base + 0.2 * torch.randn(p.shape, generator=gen))
-    out = tmp_path_factory.mktemp(request.param)
-    model.eval().save_pretrained(out, max_shard_size="100KB")
-    for f in tokenizer_dir.iterdir():
-        (out / f.name).write_bytes(f.read_bytes())
+    """(architecture, transformers model, its directory), saved in shards with a model.safetensors.index.json."""
+    model, out = save_tiny_hf_model(request.param, tmp_path_factory.mktemp(request.param), tokenizer_dir)
     return request.param, model, out
 
 
@@ -132,7 +101,33 @@ def test_an_unsupported_architecture_is_a_clear_error(tmp_path):
     ({"attention_bias": True}, "attention_bias"),
 ])
 def test_settings_we_do_not_compute_are_refused(tmp_path, change, match):
-    config = CONFIGS["Qwen3MoeForCausalLM"](300).to_dict() | change
+    config = hf_config("Qwen3MoeForCausalLM", 300).to_dict() | change
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=match):
         load_hf(tmp_path)
+
+
+def test_training_starts_from_the_imported_model(hf_model, tiny_config):
+    """init.from_hf: the model's own tokenizer (none is trained), its weights as step 0 (the first step's loss is
+    transformers' loss on the same batch), and an export in the same architecture."""
+    from moe_platform.train.backends import lm_loss
+    from moe_platform.train.trainer import Trainer
+
+    arch, hf, out = hf_model
+    cfg = tiny_config(**{"init.from_hf": str(out), "train.steps": 2, "checkpoint.interval": 0,
+                         "run.name": f"ft-{arch}"})
+    trainer = Trainer(cfg, progress=False)
+    trainer.setup()
+    assert (trainer.tokenizer_dir / "tokenizer.json").read_bytes() == (out / "tokenizer.json").read_bytes()
+    assert trainer.model_args.hf_architecture == arch
+    position = trainer.sampler.state_dict()
+    batch = trainer._micro_batches(trainer.sampler.next_global_batch())
+    trainer.sampler.load_state_dict(position)
+    with torch.no_grad():
+        want = sum(float(lm_loss(hf(tokens).logits, targets)) for tokens, targets in batch) / len(batch)
+    first = trainer.train_step()
+    assert abs(first["loss"] - want) <= 1e-5 * want, (first["loss"], want)
+    result = trainer.fit()
+    config = json.loads((result.export_dir / "config.json").read_text())
+    assert config["architectures"] == [arch]
+    assert (result.export_dir / "tokenizer.json").read_bytes() == (out / "tokenizer.json").read_bytes()

@@ -285,14 +285,21 @@ def args_from_hf_config(config: dict) -> ModelArgs:
                      shared_intermediate_size=config["shared_expert_intermediate_size"], shared_expert_gate=True)
 
 
-def load_hf(model_dir: str | Path, device: str | torch.device = "cpu") -> tuple[ModelArgs, dict[str, torch.Tensor]]:
-    """Read a model directory (our export or a Mixtral checkpoint) as (model args, our state dict). Never unpickles."""
+def read_model_args(model_dir: str | Path) -> ModelArgs:
+    """The model args of a model directory: ours (moe_platform_args.json), else from its config.json."""
     d = Path(model_dir)
     if not (d / "config.json").is_file():
         raise FileNotFoundError(f"{d} is not a model directory: config.json is missing")
     args_file = d / MODEL_ARGS_FILE
-    args = (ModelArgs.from_dict(json.loads(args_file.read_text())) if args_file.is_file()
+    return (ModelArgs.from_dict(json.loads(args_file.read_text())) if args_file.is_file()
             else args_from_hf_config(json.loads((d / "config.json").read_text())))
+
+
+def load_hf(model_dir: str | Path, device: str | torch.device = "cpu") -> tuple[ModelArgs, dict[str, torch.Tensor]]:
+    """Read a model directory (our export or a supported Hugging Face model) as (model args, our state dict).
+    Never unpickles."""
+    d = Path(model_dir)
+    args = read_model_args(d)
     shards = sorted(d.glob("*.safetensors"))
     if not shards:
         raise FileNotFoundError(f"{d} has no *.safetensors weights (pickled .bin weights are not loaded)")

@@ -89,8 +89,16 @@ class ElasticConfig:
 
 
 @dataclass
+class InitConfig:
+    from_hf: str = _f("", "Hugging Face model directory to start from (Mixtral, Qwen3-MoE, Qwen2-MoE, OLMoE): its "
+                          "architecture replaces [model], its tokenizer is used as it is (none is trained) and its "
+                          "weights are the starting point; empty trains from scratch")
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig, metadata={"doc": "run identity and storage"})
+    init: InitConfig = field(default_factory=InitConfig, metadata={"doc": "where the weights start"})
     model: ModelArgs = field(default_factory=ModelArgs, metadata={"doc": "model architecture"})
     data: DataConfig = field(default_factory=DataConfig, metadata={"doc": "corpus and tokenizer"})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"doc": "optimisation"})

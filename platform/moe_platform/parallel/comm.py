@@ -27,7 +27,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["copy_to_group", "reduce_from_group", "gather_from_group", "scatter_to_group", "group_size", "group_rank"]
+__all__ = ["copy_to_group", "reduce_from_group", "gather_from_group", "scatter_to_group", "group_size", "group_rank",
+           "sum_grad_over_group"]
 
 
 def group_size(group) -> int:
@@ -45,6 +46,14 @@ def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
     out = x.clone(memory_format=torch.contiguous_format)
     dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
     return out
+
+
+def sum_grad_over_group(param: torch.Tensor, group) -> None:
+    """Make `param`'s gradient the sum over `group` (a replicated parameter used inside a parallel region, where
+    each rank's gradient covers only its part of the work, such as per-head query/key norms under tensor
+    parallelism); every rank then holds the single-device gradient."""
+    if group is not None and dist.get_world_size(group) > 1:
+        param.register_hook(lambda grad: _all_reduce(grad, group))
 
 
 def _all_gather(x: torch.Tensor, group, dim: int) -> torch.Tensor:

@@ -12,8 +12,9 @@ one all-reduce per block in forward and one in backward:
   same columns, giving (E, D, I/tp). Only dims 1 and 2 are touched, so this composes with expert parallelism (which
   slices dim 0) in either order.
 * Shared experts (SwiGLU): gate_proj/up_proj column-parallel, down_proj row-parallel, entered and left the same way.
-* q/k/v biases (Qwen2-MoE) split with their rows; per-head query/key norms (Qwen3-MoE) are replicated, and a norm
-  over the whole projection (OLMoE) cannot be split, so such models run with tp = 1.
+* q/k/v biases (Qwen2-MoE) split with their rows; per-head query/key norms (Qwen3-MoE) are replicated and their
+  gradients summed over the group (each rank normalises only its heads); a norm over the whole projection (OLMoE)
+  cannot be split, so such models run with tp = 1.
 * Embedding, norms, router, the shared experts' sigmoid gate and lm_head stay replicated. A vocab-parallel
   embedding/head is a later optimisation; replicated is simpler and measured fine at the sizes we train.
 
@@ -39,7 +40,7 @@ from torch import nn
 
 from moe_platform.model.attention import Attention
 from moe_platform.model.moe import MoE
-from moe_platform.parallel.comm import copy_to_group, reduce_from_group
+from moe_platform.parallel.comm import copy_to_group, reduce_from_group, sum_grad_over_group
 from moe_platform.parallel.layout import ProcessGroups
 
 __all__ = ["apply_tp", "tp_shard_spec", "shard_tensor", "unshard_tensors", "SHARD_KINDS"]
@@ -269,6 +270,9 @@ def apply_tp(model: nn.Module, groups: ProcessGroups) -> None:
                 _shard_module_params(m, _ATTENTION_SHARDS, tp, rank, where)
                 m.n_heads //= tp
                 m.n_kv_heads //= tp
+                if m.qk_norm == "head":  # replicated, but each rank normalises only its own heads
+                    for norm in (m.q_norm, m.k_norm):
+                        sum_grad_over_group(norm.weight, group)
                 _make_parallel_region(m, group, ((0, "x"),))
             elif isinstance(m, MoE):
                 m.experts._tp_size = tp

@@ -197,7 +197,7 @@ class Engine:
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, **options) -> Engine:
         """Load an export directory (config.json, model.safetensors, tokenizer files). Options: `EngineConfig`."""
-        from moe_platform.tokenizer import eos_id, load_tokenizer
+        from moe_platform.tokenizer import load_tokenizer, model_eos_id
 
         config = EngineConfig.from_options(**options)
         model_dir = Path(model_dir)
@@ -208,11 +208,8 @@ class Engine:
             raise ValueError(f"{model_dir}: weights do not match the model config (missing {sorted(missing)[:5]}, "
                              f"unexpected {sorted(unexpected)[:5]})")
         tokenizer = load_tokenizer(model_dir)
-        try:
-            eos = eos_id(tokenizer)
-        except ValueError:
-            eos = _eos_from_config(model_dir)
-        return cls(model, tokenizer, eos, config, ChatTemplate.from_dir(model_dir), str(model_dir))
+        return cls(model, tokenizer, model_eos_id(tokenizer, model_dir), config, ChatTemplate.from_dir(model_dir),
+                   str(model_dir))
 
     @classmethod
     def from_state_dict(cls, args: ModelArgs, state: Mapping[str, torch.Tensor], files: Mapping[str, bytes | str],
@@ -229,7 +226,7 @@ class Engine:
         """
         from tokenizers import Tokenizer
 
-        from moe_platform.tokenizer import eos_id
+        from moe_platform.tokenizer import eos_from_configs, eos_id
 
         config = EngineConfig.from_options(**options)
         if "tokenizer.json" not in files:
@@ -251,7 +248,7 @@ class Engine:
         try:
             eos = eos_id(tokenizer)
         except ValueError:
-            eos = _eos_from_configs(source, [json.loads(_text(files[n])) for n in ("generation_config.json",
+            eos = eos_from_configs(source, [json.loads(_text(files[n])) for n in ("generation_config.json",
                                                                                    "config.json") if n in files])
         chat = ChatTemplate.from_config(json.loads(_text(files["tokenizer_config.json"]))
                                         if "tokenizer_config.json" in files else None)
@@ -614,23 +611,6 @@ class Engine:
         ttft = [self._ttft.popleft() for _ in range(len(self._ttft))]
         itl = [self._itl.popleft() for _ in range(len(self._itl))]
         return ttft, itl
-
-
-def _eos_from_config(model_dir: Path) -> int:
-    configs = [json.loads((model_dir / name).read_text()) for name in ("generation_config.json", "config.json")
-               if (model_dir / name).is_file()]
-    return _eos_from_configs(str(model_dir), configs)
-
-
-def _eos_from_configs(source: str, configs: Sequence[Mapping]) -> int:
-    for config in configs:
-        eos = config.get("eos_token_id")
-        if isinstance(eos, list) and eos:
-            eos = eos[0]
-        if isinstance(eos, int):
-            return eos
-    raise ValueError(f"{source}: cannot tell the end-of-text token (no <|endoftext|> in the tokenizer and no "
-                     f"eos_token_id in generation_config.json or config.json)")
 
 
 def _text(data: bytes | str) -> str:

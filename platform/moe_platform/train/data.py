@@ -265,7 +265,7 @@ def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "moe-platform" / "data"
 
 
-def token_cache_key(cfg_data: DataConfig, tokenizer: Tokenizer) -> str:
+def token_cache_key(cfg_data: DataConfig, tokenizer: Tokenizer, eos: int | None = None) -> str:
     """sha256 over everything the token stream depends on (not seq_len: samples are cut when reading)."""
     payload = {
         "version": _CACHE_FORMAT_VERSION,
@@ -274,6 +274,8 @@ def token_cache_key(cfg_data: DataConfig, tokenizer: Tokenizer) -> str:
         "max_bytes": cfg_data.max_bytes,
         "tokenizer": hashlib.sha256(tokenizer.to_str().encode("utf-8")).hexdigest(),
     }
+    if eos is not None:  # an imported model's end-of-text id (ours is implied by the tokenizer)
+        payload["eos"] = eos
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()
 
 
@@ -281,9 +283,10 @@ def _token_dtype(tokenizer: Tokenizer) -> np.dtype:
     return np.dtype(np.uint16) if tokenizer.get_vocab_size() < 65536 else np.dtype(np.uint32)
 
 
-def _write_token_stream(cfg_data: DataConfig, tokenizer: Tokenizer, out_path: Path, dtype: np.dtype) -> dict:
+def _write_token_stream(cfg_data: DataConfig, tokenizer: Tokenizer, out_path: Path, dtype: np.dtype,
+                        eos: int | None = None) -> dict:
     """Tokenize the corpus into `out_path` via a temp file + rename, so a crash never leaves a partial cache."""
-    eos = eos_id(tokenizer)
+    eos = eos_id(tokenizer) if eos is None else eos
     fd, tmp_name = tempfile.mkstemp(prefix=out_path.name + ".", suffix=".tmp", dir=out_path.parent)
     num_tokens = 0
     num_docs = 0
@@ -360,9 +363,10 @@ def _read_valid_cache(bin_path: Path, meta_path: Path, key: str, dtype: np.dtype
 
 
 def build_token_dataset(
-    cfg_data: DataConfig, tokenizer: Tokenizer, seq_len: int, cache_dir: Path | None = None
+    cfg_data: DataConfig, tokenizer: Tokenizer, seq_len: int, cache_dir: Path | None = None, eos: int | None = None
 ) -> TokenDataset:
-    """Tokenize the corpus once (or reuse the cached stream) and cut it into samples of seq_len+1 tokens.
+    """Tokenize the corpus once (or reuse the cached stream) and cut it into samples of seq_len+1 tokens; `eos`
+    (default: our tokenizer's end-of-text token) ends every document.
 
     The cache lives in `cache_dir`, else `cfg_data.cache_dir`, else ~/.cache/moe-platform/data.
     """
@@ -374,7 +378,7 @@ def build_token_dataset(
         raise ValueError(f"data.max_bytes must be >= 0 (0 = no limit), got {cfg_data.max_bytes}")
     directory = Path(cache_dir or cfg_data.cache_dir or default_cache_dir()).expanduser()
     directory.mkdir(parents=True, exist_ok=True)
-    key = token_cache_key(cfg_data, tokenizer)
+    key = token_cache_key(cfg_data, tokenizer, eos)
     dtype = _token_dtype(tokenizer)
     bin_path = directory / f"tokens-{key[:24]}.bin"
     meta_path = directory / f"tokens-{key[:24]}.json"
@@ -382,7 +386,7 @@ def build_token_dataset(
     meta = _read_valid_cache(bin_path, meta_path, key, dtype)
     from_cache = meta is not None
     if meta is None:
-        meta = _write_token_stream(cfg_data, tokenizer, bin_path, dtype)
+        meta = _write_token_stream(cfg_data, tokenizer, bin_path, dtype, eos)
         meta.update(key=key, path=cfg_data.path, text_column=cfg_data.text_column, max_bytes=cfg_data.max_bytes)
         # The metadata is written last: a cache counts only once both files are complete.
         _write_json_atomic(meta_path, meta)

@@ -15,9 +15,8 @@ from pathlib import Path
 import torch
 
 from moe_platform.config import Config, config_from_dict, config_to_dict
-from moe_platform.model.args import ModelArgs
 from moe_platform.parallel import resolve_layout
-from moe_platform.train.trainer import DistContext, Trainer, TrainerHooks, TrainResult
+from moe_platform.train.trainer import DistContext, Trainer, TrainerHooks, TrainResult, model_args_for
 
 
 def world_size_for(cfg: Config) -> int:
@@ -75,7 +74,7 @@ def launch_local(cfg: Config, world_size: int | None = None, progress: bool = Tr
     `on_export(export_dir, step)` after the final export (`moe_platform.cluster.registry.export_publisher`)."""
     world_size = world_size or world_size_for(cfg)
     # Refuse an impossible layout here, before any process or process group exists.
-    resolve_layout(cfg, world_size, ModelArgs.from_dict({**cfg.model.to_dict(), "vocab_size": cfg.data.vocab_size}))
+    resolve_layout(cfg, world_size, model_args_for(cfg))
     if world_size == 1:
         return run_rank(cfg, DistContext(), progress, stop_after, on_export)
     import torch.multiprocessing as mp

@@ -65,11 +65,10 @@ from moe_platform.checkpoint import checkpoint_step
 from moe_platform.checkpoint.files import check_writable
 from moe_platform.checkpoint.remote import RemoteRun, is_uri, mirror_dir
 from moe_platform.config import Config, config_from_dict, config_to_dict
-from moe_platform.model.args import ModelArgs
 from moe_platform.parallel import resolve_layout
 from moe_platform.train import resize
 from moe_platform.train.launch import world_size_for
-from moe_platform.train.trainer import DistContext, Trainer, TrainerHooks
+from moe_platform.train.trainer import DistContext, Trainer, TrainerHooks, model_args_for
 
 log = logging.getLogger("moe_platform.train.ray")
 
@@ -96,7 +95,7 @@ def _worker_range(num_workers: int | tuple[int, int]) -> tuple[int, int]:
 
 def check_layouts(cfg: Config, lo: int, hi: int) -> None:
     """Every world size Ray may hand the job must have a valid layout, or a restart would fail on the workers."""
-    args = ModelArgs.from_dict({**cfg.model.to_dict(), "vocab_size": cfg.data.vocab_size})
+    args = model_args_for(cfg)
     for world_size in range(lo, hi + 1):
         try:
             resolve_layout(cfg, world_size, args)
@@ -116,6 +115,8 @@ def with_absolute_paths(cfg: Config) -> Config:
         run["local_dir"] = str(Path(run["local_dir"]).expanduser().resolve())
     if data["data"]["path"] and Path(data["data"]["path"]).expanduser().exists():
         data["data"]["path"] = str(Path(data["data"]["path"]).expanduser().resolve())
+    if data["init"]["from_hf"]:
+        data["init"]["from_hf"] = str(Path(data["init"]["from_hf"]).expanduser().resolve())
     if data["data"]["cache_dir"]:
         data["data"]["cache_dir"] = str(Path(data["data"]["cache_dir"]).expanduser().resolve())
     return config_from_dict(data)

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from tqdm.auto import tqdm
 
 from moe_platform.checkpoint.export import export_checkpoint
 from moe_platform.checkpoint.files import check_writable
+from moe_platform.checkpoint.hf import load_hf, read_model_args
 from moe_platform.checkpoint.remote import RemoteRun, is_uri, mirror_dir
 from moe_platform.checkpoint.sharded import ShardedReader
 from moe_platform.config import Config, config_to_dict
@@ -31,7 +33,7 @@ from moe_platform.model.transformer import build_model
 from moe_platform.parallel import resolve_layout
 from moe_platform.parallel.comm import any_rank, collective_device
 from moe_platform.parallel.layout import Layout, ProcessGroups, build_process_groups
-from moe_platform.tokenizer import eos_id, load_tokenizer, save_tokenizer, train_tokenizer
+from moe_platform.tokenizer import TOKENIZER_FILES, load_tokenizer, model_eos_id, save_tokenizer, train_tokenizer
 from moe_platform.train.backends import DeepSpeedBackend, LocalBackend
 from moe_platform.train.checkpointing import (
     AsyncCheckpointer,
@@ -101,16 +103,32 @@ def seed_everything(seed: int) -> None:
 
 
 def prepare_tokenizer(cfg: Config, run_dir: Path):
-    """Load the run's tokenizer, or train one on the corpus the first time (it is then fixed for the run)."""
+    """Load the run's tokenizer; the first time, copy the imported model's (init.from_hf) as it is, or train one on
+    the corpus. It is then fixed for the run (checkpoints and the export carry it)."""
     tok_dir = run_dir / "tokenizer"
     if (tok_dir / "tokenizer.json").exists():
         return load_tokenizer(tok_dir), tok_dir
-    docs = iter_documents(cfg.data.path, cfg.data.text_column, cfg.data.max_bytes)
-    tok = train_tokenizer(docs, cfg.data.vocab_size)
     tmp = run_dir / f".tokenizer-{os.getpid()}"
-    save_tokenizer(tok, tmp)
+    if cfg.init.from_hf:
+        source = Path(cfg.init.from_hf)
+        load_tokenizer(source)  # a clear error when the model directory has no tokenizer.json
+        tmp.mkdir(parents=True, exist_ok=True)
+        for name in (*TOKENIZER_FILES, "generation_config.json"):
+            if (source / name).is_file():
+                shutil.copyfile(source / name, tmp / name)
+    else:
+        docs = iter_documents(cfg.data.path, cfg.data.text_column, cfg.data.max_bytes)
+        save_tokenizer(train_tokenizer(docs, cfg.data.vocab_size), tmp)
     os.replace(tmp, tok_dir)
-    return tok, tok_dir
+    return load_tokenizer(tok_dir), tok_dir
+
+
+def model_args_for(cfg: Config, vocab_size: int | None = None) -> ModelArgs:
+    """The model a run trains: the imported directory's architecture (init.from_hf), else [model] with the
+    tokenizer's vocabulary (`vocab_size`, or data.vocab_size before the tokenizer exists)."""
+    if cfg.init.from_hf:
+        return read_model_args(cfg.init.from_hf)
+    return ModelArgs.from_dict({**cfg.model.to_dict(), "vocab_size": vocab_size or cfg.data.vocab_size})
 
 
 class Trainer:
@@ -158,11 +176,11 @@ class Trainer:
                 self.tokenizer, self.tokenizer_dir = prepare_tokenizer(cfg, self.run_dir)
                 if self.remote is not None and rank == 0 and not self.remote.exists("tokenizer/tokenizer.json"):
                     self.remote.put_dir(self.tokenizer_dir, "tokenizer", last="tokenizer.json")
-                self.dataset = build_token_dataset(cfg.data, self.tokenizer, cfg.train.seq_len, cache)
+                self.eos_id = model_eos_id(self.tokenizer, cfg.init.from_hf or self.tokenizer_dir)
+                self.dataset = build_token_dataset(cfg.data, self.tokenizer, cfg.train.seq_len, cache, eos=self.eos_id)
             self.dist.barrier()
-        self.eos_id = eos_id(self.tokenizer)
         self.sampler = DataSampler(self.dataset.train_ids_count, cfg.train.global_batch_size, cfg.train.seed)
-        self.model_args = ModelArgs.from_dict({**cfg.model.to_dict(), "vocab_size": self.tokenizer.get_vocab_size()})
+        self.model_args = model_args_for(cfg, self.tokenizer.get_vocab_size())
         self.layout = resolve_layout(cfg, self.dist.world_size, self.model_args)
         if self.dist.distributed:
             self.groups = build_process_groups(self.layout, rank)
@@ -171,6 +189,10 @@ class Trainer:
         ckpt = self.checkpointer.resume_point()
         reader = self._checked_reader(ckpt) if ckpt is not None else None
         model = build_model(self.model_args, device=self.device, seed=cfg.train.seed)
+        if ckpt is None and cfg.init.from_hf:  # a fresh run starts from the imported weights; a resume from its own
+            _, state = load_hf(cfg.init.from_hf, device=self.device)
+            model.load_state_dict(state, strict=True)
+            log.info("starting from %s (%s)", cfg.init.from_hf, self.model_args.hf_architecture)
         if self.dist.distributed:
             self.backend = DeepSpeedBackend(model, cfg, self.groups, self.device, reader)
         else:
