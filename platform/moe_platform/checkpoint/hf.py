@@ -54,6 +54,8 @@ class Architecture:
             return "model.balancing = 'bias' (a routing bias no Hugging Face architecture here has)"
         if args.capacity_factor:
             return "model.capacity_factor > 0 (token dropping)"
+        if self.model_type == "olmoe" and args.head_dim not in (0, args.dim // args.n_heads):
+            return f"model.head_dim = {args.head_dim} (OLMoE's heads are dim / n_heads = {args.dim // args.n_heads})"
         if self.name == "Qwen2MoeForCausalLM" and args.n_shared_experts != 1:
             return f"model.n_shared_experts = {args.n_shared_experts} (Qwen2-MoE has exactly one shared expert)"
         return None
