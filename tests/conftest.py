@@ -10,6 +10,19 @@ from moe_platform.config import load_config
 from tinyrun import corpus_text, tiny_overrides
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` compare a CUDA path with the CPU fp32 result; without a CUDA device they are skipped
+    (scripts/gpu-check.sh runs them where there is one)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (run scripts/gpu-check.sh on a GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def corpus_file(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("corpus") / "corpus.txt"

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# On a machine with a CUDA GPU: every tests/gpu case (each compares a CUDA path with the CPU fp32 result), then the
+# GPU benchmarks, in under 10 minutes. Writes the benchmark JSON/PNG under $OUT (default ./gpu-results), never over
+# docs/ (copy figures there by hand once they are checked).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-gpu-results}
+mkdir -p "$out"
+bash scripts/setup.sh
+nvidia-smi -L
+.venv/bin/python -m pytest -q -m gpu tests/gpu
+.venv/bin/python bench/moe_layer.py --device cuda --dtype bfloat16 --tokens 16384 \
+    --out-json "$out/bench_moe_layer_gpu.json" --out-png "$out/bench_moe_layer_gpu.png"
