@@ -198,7 +198,9 @@ def validate_config(cfg: Config) -> None:
     p = cfg.parallel
     for name in ("dp", "tp", "pp", "ep"):
         need(getattr(p, name) >= 0, f"parallel.{name} must be >= 0 (0 = auto), got {getattr(p, name)}")
-    need(p.zero_stage in (0, 1, 2), f"parallel.zero_stage must be 0, 1 or 2, got {p.zero_stage}")
+    need(p.zero_stage in (0, 1, 2), f"parallel.zero_stage must be 0, 1 or 2, got {p.zero_stage} (ZeRO-3 partitions "
+                                     f"expert weights across data-parallel ranks without their expert groups, and "
+                                     f"DeepSpeed refuses MoE under stage 3; see docs/operations.md)")
     c = cfg.checkpoint
     need(c.interval >= 0, f"checkpoint.interval must be >= 0, got {c.interval}")
     need(c.keep >= 1, f"checkpoint.keep must be >= 1, got {c.keep}")
