@@ -8,7 +8,7 @@ import pytest
 import torch
 import transformers
 
-from moe_platform.checkpoint.hf import export_hf, load_hf, mixtral_config
+from moe_platform.checkpoint.hf import ARCHITECTURES, export_hf, hf_config, load_hf
 from moe_platform.model.args import ModelArgs
 from moe_platform.model.kv_cache import KVCache
 from moe_platform.model.transformer import build_model
@@ -101,7 +101,7 @@ def test_missing_or_pickled_weights_are_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "mixtral"}))
     with pytest.raises(ValueError, match=r"MixtralForCausalLM config.json lacks \['vocab_size', 'hidden_size'"):
         load_hf(tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps(mixtral_config(ARGS)))
+    (tmp_path / "config.json").write_text(json.dumps(hf_config(ARGS, ARCHITECTURES["MixtralForCausalLM"])))
     (tmp_path / "pytorch_model.bin").write_bytes(b"not loaded")
     with pytest.raises(FileNotFoundError, match=r"no \*\.safetensors weights \(pickled \.bin weights are not loaded\)"):
         load_hf(tmp_path)

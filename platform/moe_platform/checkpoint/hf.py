@@ -42,41 +42,40 @@ class Architecture:
     model_type: str
     expert_names: tuple[str, str, str]  # per-expert (gate, up, down) weight names
     moe_module: str  # "block_sparse_moe" (Mixtral) or "mlp"
+    requires: tuple[tuple[str, object], ...]  # the option values its own code computes with
     shared_module: str = ""  # the shared expert's module name on disk ("shared_expert" for Qwen2-MoE)
+    default_head_dim: bool = False  # its config has no head size of its own: heads are dim / n_heads
 
     def expresses(self, args: ModelArgs) -> str | None:
         """Why `args` cannot be written as this architecture, or None when it can."""
-        want = _REQUIRED[self.name]
-        for key, value in want.items():
+        for key, value in self.requires:
             if getattr(args, key) != value:
                 return f"model.{key} = {getattr(args, key)!r} ({self.name} needs {value!r})"
         if args.balancing == "bias":
             return "model.balancing = 'bias' (a routing bias no Hugging Face architecture here has)"
         if args.capacity_factor:
             return "model.capacity_factor > 0 (token dropping)"
-        if self.model_type == "olmoe" and args.head_dim not in (0, args.dim // args.n_heads):
-            return f"model.head_dim = {args.head_dim} (OLMoE's heads are dim / n_heads = {args.dim // args.n_heads})"
-        if self.name == "Qwen2MoeForCausalLM" and args.n_shared_experts != 1:
-            return f"model.n_shared_experts = {args.n_shared_experts} (Qwen2-MoE has exactly one shared expert)"
+        if self.default_head_dim and args.head_dim not in (0, args.dim // args.n_heads):
+            return (f"model.head_dim = {args.head_dim} ({self.name}'s heads are dim / n_heads = "
+                    f"{args.dim // args.n_heads})")
         return None
 
 
+_QWEN_EXPERTS = ("gate_proj", "up_proj", "down_proj")
 ARCHITECTURES = {a.name: a for a in (
-    Architecture("MixtralForCausalLM", "mixtral", ("w1", "w3", "w2"), "block_sparse_moe"),
-    Architecture("Qwen3MoeForCausalLM", "qwen3_moe", ("gate_proj", "up_proj", "down_proj"), "mlp"),
-    Architecture("Qwen2MoeForCausalLM", "qwen2_moe", ("gate_proj", "up_proj", "down_proj"), "mlp", "shared_expert"),
-    Architecture("OlmoeForCausalLM", "olmoe", ("gate_proj", "up_proj", "down_proj"), "mlp"),
+    Architecture("MixtralForCausalLM", "mixtral", ("w1", "w3", "w2"), "block_sparse_moe",
+                 (("qk_norm", "none"), ("attention_bias", False), ("norm_topk_prob", True),
+                  ("shared_expert_gate", False), ("n_shared_experts", 0)), default_head_dim=True),
+    Architecture("Qwen3MoeForCausalLM", "qwen3_moe", _QWEN_EXPERTS, "mlp",
+                 (("qk_norm", "head"), ("attention_bias", False), ("shared_expert_gate", False),
+                  ("n_shared_experts", 0))),
+    Architecture("Qwen2MoeForCausalLM", "qwen2_moe", _QWEN_EXPERTS, "mlp",
+                 (("qk_norm", "none"), ("attention_bias", True), ("shared_expert_gate", True),
+                  ("n_shared_experts", 1)), shared_module="shared_expert"),
+    Architecture("OlmoeForCausalLM", "olmoe", _QWEN_EXPERTS, "mlp",
+                 (("qk_norm", "full"), ("attention_bias", False), ("shared_expert_gate", False),
+                  ("n_shared_experts", 0)), default_head_dim=True),
 )}
-# The options each architecture computes with (anything else would change what its own code computes).
-_REQUIRED = {
-    "MixtralForCausalLM": {"qk_norm": "none", "attention_bias": False, "norm_topk_prob": True,
-                           "shared_expert_gate": False, "n_shared_experts": 0},
-    "Qwen3MoeForCausalLM": {"qk_norm": "head", "attention_bias": False, "shared_expert_gate": False,
-                            "n_shared_experts": 0},
-    "Qwen2MoeForCausalLM": {"qk_norm": "none", "attention_bias": True, "shared_expert_gate": True},
-    "OlmoeForCausalLM": {"qk_norm": "full", "attention_bias": False, "shared_expert_gate": False,
-                         "n_shared_experts": 0},
-}
 _BY_MODEL_TYPE = {a.model_type: a for a in ARCHITECTURES.values()}
 
 
@@ -138,14 +137,6 @@ def from_hf_state_dict(state: dict[str, torch.Tensor], args: ModelArgs) -> dict[
     return out
 
 
-def to_mixtral_state_dict(state: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
-    return to_hf_state_dict(state, args, ARCHITECTURES["MixtralForCausalLM"])
-
-
-def from_mixtral_state_dict(state: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
-    return from_hf_state_dict(state, args)
-
-
 def hf_config(args: ModelArgs, arch: Architecture, eos_id: int = 0) -> dict:
     """config.json of `args` written as `arch`."""
     rope = {"rope_type": "default", "rope_theta": args.rope_theta}
@@ -175,10 +166,6 @@ def hf_config(args: ModelArgs, arch: Architecture, eos_id: int = 0) -> dict:
             "shared_expert_intermediate_size": args.resolved_shared_intermediate_size}
 
 
-def mixtral_config(args: ModelArgs, eos_id: int = 0) -> dict:
-    return hf_config(args, ARCHITECTURES["MixtralForCausalLM"], eos_id)
-
-
 def export_architecture(args: ModelArgs) -> Architecture | None:
     """The architecture an export of `args` is written as: the one it was imported from (`hf_architecture`), else
     Mixtral when the options allow; None means our own format (config.json model_type "moe-platform")."""
@@ -189,7 +176,8 @@ def export_architecture(args: ModelArgs) -> Architecture | None:
             return arch
         log.warning("exporting in moe-platform's own format, not %s (imported from it): %s", arch.name, why)
         return None
-    return ARCHITECTURES["MixtralForCausalLM"] if args.is_mixtral_compatible else None
+    mixtral = ARCHITECTURES["MixtralForCausalLM"]
+    return mixtral if mixtral.expresses(args) is None else None
 
 
 def export_hf(state: dict[str, torch.Tensor], args: ModelArgs, out_dir: str | Path,

@@ -72,20 +72,6 @@ class ModelArgs:
     def resolved_shared_intermediate_size(self) -> int:
         return self.shared_intermediate_size or self.intermediate_size
 
-    @property
-    def is_mixtral_compatible(self) -> bool:
-        """True when Hugging Face's Mixtral computes exactly what this model computes."""
-        return (
-            self.n_shared_experts == 0
-            and self.balancing != "bias"
-            and self.capacity_factor == 0.0
-            and self.head_dim in (0, self.dim // self.n_heads)
-            and self.qk_norm == "none"
-            and not self.attention_bias
-            and self.norm_topk_prob
-            and not self.shared_expert_gate
-        )
-
     def validate(self) -> None:
         need = requirer("model config")
 
