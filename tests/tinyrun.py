@@ -222,7 +222,7 @@ def hf_config(arch: str, vocab_size: int):
 
     common = dict(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=128, num_experts_per_tok=2,
-                  tie_word_embeddings=False)
+                  tie_word_embeddings=False, bos_token_id=0, eos_token_id=0, pad_token_id=0)  # the tiny <|endoftext|>
     return {
         "MixtralForCausalLM": lambda: transformers.MixtralConfig(intermediate_size=48, num_local_experts=8, **common),
         "Qwen3MoeForCausalLM": lambda: transformers.Qwen3MoeConfig(intermediate_size=96, moe_intermediate_size=32,
@@ -265,3 +265,37 @@ def save_tiny_hf_model(arch: str, out: Path, tokenizer_dir: Path):
     for f in Path(tokenizer_dir).iterdir():
         (out / f.name).write_bytes(f.read_bytes())
     return model, out
+
+
+def chatml_tokenizer(out: Path) -> Path:
+    """The tiny tokenizer turned into a ChatML one (turn markers, chat_template.jinja) the way the fine-tuning
+    example's model ships it (scripts/tiny_chat_model.py)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tiny_chat_model", REPO / "scripts" / "tiny_chat_model.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    return example.add_chatml(tiny_tokenizer(out))
+
+
+CHAT_ROWS = [
+    [{"role": "user", "content": "What is a mixture of experts?"},
+     {"role": "assistant", "content": "A layer that routes each token to a few expert networks."}],
+    [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "2+2?"},
+     {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3+3?"},
+     {"role": "assistant", "content": "6, since three and three make six."}],
+    [{"role": "user", "content": "Name a prime."}, {"role": "assistant", "content": "Seven."},
+     {"role": "user", "content": "Another?"}, {"role": "assistant", "content": "Eleven."}],
+]
+
+
+def write_chat_jsonl(path: Path, rows: int = 60) -> Path:
+    """`rows` conversations (variations of CHAT_ROWS) as OpenAI-style JSONL."""
+    import json
+
+    with open(path, "w") as f:
+        for i in range(rows):
+            messages = [{**m, "content": m["content"] + (f" ({i})" if m["role"] != "system" else "")}
+                        for m in CHAT_ROWS[i % len(CHAT_ROWS)]]
+            f.write(json.dumps({"messages": messages}) + "\n")
+    return path

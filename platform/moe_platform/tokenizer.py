@@ -1,15 +1,17 @@
 """Byte-level BPE tokenizer trained on the corpus, saved as a Hugging Face tokenizer directory.
 
 The saved directory loads with `transformers.AutoTokenizer.from_pretrained` (as a `PreTrainedTokenizerFast`) and
-with `load_tokenizer` (plain `tokenizers`, which serving uses so it needs no transformers install). The chat format
-exists twice: as the Jinja `CHAT_TEMPLATE` stored in tokenizer_config.json and as the pure-Python
-`apply_chat_template`; tests keep the two rendering the same text.
+with `load_tokenizer` (plain `tokenizers`, which serving and training use so they need no transformers install). Our
+chat format exists twice: as the Jinja `CHAT_TEMPLATE` stored in tokenizer_config.json and as the pure-Python
+`apply_chat_template`; tests keep the two rendering the same text. `ChatTemplate` renders any model's template
+(an imported model's own) the way transformers does, for chat fine-tuning data and for serving alike.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -26,7 +28,10 @@ CHAT_ROLES: tuple[str, ...] = ("system", "user", "assistant")
 MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS) + 16
 DEFAULT_MODEL_MAX_LENGTH = 2048
 
-TOKENIZER_FILES: tuple[str, ...] = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# chat_template.jinja: where transformers >= 4.50 saves an imported model's chat template; generation_config.json
+# carries an imported model's end-of-text ids (model_stop_ids) wherever its tokenizer goes.
+TOKENIZER_FILES: tuple[str, ...] = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                                    "chat_template.jinja", "generation_config.json")
 
 # Each turn is "<|role|>\n{content}<|endoftext|>\n"; a generation prompt is "<|assistant|>\n". Ending every turn
 # with EOS teaches the model to emit EOS after its answer, which is where generation stops.
@@ -89,27 +94,31 @@ def eos_id(tok: Tokenizer) -> int:
     return token_id
 
 
-def eos_from_configs(source: str, configs: list[dict]) -> int:
-    """The first `eos_token_id` of a model's generation_config.json / config.json documents (in that order)."""
+MODEL_CONFIG_FILES = ("generation_config.json", "config.json")  # where a model says its end-of-text ids
+
+
+def stop_token_ids(tok: Tokenizer, configs: list[dict], source: str) -> list[int]:
+    """A model's end-of-text ids: the `eos_token_id` (one id or a list of them) of the first of its
+    generation_config.json / config.json documents that has one, else ours (`EOS_TOKEN`). The first id is the
+    primary one (document separator, padding); generation stops at any of them (Qwen chat models end a turn with
+    <|im_end|> and a document with <|endoftext|>)."""
     for config in configs:
         eos = config.get("eos_token_id")
-        if isinstance(eos, list) and eos:
-            eos = eos[0]
-        if isinstance(eos, int):
-            return eos
-    raise ValueError(f"{source}: cannot tell the end-of-text token (no {EOS_TOKEN} in the tokenizer and no "
-                     f"eos_token_id in generation_config.json or config.json)")
-
-
-def model_eos_id(tok: Tokenizer, model_dir: str | Path) -> int:
-    """End-of-text id of a model's tokenizer: ours (`EOS_TOKEN`), else what the model directory's configs say."""
+        ids = [eos] if isinstance(eos, int) else [i for i in eos if isinstance(i, int)] if isinstance(eos, list) else []
+        if ids:
+            return ids
     try:
-        return eos_id(tok)
+        return [eos_id(tok)]
     except ValueError:
-        d = Path(model_dir)
-        configs = [json.loads((d / name).read_text()) for name in ("generation_config.json", "config.json")
-                   if (d / name).is_file()]
-        return eos_from_configs(str(d), configs)
+        raise ValueError(f"{source}: cannot tell the end-of-text token (no eos_token_id in "
+                         f"{' or '.join(MODEL_CONFIG_FILES)} and no {EOS_TOKEN} in the tokenizer)") from None
+
+
+def model_stop_ids(tok: Tokenizer, model_dir: str | Path) -> list[int]:
+    """`stop_token_ids` of a model (or tokenizer) directory."""
+    d = Path(model_dir)
+    configs = [json.loads((d / name).read_text()) for name in MODEL_CONFIG_FILES if (d / name).is_file()]
+    return stop_token_ids(tok, configs, str(d))
 
 
 def save_tokenizer(tok: Tokenizer, out_dir: str | Path, model_max_length: int = DEFAULT_MODEL_MAX_LENGTH) -> Path:
@@ -196,3 +205,82 @@ def apply_chat_template(messages: Sequence[Mapping[str, str]], add_generation_pr
     if add_generation_prompt:
         parts.append(f"{ASSISTANT_TOKEN}\n")
     return "".join(parts)
+
+
+class ChatTemplate:
+    """A model's chat template: messages -> prompt text, exactly as `tokenizer.apply_chat_template` renders them.
+
+    Ours (`CHAT_TEMPLATE`) renders with the pure-Python `apply_chat_template`. Any other template (an imported model's
+    own) renders with a sandboxed Jinja environment set up like transformers' (trim_blocks, lstrip_blocks, loop
+    controls, `tojson`, `raise_exception`, `strftime_now`). A conversation the template refuses raises ValueError.
+    """
+
+    def __init__(self, template: str | None = None, special_tokens: Mapping[str, str] | None = None):
+        self.template = template or CHAT_TEMPLATE
+        self.special_tokens = dict(special_tokens or {"bos_token": EOS_TOKEN, "eos_token": EOS_TOKEN})
+        self._jinja = None
+        if self.template != CHAT_TEMPLATE:
+            from jinja2 import TemplateError
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                extensions=["jinja2.ext.loopcontrols"])
+            env.filters["tojson"] = _tojson
+            env.globals["raise_exception"] = _raise_exception
+            env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+            try:
+                self._jinja = env.from_string(self.template)
+            except TemplateError as e:
+                raise ValueError(f"the chat template does not parse: {e}") from None
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path) -> ChatTemplate:
+        """The template of a tokenizer directory: chat_template.jinja, else tokenizer_config.json's chat_template
+        (with its bos/eos tokens); ours if it has neither."""
+        d = Path(model_dir)
+        path = d / "tokenizer_config.json"
+        config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        if (d / "chat_template.jinja").is_file():  # where transformers >= 4.50 saves it
+            config = {**config, "chat_template": (d / "chat_template.jinja").read_text(encoding="utf-8")}
+        return cls.from_config(config)
+
+    @classmethod
+    def from_config(cls, config: Mapping | None) -> ChatTemplate:
+        """The same from the parsed tokenizer_config.json (None: ours)."""
+        if not config:
+            return cls()
+        specials = {k: _token_text(config[k]) for k in ("bos_token", "eos_token") if _token_text(config.get(k))}
+        template = config.get("chat_template")
+        if isinstance(template, list):  # transformers also allows [{"name": ..., "template": ...}]
+            template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+        return cls(template if isinstance(template, str) else None, specials or None)
+
+    def render(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True) -> str:
+        """messages [{"role", "content"}, ...] -> prompt text; a conversation the template refuses raises
+        ValueError (TypeError for one that is not a list of dicts)."""
+        if self._jinja is None:
+            return apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        from jinja2 import TemplateError
+
+        try:
+            return self._jinja.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
+                                      **self.special_tokens)
+        except TemplateError as e:
+            raise ValueError(f"the chat template rejected the messages: {e}") from None
+
+
+def _token_text(token) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string or an AddedToken dict with "content"."""
+    if isinstance(token, dict):
+        token = token.get("content")
+    return token if isinstance(token, str) else None
+
+
+def _tojson(value, indent=None, ensure_ascii=False, separators=None, sort_keys=False):
+    return json.dumps(value, indent=indent, ensure_ascii=ensure_ascii, separators=separators, sort_keys=sort_keys)
+
+
+def _raise_exception(message: str):
+    from jinja2 import TemplateError
+
+    raise TemplateError(message)

@@ -13,7 +13,7 @@ from moe_platform.checkpoint.sharded import ShardedReader
 from moe_platform.config import load_config
 from moe_platform.train.launch import launch_local
 from moe_platform.train.metrics import MetricsLog
-from tinyrun import HF_ARCHITECTURES, save_tiny_hf_model, tiny_overrides, tiny_tokenizer
+from tinyrun import HF_ARCHITECTURES, save_tiny_hf_model, tiny_overrides, tiny_tokenizer, write_chat_jsonl
 
 STEPS = 10
 COMMON = {"train.steps": STEPS, "train.global_batch_size": 8, "train.micro_batch_size": 2, "train.warmup": 2,
@@ -65,8 +65,20 @@ def reference(corpus_file, storage):
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in LAYOUTS])
 def test_layout_matches_single_process(name, corpus_file, storage, reference):
-    ref_losses, ref_params = reference
     result = launch_local(config(corpus_file, storage, name, **layout_overrides(LAYOUTS[name])), progress=False)
+    assert_matches_reference(name, result, reference)
+
+
+@pytest.mark.parametrize("name, mode", [("dp2-ep2", "selective"), ("tp2", "selective"), ("pp2", "full")])
+def test_activation_checkpointing_on_layouts_matches_single_process(name, mode, corpus_file, storage, reference):
+    """Recomputation inside expert all-to-all, tensor-parallel attention and pipeline stages trains as before."""
+    result = launch_local(config(corpus_file, storage, f"{name}-ckpt-{mode}", **layout_overrides(LAYOUTS[name]),
+                                 **{"train.activation_checkpointing": mode}), progress=False)
+    assert_matches_reference(f"{name} with {mode} activation checkpointing", result, reference)
+
+
+def assert_matches_reference(name: str, result, reference) -> None:
+    ref_losses, ref_params = reference
     got = losses(result.run_dir)
     assert len(got) == STEPS
     gaps = [abs(a - b) / abs(b) for a, b in zip(got, ref_losses, strict=True)]
@@ -163,3 +175,17 @@ def test_a_whole_projection_norm_refuses_tensor_parallelism(hf_models, corpus_fi
     with pytest.raises(ValueError, match=r"model.qk_norm = 'full' \(OLMoE\) normalises over every attention head"):
         launch_local(cfg, progress=False)
     assert not (storage / "olmoe-tp2").exists(), "refused before anything is written"
+
+
+def test_chat_data_trains_on_layouts_like_one_process(tmp_path_factory, storage):
+    """Packed conversations (per-document attention, loss on assistant tokens only, averaged over the counted tokens
+    of the whole global batch) give the single-process losses on data, expert, tensor and pipeline parallel layouts,
+    although each rank's micro-batches hold different numbers of counted tokens."""
+    rows = write_chat_jsonl(tmp_path_factory.mktemp("chat") / "chat.jsonl", rows=40)
+    extra = {"data.format": "chat", "train.seq_len": 128, "model.max_seq_len": 128, "train.steps": 3}
+    ref = losses(launch_local(config(rows, storage, "chat-single", **extra), progress=False).run_dir)
+    for name in ("dp2-ep2", "tp2", "pp2"):
+        result = launch_local(config(rows, storage, f"chat-{name}", **extra, **layout_overrides(LAYOUTS[name])),
+                              progress=False)
+        gaps = [abs(a - b) / abs(b) for a, b in zip(losses(result.run_dir), ref, strict=True)]
+        assert max(gaps) <= 1e-5, f"chat data at {name}: per-step relative loss gaps {gaps}"

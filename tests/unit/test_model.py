@@ -125,3 +125,42 @@ def test_param_count_matches_module():
     args = ModelArgs(**{**BASE, "n_shared_experts": 1})
     model = build_model(args)
     assert args.num_params()["total"] == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+@pytest.mark.parametrize("opt", [{}, {"n_shared_experts": 1, "shared_expert_gate": True, "qk_norm": "head"}])
+def test_activation_checkpointing_is_bitwise_the_same_step(mode, opt):
+    """Recomputing layers (full) or attention and experts (selective) in backward gives the losses, gradients and
+    routing statistics of keeping every activation, bit for bit, and saves fewer tensors for backward."""
+    args = ModelArgs(vocab_size=96, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=48,
+                     num_experts=4, top_k=2, max_seq_len=32, z_loss_coef=1e-3, **opt)
+    tokens = torch.randint(0, 96, (3, 24), generator=torch.Generator().manual_seed(0))
+    segments = torch.tensor([[0] * 10 + [1] * 14, [0] * 24, [0] * 5 + [1] * 5 + [2] * 14])
+
+    def step(checkpointing: str):
+        model = build_model(args, seed=0).train()
+        model.set_activation_checkpointing(checkpointing)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            loss = torch.nn.functional.cross_entropy(model(tokens, segments=segments).flatten(0, 1),
+                                                     tokens.roll(-1, 1).flatten())
+        loss.backward()
+        moes = model.moe_layers()
+        return (loss.detach(), {n: p.grad for n, p in model.named_parameters()},
+                [(m.step_load.clone(), m.step_aux.clone()) for m in moes], sum(saved))
+
+    ref_loss, ref_grads, ref_stats, ref_saved = step("none")
+    loss, grads, stats, saved = step(mode)
+    assert torch.equal(loss, ref_loss)
+    for name, g in ref_grads.items():
+        assert torch.equal(grads[name], g), f"{mode}: gradient of {name} differs"
+    for (load, aux), (ref_load, ref_aux) in zip(stats, ref_stats, strict=True):
+        assert torch.equal(load, ref_load) and torch.equal(aux, ref_aux), "recomputation counted tokens twice"
+    assert saved < ref_saved, f"{mode} kept {saved} saved elements, none kept {ref_saved}"
+
+
+def test_unknown_activation_checkpointing_is_refused():
+    model = build_model(ModelArgs(vocab_size=96, dim=32, n_layers=1, n_heads=4, n_kv_heads=2, intermediate_size=48,
+                                  num_experts=4, top_k=2, max_seq_len=32))
+    with pytest.raises(ValueError, match="activation checkpointing must be one of none, full, selective"):
+        model.set_activation_checkpointing("some")

@@ -17,9 +17,9 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
     args = ModelArgs.from_dict(trainer["model_args"])
     state = ShardedReader(ckpt).full_state_dict()
     tok_dir = ckpt / "tokenizer"
-    eos = 0
+    eos: list[int] = [0]
     if (tok_dir / "tokenizer.json").exists():
-        from moe_platform.tokenizer import eos_id, load_tokenizer
+        from moe_platform.tokenizer import load_tokenizer, model_stop_ids
 
-        eos = eos_id(load_tokenizer(tok_dir))
+        eos = model_stop_ids(load_tokenizer(tok_dir), tok_dir)
     return export_hf(state, args, out_dir, tok_dir if tok_dir.exists() else None, eos_id=eos)

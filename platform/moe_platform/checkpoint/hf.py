@@ -137,8 +137,9 @@ def from_hf_state_dict(state: dict[str, torch.Tensor], args: ModelArgs) -> dict[
     return out
 
 
-def hf_config(args: ModelArgs, arch: Architecture, eos_id: int = 0) -> dict:
-    """config.json of `args` written as `arch`."""
+def hf_config(args: ModelArgs, arch: Architecture, eos_id: int | list[int] = 0) -> dict:
+    """config.json of `args` written as `arch`; `eos_id` may list several end-of-text ids (the first also pads)."""
+    first = eos_id[0] if isinstance(eos_id, list) else eos_id
     rope = {"rope_type": "default", "rope_theta": args.rope_theta}
     common = {
         "architectures": [arch.name], "model_type": arch.model_type, "vocab_size": args.vocab_size,
@@ -148,7 +149,7 @@ def hf_config(args: ModelArgs, arch: Architecture, eos_id: int = 0) -> dict:
         "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_theta, "rope_parameters": rope,
         "num_experts_per_tok": args.top_k, "router_aux_loss_coef": args.aux_loss_coef,
         "output_router_logits": False, "attention_dropout": 0.0, "tie_word_embeddings": args.tie_word_embeddings,
-        "bos_token_id": eos_id, "eos_token_id": eos_id, "pad_token_id": eos_id, "use_cache": True,
+        "bos_token_id": first, "eos_token_id": eos_id, "pad_token_id": first, "use_cache": True,
         "torch_dtype": "float32",
     }
     if arch.model_type == "mixtral":
@@ -181,8 +182,13 @@ def export_architecture(args: ModelArgs) -> Architecture | None:
 
 
 def export_hf(state: dict[str, torch.Tensor], args: ModelArgs, out_dir: str | Path,
-              tokenizer_dir: str | Path | None = None, eos_id: int = 0, dtype: torch.dtype | None = None) -> Path:
-    """Write a Hugging Face model directory: config.json, model.safetensors, tokenizer files, our model args."""
+              tokenizer_dir: str | Path | None = None, eos_id: int | list[int] = 0,
+              dtype: torch.dtype | None = None) -> Path:
+    """Write a Hugging Face model directory: config.json, model.safetensors, tokenizer files, our model args.
+    `eos_id`: the end-of-text id, or several (generation stops at any; the first also pads)."""
+    if isinstance(eos_id, list) and len(eos_id) == 1:
+        eos_id = eos_id[0]
+    first = eos_id[0] if isinstance(eos_id, list) else eos_id
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: (v.to(dtype) if dtype is not None else v).detach().cpu() for k, v in state.items()}
@@ -199,14 +205,14 @@ def export_hf(state: dict[str, torch.Tensor], args: ModelArgs, out_dir: str | Pa
     save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": eos_id, "eos_token_id": eos_id, "pad_token_id": eos_id}, indent=2) + "\n")
+        {"bos_token_id": first, "eos_token_id": eos_id, "pad_token_id": first}, indent=2) + "\n")
     (out / MODEL_ARGS_FILE).write_text(json.dumps(args.to_dict(), indent=2) + "\n")
     if tokenizer_dir is not None:
         from moe_platform.tokenizer import TOKENIZER_FILES
 
         for name in TOKENIZER_FILES:
             src = Path(tokenizer_dir) / name
-            if src.exists():
+            if src.exists() and name != "generation_config.json":  # written above, with the run's stop ids
                 shutil.copyfile(src, out / name)
     return out
 

@@ -178,7 +178,7 @@ def validate_config(cfg: Config) -> None:
          f"train.global_batch_size ({t.global_batch_size}) must be a multiple of train.micro_batch_size "
          f"({t.micro_batch_size})")
     need(t.seq_len > 1, f"train.seq_len must be > 1, got {t.seq_len}")
-    need(t.seq_len <= cfg.model.max_seq_len,
+    need(bool(cfg.init.from_hf) or t.seq_len <= cfg.model.max_seq_len,  # an import's own limit: checked at set-up
          f"train.seq_len ({t.seq_len}) must be <= model.max_seq_len ({cfg.model.max_seq_len})")
     need(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
     need(0 <= t.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
@@ -189,12 +189,18 @@ def validate_config(cfg: Config) -> None:
     need(t.device in ("auto", "cpu", "cuda"), f"train.device must be auto, cpu or cuda, got {t.device!r}")
     need(t.log_interval > 0, f"train.log_interval must be > 0, got {t.log_interval}")
     need(t.eval_interval >= 0, f"train.eval_interval must be >= 0, got {t.eval_interval}")
+    need(t.activation_checkpointing in ("none", "full", "selective"),
+         f"train.activation_checkpointing must be none, full or selective, got {t.activation_checkpointing!r}")
     d = cfg.data
     need(d.vocab_size >= 256 + 8, f"data.vocab_size must be >= 264 (256 bytes + special tokens), got {d.vocab_size}")
     need(cfg.model.vocab_size in (0, d.vocab_size),
          f"model.vocab_size ({cfg.model.vocab_size}) must be 0 or equal data.vocab_size ({d.vocab_size})")
     need(d.max_bytes >= 0, f"data.max_bytes must be >= 0, got {d.max_bytes}")
     need(0 <= d.val_fraction < 0.5, f"data.val_fraction must be in [0, 0.5), got {d.val_fraction}")
+    need(d.format in ("text", "chat"), f"data.format must be text or chat, got {d.format!r}")
+    need(d.truncation in ("error", "truncate"), f"data.truncation must be error or truncate, got {d.truncation!r}")
+    need(d.on_bad_row in ("error", "skip"), f"data.on_bad_row must be error or skip, got {d.on_bad_row!r}")
+    need(bool(d.messages_column), "data.messages_column must not be empty")
     p = cfg.parallel
     for name in ("dp", "tp", "pp", "ep"):
         need(getattr(p, name) >= 0, f"parallel.{name} must be >= 0 (0 = auto), got {getattr(p, name)}")

@@ -27,6 +27,16 @@ class DataConfig:
     max_bytes: int = _f(8_000_000, "read at most this many bytes of corpus text (0 = no limit)")
     cache_dir: str = _f("", "where tokenized corpora are cached; empty means ~/.cache/moe-platform")
     val_fraction: float = _f(0.01, "fraction of samples held out for validation loss")
+    format: str = _f("text", "text (raw text: pretraining or continued pretraining) or chat (JSONL or parquet rows of "
+                             "OpenAI-style messages, rendered with the model's chat template; loss on assistant "
+                             "tokens only)")
+    messages_column: str = _f("messages", "chat data: the key (JSONL) or column (parquet) holding a row's messages")
+    packing: bool = _f(True, "chat data: pack whole conversations into each sequence, each attending only to itself "
+                             "(false: one conversation per sequence, padded)")
+    truncation: str = _f("error", "chat data: a conversation longer than train.seq_len+1 tokens is a bad row "
+                                  "(error) or is cut to fit (truncate)")
+    on_bad_row: str = _f("error", "chat data: a bad row (not JSON, no messages, an unknown role, too long) stops "
+                                  "with its file and line (error) or is skipped and counted (skip)")
 
 
 @dataclass
@@ -49,6 +59,8 @@ class TrainConfig:
     log_interval: int = _f(1, "steps between metrics.jsonl lines")
     eval_interval: int = _f(0, "steps between validation-loss evaluations (0 = only at the end)")
     log_sample_ids: bool = _f(False, "record the sample ids of every step in metrics.jsonl (resume audits)")
+    activation_checkpointing: str = _f("none", "none, full (recompute each decoder layer in backward) or selective "
+                                               "(recompute attention and the expert MLPs, keep the router)")
 
 
 @dataclass

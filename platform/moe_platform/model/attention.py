@@ -66,7 +66,9 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(q_width, args.norm_eps)
             self.k_norm = RMSNorm(k_width, args.norm_eps)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache=None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """mask (B, 1, T, T), True where a query may attend a key, replaces the causal mask (packed documents)."""
         bsz, seq, _ = x.shape
         # Head counts come from the projections so a tensor-parallel shard (fewer local heads) runs unchanged.
         q, k = self.q_proj(x), self.k_proj(x)
@@ -81,9 +83,25 @@ class Attention(nn.Module):
         cos, sin = rope
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                                 enable_gqa=q.shape[1] != k.shape[1])
         else:
             k, v, mask = cache.update(self.layer_idx, k, v)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
         out = out.transpose(1, 2).reshape(bsz, seq, -1)  # (B, H, T, hd) -> (B, T, H*hd)
         return self.o_proj(out)
+
+
+def document_layout(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions and attention mask of packed documents. segments (B, T) numbers the documents of each row (equal
+    ids are one document, which must be contiguous) -> positions (B, T) restarting at 0 with each document, and a
+    mask (B, 1, T, T) that lets a token attend only to earlier tokens of its own document. A packed row then computes
+    what each of its documents would alone."""
+    seq = segments.shape[1]
+    index = torch.arange(seq, device=segments.device).expand_as(segments)
+    starts = torch.ones_like(segments, dtype=torch.bool)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    first = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=segments.device).tril()
+    mask = (segments[:, :, None] == segments[:, None, :]) & causal
+    return index - first, mask[:, None]

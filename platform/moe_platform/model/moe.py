@@ -7,11 +7,13 @@ aux-loss-free routing bias, and an optional router z-loss. Dropless by default; 
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from moe_platform.model.args import ModelArgs
 
@@ -265,7 +267,22 @@ class MoE(nn.Module):
         self.token_dispatcher = None
         self.last_aux_loss = torch.zeros(())
         self.last_tokens_per_expert = torch.zeros(args.num_experts, dtype=torch.long)
+        self.checkpoint_experts = False  # recompute dispatch and experts in backward (selective checkpointing)
+        self.recomputing = False  # inside an activation-checkpoint recomputation: the step's stats are not counted
         self.reset_step_stats()
+
+    def recomputation_contexts(self):
+        """`context_fn` of torch.utils.checkpoint: the recomputation of a checkpointed layer must not count this
+        layer's tokens and balancing loss a second time."""
+        return contextlib.nullcontext(), self._recomputing()
+
+    @contextlib.contextmanager
+    def _recomputing(self):
+        self.recomputing = True
+        try:
+            yield
+        finally:
+            self.recomputing = False
 
     def reset_step_stats(self) -> None:
         """Per-optimizer-step sums over micro-batches: tokens per expert (routing-bias updates, metrics) and the
@@ -281,6 +298,24 @@ class MoE(nn.Module):
         flat = x.reshape(-1, shape[-1])  # (B, T, D) -> (N, D)
         logits, probs, weights, indices = self.gate(flat)
         counts = torch.bincount(indices.reshape(-1), minlength=self.num_experts)  # tokens routed to each expert
+        if self.checkpoint_experts and torch.is_grad_enabled():
+            out = checkpoint(self._experts_out, flat, weights, indices, use_reentrant=False)
+        else:
+            out = self._experts_out(flat, weights, indices)
+        self.last_tokens_per_expert = counts.detach()
+        if self.training:
+            aux = self._balancing_loss(logits, probs, counts)
+            if not self.recomputing:
+                self.step_load = self.step_load.to(counts.device) + counts.detach()
+            if aux is not None:
+                if not self.recomputing:
+                    self.last_aux_loss = aux.detach()
+                    self.step_aux = self.step_aux.to(aux.device) + aux.detach() * self.aux_loss_scale
+                out = _AttachAuxLoss.apply(out, aux, self.aux_loss_scale)
+        return out.reshape(shape)
+
+    def _experts_out(self, flat: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """The routed experts' weighted sum for each token, plus the shared experts': (N, D)."""
         dispatch = self.token_dispatcher or self._dispatch_local
         out = dispatch(flat, weights, indices)
         if self.shared_experts is not None:
@@ -288,15 +323,7 @@ class MoE(nn.Module):
             if self.shared_expert_gate is not None:
                 shared = torch.sigmoid(self.shared_expert_gate(flat)) * shared
             out = out + shared
-        self.last_tokens_per_expert = counts.detach()
-        if self.training:
-            self.step_load = self.step_load.to(counts.device) + counts.detach()
-            aux = self._balancing_loss(logits, probs, counts)
-            if aux is not None:
-                self.last_aux_loss = aux.detach()
-                self.step_aux = self.step_aux.to(aux.device) + aux.detach() * self.aux_loss_scale
-                out = _AttachAuxLoss.apply(out, aux, self.aux_loss_scale)
-        return out.reshape(shape)
+        return out
 
     def _balancing_loss(self, logits, probs, counts) -> torch.Tensor | None:
         terms = []

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from moe_platform.model.args import ModelArgs
-from moe_platform.model.attention import Attention, RMSNorm, RotaryEmbedding
+from moe_platform.model.attention import Attention, RMSNorm, RotaryEmbedding, document_layout
 from moe_platform.model.moe import MoE
+
+ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
 
 
 class DecoderLayer(nn.Module):
@@ -17,10 +20,24 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(args, layer_idx)
         self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
         self.mlp = MoE(args, layer_idx)
+        self.checkpointing = "none"  # see MoETransformer.set_activation_checkpointing
 
-    def forward(self, x: torch.Tensor, rope, cache=None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, cache)
+    def forward(self, x: torch.Tensor, rope, cache=None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.checkpointing == "full" and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, rope, cache, mask, use_reentrant=False,
+                              context_fn=self.mlp.recomputation_contexts)
+        return self._forward(x, rope, cache, mask)
+
+    def _forward(self, x: torch.Tensor, rope, cache, mask) -> torch.Tensor:
+        if self.checkpointing == "selective" and torch.is_grad_enabled():
+            attn = checkpoint(self._attention, x, rope, cache, mask, use_reentrant=False)
+        else:
+            attn = self._attention(x, rope, cache, mask)
+        x = x + attn
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def _attention(self, x: torch.Tensor, rope, cache, mask) -> torch.Tensor:
+        return self.self_attn(self.input_layernorm(x), rope, cache, mask)
 
 
 class Backbone(nn.Module):
@@ -55,22 +72,38 @@ class MoETransformer(nn.Module):
             else:
                 p.normal_(0.0, std)
 
+    def set_activation_checkpointing(self, mode: str) -> None:
+        """Trade compute for activation memory in training: "none" keeps every activation for backward; "full"
+        keeps only each decoder layer's input and recomputes the layer in backward; "selective" recomputes attention
+        and the expert MLPs (dispatch included) but keeps the router's results. Losses and gradients are bitwise
+        those of "none" (the recomputation runs the same kernels on the same inputs)."""
+        if mode not in ACTIVATION_CHECKPOINTING:
+            raise ValueError(f"activation checkpointing must be one of {', '.join(ACTIVATION_CHECKPOINTING)}, "
+                             f"got {mode!r}")
+        for layer in self.model.layers:
+            layer.checkpointing = mode
+            layer.mlp.checkpoint_experts = mode == "selective"
+
     def moe_layers(self) -> list[MoE]:
         return [m for m in self.modules() if isinstance(m, MoE)]
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache=None,
-                logits_at: torch.Tensor | None = None) -> torch.Tensor:
+                logits_at: torch.Tensor | None = None, segments: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (B, T) -> logits (B, T, vocab). With a bound KVCache, positions (B, T) say where each token sits.
 
         logits_at (B,) computes the vocabulary head only at that index of each row -> (B, vocab), which is all a
-        prefill needs and saves a (B, T, vocab) matmul.
+        prefill needs and saves a (B, T, vocab) matmul. segments (B, T) marks packed documents (training): each
+        attends only within itself, with positions restarting at its start (`document_layout`).
         """
-        if positions is None:
+        mask = None
+        if segments is not None:
+            positions, mask = document_layout(segments)
+        elif positions is None:
             positions = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
         h = self.model.embed_tokens(tokens)
         rope = self.model.rotary(positions)
         for layer in self.model.layers:
-            h = layer(h, rope, cache)
+            h = layer(h, rope, cache, mask)
         if logits_at is not None:
             h = h[torch.arange(h.shape[0], device=h.device), logits_at]  # (B, T, dim) -> (B, dim)
         return self.lm_head(self.model.norm(h)).float()

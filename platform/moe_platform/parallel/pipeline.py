@@ -1,8 +1,10 @@
 """Pipeline stages: the single-device model cut into a sequence of layers for DeepSpeed's PipelineModule (1F1B).
 
 The stage wrappers hold the model's own submodules, so parameters keep their identity (and their full names, found
-through `param_names`) whatever stage they land on. Only activations (B, T, D) travel between stages; each MoE layer
-attaches its balancing loss to its output, so no extra tensors need to cross stage boundaries.
+through `param_names`) whatever stage they land on. Only activations (B, T, D) travel between stages, with the
+packed-document ids (B, T) beside them when a batch packs documents ((tokens, segments) in, (hidden, segments)
+between stages); each MoE layer attaches its balancing loss to its output, so no extra tensors need to cross stage
+boundaries.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from moe_platform.model.attention import document_layout
 from moe_platform.model.transformer import DecoderLayer, MoETransformer
 from moe_platform.parallel.layout import ProcessGroups
 
@@ -19,8 +22,10 @@ class EmbeddingStage(nn.Module):
         super().__init__()
         self.embed_tokens = model.model.embed_tokens
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.embed_tokens(tokens)
+    def forward(self, inputs):
+        if isinstance(inputs, tuple):  # (tokens, segments)
+            return self.embed_tokens(inputs[0]), inputs[1]
+        return self.embed_tokens(inputs)
 
 
 class DecoderStage(nn.Module):
@@ -29,10 +34,14 @@ class DecoderStage(nn.Module):
         self.layer = layer
         self.rotary = rotary
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        bsz, seq, _ = hidden.shape
-        positions = torch.arange(seq, device=hidden.device).expand(bsz, -1)
-        return self.layer(hidden, self.rotary(positions))
+    def forward(self, inputs):
+        if isinstance(inputs, tuple):  # (hidden, segments): packed documents
+            hidden, segments = inputs
+            positions, mask = document_layout(segments)
+            return self.layer(hidden, self.rotary(positions), mask=mask), segments
+        bsz, seq, _ = inputs.shape
+        positions = torch.arange(seq, device=inputs.device).expand(bsz, -1)
+        return self.layer(inputs, self.rotary(positions))
 
 
 class HeadStage(nn.Module):
@@ -41,7 +50,8 @@ class HeadStage(nn.Module):
         self.norm = model.model.norm
         self.lm_head = model.lm_head
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, inputs) -> torch.Tensor:
+        hidden = inputs[0] if isinstance(inputs, tuple) else inputs
         return self.lm_head(self.norm(hidden)).float()
 
 

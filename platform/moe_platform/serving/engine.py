@@ -147,15 +147,22 @@ class RequestStream:
 
 
 class Engine:
-    def __init__(self, model: MoETransformer, tokenizer, eos_token_id: int, config: EngineConfig | None = None,
-                 chat_template: ChatTemplate | None = None, model_dir: str | None = None):
+    def __init__(self, model: MoETransformer, tokenizer, eos_token_id: int | Sequence[int],
+                 config: EngineConfig | None = None, chat_template: ChatTemplate | None = None,
+                 model_dir: str | None = None):
         self.config = config or EngineConfig()
         if self.config.num_threads:
             torch.set_num_threads(self.config.num_threads)
         self.model = model.eval()
         self.args = model.args
         self.tokenizer = tokenizer
-        self.eos_token_id = eos_token_id
+        # Generation stops at any end-of-text id; the first one also pads.
+        stops = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        if not stops or not all(0 <= i < self.args.vocab_size for i in stops):
+            raise ValueError(f"{model_dir or 'model'}: end-of-text ids {stops} must lie within the vocabulary "
+                             f"(0..{self.args.vocab_size - 1}); check eos_token_id in generation_config.json")
+        self.eos_token_id = stops[0]
+        self.stop_token_ids = frozenset(stops)
         self.chat_template = chat_template or ChatTemplate()
         self.model_dir = model_dir  # where the model came from: an export directory or e.g. registry://NAME@VERSION
         self.keepalive: object = None  # whatever owns the memory the weights live in (see from_state_dict)
@@ -197,7 +204,7 @@ class Engine:
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, **options) -> Engine:
         """Load an export directory (config.json, model.safetensors, tokenizer files). Options: `EngineConfig`."""
-        from moe_platform.tokenizer import load_tokenizer, model_eos_id
+        from moe_platform.tokenizer import load_tokenizer, model_stop_ids
 
         config = EngineConfig.from_options(**options)
         model_dir = Path(model_dir)
@@ -208,7 +215,7 @@ class Engine:
             raise ValueError(f"{model_dir}: weights do not match the model config (missing {sorted(missing)[:5]}, "
                              f"unexpected {sorted(unexpected)[:5]})")
         tokenizer = load_tokenizer(model_dir)
-        return cls(model, tokenizer, model_eos_id(tokenizer, model_dir), config, ChatTemplate.from_dir(model_dir),
+        return cls(model, tokenizer, model_stop_ids(tokenizer, model_dir), config, ChatTemplate.from_dir(model_dir),
                    str(model_dir))
 
     @classmethod
@@ -226,7 +233,7 @@ class Engine:
         """
         from tokenizers import Tokenizer
 
-        from moe_platform.tokenizer import eos_from_configs, eos_id
+        from moe_platform.tokenizer import MODEL_CONFIG_FILES, stop_token_ids
 
         config = EngineConfig.from_options(**options)
         if "tokenizer.json" not in files:
@@ -245,13 +252,12 @@ class Engine:
                   for k, t in state.items()}
         model.load_state_dict(placed, strict=True, assign=True)
         tokenizer = Tokenizer.from_str(_text(files["tokenizer.json"]))
-        try:
-            eos = eos_id(tokenizer)
-        except ValueError:
-            eos = eos_from_configs(source, [json.loads(_text(files[n])) for n in ("generation_config.json",
-                                                                                   "config.json") if n in files])
-        chat = ChatTemplate.from_config(json.loads(_text(files["tokenizer_config.json"]))
-                                        if "tokenizer_config.json" in files else None)
+        eos = stop_token_ids(tokenizer, [json.loads(_text(files[n])) for n in MODEL_CONFIG_FILES if n in files],
+                             source)
+        tok_config = json.loads(_text(files["tokenizer_config.json"])) if "tokenizer_config.json" in files else {}
+        if "chat_template.jinja" in files:
+            tok_config["chat_template"] = _text(files["chat_template.jinja"])
+        chat = ChatTemplate.from_config(tok_config)
         engine = cls(model, tokenizer, eos, config, chat, source)
         engine.keepalive = keepalive
         return engine
@@ -440,7 +446,7 @@ class Engine:
         seq.last_token_time = now
         self._counters["generated_tokens"] += 1
         reason = None
-        if token == self.eos_token_id and not seq.params.ignore_eos:
+        if token in self.stop_token_ids and not seq.params.ignore_eos:
             reason = "stop"
         elif seq.stopper.append(seq.detokenizer.add(token)):
             reason = "stop"

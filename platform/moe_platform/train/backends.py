@@ -22,6 +22,7 @@ from moe_platform.model.transformer import MoETransformer
 from moe_platform.parallel.layout import ProcessGroups
 from moe_platform.parallel.pipeline import build_pipeline_module
 from moe_platform.parallel.placement import full_shapes, is_expert_tensor, local_shard_spec
+from moe_platform.train.data import IGNORE_INDEX
 from moe_platform.train.optim import build_optimizer, set_lr
 
 log = logging.getLogger("moe_platform.train")
@@ -29,7 +30,37 @@ ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
+    """Mean cross-entropy over the counted targets (not IGNORE_INDEX)."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                           ignore_index=IGNORE_INDEX)
+
+
+class TokenLoss:
+    """A micro-batch's summed cross-entropy over its counted targets, times `scale`.
+
+    The trainer sets `scale` = (micro-batches in the global batch) / (counted targets in the global batch) before
+    each step. Every backend averages micro-batch losses (over accumulation steps and data-parallel ranks), so the
+    step's objective is the mean over every counted token of the global batch: the same loss and gradients on every
+    layout, however the counted tokens (assistant turns of chat data) fall into micro-batches.
+    """
+
+    def __init__(self) -> None:
+        self.scale = 1.0
+
+    def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                                ignore_index=IGNORE_INDEX, reduction="sum")
+        return total * self.scale
+
+
+def _forward(model, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Logits of a micro-batch (tokens, targets) or, packing documents, (tokens, targets, segments)."""
+    return model(batch[0], segments=batch[2]) if len(batch) > 2 else model(batch[0])
+
+
+def pipeline_batch(batch: tuple[torch.Tensor, ...]) -> tuple:
+    """A micro-batch as DeepSpeed's pipeline engine takes it: (inputs, labels)."""
+    return ((batch[0], batch[2]) if len(batch) > 2 else batch[0]), batch[1]
 
 
 def _plain_optimizer_state(optimizer: torch.optim.Optimizer, named: Iterable[tuple[str, nn.Parameter]], state,
@@ -74,6 +105,7 @@ class LocalBackend:
         self.accum = accum
         self.grad_clip = cfg.train.grad_clip
         self.optimizer = build_optimizer(model, cfg.train)
+        self.loss_fn = TokenLoss()
         self.moe_layers = model.moe_layers()
         for moe in self.moe_layers:
             moe.aux_loss_scale = 1.0 / accum
@@ -86,15 +118,15 @@ class LocalBackend:
     def set_lr(self, lr: float) -> None:
         set_lr(self.optimizer, lr)
 
-    def forward_loss(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def forward_loss(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            return lm_loss(self.model(tokens), targets)
+            return self.loss_fn(_forward(self.model, batch), batch[1])
 
-    def train_batch(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float]:
+    def train_batch(self, micro_batches: list[tuple[torch.Tensor, ...]]) -> tuple[float, float]:
         self.model.train()
         total = torch.zeros((), device=self.device)
-        for tokens, targets in micro_batches:
-            loss = self.forward_loss(tokens, targets) / self.accum
+        for batch in micro_batches:
+            loss = self.forward_loss(batch) / self.accum
             loss.backward()
             total += loss.detach()
         norm = (torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip) if self.grad_clip > 0
@@ -104,9 +136,9 @@ class LocalBackend:
         return float(total), float(norm)
 
     @torch.no_grad()
-    def eval_loss(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    def eval_loss(self, micro_batches: list[tuple[torch.Tensor, ...]]) -> float:
         self.model.eval()
-        return sum(float(self.forward_loss(t, y)) for t, y in micro_batches) / len(micro_batches)
+        return sum(float(self.forward_loss(batch)) for batch in micro_batches) / len(micro_batches)
 
     def local_state(self) -> LocalState:
         """A host copy of the state in reused staging buffers: after the first checkpoint a snapshot is a memcpy
@@ -245,8 +277,9 @@ class DeepSpeedBackend:
         # Full names by tensor identity, fixed before the model is cut into stages.
         self.names = {id(t): n for n, t in model.state_dict(keep_vars=True).items()}
         self.model = model  # this rank's (tensor/expert-sharded) copy; stages hold parts of it when pp > 1
+        self.loss_fn = TokenLoss()
         if layout.pp > 1:
-            module = build_pipeline_module(model, groups, lm_loss)
+            module = build_pipeline_module(model, groups, self.loss_fn)
             self.moe_layers = [m for m in module.modules() if isinstance(m, MoE)]
         else:
             module = model
@@ -312,17 +345,17 @@ class DeepSpeedBackend:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-    def train_batch(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float]:
+    def train_batch(self, micro_batches: list[tuple[torch.Tensor, ...]]) -> tuple[float, float]:
         import torch.distributed as dist
 
         if self.is_pipeline:
-            loss = self.engine.train_batch(data_iter=iter(micro_batches))
+            loss = self.engine.train_batch(data_iter=iter([pipeline_batch(b) for b in micro_batches]))
             loss = loss.detach().float()
         else:
             self.engine.train()
             total = torch.zeros((), device=self.device)
-            for tokens, targets in micro_batches:
-                loss = lm_loss(self.engine(tokens), targets)
+            for batch in micro_batches:
+                loss = self.loss_fn(_forward(self.engine, batch), batch[1])
                 self.engine.backward(loss)
                 self.engine.step()
                 total += loss.detach().float()
@@ -334,15 +367,17 @@ class DeepSpeedBackend:
         return float(loss), float(norm if norm is not None else 0.0)
 
     @torch.no_grad()
-    def eval_loss(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    def eval_loss(self, micro_batches: list[tuple[torch.Tensor, ...]]) -> float:
         """Mean loss over this rank's micro-batches, averaged over data-parallel ranks."""
         import torch.distributed as dist
 
         if self.is_pipeline:
-            loss = self.engine.eval_batch(data_iter=iter(micro_batches), num_micro_batches=len(micro_batches))
+            loss = self.engine.eval_batch(data_iter=iter([pipeline_batch(b) for b in micro_batches]),
+                                          num_micro_batches=len(micro_batches))
             return float(loss)
         self.engine.eval()
-        loss = sum(lm_loss(self.engine(t), y).detach().float() for t, y in micro_batches) / len(micro_batches)
+        loss = sum(self.loss_fn(_forward(self.engine, b), b[1]).detach().float() for b in micro_batches)
+        loss = loss / len(micro_batches)
         if self.groups.dp is not None:
             dist.all_reduce(loss, group=self.groups.dp)
             loss /= self.groups.dp_size

@@ -36,6 +36,7 @@ from moe_platform.config.schema import DataConfig
 from moe_platform.tokenizer import eos_id
 
 _CACHE_FORMAT_VERSION = 1
+IGNORE_INDEX = -100  # a target the loss does not count (a prompt token of chat data, padding, a document boundary)
 _STDLIB_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"})
 _ENCODE_CHUNK_BYTES = 1 << 20  # documents are handed to encode_batch in ~1 MiB groups (parallel, bounded memory)
 
@@ -56,7 +57,7 @@ def default_corpus_root() -> Path:
     return Path(sysconfig.get_paths()["stdlib"]).resolve()
 
 
-def _walk_sorted(root: Path, skip_dirs: frozenset[str] = frozenset()) -> list[Path]:
+def walk_sorted(root: Path, skip_dirs: frozenset[str] = frozenset()) -> list[Path]:
     """Regular files under `root` in sorted relative-path order, leaving out hidden entries (.git, ...)."""
     files: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(root):
@@ -69,7 +70,7 @@ def _walk_sorted(root: Path, skip_dirs: frozenset[str] = frozenset()) -> list[Pa
 def _resolve_corpus(path: str) -> _Corpus:
     if path == "":
         root = default_corpus_root()
-        files = [f for f in _walk_sorted(root, _STDLIB_SKIP_DIRS) if f.suffix == ".py"]
+        files = [f for f in walk_sorted(root, _STDLIB_SKIP_DIRS) if f.suffix == ".py"]
         return _Corpus("stdlib", root, tuple(files))
     root = Path(path).expanduser()
     if not root.exists():
@@ -79,7 +80,7 @@ def _resolve_corpus(path: str) -> _Corpus:
         return _Corpus("parquet" if root.suffix == ".parquet" else "text", root, (root,))
     if not root.is_dir():
         raise ValueError(f"data path {path!r} is neither a regular file nor a folder")
-    files = _walk_sorted(root)
+    files = walk_sorted(root)
     parquet = [f for f in files if f.suffix == ".parquet"]
     if parquet:
         return _Corpus("parquet", root, tuple(parquet))
@@ -205,6 +206,11 @@ def _corpus_fingerprint(path: str, text_column: str) -> list:
 # Token dataset
 
 
+def held_out_count(num_samples: int, val_fraction: float) -> int:
+    """Samples held out for validation: at least one when val_fraction > 0."""
+    return max(1, int(num_samples * val_fraction)) if val_fraction > 0 else 0
+
+
 @dataclass
 class TokenDataset:
     """A flat token stream cut into non-overlapping samples of seq_len+1 tokens; the last samples are validation."""
@@ -234,7 +240,7 @@ class TokenDataset:
             )
 
     def _val_count_for(self, num_samples: int) -> int:
-        return max(1, int(num_samples * self.val_fraction)) if self.val_fraction > 0 else 0
+        return held_out_count(num_samples, self.val_fraction)
 
     def __len__(self) -> int:
         return self.num_samples
@@ -247,6 +253,10 @@ class TokenDataset:
     def val_ids(self) -> np.ndarray:
         """Ids of the held-out validation samples (empty when val_fraction is 0)."""
         return np.arange(self.train_ids_count, self.num_samples, dtype=np.int64)
+
+    def count_targets(self, sample_ids: np.ndarray) -> int:
+        """How many targets of these samples the loss counts: all of them in raw text."""
+        return len(sample_ids) * self.seq_len
 
     def get(self, sample_ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs, targets), both int64 (B, seq_len); targets are the inputs shifted left by one token."""
@@ -336,7 +346,7 @@ def _write_token_stream(cfg_data: DataConfig, tokenizer: Tokenizer, out_path: Pa
     return {"num_tokens": num_tokens, "num_documents": num_docs, "dtype": dtype.name}
 
 
-def _write_json_atomic(path: Path, obj: dict) -> None:
+def write_json_atomic(path: Path, obj: dict) -> None:
     fd, tmp_name = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -389,7 +399,7 @@ def build_token_dataset(
         meta = _write_token_stream(cfg_data, tokenizer, bin_path, dtype, eos)
         meta.update(key=key, path=cfg_data.path, text_column=cfg_data.text_column, max_bytes=cfg_data.max_bytes)
         # The metadata is written last: a cache counts only once both files are complete.
-        _write_json_atomic(meta_path, meta)
+        write_json_atomic(meta_path, meta)
     num_tokens = int(meta["num_tokens"])
     if num_tokens == 0:
         tokens = np.zeros(0, dtype=dtype)  # np.memmap cannot map an empty file

@@ -33,8 +33,16 @@ from moe_platform.model.transformer import build_model
 from moe_platform.parallel import resolve_layout
 from moe_platform.parallel.comm import any_rank, collective_device
 from moe_platform.parallel.layout import Layout, ProcessGroups, build_process_groups
-from moe_platform.tokenizer import TOKENIZER_FILES, load_tokenizer, model_eos_id, save_tokenizer, train_tokenizer
+from moe_platform.tokenizer import (
+    TOKENIZER_FILES,
+    ChatTemplate,
+    load_tokenizer,
+    model_stop_ids,
+    save_tokenizer,
+    train_tokenizer,
+)
 from moe_platform.train.backends import DeepSpeedBackend, LocalBackend
+from moe_platform.train.chat_data import build_chat_dataset, iter_chat_texts
 from moe_platform.train.checkpointing import (
     AsyncCheckpointer,
     read_trainer_state,
@@ -113,14 +121,24 @@ def prepare_tokenizer(cfg: Config, run_dir: Path):
         source = Path(cfg.init.from_hf)
         load_tokenizer(source)  # a clear error when the model directory has no tokenizer.json
         tmp.mkdir(parents=True, exist_ok=True)
-        for name in (*TOKENIZER_FILES, "generation_config.json"):
+        for name in TOKENIZER_FILES:
             if (source / name).is_file():
                 shutil.copyfile(source / name, tmp / name)
     else:
-        docs = iter_documents(cfg.data.path, cfg.data.text_column, cfg.data.max_bytes)
+        docs = (iter_chat_texts(cfg.data) if cfg.data.format == "chat"
+                else iter_documents(cfg.data.path, cfg.data.text_column, cfg.data.max_bytes))
         save_tokenizer(train_tokenizer(docs, cfg.data.vocab_size), tmp)
     os.replace(tmp, tok_dir)
     return load_tokenizer(tok_dir), tok_dir
+
+
+def build_dataset(cfg: Config, tokenizer, tokenizer_dir: Path, eos: int, cache_dir: Path | None = None):
+    """The run's samples: raw text cut into windows (data.format = "text") or conversations rendered with the
+    tokenizer's chat template, loss on assistant tokens (data.format = "chat")."""
+    if cfg.data.format == "chat":
+        return build_chat_dataset(cfg.data, tokenizer, ChatTemplate.from_dir(tokenizer_dir), cfg.train.seq_len,
+                                  cache_dir, pad_id=eos)
+    return build_token_dataset(cfg.data, tokenizer, cfg.train.seq_len, cache_dir, eos=eos)
 
 
 def model_args_for(cfg: Config, vocab_size: int | None = None) -> ModelArgs:
@@ -148,6 +166,7 @@ class Trainer:
         self.autocast_dtype = (torch.bfloat16 if prec == "bf16" or (prec == "auto" and self.device.type == "cuda")
                                else None)
         self.step = 0
+        self.counted_targets = 0  # targets the loss counted in the last global batch
         self.resumed_from: int | None = None
         self.resharded = False  # resumed from a checkpoint written by another layout
         self.lost_steps = 0  # logged steps after the resumed checkpoint: done before a crash, computed again
@@ -176,11 +195,14 @@ class Trainer:
                 self.tokenizer, self.tokenizer_dir = prepare_tokenizer(cfg, self.run_dir)
                 if self.remote is not None and rank == 0 and not self.remote.exists("tokenizer/tokenizer.json"):
                     self.remote.put_dir(self.tokenizer_dir, "tokenizer", last="tokenizer.json")
-                self.eos_id = model_eos_id(self.tokenizer, cfg.init.from_hf or self.tokenizer_dir)
-                self.dataset = build_token_dataset(cfg.data, self.tokenizer, cfg.train.seq_len, cache, eos=self.eos_id)
+                self.eos_id = model_stop_ids(self.tokenizer, self.tokenizer_dir)[0]
+                self.dataset = build_dataset(cfg, self.tokenizer, self.tokenizer_dir, self.eos_id, cache)
             self.dist.barrier()
         self.sampler = DataSampler(self.dataset.train_ids_count, cfg.train.global_batch_size, cfg.train.seed)
         self.model_args = model_args_for(cfg, self.tokenizer.get_vocab_size())
+        if cfg.train.seq_len > self.model_args.max_seq_len:
+            raise ValueError(f"invalid config: train.seq_len ({cfg.train.seq_len}) must be <= the imported model's "
+                             f"max_position_embeddings ({self.model_args.max_seq_len}, {cfg.init.from_hf})")
         self.layout = resolve_layout(cfg, self.dist.world_size, self.model_args)
         if self.dist.distributed:
             self.groups = build_process_groups(self.layout, rank)
@@ -189,6 +211,7 @@ class Trainer:
         ckpt = self.checkpointer.resume_point()
         reader = self._checked_reader(ckpt) if ckpt is not None else None
         model = build_model(self.model_args, device=self.device, seed=cfg.train.seed)
+        model.set_activation_checkpointing(cfg.train.activation_checkpointing)
         if ckpt is None and cfg.init.from_hf:  # a fresh run starts from the imported weights; a resume from its own
             _, state = load_hf(cfg.init.from_hf, device=self.device)
             model.load_state_dict(state, strict=True)
@@ -251,10 +274,16 @@ class Trainer:
                 "config": config_to_dict(self.cfg), "layout": self.layout.to_dict(),
                 "world_size": self.dist.world_size, "lr_schedule": {"kind": "warmup_cosine", "step": self.step}}
 
-    def _micro_batches(self, ids: np.ndarray) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _micro_batches(self, ids: np.ndarray) -> list[tuple[torch.Tensor, ...]]:
+        """This rank's micro-batches of the global batch `ids`; sets the loss scale so that the step's loss is the
+        mean over every counted target of `ids` (TokenLoss)."""
+        mbs = self.cfg.train.micro_batch_size
+        counted = self.dataset.count_targets(ids)
+        self.backend.loss_fn.scale = (len(ids) // mbs) / max(counted, 1)
+        self.counted_targets = counted
         local = self.sampler.shard(ids, *self.dp)
         return [tuple(t.to(self.device, non_blocking=True) for t in self.dataset.get(m))
-                for m in self.sampler.micro_batches(local, self.cfg.train.micro_batch_size)]
+                for m in self.sampler.micro_batches(local, mbs)]
 
     def _global_moe_stats(self) -> tuple[float, torch.Tensor]:
         """Balancing loss (as one process would report it) and tokens per expert for every layer, over all ranks."""
@@ -292,6 +321,7 @@ class Trainer:
             "tokens_per_s": tokens_per_s, "mfu": tokens_per_s * self.flops_per_token / self.peak_flops,
             "expert_imbalance": float((loads.max(dim=1).values / loads.mean(dim=1).clamp(min=1e-9)).mean()),
             "tokens_per_expert": loads.sum(0).tolist(), "step_time_s": dt, "time": time.time(),
+            "loss_tokens": self.counted_targets,
         }
         if cfg.log_sample_ids:
             rec["sample_ids"] = ids.tolist()
@@ -302,13 +332,11 @@ class Trainer:
         """Validation loss over up to `max_batches` micro-batches per data-parallel rank."""
         val = self.dataset.val_ids()
         mbs = self.cfg.train.micro_batch_size
-        dp_rank, dp_size = self.dp
+        dp_size = self.dp[1]
         per_rank = min(len(val) // (mbs * dp_size), max_batches) * mbs
         if per_rank == 0:
             return None
-        mine = val[: per_rank * dp_size][dp_rank * per_rank:(dp_rank + 1) * per_rank]
-        micro = [tuple(t.to(self.device) for t in self.dataset.get(m)) for m in self.sampler.micro_batches(mine, mbs)]
-        return self.backend.eval_loss(micro)
+        return self.backend.eval_loss(self._micro_batches(val[: per_rank * dp_size]))
 
     def save_checkpoint(self, blocking: bool = False) -> None:
         rank = self.dist.rank

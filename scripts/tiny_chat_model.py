@@ -1,0 +1,100 @@
+"""Inputs of the fine-tuning example (scripts/finetune-example.sh), made here instead of downloaded: a tiny random
+Qwen3-MoE saved by transformers as a Hugging Face model directory (sharded safetensors, a byte-level BPE tokenizer
+with ChatML turn markers and chat template, as Qwen models ship them), and a chat JSONL of OpenAI-style messages.
+
+usage: python scripts/tiny_chat_model.py MODEL_DIR CHAT_JSONL [--rows N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
+
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+# ChatML, with a default system turn when a conversation has none (as Qwen's templates add one).
+CHATML_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- if loop.first and message['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] | trim + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+NUMBERS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+def add_chatml(tokenizer_dir: Path) -> Path:
+    """Turn a tokenizer directory written by moe_platform.tokenizer.save_tokenizer into a ChatML one: the turn
+    markers as special tokens, <|im_end|> as end of text, and the template in chat_template.jinja (where transformers
+    saves it)."""
+    from moe_platform.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir)
+    tok.add_special_tokens([IM_START, IM_END])
+    tok.save(str(tokenizer_dir / "tokenizer.json"))
+    config = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    config.update(eos_token=IM_END, pad_token=IM_END)
+    (tokenizer_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    (tokenizer_dir / "chat_template.jinja").write_text(CHATML_TEMPLATE)
+    return tokenizer_dir
+
+
+def chat_rows(n: int) -> list[dict]:
+    """`n` conversations of a small task: spell the sum of two digits."""
+    rows = []
+    for i in range(n):
+        a, b = i % 10, (i * 7 + 3) % 10
+        total = a + b
+        answer = NUMBERS[total] if total < 10 else f"one {NUMBERS[total - 10]}"
+        rows.append({"messages": [{"role": "user", "content": f"What is {a} plus {b}? Answer in words."},
+                                  {"role": "assistant", "content": f"{a} plus {b} is {answer}."}]})
+    return rows
+
+
+def build(model_dir: Path, chat_file: Path, rows: int) -> None:
+    import torch
+    import transformers
+
+    from moe_platform.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
+    from moe_platform.train.data import iter_documents
+
+    model_dir.mkdir(parents=True, exist_ok=True)
+    data = chat_rows(rows)
+    texts = [m["content"] for r in data for m in r["messages"]] + list(iter_documents("", max_bytes=300_000))
+    save_tokenizer(train_tokenizer(texts, 512), model_dir, model_max_length=512)
+    add_chatml(model_dir)
+    tok = load_tokenizer(model_dir)
+    im_end = tok.token_to_id(IM_END)
+    config = transformers.Qwen3MoeConfig(
+        vocab_size=tok.get_vocab_size(), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, intermediate_size=128, moe_intermediate_size=32, num_experts=8,
+        num_experts_per_tok=2, norm_topk_prob=True, max_position_embeddings=512, tie_word_embeddings=False,
+        bos_token_id=im_end, eos_token_id=im_end, pad_token_id=im_end)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.generation_config.eos_token_id = im_end
+    model.save_pretrained(model_dir, max_shard_size="200KB")
+    chat_file.parent.mkdir(parents=True, exist_ok=True)
+    chat_file.write_text("".join(json.dumps(r) + "\n" for r in data))
+    print(f"tiny Qwen3-MoE in {model_dir} ({sum(p.numel() for p in model.parameters())} parameters, "
+          f"{len(list(model_dir.glob('*.safetensors')))} shards); {rows} conversations in {chat_file}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("model_dir", type=Path)
+    parser.add_argument("chat_jsonl", type=Path)
+    parser.add_argument("--rows", type=int, default=400, help="conversations to write (default 400)")
+    args = parser.parse_args(argv)
+    build(args.model_dir, args.chat_jsonl, args.rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
