@@ -95,7 +95,22 @@ def serve(d: dict) -> str:
     return _table(["metric", "value", "peer", "ratio", "target", "met"], rows)
 
 
-RENDER = {"moe_layer": moe_layer, "layouts": layouts, "checkpoint": checkpoint, "ray_overhead": ray_overhead,
+def memory(d: dict) -> str:
+    rows = []
+    for r in d["results"]:
+        ours = r["impl"] == "ours"
+        ratio = f"**{r['peak_vs_none']:.3f}**" if ours and r["mode"] != "none" else f"{r['peak_vs_none']:.3f}"
+        rows.append([r["impl"], r["mode"], f"{r['peak_bytes'] / 2**20:.1f}", ratio, f"{r['saved_bytes'] / 2**20:.1f}",
+                     f"{r['step_s']:.2f}", f"{r['time_vs_none']:.2f}"])
+    a = d["args"]
+    table = _table(["implementation", "checkpointing", f"peak step MiB ({a['device']})", "peak ÷ none",
+                    "activations saved MiB", "step s", "time ÷ none"], rows)
+    return (f"{table}\n\nd={a['dim']}, {a['layers']} layers, {a['experts']} experts top-2, I={a['intermediate']}, "
+            f"vocab {a['vocab']}, {a['batch']}×{a['seq']} tokens. Peak with full checkpointing, ours ÷ transformers: "
+            f"{d['full_vs_transformers_full_peak']:.3f}")
+
+
+RENDER = {"moe_layer": moe_layer, "memory": memory, "layouts": layouts, "checkpoint": checkpoint, "ray_overhead": ray_overhead,
           "goodput": goodput, "serve": serve}
 
 

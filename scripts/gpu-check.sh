@@ -11,3 +11,5 @@ nvidia-smi -L
 .venv/bin/python -m pytest -q -m gpu tests/gpu
 .venv/bin/python bench/moe_layer.py --device cuda --dtype bfloat16 --tokens 16384 \
     --out-json "$out/bench_moe_layer_gpu.json" --out-png "$out/bench_moe_layer_gpu.png"
+.venv/bin/python bench/memory.py --device cuda --dim 1024 --layers 16 --seq 2048 \
+    --out-json "$out/bench_memory_gpu.json" --out-png "$out/bench_memory_gpu.png"
