@@ -13,7 +13,14 @@ from moe_platform.checkpoint.sharded import ShardedReader
 from moe_platform.config import load_config
 from moe_platform.train.launch import launch_local
 from moe_platform.train.metrics import MetricsLog
-from tinyrun import HF_ARCHITECTURES, save_tiny_hf_model, tiny_overrides, tiny_tokenizer, write_chat_jsonl
+from tinyrun import (
+    HF_ARCHITECTURES,
+    run_events,
+    save_tiny_hf_model,
+    tiny_overrides,
+    tiny_tokenizer,
+    write_chat_jsonl,
+)
 
 STEPS = 10
 COMMON = {"train.steps": STEPS, "train.global_batch_size": 8, "train.micro_batch_size": 2, "train.warmup": 2,
@@ -158,15 +165,46 @@ def hf_models(tmp_path_factory) -> dict[str, Path]:
     return {arch: save_tiny_hf_model(arch, tmp_path_factory.mktemp(arch), tok)[1] for arch in HF_ARCHITECTURES}
 
 
+def bytes_read_per_rank(run_dir: Path) -> tuple[list[int], int]:
+    """What each rank read of the imported model directory at the start of the run (the start event records it)."""
+    start = next(e for e in run_events(run_dir) if e["event"] == "start")
+    return start["imported"]["bytes_read"], start["imported"]["model_bytes"]
+
+
+def expert_bytes(model_dir: Path) -> int:
+    from safetensors import safe_open
+
+    total = 0
+    for shard in model_dir.glob("*.safetensors"):
+        with safe_open(str(shard), framework="pt") as f:
+            total += sum(f.get_slice(k)[:].nbytes for k in f.keys() if ".experts." in k)
+    return total
+
+
 @pytest.mark.parametrize("arch", HF_ARCHITECTURES)
 def test_imported_models_train_on_layouts_like_one_process(arch, hf_models, corpus_file, storage):
+    """Imported models train on every layout like one process, reading the sharded model directory lazily: each
+    rank reads only the tensors, and the slices of tensors,
+    its position owns (counted per rank), and never the whole model unless it is the only rank."""
     extra = {"init.from_hf": str(hf_models[arch]), "train.steps": 2}
-    ref = losses(launch_local(config(corpus_file, storage, f"{arch}-single", **extra), progress=False).run_dir)
+    single = launch_local(config(corpus_file, storage, f"{arch}-single", **extra), progress=False).run_dir
+    ref = losses(single)
+    (one,), total = bytes_read_per_rank(single)
+    assert one == total, "one process reads every weight exactly once"
+    experts = expert_bytes(hf_models[arch])
     for name in IMPORT_LAYOUTS[arch]:
         result = launch_local(config(corpus_file, storage, f"{arch}-{name}", **extra,
                                      **layout_overrides(LAYOUTS[name])), progress=False)
         gaps = [abs(a - b) / abs(b) for a, b in zip(losses(result.run_dir), ref, strict=True)]
         assert max(gaps) <= 1e-5, f"{arch} at {name}: per-step relative loss gaps {gaps}"
+        read, _ = bytes_read_per_rank(result.run_dir)
+        assert max(read) < total, f"{arch} at {name}: a rank read the whole model ({read} of {total} bytes)"
+        if name == "dp2-ep2":  # dense weights on both ranks, half of the experts each
+            assert read == [total - experts // 2] * 2, (read, total, experts)
+        elif name == "pp2":  # each stage its own layers: together exactly the model
+            assert sum(read) == total, (read, total)
+        else:  # tp2: shards of attention and experts, the rest replicated
+            assert read[0] == read[1] and total < sum(read) < 2 * total, (read, total)
 
 
 def test_a_whole_projection_norm_refuses_tensor_parallelism(hf_models, corpus_file, storage):

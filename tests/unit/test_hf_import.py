@@ -131,3 +131,30 @@ def test_training_starts_from_the_imported_model(hf_model, tiny_config):
     config = json.loads((result.export_dir / "config.json").read_text())
     assert config["architectures"] == [arch]
     assert (result.export_dir / "tokenizer.json").read_bytes() == (out / "tokenizer.json").read_bytes()
+
+
+@pytest.mark.parametrize("degrees", [dict(tp=2), dict(dp=2, ep=2), dict(dp=2, tp=2, ep=2)])
+def test_each_rank_reads_only_its_share_of_the_sharded_directory(hf_model, degrees):
+    """HFWeights reads a rank's boxes of each tensor (expert ranges, tensor-parallel rows and columns, the gate and up
+    halves of the fused expert projection) straight from the safetensors shards: the same values as slicing the
+    whole model, and exactly their bytes, never the whole model."""
+    from moe_platform.checkpoint.hf import HFWeights
+    from moe_platform.parallel.layout import Layout, ProcessGroups
+    from moe_platform.parallel.placement import full_shapes, local_shard_spec
+
+    _, _, out = hf_model
+    args, full = load_hf(out)
+    layout = Layout(**degrees)
+    total = HFWeights(out).total_bytes
+    assert total == sum(t.nbytes for n, t in full.items() if not (n == "lm_head.weight" and args.tie_word_embeddings))
+    for rank in range(layout.world_size):
+        groups = ProcessGroups(layout, rank)
+        weights = HFWeights(out)
+        want = 0
+        for name, shape in full_shapes(args).items():
+            spec = local_shard_spec(name, shape, groups)
+            expected = spec.extract(full[name])
+            assert torch.equal(weights.read(name, spec), expected), f"rank {rank}: {name}"
+            want += expected.nbytes
+        weights.close()
+        assert weights.bytes_read == want < total, (rank, weights.bytes_read, want, total)

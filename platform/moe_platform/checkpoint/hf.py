@@ -14,12 +14,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import re
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from moe_platform.model.args import ModelArgs
 
@@ -107,33 +109,6 @@ def to_hf_state_dict(state: dict[str, torch.Tensor], args: ModelArgs, arch: Arch
         elif ".mlp.shared_experts." in name and arch.shared_module:
             name = name.replace(".mlp.shared_experts.", f".mlp.{arch.shared_module}.")
         out[name] = t.contiguous()
-    return out
-
-
-def from_hf_state_dict(state: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
-    """Any supported architecture's on-disk names (per-expert, or transformers-5's fused experts) -> ours."""
-    out: dict[str, torch.Tensor] = {}
-    experts: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
-    for name, t in state.items():
-        m = _HF_EXPERT.match(name)
-        if m:
-            prefix, e, w = m.groups()
-            experts.setdefault((prefix, _ROLE[w]), {})[int(e)] = t
-            continue
-        name = name.replace(".block_sparse_moe.", ".mlp.").replace(".mlp.shared_expert.", ".mlp.shared_experts.")
-        out[name] = t
-    for prefix in sorted({p for p, _ in experts}):
-        stacked = {}
-        for role in ("gate", "up", "down"):
-            by_index = experts.get((prefix, role), {})
-            missing = sorted(set(range(args.num_experts)) - set(by_index))
-            if missing:
-                raise ValueError(f"{prefix}: experts {missing[:8]} have no {role} projection in the checkpoint")
-            stacked[role] = torch.stack([by_index[e] for e in range(args.num_experts)])
-        out[f"{prefix}.mlp.experts.gate_up_proj"] = torch.cat([stacked["gate"], stacked["up"]], dim=1)  # (E, 2I, D)
-        out[f"{prefix}.mlp.experts.down_proj"] = stacked["down"]  # (E, D, I)
-    if args.tie_word_embeddings and "lm_head.weight" not in out:
-        out["lm_head.weight"] = out["model.embed_tokens.weight"]
     return out
 
 
@@ -291,15 +266,142 @@ def read_model_args(model_dir: str | Path) -> ModelArgs:
             else args_from_hf_config(json.loads((d / "config.json").read_text())))
 
 
+class HFWeights:
+    """A model directory's weights under our names, read lazily: asking for boxes of one of our tensors (a rank's
+    tensor/expert/pipeline share, `ShardSpec`) reads only those bytes from the safetensors files (per-expert tensors
+    of other ranks' experts and the rows or columns of other tensor-parallel ranks are never read). `bytes_read`
+    counts what was read. Works for our exports and every supported Hugging Face architecture, sharded
+    (model.safetensors.index.json) or not. Never unpickles."""
+
+    def __init__(self, model_dir: str | Path, args: ModelArgs | None = None):
+        from safetensors import safe_open
+
+        self.dir = Path(model_dir)
+        self.args = args or read_model_args(self.dir)
+        index = self.dir / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            missing = sorted({f for f in weight_map.values() if not (self.dir / f).is_file()})
+            if missing:
+                raise FileNotFoundError(f"{self.dir}: model.safetensors.index.json names missing shards {missing[:3]}")
+        else:
+            shards = sorted(self.dir.glob("*.safetensors"))
+            if not shards:
+                raise FileNotFoundError(f"{self.dir} has no *.safetensors weights (pickled .bin weights are not "
+                                        f"loaded)")
+            weight_map = {}
+            for shard in shards:
+                with safe_open(str(shard), framework="pt") as f:
+                    weight_map.update(dict.fromkeys(f.keys(), shard.name))
+        self._file_of = weight_map
+        self._open = lambda name: safe_open(str(self.dir / name), framework="pt")
+        self._handles: dict[str, object] = {}
+        self.bytes_read = 0
+        self.recipes = self._recipes(list(weight_map))
+        self.total_bytes = sum(self._nbytes(n) for n in weight_map)
+
+    def _nbytes(self, hf_name: str) -> int:
+        s = self._slice(hf_name)
+        return math.prod(s.get_shape()) * _DTYPE_BYTES.get(s.get_dtype(), 4)
+
+    def _recipes(self, hf_names: list[str]) -> dict[str, tuple]:
+        """Our name -> ("plain", hf name) | ("gate_up", gate names, up names) | ("down", down names), per expert."""
+        recipes: dict[str, tuple] = {}
+        experts: dict[tuple[str, str], dict[int, str]] = {}
+        for name in hf_names:
+            m = _HF_EXPERT.match(name)
+            if m:
+                prefix, e, w = m.groups()
+                experts.setdefault((prefix, _ROLE[w]), {})[int(e)] = name
+                continue
+            ours = name.replace(".block_sparse_moe.", ".mlp.").replace(".mlp.shared_expert.", ".mlp.shared_experts.")
+            recipes[ours] = ("plain", name)
+        for prefix in sorted({p for p, _ in experts}):
+            by_role = {}
+            for role in ("gate", "up", "down"):
+                by_index = experts.get((prefix, role), {})
+                missing = sorted(set(range(self.args.num_experts)) - set(by_index))
+                if missing:
+                    raise ValueError(f"{prefix}: experts {missing[:8]} have no {role} projection in the checkpoint")
+                by_role[role] = [by_index[e] for e in range(self.args.num_experts)]
+            recipes[f"{prefix}.mlp.experts.gate_up_proj"] = ("gate_up", by_role["gate"], by_role["up"])  # (E, 2I, D)
+            recipes[f"{prefix}.mlp.experts.down_proj"] = ("down", by_role["down"])  # (E, D, I)
+        if self.args.tie_word_embeddings and "lm_head.weight" not in recipes and "model.embed_tokens.weight" in recipes:
+            recipes["lm_head.weight"] = recipes["model.embed_tokens.weight"]
+        return recipes
+
+    def _slice(self, hf_name: str):
+        file = self._file_of[hf_name]
+        if file not in self._handles:
+            self._handles[file] = self._open(file).__enter__()
+        return self._handles[file].get_slice(hf_name)
+
+    def _read(self, hf_name: str, box: Sequence[tuple[int, int]]) -> torch.Tensor:
+        t = self._slice(hf_name)[tuple(slice(a, b) for a, b in box)]
+        self.bytes_read += t.numel() * t.element_size()
+        return t
+
+    def names(self) -> list[str]:
+        return list(self.recipes)
+
+    def has(self, name: str, kind: str = "model") -> bool:
+        return kind == "model" and name in self.recipes
+
+    def step(self, name: str) -> None:
+        return None
+
+    def box(self, name: str, box: Sequence[tuple[int, int]]) -> torch.Tensor:
+        """full[box] of our tensor `name`, reading only what it covers."""
+        if name not in self.recipes:
+            raise ValueError(f"{self.dir}: no weights for {name!r} (different architecture or config?)")
+        kind, *parts = self.recipes[name]
+        if kind == "plain":
+            return self._read(parts[0], box)
+        (e0, e1), rest = box[0], list(box[1:])
+        if kind == "down":
+            return torch.stack([self._read(parts[0][e], rest) for e in range(e0, e1)])
+        inter = self.args.intermediate_size  # gate_up rows: [0, I) the gate, [I, 2I) the up projection
+        (r0, r1), cols = rest[0], rest[1:]
+        rows = []
+        for e in range(e0, e1):
+            pieces = []
+            if r0 < inter:
+                pieces.append(self._read(parts[0][e], [(r0, min(r1, inter)), *cols]))
+            if r1 > inter:
+                pieces.append(self._read(parts[1][e], [(max(r0, inter) - inter, r1 - inter), *cols]))
+            rows.append(torch.cat(pieces) if len(pieces) > 1 else pieces[0])
+        return torch.stack(rows)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        kind, *parts = self.recipes[name]
+        if kind == "plain":
+            return tuple(self._slice(parts[0]).get_shape())
+        first = tuple(self._slice(parts[0][0]).get_shape())
+        return (len(parts[0]), 2 * first[0], first[1]) if kind == "gate_up" else (len(parts[0]), *first)
+
+    def read(self, name: str, spec) -> torch.Tensor:
+        """This rank's local tensor of `name` under `spec` (a ShardSpec): its boxes, concatenated."""
+        pieces = [self.box(name, b) for b in spec.boxes]
+        return (pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=spec.concat_dim)).contiguous()
+
+    def full(self, name: str, kind: str = "model") -> torch.Tensor:
+        return self.box(name, [(0, n) for n in self.shape(name)])
+
+    def close(self) -> None:
+        for h in self._handles.values():
+            h.__exit__(None, None, None)
+        self._handles.clear()
+
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+                "F8_E4M3": 1, "F8_E5M2": 1}
+
+
 def load_hf(model_dir: str | Path, device: str | torch.device = "cpu") -> tuple[ModelArgs, dict[str, torch.Tensor]]:
-    """Read a model directory (our export or a supported Hugging Face model) as (model args, our state dict).
-    Never unpickles."""
-    d = Path(model_dir)
-    args = read_model_args(d)
-    shards = sorted(d.glob("*.safetensors"))
-    if not shards:
-        raise FileNotFoundError(f"{d} has no *.safetensors weights (pickled .bin weights are not loaded)")
-    raw: dict[str, torch.Tensor] = {}
-    for shard in shards:
-        raw.update(load_file(str(shard), device=str(device)))
-    return args, from_hf_state_dict(raw, args)
+    """Read a model directory (our export or a supported Hugging Face model) as (model args, our whole state dict).
+    Never unpickles. Training reads only each rank's share instead (`HFWeights`)."""
+    weights = HFWeights(model_dir)
+    try:
+        return weights.args, {name: weights.full(name).to(device) for name in weights.names()}
+    finally:
+        weights.close()

@@ -140,6 +140,10 @@ class ShardedReader:
                                             f"some rank's shard is missing")
         return out
 
+    def read(self, name: str, spec: ShardSpec, kind: str = "model") -> torch.Tensor:
+        """The local tensor of `name` under `spec` (a rank's share)."""
+        return spec.extract(self.full(name, kind))
+
     def full_state_dict(self, kind: str = "model") -> dict[str, torch.Tensor]:
         return {name: self.full(name, kind) for name in self.names() if self.has(name, kind)}
 

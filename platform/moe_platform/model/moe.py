@@ -265,10 +265,14 @@ class MoE(nn.Module):
         self.aux_loss_scale = 1.0
         # A replacement for _dispatch_local (expert parallelism installs an all-to-all one); see parallel/.
         self.token_dispatcher = None
-        self.last_aux_loss = torch.zeros(())
-        self.last_tokens_per_expert = torch.zeros(args.num_experts, dtype=torch.long)
         self.checkpoint_experts = False  # recompute dispatch and experts in backward (selective checkpointing)
         self.recomputing = False  # inside an activation-checkpoint recomputation: the step's stats are not counted
+        self.reset_stats()
+
+    def reset_stats(self) -> None:
+        """The routing statistics (plain tensors, not state): what the last forward routed, and the step's sums."""
+        self.last_aux_loss = torch.zeros(())
+        self.last_tokens_per_expert = torch.zeros(self.num_experts, dtype=torch.long)
         self.reset_step_stats()
 
     def recomputation_contexts(self):

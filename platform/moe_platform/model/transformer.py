@@ -109,9 +109,37 @@ class MoETransformer(nn.Module):
         return self.lm_head(self.model.norm(h)).float()
 
 
+def materialize(module: nn.Module, device: torch.device | str) -> None:
+    """Give a module built on the meta device (no memory, see `build_model`) uninitialised storage on `device`, and
+    compute its non-persistent buffers; its weights are then loaded (a rank loads only its own share).
+
+    The parameters become new objects; what parallelisation attached to the meta ones (attributes such as
+    `tensor_model_parallel` or the expert markers, gradient hooks) moves over to them."""
+    before = dict(module.named_parameters())
+    module.to_empty(device=device)
+    for name, p in module.named_parameters():
+        old = before[name]
+        p.__dict__.update(old.__dict__)
+        if old._backward_hooks:
+            p._backward_hooks = old._backward_hooks
+    for m in module.modules():
+        if isinstance(m, RotaryEmbedding):
+            m.reset_buffers()
+        elif isinstance(m, MoE):
+            m.reset_stats()
+
+
+def has_meta_tensors(module: nn.Module) -> bool:
+    return any(t.is_meta for t in module.state_dict().values())
+
+
 def build_model(args: ModelArgs, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                 seed: int | None = None) -> MoETransformer:
-    """A freshly initialised model; with `seed`, initialisation does not depend on (or disturb) the global RNG."""
+    """A freshly initialised model; with `seed`, initialisation does not depend on (or disturb) the global RNG.
+    On the "meta" device it takes no memory and runs no initialisation (`materialize` it once it is sharded)."""
+    if torch.device(device).type == "meta":
+        with torch.device("meta"):
+            return MoETransformer(args).to(dtype=dtype)
     if seed is None:
         model = MoETransformer(args)
     else:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from moe_platform.model.attention import document_layout
-from moe_platform.model.transformer import DecoderLayer, MoETransformer
+from moe_platform.model.transformer import DecoderLayer, MoETransformer, materialize
 from moe_platform.parallel.layout import ProcessGroups
 
 
@@ -60,8 +60,11 @@ def pipeline_layers(model: MoETransformer) -> list[nn.Module]:
     return [EmbeddingStage(model), *(DecoderStage(layer, rotary) for layer in model.model.layers), HeadStage(model)]
 
 
-def build_pipeline_module(model: MoETransformer, groups: ProcessGroups, loss_fn):
-    """A DeepSpeed PipelineModule over this model with our layout's (pipe, data, model) rank order."""
+def build_pipeline_module(model: MoETransformer, groups: ProcessGroups, loss_fn, materialize_on=None):
+    """A DeepSpeed PipelineModule over this model with our layout's (pipe, data, model) rank order.
+
+    `materialize_on` (a device): the model was built on meta; only this stage's layers get memory there (DeepSpeed
+    moves the stage's layers to its device as it builds the module), so a stage never holds the others' weights."""
     from deepspeed.pipe import PipelineModule
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
@@ -71,5 +74,15 @@ def build_pipeline_module(model: MoETransformer, groups: ProcessGroups, loss_fn)
     # Axes ('pipe', 'data', 'model'): model (tp) fastest, then data, then pipe, which is our Layout's rank order.
     topology = PipeModelDataParallelTopology(num_pp=layout.pp, num_mp=layout.tp, num_dp=layout.dp)
     # Balance transformer blocks across stages; embedding and head ride on the first and last stage.
-    return PipelineModule(layers=pipeline_layers(model), topology=topology, loss_fn=loss_fn,
-                          partition_method="type:DecoderStage")
+    layers = pipeline_layers(model)
+    parts = None
+    if materialize_on is not None:
+        from deepspeed.runtime.utils import partition_balanced
+
+        parts = partition_balanced(weights=[int(isinstance(x, DecoderStage)) for x in layers], num_parts=layout.pp)
+        for layer in layers[parts[groups.pp_rank]:parts[groups.pp_rank + 1]]:
+            materialize(layer, materialize_on)
+    module = PipelineModule(layers=layers, topology=topology, loss_fn=loss_fn, partition_method="type:DecoderStage")
+    if parts is not None and list(module.parts) != list(parts):
+        raise RuntimeError(f"DeepSpeed split the pipeline as {module.parts}, expected {parts}")
+    return module

@@ -18,7 +18,7 @@ from torch import nn
 from moe_platform.checkpoint.sharded import LocalState, ShardedReader, ShardSpec
 from moe_platform.config import Config
 from moe_platform.model.moe import MoE
-from moe_platform.model.transformer import MoETransformer
+from moe_platform.model.transformer import MoETransformer, has_meta_tensors, materialize
 from moe_platform.parallel.layout import ProcessGroups
 from moe_platform.parallel.pipeline import build_pipeline_module
 from moe_platform.parallel.placement import full_shapes, is_expert_tensor, local_shard_spec
@@ -80,15 +80,16 @@ def _restore_plain_optimizer_state(optimizer, named, reader: ShardedReader, spec
             continue
         optimizer.state[p] = {
             "step": torch.tensor(float(reader.step(name))),
-            **{key: specs[name].extract(reader.full(name, key)).to(p.device, p.dtype) for key in ADAM_KEYS},
+            **{key: reader.read(name, specs[name], key).to(p.device, p.dtype) for key in ADAM_KEYS},
         }
 
 
-def _load_model_tensors(named: Iterable[tuple[str, torch.Tensor]], reader: ShardedReader,
-                        specs: dict[str, ShardSpec]) -> None:
+def _load_model_tensors(named: Iterable[tuple[str, torch.Tensor]], reader, specs: dict[str, ShardSpec]) -> None:
+    """Fill the model's tensors with their local share from `reader`: a checkpoint (ShardedReader) or, at the start
+    of a fine-tuning run, the imported model directory (HFWeights, which reads only that share)."""
     with torch.no_grad():
         for name, t in named:
-            value = specs[name].extract(reader.full(name))
+            value = reader.read(name, specs[name])
             if value.shape != t.shape:
                 raise ValueError(f"checkpoint tensor {name} has shape {tuple(value.shape)} here, the model needs "
                                  f"{tuple(t.shape)} (different model config?)")
@@ -99,6 +100,8 @@ class LocalBackend:
     """One process, plain PyTorch: the single-process reference."""
 
     def __init__(self, model: MoETransformer, cfg: Config, device: torch.device, autocast_dtype, accum: int):
+        if has_meta_tensors(model):  # built on meta for an import: its weights come from load_state
+            materialize(model, device)
         self.model = model
         self.device = device
         self.autocast_dtype = autocast_dtype
@@ -278,12 +281,18 @@ class DeepSpeedBackend:
         self.names = {id(t): n for n, t in model.state_dict(keep_vars=True).items()}
         self.model = model  # this rank's (tensor/expert-sharded) copy; stages hold parts of it when pp > 1
         self.loss_fn = TokenLoss()
+        # Built on meta for an import: only this rank's share gets memory, and its weights are read below.
+        on_meta = has_meta_tensors(model)
         if layout.pp > 1:
-            module = build_pipeline_module(model, groups, self.loss_fn)
+            module = build_pipeline_module(model, groups, self.loss_fn, materialize_on=device if on_meta else None)
             self.moe_layers = [m for m in module.modules() if isinstance(m, MoE)]
         else:
             module = model
+            if on_meta:
+                materialize(module, device)
         module.to(device)
+        if on_meta:  # materializing made new tensors; the stages hold the model's own modules, so it names them all
+            self.names = {id(t): n for n, t in model.state_dict(keep_vars=True).items()}
         local = [(self.names[id(t)], t) for t in module.state_dict(keep_vars=True).values()]
         self.local_tensors = local
         self.local_params = [(n, t) for n, t in local if isinstance(t, nn.Parameter)]
@@ -449,4 +458,4 @@ class DeepSpeedBackend:
         self._link_optimizer_fragments(zo)
         for name, p in self.local_params:
             for key in ADAM_KEYS:
-                safe_set_full_optimizer_state(p, self.specs[name].extract(reader.full(name, key)).to(p.device), key)
+                safe_set_full_optimizer_state(p, reader.read(name, self.specs[name], key).to(p.device), key)

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from moe_platform.checkpoint.export import export_checkpoint
 from moe_platform.checkpoint.files import check_writable
-from moe_platform.checkpoint.hf import load_hf, read_model_args
+from moe_platform.checkpoint.hf import HFWeights, read_model_args
 from moe_platform.checkpoint.remote import RemoteRun, is_uri, mirror_dir
 from moe_platform.checkpoint.sharded import ShardedReader
 from moe_platform.config import Config, config_to_dict
@@ -210,12 +210,16 @@ class Trainer:
                                               rank, self.dist.world_size, self.remote)
         ckpt = self.checkpointer.resume_point()
         reader = self._checked_reader(ckpt) if ckpt is not None else None
-        model = build_model(self.model_args, device=self.device, seed=cfg.train.seed)
-        model.set_activation_checkpointing(cfg.train.activation_checkpointing)
-        if ckpt is None and cfg.init.from_hf:  # a fresh run starts from the imported weights; a resume from its own
-            _, state = load_hf(cfg.init.from_hf, device=self.device)
-            model.load_state_dict(state, strict=True)
+        imported = None
+        if ckpt is None and cfg.init.from_hf:
+            # A fresh run starts from the imported weights (a resume from its own checkpoint). The model is built on
+            # meta, sharded by the layout, and each rank then reads only its own share of the model directory.
+            reader = imported = HFWeights(cfg.init.from_hf, self.model_args)
+            model = build_model(self.model_args, device="meta")
             log.info("starting from %s (%s)", cfg.init.from_hf, self.model_args.hf_architecture)
+        else:
+            model = build_model(self.model_args, device=self.device, seed=cfg.train.seed)
+        model.set_activation_checkpointing(cfg.train.activation_checkpointing)
         if self.dist.distributed:
             self.backend = DeepSpeedBackend(model, cfg, self.groups, self.device, reader)
         else:
@@ -223,6 +227,7 @@ class Trainer:
                                         cfg.train.global_batch_size // cfg.train.micro_batch_size)
             if reader is not None:
                 self.backend.load_state(reader)
+        self.import_read = self._import_read(imported) if imported is not None else None
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
         self.flops_per_token = self.model_args.flops_per_token(cfg.train.seq_len)
         self.peak_flops = matmul_peak_flops(self.device) * self.dist.world_size
@@ -238,8 +243,20 @@ class Trainer:
                      state.get("layout"), self.layout)
         if rank == 0:
             self.lost_steps = self.metrics.truncate_after(self.step)
-            self.log_event("resume" if ckpt is not None else "start", lost_steps=self.lost_steps)
+            extra = {"imported": self.import_read} if self.import_read else {}
+            self.log_event("resume" if ckpt is not None else "start", lost_steps=self.lost_steps, **extra)
         self.dist.barrier()
+
+    def _import_read(self, imported: HFWeights) -> dict[str, Any]:
+        """What each rank read of the imported model directory (every rank's count, on every rank)."""
+        imported.close()
+        counts = [imported.bytes_read]
+        if self.dist.distributed:
+            counts = [None] * self.dist.world_size
+            torch.distributed.all_gather_object(counts, imported.bytes_read)
+        log.info("rank %d read %.1f MiB of the %.1f MiB in %s", self.dist.rank, imported.bytes_read / 2**20,
+                 imported.total_bytes / 2**20, imported.dir)
+        return {"from": str(imported.dir), "bytes_read": counts, "model_bytes": imported.total_bytes}
 
     def log_event(self, event: str, **extra) -> None:
         """One line in <run>/events.jsonl per start, resume (with the logged steps that will be computed again) and
