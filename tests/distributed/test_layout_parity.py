@@ -133,6 +133,13 @@ def test_impossible_layout_is_refused_before_any_process_starts(degrees, match, 
     assert not (storage / "bad").exists(), "nothing may be written for a refused layout"
 
 
+def test_fp16_on_several_cpu_ranks_is_refused_before_any_process_starts(corpus_file, storage):
+    cfg = config(corpus_file, storage, "fp16-dp2", **layout_overrides({"dp": 2}), **{"train.precision": "fp16"})
+    with pytest.raises(ValueError, match=r"'fp16' on 2 ranks runs DeepSpeed's fp16 engine, which this cpu device"):
+        launch_local(cfg, progress=False)
+    assert not (storage / "fp16-dp2").exists()
+
+
 def test_layouts_part_only_where_a_routing_choice_flips(corpus_file, storage):
     """Why long runs at different layouts drift apart (docs/operations.md, "Layouts and bitwise equality"): data
     parallelism sums gradients in another order, which moves losses by ~1e-7. That stays so until a router logit

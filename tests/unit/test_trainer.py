@@ -99,3 +99,28 @@ def test_cli_export_of_any_checkpoint(tiny_config, tmp_path, capsys):
     assert cfg["model_type"] == "mixtral" and os.path.exists(tmp_path / "exp" / "tokenizer.json")
     assert cli_main(["export", str(tmp_path / "nothing"), str(tmp_path / "x")]) == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_fp16_skips_and_counts_overflow_steps_and_resumes_bitwise(tiny_config):
+    """fp16 with dynamic loss scaling: a scale of 2**24 overflows, so the first steps are skipped (the weights do not
+    move), counted in metrics.jsonl and halve the scale until it fits; after that the run trains. The scale and the
+    count are part of the checkpoint: a resumed run continues bit for bit."""
+    common = {"train.precision": "fp16", "train.fp16_initial_scale_power": 24, "train.steps": 12,
+              "checkpoint.interval": 6, "train.warmup": 2, "checkpoint.export": "false"}
+    trainer = Trainer(tiny_config(**common, **{"run.name": "fp16"}), progress=False)
+    trainer.setup()
+    start = params(trainer)
+    first = trainer.train_step()
+    assert first["overflow"] and first["skipped_steps"] == 1 and first["loss_scale"] == 2.0 ** 23
+    assert all(torch.equal(v, start[k]) for k, v in params(trainer).items()), "an overflow step changed weights"
+    trainer.fit()
+    logged = trainer.metrics.read()
+    skipped = logged[-1]["skipped_steps"]  # logged: steps 2..12 (step 1 ran above)
+    assert skipped == 1 + sum(r["overflow"] for r in logged) and 1 < skipped < 12, [r["loss_scale"] for r in logged]
+    assert not logged[-1]["overflow"] and logged[-1]["loss"] < logged[skipped - 1]["loss"], "it trains once it fits"
+    first, r1 = run(tiny_config(**common, **{"run.name": "fp16-resumed"}), stop_after=6)
+    second, r2 = run(tiny_config(**common, **{"run.name": "fp16-resumed"}))
+    assert r2.resumed_from == 6
+    assert all(torch.equal(v, params(trainer)[k]) for k, v in params(second).items())
+    assert [(r["loss"], r["loss_scale"], r["skipped_steps"]) for r in second.metrics.read()[1:]] == [
+        (r["loss"], r["loss_scale"], r["skipped_steps"]) for r in logged]

@@ -185,7 +185,11 @@ def validate_config(cfg: Config) -> None:
     need(0 <= t.warmup <= t.steps, f"train.warmup must be in [0, train.steps], got {t.warmup}")
     need(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, f"train.beta1/beta2 must be in [0, 1), got {t.beta1}, {t.beta2}")
     need(t.grad_clip >= 0, f"train.grad_clip must be >= 0, got {t.grad_clip}")
-    need(t.precision in ("auto", "fp32", "bf16"), f"train.precision must be auto, fp32 or bf16, got {t.precision!r}")
+    need(t.precision in ("auto", "fp32", "bf16", "fp16"),
+         f"train.precision must be auto, fp32, bf16 or fp16, got {t.precision!r}")
+    need(0 <= t.fp16_initial_scale_power <= 64, f"train.fp16_initial_scale_power must be in [0, 64], got "
+                                                f"{t.fp16_initial_scale_power}")
+    need(t.fp16_loss_scale_window >= 1, f"train.fp16_loss_scale_window must be >= 1, got {t.fp16_loss_scale_window}")
     need(t.device in ("auto", "cpu", "cuda"), f"train.device must be auto, cpu or cuda, got {t.device!r}")
     need(t.log_interval > 0, f"train.log_interval must be > 0, got {t.log_interval}")
     need(t.eval_interval >= 0, f"train.eval_interval must be >= 0, got {t.eval_interval}")

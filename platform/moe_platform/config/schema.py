@@ -53,7 +53,11 @@ class TrainConfig:
     beta2: float = _f(0.95, "AdamW beta2")
     grad_clip: float = _f(1.0, "clip the global gradient norm to this value (0 disables)")
     seed: int = _f(1234, "seed for initialisation, data order and sampling")
-    precision: str = _f("auto", "auto (bf16 on GPU, fp32 on CPU), fp32 or bf16")
+    precision: str = _f("auto", "auto (bf16 on GPU, fp32 on CPU), fp32, bf16, or fp16 (with dynamic loss scaling: "
+                                "overflow steps are skipped and counted)")
+    fp16_initial_scale_power: int = _f(16, "fp16: the loss scale starts at 2**this; it halves on each overflow and "
+                                           "doubles after fp16_loss_scale_window clean steps")
+    fp16_loss_scale_window: int = _f(1000, "fp16: clean steps before the loss scale doubles")
     device: str = _f("auto", "auto, cpu or cuda")
     deterministic: bool = _f(True, "deterministic kernels (bitwise-reproducible runs on CPU)")
     log_interval: int = _f(1, "steps between metrics.jsonl lines")

@@ -231,8 +231,15 @@ class GroupedExperts(nn.Module):
         rows' outputs. scores (M,), when given, weight each row's output.
         """
         if x.device.type == "cpu":
-            return _GroupedSwiGLU.apply(x, self.gate_up_proj, self.down_proj, counts.tolist(), token_index, scores,
-                                        torch.is_grad_enabled())
+            if not torch.is_autocast_enabled("cpu"):
+                return _GroupedSwiGLU.apply(x, self.gate_up_proj, self.down_proj, counts.tolist(), token_index,
+                                            scores, torch.is_grad_enabled())
+            # Under autocast the fused function runs in the autocast dtype as a whole (its output buffers take the
+            # inputs' dtype); the casts of the weights carry their gradients back to the fp32 weights.
+            dtype = torch.get_autocast_dtype("cpu")
+            with torch.autocast("cpu", enabled=False):
+                return _GroupedSwiGLU.apply(x.to(dtype), self.gate_up_proj.to(dtype), self.down_proj.to(dtype),
+                                            counts.tolist(), token_index, scores, torch.is_grad_enabled())
         rows = x if token_index is None else x[token_index]  # (N, D) -> (M, D)
         gate, up = grouped_mm(rows, self.gate_up_proj, counts).chunk(2, dim=-1)
         out = grouped_mm(F.silu(gate) * up, self.down_proj, counts)

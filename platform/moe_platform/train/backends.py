@@ -96,6 +96,91 @@ def _load_model_tensors(named: Iterable[tuple[str, torch.Tensor]], reader, specs
             t.copy_(value)
 
 
+class LossScaler:
+    """fp16 dynamic loss scaling on one process (torch.amp.GradScaler, set up like DeepSpeed's: start at
+    2**train.fp16_initial_scale_power, halve on an overflow and skip that step, double after
+    train.fp16_loss_scale_window clean steps). Disabled for every other precision, where it does nothing."""
+
+    def __init__(self, cfg: Config, device: torch.device):
+        self.enabled = cfg.train.precision == "fp16"
+        self.scaler = torch.amp.GradScaler(device.type, init_scale=2.0 ** cfg.train.fp16_initial_scale_power,
+                                           growth_interval=cfg.train.fp16_loss_scale_window, enabled=self.enabled)
+        self.skipped_steps = 0
+        self.overflow = False
+
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        return self.scaler.scale(loss)
+
+    def unscale(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.enabled:
+            self.scaler.unscale_(optimizer)
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Step unless the gradients overflowed (then count the skip); update the scale."""
+        if not self.enabled:
+            optimizer.step()
+            return
+        before = self.scaler.get_scale()
+        self.scaler.step(optimizer)
+        self.scaler.update()
+        self.overflow = self.scaler.get_scale() < before
+        self.skipped_steps += int(self.overflow)
+
+    def metrics(self) -> dict:
+        if not self.enabled:
+            return {}
+        return {"loss_scale": self.scaler.get_scale(), "overflow": self.overflow, "skipped_steps": self.skipped_steps}
+
+    def state_dict(self) -> dict | None:
+        if not self.enabled:
+            return None
+        state = self.scaler.state_dict()
+        return {"scale": float(state["scale"]), "growth_tracker": int(state["_growth_tracker"]),
+                "skipped_steps": self.skipped_steps}
+
+    def load_state_dict(self, state: dict | None) -> None:
+        if not self.enabled or not state:
+            return
+        self.scaler.load_state_dict({**self.scaler.state_dict(), "scale": state["scale"],
+                                     "_growth_tracker": state.get("growth_tracker", 0)})
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+
+
+class DeepSpeedLossScaler:
+    """The same view of DeepSpeed's own dynamic loss scaler (the engine skips overflow steps itself)."""
+
+    def __init__(self, engine, enabled: bool):
+        self.engine = engine
+        self.enabled = enabled
+
+    def _scaler(self):
+        return getattr(self.engine.optimizer, "loss_scaler", None)
+
+    def metrics(self) -> dict:
+        if not self.enabled:
+            return {}
+        scaler = self._scaler()
+        return {"loss_scale": float(scaler.cur_scale) if scaler is not None else None,
+                "overflow": not self.engine.was_step_applied(), "skipped_steps": int(self.engine.skipped_steps)}
+
+    def state_dict(self) -> dict | None:
+        if not self.enabled:
+            return None
+        scaler = self._scaler()
+        keys = ("cur_iter", "last_overflow_iter", "cur_hysteresis")
+        return {"scale": float(scaler.cur_scale), "skipped_steps": int(self.engine.skipped_steps),
+                "deepspeed": {k: getattr(scaler, k) for k in keys if hasattr(scaler, k)}}
+
+    def load_state_dict(self, state: dict | None) -> None:
+        if not self.enabled or not state:
+            return
+        scaler = self._scaler()
+        scaler.cur_scale = state["scale"]
+        for k, v in state.get("deepspeed", {}).items():
+            setattr(scaler, k, v)
+        self.engine.skipped_steps = int(state.get("skipped_steps", 0))
+
+
 class LocalBackend:
     """One process, plain PyTorch: the single-process reference."""
 
@@ -108,6 +193,7 @@ class LocalBackend:
         self.accum = accum
         self.grad_clip = cfg.train.grad_clip
         self.optimizer = build_optimizer(model, cfg.train)
+        self.loss_scaler = LossScaler(cfg, device)
         self.loss_fn = TokenLoss()
         self.moe_layers = model.moe_layers()
         for moe in self.moe_layers:
@@ -130,11 +216,12 @@ class LocalBackend:
         total = torch.zeros((), device=self.device)
         for batch in micro_batches:
             loss = self.forward_loss(batch) / self.accum
-            loss.backward()
+            self.loss_scaler.scale(loss).backward()
             total += loss.detach()
+        self.loss_scaler.unscale(self.optimizer)
         norm = (torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip) if self.grad_clip > 0
                 else torch.zeros(()))
-        self.optimizer.step()
+        self.loss_scaler.step(self.optimizer)
         self.optimizer.zero_grad(set_to_none=True)
         return float(total), float(norm)
 
@@ -163,6 +250,18 @@ class LocalBackend:
     def load_state(self, reader: ShardedReader) -> None:
         _load_model_tensors(self.model.state_dict().items(), reader, self.specs)
         _restore_plain_optimizer_state(self.optimizer, self.model.named_parameters(), reader, self.specs)
+
+
+def check_precision(cfg: Config, world_size: int) -> None:
+    """fp16 on several ranks runs DeepSpeed's fp16 engine, which needs a device with fp16 kernels."""
+    if cfg.train.precision != "fp16" or world_size == 1:
+        return
+    from deepspeed.accelerator import get_accelerator
+
+    if not get_accelerator().is_fp16_supported():
+        raise ValueError(f"train.precision = 'fp16' on {world_size} ranks runs DeepSpeed's fp16 engine, which this "
+                         f"{get_accelerator().device_name()} device does not support: train on GPUs, or use bf16, "
+                         f"fp32, or fp16 on one process")
 
 
 class DeepSpeedMPU:
@@ -304,6 +403,8 @@ class DeepSpeedBackend:
             _make_moe_visible_to_deepspeed(module, layout.ep)
         bucket = int(min(5e8, max(2**20, sum(p.numel() for _, p in self.local_params))))
         bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
+        fp16 = cfg.train.precision == "fp16"
+        check_precision(cfg, layout.world_size)
         ds_config = {
             "train_batch_size": cfg.train.global_batch_size,
             "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
@@ -315,6 +416,9 @@ class DeepSpeedBackend:
                                   # of fp32 per rank); size them to the model instead.
                                   "reduce_bucket_size": bucket, "allgather_bucket_size": bucket},
             "bf16": {"enabled": bf16},
+            # DeepSpeed's dynamic loss scaling: an overflow step is skipped and halves the scale.
+            "fp16": {"enabled": fp16, "loss_scale": 0, "initial_scale_power": cfg.train.fp16_initial_scale_power,
+                     "loss_scale_window": cfg.train.fp16_loss_scale_window, "hysteresis": 2, "min_loss_scale": 1},
             "zero_allow_untested_optimizer": True,
             "steps_per_print": 2**31 - 1,
             "wall_clock_breakdown": False,
@@ -324,6 +428,7 @@ class DeepSpeedBackend:
         mpu = DeepSpeedMPU(groups) if layout.pp == 1 and layout.tp > 1 else None
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config,
                                                                  mpu=mpu)
+        self.loss_scaler = DeepSpeedLossScaler(self.engine, fp16)
         self.is_pipeline = layout.pp > 1
         self.dp_group = groups.dp
         # Metrics come from the last pipeline stage (it has the loss), first data/tensor rank.

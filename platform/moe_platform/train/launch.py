@@ -16,6 +16,7 @@ import torch
 
 from moe_platform.config import Config, config_from_dict, config_to_dict
 from moe_platform.parallel import resolve_layout
+from moe_platform.train.backends import check_precision
 from moe_platform.train.trainer import DistContext, Trainer, TrainerHooks, TrainResult, model_args_for
 
 
@@ -75,6 +76,7 @@ def launch_local(cfg: Config, world_size: int | None = None, progress: bool = Tr
     world_size = world_size or world_size_for(cfg)
     # Refuse an impossible layout here, before any process or process group exists.
     resolve_layout(cfg, world_size, model_args_for(cfg))
+    check_precision(cfg, world_size)
     if world_size == 1:
         return run_rank(cfg, DistContext(), progress, stop_after, on_export)
     import torch.multiprocessing as mp

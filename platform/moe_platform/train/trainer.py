@@ -164,7 +164,7 @@ class Trainer:
         self.progress = progress and self.dist.rank == 0
         prec = cfg.train.precision
         self.autocast_dtype = (torch.bfloat16 if prec == "bf16" or (prec == "auto" and self.device.type == "cuda")
-                               else None)
+                               else torch.float16 if prec == "fp16" else None)
         self.step = 0
         self.counted_targets = 0  # targets the loss counted in the last global batch
         self.resumed_from: int | None = None
@@ -236,6 +236,7 @@ class Trainer:
             state = read_trainer_state(ckpt)
             self.step = state["step"]
             self.sampler.load_state_dict(state["sampler"])
+            self.backend.loss_scaler.load_state_dict(state.get("loss_scaler"))
             restore_rank_rng(ckpt, rank)
             self.resumed_from = self.step
             self.resharded = state.get("layout") != self.layout.to_dict()
@@ -289,7 +290,8 @@ class Trainer:
     def trainer_state(self) -> dict[str, Any]:
         return {"step": self.step, "sampler": self.sampler.state_dict(), "model_args": self.model_args.to_dict(),
                 "config": config_to_dict(self.cfg), "layout": self.layout.to_dict(),
-                "world_size": self.dist.world_size, "lr_schedule": {"kind": "warmup_cosine", "step": self.step}}
+                "world_size": self.dist.world_size, "lr_schedule": {"kind": "warmup_cosine", "step": self.step},
+                "loss_scaler": self.backend.loss_scaler.state_dict()}
 
     def _micro_batches(self, ids: np.ndarray) -> list[tuple[torch.Tensor, ...]]:
         """This rank's micro-batches of the global batch `ids`; sets the loss scale so that the step's loss is the
@@ -338,7 +340,7 @@ class Trainer:
             "tokens_per_s": tokens_per_s, "mfu": tokens_per_s * self.flops_per_token / self.peak_flops,
             "expert_imbalance": float((loads.max(dim=1).values / loads.mean(dim=1).clamp(min=1e-9)).mean()),
             "tokens_per_expert": loads.sum(0).tolist(), "step_time_s": dt, "time": time.time(),
-            "loss_tokens": self.counted_targets,
+            "loss_tokens": self.counted_targets, **self.backend.loss_scaler.metrics(),
         }
         if cfg.log_sample_ids:
             rec["sample_ids"] = ids.tolist()
