@@ -24,7 +24,7 @@ class DataConfig:
     path: str = _f("", "text file, folder of text files, or parquet file/folder; empty uses the Python stdlib sources")
     text_column: str = _f("text", "column holding the text when the corpus is parquet")
     vocab_size: int = _f(4096, "size of the byte-level BPE vocabulary trained on the corpus")
-    max_bytes: int = _f(8_000_000, "read at most this many bytes of corpus text (0 = no limit)")
+    max_bytes: int = _f(8_000_000, "text data: read at most this many bytes of corpus text (0 = no limit)")
     cache_dir: str = _f("", "where tokenized corpora are cached; empty means ~/.cache/moe-platform")
     val_fraction: float = _f(0.01, "fraction of samples held out for validation loss")
     format: str = _f("text", "text (raw text: pretraining or continued pretraining) or chat (JSONL or parquet rows of "
