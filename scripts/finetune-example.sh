@@ -5,28 +5,8 @@
 # from the export, and ask /v1/chat/completions with the openai client. Everything it started stops at the end.
 # usage: bash scripts/finetune-example.sh [--section.key=value ...]   (training overrides; KEEP=1 keeps the run)
 set -euo pipefail
-cd "$(dirname "$0")/.."
-repo=$(pwd)
-bash scripts/setup.sh
-export PATH="$repo/.venv/bin:$PATH"
-start=$SECONDS
-work=$(mktemp -d /tmp/moe-finetune.XXXXXX)
-state=$work/cluster
-
-cleanup() {
-  local rc=$?
-  trap - INT TERM
-  if [ -f "$state/serve-config.yaml" ]; then
-    (. "$state/env" && timeout 120 serve shutdown --address "$MOE_DASHBOARD_URL" --yes >/dev/null 2>&1) || true
-  fi
-  bash scripts/cluster-down.sh "$state" || true
-  if [ "${KEEP:-0}" = 1 ]; then echo "[finetune] kept $work"; else rm -rf -- "$work"; fi
-  exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-echo "[finetune] working in $work (deleted at the end unless KEEP=1)"
+# shellcheck source=scripts/local-run.sh
+. "$(dirname "$0")/local-run.sh" finetune
 echo "[finetune] 1/5 building a tiny Qwen3-MoE and a chat JSONL"
 python scripts/tiny_chat_model.py "$work/qwen3-moe" "$work/chat.jsonl"
 

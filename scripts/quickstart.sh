@@ -5,28 +5,8 @@
 # cluster-down.sh) and delete its files. `moe-platform demo` does the same in-process, without a cluster.
 # usage: bash scripts/quickstart.sh [--section.key=value ...]   (training overrides; KEEP=1 keeps the trained run)
 set -euo pipefail
-cd "$(dirname "$0")/.."
-repo=$(pwd)
-bash scripts/setup.sh
-export PATH="$repo/.venv/bin:$PATH"
-start=$SECONDS
-work=$(mktemp -d /tmp/moe-quickstart.XXXXXX)
-state=$work/cluster
-
-cleanup() {
-  local rc=$?
-  trap - INT TERM
-  if [ -f "$state/serve-config.yaml" ]; then  # deploy.sh got as far as deploying
-    (. "$state/env" && timeout 120 serve shutdown --address "$MOE_DASHBOARD_URL" --yes >/dev/null 2>&1) || true
-  fi
-  bash scripts/cluster-down.sh "$state" || true
-  if [ "${KEEP:-0}" = 1 ]; then echo "[quickstart] kept $work/runs/quickstart"; else rm -rf -- "$work"; fi
-  exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-echo "[quickstart] working in $work (deleted at the end unless KEEP=1)"
+# shellcheck source=scripts/local-run.sh
+. "$(dirname "$0")/local-run.sh" quickstart
 echo "[quickstart] 1/4 starting a local Ray head (token auth, dashboard on 127.0.0.1)"
 bash scripts/cluster-up.sh "$state"
 # shellcheck disable=SC1091

@@ -40,6 +40,7 @@ from moe_platform.config.schema import DataConfig
 from moe_platform.tokenizer import ChatTemplate
 from moe_platform.train.data import (
     IGNORE_INDEX,
+    HeldOutSplit,
     default_cache_dir,
     held_out_count,
     walk_sorted,
@@ -195,7 +196,7 @@ def iter_chat_texts(cfg_data: DataConfig) -> Iterator[str]:
 
 
 @dataclass
-class ChatDataset:
+class ChatDataset(HeldOutSplit):
     """Rows of seq_len+1 tokens holding whole conversations; the last rows are validation."""
 
     tokens: np.ndarray  # (N, seq_len+1)
@@ -218,16 +219,6 @@ class ChatDataset:
                 f"the chat data packs into only {self.num_samples} sequences of seq_len+1={self.seq_len + 1} tokens "
                 f"({self.val_count} held out for validation); at least 2 training sequences are needed: add rows, or "
                 f"lower train.seq_len or data.val_fraction")
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-    @property
-    def train_ids_count(self) -> int:
-        return self.num_samples - self.val_count
-
-    def val_ids(self) -> np.ndarray:
-        return np.arange(self.train_ids_count, self.num_samples, dtype=np.int64)
 
     def _rows(self, sample_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         ids = np.asarray(sample_ids, dtype=np.int64)

@@ -211,8 +211,27 @@ def held_out_count(num_samples: int, val_fraction: float) -> int:
     return max(1, int(num_samples * val_fraction)) if val_fraction > 0 else 0
 
 
+class HeldOutSplit:
+    """Samples [0, train_ids_count) train; the last `val_count` are held out for validation."""
+
+    num_samples: int
+    val_count: int
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    @property
+    def train_ids_count(self) -> int:
+        """Training samples are ids [0, train_ids_count)."""
+        return self.num_samples - self.val_count
+
+    def val_ids(self) -> np.ndarray:
+        """Ids of the held-out validation samples (empty when val_fraction is 0)."""
+        return np.arange(self.train_ids_count, self.num_samples, dtype=np.int64)
+
+
 @dataclass
-class TokenDataset:
+class TokenDataset(HeldOutSplit):
     """A flat token stream cut into non-overlapping samples of seq_len+1 tokens; the last samples are validation."""
 
     tokens: np.ndarray  # (num_tokens,) uint16/uint32 memmap
@@ -241,18 +260,6 @@ class TokenDataset:
 
     def _val_count_for(self, num_samples: int) -> int:
         return held_out_count(num_samples, self.val_fraction)
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-    @property
-    def train_ids_count(self) -> int:
-        """Training samples are ids [0, train_ids_count)."""
-        return self.num_samples - self.val_count
-
-    def val_ids(self) -> np.ndarray:
-        """Ids of the held-out validation samples (empty when val_fraction is 0)."""
-        return np.arange(self.train_ids_count, self.num_samples, dtype=np.int64)
 
     def count_targets(self, sample_ids: np.ndarray) -> int:
         """How many targets of these samples the loss counts: all of them in raw text."""
