@@ -24,9 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import sys
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +39,7 @@ from moe_platform.tokenizer import ChatTemplate
 from moe_platform.train.data import (
     IGNORE_INDEX,
     HeldOutSplit,
+    atomic_output,
     default_cache_dir,
     held_out_count,
     walk_sorted,
@@ -293,19 +292,6 @@ class _Packer:
         return tuple(np.stack(parts) for parts in zip(*self.rows, strict=True))
 
 
-def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def build_chat_dataset(cfg_data: DataConfig, tokenizer: Tokenizer, template: ChatTemplate, seq_len: int,
                        cache_dir: Path | None = None, pad_id: int = 0) -> ChatDataset:
     """Encode, check and pack the chat rows once (or reuse the cache): see the module docstring."""
@@ -373,7 +359,8 @@ def _encode_rows(cfg_data: DataConfig, tokenizer: Tokenizer, template: ChatTempl
                          + (f" ({len(skipped)} bad rows skipped, e.g. {skipped[0]})" if skipped else ""))
     tokens, counted_arr, segments = packer.arrays()
     for name, array in (("tokens", tokens), ("counted", counted_arr), ("segments", segments)):
-        _save_npy_atomic(parts[name], array)
+        with atomic_output(parts[name]) as f:
+            np.save(f, array)
     return {"path": cfg_data.path, "conversations": conversations, "sequences": len(tokens),
             "counted_tokens": counted_tokens, "truncated_rows": truncated, "skipped_rows": len(skipped),
             "skipped_examples": skipped[:5], "packing": cfg_data.packing, "seq_len": seq_len}

@@ -17,6 +17,7 @@ in the cache directory. Samples are non-overlapping windows of seq_len+1 tokens;
 from __future__ import annotations
 
 import codecs
+import contextlib
 import hashlib
 import json
 import os
@@ -353,15 +354,25 @@ def _write_token_stream(cfg_data: DataConfig, tokenizer: Tokenizer, out_path: Pa
     return {"num_tokens": num_tokens, "num_documents": num_docs, "dtype": dtype.name}
 
 
-def write_json_atomic(path: Path, obj: dict) -> None:
+@contextlib.contextmanager
+def atomic_output(path: Path) -> Iterator:
+    """A binary file that becomes `path` only once written whole and fsynced (a temp file, then a rename), so a
+    crash never leaves a partial cache file."""
     fd, tmp_name = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp_name, path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: Path, obj: dict) -> None:
+    with atomic_output(path) as f:
+        f.write(json.dumps(obj, indent=2, sort_keys=True).encode("utf-8"))
 
 
 def _read_valid_cache(bin_path: Path, meta_path: Path, key: str, dtype: np.dtype) -> dict | None:
