@@ -84,7 +84,29 @@ def test_activation_checkpointing_on_layouts_matches_single_process(name, mode, 
     assert_matches_reference(f"{name} with {mode} activation checkpointing", result, reference)
 
 
-def assert_matches_reference(name: str, result, reference) -> None:
+LORA = {"lora.enabled": "true", "lora.targets": "q_proj,k_proj,v_proj,o_proj,experts,shared_experts",
+        "lora.rank": 4, "model.n_shared_experts": 1, "train.lr": 1e-2}
+
+
+@pytest.fixture(scope="module")
+def lora_reference(corpus_file, storage):
+    result = launch_local(config(corpus_file, storage, "lora-single", **LORA), progress=False)
+    return losses(result.run_dir), full_state(result.run_dir)["model"]
+
+
+@pytest.mark.parametrize("name", ["dp2", "dp2-ep2", "tp2", "pp2"])
+def test_lora_on_layouts_matches_single_process(name, corpus_file, storage, lora_reference):
+    """Adapters on attention, routed and shared experts: expert adapters split with their experts under ep, the
+    attention and shared-expert adapters with their projections' columns or rows under tp. Losses match within 1e-5
+    as for full training. The adapters themselves within 1e-4: Adam divides each gradient by its own running size,
+    and the adapters' gradients (products of two small factors, B starting at zero) are small enough that the
+    layouts' different summation orders leave ~1e-4 relative differences in them after ten steps at lr 1e-2."""
+    result = launch_local(config(corpus_file, storage, f"lora-{name}", **LORA, **layout_overrides(LAYOUTS[name])),
+                          progress=False)
+    assert_matches_reference(f"LoRA at {name}", result, lora_reference, param_atol=1e-4)
+
+
+def assert_matches_reference(name: str, result, reference, param_atol: float = 1e-5) -> None:
     ref_losses, ref_params = reference
     got = losses(result.run_dir)
     assert len(got) == STEPS
@@ -93,7 +115,7 @@ def assert_matches_reference(name: str, result, reference) -> None:
     params = full_state(result.run_dir)["model"]
     assert params.keys() == ref_params.keys()
     for key, value in ref_params.items():
-        torch.testing.assert_close(params[key], value, rtol=0, atol=1e-5, msg=f"{name}: parameter {key}")
+        torch.testing.assert_close(params[key], value, rtol=0, atol=param_atol, msg=f"{name}: parameter {key}")
 
 
 def test_resharding_is_bitwise_and_training_continues(corpus_file, storage, reference):
@@ -141,11 +163,12 @@ def test_fp16_on_several_cpu_ranks_is_refused_before_any_process_starts(corpus_f
 
 
 def test_layouts_part_only_where_a_routing_choice_flips(corpus_file, storage):
-    """Why long runs at different layouts drift apart (docs/operations.md, "Layouts and bitwise equality"): data
-    parallelism sums gradients in another order, which moves losses by ~1e-7. That stays so until a router logit
-    near a tie rounds the other way and one token's top-k experts change; from that step on the runs take different
-    paths. Measured here: identical routing and gaps <= 1e-6 up to that step, and a gap above 1e-5 after it."""
-    extra = {"train.steps": 120, "train.lr": 3e-3, "train.global_batch_size": 12, "train.micro_batch_size": 2}
+    """Why long runs at different layouts drift apart (docs/operations.md, "Resized runs and bitwise equality"): data
+    parallelism sums gradients in another order, which moves losses by ~1e-7 to 1e-6. That stays so until a router
+    logit near a tie rounds the other way and one token's top-k experts change; from that step on the runs take
+    different paths. Measured here (lr 1e-2, where a flip comes early): identical routing and gaps within the 1e-5
+    parity bar up to that step, and a gap above 1e-4 after it."""
+    extra = {"train.steps": 120, "train.lr": 1e-2, "train.global_batch_size": 12, "train.micro_batch_size": 2}
     runs = {}
     for name, degrees in (("drift-1", {}), ("drift-dp2", dict(dp=2))):
         result = launch_local(config(corpus_file, storage, name, **extra, **layout_overrides(degrees)), progress=False)
@@ -155,8 +178,8 @@ def test_layouts_part_only_where_a_routing_choice_flips(corpus_file, storage):
     assert flips, "routing never differed: the drift this test explains did not happen"
     gaps = [abs(a["loss"] - b["loss"]) / abs(a["loss"]) for a, b in zip(one, two, strict=True)]
     first = flips[0]
-    assert max(gaps[: first - 1]) <= 1e-6, f"the runs parted before routing did (step {first}): {gaps[:first]}"
-    assert max(gaps[first - 1:]) > 1e-5, "after the routing flip the runs should part"
+    assert max(gaps[: first - 1]) <= 1e-5, f"the runs parted before routing did (step {first}): {gaps[:first]}"
+    assert max(gaps[first - 1:]) > 1e-4, "after the routing flip the runs should part"
 
 
 # Imported Hugging Face models train on every layout like on one process. The layouts split what each architecture
