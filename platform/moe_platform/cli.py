@@ -42,7 +42,7 @@ def _cmd_train(ns: argparse.Namespace, rest: list[str]) -> int:
 def _cmd_export(ns: argparse.Namespace, rest: list[str]) -> int:
     from moe_platform.checkpoint.export import export_checkpoint
 
-    out = export_checkpoint(ns.checkpoint, ns.out_dir)
+    out = export_checkpoint(ns.checkpoint, ns.out_dir, merge=ns.merge)
     print(out)
     return 0
 
@@ -180,7 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("export", help="write a Hugging Face model directory from a checkpoint")
     e.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its latest valid checkpoint)")
-    e.add_argument("out_dir", help="output directory (config.json, model.safetensors, tokenizer files)")
+    e.add_argument("out_dir", help="output directory (config.json, model.safetensors, tokenizer files; for a LoRA "
+                                   "run's checkpoint, its adapters in PEFT format)")
+    e.add_argument("--merge", action="store_true", help="a LoRA run's checkpoint: write the model with the adapters "
+                                                        "folded in instead of the adapters")
     e.set_defaults(fn=_cmd_export)
 
     pub = sub.add_parser("publish", help="publish an export to the model registry in a running Ray cluster's "

@@ -13,6 +13,7 @@ import tomllib
 
 from moe_platform.checks import requirer
 from moe_platform.config.schema import Config
+from moe_platform.model.lora import parse_targets
 
 log = logging.getLogger("moe_platform.config")
 _BOOL_WORDS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
@@ -195,6 +196,14 @@ def validate_config(cfg: Config) -> None:
     need(t.eval_interval >= 0, f"train.eval_interval must be >= 0, got {t.eval_interval}")
     need(t.activation_checkpointing in ("none", "full", "selective"),
          f"train.activation_checkpointing must be none, full or selective, got {t.activation_checkpointing!r}")
+    lora = cfg.lora
+    need(lora.rank >= 1, f"lora.rank must be >= 1, got {lora.rank}")
+    need(lora.alpha > 0, f"lora.alpha must be > 0, got {lora.alpha}")
+    need(0 <= lora.dropout < 1, f"lora.dropout must be in [0, 1), got {lora.dropout}")
+    try:
+        parse_targets(lora.targets)
+    except ValueError as e:
+        need(False, str(e))
     d = cfg.data
     need(d.vocab_size >= 256 + 8, f"data.vocab_size must be >= 264 (256 bytes + special tokens), got {d.vocab_size}")
     need(cfg.model.vocab_size in (0, d.vocab_size),

@@ -112,10 +112,23 @@ class InitConfig:
 
 
 @dataclass
+class LoRAConfig:
+    enabled: bool = _f(False, "train low-rank adapters instead of every weight: the base weights are frozen and hold "
+                              "no optimizer state")
+    rank: int = _f(16, "rank r of each adapter (A: r x in, B: out x r)")
+    alpha: float = _f(32.0, "the adapters' output is scaled by alpha / rank")
+    dropout: float = _f(0.0, "dropout on the input of the attention and shared-expert adapters (0 = none)")
+    targets: str = _f("q_proj,k_proj,v_proj,o_proj", "comma-separated: q_proj, k_proj, v_proj, o_proj (attention), "
+                                                       "experts (each routed expert's gate/up and down, stacked like "
+                                                       "the experts), shared_experts")
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig, metadata={"doc": "run identity and storage"})
     init: InitConfig = field(default_factory=InitConfig, metadata={"doc": "where the weights start"})
     model: ModelArgs = field(default_factory=ModelArgs, metadata={"doc": "model architecture"})
+    lora: LoRAConfig = field(default_factory=LoRAConfig, metadata={"doc": "low-rank adapters (LoRA)"})
     data: DataConfig = field(default_factory=DataConfig, metadata={"doc": "corpus and tokenizer"})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"doc": "optimisation"})
     parallel: ParallelConfig = field(default_factory=ParallelConfig, metadata={"doc": "parallel layout"})

@@ -79,7 +79,7 @@ class Attention(nn.Module):
         """mask (B, 1, T, T), True where a query may attend a key, replaces the causal mask (packed documents)."""
         bsz, seq, _ = x.shape
         # Head counts come from the projections so a tensor-parallel shard (fewer local heads) runs unchanged.
-        q, k = self.q_proj(x), self.k_proj(x)
+        q, k = self._proj("q_proj", x), self._proj("k_proj", x)
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         q = q.view(bsz, seq, -1, self.head_dim)  # (B, T, H, hd)
@@ -87,7 +87,7 @@ class Attention(nn.Module):
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, hd), (B, KV, T, hd)
-        v = self.v_proj(x).view(bsz, seq, -1, self.head_dim).transpose(1, 2)
+        v = self._proj("v_proj", x).view(bsz, seq, -1, self.head_dim).transpose(1, 2)
         cos, sin = rope
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is None:
@@ -97,7 +97,13 @@ class Attention(nn.Module):
             k, v, mask = cache.update(self.layer_idx, k, v)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
         out = out.transpose(1, 2).reshape(bsz, seq, -1)  # (B, H, T, hd) -> (B, T, H*hd)
-        return self.o_proj(out)
+        return self._proj("o_proj", out)
+
+    def _proj(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """A projection, plus its low-rank adapter when it has one (model/lora.py)."""
+        out = getattr(self, name)(x)
+        lora = getattr(self, "lora", None)
+        return out + lora[name](x) if lora is not None and name in lora else out
 
 
 def document_layout(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

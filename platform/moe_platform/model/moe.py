@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from moe_platform.model.args import ModelArgs
+from moe_platform.model.lora import adapted
 
 
 class _GroupedMatmul(torch.autograd.Function):
@@ -210,7 +211,11 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        lora = getattr(self, "lora", None)
+        if lora is None:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        h = F.silu(self.gate_proj(x) + lora["gate_proj"](x)) * (self.up_proj(x) + lora["up_proj"](x))
+        return self.down_proj(h) + lora["down_proj"](h)
 
 
 class GroupedExperts(nn.Module):
@@ -230,19 +235,22 @@ class GroupedExperts(nn.Module):
         With token_index (M,), row i is token x[token_index[i]] of x: (N, D) -> (N, D), each token the sum of its
         rows' outputs. scores (M,), when given, weight each row's output.
         """
+        lora = getattr(self, "lora", None)  # adapters fold into the weights (model/lora.py)
+        gate_up_w = adapted(self.gate_up_proj, lora["gate_up_proj"] if lora is not None else None)
+        down_w = adapted(self.down_proj, lora["down_proj"] if lora is not None else None)
         if x.device.type == "cpu":
             if not torch.is_autocast_enabled("cpu"):
-                return _GroupedSwiGLU.apply(x, self.gate_up_proj, self.down_proj, counts.tolist(), token_index,
-                                            scores, torch.is_grad_enabled())
+                return _GroupedSwiGLU.apply(x, gate_up_w, down_w, counts.tolist(), token_index, scores,
+                                            torch.is_grad_enabled())
             # Under autocast the fused function runs in the autocast dtype as a whole (its output buffers take the
             # inputs' dtype); the casts of the weights carry their gradients back to the fp32 weights.
             dtype = torch.get_autocast_dtype("cpu")
             with torch.autocast("cpu", enabled=False):
-                return _GroupedSwiGLU.apply(x.to(dtype), self.gate_up_proj.to(dtype), self.down_proj.to(dtype),
-                                            counts.tolist(), token_index, scores, torch.is_grad_enabled())
+                return _GroupedSwiGLU.apply(x.to(dtype), gate_up_w.to(dtype), down_w.to(dtype), counts.tolist(),
+                                            token_index, scores, torch.is_grad_enabled())
         rows = x if token_index is None else x[token_index]  # (N, D) -> (M, D)
-        gate, up = grouped_mm(rows, self.gate_up_proj, counts).chunk(2, dim=-1)
-        out = grouped_mm(F.silu(gate) * up, self.down_proj, counts)
+        gate, up = grouped_mm(rows, gate_up_w, counts).chunk(2, dim=-1)
+        out = grouped_mm(F.silu(gate) * up, down_w, counts)
         if scores is not None:
             out = out * scores[:, None].to(out.dtype)
         if token_index is None:

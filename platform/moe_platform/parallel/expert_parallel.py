@@ -50,7 +50,9 @@ __all__ = [
 ]
 
 # State-dict names (suffixes) of the stacked routed-expert weights: (E, 2I, D) and (E, D, I), sharded on dim 0.
-EXPERT_TENSOR_SUFFIXES = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+EXPERT_TENSOR_SUFFIXES = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.experts.lora.gate_up_proj.A",
+                          "mlp.experts.lora.gate_up_proj.B", "mlp.experts.lora.down_proj.A",
+                          "mlp.experts.lora.down_proj.B")
 
 
 # ---- differentiable all-to-all -----------------------------------------------------------------------------------
@@ -226,11 +228,14 @@ def apply_ep(model: nn.Module, groups) -> None:
     for moe in layers:
         n_local = moe.num_experts // ep_size
         first = ep_rank * n_local
-        for name in ("gate_up_proj", "down_proj"):
-            full = getattr(moe.experts, name)
+        lora = getattr(moe.experts, "lora", None)  # the experts' adapters go with their experts
+        owners = [(moe.experts, name) for name in ("gate_up_proj", "down_proj")]
+        owners += [(lora[k], f) for k in lora for f in ("A", "B")] if lora is not None else []
+        for owner, name in owners:
+            full = getattr(owner, name)
             shard = nn.Parameter(full.detach()[first:first + n_local].clone(), requires_grad=full.requires_grad)
             mark_expert_param(shard, ep_size)
-            setattr(moe.experts, name, shard)
+            setattr(owner, name, shard)
         moe.experts.num_experts = n_local  # experts stacked in this module now
         moe.token_dispatcher = AllToAllDispatcher(moe, groups.ep, ep_size, ep_rank)
 

@@ -63,16 +63,30 @@ _ATTENTION_SHARDS = {
     "k_proj.bias": (0, "contiguous", _HEADS_HINT),
     "v_proj.bias": (0, "contiguous", _HEADS_HINT),
     "o_proj.weight": (1, "contiguous", _HEADS_HINT),  # (D, H*hd): input columns are heads
+    # Adapters (model/lora.py) follow their projection: B (out, r) with a column-parallel one, A (r, in) with a
+    # row-parallel one. The other factor is replicated; its gradient is summed over the group (_REPLICATED_LORA).
+    "lora.q_proj.B": (0, "contiguous", _HEADS_HINT),
+    "lora.k_proj.B": (0, "contiguous", _HEADS_HINT),
+    "lora.v_proj.B": (0, "contiguous", _HEADS_HINT),
+    "lora.o_proj.A": (1, "contiguous", _HEADS_HINT),
 }
 _EXPERT_SHARDS = {
     "gate_up_proj": (1, "gate_up", _EXPERT_HINT),  # (E, 2I, D)
     "down_proj": (2, "contiguous", _EXPERT_HINT),  # (E, D, I)
+    "lora.gate_up_proj.B": (1, "gate_up", _EXPERT_HINT),  # (E, 2I, r)
+    "lora.down_proj.A": (2, "contiguous", _EXPERT_HINT),  # (E, r, I)
 }
 _SHARED_EXPERT_SHARDS = {
     "gate_proj.weight": (0, "contiguous", _SHARED_HINT),  # (I_s, D)
     "up_proj.weight": (0, "contiguous", _SHARED_HINT),
     "down_proj.weight": (1, "contiguous", _SHARED_HINT),  # (D, I_s)
+    "lora.gate_proj.B": (0, "contiguous", _SHARED_HINT),
+    "lora.up_proj.B": (0, "contiguous", _SHARED_HINT),
+    "lora.down_proj.A": (1, "contiguous", _SHARED_HINT),
 }
+# The replicated adapter factors inside a parallel region: each rank's gradient covers only its share of the work.
+_REPLICATED_LORA = ("lora.q_proj.A", "lora.k_proj.A", "lora.v_proj.A", "lora.o_proj.B", "lora.gate_up_proj.A",
+                    "lora.down_proj.B", "lora.gate_proj.A", "lora.up_proj.A")
 # Module path (as named in the single-device model) -> its table.
 _SCOPES = (
     ("self_attn", _ATTENTION_SHARDS),
@@ -171,7 +185,10 @@ def _shard_module_params(module: nn.Module, table: dict, tp_size: int, tp_rank: 
     """Replace each parameter of `table` in `module` by this rank's slice, under the same name."""
     for rel, (dim, kind, hint) in table.items():
         owner_path, _, attr = rel.rpartition(".")
-        owner = module.get_submodule(owner_path) if owner_path else module
+        try:
+            owner = module.get_submodule(owner_path) if owner_path else module
+        except AttributeError:  # an adapter this model does not have
+            continue
         param = getattr(owner, attr)
         if param is None:  # an optional parameter this model does not have (a bias)
             continue
@@ -282,6 +299,9 @@ def apply_tp(model: nn.Module, groups: ProcessGroups) -> None:
                 if m.shared_experts is not None:
                     _shard_module_params(m.shared_experts, _SHARED_EXPERT_SHARDS, tp, rank, f"{where}.shared_experts")
                     _make_parallel_region(m.shared_experts, group, ((0, "x"),))
+        for name, p in model.named_parameters():
+            if any(name.endswith("." + rel) for rel in _REPLICATED_LORA):
+                sum_grad_over_group(p, group)
     for p in model.parameters():
         if not getattr(p, "tensor_model_parallel", False):
             p.tensor_model_parallel = False

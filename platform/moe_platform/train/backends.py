@@ -21,7 +21,7 @@ from moe_platform.model.moe import MoE
 from moe_platform.model.transformer import MoETransformer, has_meta_tensors, materialize
 from moe_platform.parallel.layout import ProcessGroups
 from moe_platform.parallel.pipeline import build_pipeline_module
-from moe_platform.parallel.placement import full_shapes, is_expert_tensor, local_shard_spec
+from moe_platform.parallel.placement import is_expert_tensor, local_shard_spec
 from moe_platform.train.data import IGNORE_INDEX
 from moe_platform.train.optim import build_optimizer, set_lr
 
@@ -198,8 +198,7 @@ class LocalBackend:
         self.moe_layers = model.moe_layers()
         for moe in self.moe_layers:
             moe.aux_loss_scale = 1.0 / accum
-        shapes = full_shapes(model.args)
-        self.specs = {name: ShardSpec.whole(shapes[name]) for name in model.state_dict()}
+        self.specs = {name: ShardSpec.whole(tuple(t.shape)) for name, t in model.state_dict().items()}
         self.dp_group = None
         self.is_logging_rank = True
         self._staging: LocalState | None = None
@@ -371,7 +370,7 @@ class DeepSpeedBackend:
         self.device = device
         layout = groups.layout
         self.gas = cfg.train.global_batch_size // (cfg.train.micro_batch_size * layout.dp)
-        shapes = full_shapes(model.args)
+        shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}  # before any sharding
         parallelize_model(model, groups)
         self.moe_layers = model.moe_layers()
         for moe in self.moe_layers:
@@ -400,7 +399,8 @@ class DeepSpeedBackend:
             _load_model_tensors(local, reader, self.specs)
         if layout.ep > 1:
             self._create_deepspeed_expert_groups(module)
-            _make_moe_visible_to_deepspeed(module, layout.ep)
+            if any(p.requires_grad and is_expert_tensor(n) for n, p in self.local_params):  # not with frozen experts
+                _make_moe_visible_to_deepspeed(module, layout.ep)
         bucket = int(min(5e8, max(2**20, sum(p.numel() for _, p in self.local_params))))
         bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
         fp16 = cfg.train.precision == "fp16"
@@ -532,7 +532,7 @@ class DeepSpeedBackend:
         for name, t in self.local_tensors:
             full = safe_get_full_fp32_param(t) if (zo is not None and isinstance(t, nn.Parameter)) else None
             model[name] = (full if full is not None else t.detach()).float().cpu().clone()
-            if zo is not None and isinstance(t, nn.Parameter) and step is not None:
+            if zo is not None and isinstance(t, nn.Parameter) and t.requires_grad and step is not None:
                 for key in ADAM_KEYS:
                     getattr(state, key)[name] = safe_get_full_optimizer_state(t, key).float().cpu().clone()
                 state.step[name] = step

@@ -28,6 +28,7 @@ from moe_platform.checkpoint.remote import RemoteRun, is_uri, mirror_dir
 from moe_platform.checkpoint.sharded import ShardedReader
 from moe_platform.config import Config, config_to_dict
 from moe_platform.model.args import ModelArgs
+from moe_platform.model.lora import apply_lora, init_adapters, is_lora_name, lora_a_init, parse_targets
 from moe_platform.model.moe import update_routing_biases
 from moe_platform.model.transformer import build_model
 from moe_platform.parallel import resolve_layout
@@ -132,6 +133,25 @@ def prepare_tokenizer(cfg: Config, run_dir: Path):
     return load_tokenizer(tok_dir), tok_dir
 
 
+class FreshAdapters:
+    """The imported weights, plus the initial value of each adapter (`lora_a_init`): read like a checkpoint, so
+    each rank takes its share of both."""
+
+    def __init__(self, weights: HFWeights, seed: int):
+        self.weights, self.seed = weights, seed
+
+    def has(self, name: str, kind: str = "model") -> bool:
+        return self.weights.has(name, kind) or (kind == "model" and is_lora_name(name))
+
+    def step(self, name: str) -> None:
+        return None
+
+    def read(self, name: str, spec, kind: str = "model"):
+        if is_lora_name(name):
+            return spec.extract(lora_a_init(name, spec.full_shape, self.seed))
+        return self.weights.read(name, spec)
+
+
 def build_dataset(cfg: Config, tokenizer, tokenizer_dir: Path, eos: int, cache_dir: Path | None = None):
     """The run's samples: raw text cut into windows (data.format = "text") or conversations rendered with the
     tokenizer's chat template, loss on assistant tokens (data.format = "chat")."""
@@ -220,6 +240,12 @@ class Trainer:
         else:
             model = build_model(self.model_args, device=self.device, seed=cfg.train.seed)
         model.set_activation_checkpointing(cfg.train.activation_checkpointing)
+        if cfg.lora.enabled:  # adapters on the base model, everything else frozen
+            apply_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, parse_targets(cfg.lora.targets))
+            if imported is not None:
+                reader = FreshAdapters(imported, cfg.train.seed)
+            elif reader is None:
+                init_adapters(model, cfg.train.seed)
         if self.dist.distributed:
             self.backend = DeepSpeedBackend(model, cfg, self.groups, self.device, reader)
         else:
@@ -417,7 +443,11 @@ class Trainer:
         export_dir = None
         if self.dist.rank == 0:
             if cfg.checkpoint.export:
-                export_dir = export_checkpoint(self.checkpointer.local_checkpoint(self.step), self.run_dir / "export")
+                final = self.checkpointer.local_checkpoint(self.step)
+                # A LoRA run exports the adapted model (adapters folded in: what serving loads) and its adapters.
+                export_dir = export_checkpoint(final, self.run_dir / "export", merge=True)
+                if cfg.lora.enabled:
+                    export_checkpoint(final, self.run_dir / "adapter")
                 if self.hooks.on_export is not None:
                     self.hooks.on_export(export_dir, self.step)
                 elif cfg.checkpoint.publish_to:

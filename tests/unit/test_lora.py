@@ -1,0 +1,111 @@
+"""LoRA: adapters on attention, routed experts and shared experts start as the base model exactly, are all that
+trains (the base holds no optimizer state), resume bit for bit, merge into a plain model that computes the same, and
+export in PEFT's format, which peft loads onto the transformers model with the same logits."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from moe_platform.checkpoint.export import export_checkpoint
+from moe_platform.checkpoint.hf import load_hf
+from moe_platform.model.lora import is_lora_name
+from moe_platform.model.transformer import MoETransformer
+from moe_platform.train.trainer import Trainer
+
+ALL = "q_proj,k_proj,v_proj,o_proj,experts,shared_experts"
+COMMON = {"lora.enabled": "true", "lora.targets": ALL, "lora.rank": 4, "model.n_shared_experts": 1,
+          "train.steps": 6, "train.warmup": 1, "train.lr": 1e-2, "checkpoint.interval": 3,
+          "checkpoint.async_save": "false"}
+
+
+def trainer(cfg) -> Trainer:
+    t = Trainer(cfg, progress=False)
+    t.setup()
+    return t
+
+
+def state(t: Trainer) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in t.model.state_dict().items()}
+
+
+def test_step_zero_is_the_base_model_and_only_adapters_train(tiny_config):
+    base = trainer(tiny_config(**{**COMMON, "lora.enabled": "false", "run.name": "base"}))
+    lora = trainer(tiny_config(**{**COMMON, "run.name": "lora"}))
+    before = state(lora)
+    assert {k: v for k, v in before.items() if not is_lora_name(k)}.keys() == state(base).keys()
+    assert all(torch.equal(v, state(base)[k]) for k, v in before.items() if not is_lora_name(k))
+    assert base.train_step()["loss"] == lora.train_step()["loss"], "B = 0: the adapted model is the base model"
+    after = state(lora)
+    changed = {k for k, v in after.items() if not torch.equal(v, before[k])}
+    assert changed and all(is_lora_name(k) for k in changed), sorted(k for k in changed if not is_lora_name(k))
+    for where in (".self_attn.lora.", ".mlp.experts.lora.", ".shared_experts.lora."):
+        assert any(where in k for k in changed), f"no {where} adapter trained"
+    trained = {p for p in lora.model.parameters() if p.requires_grad}
+    assert set(lora.backend.optimizer.state) == trained
+    assert all(is_lora_name(n) for n, p in lora.model.named_parameters() if p.requires_grad)
+
+
+def test_lora_runs_resume_bit_for_bit(tiny_config):
+    straight = trainer(tiny_config(**{**COMMON, "run.name": "straight"}))
+    straight.fit()
+    first = trainer(tiny_config(**{**COMMON, "run.name": "resumed"}))
+    first.fit(stop_after=3)
+    second = trainer(tiny_config(**{**COMMON, "run.name": "resumed"}))
+    assert second.resumed_from == 3
+    second.fit()
+    a, b = state(straight), state(second)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["loss"] for r in straight.metrics.read()] == [r["loss"] for r in second.metrics.read()]
+
+
+def test_the_merged_export_computes_what_the_adapted_model_does(tiny_config, tmp_path):
+    t = trainer(tiny_config(**{**COMMON, "run.name": "merge", "checkpoint.export": "true"}))
+    result = t.fit()
+    tokens = torch.randint(0, t.model_args.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    t.model.eval()
+    with torch.no_grad():
+        adapted = t.model(tokens)
+        args, merged_state = load_hf(result.export_dir)  # the run's export is the merged model
+        merged = MoETransformer(args)
+        merged.load_state_dict(merged_state, strict=True)
+        torch.testing.assert_close(merged.eval()(tokens), adapted, rtol=1e-5, atol=1e-5)
+    again = export_checkpoint(t.run_dir, tmp_path / "merged", merge=True)
+    assert not any(is_lora_name(k) for k in load_hf(again)[1])
+    adapter = t.run_dir / "adapter"
+    assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 4
+    assert (adapter / "moe_platform_adapters.safetensors").is_file(), "the expert adapters PEFT cannot express"
+
+
+@pytest.fixture(scope="module")
+def qwen3(tmp_path_factory):
+    from tinyrun import save_tiny_hf_model, tiny_tokenizer
+
+    tok = tiny_tokenizer(tmp_path_factory.mktemp("tok"))
+    return save_tiny_hf_model("Qwen3MoeForCausalLM", tmp_path_factory.mktemp("qwen3"), tok)[1]
+
+
+def test_peft_loads_the_attention_adapters_with_our_logits(tiny_config, qwen3):
+    import transformers
+    from peft import PeftModel
+
+    cfg = tiny_config(**{**COMMON, "lora.targets": "q_proj,k_proj,v_proj,o_proj", "init.from_hf": str(qwen3),
+                         "run.name": "peft", "checkpoint.export": "true"})
+    t = trainer(cfg)
+    t.fit()
+    config = json.loads((t.run_dir / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["base_model_name_or_path"] == str(qwen3)
+    assert not (t.run_dir / "adapter" / "moe_platform_adapters.safetensors").exists()
+    base = transformers.AutoModelForCausalLM.from_pretrained(qwen3, dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(base, t.run_dir / "adapter").eval()
+    tokens = torch.randint(0, t.model_args.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    t.model.eval()
+    with torch.no_grad():
+        ours = t.model(tokens)
+        theirs = peft_model(tokens).logits.float()
+        with peft_model.disable_adapter():
+            plain = peft_model(tokens).logits.float()
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    assert (plain - theirs).abs().max() > 1e-3, "the adapters changed nothing"
