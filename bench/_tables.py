@@ -110,8 +110,8 @@ def memory(d: dict) -> str:
             f"{d['full_vs_transformers_full_peak']:.3f}")
 
 
-RENDER = {"moe_layer": moe_layer, "memory": memory, "layouts": layouts, "checkpoint": checkpoint, "ray_overhead": ray_overhead,
-          "goodput": goodput, "serve": serve}
+RENDER = {"moe_layer": moe_layer, "memory": memory, "layouts": layouts, "checkpoint": checkpoint,
+          "ray_overhead": ray_overhead, "goodput": goodput, "serve": serve}
 
 
 def render(name: str, docs: Path = DOCS) -> str:

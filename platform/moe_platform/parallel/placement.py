@@ -8,7 +8,6 @@ import torch
 
 from moe_platform.checkpoint.sharded import ShardSpec
 from moe_platform.model.args import ModelArgs
-from moe_platform.model.lora import apply_lora, parse_targets
 from moe_platform.model.transformer import MoETransformer
 from moe_platform.parallel.layout import ProcessGroups
 from moe_platform.parallel.tensor_parallel import tp_shard_spec
@@ -21,13 +20,10 @@ def is_expert_tensor(name: str) -> bool:
     return _EXPERT_TENSOR.search(name) is not None
 
 
-def full_shapes(args: ModelArgs, lora=None) -> dict[str, tuple[int, ...]]:
-    """Shapes of every parameter and persistent buffer of the single-device model, without allocating it; `lora`
-    (a LoRAConfig) adds its adapters."""
+def full_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """Shapes of every parameter and persistent buffer of the single-device model, without allocating it."""
     with torch.device("meta"):
         model = MoETransformer(args)
-        if lora is not None and lora.enabled:
-            apply_lora(model, lora.rank, lora.alpha, lora.dropout, parse_targets(lora.targets))
     return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 
