@@ -11,10 +11,15 @@ a plain model instead (`moe-platform export --merge`).
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from moe_platform.model.lora import ATTENTION_TARGETS, is_lora_name
@@ -22,10 +27,26 @@ from moe_platform.model.lora import ATTENTION_TARGETS, is_lora_name
 PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
 OWN_WEIGHTS_FILE = "moe_platform_adapters.safetensors"
+META_FILE = "adapter_meta.json"  # base_fingerprint and base_model of an adapter held in memory (the registry)
+
+
+_FINGERPRINT_TENSOR = "model.embed_tokens.weight"
+_FINGERPRINT_VALUES = 8192
+
+
+def base_fingerprint(state: dict[str, torch.Tensor]) -> str:
+    """A short id of a base model's weights that no adapter changes: its embedding's shape and first values, rounded
+    to bfloat16 (so that the same weights served in another precision keep their id)."""
+    t = state[_FINGERPRINT_TENSOR]
+    head = t.detach().reshape(-1)[:_FINGERPRINT_VALUES].to("cpu", torch.bfloat16).view(torch.int16)
+    digest = hashlib.sha256(f"{tuple(t.shape)}".encode())
+    digest.update(head.numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def export_adapters(state: dict[str, torch.Tensor], lora: dict, out_dir: str | Path, base_model: str = "") -> Path:
-    """Write the adapters of `state` (our names) to `out_dir`; `lora` is the run's [lora] section."""
+    """Write the adapters of `state` (our names) to `out_dir`; `lora` is the run's [lora] section. The weight files'
+    metadata carry `base_fingerprint` of the frozen base in `state`, which serving checks before loading."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     peft, own, modules = {}, {}, []
@@ -48,8 +69,97 @@ def export_adapters(state: dict[str, torch.Tensor], lora: dict, out_dir: str | P
         "inference_mode": True, "modules_to_save": None,
     }
     (out / PEFT_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-    save_file(peft, str(out / PEFT_WEIGHTS_FILE), metadata={"format": "pt"})
+    meta = {"format": "pt", "base_fingerprint": base_fingerprint(state), "base_model": base_model}
+    save_file(peft, str(out / PEFT_WEIGHTS_FILE), metadata=meta)
     if own:
-        scale = str(lora["alpha"] / lora["rank"])
-        save_file(own, str(out / OWN_WEIGHTS_FILE), metadata={"format": "pt", "scale": scale})
+        save_file(own, str(out / OWN_WEIGHTS_FILE), metadata={**meta, "scale": str(lora["alpha"] / lora["rank"])})
     return out
+
+
+class AdapterError(ValueError):
+    """An adapter directory that cannot be loaded: the message names the file and what is wrong."""
+
+
+@dataclass
+class Adapters:
+    """A loaded adapter: tensors under our names (`...self_attn.lora.q_proj.A`, `...experts.lora.gate_up_proj.A`,
+    ...), one scale for all of them, and what the files say about their base model."""
+
+    tensors: dict[str, torch.Tensor]
+    rank: int
+    scale: float
+    base_fingerprint: str | None
+    base_model: str
+
+
+# PEFT options that change what an adapter computes, and the values under which it is a plain LoRA we can serve.
+_PEFT_PLAIN = {"bias": "none", "fan_in_fan_out": False, "use_dora": False, "modules_to_save": None,
+               "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None}
+_PEFT_NAME = re.compile(r"^base_model\.model\.(model\.layers\.\d+\.self_attn)\.([a-z_]+)\.lora_([AB])\.weight$")
+
+
+def read_adapters(source: str | Path, files: dict[str, bytes] | None = None,
+                  arrays: dict[str, torch.Tensor] | None = None) -> Adapters:
+    """Read an adapter directory (PEFT's adapter_config.json + adapter_model.safetensors, plus our
+    moe_platform_adapters.safetensors), or the same content in memory (`files`: adapter_config.json and
+    adapter_meta.json by name, `arrays`: the tensors under our names, as the registry holds them)."""
+    where = str(source)
+    if files is None:
+        d = Path(source)
+        if not (d / PEFT_CONFIG_FILE).is_file():
+            raise AdapterError(f"{d} is not an adapter directory: it has no {PEFT_CONFIG_FILE} (pass the <run>/adapter "
+                               f"directory a LoRA run writes, or a PEFT adapter saved with save_pretrained)")
+        files = {PEFT_CONFIG_FILE: (d / PEFT_CONFIG_FILE).read_bytes()}
+    try:
+        config = json.loads(files[PEFT_CONFIG_FILE])
+    except (KeyError, ValueError) as e:
+        raise AdapterError(f"{where}/{PEFT_CONFIG_FILE} is not valid JSON: {e}") from None
+    if not isinstance(config, dict) or config.get("peft_type", "LORA") != "LORA":
+        raise AdapterError(f"{where}/{PEFT_CONFIG_FILE}: peft_type must be LORA, got {config.get('peft_type')!r}")
+    for key, plain in _PEFT_PLAIN.items():
+        if config.get(key, plain) not in (plain, None, {}):
+            raise AdapterError(f"{where}/{PEFT_CONFIG_FILE}: {key} = {config[key]!r} is not supported (serving "
+                               f"loads plain LoRA adapters: {key} = {plain!r})")
+    rank, alpha = config.get("r"), config.get("lora_alpha")
+    if not isinstance(rank, int) or rank < 1 or not isinstance(alpha, (int, float)):
+        raise AdapterError(f"{where}/{PEFT_CONFIG_FILE}: r must be an integer >= 1 and lora_alpha a number, "
+                           f"got r = {rank!r}, lora_alpha = {alpha!r}")
+    scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+    meta: dict[str, str] = {}
+    if arrays is not None:
+        tensors = dict(arrays)
+        meta = json.loads(files.get(META_FILE, b"{}"))
+    else:
+        tensors = {}
+        for file in (PEFT_WEIGHTS_FILE, OWN_WEIGHTS_FILE):
+            path = Path(source) / file
+            if not path.is_file():
+                if file == PEFT_WEIGHTS_FILE:
+                    raise AdapterError(f"{where} has no {PEFT_WEIGHTS_FILE}")
+                continue
+            try:
+                with safe_open(str(path), "pt") as f:
+                    meta = {**(f.metadata() or {}), **meta}
+                    for name in f.keys():
+                        tensors[_our_name(name, path) if file == PEFT_WEIGHTS_FILE else name] = f.get_tensor(name)
+            except AdapterError:
+                raise
+            except Exception as e:  # noqa: BLE001 - a corrupt or truncated file, whatever safetensors says
+                raise AdapterError(f"{path} is not a readable safetensors file: {e}") from None
+    for name, t in tensors.items():
+        if not is_lora_name(name) or not name.endswith((".A", ".B")):
+            raise AdapterError(f"{where}: {name!r} is not an adapter tensor")
+        if name.endswith(".A") and t.shape[-2] != rank:
+            raise AdapterError(f"{where}: {name} has rank {t.shape[-2]} but {PEFT_CONFIG_FILE} says r = {rank}")
+    if not tensors:
+        raise AdapterError(f"{where}: the adapter has no tensors")
+    return Adapters(tensors, rank, scale, meta.get("base_fingerprint") or None, meta.get("base_model", ""))
+
+
+def _our_name(peft_name: str, path: Path) -> str:
+    m = _PEFT_NAME.match(peft_name)
+    if m is None or m.group(2) not in ATTENTION_TARGETS:
+        raise AdapterError(f"{path}: tensor {peft_name!r} adapts a module serving has no adapters for; PEFT adapters "
+                           f"load on the attention projections ({', '.join(ATTENTION_TARGETS)}); expert adapters go "
+                           f"in {OWN_WEIGHTS_FILE}")
+    return f"{m.group(1)}.lora.{m.group(2)}.{m.group(3)}"

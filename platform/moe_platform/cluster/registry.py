@@ -19,7 +19,7 @@ layout (`MoETransformer.state_dict()` names, experts already stacked, so loading
   replica still holds them (Ray's reference counting: a replica serving a pruned version keeps it alive).
 
 Client functions (training and serving call these, not the actor):
-`publish_export(export_dir, name) -> version`, `resolve("registry://NAME[@VERSION]") -> ModelVersion`,
+`publish_export(export_dir or adapter_dir, name) -> version`, `resolve("registry://NAME[@VERSION]") -> ModelVersion`,
 `list_models()`, `load_weights(model_version)`, and `export_publisher(cfg)` (the `on_export` hook that training
 launchers run after the final export). This module is the storage core and imports nothing from serving: the
 engine is built from a version by `moe_platform.serving.loader.load_engine`.
@@ -29,6 +29,7 @@ Serve takes `model: registry://NAME` (latest) or `registry://NAME@VERSION` in `a
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import re
@@ -41,6 +42,7 @@ import numpy as np
 import ray
 import torch
 
+from moe_platform.checkpoint import adapters
 from moe_platform.checkpoint.hf import load_hf
 from moe_platform.model.args import ModelArgs
 
@@ -73,6 +75,7 @@ class ModelVersion:
     dtypes: dict[str, str]  # torch dtype of each weight ("bfloat16" weights travel as int16 bit patterns)
     nbytes: int
     weights: ray.ObjectRef  # -> dict[str, np.ndarray]
+    kind: str = "model"  # or "adapter": a LoRA adapter (files: adapter_config.json, adapter_meta.json)
 
     @property
     def uri(self) -> str:
@@ -80,7 +83,7 @@ class ModelVersion:
 
     def summary(self) -> dict[str, Any]:
         return {"uri": self.uri, "version": self.version, "step": self.step, "created": self.created,
-                "source": self.source, "nbytes": self.nbytes}
+                "source": self.source, "nbytes": self.nbytes, "kind": self.kind}
 
 
 # -- references ------------------------------------------------------------------------------------------------------
@@ -189,12 +192,29 @@ def _call(ref: ray.ObjectRef):
 # -- client API ------------------------------------------------------------------------------------------------------
 
 
-def read_export(export_dir: str | Path) -> tuple[ModelArgs, dict[str, np.ndarray], dict[str, str], dict[str, bytes]]:
-    """An export directory -> (model args, weights as numpy arrays in our layout, their torch dtypes, small files)."""
+def read_export(export_dir: str | Path) -> tuple[ModelArgs | None, dict[str, np.ndarray], dict[str, str],
+                                                  dict[str, bytes]]:
+    """An export directory -> (model args, weights as numpy arrays in our layout, their torch dtypes, small files).
+    A LoRA adapter directory (adapter_config.json) gives no model args, its tensors and its config and base
+    fingerprint (checkpoint/adapters.py)."""
     d = Path(export_dir)
+    if (d / adapters.PEFT_CONFIG_FILE).is_file():
+        adapter = adapters.read_adapters(d)
+        meta = {"base_fingerprint": adapter.base_fingerprint, "base_model": adapter.base_model}
+        files = {adapters.PEFT_CONFIG_FILE: (d / adapters.PEFT_CONFIG_FILE).read_bytes(),
+                 adapters.META_FILE: json.dumps(meta).encode()}
+        return None, *_arrays(adapter.tensors), files
     args, state = load_hf(d)  # Mixtral's per-expert tensors are stacked here, once, instead of on every load
     if args.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # the same tensor as the embedding; Engine.from_state_dict re-ties it
+    weights, dtypes = _arrays(state)
+    files = {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.is_file() and p.suffix in _META_SUFFIXES}
+    if "tokenizer.json" not in files:
+        raise FileNotFoundError(f"{d} has no tokenizer.json: a served model needs its tokenizer in the export")
+    return args, weights, dtypes, files
+
+
+def _arrays(state: dict[str, torch.Tensor]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     weights: dict[str, np.ndarray] = {}
     dtypes: dict[str, str] = {}
     for name, t in state.items():
@@ -204,23 +224,20 @@ def read_export(export_dir: str | Path) -> tuple[ModelArgs, dict[str, np.ndarray
             weights[name] = t.numpy()
         except TypeError:  # bfloat16 / float8 have no numpy dtype: ship the bit patterns, view them back on load
             weights[name] = t.view(_RAW_BITS[t.element_size()]).numpy()
-    files = {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.is_file() and p.suffix in _META_SUFFIXES}
-    if "tokenizer.json" not in files:
-        raise FileNotFoundError(f"{d} has no tokenizer.json: a served model needs its tokenizer in the export")
-    return args, weights, dtypes, files
+    return weights, dtypes
 
 
 def publish_export(export_dir: str | Path, name: str, *, step: int | None = None, keep: int = DEFAULT_KEEP,
                    address: str | None = None) -> int:
-    """Publish an export directory as the next version of `name`; returns the version (1, 2, ...). From now on the
-    registry keeps the last `keep` versions of `name`."""
+    """Publish an export directory, or a LoRA adapter directory, as the next version of `name`; returns the version
+    (1, 2, ...). From now on the registry keeps the last `keep` versions of `name`."""
     check_name(name)
     if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
         raise RegistryError(f"keep must be an integer >= 1 (versions to retain), got {keep!r}")
     args, weights, dtypes, files = read_export(export_dir)
     meta = {"step": step, "created": time.time(), "source": str(Path(export_dir).resolve()),
-            "model_args": args.to_dict(), "files": files, "dtypes": dtypes,
-            "nbytes": sum(a.nbytes for a in weights.values())}
+            "model_args": args.to_dict() if args is not None else {}, "files": files, "dtypes": dtypes,
+            "nbytes": sum(a.nbytes for a in weights.values()), "kind": "model" if args is not None else "adapter"}
     version, pruned = _call(get_registry(address).add.remote(name, meta, weights, keep))
     log.info("published %s as %s%s@%d%s", export_dir, URI_PREFIX, name, version,
              f" (pruned versions {pruned})" if pruned else "")

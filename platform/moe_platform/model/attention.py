@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_platform.model.args import ModelArgs
+from moe_platform.model.lora import with_adapter
 
 
 class RMSNorm(nn.Module):
@@ -100,10 +101,8 @@ class Attention(nn.Module):
         return self._proj("o_proj", out)
 
     def _proj(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """A projection, plus its low-rank adapter when it has one (model/lora.py)."""
-        out = getattr(self, name)(x)
-        lora = getattr(self, "lora", None)
-        return out + lora[name](x) if lora is not None and name in lora else out
+        """A projection, plus its low-rank adapter when it has one (model/lora.py, model/multi_lora.py)."""
+        return with_adapter(getattr(self, name)(x), getattr(self, "lora", None), name, x)
 
 
 def document_layout(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -77,6 +77,15 @@ def adapted(weight: torch.Tensor, lora: StackedLoRA | None) -> torch.Tensor:
     return weight if lora is None else weight + lora.delta().to(weight.dtype)
 
 
+def with_adapter(out: torch.Tensor, lora: nn.ModuleDict | None, name: str, x: torch.Tensor) -> torch.Tensor:
+    """`out` (a projection of x) plus the adapter term of adapter `name` in `lora`, when there is one (a serving
+    module returns None for a batch without adapter rows)."""
+    if lora is None or name not in lora:
+        return out
+    delta = lora[name](x)
+    return out if delta is None else out + delta
+
+
 def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float, targets: tuple[str, ...]) -> None:
     """Attach adapters to `model` (the single-device MoETransformer, before any parallelism) and freeze every other
     parameter. The adapters start as A = 0, B = 0; `init_adapters` gives A its initial values."""

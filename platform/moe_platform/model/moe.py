@@ -16,7 +16,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from moe_platform.model.args import ModelArgs
-from moe_platform.model.lora import adapted
+from moe_platform.model.lora import adapted, with_adapter
+from moe_platform.model.multi_lora import MultiExpertLoRA
 
 
 class _GroupedMatmul(torch.autograd.Function):
@@ -214,8 +215,9 @@ class SwiGLU(nn.Module):
         lora = getattr(self, "lora", None)
         if lora is None:
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        h = F.silu(self.gate_proj(x) + lora["gate_proj"](x)) * (self.up_proj(x) + lora["up_proj"](x))
-        return self.down_proj(h) + lora["down_proj"](h)
+        h = F.silu(with_adapter(self.gate_proj(x), lora, "gate_proj", x)) * with_adapter(self.up_proj(x), lora,
+                                                                                       "up_proj", x)
+        return with_adapter(self.down_proj(h), lora, "down_proj", h)
 
 
 class GroupedExperts(nn.Module):
@@ -235,7 +237,13 @@ class GroupedExperts(nn.Module):
         With token_index (M,), row i is token x[token_index[i]] of x: (N, D) -> (N, D), each token the sum of its
         rows' outputs. scores (M,), when given, weight each row's output.
         """
-        lora = getattr(self, "lora", None)  # adapters fold into the weights (model/lora.py)
+        lora = getattr(self, "lora", None)
+        if isinstance(lora, MultiExpertLoRA):  # a serving batch's per-row adapters (model/multi_lora.py)
+            out = lora.experts_forward(self, x, counts, token_index, scores)
+            if out is not None:
+                return out
+            lora = None
+        # a training run's adapters fold into the weights (model/lora.py)
         gate_up_w = adapted(self.gate_up_proj, lora["gate_up_proj"] if lora is not None else None)
         down_w = adapted(self.down_proj, lora["down_proj"] if lora is not None else None)
         if x.device.type == "cpu":

@@ -9,6 +9,10 @@ Operations:
 - health: `check_health` fails when the engine loop died, so Serve replaces the replica;
 - hot model update: change `user_config: {model: NEW_EXPORT}` and redeploy; `reconfigure` loads the new export next to
   the running engine, switches new requests to it, and lets the old engine finish what it accepted (no failures);
+- LoRA adapters: with `engine: {max_loras: N}`, `adapters: {NAME: DIR or registry://...}` (args or user_config) are
+  served as model `MODEL_NAME:NAME` beside the base model, mixed in one batch; changing user_config's `adapters`
+  loads and unloads them on every replica without a restart; `POST /v1/load_lora_adapter` and
+  `/v1/unload_lora_adapter` (admin key) do it on the replica that takes the call;
 - models from the object-store registry: `model: registry://NAME[@VERSION]` (args or user_config) loads a version
   published with `moe_platform.cluster.registry.publish_export` straight from the object store (no files, zero-copy
   on the node); `build_app` pins `registry://NAME` (latest) to the version current at build time, so every replica
@@ -56,6 +60,10 @@ class AppArgs(BaseModel):
                                    "registry://NAME[@VERSION] (a version published to the object-store registry)")
     model_name: str = Field(DEFAULT_MODEL_NAME, description="the model id clients send and /v1/models lists")
     api_key: str | None = Field(None, description="require 'Authorization: Bearer <api_key>' on /v1/*")
+    admin_api_key: str | None = Field(None, description="key of the admin routes (adapter load/unload); defaults "
+                                                        "to api_key; with neither they are off")
+    adapters: dict[str, str] = Field(default_factory=dict, description="LoRA adapters to load at start, name -> "
+                                     "directory or registry://NAME[@VERSION]; needs engine.max_loras")
     max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, ge=1024, description="larger request bodies get 413")
     metrics_interval_s: float = Field(1.0, gt=0, description="seconds between engine-stat exports to Ray metrics")
     engine: EngineConfig = Field(default_factory=EngineConfig, description="engine options (EngineConfig, the one "
@@ -70,6 +78,11 @@ class AppArgs(BaseModel):
     num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per replica")
     priority_over_training: bool = Field(True, description="reserve replica resources ahead of elastic training "
                                                            "jobs on the cluster (moe_platform.cluster.arbiter)")
+
+    @field_validator("adapters")
+    @classmethod
+    def _adapters(cls, value: dict[str, str]) -> dict[str, str]:
+        return _check_adapters(value)
 
     @field_validator("engine", mode="before")
     @classmethod
@@ -148,6 +161,13 @@ class _RayMetrics:
         self._last = {id(engine): (stats["generated_tokens"], load)}
 
 
+def _check_adapters(value) -> dict[str, str]:
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) and v
+                                              for k, v in value.items()):
+        raise ValueError(f"adapters must map adapter names to directories or registry:// references, got {value!r}")
+    return value
+
+
 def _identity(model: str | None) -> str | None:
     """What a model reference names, for "is this the model already loaded?" (`serve.deployment` pickles the class
     below when it is defined, so what its methods use must be defined above it)."""
@@ -169,12 +189,16 @@ class MoEServer:
 
     def __init__(self, model: str, engine_options: dict, model_name: str = DEFAULT_MODEL_NAME,
                  api_key: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-                 metrics_interval_s: float = 1.0, base_dir: str = "."):
+                 metrics_interval_s: float = 1.0, base_dir: str = ".", adapters: dict[str, str] | None = None,
+                 admin_api_key: str | None = None):
         self._engine_options = dict(engine_options)
         self._base_dir = Path(base_dir)  # where build_app ran: relative user_config paths resolve against it
-        self._engine = self._load(model).start()
+        self._engine = self._load(model)
+        self._adapters: dict[str, str] = {}  # what the deployment declares (args, then user_config)
+        self._sync_adapters(self._engine, adapters or {})
+        self._engine.start()
         self._swap_lock = threading.Lock()
-        self.frontend = OpenAIFrontend(lambda: self._engine, model_name, api_key, max_body_bytes)
+        self.frontend = OpenAIFrontend(lambda: self._engine, model_name, api_key, max_body_bytes, admin_api_key)
         self._metrics = _RayMetrics(model_name)
         self._stop = threading.Event()
         self._metrics_thread = threading.Thread(target=self._export_metrics, args=(metrics_interval_s,),
@@ -192,13 +216,24 @@ class MoEServer:
         return load_engine(model, **self._engine_options)
 
     async def reconfigure(self, user_config: dict) -> None:
-        """`user_config: {model: DIR or registry://NAME[@VERSION]}` switches models without dropping requests."""
-        unknown = sorted(set(user_config or {}) - {"model"})
+        """`user_config: {model: DIR or registry://NAME[@VERSION], adapters: {NAME: DIR or registry://...}}` switches
+        models and loads/unloads adapters (to exactly those listed) without dropping requests."""
+        unknown = sorted(set(user_config or {}) - {"model", "adapters"})
         if unknown:
-            raise ValueError(f"unknown user_config keys {unknown}; supported: ['model']")
+            raise ValueError(f"unknown user_config keys {unknown}; supported: ['adapters', 'model']")
         model = (user_config or {}).get("model")
         if model:
             await asyncio.to_thread(self._swap_engine, model)
+        if "adapters" in (user_config or {}):
+            await asyncio.to_thread(self._sync_adapters, self._engine, _check_adapters(user_config["adapters"]))
+
+    def _sync_adapters(self, engine: Engine, declared: dict[str, str]) -> None:
+        """Make `engine`'s adapters exactly `declared`: unload the others (their requests finish), load the new."""
+        for name in {a["name"] for a in engine.loaded_adapters()} - set(declared):
+            engine.unload_adapter(name)
+        for name, source in declared.items():
+            engine.load_adapter(name, source, self._base_dir)
+        self._adapters = dict(declared)
 
     def _swap_engine(self, model: str) -> None:
         if registry.is_registry_uri(model):
@@ -209,7 +244,13 @@ class MoEServer:
         with self._swap_lock:
             if identity == _identity(self._engine.model_dir):
                 return
-            new = self._load(target).start()
+            new = self._load(target)
+            for name, source in self._adapters.items():  # the declared adapters move to the new base model
+                try:
+                    new.load_adapter(name, source, self._base_dir)
+                except ValueError as e:
+                    logger.warning("adapter %r does not load on the new model %s and is dropped: %s", name, model, e)
+            new.start()
             old, self._engine = self._engine, new
         # The old engine finishes every request it accepted, then stops; its memory goes with it.
         threading.Thread(target=old.shutdown, kwargs={"drain": True, "timeout": 600}, daemon=True).start()
@@ -232,6 +273,14 @@ class MoEServer:
     @fastapi_app.get("/v1/models")
     async def models(self, request: Request):
         return await self.frontend.models(request)
+
+    @fastapi_app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(self, request: Request):
+        return await self.frontend.load_adapter(request)
+
+    @fastapi_app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(self, request: Request):
+        return await self.frontend.unload_adapter(request)
 
     @fastapi_app.get("/health")
     async def health(self):
@@ -267,8 +316,12 @@ def build_app(args: dict | AppArgs) -> Application:
     if parsed.priority_over_training and ray.is_initialized():
         _ensure_arbiter()
     deployment = MoEServer.options(**parsed.deployment_options())
+    if parsed.adapters and not parsed.engine.max_loras:
+        raise ValueError(f"adapters {sorted(parsed.adapters)} need adapter slots: set engine.max_loras >= "
+                         f"{len(parsed.adapters)}")
     return deployment.bind(str(model), parsed.engine_options(), parsed.model_name, parsed.api_key,
-                           parsed.max_body_bytes, parsed.metrics_interval_s, os.getcwd())
+                           parsed.max_body_bytes, parsed.metrics_interval_s, os.getcwd(), parsed.adapters,
+                           parsed.admin_api_key)
 
 
 def start_server(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, name: str = "moe-platform",

@@ -22,6 +22,7 @@ import itertools
 import json
 import queue
 import random
+import re
 import threading
 import time
 import uuid
@@ -36,6 +37,7 @@ from moe_platform.checkpoint.hf import load_hf
 from moe_platform.checks import requirer
 from moe_platform.model.args import ModelArgs
 from moe_platform.model.transformer import MoETransformer, build_model
+from moe_platform.serving.adapters import AdapterBank, AdapterLoadError, LoadedAdapter, read_adapter_source
 from moe_platform.serving.cache import ServingKVCache
 from moe_platform.serving.chat import ChatTemplate
 from moe_platform.serving.detokenizer import IncrementalDetokenizer, StopStringMatcher
@@ -44,6 +46,7 @@ from moe_platform.serving.errors import (
     EngineOverloadedError,
     EngineUnavailableError,
     InvalidRequestError,
+    NotFoundError,
 )
 from moe_platform.serving.sampling import SamplingParams, make_generator, sample_tokens
 from moe_platform.serving.scheduler import PrefillGroup, Scheduler, SeqStatus
@@ -53,6 +56,7 @@ __all__ = ["Engine", "EngineConfig", "RequestOutput", "RequestStream", "Sampling
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _THROUGHPUT_WINDOW_S = 10.0
+_ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _MAX_LATENCY_SAMPLES = 65536
 
 
@@ -68,11 +72,13 @@ class EngineConfig:
     dtype: str = field(default="float32", metadata={"doc": "weights, activations and KV cache: float32 or bfloat16"})
     num_threads: int = field(default=0, metadata={"doc": "torch intra-op threads; 0 keeps torch's setting"})
     seed: int = field(default=0, metadata={"doc": "seeds the per-request seeds of requests that bring none"})
+    max_loras: int = field(default=0, metadata={"doc": "LoRA adapters held at once (0: none; see load_adapter)"})
+    max_lora_rank: int = field(default=16, metadata={"doc": "the largest adapter rank max_loras slots can hold"})
 
     def __post_init__(self) -> None:
         need = requirer("engine option")
 
-        for name in ("max_batch_size", "prefill_token_budget", "max_waiting"):
+        for name in ("max_batch_size", "prefill_token_budget", "max_waiting", "max_lora_rank"):
             value = getattr(self, name)
             need(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
                  f"{name} must be an integer >= 1, got {value!r}")
@@ -81,6 +87,8 @@ class EngineConfig:
         need(isinstance(self.max_seq_len, int) and self.max_seq_len >= 0,
              f"max_seq_len must be an integer >= 0, got {self.max_seq_len!r}")
         need(self.dtype in _DTYPES, f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        need(isinstance(self.max_loras, int) and not isinstance(self.max_loras, bool) and self.max_loras >= 0,
+             f"max_loras must be an integer >= 0, got {self.max_loras!r}")
         need(isinstance(self.num_threads, int) and self.num_threads >= 0,
              f"num_threads must be an integer >= 0, got {self.num_threads!r}")
 
@@ -174,6 +182,11 @@ class Engine:
         self.scheduler = Scheduler(self.cache, self.config.max_batch_size, self.config.prefill_token_budget)
         self._rng = random.Random(self.config.seed)
         self._moe_layers = model.moe_layers()
+        # LoRA adapters (serving/adapters.py): slots on the model, written between steps (under _step_lock).
+        self.adapters = AdapterBank(model, self.config.max_loras, self.config.max_lora_rank) \
+            if self.config.max_loras else None
+        self._loaded: dict[str, LoadedAdapter] = {}
+        self._step_lock = threading.Lock()
         # Thread-safe inbox: ("add", Seq) / ("abort", request_id); drained by the thread that runs step().
         self._lock = threading.Lock()
         self._cv = threading.Condition(self._lock)
@@ -300,9 +313,11 @@ class Engine:
 
     def add_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
                     request_id: str | None = None,
-                    sink: Callable[[RequestOutput], None] | RequestStream | None = None) -> str:
-        """Queue a request (thread-safe). Its outputs are returned by step() and handed to `sink` at the end of each
-        step: a callable is called on the engine thread, a RequestStream gets them on its event loop."""
+                    sink: Callable[[RequestOutput], None] | RequestStream | None = None,
+                    adapter: str | None = None) -> str:
+        """Queue a request (thread-safe), with the LoRA adapter named `adapter` or the base model (None). Its outputs
+        are returned by step() and handed to `sink` at the end of each step: a callable is called on the engine
+        thread, a RequestStream gets them on its event loop."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
@@ -322,6 +337,14 @@ class Engine:
             if self._inbox_adds + len(self.scheduler.waiting) >= self.config.max_waiting:
                 raise EngineOverloadedError(f"the server is overloaded ({self.config.max_waiting} requests are "
                                             f"already waiting); retry later")
+            if adapter is not None:
+                loaded = self._loaded.get(adapter)
+                if loaded is None or loaded.unloading:
+                    raise NotFoundError(f"no adapter named {adapter!r} is loaded; loaded: "
+                                        f"{sorted(n for n, a in self._loaded.items() if not a.unloading)}",
+                                        param="model", code="model_not_found")
+                loaded.running += 1
+                seq.adapter, seq.adapter_slot = adapter, loaded.slot
             self._active_ids.add(request_id)
             self._inbox.append(("add", seq))
             self._inbox_adds += 1
@@ -338,10 +361,76 @@ class Engine:
     def has_unfinished(self) -> bool:
         return bool(self._active_ids)
 
+    # -- LoRA adapters -------------------------------------------------------------------------------------------
+    def load_adapter(self, name: str, source: str, base_dir: Path | None = None) -> LoadedAdapter:
+        """Load the LoRA adapter at `source` (a directory, or registry://NAME[@VERSION]) as `name` into a free slot
+        (thread-safe; running requests go on). Loading the same source under the same name again is a no-op."""
+        if self.adapters is None:
+            raise AdapterLoadError("this engine holds no adapters: set the engine option max_loras >= 1",
+                                   param="lora_name")
+        if not isinstance(name, str) or not _ADAPTER_NAME.match(name):
+            raise AdapterLoadError(f"invalid adapter name {name!r}: use letters, digits, '.', '_' and '-'",
+                                   param="lora_name")
+        adapter, where = read_adapter_source(source, base_dir)
+        with self._lock:
+            known = self._loaded.get(name)
+        if known is not None and known.source == where and not known.unloading:
+            return known
+        modules = self.adapters.check(adapter, name, where)
+        with self._lock:
+            known = self._loaded.get(name)
+            if known is not None:
+                if known.source == where and not known.unloading:
+                    return known
+                raise AdapterLoadError(f"an adapter named {name!r} is already loaded (from {known.source}); unload "
+                                       f"it first", param="lora_name", code="adapter_exists")
+            slot = self.adapters.free_slot()
+            if slot is None:
+                raise AdapterLoadError(f"all {self.config.max_loras} adapter slots are in use "
+                                       f"({', '.join(sorted(self._loaded))}); unload one first or raise max_loras",
+                                       param="lora_name", code="adapter_slots_full")
+            self.adapters.slots[slot] = name  # reserved; requests see the adapter only once it is written
+        try:
+            with self._step_lock:
+                self.adapters.write(slot, adapter)
+        except BaseException:
+            with self._lock:
+                self.adapters.slots[slot] = None
+            raise
+        loaded = LoadedAdapter(name, where, slot, adapter.rank, targets=modules)
+        with self._lock:
+            self._loaded[name] = loaded
+        return loaded
+
+    def unload_adapter(self, name: str) -> None:
+        """Stop accepting requests for adapter `name`; its slot frees once its running requests finish."""
+        with self._lock:
+            loaded = self._loaded.get(name)
+            if loaded is None or loaded.unloading:
+                raise NotFoundError(f"no adapter named {name!r} is loaded; loaded: {sorted(self._loaded)}",
+                                    param="lora_name", code="model_not_found")
+            loaded.unloading = True
+            if loaded.running == 0:
+                self._release(loaded)
+
+    def _release(self, loaded: LoadedAdapter) -> None:  # holds self._lock
+        del self._loaded[loaded.name]
+        self.adapters.slots[loaded.slot] = None  # the next load overwrites every module's pair in it
+
+    def loaded_adapters(self) -> list[dict]:
+        """The adapters requests can use now: name, source, rank and requests in flight."""
+        with self._lock:
+            return [{"name": a.name, "source": a.source, "rank": a.rank, "running": a.running}
+                    for a in sorted(self._loaded.values(), key=lambda a: a.name) if not a.unloading]
+
     # -- one iteration -------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
         """Run one scheduling iteration (prefill chunks + one decode step); return the outputs it produced."""
+        with self._step_lock:
+            return self._step()
+
+    def _step(self) -> list[RequestOutput]:
         outputs: list[RequestOutput] = []
         self._drain_inbox(outputs)
         for group in self.scheduler.schedule_prefill():
@@ -400,6 +489,8 @@ class Engine:
             tokens[i, : c.length] = torch.tensor(c.seq.prompt_ids[c.start:c.start + c.length])
             positions[i] = torch.arange(c.start, c.start + width)
         last = torch.tensor([c.length - 1 for c in chunks])
+        if self.adapters is not None:
+            self.adapters.batch.set([c.seq.adapter_slot for c in chunks], width)
         self.cache.bind_rows([c.seq.slot for c in chunks], positions, self._dtype)
         logits = self.model(tokens, positions, self.cache, logits_at=last)  # (rows, vocab)
         self._count_expert_load()
@@ -420,6 +511,8 @@ class Engine:
     def _run_decode(self, batch: list[Seq], outputs: list[RequestOutput]) -> None:
         tokens = torch.tensor([[s.output_ids[-1]] for s in batch])  # (D, 1)
         positions = torch.tensor([[s.num_computed] for s in batch])  # the last token's position
+        if self.adapters is not None:
+            self.adapters.batch.set([s.adapter_slot for s in batch], 1)
         cache = self.cache.bind_rows(list(range(len(batch))), positions, self._dtype)
         logits = self.model(tokens, positions, cache)[:, -1]  # (D, 1, vocab) -> (D, vocab)
         self._count_expert_load()
@@ -471,6 +564,12 @@ class Engine:
         if finished:
             with self._lock:
                 self._active_ids.discard(seq.request_id)
+                loaded = self._loaded.get(seq.adapter) if seq.adapter is not None else None
+                if loaded is not None:
+                    seq.adapter = None
+                    loaded.running -= 1
+                    if loaded.unloading and loaded.running == 0:
+                        self._release(loaded)
         outputs.append(out)
         if seq.sink is not None:
             self._deliveries.append((seq.sink, out))
@@ -554,12 +653,12 @@ class Engine:
 
     # -- convenience APIs ----------------------------------------------------------------------------------------
     def submit(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
-               request_id: str | None = None) -> RequestStream:
+               request_id: str | None = None, adapter: str | None = None) -> RequestStream:
         """Queue a request from asyncio code (validation and overload errors raise here, not while iterating);
         async-iterate the returned handle for its outputs."""
         handle = RequestStream(self, asyncio.get_running_loop())
         self.start()
-        handle.request_id = self.add_request(prompt, params, request_id, sink=handle)
+        handle.request_id = self.add_request(prompt, params, request_id, sink=handle, adapter=adapter)
         return handle
 
     async def stream(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
@@ -577,10 +676,12 @@ class Engine:
         return self.generate_batch([prompt], params)[0]
 
     def generate_batch(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams | None = None,
-                       timeout: float | None = None) -> list[str]:
-        """Generate completions for several prompts together (continuous batching); return their texts in order."""
+                       timeout: float | None = None, adapters: Sequence[str | None] | None = None) -> list[str]:
+        """Generate completions for several prompts together (continuous batching), prompt i with adapter
+        `adapters[i]` (None: the base model); return their texts in order."""
         results: queue.SimpleQueue[RequestOutput] = queue.SimpleQueue()
-        ids = [self.add_request(p, params, sink=results.put) for p in prompts]
+        adapters = adapters or [None] * len(prompts)
+        ids = [self.add_request(p, params, sink=results.put, adapter=a) for p, a in zip(prompts, adapters, strict=True)]
         texts = {rid: "" for rid in ids}
         pending = set(ids)
         background = self.running

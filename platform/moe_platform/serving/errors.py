@@ -26,6 +26,12 @@ class InvalidRequestError(ServingError, ValueError):
     type = "invalid_request_error"
 
 
+class NotFoundError(InvalidRequestError):
+    """What the request names (a model, an adapter) does not exist here (HTTP 404)."""
+
+    status = 404
+
+
 class ContextLengthError(InvalidRequestError):
     """The prompt, or the prompt plus max_tokens, does not fit the model's context window."""
 

@@ -15,6 +15,9 @@ def load_engine(model: str | Path | registry.ModelVersion, **options) -> Engine:
     """An `Engine` (not started) on an export directory or a registry version; options: `EngineConfig`."""
     if isinstance(model, registry.ModelVersion) or registry.is_registry_uri(str(model)):
         mv = model if isinstance(model, registry.ModelVersion) else registry.resolve(str(model))
+        if mv.kind != "model":
+            raise ValueError(f"{mv.uri} is a LoRA adapter, not a model: serve its base model with engine.max_loras "
+                             f"and load it as an adapter (adapters: {{NAME: {mv.uri}}})")
         return Engine.from_state_dict(ModelArgs.from_dict(mv.model_args), registry.load_weights(mv), mv.files,
                                       mv.uri, keepalive=mv.weights, **options)
     return Engine.from_pretrained(model, **options)

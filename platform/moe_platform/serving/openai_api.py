@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 from collections.abc import AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
@@ -22,6 +23,7 @@ from moe_platform.serving.errors import (
     EngineOverloadedError,
     EngineUnavailableError,
     InvalidRequestError,
+    NotFoundError,
     ServingError,
 )
 
@@ -32,12 +34,13 @@ class PayloadTooLargeError(InvalidRequestError):
     status = 413
 
 
-class NotFoundError(InvalidRequestError):
-    status = 404
-
-
 class AuthenticationError(ServingError):
     status = 401
+    type = "invalid_request_error"
+
+
+class ForbiddenError(ServingError):
+    status = 403
     type = "invalid_request_error"
 
 
@@ -76,12 +79,13 @@ class OpenAIFrontend:
     """OpenAI endpoints over the engine returned by `engine_ref()` (the deployment may swap engines at runtime)."""
 
     def __init__(self, engine_ref: Callable[[], Engine], model_name: str, api_key: str | None = None,
-                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, admin_api_key: str | None = None):
         if max_body_bytes < 1024:
             raise ValueError(f"max_body_bytes must be >= 1024, got {max_body_bytes}")
         self.engine_ref = engine_ref
         self.model_name = model_name
         self.api_key = api_key or None
+        self.admin_key = admin_api_key or self.api_key  # adapter load/unload; no key: those routes are off
         self.max_body_bytes = max_body_bytes
         self.created = P.now_s()
 
@@ -98,7 +102,51 @@ class OpenAIFrontend:
             self._authorize(request)
         except ServingError as e:
             return error_response(e)
-        return JSONResponse(P.models_response(self.model_name, self.created))
+        adapters = self.engine_ref().loaded_adapters()
+        return JSONResponse(P.models_response(self.model_name, self.created, adapters))
+
+    async def load_adapter(self, request: Request) -> Response:
+        """POST {"lora_name": NAME, "lora_path": DIR or registry://NAME[@VERSION]} (admin key): load an adapter,
+        served as model 'BASE:NAME'. This replica only: with several replicas, declare adapters in the app's
+        user_config instead, which every replica applies."""
+        try:
+            body = await self._admin_body(request)
+            name, path = body.get("lora_name"), body.get("lora_path")
+            if not isinstance(path, str) or not path:
+                raise InvalidRequestError("lora_path must be an adapter directory or registry://NAME[@VERSION]",
+                                          param="lora_path")
+            engine = self.engine_ref()
+            loaded = await asyncio.to_thread(engine.load_adapter, name, path)
+        except ServingError as e:
+            return error_response(e)
+        return JSONResponse({"object": "lora_adapter", "id": f"{self.model_name}:{loaded.name}",
+                             "root": loaded.source, "rank": loaded.rank})
+
+    async def unload_adapter(self, request: Request) -> Response:
+        """POST {"lora_name": NAME} (admin key): new requests for it get 404; those in flight finish."""
+        try:
+            body = await self._admin_body(request)
+            self.engine_ref().unload_adapter(body.get("lora_name"))
+        except ServingError as e:
+            return error_response(e)
+        return JSONResponse({"object": "lora_adapter", "id": f"{self.model_name}:{body['lora_name']}",
+                             "deleted": True})
+
+    async def _admin_body(self, request: Request) -> dict:
+        if self.admin_key is None:
+            raise ForbiddenError("admin routes are disabled: start the server with admin_api_key (or api_key)",
+                                 code="admin_disabled")
+        self._authorize(request, self.admin_key)
+        body = await self._read_body(request)
+        try:
+            data = json.loads(body)
+        except ValueError as e:
+            raise InvalidRequestError(f"the request body is not valid JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise InvalidRequestError("the request body must be a JSON object")
+        if not isinstance(data.get("lora_name"), str):
+            raise InvalidRequestError("lora_name (the adapter's name, a string) is required", param="lora_name")
+        return data
 
     async def completions(self, request: Request) -> Response:
         return await self._handle(request, chat=False)
@@ -112,20 +160,17 @@ class OpenAIFrontend:
             self._authorize(request)
             body = await self._read_body(request)
             req = P.parse_request(P.ChatCompletionRequest if chat else P.CompletionRequest, body)
-            if req.model != self.model_name:
-                raise NotFoundError(f"the model '{req.model}' does not exist; this server serves "
-                                    f"'{self.model_name}' (see GET /v1/models)", param="model",
-                                    code="model_not_found")
+            adapter = self._adapter_of(req.model)
             engine = self.engine_ref()
             jobs = self._jobs(engine, req, chat)
-            streams = self._submit_all(engine, jobs)
+            streams = self._submit_all(engine, jobs, adapter)
         except ServingError as e:
             return error_response(e)
         rid = P.new_id("chatcmpl" if chat else "cmpl")
         created = P.now_s()
         echoes = [echo for _, _, echo in jobs]
         if req.stream:
-            gen = self._sse(streams, rid, created, chat, req.include_usage, echoes)
+            gen = self._sse(streams, rid, created, chat, req.include_usage, echoes, req.model)
             return StreamingResponse(gen, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
@@ -140,16 +185,28 @@ class OpenAIFrontend:
         use = P.usage(prompt_tokens, completion_tokens)
         if chat:
             choices = [P.chat_choice(i, r.text, r.finish_reason) for i, r in enumerate(results)]
-            return JSONResponse(P.chat_response(rid, self.model_name, created, choices, use))
+            return JSONResponse(P.chat_response(rid, req.model, created, choices, use))
         choices = [P.completion_choice(i, echoes[i] + r.text, r.finish_reason) for i, r in enumerate(results)]
-        return JSONResponse(P.completion_response(rid, self.model_name, created, choices, use))
+        return JSONResponse(P.completion_response(rid, req.model, created, choices, use))
 
-    def _authorize(self, request: Request) -> None:
-        if self.api_key is None:
+    def _adapter_of(self, model: str) -> str | None:
+        """The adapter a request's model id names: 'BASE' -> None (the base model), 'BASE:ADAPTER' -> ADAPTER."""
+        if model == self.model_name:
+            return None
+        adapter = model.removeprefix(f"{self.model_name}:") if model.startswith(f"{self.model_name}:") else ""
+        if not adapter:
+            raise NotFoundError(f"the model '{model}' does not exist; this server serves '{self.model_name}' and its "
+                                f"adapters as '{self.model_name}:ADAPTER' (see GET /v1/models)", param="model",
+                                code="model_not_found")
+        return adapter
+
+    def _authorize(self, request: Request, key: str | None = None) -> None:
+        key = key or self.api_key
+        if key is None:
             return
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
             raise AuthenticationError("invalid or missing API key: send the header 'Authorization: Bearer <key>'",
                                       code="invalid_api_key")
 
@@ -196,31 +253,30 @@ class OpenAIFrontend:
                 jobs.append((ids, params, echo))
         return jobs
 
-    def _submit_all(self, engine: Engine, jobs) -> list[RequestStream]:
+    def _submit_all(self, engine: Engine, jobs, adapter: str | None) -> list[RequestStream]:
         streams: list[RequestStream] = []
         try:
             for ids, params, _ in jobs:
-                streams.append(self._submit(engine, ids, params))
+                streams.append(self._submit(engine, ids, params, adapter))
         except ServingError:
             for s in streams:
                 s.abort()
             raise
         return streams
 
-    def _submit(self, engine: Engine, ids: list[int], params) -> RequestStream:
+    def _submit(self, engine: Engine, ids: list[int], params, adapter: str | None) -> RequestStream:
         try:
-            return engine.submit(ids, params)
+            return engine.submit(ids, params, adapter=adapter)
         except EngineUnavailableError:
             # The deployment may have just swapped in a new engine (hot model update): use that one instead.
             current = self.engine_ref()
             if current is engine:
                 raise
-            return current.submit(ids, params)
+            return current.submit(ids, params, adapter=adapter)
 
     async def _sse(self, streams: list[RequestStream], rid: str, created: int, chat: bool, include_usage: bool,
-                   echoes: list[str]) -> AsyncIterator[str]:
+                   echoes: list[str], model: str) -> AsyncIterator[str]:
         obj = "chat.completion.chunk" if chat else "text_completion"
-        model = self.model_name
         # One choice (the common case) reads its stream directly; several are merged through a queue.
         outputs = _indexed(streams[0]) if len(streams) == 1 else _merged(streams)
         prompt_tokens = completion_tokens = 0

@@ -265,9 +265,13 @@ def chunk(rid: str, obj: str, model: str, created: int, choices: list[dict], use
     return out
 
 
-def models_response(model: str, created: int) -> dict:
-    return {"object": "list", "data": [{"id": model, "object": "model", "created": created,
-                                        "owned_by": "moe-platform"}]}
+def models_response(model: str, created: int, adapters: list[dict] = ()) -> dict:
+    """The base model, then each loaded adapter as 'BASE:NAME' with the base as its parent (vLLM's shape)."""
+    data = [{"id": model, "object": "model", "created": created, "owned_by": "moe-platform", "root": model,
+             "parent": None}]
+    data += [{"id": f"{model}:{a['name']}", "object": "model", "created": created, "owned_by": "moe-platform",
+              "root": a["source"], "parent": model} for a in adapters]
+    return {"object": "list", "data": data}
 
 
 def sse(data: dict | str) -> str:

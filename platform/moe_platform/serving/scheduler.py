@@ -53,6 +53,8 @@ class SequenceState:
     first_token_time: float | None = None
     last_token_time: float | None = None
     finish_reason: str | None = None
+    adapter: str | None = None  # the LoRA adapter it runs with (serving/adapters.py), None for the base model
+    adapter_slot: int = -1
 
     @property
     def prompt_len(self) -> int:

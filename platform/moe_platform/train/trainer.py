@@ -448,8 +448,8 @@ class Trainer:
                 export_dir = export_checkpoint(final, self.run_dir / "export", merge=True)
                 if cfg.lora.enabled:
                     export_checkpoint(final, self.run_dir / "adapter")
-                if self.hooks.on_export is not None:
-                    self.hooks.on_export(export_dir, self.step)
+                if self.hooks.on_export is not None:  # a LoRA run publishes its adapter (served on the base)
+                    self.hooks.on_export(self.run_dir / "adapter" if cfg.lora.enabled else export_dir, self.step)
                 elif cfg.checkpoint.publish_to:
                     log.warning("checkpoint.publish_to = %r, but this launcher was given no publisher: nothing was "
                                 "published (`moe-platform train` and jobs/train.py publish)", cfg.checkpoint.publish_to)
