@@ -57,7 +57,8 @@ def chat_rows(n: int) -> list[dict]:
     return rows
 
 
-def build(model_dir: Path, chat_file: Path, rows: int) -> None:
+def build(model_dir: Path, chat_file: Path, rows: int, hidden: int = 64, layers: int = 2, heads: int = 4,
+          experts: int = 8, moe_intermediate: int = 32, vocab: int = 512, max_len: int = 512) -> None:
     import torch
     import transformers
 
@@ -67,14 +68,15 @@ def build(model_dir: Path, chat_file: Path, rows: int) -> None:
     model_dir.mkdir(parents=True, exist_ok=True)
     data = chat_rows(rows)
     texts = [m["content"] for r in data for m in r["messages"]] + list(iter_documents("", max_bytes=300_000))
-    save_tokenizer(train_tokenizer(texts, 512), model_dir, model_max_length=512)
+    save_tokenizer(train_tokenizer(texts, vocab), model_dir, model_max_length=max_len)
     add_chatml(model_dir)
     tok = load_tokenizer(model_dir)
     im_end = tok.token_to_id(IM_END)
     config = transformers.Qwen3MoeConfig(
-        vocab_size=tok.get_vocab_size(), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, intermediate_size=128, moe_intermediate_size=32, num_experts=8,
-        num_experts_per_tok=2, norm_topk_prob=True, max_position_embeddings=512, tie_word_embeddings=False,
+        vocab_size=tok.get_vocab_size(), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=heads // 2, head_dim=hidden // heads, intermediate_size=2 * hidden,
+        moe_intermediate_size=moe_intermediate, num_experts=experts, num_experts_per_tok=2, norm_topk_prob=True,
+        max_position_embeddings=max_len, tie_word_embeddings=False,
         bos_token_id=im_end, eos_token_id=im_end, pad_token_id=im_end)
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)

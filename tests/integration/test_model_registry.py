@@ -215,3 +215,83 @@ def test_serve_switches_registry_versions_under_load(cluster, serving_export, se
     status = serve.status().applications["moe-platform"]
     assert status.status == "RUNNING"
     assert status.deployments["MoEServer"].replica_states == {"RUNNING": 1}  # updated in place, not replaced
+
+
+# -- Serve: LoRA adapters beside the base model, from directories and the registry, loaded and unloaded live --------
+
+
+@pytest.fixture(scope="module")
+def adapters(serving_export, serving_export_b, tmp_path_factory):
+    """Adapters 'a' (every target) and 'b' (attention) on serving_export, and 'other' on serving_export_b."""
+    from tinyrun import random_adapter
+
+    made = {}
+    for name, base, targets, rank in (("a", serving_export, "q_proj,k_proj,v_proj,o_proj,experts", 4),
+                                      ("b", serving_export, "q_proj,v_proj", 8),
+                                      ("other", serving_export_b, "q_proj", 4)):
+        args, state = load_hf(base)
+        made[name] = random_adapter(args, state, tuple(targets.split(",")), rank, len(made) + 1,
+                                    tmp_path_factory.mktemp(name), base)
+    return made
+
+
+def test_serve_mixes_adapters_and_loads_them_live(cluster, serving_export, serving_port, adapters):
+    import concurrent.futures
+
+    import httpx
+    import openai
+    from ray import serve
+    from ray.serve._private import api as serve_api
+    from ray.serve.schema import ServeDeploySchema
+
+    key = "admin-key-1"
+    want = {m: Engine.from_pretrained(d).generate(PROMPT, GREEDY) for m, d in
+            (("moe-platform", serving_export), ("moe-platform:a", adapters["a"][1]),
+             ("moe-platform:tuned", adapters["b"][1]))}
+    assert len(set(want.values())) == 3
+    assert registry.publish_export(adapters["b"][0], "tuned") == 1  # a LoRA run's publish_to: the adapter itself
+    assert registry.list_models()["tuned"][0]["kind"] == "adapter"
+    with pytest.raises(ValueError, match="is a LoRA adapter, not a model"):
+        load_engine("registry://tuned@1")
+
+    config = serve_config(serving_export, serving_port)
+    app = config["applications"][0]
+    app["args"].update(admin_api_key=key)
+    app["args"]["engine"].update(max_loras=2, max_lora_rank=8)
+    app["deployments"][0]["user_config"] = {"model": str(serving_export), "adapters": {"a": str(adapters["a"][0])}}
+    client = serve_api.serve_start(http_options=config["http_options"], proxy_location="HeadOnly")
+    client.deploy_apps(ServeDeploySchema.model_validate(config), _blocking=True)
+    url = f"http://127.0.0.1:{serving_port}"
+    oai = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+    http = httpx.Client(base_url=url, timeout=60)
+    assert [m.id for m in oai.models.list().data] == ["moe-platform", "moe-platform:a"]
+
+    def complete(model: str) -> str:
+        return oai.completions.create(model=model, prompt=PROMPT, max_tokens=16, temperature=0,
+                                      extra_body={"ignore_eos": True}).choices[0].text
+
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:  # base and adapter requests share the replica's batches
+        models = ["moe-platform", "moe-platform:a"] * 3
+        in_flight = [pool.submit(complete, m) for m in models]
+        # loaded from the registry while those run (admin key required)
+        assert http.post("/v1/load_lora_adapter", json={"lora_name": "tuned"}).status_code == 401
+        r = http.post("/v1/load_lora_adapter", json={"lora_name": "tuned", "lora_path": "registry://tuned@1"},
+                      headers={"Authorization": f"Bearer {key}"})
+        assert r.status_code == 200, r.text
+        assert [f.result() for f in in_flight] == [want[m] for m in models]
+    assert complete("moe-platform:tuned") == want["moe-platform:tuned"]
+
+    r = http.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": str(adapters["other"][0])},
+                  headers={"Authorization": f"Bearer {key}"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "adapter_base_mismatch", r.text
+    assert "trained on a different base model" in r.json()["error"]["message"]
+
+    # serve deploy with other adapters: applied in place (same replica), 'a' and 'tuned' unloaded, 'b' loaded
+    app["deployments"][0]["user_config"]["adapters"] = {"b": str(adapters["b"][0])}
+    client.deploy_apps(ServeDeploySchema.model_validate(config), _blocking=True)
+    assert [m.id for m in oai.models.list().data] == ["moe-platform", "moe-platform:b"]
+    assert complete("moe-platform:b") == want["moe-platform:tuned"]
+    with pytest.raises(openai.NotFoundError, match="no adapter named 'a'"):
+        complete("moe-platform:a")
+    status = serve.status().applications["moe-platform"]
+    assert status.deployments["MoEServer"].replica_states == {"RUNNING": 1}

@@ -8,16 +8,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moe_platform.checkpoint.adapters import export_adapters
 from moe_platform.checkpoint.hf import export_hf
 from moe_platform.model.args import ModelArgs
-from moe_platform.model.lora import apply_lora, merge_adapters
 from moe_platform.model.multi_lora import lora_delta
 from moe_platform.model.transformer import build_model
 from moe_platform.serving.adapters import AdapterLoadError
 from moe_platform.serving.engine import Engine, SamplingParams
 from moe_platform.serving.errors import NotFoundError
-from tinyrun import tiny_tokenizer
+from tinyrun import random_adapter, tiny_tokenizer
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "experts", "shared_experts")
@@ -30,17 +28,7 @@ def model_args(vocab: int, shared: int = 1, dim: int = 64) -> ModelArgs:
 
 def make_adapter(args: ModelArgs, base_seed: int, targets: tuple[str, ...], rank: int, seed: int, out, tok):
     """A random adapter on the base model built with `base_seed`: (its directory, the merged model's export)."""
-    model = build_model(args, seed=base_seed)
-    apply_lora(model, rank, 2.0 * rank, 0.0, targets)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, t in model.state_dict().items():
-            if ".lora." in name:
-                t.copy_(torch.randn(t.shape, generator=g) * 0.15)
-    state = model.state_dict()
-    adapter = export_adapters(state, {"rank": rank, "alpha": 2.0 * rank, "dropout": 0.0}, out / "adapter", "base")
-    merged = export_hf(merge_adapters(state, 2.0 * rank, rank), args, out / "merged", tokenizer_dir=tok)
-    return adapter, merged
+    return random_adapter(args, build_model(args, seed=base_seed).state_dict(), targets, rank, seed, out, tok)
 
 
 @pytest.fixture(scope="module")
