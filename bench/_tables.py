@@ -110,7 +110,25 @@ def memory(d: dict) -> str:
             f"{d['full_vs_transformers_full_peak']:.3f}")
 
 
-RENDER = {"moe_layer": moe_layer, "memory": memory, "layouts": layouts, "checkpoint": checkpoint,
+def lora(d: dict) -> str:
+    rows = []
+    for r in d["results"]:
+        what = "all weights" if r["mode"] == "full" else f"rank {d['args']['rank']}: {r['targets']}"
+        state = f"**{r['state_vs_full']:.4f}**" if r["impl"] == "ours" and r["mode"] == "lora" else \
+            f"{r['state_vs_full']:.4f}"
+        rows.append([r["impl"], what, f"{r['trainable_params']:,}", f"{r['optimizer_state_bytes'] / 2**20:.2f}",
+                     state, f"{r['peak_bytes'] / 2**20:.1f}", f"{r['peak_vs_full']:.3f}", f"{r['step_s']:.3f}",
+                     f"{r['time_vs_full']:.2f}"])
+    a = d["args"]
+    table = _table(["implementation", "trains", "trainable params", "optimizer state MiB", "state ÷ full",
+                    f"peak MiB ({a['device']})", "peak ÷ full", "step s", "time ÷ full"], rows)
+    return (f"{table}\n\nd={a['dim']}, {a['layers']} layers, {a['experts']} experts top-2 (I={a['moe_intermediate']}), "
+            f"vocab {a['vocab']}, {a['batch']}×{a['seq']} tokens per step. Ours ÷ peft, attention LoRA: step time "
+            f"{d['lora_step_vs_peft']:.2f}, peak {d['lora_peak_vs_peft']:.2f}, optimizer state "
+            f"{d['lora_state_vs_peft']:.2f}")
+
+
+RENDER = {"moe_layer": moe_layer, "memory": memory, "lora": lora, "layouts": layouts, "checkpoint": checkpoint,
           "ray_overhead": ray_overhead, "goodput": goodput, "serve": serve}
 
 

@@ -187,8 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    labels = [f"{r['impl']} {r['mode']}\n{'+experts' if 'experts' in r['targets'] else 'attention' if r['targets'] else 'all'}"
-              for r in results]
+    kinds = ["attention + experts" if "experts" in r["targets"] else "attention" if r["targets"] else "all weights"
+             for r in results]
+    labels = [f"{r['impl']} {r['mode']}\n{kind}" for r, kind in zip(results, kinds, strict=True)]
     colors = ["tab:green" if r["impl"] == "ours" else "tab:gray" for r in results]
     axes[0].bar(labels, [r["optimizer_state_bytes"] / 2**20 for r in results], color=colors)
     axes[0].set_ylabel("optimizer state, MiB")

@@ -12,6 +12,9 @@ by round, so bursts of outside load on a shared machine hit all of them alike:
    left-padded, `generate` until the longest request of the batch is done (answers return when the batch ends);
 3. transformers one at a time (a prefix of the trace, back to back);
 4. ours in closed loop at concurrency 64 and at concurrency 1 (tokens/s);
+6. multi-LoRA: the same trace through HTTP to a second app on the same base model holding 8 LoRA adapters (random,
+   rank 16, on the attention projections and the routed experts), the requests spread over the adapters in turn, so
+   every batch mixes them: tokens/s against the base model alone (1.);
 5. request overhead: p50 latency of Ray Serve's own no-op deployment vs our app (GET /health through our ingress, and
    a 1-token completion minus the engine's own time for it).
 
@@ -23,6 +26,7 @@ by round, so bursts of outside load on a shared machine hit all of them alike:
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import random
@@ -52,6 +56,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch threads for every system measured")
     p.add_argument("--prefill-token-budget", type=int, default=512)
     p.add_argument("--batch-wait-timeout-s", type=float, default=0.0)
+    p.add_argument("--adapters", type=int, default=8, help="LoRA adapters of the multi-LoRA app")
+    p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,experts")
     p.add_argument("--export", default="", help="reuse this export directory instead of building one")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-json", default=str(REPO / "docs" / "bench_serve.json"))
@@ -145,8 +152,8 @@ def finish(res: Result) -> Result:
 
 
 # -- our server: over HTTP and in-process ----------------------------------------------------------------------------
-async def stream_http(http: httpx.AsyncClient, req: Req) -> Result:
-    body = {"model": MODEL, "prompt": req.prompt, "max_tokens": req.max_tokens, "temperature": 0.0,
+async def stream_http(http: httpx.AsyncClient, req: Req, model: str = MODEL) -> Result:
+    body = {"model": model, "prompt": req.prompt, "max_tokens": req.max_tokens, "temperature": 0.0,
             "ignore_eos": True, "stream": True}
     res = Result(sent=time.perf_counter(), tokens=0)
     try:
@@ -212,12 +219,14 @@ def closed_loop(session, trace: list[Req], concurrency: int) -> Run:
     return asyncio.run(replay())
 
 
-def http_session(url: str):
+def http_session(url: str, models: list[str] | None = None):
+    """Requests to `url`, for `models` in turn (default: the base model)."""
     @contextlib.asynccontextmanager
     async def session():
         limits = httpx.Limits(max_connections=512, max_keepalive_connections=512)
+        turn = itertools.cycle(models or [MODEL])
         async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
-            yield lambda req: stream_http(http, req)
+            yield lambda req: stream_http(http, req, next(turn))
 
     return session
 
@@ -237,13 +246,28 @@ def engine_options(args, n_requests: int) -> dict:
             "num_threads": args.threads}
 
 
-def start_servers(args, export: Path, n_requests: int) -> str:
-    """Our app plus Ray Serve's own no-op deployments (plain and FastAPI) on one Serve instance; returns the URL."""
+def make_adapters(export: Path, out: Path, n: int, rank: int, targets: str) -> dict[str, str]:
+    """`n` random LoRA adapters on the export's weights: name -> directory."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    from tiny_chat_model import random_adapter
+
+    from moe_platform.checkpoint.hf import load_hf
+
+    args, state = load_hf(export)
+    return {f"lora{i}": str(random_adapter(args, state, tuple(targets.split(",")), rank, i, out / f"lora{i}",
+                                           None)[0]) for i in range(n)}
+
+
+def start_servers(args, export: Path, n_requests: int, adapters: dict[str, str]) -> str:
+    """Our app, our app with LoRA adapters (at /lora), and Ray Serve's own no-op deployments (plain and FastAPI) on
+    one Serve instance; returns the URL."""
     import ray
     from fastapi import FastAPI
     from ray import serve
 
-    from moe_platform.serving.app import start_server
+    from moe_platform.serving.app import build_app, start_server
     from moe_platform.train.launch import free_port
 
     @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
@@ -263,6 +287,9 @@ def start_servers(args, export: Path, n_requests: int) -> str:
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     port = free_port()
     url = start_server(export, port=port, engine=engine_options(args, n_requests))
+    lora_engine = {**engine_options(args, n_requests), "max_loras": len(adapters), "max_lora_rank": args.lora_rank}
+    serve.run(build_app({"model": str(export), "engine": lora_engine, "adapters": adapters}), name="lora",
+              route_prefix="/lora")
     serve.run(NoOp.bind(), name="noop", route_prefix="/noop")
     serve.run(NoOpFastAPI.bind(), name="noop-fastapi", route_prefix="/noop-fastapi")
     return url
@@ -375,6 +402,8 @@ def ratio_table(res: dict) -> list[dict]:
         ("p99 TTFT (s): transformers static / ours", hf["ttft_p99_s"], ours["ttft_p99_s"], ">= 1x", 1.0),
         ("p99 inter-token latency (s): transformers static / ours", hf["tpot_p99_s"], ours["tpot_p99_s"], "", None),
         ("tokens/s: ours concurrency 64 vs 1", res["c64"]["tokens_per_s"], res["c1"]["tokens_per_s"], ">= 8x", 8.0),
+        (f"tokens/s: ours {res['config']['adapters']} LoRA adapters mixed vs base model (HTTP)",
+         res["ours_lora"]["tokens_per_s"], ours["tokens_per_s"], ">= 0.7x", 0.7),
     ]
     table = [{"metric": m, "a": a, "b": b, "ratio": a / b, "target": t, "met": None if x is None else a / b >= x}
              for m, a, b, t, x in rows]
@@ -407,10 +436,12 @@ def plot(res: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    systems = {"ours (HTTP)": res["ours_http"], "ours in-process": res["ours_inprocess"],
+    n_lora = res["config"]["adapters"]
+    systems = {"ours (HTTP)": res["ours_http"], f"ours, {n_lora} LoRA adapters mixed (HTTP)": res["ours_lora"],
+               "ours in-process": res["ours_inprocess"],
                "transformers static": res["hf_static"],
                "transformers 1-at-a-time (no queueing)": res["hf_one_at_a_time"]}
-    colors = ["C0", "C3", "C1", "C2"]
+    colors = ["C0", "C4", "C3", "C1", "C2"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5.4))
     names = [n.removesuffix(" (no queueing)") for n in systems] + ["ours HTTP c64", "ours HTTP c1"]
     values = [s["tokens_per_s"] for s in systems.values()] + [res["c64"]["tokens_per_s"], res["c1"]["tokens_per_s"]]
@@ -419,11 +450,11 @@ def plot(res: dict, path: str) -> None:
     ax1.set_title("throughput (same trace, same machine, interleaved rounds)")
     ax1.tick_params(axis="x", rotation=25)
     metrics = ["ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s", "e2e_p50_s", "e2e_p99_s"]
-    width = 0.2
+    width = 0.16
     for i, (name, s) in enumerate(systems.items()):
         ax2.bar([j + i * width for j in range(len(metrics))], [s[m] for m in metrics], width, label=name,
                 color=colors[i])
-    ax2.set_xticks([j + 1.5 * width for j in range(len(metrics))], [m.removesuffix("_s") for m in metrics])
+    ax2.set_xticks([j + 2 * width for j in range(len(metrics))], [m.removesuffix("_s") for m in metrics])
     ax2.set_yscale("log")
     ax2.set_ylabel("seconds (log)")
     ax2.set_title("latency on the Poisson trace")
@@ -449,21 +480,25 @@ def run(argv=None) -> dict:
         trace = make_trace(export, args.requests, args.rate, args.prompt_tokens, args.output_tokens, args.seed)
         res: dict = {"config": {**vars(args), "export": str(export), "cpu_count": os.cpu_count(),
                                 "loadavg_before": os.getloadavg(), "torch": torch.__version__}}
-        url = start_servers(args, export, len(trace))
+        adapters = make_adapters(export, Path(tmp) / "adapters", args.adapters, args.lora_rank, args.lora_targets)
+        url = start_servers(args, export, len(trace), adapters)
         try:
             engine = Engine.from_pretrained(export, **engine_options(args, len(trace))).start()
             hf = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32).eval()
             pad = eos_id(load_tokenizer(export))
             http, inproc = http_session(url), engine_session(engine)
-            runs: dict[str, list[Run]] = {k: [] for k in ("ours_http", "ours_inprocess", "hf_static", "c64", "c1",
-                                                          "hf_one_at_a_time")}
+            lora = http_session(f"{url}/lora", [f"{MODEL}:{name}" for name in adapters])
+            runs: dict[str, list[Run]] = {k: [] for k in ("ours_http", "ours_lora", "ours_inprocess", "hf_static",
+                                                          "c64", "c1", "hf_one_at_a_time")}
             closed_loop(http, trace[:4], 4)  # warm-up
+            closed_loop(lora, trace[:4], 4)
             rounds = split_rounds(trace, args.rounds)
             # Every workload runs on the same requests, the headline trace's (c64, c1 and one at a time ignore its
             # arrival times), in interleaved rounds: a burst of outside load hits every system alike.
             for i, part in enumerate(rounds):
                 print(f"round {i + 1}/{len(rounds)}: {len(part)} requests")
                 work = [("ours_http", lambda p: open_loop(http, p)),
+                        ("ours_lora", lambda p: open_loop(lora, p)),
                         ("ours_inprocess", lambda p: open_loop(inproc, p)),
                         ("hf_static", lambda p: hf_static(hf, p, args.max_batch, pad)),
                         ("c64", lambda p: closed_loop(http, p, 64)),

@@ -1,6 +1,7 @@
 """Inputs of the fine-tuning example (scripts/finetune-example.sh), made here instead of downloaded: a tiny random
 Qwen3-MoE saved by transformers as a Hugging Face model directory (sharded safetensors, a byte-level BPE tokenizer
-with ChatML turn markers and chat template, as Qwen models ship them), and a chat JSONL of OpenAI-style messages.
+with ChatML turn markers and chat template, as Qwen models ship them), and a chat JSONL of OpenAI-style messages;
+and random LoRA adapters (`random_adapter`) for the adapter-serving tests and benchmark.
 
 usage: python scripts/tiny_chat_model.py MODEL_DIR CHAT_JSONL [--rows N]
 """
@@ -86,6 +87,35 @@ def build(model_dir: Path, chat_file: Path, rows: int, hidden: int = 64, layers:
     chat_file.write_text("".join(json.dumps(r) + "\n" for r in data))
     print(f"tiny Qwen3-MoE in {model_dir} ({sum(p.numel() for p in model.parameters())} parameters, "
           f"{len(list(model_dir.glob('*.safetensors')))} shards); {rows} conversations in {chat_file}")
+
+
+def random_adapter(args, base_state: dict, targets: tuple[str, ...], rank: int, seed: int, out: Path,
+                   tokenizer_dir: Path | None) -> tuple[Path, Path | None]:
+    """A random LoRA adapter (A and B random, alpha = 2 * rank) on the base model with weights `base_state`, in
+    place of a trained one: (its directory, as a LoRA run exports it; the export of the base model with it merged,
+    written only when `tokenizer_dir` is given)."""
+    import torch
+
+    from moe_platform.checkpoint.adapters import export_adapters
+    from moe_platform.checkpoint.hf import export_hf
+    from moe_platform.model.lora import apply_lora, merge_adapters
+    from moe_platform.model.transformer import build_model
+
+    model = build_model(args, seed=0)
+    model.load_state_dict(base_state)
+    apply_lora(model, rank, 2.0 * rank, 0.0, targets)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if ".lora." in name:
+                t.copy_(torch.randn(t.shape, generator=g) * 0.15)
+    state = model.state_dict()
+    adapter = export_adapters(state, {"rank": rank, "alpha": 2.0 * rank, "dropout": 0.0}, out / "adapter", "base")
+    if tokenizer_dir is None:
+        return adapter, None
+    merged = export_hf(merge_adapters(state, 2.0 * rank, rank), args, out / "merged", tokenizer_dir=tokenizer_dir)
+    return adapter, merged
+
 
 
 def main(argv: list[str] | None = None) -> int:

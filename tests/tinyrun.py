@@ -270,12 +270,7 @@ def save_tiny_hf_model(arch: str, out: Path, tokenizer_dir: Path):
 def chatml_tokenizer(out: Path) -> Path:
     """The tiny tokenizer turned into a ChatML one (turn markers, chat_template.jinja) the way the fine-tuning
     example's model ships it (scripts/tiny_chat_model.py)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("tiny_chat_model", REPO / "scripts" / "tiny_chat_model.py")
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
-    return example.add_chatml(tiny_tokenizer(out))
+    return _example_inputs().add_chatml(tiny_tokenizer(out))
 
 
 CHAT_ROWS = [
@@ -301,26 +296,18 @@ def write_chat_jsonl(path: Path, rows: int = 60) -> Path:
     return path
 
 
+
+def _example_inputs():
+    """scripts/tiny_chat_model.py, the fine-tuning and adapter examples' inputs."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tiny_chat_model", REPO / "scripts" / "tiny_chat_model.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    return example
+
+
 def random_adapter(args, base_state: dict, targets: tuple[str, ...], rank: int, seed: int, out: Path,
                    tokenizer_dir: Path) -> tuple[Path, Path]:
-    """A random LoRA adapter (A and B random, alpha = 2 * rank) on the base model with weights `base_state`:
-    (its directory, as a LoRA run exports it; the export of the base model with it merged)."""
-    import torch
-
-    from moe_platform.checkpoint.adapters import export_adapters
-    from moe_platform.checkpoint.hf import export_hf
-    from moe_platform.model.lora import apply_lora, merge_adapters
-    from moe_platform.model.transformer import build_model
-
-    model = build_model(args, seed=0)
-    model.load_state_dict(base_state)
-    apply_lora(model, rank, 2.0 * rank, 0.0, targets)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, t in model.state_dict().items():
-            if ".lora." in name:
-                t.copy_(torch.randn(t.shape, generator=g) * 0.15)
-    state = model.state_dict()
-    adapter = export_adapters(state, {"rank": rank, "alpha": 2.0 * rank, "dropout": 0.0}, out / "adapter", "base")
-    merged = export_hf(merge_adapters(state, 2.0 * rank, rank), args, out / "merged", tokenizer_dir=tokenizer_dir)
-    return adapter, merged
+    """scripts/tiny_chat_model.py's random_adapter: (the adapter directory, the merged model's export)."""
+    return _example_inputs().random_adapter(args, base_state, targets, rank, seed, out, tokenizer_dir)

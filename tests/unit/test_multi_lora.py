@@ -10,7 +10,7 @@ import torch
 
 from moe_platform.checkpoint.hf import export_hf
 from moe_platform.model.args import ModelArgs
-from moe_platform.model.multi_lora import lora_delta
+from moe_platform.model.multi_lora import Segments, lora_delta
 from moe_platform.model.transformer import build_model
 from moe_platform.serving.adapters import AdapterLoadError
 from moe_platform.serving.engine import Engine, SamplingParams
@@ -76,14 +76,14 @@ def test_a_mixed_batch_gives_each_request_its_adapters_output(setup, prompts):
     assert names == ["a", "b"]
 
 
-def test_gathered_and_grouped_adapter_math_agree():
+def test_grouped_adapter_math_equals_each_rows_own_adapter():
     g = torch.Generator().manual_seed(0)
-    a, b, scale = torch.randn(3, 4, 16, generator=g), torch.randn(3, 8, 4, generator=g), torch.tensor([0.5, 2, 1])
-    x, groups = torch.randn(10, 16, generator=g), torch.tensor([0, -1, 2, 2, 1, 0, -1, 1, 2, 0])
+    a, b, scale = torch.randn(4, 4, 16, generator=g), torch.randn(4, 8, 4, generator=g), torch.tensor([0.5, 2, 1, 3])
+    x, groups = torch.randn(10, 16, generator=g), torch.tensor([0, -1, 2, 2, 1, 0, -1, 1, 2, 0])  # group 3: no rows
     expected = torch.stack([torch.zeros(8) if k < 0 else scale[k] * b[k] @ (a[k] @ x[i])
                             for i, k in enumerate(groups.tolist())])
-    for gather_max in (0, 1 << 20):
-        torch.testing.assert_close(lora_delta(x, a, b, scale, groups, gather_max), expected)
+    a_t, b_t = a.transpose(1, 2).contiguous(), b.transpose(1, 2).contiguous()
+    torch.testing.assert_close(lora_delta(x, a_t, b_t, scale, Segments(groups, 4)), expected)
 
 
 def test_adapters_load_and_unload_between_steps_without_failing_requests(setup, prompts):

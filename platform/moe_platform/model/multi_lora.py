@@ -1,18 +1,15 @@
 """Many LoRA adapters in one batch (multi-LoRA serving): each row of a batch may use a different adapter, or none.
 
 Training folds one adapter into its model (model/lora.py). A serving replica instead holds up to `max_loras`
-adapters at once in fixed slots, stacked per adapted module: A (S, r, in), B (S, out, r) and a scale per slot, the
-rank padded with zeros to `max_rank` (zero rows of A and zero columns of B add nothing). Before each forward the
-engine tells `AdapterBatch` which slot every token row uses (-1: the base model); every adapted module then adds
-scale_s * B_s (A_s x) to the rows of slot s:
-
-- few rows (decode): the adapter pairs are gathered per row and applied in two batched matmuls (the BGMV shape);
-- many rows (prefill): rows are grouped by slot and each slot's rows run as one matmul pair (the SGMV shape).
-
-Either way the work is batched per adapter, never a loop over requests. The routed experts hold one pair per
-(slot, expert): A (S*E, r, in), grouped by slot * E + expert; with adapters in the batch the experts run unfused so
-that the adapter term enters before the SwiGLU nonlinearity, as training computes it. A batch with no adapter row
-runs exactly the base model's code.
+adapters at once in fixed slots, stacked per adapted module and transposed for the grouped matmuls: A.T (S, in, r),
+B.T (S, r, out) and a scale per slot, the rank padded with zeros to `max_rank` (zero rows of A and zero columns of B
+add nothing). Before each forward the engine tells `AdapterBatch` which slot every token row uses (-1: the base
+model); every adapted module then adds scale_s * B_s (A_s x) to the rows of slot s. The rows are sorted by slot
+once per forward and every adapted module runs two grouped matmuls over them (the SGMV shape: `torch._grouped_mm`,
+or one matmul pair per slot where that has no kernel for the device and dtype). The work is batched per adapter,
+never a loop over requests. The routed experts hold one pair per (slot, expert), grouped by slot * E + expert; the
+adapter term of gate_up enters before the SwiGLU nonlinearity, as training computes it. A batch with no adapter
+row runs exactly the base model's code.
 """
 
 from __future__ import annotations
@@ -21,46 +18,64 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Gather A and B per row while the gathered copy stays this small (elements); beyond it, loop over adapter groups.
-_GATHER_MAX_ELEMENTS = 1 << 20
+
+class Segments:
+    """The rows of a batch that use an adapter group, sorted by group: what the grouped matmuls below run over."""
+
+    def __init__(self, groups: torch.Tensor, num_groups: int):
+        used = (groups >= 0).nonzero().squeeze(1)
+        group_of_used = groups[used]
+        order = torch.argsort(group_of_used, stable=True)
+        self.rows = used[order]  # (U,) row indices, grouped
+        self.groups = group_of_used[order]  # (U,) the group of each of them
+        self.counts = torch.bincount(group_of_used, minlength=num_groups)
+        self.offsets = torch.cumsum(self.counts, 0, dtype=torch.int32)
+        self.num_rows = groups.numel()
 
 
 class AdapterBatch:
     """The adapter slot of every token row of the current forward (shared by all adapted modules of a model)."""
 
-    def __init__(self):
+    def __init__(self, num_slots: int = 0):
+        self.num_slots = num_slots
         self.token_slots: torch.Tensor | None = None  # (N,) slot per flattened token row, -1 = base model
+        self.segments: Segments | None = None  # the token rows grouped by slot
 
     def set(self, row_slots: list[int], width: int) -> None:
         """Row i of the next forward's (rows, width) tokens uses adapter slot row_slots[i] (-1: none)."""
         if all(s < 0 for s in row_slots):
-            self.token_slots = None
+            self.token_slots = self.segments = None
         else:
             self.token_slots = torch.tensor(row_slots, dtype=torch.long).repeat_interleave(width)
+            self.segments = Segments(self.token_slots, self.num_slots)
 
     @property
     def active(self) -> bool:
         return self.token_slots is not None
 
 
-def lora_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, groups: torch.Tensor,
-               gather_max: int = _GATHER_MAX_ELEMENTS) -> torch.Tensor:
-    """scale[g] * B[g] (A[g] x) for each row of x (N, in) with group g = groups[row] (-1 rows get 0).
-    a: (G, r, in), b: (G, out, r), scale: (G,) -> (N, out). Rows are gathered per row while the gathered adapter
-    copies stay within `gather_max` elements, else grouped."""
-    n, rank = x.shape[0], a.shape[1]
-    used = groups >= 0
-    if n * rank * (a.shape[2] + b.shape[1]) <= gather_max:
-        g = groups.clamp(min=0)
-        xa = torch.bmm(a[g].to(x.dtype), x.unsqueeze(-1))  # (N, r, 1)
-        xa = xa * (scale[g] * used).to(x.dtype)[:, None, None]
-        return torch.bmm(b[g].to(x.dtype), xa).squeeze(-1)
-    out = x.new_zeros(n, b.shape[1])
-    for g in groups[used].unique().tolist():
-        rows = (groups == g).nonzero().squeeze(1)
-        xa = x[rows] @ a[g].t().to(x.dtype)
-        out.index_add_(0, rows, xa @ (b[g].t() * scale[g]).to(x.dtype))
+def _segment_mm(x: torch.Tensor, w: torch.Tensor, seg: Segments) -> torch.Tensor:
+    """Grouped rows of x (U, K) times their group's w[g] (w: (G, K, M), contiguous) -> (U, M)."""
+    if hasattr(torch, "_grouped_mm") and (x.device.type == "cpu" or x.dtype == torch.bfloat16):
+        return torch._grouped_mm(x, w, offs=seg.offsets.to(x.device))
+    out = x.new_empty(x.shape[0], w.shape[2])
+    start = 0
+    for g, n in enumerate(seg.counts.tolist()):
+        if n:
+            torch.mm(x[start:start + n], w[g], out=out[start:start + n])
+        start += n
     return out
+
+
+def lora_delta(x: torch.Tensor, a_t: torch.Tensor, b_t: torch.Tensor, scale: torch.Tensor,
+               seg: Segments) -> torch.Tensor:
+    """scale[g] * B[g] (A[g] x) for each row of x (N, in) in group g of `seg` (rows in no group get 0), from the
+    factors stored transposed: a_t = A.T (G, in, r), b_t = B.T (G, r, out); scale (G,) -> (N, out). Two grouped
+    matmuls over the rows sorted by group (the SGMV shape): the work is batched per adapter whatever the rows."""
+    xa = _segment_mm(x[seg.rows], a_t, seg)  # (U, r)
+    xa = xa * scale.to(x.device, x.dtype)[seg.groups][:, None]
+    out = x.new_zeros(seg.num_rows, b_t.shape[2])
+    return out.index_copy_(0, seg.rows, _segment_mm(xa, b_t, seg))
 
 
 class _Slots(nn.Module):
@@ -72,27 +87,27 @@ class _Slots(nn.Module):
         self.batch = batch
         self.shape = (groups, in_features, out_features, max_rank)
         self.dtype = dtype
-        self.a: torch.Tensor | None = None
-        self.b: torch.Tensor | None = None
+        self.a_t: torch.Tensor | None = None  # A transposed, (groups, in, max_rank): what the grouped matmul reads
+        self.b_t: torch.Tensor | None = None  # B transposed, (groups, max_rank, out)
         self.scale = torch.zeros(groups)
 
     def write(self, group: int, a: torch.Tensor | None, b: torch.Tensor | None, scale: float) -> None:
         """Set one group's pair (a (r, in), b (out, r), r <= max_rank); None clears it to no adapter."""
         if a is None:
-            if self.a is not None:
-                self.a[group].zero_()
-                self.b[group].zero_()
+            if self.a_t is not None:
+                self.a_t[group].zero_()
+                self.b_t[group].zero_()
             self.scale[group] = 0.0
             return
         groups, fan_in, fan_out, max_rank = self.shape
-        if self.a is None:
-            self.a = torch.zeros(groups, max_rank, fan_in, dtype=self.dtype)
-            self.b = torch.zeros(groups, fan_out, max_rank, dtype=self.dtype)
+        if self.a_t is None:
+            self.a_t = torch.zeros(groups, fan_in, max_rank, dtype=self.dtype)
+            self.b_t = torch.zeros(groups, max_rank, fan_out, dtype=self.dtype)
         rank = a.shape[0]
-        self.a[group].zero_()
-        self.b[group].zero_()
-        self.a[group, :rank] = a.to(self.dtype)
-        self.b[group, :, :rank] = b.to(self.dtype)
+        self.a_t[group].zero_()
+        self.b_t[group].zero_()
+        self.a_t[group, :, :rank] = a.t().to(self.dtype)
+        self.b_t[group, :rank] = b.t().to(self.dtype)
         self.scale[group] = scale
 
 
@@ -105,10 +120,10 @@ class MultiLoRA(_Slots):
         super().__init__(batch, slots, in_features, out_features, max_rank, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | None:
-        if not self.batch.active or self.a is None:
+        if not self.batch.active or self.a_t is None:
             return None
         flat = x.reshape(-1, x.shape[-1])
-        return lora_delta(flat, self.a, self.b, self.scale, self.batch.token_slots).reshape(*x.shape[:-1], -1)
+        return lora_delta(flat, self.a_t, self.b_t, self.scale, self.batch.segments).reshape(*x.shape[:-1], -1)
 
 
 class MultiExpertLoRA(nn.Module):
@@ -134,20 +149,29 @@ class MultiExpertLoRA(nn.Module):
                         scores: torch.Tensor | None) -> torch.Tensor | None:
         """`GroupedExperts.forward` with each row's adapter added before the nonlinearity; None when no row of the
         batch has an expert adapter (the caller then runs its fused base path)."""
-        from moe_platform.model.moe import grouped_mm
+        from moe_platform.model.moe import _groups, grouped_mm
 
-        if not self.batch.active or self.gate_up_proj.a is None:
+        if not self.batch.active or self.gate_up_proj.a_t is None:
             return None
         experts = torch.repeat_interleave(torch.arange(self.num_experts), counts.cpu())  # (M,) expert of each row
         slots = self.batch.token_slots[token_index.cpu()]
-        groups = torch.where(slots >= 0, slots * self.num_experts + experts, -1).to(x.device)
+        seg = Segments(torch.where(slots >= 0, slots * self.num_experts + experts, -1), self.gate_up_proj.shape[0])
         rows = x[token_index]  # (M, D)
-        h = grouped_mm(rows, weights.gate_up_proj, counts)
         up, down = self.gate_up_proj, self.down_proj
-        h = h + lora_delta(rows, up.a, up.b, up.scale, groups)
-        gate, lin = h.chunk(2, dim=-1)
-        act = F.silu(gate) * lin
-        out = grouped_mm(act, weights.down_proj, counts) + lora_delta(act, down.a, down.b, down.scale, groups)
+        h = lora_delta(rows, up.a_t, up.b_t, up.scale, seg)  # (M, 2I): the adapter terms first
+        if x.device.type == "cpu":  # expert by expert, a group's activations stay in cache (as the fused path)
+            inter = weights.down_proj.shape[-1]
+            act = x.new_empty(rows.shape[0], inter)
+            out = x.new_empty(rows.shape)
+            for g, r in _groups(counts.tolist()):
+                hg = torch.addmm(h[r], rows[r], weights.gate_up_proj[g].t())
+                torch.mul(F.silu(hg[:, :inter]), hg[:, inter:], out=act[r])
+                torch.mm(act[r], weights.down_proj[g].t(), out=out[r])
+        else:
+            gate, lin = (h + grouped_mm(rows, weights.gate_up_proj, counts)).chunk(2, dim=-1)
+            act = F.silu(gate) * lin
+            out = grouped_mm(act, weights.down_proj, counts)
+        out += lora_delta(act, down.a_t, down.b_t, down.scale, seg)
         if scores is not None:
             out = out * scores[:, None].to(out.dtype)
         return torch.zeros_like(x).index_add_(0, token_index, out)

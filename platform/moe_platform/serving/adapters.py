@@ -48,7 +48,7 @@ class AdapterBank:
     def __init__(self, model: nn.Module, max_loras: int, max_rank: int):
         self.max_loras = max_loras
         self.max_rank = max_rank
-        self.batch = AdapterBatch()
+        self.batch = AdapterBatch(max_loras)
         self.fingerprint = base_fingerprint(model.state_dict())
         dtype = next(model.parameters()).dtype
         self.dense: dict[str, MultiLoRA] = {}  # "<module>.lora.<target>" -> its slots
