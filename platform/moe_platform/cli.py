@@ -84,7 +84,17 @@ def _cmd_generate(ns: argparse.Namespace, rest: list[str]) -> int:
 def _cmd_serve(ns: argparse.Namespace, rest: list[str]) -> int:
     from moe_platform.serving.app import run_server
 
-    run_server(ns.model, host=ns.host, port=ns.port)
+    adapters = {}
+    for item in ns.adapter:
+        name, sep, source = item.partition("=")
+        if not sep or not name or not source:
+            raise ValueError(f"--adapter {item!r}: expected NAME=DIR or NAME=registry://NAME[@VERSION]")
+        adapters[name] = source
+    options = {}
+    if adapters or ns.max_loras:  # slots for these adapters, and for more loaded later over the admin route
+        options = {"adapters": adapters, "engine": {"max_loras": max(ns.max_loras, len(adapters)),
+                                                    "max_lora_rank": ns.max_lora_rank}}
+    run_server(ns.model, host=ns.host, port=ns.port, **options)
     return 0
 
 
@@ -222,6 +232,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "to the running cluster's registry)")
     s.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     s.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    s.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+                   help="serve a LoRA adapter (a directory or registry://NAME[@VERSION]) as model MODEL_NAME:NAME; "
+                        "repeat for more")
+    s.add_argument("--max-loras", type=int, default=0, help="adapter slots (default: the number of --adapter)")
+    s.add_argument("--max-lora-rank", type=int, default=16, help="the largest adapter rank (default 16)")
     s.set_defaults(fn=_cmd_serve)
 
     d = sub.add_parser("demo", help="train a tiny MoE on the stdlib sources, export it, generate and serve it",

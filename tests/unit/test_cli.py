@@ -67,6 +67,7 @@ def test_generate_prints_only_the_completion(tmp_path, corpus_file):
     (["export", "/nonexistent", "/tmp/x"], "error"),
     (["generate", "--model", "/nonexistent", "--prompt", "x"], "error"),
     (["bench", "no_such_bench"], "unknown benchmark"),
+    (["serve", "--model", "/nonexistent", "--adapter", "support"], "expected NAME=DIR"),
 ])
 def test_bad_input_exits_2_with_a_message(args, message):
     out = cli(*args)

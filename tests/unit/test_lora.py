@@ -62,8 +62,14 @@ def test_lora_runs_resume_bit_for_bit(tiny_config):
 
 
 def test_the_merged_export_computes_what_the_adapted_model_does(tiny_config, tmp_path):
-    t = trainer(tiny_config(**{**COMMON, "run.name": "merge", "checkpoint.export": "true"}))
+    from moe_platform.train.trainer import TrainerHooks
+
+    published = []
+    t = Trainer(tiny_config(**{**COMMON, "run.name": "merge", "checkpoint.export": "true"}), progress=False,
+                hooks=TrainerHooks(on_export=lambda d, step: published.append((d, step))))
+    t.setup()
     result = t.fit()
+    assert published == [(t.run_dir / "adapter", 6)], "a LoRA run publishes its adapter (checkpoint.publish_to)"
     tokens = torch.randint(0, t.model_args.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     t.model.eval()
     with torch.no_grad():
@@ -109,3 +115,32 @@ def test_peft_loads_the_attention_adapters_with_our_logits(tiny_config, qwen3):
             plain = peft_model(tokens).logits.float()
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
     assert (plain - theirs).abs().max() > 1e-3, "the adapters changed nothing"
+
+
+def test_the_vllm_layout_adds_the_same_update_per_expert_under_the_checkpoints_names(tiny_config, qwen3):
+    from safetensors.torch import load_file
+
+    cfg = tiny_config(**{**COMMON, "lora.targets": "q_proj,experts", "init.from_hf": str(qwen3),
+                         "model.n_shared_experts": 0, "run.name": "vllm", "checkpoint.export": "true"})
+    t = trainer(cfg)
+    t.fit()
+    vllm = t.run_dir / "adapter" / "vllm"
+    config = json.loads((vllm / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["down_proj", "gate_proj", "q_proj", "up_proj"]
+    lora = load_file(vllm / "adapter_model.safetensors")
+    merged = load_file(t.run_dir / "export" / "model.safetensors")  # the checkpoint's own per-expert names
+    _, base = load_hf(qwen3)
+    scale = config["lora_alpha"] / config["r"]
+    inter = t.model_args.intermediate_size
+    for layer in range(t.model_args.n_layers):
+        for e in range(t.model_args.num_experts):
+            for proj, rows in (("gate_proj", slice(0, inter)), ("up_proj", slice(inter, 2 * inter))):
+                key = f"model.layers.{layer}.mlp.experts.{e}.{proj}"
+                delta = lora[f"base_model.model.{key}.lora_B.weight"] @ lora[f"base_model.model.{key}.lora_A.weight"]
+                want = base[f"model.layers.{layer}.mlp.experts.gate_up_proj"][e, rows] + scale * delta
+                torch.testing.assert_close(merged[f"{key}.weight"], want, rtol=1e-5, atol=1e-6)
+                assert delta.abs().max() > 0
+            key = f"model.layers.{layer}.mlp.experts.{e}.down_proj"
+            delta = lora[f"base_model.model.{key}.lora_B.weight"] @ lora[f"base_model.model.{key}.lora_A.weight"]
+            want = base[f"model.layers.{layer}.mlp.experts.down_proj"][e] + scale * delta
+            torch.testing.assert_close(merged[f"{key}.weight"], want, rtol=1e-5, atol=1e-6)

@@ -5,8 +5,9 @@ on the transformers model, the attention projections: `peft.PeftModel.from_pretr
 adapters PEFT has no module for, the routed experts' stacked pairs and the shared experts', go beside them in
 `<dir>/moe_platform_adapters.safetensors` under our own names (`model.layers.L.mlp.experts.lora.gate_up_proj.A`
 (E, r, D) and `.B` (E, 2I, r), `...down_proj.A` (E, r, I) and `.B` (E, D, r), `...shared_experts.lora.
-{gate,up,down}_proj.{A,B}`), with the scale alpha / r of adapter_config.json. `merge_adapters` folds all of them into
-a plain model instead (`moe-platform export --merge`).
+{gate,up,down}_proj.{A,B}`), with the scale alpha / r of adapter_config.json. `<dir>/vllm/` holds all of them once
+more in the per-expert layout vLLM's MoE LoRA loads. `merge_adapters` folds all of them into a plain model instead
+(`moe-platform export --merge`). Serving (serving/adapters.py) reads `<dir>` back with `read_adapters`.
 """
 
 from __future__ import annotations
@@ -22,11 +23,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from moe_platform.model.args import ModelArgs
 from moe_platform.model.lora import ATTENTION_TARGETS, is_lora_name
 
 PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
 OWN_WEIGHTS_FILE = "moe_platform_adapters.safetensors"
+VLLM_DIR = "vllm"  # every adapter in vLLM's per-expert MoE LoRA layout (export_vllm_adapters)
 META_FILE = "adapter_meta.json"  # base_fingerprint and base_model of an adapter held in memory (the registry)
 
 
@@ -44,9 +47,12 @@ def base_fingerprint(state: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()[:16]
 
 
-def export_adapters(state: dict[str, torch.Tensor], lora: dict, out_dir: str | Path, base_model: str = "") -> Path:
+def export_adapters(state: dict[str, torch.Tensor], lora: dict, out_dir: str | Path, base_model: str = "",
+                    args: ModelArgs | None = None) -> Path:
     """Write the adapters of `state` (our names) to `out_dir`; `lora` is the run's [lora] section. The weight files'
-    metadata carry `base_fingerprint` of the frozen base in `state`, which serving checks before loading."""
+    metadata carry `base_fingerprint` of the frozen base in `state`, which serving checks before loading. With
+    expert or shared-expert adapters and the model's `args`, `<out_dir>/vllm/` also holds every adapter in vLLM's
+    per-expert MoE LoRA layout (`export_vllm_adapters`)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     peft, own, modules = {}, {}, []
@@ -62,18 +68,74 @@ def export_adapters(state: dict[str, torch.Tensor], lora: dict, out_dir: str | P
                 modules.append(module)
         else:
             own[name] = t.detach().contiguous()
-    config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
-        "r": lora["rank"], "lora_alpha": lora["alpha"], "lora_dropout": lora["dropout"], "bias": "none",
-        "target_modules": modules, "fan_in_fan_out": False, "use_rslora": False, "init_lora_weights": True,
-        "inference_mode": True, "modules_to_save": None,
-    }
+    config = _peft_config(lora, modules, base_model)
     (out / PEFT_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     meta = {"format": "pt", "base_fingerprint": base_fingerprint(state), "base_model": base_model}
     save_file(peft, str(out / PEFT_WEIGHTS_FILE), metadata=meta)
     if own:
         save_file(own, str(out / OWN_WEIGHTS_FILE), metadata={**meta, "scale": str(lora["alpha"] / lora["rank"])})
+        if args is not None:
+            export_vllm_adapters(state, lora, args, out / VLLM_DIR, base_model)
     return out
+
+
+def export_vllm_adapters(state: dict[str, torch.Tensor], lora: dict, args: ModelArgs, out_dir: str | Path,
+                         base_model: str = "") -> Path | None:
+    """Every adapter of `state` as one PEFT-style directory in the layout vLLM's MoE LoRA reads for models whose
+    experts are separate modules on disk (its "2D" layout): keys named after the base checkpoint's own modules,
+    `base_model.model.model.layers.L.<moe module>.experts.E.<gate|up|down name>.lora_{A,B}.weight` for every
+    expert, the attention projections as PEFT writes them, and the shared expert under its on-disk module name.
+    Our stacked gate_up pair (A, B) becomes a gate pair (A, B[:I]) and an up pair (A, B[I:]) of the same rank,
+    which add exactly the same update. None (nothing written) when the model has no Hugging Face architecture."""
+    from moe_platform.checkpoint.hf import export_architecture
+
+    arch = export_architecture(args)
+    if arch is None:
+        return None
+    gate_name, up_name, down_name = arch.expert_names
+    inter = args.intermediate_size
+    tensors: dict[str, torch.Tensor] = {}
+    modules: set[str] = set()
+
+    def put(module: str, a: torch.Tensor, b: torch.Tensor) -> None:
+        tensors[f"base_model.model.{module}.lora_A.weight"] = a.detach().clone()  # gate and up share A: two copies
+        tensors[f"base_model.model.{module}.lora_B.weight"] = b.detach().clone()
+        modules.add(module.rsplit(".", 1)[1])
+
+    for name, a in state.items():
+        if not (is_lora_name(name) and name.endswith(".A")):
+            continue
+        b = state[name.removesuffix(".A") + ".B"]
+        prefix, target = name.removesuffix(".A").split(".lora.")
+        if prefix.endswith(".mlp.experts"):
+            layer = prefix.removesuffix(".mlp.experts")
+            for e in range(a.shape[0]):
+                base = f"{layer}.{arch.moe_module}.experts.{e}"
+                if target == "gate_up_proj":
+                    put(f"{base}.{gate_name}", a[e], b[e, :inter])
+                    put(f"{base}.{up_name}", a[e], b[e, inter:])
+                else:
+                    put(f"{base}.{down_name}", a[e], b[e])
+        elif ".mlp.shared_experts" in prefix:
+            shared = ".mlp." + (arch.shared_module or "shared_experts")
+            put(f"{prefix.replace('.mlp.shared_experts', shared)}.{target}", a, b)
+        else:
+            put(f"{prefix}.{target}", a, b)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = _peft_config(lora, sorted(modules), base_model)
+    (out / PEFT_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    save_file(tensors, str(out / PEFT_WEIGHTS_FILE), metadata={"format": "pt"})
+    return out
+
+
+def _peft_config(lora: dict, target_modules: list[str], base_model: str) -> dict:
+    return {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+        "r": lora["rank"], "lora_alpha": lora["alpha"], "lora_dropout": lora["dropout"], "bias": "none",
+        "target_modules": target_modules, "fan_in_fan_out": False, "use_rslora": False, "init_lora_weights": True,
+        "inference_mode": True, "modules_to_save": None,
+    }
 
 
 class AdapterError(ValueError):

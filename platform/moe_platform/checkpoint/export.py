@@ -25,7 +25,8 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, merge: bool =
         config = trainer.get("config", {})
         lora = config.get("lora", {})
         if not merge:
-            return export_adapters(state, lora, out_dir, base_model=config.get("init", {}).get("from_hf", ""))
+            return export_adapters(state, lora, out_dir, base_model=config.get("init", {}).get("from_hf", ""),
+                                   args=args)
         state = merge_adapters(state, lora["alpha"], lora["rank"])
     tok_dir = ckpt / "tokenizer"
     eos: list[int] = [0]
