@@ -106,6 +106,24 @@ def test_lora_on_layouts_matches_single_process(name, corpus_file, storage, lora
     assert_matches_reference(f"LoRA at {name}", result, lora_reference, param_atol=1e-4)
 
 
+def test_lora_run_resizes_to_one_process(corpus_file, storage, lora_reference):
+    """An elastic resize of a LoRA run, dp2·ep2 -> one process: the adapters, their optimizer states and the frozen
+    base reshard bit for bit, and training goes on with the single-process losses."""
+    cfg = lambda degrees: config(corpus_file, storage, "lora-resize", **LORA, **layout_overrides(degrees))  # noqa: E731
+    first = launch_local(cfg(dict(dp=2, ep=2)), progress=False, stop_after=STEPS // 2)
+    original = full_state(first.run_dir)
+    resized = launch_local(cfg(dict()), progress=False, stop_after=STEPS // 2)
+    assert resized.resumed_from == STEPS // 2
+    again = full_state(resized.run_dir)
+    for kind, tensors in original.items():
+        assert again[kind].keys() == tensors.keys()
+        assert all(torch.equal(again[kind][k], v) for k, v in tensors.items()), f"{kind} changed resizing"
+    final = launch_local(cfg(dict()), progress=False)
+    assert final.final_step == STEPS
+    gaps = [abs(a - b) / abs(b) for a, b in zip(losses(final.run_dir), lora_reference[0], strict=True)]
+    assert max(gaps) <= 1e-5, gaps
+
+
 def assert_matches_reference(name: str, result, reference, param_atol: float = 1e-5) -> None:
     ref_losses, ref_params = reference
     got = losses(result.run_dir)
