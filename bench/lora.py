@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,22 +27,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "platform"))
 sys.path.insert(0, str(REPO / "scripts"))
+sys.path.insert(0, str(REPO / "bench"))
+
+from _peak import peak_bytes, reset_peak, run_case  # noqa: E402
 
 ATTENTION = "q_proj,k_proj,v_proj,o_proj"
 CASES = [("ours", "full", ""), ("ours", "lora", ATTENTION), ("ours", "lora", ATTENTION + ",experts"),
          ("peft", "lora", ATTENTION)]
-
-
-def _peak_bytes(device) -> int:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated()
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def _state_bytes(optimizer) -> int:
@@ -61,10 +50,11 @@ def _ours(args, work: Path) -> tuple:
     overrides = {
         "run.name": f"{args.mode}-{args.targets or 'all'}".replace(",", "-"), "run.storage_path": work / "runs",
         "init.from_hf": work / "model", "data.path": work / "chat.jsonl", "data.cache_dir": work / "cache",
-        "data.val_fraction": 0.0, "train.steps": args.steps + 1, "train.global_batch_size": args.batch,
+        "data.val_fraction": 0.0, "data.truncation": "truncate", "train.steps": args.steps + 1,
+        "train.global_batch_size": args.batch,
         "train.micro_batch_size": args.batch, "train.seq_len": args.seq, "train.warmup": 1, "train.lr": 1e-4,
         "train.eval_interval": 0, "checkpoint.interval": 0, "checkpoint.export": "false",
-        "parallel.dp": 1, "elastic.use_gpu": str(args.device == "cuda").lower(),
+        "parallel.dp": 1, "train.device": args.device,
     }
     if args.mode == "lora":
         overrides.update({"lora.enabled": "true", "lora.rank": args.rank, "lora.alpha": 2.0 * args.rank,
@@ -105,10 +95,7 @@ def _worker(args) -> dict:
     device = torch.device(args.device)
     model, optimizer, step = (_ours if args.impl == "ours" else _peft)(args, Path(args.work))
     step()  # warm-up: optimizer state and gradient buffers allocated
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
+    reset_peak(device)
     times = []
     for _ in range(args.steps):
         t0 = time.perf_counter()
@@ -118,7 +105,7 @@ def _worker(args) -> dict:
         times.append(time.perf_counter() - t0)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"impl": args.impl, "mode": args.mode, "targets": args.targets, "step_s": statistics.median(times),
-            "peak_bytes": _peak_bytes(device), "optimizer_state_bytes": _state_bytes(optimizer),
+            "peak_bytes": peak_bytes(device), "optimizer_state_bytes": _state_bytes(optimizer),
             "trainable_params": trainable, "params": sum(p.numel() for p in model.parameters())}
 
 
@@ -154,14 +141,9 @@ def main(argv: list[str] | None = None) -> int:
               max_len=max(512, args.seq + 1))
         results = []
         for impl, mode, targets in CASES:
-            # glibc maps large blocks and unmaps them when freed, so the resident set follows the live tensors
-            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
-            cmd = [sys.executable, __file__, *(f"--{k.replace('_', '-')}={getattr(args, k)}" for k in shape),
-                   f"--impl={impl}", f"--mode={mode}", f"--targets={targets}", f"--work={work}"]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
-            if out.returncode != 0:
-                raise RuntimeError(f"{impl} {mode} {targets} failed:\n{out.stderr[-3000:]}")
-            r = json.loads(out.stdout.strip().splitlines()[-1])
+            argv = [*(f"--{k.replace('_', '-')}={getattr(args, k)}" for k in shape), f"--impl={impl}",
+                    f"--mode={mode}", f"--targets={targets}", f"--work={work}"]
+            r = run_case(__file__, argv, f"{impl} {mode} {targets}")
             results.append(r)
             print(f"{impl:>5} {mode:>4} {targets or 'all weights':<34}: {r['trainable_params']:>10,} trainable, "
                   f"optimizer state {r['optimizer_state_bytes'] / 2**20:8.2f} MiB, peak {r['peak_bytes'] / 2**20:7.1f}"

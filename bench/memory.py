@@ -19,25 +19,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "platform"))
+sys.path.insert(0, str(REPO / "bench"))
+
+from _peak import peak_bytes, reset_peak, run_case  # noqa: E402
 
 CASES = [("ours", "none"), ("ours", "full"), ("ours", "selective"), ("transformers", "none"),
          ("transformers", "full")]
-
-
-def _rss_bytes(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def _worker(args) -> dict:
@@ -86,22 +80,12 @@ def _worker(args) -> dict:
                 storages[ptr] = max(storages.get(ptr, 0), t.untyped_storage().nbytes())
             return t
 
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
-        else:
-            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
-            before = _rss_bytes("VmRSS")
+        before = reset_peak(device)
         t0 = time.perf_counter()
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             loss = loss_fn()
         loss.backward()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated()
-        else:
-            peak = _rss_bytes("VmHWM")
+        peak = peak_bytes(device)
         dt = time.perf_counter() - t0
         model.zero_grad(set_to_none=False)  # keep the gradient buffers: every measured step starts alike
         return dt, peak - before, sum(storages.values()), before
@@ -136,14 +120,7 @@ def main(argv: list[str] | None = None) -> int:
                                                    "seq", "steps", "device")]
     results = []
     for impl, mode in CASES:
-        # A fixed mmap threshold makes glibc map every large block and unmap it when freed, so the resident set
-        # follows the live tensors instead of keeping freed heap memory (which would hide the step's peak).
-        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
-        out = subprocess.run([sys.executable, __file__, *shape, f"--impl={impl}", f"--mode={mode}"],
-                             capture_output=True, text=True, check=False, env=env)
-        if out.returncode != 0:
-            raise RuntimeError(f"{impl} {mode} failed:\n{out.stderr[-3000:]}")
-        r = json.loads(out.stdout.strip().splitlines()[-1])
+        r = run_case(__file__, [*shape, f"--impl={impl}", f"--mode={mode}"], f"{impl} {mode}")
         results.append(r)
         print(f"{impl:>12} {mode:>9}: peak +{r['peak_bytes'] / 2**20:7.1f} MiB, saved for backward "
               f"{r['saved_bytes'] / 2**20:7.1f} MiB, step {r['step_s']:.2f} s", flush=True)

@@ -13,3 +13,5 @@ nvidia-smi -L
     --out-json "$out/bench_moe_layer_gpu.json" --out-png "$out/bench_moe_layer_gpu.png"
 .venv/bin/python bench/memory.py --device cuda --dim 1024 --layers 16 --seq 2048 \
     --out-json "$out/bench_memory_gpu.json" --out-png "$out/bench_memory_gpu.png"
+.venv/bin/python bench/lora.py --device cuda --dim 1024 --layers 8 --seq 1024 \
+    --out-json "$out/bench_lora_gpu.json" --out-png "$out/bench_lora_gpu.png"
