@@ -281,6 +281,9 @@ def test_serve_mixes_adapters_and_loads_them_live(cluster, serving_export, servi
         assert [f.result() for f in in_flight] == [want[m] for m in models]
     assert complete("moe-platform:tuned") == want["moe-platform:tuned"]
 
+    admin = {"Authorization": f"Bearer {key}", "content-type": "application/json"}
+    for bad in (b"{", b'{"lora_name": 5}', b'{"lora_name": "x", "lora_path": "/tmp/\\udcff"}', b'{"lora_name": "x"}'):
+        assert http.post("/v1/load_lora_adapter", content=bad, headers=admin).status_code == 400, bad
     r = http.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": str(adapters["other"][0])},
                   headers={"Authorization": f"Bearer {key}"})
     assert r.status_code == 400 and r.json()["error"]["code"] == "adapter_base_mismatch", r.text

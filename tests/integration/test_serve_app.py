@@ -152,6 +152,9 @@ BAD_INPUTS = [
     ("chat/completions", {**M, "messages": [{"role": "user"}], "max_tokens": 10_000}, 400, "max_tokens"),
     ("chat/completions", {**M, "messages": [{"role": "user", "content": "word " * 400}]}, 400, "messages"),
     ("chat/completions", {**M, "messages": [{"role": "user", "content": "hi"}], "tools": [{}]}, 400, "tools"),
+    ("completions", {**M, "prompt": "a\udcffb"}, 400, "prompt"),  # lone surrogates: not Unicode text
+    ("completions", {**M, "prompt": "hi", "stop": ["\ud800"]}, 400, "stop[0]"),
+    ("chat/completions", {**M, "messages": [{"role": "user", "content": "\udfff"}]}, 400, "messages[0].content"),
 ]
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 from collections.abc import AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
@@ -137,11 +136,7 @@ class OpenAIFrontend:
             raise ForbiddenError("admin routes are disabled: start the server with admin_api_key (or api_key)",
                                  code="admin_disabled")
         self._authorize(request, self.admin_key)
-        body = await self._read_body(request)
-        try:
-            data = json.loads(body)
-        except ValueError as e:
-            raise InvalidRequestError(f"the request body is not valid JSON: {e}") from None
+        data = P.parse_json_body(await self._read_body(request))
         if not isinstance(data, dict):
             raise InvalidRequestError("the request body must be a JSON object")
         if not isinstance(data.get("lora_name"), str):

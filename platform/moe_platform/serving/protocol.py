@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import time
 import uuid
 from typing import Annotated, Any, Literal
@@ -164,12 +165,43 @@ class ChatCompletionRequest(_SamplingFields):
 
 
 def parse_json_body(body: bytes) -> Any:
-    """Bytes -> JSON value; malformed JSON (and NaN/Infinity, which JSON does not have) is a 400."""
+    """Bytes -> JSON value; malformed JSON (and NaN/Infinity, which JSON does not have) is a 400, and so is a string
+    holding a lone surrogate (an unpaired "\\ud800".."\\udfff" escape), which is not Unicode text."""
     try:
-        return json.loads(body, parse_constant=_reject_constant)
+        data = json.loads(body, parse_constant=_reject_constant)
     except (ValueError, RecursionError) as e:
         msg = str(e) if isinstance(e, ValueError) else "JSON nested too deeply"
         raise InvalidRequestError(f"the request body is not valid JSON: {msg}", code="invalid_json") from None
+    found = _lone_surrogate(data, "")
+    if found is not None:
+        where, char = found
+        raise InvalidRequestError(f"'{where or 'body'}' holds a lone surrogate U+{ord(char):04X}, which is not "
+                                  f"Unicode text; send valid UTF-8 (escape characters outside the BMP as a pair)",
+                                  param=where or None, code="invalid_unicode")
+    return data
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _lone_surrogate(value: Any, path: str) -> tuple[str, str] | None:
+    """(the parameter path, the character) of the first string in `value` holding a surrogate, else None (json
+    joins escaped pairs into one character, so any surrogate left is a lone one)."""
+    if isinstance(value, str):
+        m = _SURROGATE.search(value)
+        return (path, m.group()) if m else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            child = f"{path}.{key}" if path else str(key)
+            found = _lone_surrogate(key, child) or _lone_surrogate(item, child)
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found = _lone_surrogate(item, f"{path}[{i}]")
+            if found is not None:
+                return found
+    return None
 
 
 def _reject_constant(name: str):
