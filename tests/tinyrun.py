@@ -311,3 +311,96 @@ def random_adapter(args, base_state: dict, targets: tuple[str, ...], rank: int, 
                    tokenizer_dir: Path) -> tuple[Path, Path]:
     """scripts/tiny_chat_model.py's random_adapter: (the adapter directory, the merged model's export)."""
     return _example_inputs().random_adapter(args, base_state, targets, rank, seed, out, tokenizer_dir)
+
+
+class FakeCloud:
+    """Real HTTP on 127.0.0.1 speaking the four reclaim-notice protocols the spot agent reads, each as its provider
+    documents it: AWS IMDSv2 (PUT a session token, then GETs carrying it; 401 without; 404 until a notice), the GCE
+    metadata server (requires and answers `Metadata-Flavor: Google`), Azure Scheduled Events (requires
+    `Metadata: true`) and the Kubernetes API's Node object (requires the bearer token; 404 once the node is gone).
+    Tests change `state` to publish notices; `requests` records (method, path, headers with lower-case names) of
+    what was asked."""
+
+    K8S_TOKEN = "k8s-service-account-token"
+
+    def __init__(self):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.state: dict = {"aws_action": None, "aws_rebalance": None, "gcp_preempted": "FALSE",
+                            "gcp_maintenance": "NONE", "azure_vm": "vm-7", "azure_events": [],
+                            "k8s_node": {"metadata": {"name": "node-a"}, "spec": {}}}
+        self.requests: list[tuple[str, str, dict]] = []
+        self.aws_tokens: set[str] = set()
+        cloud = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def reply(self, status: int, body=b"", headers: dict | None = None):
+                data = body if isinstance(body, bytes) else json.dumps(body).encode()
+                self.send_response(status)
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_PUT(self):
+                cloud.requests.append(("PUT", self.path, {k.lower(): v for k, v in self.headers.items()}))
+                ttl = self.headers.get("X-aws-ec2-metadata-token-ttl-seconds")
+                if self.path != "/latest/api/token" or not ttl or not 1 <= int(ttl) <= 21600:
+                    return self.reply(400)
+                token = f"imds-token-{len(cloud.aws_tokens)}"
+                cloud.aws_tokens.add(token)
+                self.reply(200, token.encode())
+
+            def do_GET(self):
+                cloud.requests.append(("GET", self.path, {k.lower(): v for k, v in self.headers.items()}))
+                s, path = cloud.state, self.path
+                if path.startswith("/latest/"):
+                    if self.headers.get("X-aws-ec2-metadata-token") not in cloud.aws_tokens:
+                        return self.reply(401)
+                    doc = {"/latest/meta-data/spot/instance-action": s["aws_action"],
+                           "/latest/meta-data/events/recommendations/rebalance": s["aws_rebalance"]}.get(path)
+                    return self.reply(404, b"Not Found") if doc is None else self.reply(200, doc)
+                if path.startswith("/computeMetadata/v1/"):
+                    google = {"Metadata-Flavor": "Google"}
+                    if self.headers.get("Metadata-Flavor") != "Google":
+                        return self.reply(403, b"Missing Metadata-Flavor:Google header.", google)
+                    value = {"/computeMetadata/v1/instance/preempted": s["gcp_preempted"],
+                             "/computeMetadata/v1/instance/maintenance-event": s["gcp_maintenance"]}.get(path)
+                    return self.reply(404, b"", google) if value is None else self.reply(200, value.encode(), google)
+                if path.startswith("/metadata/"):
+                    if self.headers.get("Metadata") != "true":
+                        return self.reply(400, {"error": "Bad request. Required metadata header not specified"})
+                    if path.startswith("/metadata/instance/compute/name?") and "format=text" in path:
+                        return self.reply(200, s["azure_vm"].encode())
+                    if path.startswith("/metadata/scheduledevents?api-version="):
+                        return self.reply(200, {"DocumentIncarnation": len(s["azure_events"]),
+                                                "Events": s["azure_events"]})
+                    return self.reply(404)
+                if path.startswith("/api/v1/nodes/"):
+                    if self.headers.get("Authorization") != f"Bearer {FakeCloud.K8S_TOKEN}":
+                        return self.reply(401, {"kind": "Status", "code": 401, "reason": "Unauthorized"})
+                    node = s["k8s_node"]
+                    if node is None or path != f"/api/v1/nodes/{node['metadata']['name']}":
+                        return self.reply(404, {"kind": "Status", "code": 404, "reason": "NotFound"})
+                    return self.reply(200, {"kind": "Node", "apiVersion": "v1", **node})
+                self.reply(404)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def __enter__(self) -> FakeCloud:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

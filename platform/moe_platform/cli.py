@@ -1,4 +1,4 @@
-"""`moe-platform` command line: train, export, publish, generate, serve, demo, bench."""
+"""`moe-platform` command line: train, export, publish, arbiter, generate, serve, demo, spot-agent, bench."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import importlib.util
 import json
 import logging
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -143,6 +144,31 @@ def _demo_serve(export_dir: Path, prompt: str) -> None:
         ray.shutdown()
 
 
+def _cmd_spot_agent(ns: argparse.Namespace, rest: list[str]) -> int:
+    import time
+
+    from moe_platform.cluster import spot_agent
+
+    sources = spot_agent.build_sources(ns.provider, ns.metadata_url, ns.on_rebalance, ns.k8s_node, ns.k8s_api,
+                                       ns.k8s_grace_s)
+    address = ns.address or os.environ.get("RAY_ADDRESS") or "127.0.0.1:6379"
+    end = time.monotonic() + ns.startup_timeout_s
+    while True:  # fail fast on a wrong address or node, after the raylet has had time to register
+        try:
+            node = spot_agent.own_node_id(address, ns.node_id)
+            break
+        except Exception as e:
+            if time.monotonic() > end:
+                raise ValueError(f"cannot find this machine's Ray node: {e}") from e
+            time.sleep(2)
+    logging.getLogger("moe_platform.spot_agent").warning(
+        "spot agent: watching %s for node %s (cluster %s)", ", ".join(ns.provider), node, address)
+    notice = spot_agent.run_agent(sources, spot_agent.RayDrainer(address, ns.node_id), interval_s=ns.interval)
+    print(json.dumps({"node_id": node, "provider": notice.provider, "kind": notice.kind, "deadline": notice.deadline,
+                      "detail": notice.detail}))
+    return 0
+
+
 def _bench_dir() -> Path:
     here = Path(__file__).resolve()
     for parent in here.parents:
@@ -249,6 +275,35 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-serve", action="store_true", help="skip the serving part (embedded Ray: registry, Serve, "
                                                            "an OpenAI-client request)")
     d.set_defaults(fn=_cmd_demo)
+
+    from moe_platform.cluster import spot_agent  # stdlib only at import
+
+    sa = sub.add_parser("spot-agent", help="drain this node in Ray when the cloud announces its reclaim",
+                        description="Run on each worker node (cluster.yaml's worker start commands start it). Polls "
+                        "the provider's reclaim notices (AWS IMDSv2 spot instance-action, GCP preempted and "
+                        "maintenance-event, Azure Scheduled Events, a cordoned or deleted Kubernetes node) and, on "
+                        "one, drains this Ray node with reason preemption and the notice's deadline: training takes "
+                        "its just-in-time checkpoint and Serve moves its replicas. Exits 0 once the drain is "
+                        "accepted, printing the notice as JSON.")
+    sa.add_argument("--provider", action="append", required=True, choices=spot_agent.PROVIDERS,
+                    help="where notices come from; repeat to watch several (e.g. aws and kubernetes on EKS)")
+    sa.add_argument("--address", default=None, help="the Ray GCS, host:port (default RAY_ADDRESS, else "
+                                                    "127.0.0.1:6379)")
+    sa.add_argument("--node-id", default=None, help="this node's Ray node id (default: the alive node with this "
+                                                    "machine's IP)")
+    sa.add_argument("--metadata-url", default=None, help="the cloud's metadata endpoint (default: the provider's "
+                                                         "link-local one)")
+    sa.add_argument("--interval", type=float, default=1.0, help="seconds between polls (default 1)")
+    sa.add_argument("--on-rebalance", choices=("log", "drain"), default="log",
+                    help="AWS rebalance recommendation (an early warning with no deadline): log it (default) or "
+                         "drain with a 120 s deadline")
+    sa.add_argument("--k8s-node", default=None, help="kubernetes: the node to watch (default NODE_NAME)")
+    sa.add_argument("--k8s-api", default=None, help="kubernetes: the API server (default: in-cluster)")
+    sa.add_argument("--k8s-grace-s", type=float, default=30.0, help="kubernetes: the drain deadline after a cordon "
+                                                                    "or deletion, seconds (default 30)")
+    sa.add_argument("--startup-timeout-s", type=float, default=120.0,
+                    help="how long to wait for this node to appear in Ray at start (default 120)")
+    sa.set_defaults(fn=_cmd_spot_agent)
 
     b = sub.add_parser("bench", help="run a benchmark from bench/ (extra arguments go to it)")
     b.add_argument("name", help="benchmark name, e.g. moe_layer")

@@ -1,14 +1,21 @@
-"""Spot preemption on a real two-node Ray (ray.cluster_utils.Cluster: a head and a worker raylet, 1 CPU each).
+"""Spot preemption on a real two-node Ray (ray.cluster_utils.Cluster: a head and a worker raylet, 1 CPU each), from
+the cloud's reclaim notice on.
 
-An elastic dp run (1..2 workers) trains on both nodes; the worker node gets a preemption drain notice through Ray's
-drain API (`ray drain-node`); Ray Train tells the workers, which write a just-in-time checkpoint; the node then goes
-away, and Ray Train restarts the run on the one worker left, which resumes from that checkpoint (resharded from dp2
-to dp1) and finishes with every step logged exactly once. One cluster for the module."""
+An elastic dp run (1..2 workers) trains on both nodes. The worker node's spot agent (`moe-platform spot-agent`, the
+process cluster.yaml starts on every worker) polls an AWS instance-metadata server (IMDSv2, real HTTP on loopback);
+the cloud publishes a spot `terminate` instance-action there; the agent drains its node through Ray's drain API with
+reason preemption and the notice's deadline; Ray Train tells the workers, which write a just-in-time checkpoint; at
+the deadline the node vanishes, and Ray Train restarts the run on the one worker left, which resumes from that
+checkpoint (resharded from dp2 to dp1) and finishes with every step logged exactly once: 0 lost steps. One cluster
+for the module."""
 
 from __future__ import annotations
 
+import json
+import subprocess
 import threading
 import time
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -17,7 +24,16 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]  # a hung cluster fail
 
 from moe_platform.checkpoint import checkpoint_step, latest_checkpoint  # noqa: E402
 from moe_platform.train.ray_launcher import launch_ray  # noqa: E402
-from tinyrun import drain_for_preemption, last_logged_step, logged_steps, node_cluster, poll, run_events  # noqa: E402
+from tinyrun import (  # noqa: E402
+    BIN,
+    FakeCloud,
+    last_logged_step,
+    logged_steps,
+    node_cluster,
+    poll,
+    run_events,
+    venv_env,
+)
 
 STEPS = 150
 DRAIN_AFTER_STEP = 3
@@ -30,14 +46,34 @@ def two_nodes():
         yield cluster, next(iter(cluster.worker_nodes))
 
 
-def preempt_node(cluster, node, run_dir: Path, events: dict) -> None:
-    """Background, as a cloud provider reclaiming a spot VM: once training runs, a preemption drain notice with a
-    deadline for `node`; at the deadline the VM vanishes (no graceful shutdown)."""
+@pytest.fixture()
+def spot_agent(two_nodes):
+    """The worker node's spot agent, watching the fake cloud's IMDSv2 (both nodes share this machine's IP, so it is
+    told its node id)."""
+    cluster, node = two_nodes
+    with FakeCloud() as cloud:
+        agent = subprocess.Popen([str(BIN / "moe-platform"), "spot-agent", "--provider", "aws", "--metadata-url",
+                                  cloud.url, "--address", cluster.address, "--node-id", node.node_id,
+                                  "--interval", "0.2"], env=venv_env(), stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+        try:
+            yield cloud, agent
+        finally:
+            agent.kill()
+            agent.wait(timeout=30)
+
+
+def preempt_node(cluster, node, cloud, agent, run_dir: Path, events: dict) -> None:
+    """Background, as a cloud provider reclaiming a spot VM: once training runs, a spot terminate notice in the
+    instance metadata, `DRAIN_DEADLINE_S` ahead; at that time the VM vanishes (no graceful shutdown)."""
     try:
         poll(lambda: last_logged_step(run_dir) >= DRAIN_AFTER_STEP, 180, "training to start")
         events["drained_at_step"] = last_logged_step(run_dir)
-        r, deadline = drain_for_preemption(cluster, node, DRAIN_DEADLINE_S)
-        events["drain"] = (r.returncode, r.stderr[-2000:])
+        when = datetime.now(timezone.utc).replace(microsecond=0) + timedelta(seconds=DRAIN_DEADLINE_S + 1)
+        deadline = time.monotonic() + (when.timestamp() - time.time())
+        cloud.state["aws_action"] = {"action": "terminate", "time": when.strftime("%Y-%m-%dT%H:%M:%SZ")}
+        out, err = agent.communicate(timeout=60)  # the agent exits once its drain is accepted
+        events["agent"] = (agent.returncode, out, err[-2000:])
         poll(lambda: latest_checkpoint(run_dir) is not None, 60, "the just-in-time checkpoint")
         events["jit_step"] = checkpoint_step(latest_checkpoint(run_dir))
         events["jit_before_deadline"] = time.monotonic() < deadline
@@ -48,8 +84,10 @@ def preempt_node(cluster, node, run_dir: Path, events: dict) -> None:
         events["error"] = repr(e)
 
 
-def test_preempted_node_checkpoints_and_resumes_on_fewer_workers(two_nodes, tiny_config, monkeypatch):
+def test_reclaim_notice_drains_checkpoints_and_resumes_on_fewer_workers(two_nodes, spot_agent, tiny_config,
+                                                                        monkeypatch):
     cluster, worker_node = two_nodes
+    cloud, agent = spot_agent
     monkeypatch.setenv("RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", "0.5")  # Ray Train's drain watcher (default 5 s)
     # Ray Train may still count the vanished node's CPU when it restarts, then waits this long (default 60 s) for a
     # worker group that cannot start before it settles for the workers there are.
@@ -60,13 +98,18 @@ def test_preempted_node_checkpoints_and_resumes_on_fewer_workers(two_nodes, tiny
                          "failure.max_failures": 0, "failure.preemption_grace_s": 5})
     run_dir = Path(cfg.run.storage_path) / cfg.run.name
     events: dict = {}
-    spot = threading.Thread(target=preempt_node, args=(cluster, worker_node, run_dir, events), daemon=True)
+    spot = threading.Thread(target=preempt_node, args=(cluster, worker_node, cloud, agent, run_dir, events),
+                            daemon=True)
     spot.start()
     result = launch_ray(cfg, progress=False)
     spot.join(timeout=30)
 
     assert "error" not in events and events.get("removed"), events
-    assert events["drain"][0] == 0, events["drain"]
+    rc, out, err = events["agent"]
+    assert rc == 0, err
+    drained = json.loads(out)
+    assert drained["node_id"] == worker_node.node_id and drained["provider"] == "aws"
+    assert drained["kind"] == "terminate" and "draining this node" in err
     jit = events["jit_step"]
     assert events["drained_at_step"] <= jit < STEPS and events["jit_before_deadline"]
     # The run came back on the one node left, from the just-in-time checkpoint, resharded to one worker.

@@ -84,11 +84,9 @@ class ServingArbiter:
     # -- the loop ------------------------------------------------------------------------------------------------
 
     def _coordinator(self):
-        from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
-            get_or_create_autoscaling_coordinator,
-        )
+        from moe_platform import ray_compat
 
-        return get_or_create_autoscaling_coordinator()
+        return ray_compat.autoscaling_coordinator()
 
     def _serve_details(self) -> dict[str, Any]:
         import ray

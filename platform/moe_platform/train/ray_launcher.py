@@ -61,6 +61,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from moe_platform import ray_compat
 from moe_platform.checkpoint import checkpoint_step
 from moe_platform.checkpoint.files import check_writable
 from moe_platform.checkpoint.remote import RemoteRun, is_uri, mirror_dir
@@ -229,13 +230,7 @@ def _cluster_capacity(per_worker: dict[str, float]) -> tuple[int, str]:
     else from the nodes it has (a worker must fit on one node)."""
     import ray
 
-    limits = None
-    try:
-        from ray._private.state import state  # what Ray Train itself checks against for autoscaling clusters
-
-        limits = state.get_max_resources_from_cluster_config()
-    except Exception:  # no autoscaler config, or an older GCS: fall back to the nodes
-        limits = None
+    limits = ray_compat.autoscaler_max_resources()
     if limits:
         fits = min(int(limits.get(k, 0) // v) for k, v in per_worker.items())
         return fits, f"autoscaler maximum {dict(limits)}"
@@ -249,16 +244,7 @@ def _autoscaler_running() -> bool:
     does not expose its node limits, so the nodes that exist now say nothing about what it can add. A head started
     without a cluster config also runs the monitor, with a read-only provider whose node types just mirror the
     existing nodes (`node_<id>`): that one can add nothing."""
-    import json
-
-    try:
-        from ray._private import ray_constants
-        from ray.experimental.internal_kv import _internal_kv_get
-
-        raw = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
-        report = json.loads(raw).get("autoscaler_report") if raw else None
-    except Exception:
-        return False
+    report = ray_compat.autoscaler_report()
     return _report_can_add_nodes(report)
 
 
@@ -369,7 +355,7 @@ class RayBridge:
 
     def preemption_requested(self) -> bool:
         """This rank's view, at each check (the trainer then all-reduces the flag: any rank's notice stops all)."""
-        info = local_preemption_info()
+        info = ray_compat.local_preemption_info()
         self.mark = time.perf_counter()
         if info is None:
             # Ray Train is about to resize the group (moe_platform.train.resize): a checkpoint first, as for a notice.
@@ -463,20 +449,6 @@ class RayBridge:
         threading.Event().wait(max(0.0, give_up - time.time()))
         raise RuntimeError(f"preempted at step {step} (checkpointed), but Ray Train did not restart the worker group "
                            f"by the drain deadline + grace; failing so that it does")
-
-
-def local_preemption_info():
-    """The preemption notice Ray Train marked this worker with (None: none yet). Read from the worker's own train
-    context, with no collective; without that context (another Ray version), Ray's public call, a barrier that every
-    rank makes at the same checks."""
-    try:
-        from ray.train.v2._internal.execution.context import get_train_context
-
-        return get_train_context().preemption_context.preemption_info
-    except (ImportError, AttributeError):
-        import ray.train
-
-        return ray.train.get_preemption_info()
 
 
 def _already_in_place(checkpoint, checkpoint_dir_name: str, committed=None):

@@ -66,7 +66,9 @@ def park(step: int) -> None:
 
 def build_resize_callback(timeout_s: float):
     """A Ray Train controller callback (RunConfig(callbacks=[...])) that checkpoints a running group before a resize."""
-    from ray.train.v2._internal.execution.callback import ControllerCallback, WorkerGroupCallback
+    from moe_platform import ray_compat
+
+    ControllerCallback, WorkerGroupCallback = ray_compat.train_controller_callback_bases()
 
     class ResizeCheckpointCallback(ControllerCallback, WorkerGroupCallback):
         def __init__(self):
