@@ -12,11 +12,14 @@ What is used, and why:
 - `ray.train.v2._internal` controller/worker-group callbacks (resize checkpoints) and the worker's own train context
   (reading a preemption notice without a collective).
 - Ray Data's AutoscalingCoordinator: the arbiter hands GPUs between training and serving through it.
+- Ray Train's index of reported checkpoints in the run directory (`checkpoint_manager_snapshot.json`), whose format is
+  Ray's own: pruned when the trainer has deleted checkpoints it names.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +27,9 @@ from typing import Any
 import ray
 
 TESTED_RAY = ("2.60.",)
+RAY_RUN_INDEX = "checkpoint_manager_snapshot.json"  # Ray Train's index of reported checkpoints in the run dir
+
+log = logging.getLogger("moe_platform.train.ray")
 ALLOW_UNTESTED_ENV = "MOE_PLATFORM_ALLOW_UNTESTED_RAY"
 
 
@@ -144,3 +150,45 @@ def autoscaling_coordinator():
     )
 
     return get_or_create_autoscaling_coordinator()
+
+
+# -- Ray Train's checkpoint index ------------------------------------------------------------------------------------
+
+
+def prune_ray_index(store) -> None:
+    """Keep Ray Train's index of reported checkpoints in step with the trainer, which deletes old checkpoints itself:
+    Ray refuses to start a run (and Result.from_path to load one) whose index names a checkpoint that is gone. The
+    trainer resumes from its own directory, so an index this cannot make sense of is simply dropped. One function
+    for every storage: `store` is the run's directory on a local disk or behind a storage URI."""
+    data = store.get_bytes(RAY_RUN_INDEX)
+    if data is None:
+        return
+
+    def exists(entry) -> bool:
+        return store.exists(entry["checkpoint_dir_name"])
+
+    try:
+        state = json.loads(data)
+        results, order = state["checkpoint_results"], state["checkpoint_report_indices"]
+        if len(results) != len(order):
+            raise ValueError("checkpoint_results and checkpoint_report_indices differ in length")
+        kept = [i for i, entry in enumerate(results) if exists(entry)]
+        latest = state.get("latest_checkpoint_result")
+        if len(kept) == len(results) and (latest is None or exists(latest)):
+            return
+        state["checkpoint_results"] = [results[i] for i in kept]
+        state["checkpoint_report_indices"] = [order[i] for i in kept]
+        if latest is not None and not exists(latest):
+            state["latest_checkpoint_result"] = state["checkpoint_results"][-1] if kept else None
+        pending = list(zip(state["pending_training_results"], state["pending_validation_specs"], strict=True))
+        pending = [(r, v) for r, v in pending if exists(r)]
+        state["pending_training_results"] = [r for r, _ in pending]
+        state["pending_validation_specs"] = [v for _, v in pending]
+        for key in ("validated_checkpoint_dir_names", "timed_out_validation_checkpoint_dir_names",
+                    "failed_validation_checkpoint_dir_names"):
+            state[key] = [n for n in state.get(key, []) if store.exists(n)]
+        store.put_bytes(RAY_RUN_INDEX, json.dumps(state).encode())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        log.info("dropping Ray's checkpoint index %s, which does not match the run's checkpoints: %s",
+                 store.path(RAY_RUN_INDEX), e)
+        store.delete(RAY_RUN_INDEX)

@@ -79,7 +79,48 @@ def test_cloud_layout_on_demand_head_spot_gpu_workers(name):
     assert spot and all(t["resources"].get("GPU", 0) >= 1 and t["min_workers"] == 0 for t in spot)
     assert not is_spot(head["node_config"])
     floors = [t for n, t in types.items() if n != cfg["head_node_type"] and not is_spot(t["node_config"])]
-    assert floors and all(t["resources"].get("GPU", 0) >= 1 and t["min_workers"] == 0 for t in floors)
+    assert floors and all(t["resources"].get("GPU", 0) >= 1 for t in floors)
+    # the serving floor: on-demand GPU workers that Serve replicas prefer (by node label), spot ones for the rest
+    assert sum(t["min_workers"] for t in floors) >= 1
+    assert all(t["labels"] == FLOOR_LABELS for t in floors) and all(t["labels"] == {"market": "spot"} for t in spot)
+    if cfg["provider"]["type"] == "aws":  # spot workers spread over zones (Ray tries the next subnet when one is dry)
+        assert len(cfg["provider"]["availability_zone"].split(",")) >= 3
+
+
+FLOOR_LABELS = {"market": "on-demand"}
+
+
+def spot_agent_args(command: list[str]):
+    """A `moe-platform spot-agent ...` command line, parsed by the CLI's own parser (so a config cannot use an option
+    or provider the agent does not have)."""
+    from moe_platform.cli import build_parser
+
+    i = command.index("spot-agent")
+    assert command[i - 1].endswith("moe-platform"), command
+    return build_parser().parse_args(command[i:])
+
+
+@pytest.mark.parametrize("name,provider", [("cluster.yaml", "aws"), ("cluster-gcp.yaml", "gcp")])
+def test_workers_start_the_spot_agent(name, provider):
+    import shlex
+
+    cfg = load(name)
+    commands = cfg["worker_start_ray_commands"]
+    ray_start = next(i for i, c in enumerate(commands) if "ray start" in c)
+    agent = next(i for i, c in enumerate(commands) if "moe-platform spot-agent" in c and "pkill" not in c)
+    assert agent > ray_start, "the agent finds its node once the raylet has registered"
+    assert any("pkill" in c and "spot-agent" in c for c in commands[:agent]), "a restart must not leave two agents"
+    words = shlex.split(commands[agent].split("nohup", 1)[1].split(">", 1)[0])
+    ns = spot_agent_args(words)
+    assert ns.provider == [provider] and ns.address == "$RAY_HEAD_IP:6379"
+    assert "RAY_AUTH_MODE=token" in commands[agent] and commands[agent].rstrip().endswith("&")
+
+
+def test_serve_replicas_prefer_the_on_demand_floor():
+    ref = yaml.safe_load((ROOT / "serve" / "config.yaml").read_text())
+    options = ref["applications"][0]["deployments"][0]["ray_actor_options"]
+    assert options["label_selector"] == FLOOR_LABELS
+    assert options["fallback_strategy"] == [{"label_selector": {}}], "without a floor node, replicas go anywhere"
 
 
 def test_local_config_is_fake_multinode():
@@ -114,13 +155,41 @@ def test_kuberay_manifest_structure(name, kind):
     head = spec["headGroupSpec"]
     assert head["rayStartParams"]["num-cpus"] == "0"
     assert head.get("serviceType", "ClusterIP") == "ClusterIP", "the head must not be exposed outside Kubernetes"
-    (group,) = spec["workerGroupSpecs"]
-    pod = group["template"]["spec"]
-    assert any("SPOT" in str(v).upper() or "spot" in k for k, v in pod["nodeSelector"].items())
-    assert pod["tolerations"]
-    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    groups = spec["workerGroupSpecs"]
+
+    def is_spot(group):
+        selector = group["template"]["spec"]["nodeSelector"]
+        return any("SPOT" in str(v).upper() or "spot" in k for k, v in selector.items())
+
+    assert any(is_spot(g) for g in groups)
+    for group in groups:
+        pod = group["template"]["spec"]
+        assert pod["tolerations"]
+        assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+        # the spot agent as a sidecar beside the Ray container (KubeRay treats containers[0] as Ray's)
+        (agent,) = [c for c in pod["containers"] if c["name"] == "spot-agent"]
+        ns = spot_agent_args(agent["command"])
+        assert ns.provider == ["kubernetes"] and ns.address == "$(RAY_CLUSTER)-head-svc:6379"
+        env = {e["name"]: e for e in agent["env"]}
+        assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+        assert env["RAY_CLUSTER"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['ray.io/cluster']"
+        assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "moe-platform-ray-token"
+        assert pod["serviceAccountName"] == "moe-platform-spot-agent"
+    if kind == "RayService":  # the serving floor: an on-demand group that replicas prefer by label
+        (floor,) = [g for g in groups if not is_spot(g)]
+        assert floor["minReplicas"] >= 1 and floor["rayStartParams"]["labels"] == "market=on-demand"
+        assert all(g["rayStartParams"]["labels"] == "market=spot" for g in groups if is_spot(g))
     if kind == "RayCluster":
         assert head["rayStartParams"]["dashboard-host"] == "127.0.0.1"
+
+
+def test_spot_agent_rbac_reads_nodes_only():
+    docs = {d["kind"]: d for d in yaml.safe_load_all((K8S / "spot-agent-rbac.yaml").read_text())}
+    assert docs["ServiceAccount"]["metadata"]["name"] == "moe-platform-spot-agent"
+    assert docs["ClusterRole"]["rules"] == [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["get"]}]
+    binding = docs["ClusterRoleBinding"]
+    assert binding["roleRef"]["name"] == docs["ClusterRole"]["metadata"]["name"]
+    assert binding["subjects"][0]["name"] == "moe-platform-spot-agent"
 
 
 def test_rayjob_entrypoint_runs_the_training_job():

@@ -9,13 +9,12 @@ from pathlib import Path
 import pytest
 
 from moe_platform.checkpoint.remote import RemoteRun
-from moe_platform.train.ray_launcher import (
-    RAY_RUN_INDEX,
+from moe_platform.ray_compat import RAY_RUN_INDEX, prune_ray_index
+from moe_platform.train.ray_preflight import (
     _host_port,
     check_layouts,
     check_storage,
     num_workers_for,
-    prune_ray_index,
     with_absolute_paths,
 )
 
@@ -87,7 +86,7 @@ def test_bad_ray_addresses(address, message):
 
 
 def test_only_an_autoscaler_with_node_types_of_its_own_can_add_nodes():
-    from moe_platform.train.ray_launcher import _report_can_add_nodes
+    from moe_platform.train.ray_preflight import _report_can_add_nodes
 
     head = "cb9cdb75"
     # `ray start --head` without a cluster config: the monitor's read-only provider mirrors the nodes it sees

@@ -77,9 +77,9 @@ def build_pipeline_module(model: MoETransformer, groups: ProcessGroups, loss_fn,
     layers = pipeline_layers(model)
     parts = None
     if materialize_on is not None:
-        from deepspeed.runtime.utils import partition_balanced
+        from moe_platform import deepspeed_compat
 
-        parts = partition_balanced(weights=[int(isinstance(x, DecoderStage)) for x in layers], num_parts=layout.pp)
+        parts = deepspeed_compat.partition_balanced([int(isinstance(x, DecoderStage)) for x in layers], layout.pp)
         for layer in layers[parts[groups.pp_rank]:parts[groups.pp_rank + 1]]:
             materialize(layer, materialize_on)
     module = PipelineModule(layers=layers, topology=topology, loss_fn=loss_fn, partition_method="type:DecoderStage")

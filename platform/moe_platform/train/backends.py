@@ -313,29 +313,6 @@ def _single_rank_group(rank: int):
     return _SINGLE_GROUPS[rank]
 
 
-def _groups_already_created(self, *args, **kwargs) -> None:
-    """Our trainer creates DeepSpeed's expert groups (and checks them against our layout) before initialize."""
-
-
-def _make_moe_visible_to_deepspeed(model: nn.Module, ep_size: int) -> None:
-    """DeepSpeed sends expert gradients to the expert-data-parallel group (and splits ZeRO partitions by expert
-    group) only for modules that are instances of its own MoE layer class. Our expert-parallel MoE keeps its own
-    dispatch and grouped compute; we only add DeepSpeed's class as a base so the engine recognises it."""
-    from deepspeed.moe.layer import MoE as DeepSpeedMoE
-
-    cls_cache: dict[type, type] = {}
-    for module in model.modules():
-        if isinstance(module, MoE) and not isinstance(module, DeepSpeedMoE):
-            cls = type(module)
-            if cls not in cls_cache:
-                cls_cache[cls] = type(f"DeepSpeedVisible{cls.__name__}", (cls, DeepSpeedMoE),
-                                      {"set_deepspeed_parallelism": _groups_already_created})
-            module.__class__ = cls_cache[cls]
-            module.ep_size = ep_size
-            module.expert_group_name = f"ep_size_{ep_size}"
-            module.num_local_experts = module.num_experts // ep_size
-
-
 def _optimizer_param_groups(named: list[tuple[str, nn.Parameter]], cfg: Config) -> list[dict]:
     """decay/no-decay groups, each split again into dense and expert parameters (DeepSpeed's 'moe' groups)."""
     groups = []
@@ -361,6 +338,7 @@ class DeepSpeedBackend:
                  reader: ShardedReader | None = None):
         import deepspeed
 
+        from moe_platform import deepspeed_compat
         from moe_platform.parallel import parallelize_model
 
         # DeepSpeed's communication layer wraps the process group we already joined (pipeline modules need it).
@@ -400,7 +378,7 @@ class DeepSpeedBackend:
         if layout.ep > 1:
             self._create_deepspeed_expert_groups(module)
             if any(p.requires_grad and is_expert_tensor(n) for n, p in self.local_params):  # not with frozen experts
-                _make_moe_visible_to_deepspeed(module, layout.ep)
+                deepspeed_compat.make_moe_visible(module, MoE, layout.ep)
         bucket = int(min(5e8, max(2**20, sum(p.numel() for _, p in self.local_params))))
         bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
         fp16 = cfg.train.precision == "fp16"
@@ -437,19 +415,14 @@ class DeepSpeedBackend:
             self._restore_optimizer(reader)
 
     def _create_deepspeed_expert_groups(self, module) -> None:
-        from deepspeed.utils import groups as ds_groups
+        from moe_platform import deepspeed_compat
 
         ep = self.groups.ep_size
-        if self.is_pipeline_layout:
-            ds_groups._create_expert_data_and_model_parallel(ep, mpu=module._grid)
-        elif self.groups.tp_size > 1:
-            ds_groups._create_expert_data_and_model_parallel(ep, mpu=DeepSpeedMPU(self.groups))
-        else:
-            ds_groups._create_expert_and_data_parallel(ep)
-        name = f"ep_size_{ep}"
+        theirs = deepspeed_compat.create_expert_groups(
+            ep, mpu=DeepSpeedMPU(self.groups) if self.groups.tp_size > 1 else None,
+            pipeline_module=module if self.is_pipeline_layout else None)
         ours = sorted(self.groups.ranks("ep"))
-        theirs = sorted(ds_groups._get_expert_parallel_group_ranks(name))
-        assert ours == theirs, f"expert-parallel groups disagree with DeepSpeed's: {ours} vs {theirs}"
+        assert ours == sorted(theirs), f"expert-parallel groups disagree with DeepSpeed's: {ours} vs {theirs}"
 
     @property
     def is_pipeline_layout(self) -> bool:
@@ -500,25 +473,15 @@ class DeepSpeedBackend:
     # -- state ---------------------------------------------------------------------------------------------------
 
     def _zero(self):
-        """DeepSpeed's ZeRO / bf16 optimizer wrapper when it keeps fp32 partitions, else None."""
-        return self.optimizer if hasattr(self.optimizer, "_lazy_init_hp_params_optimizer_state") else None
+        from moe_platform import deepspeed_compat
 
-    def _flat_partitions(self, zo) -> list[torch.Tensor]:
-        for attr in ("single_partition_of_fp32_groups", "fp32_groups_flat_partition"):
-            if hasattr(zo, attr):
-                return getattr(zo, attr)
-        raise RuntimeError(f"unsupported DeepSpeed optimizer {type(zo).__name__}")
-
-    @staticmethod
-    def _link_optimizer_fragments(zo) -> None:
-        """(Re)build each parameter's views into the flat optimizer state. DeepSpeed links them once, right after
-        stepping its first parameter group, so with several groups the later groups' views would stay empty."""
-        zo._hp_optimizer_states_linked = False
-        zo._lazy_init_hp_params_optimizer_state()
+        return deepspeed_compat.zero_optimizer(self.optimizer)
 
     def local_state(self) -> LocalState:
         """This rank's shard of every tensor (collective: every rank of the layout must call it)."""
         from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        from moe_platform import deepspeed_compat
 
         zo = self._zero()
         model: dict[str, torch.Tensor] = {}
@@ -528,7 +491,7 @@ class DeepSpeedBackend:
             steps = [s["step"] for s in zo.optimizer.state.values() if "step" in s]
             step = int(steps[0]) if steps else None
             if step is not None:
-                self._link_optimizer_fragments(zo)
+                deepspeed_compat.link_optimizer_fragments(zo)
         for name, t in self.local_tensors:
             full = safe_get_full_fp32_param(t) if (zo is not None and isinstance(t, nn.Parameter)) else None
             model[name] = (full if full is not None else t.detach()).float().cpu().clone()
@@ -547,6 +510,8 @@ class DeepSpeedBackend:
     def _restore_optimizer(self, reader: ShardedReader) -> None:
         from deepspeed.utils import safe_set_full_optimizer_state
 
+        from moe_platform import deepspeed_compat
+
         if not any(reader.has(n, "exp_avg") for n, _ in self.local_params):
             return
         zo = self._zero()
@@ -557,10 +522,10 @@ class DeepSpeedBackend:
         base = zo.optimizer
         # Create the optimizer state DeepSpeed would create at its first step, link the per-parameter views into it,
         # then fill each parameter's fragment from the checkpoint.
-        for flat in self._flat_partitions(zo):
+        for flat in deepspeed_compat.flat_partitions(zo):
             base.state[flat] = {"step": torch.tensor(float(step)), "exp_avg": torch.zeros_like(flat),
                                 "exp_avg_sq": torch.zeros_like(flat)}
-        self._link_optimizer_fragments(zo)
+        deepspeed_compat.link_optimizer_fragments(zo)
         for name, p in self.local_params:
             for key in ADAM_KEYS:
                 safe_set_full_optimizer_state(p, reader.read(name, self.specs[name], key).to(p.device), key)
