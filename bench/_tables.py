@@ -81,9 +81,32 @@ def goodput(d: dict) -> str:
              f"{d['total_interrupted_s']:.1f}", f"{d['args']['steps'] / d['total_interrupted_s']:.3f}",
              f"{d['goodput_measured']:.3f}"]]
     table = _table(["run", "launches", "wall s", "steps/s", "goodput"], rows)
-    return (f"{table}\n\nCost per preemption {d['cost_per_preemption_s']:.1f} s (restart "
+    text = (f"{table}\n\nCost per preemption {d['cost_per_preemption_s']:.1f} s (restart "
             f"{d['restart_s']:.1f} s, lost steps {d['lost_steps']}); extrapolated to one preemption per "
             f"{d['period_s'] / 60:.0f} minutes: goodput **{d['goodput_at_period']:.3f}**")
+    return text + ("\n\n" + goodput_ray(d["ray"], d["period_s"]) if "ray" in d else "")
+
+
+def goodput_ray(r: dict, period_s: float) -> str:
+    """The Ray Train section: measured goodput with reclaim notices and with hard kills, against the same run with no
+    preemption; the extrapolation to one preemption per `period_s` uses each mode's measured cost per preemption."""
+    base = r["runs"]["baseline"]
+    rows = [["no preemption", 0, f"{base['wall_s']:.1f}", "1.000", "–", "–"]]
+    names = {"notice": "reclaim notice → spot agent drain", "kill": "hard kill (no notice)"}
+    for mode in ("notice", "kill"):
+        s, run = r["summary"][mode], r["runs"][mode]
+        rows.append([names[mode], s["preemptions"], f"{run['wall_s']:.1f}", f"{s['goodput']:.3f}",
+                     f"{s['lost_steps_per_preemption']:.1f} ({run['lost_steps']})",
+                     f"{s['cost_per_preemption_s']:.1f}"])
+    table = _table(["Ray Train run", "preemptions", "wall s", "goodput", "lost steps / preemption",
+                    "cost / preemption s"], rows)
+    a = r["args"]
+    notice, kill = r["summary"]["notice"], r["summary"]["kill"]
+    return (f"{table}\n\nUnder Ray Train, one worker, {a['steps']} steps, checkpoint every {a['checkpoint_interval']} "
+            f"steps, a preemption every {a['interrupt_every']:.0f} s of training, notices {a['notice_deadline']:.0f} s "
+            f"ahead. Extrapolated with each measured cost to one preemption per {period_s / 60:.0f} minutes: "
+            f"notice **{1 - notice['cost_per_preemption_s'] / period_s:.3f}**, hard kill "
+            f"**{1 - kill['cost_per_preemption_s'] / period_s:.3f}**")
 
 
 def serve(d: dict) -> str:
