@@ -65,16 +65,16 @@ class NoticeSourceError(RuntimeError):
     """An endpoint that could not be read, or answered something that is not its protocol."""
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):
+        return None
+
+
 def _request(url: str, method: str = "GET", headers: dict[str, str] | None = None, timeout_s: float = 2.0,
              context: ssl.SSLContext | None = None) -> tuple[int, bytes, dict[str, str]]:
     """(status, body, headers); an HTTP error status is returned, not raised. Redirects are not followed: a metadata
     endpoint never redirects, and following one could send a token elsewhere."""
-
-    class NoRedirect(urllib.request.HTTPRedirectHandler):
-        def redirect_request(self, *args, **kwargs):
-            return None
-
-    handlers: list = [NoRedirect(), urllib.request.ProxyHandler({})]  # metadata is never reached through a proxy
+    handlers: list = [_NoRedirect(), urllib.request.ProxyHandler({})]  # metadata is never reached through a proxy
     if context is not None:
         handlers.append(urllib.request.HTTPSHandler(context=context))
     opener = urllib.request.build_opener(*handlers)
