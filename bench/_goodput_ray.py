@@ -15,18 +15,15 @@ Goodput = baseline wall time / the run's wall time. Lost steps per preemption co
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # the multi-node cluster and the metadata server the tests use
 
 from tinyrun import (  # noqa: E402
-    BIN,
     FakeCloud,
     free_port,
     last_logged_step,
@@ -34,14 +31,7 @@ from tinyrun import (  # noqa: E402
     poll,
     run_events,
     start_in_background,
-    venv_env,
 )
-
-
-def _agent(cluster, node, cloud) -> subprocess.Popen:
-    return subprocess.Popen([str(BIN / "moe-platform"), "spot-agent", "--provider", "aws", "--metadata-url", cloud.url,
-                             "--address", cluster.address, "--node-id", node.node_id, "--interval", "0.2"],
-                            env=venv_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _preempt(mode: str, cluster, cloud, run_dir: Path, every_s: float, deadline_s: float, steps: int,
@@ -50,7 +40,7 @@ def _preempt(mode: str, cluster, cloud, run_dir: Path, every_s: float, deadline_
     while `running()`. Records when and at which step each preemption came. On the main thread: Ray's
     Cluster.add_node installs signal handlers."""
     node = next(iter(cluster.worker_nodes))
-    agent = _agent(cluster, node, cloud) if mode == "notice" else None
+    agent = cloud.start_agent(cluster.address, node.node_id) if mode == "notice" else None
     try:
         while running():
             start = last_logged_step(run_dir)
@@ -61,9 +51,7 @@ def _preempt(mode: str, cluster, cloud, run_dir: Path, every_s: float, deadline_
                 break
             event = {"at_step": last_logged_step(run_dir), "t": time.monotonic()}
             if mode == "notice":
-                when = datetime.now(timezone.utc).replace(microsecond=0) + timedelta(seconds=deadline_s)
-                deadline = time.monotonic() + (when.timestamp() - time.time())
-                cloud.state["aws_action"] = {"action": "terminate", "time": when.strftime("%Y-%m-%dT%H:%M:%SZ")}
+                deadline = cloud.publish_aws_terminate(deadline_s)
                 out, err = agent.communicate(timeout=60)
                 if agent.returncode != 0:
                     raise RuntimeError(f"the spot agent failed: {err[-2000:]}")
@@ -72,7 +60,7 @@ def _preempt(mode: str, cluster, cloud, run_dir: Path, every_s: float, deadline_
             cloud.state["aws_action"] = None  # the next VM has no notice yet
             node = cluster.add_node(num_cpus=1, dashboard_agent_listen_port=free_port())  # the old one may linger
             cluster.wait_for_nodes()
-            agent = _agent(cluster, node, cloud) if mode == "notice" else None
+            agent = cloud.start_agent(cluster.address, node.node_id) if mode == "notice" else None
             log["preemptions"].append(event)
     finally:
         if agent is not None and agent.poll() is None:

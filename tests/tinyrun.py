@@ -395,6 +395,22 @@ class FakeCloud:
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
+    def publish_aws_terminate(self, in_s: float) -> float:
+        """A spot `terminate` instance-action `in_s` seconds ahead (whole seconds, as AWS writes its time); returns
+        the deadline as time.monotonic()."""
+        from datetime import datetime, timedelta, timezone
+
+        when = datetime.now(timezone.utc).replace(microsecond=0) + timedelta(seconds=in_s)
+        self.state["aws_action"] = {"action": "terminate", "time": when.strftime("%Y-%m-%dT%H:%M:%SZ")}
+        return time.monotonic() + (when.timestamp() - time.time())
+
+    def start_agent(self, address: str, node_id: str) -> subprocess.Popen:
+        """`moe-platform spot-agent` for Ray node `node_id`, watching this cloud's IMDSv2 (the nodes of a cluster on
+        this machine share its IP, so the agent is told its node); stdout and stderr piped."""
+        return subprocess.Popen([str(BIN / "moe-platform"), "spot-agent", "--provider", "aws", "--metadata-url",
+                                 self.url, "--address", address, "--node-id", node_id, "--interval", "0.2"],
+                                env=venv_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()

@@ -12,10 +12,8 @@ for the module."""
 from __future__ import annotations
 
 import json
-import subprocess
 import threading
 import time
-from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -25,14 +23,12 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]  # a hung cluster fail
 from moe_platform.checkpoint import checkpoint_step, latest_checkpoint  # noqa: E402
 from moe_platform.train.ray_launcher import launch_ray  # noqa: E402
 from tinyrun import (  # noqa: E402
-    BIN,
     FakeCloud,
     last_logged_step,
     logged_steps,
     node_cluster,
     poll,
     run_events,
-    venv_env,
 )
 
 STEPS = 150
@@ -52,10 +48,7 @@ def spot_agent(two_nodes):
     told its node id)."""
     cluster, node = two_nodes
     with FakeCloud() as cloud:
-        agent = subprocess.Popen([str(BIN / "moe-platform"), "spot-agent", "--provider", "aws", "--metadata-url",
-                                  cloud.url, "--address", cluster.address, "--node-id", node.node_id,
-                                  "--interval", "0.2"], env=venv_env(), stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, text=True)
+        agent = cloud.start_agent(cluster.address, node.node_id)
         try:
             yield cloud, agent
         finally:
@@ -69,9 +62,7 @@ def preempt_node(cluster, node, cloud, agent, run_dir: Path, events: dict) -> No
     try:
         poll(lambda: last_logged_step(run_dir) >= DRAIN_AFTER_STEP, 180, "training to start")
         events["drained_at_step"] = last_logged_step(run_dir)
-        when = datetime.now(timezone.utc).replace(microsecond=0) + timedelta(seconds=DRAIN_DEADLINE_S + 1)
-        deadline = time.monotonic() + (when.timestamp() - time.time())
-        cloud.state["aws_action"] = {"action": "terminate", "time": when.strftime("%Y-%m-%dT%H:%M:%SZ")}
+        deadline = cloud.publish_aws_terminate(DRAIN_DEADLINE_S + 1)
         out, err = agent.communicate(timeout=60)  # the agent exits once its drain is accepted
         events["agent"] = (agent.returncode, out, err[-2000:])
         poll(lambda: latest_checkpoint(run_dir) is not None, 60, "the just-in-time checkpoint")

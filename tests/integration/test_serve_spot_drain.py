@@ -9,10 +9,8 @@ deadline the spot node vanishes. Clients (streamed and not, no client-side retri
 
 from __future__ import annotations
 
-import subprocess
 import threading
 import time
-from datetime import datetime, timedelta, timezone
 
 import httpx
 import pytest
@@ -21,7 +19,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
 from hotswap import BODY, PROMPT, completion, serve_config  # noqa: E402
 from moe_platform.serving.engine import Engine, SamplingParams  # noqa: E402
-from tinyrun import BIN, FakeCloud, node_cluster, poll, venv_env  # noqa: E402
+from tinyrun import FakeCloud, node_cluster, poll  # noqa: E402
 
 DEADLINE_S = 25  # AWS gives two minutes; shorter here, still time for a replica to start on a busy 2-core machine
 CLIENTS = 4
@@ -51,10 +49,7 @@ def test_replica_moves_off_a_reclaimed_node_with_no_failed_request(serving_expor
             assert replicas(client) == [(spot.node_id, "RUNNING")]  # the only node with a CPU
             spare = cluster.add_node(num_cpus=1)
             cluster.wait_for_nodes()
-            agent = subprocess.Popen(
-                [str(BIN / "moe-platform"), "spot-agent", "--provider", "aws", "--metadata-url", cloud.url,
-                 "--address", cluster.address, "--node-id", spot.node_id, "--interval", "0.2"],
-                env=venv_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            agent = cloud.start_agent(cluster.address, spot.node_id)
 
             results: list[tuple[int, str]] = []
             stop = threading.Event()
@@ -74,9 +69,7 @@ def test_replica_moves_off_a_reclaimed_node_with_no_failed_request(serving_expor
                 t.start()
             try:
                 poll(lambda: len(results) >= 2 * CLIENTS, 120, "requests before the notice")
-                when = datetime.now(timezone.utc).replace(microsecond=0) + timedelta(seconds=DEADLINE_S)
-                deadline = time.monotonic() + (when.timestamp() - time.time())
-                cloud.state["aws_action"] = {"action": "terminate", "time": when.strftime("%Y-%m-%dT%H:%M:%SZ")}
+                deadline = cloud.publish_aws_terminate(DEADLINE_S)
                 out, err = agent.communicate(timeout=60)
                 assert agent.returncode == 0, err
                 # the replica moves before the deadline: one running on the spare node, none left on the spot one
