@@ -58,6 +58,17 @@ def checkpoint(d: dict) -> str:
 
 
 def ray_overhead(d: dict) -> str:
+    text = _overhead(d, "Steady-state tokens/s Ray ÷ plain")
+    if "pinned" in d:
+        p = d["pinned"]
+        text += (f"\n\nPinned, the shape of a GPU node: dp{p['args']['dp']}, the rank alone on core(s) "
+                 f"{p['args']['rank_cpus']}, the driver, Ray's daemons, Ray Train's actors and the plain launcher on "
+                 f"core(s) {p['args']['host_cpus']}, {p['args']['steps']} steps, {p['args']['rounds']} rounds.\n\n"
+                 + _overhead(p, "Pinned, steady-state tokens/s Ray ÷ plain"))
+    return text
+
+
+def _overhead(d: dict, headline: str) -> str:
     names = {"plain": "plain processes", "ray": "Ray Train", "beside_ray": "plain processes, idle Ray beside"}
     rows = []
     for key, label in names.items():
@@ -68,8 +79,8 @@ def ray_overhead(d: dict) -> str:
     table = _table(["launcher", "tokens/s (wall), median", f"the {d['args']['rounds']} runs",
                     "trainer step time, tokens/s", "time to first step s", "excl. `ray.init`"], rows)
     rr = d["round_ratios"]
-    return (f"{table}\n\nSteady-state tokens/s Ray ÷ plain: **{d['ratio']:.3f}** (rounds {min(rr['ray/plain']):.2f}–"
-            f"{max(rr['ray/plain']):.2f}); plain beside an idle Ray ÷ plain: "
+    return (f"{table}\n\n{headline}: **{d['ratio']:.3f}** (rounds "
+            f"{', '.join(f'{v:.3f}' for v in rr['ray/plain'])}); plain beside an idle Ray ÷ plain: "
             f"{statistics.median(rr['beside_ray/plain']):.3f}; Ray ÷ plain beside Ray: "
             f"{statistics.median(rr['ray/beside_ray']):.3f}")
 

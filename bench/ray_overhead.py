@@ -17,7 +17,14 @@ launchers take turns (`--rounds` times plain, Ray Train, plain beside Ray): the 
 rounds of each round's own ratio (so slow drifts of the machine cancel), shown with its spread; the table gives each
 launcher's medians.
 
+With `--pin` the run takes the shape of a GPU node, where training ranks have their own host cores and everything
+else runs on others: each rank is pinned to its own cores (`elastic.rank_cpus`), and the driver, Ray's daemons, Ray
+Train's controller and actors and the plain launcher's parent process to the `--host-cpus`, for all three launchers.
+Its figures go under "pinned" in the same JSON (the unpinned figures stay beside them), plotted to
+bench_ray_overhead_pinned.png.
+
     python bench/ray_overhead.py --steps 60 --warmup-steps 10
+    python bench/ray_overhead.py --pin --dp 1           # two cores: host processes on core 0, the rank on core 1
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from _training import add_shape_args, run_overrides  # noqa: E402
 from moe_platform.config import load_config  # noqa: E402
-from moe_platform.train.launch import launch_local  # noqa: E402
+from moe_platform.train.launch import launch_local, pin_process  # noqa: E402
 from moe_platform.train.metrics import MetricsLog  # noqa: E402
 
 KINDS = ["plain", "ray", "beside_ray"]
@@ -48,7 +55,22 @@ SHORT = {"plain": "plain", "ray": "Ray Train", "beside_ray": "plain + idle Ray"}
 def overrides(args, storage: Path, name: str) -> list[str]:
     return run_overrides(args, storage, name, args.global_batch // (2 * args.dp), **{
         "parallel.dp": args.dp, "elastic.min_workers": args.dp, "elastic.max_workers": args.dp,
-        "elastic.cpus_per_worker": 1, "failure.preemption_check_steps": args.preemption_check_steps})
+        "elastic.cpus_per_worker": 1, "failure.preemption_check_steps": args.preemption_check_steps,
+        "elastic.rank_cpus": args.rank_cpus})
+
+
+def split_cores(host: str, dp: int) -> tuple[list[int], str]:
+    """The host cores (from a list like "0" or "0-1") and `elastic.rank_cpus` giving each of `dp` ranks an equal
+    share of the other cores this process may use."""
+    from moe_platform.config import rank_cpu_sets
+
+    hosts = rank_cpu_sets(host)[0] if host.strip() else []
+    free = [c for c in sorted(os.sched_getaffinity(0)) if c not in hosts]
+    if not hosts or len(free) < dp:
+        raise SystemExit(f"--pin: {len(free)} core(s) left after the host cores {hosts} for {dp} rank(s); lower "
+                         f"--dp or --host-cpus")
+    per = len(free) // dp
+    return hosts, ";".join(",".join(map(str, free[i * per:(i + 1) * per])) for i in range(dp))
 
 
 def measure(kind: str, args, storage: Path) -> dict:
@@ -99,14 +121,38 @@ def main(argv: list[str] | None = None) -> int:
                                                          "plain beside an idle Ray")
     p.add_argument("--out-json", default=str(REPO / "docs" / "bench_ray_overhead.json"))
     p.add_argument("--out-png", default=str(REPO / "docs" / "bench_ray_overhead.png"))
+    p.add_argument("--pin", action="store_true", help="the GPU-node shape: ranks pinned to their own cores, "
+                                                      "everything else to --host-cpus")
+    p.add_argument("--host-cpus", default="0", help="with --pin: the cores of the driver, Ray and the launcher")
     args = p.parse_args(argv)
     os.environ.pop("RAY_ADDRESS", None)  # an exported address would point launch_ray at some other cluster
+    args.rank_cpus = ""
+    if args.pin:
+        args.host_list, args.rank_cpus = split_cores(args.host_cpus, args.dp)
+        pin_process(args.host_list)  # Ray's daemons and workers and the plain launcher's children start from here
 
+    result = run_rounds(args)
+    out = Path(args.out_json)
+    previous = json.loads(out.read_text()) if out.exists() else {}
+    if args.pin:  # the unpinned figures stay, from their own run
+        recorded = {**previous, "pinned": result}
+        png = Path(args.out_png).with_name(Path(args.out_png).stem + "_pinned.png")
+    else:
+        recorded = {**result, **({"pinned": previous["pinned"]} if "pinned" in previous else {})}
+        png = Path(args.out_png)
+    out.write_text(json.dumps(recorded, indent=2))
+    plot(result, args, png)
+    return 0
+
+
+def run_rounds(args) -> dict:
     load_before = os.getloadavg()
     runs = []
     for i, kind in enumerate(KINDS * args.rounds):
         with tempfile.TemporaryDirectory() as tmp:
             runs.append({**measure(kind, args, Path(tmp) / str(i)), "loadavg_after": os.getloadavg()})
+        if args.pin:  # a one-rank plain run trains in this process, pinned to the rank's cores: move back
+            pin_process(args.host_list)
     load_after = os.getloadavg()
 
     def med(kind, key):
@@ -125,10 +171,11 @@ def main(argv: list[str] | None = None) -> int:
               "ray/beside_ray": round_ratios("ray", "beside_ray")}
     ratio = statistics.median(ratios["ray/plain"])
     trainer_ratio = summary["ray"]["trainer_tokens_per_s"] / summary["plain"]["trainer_tokens_per_s"]
+    shape = (f", ranks pinned to cores {args.rank_cpus}, everything else to {args.host_cpus}" if args.pin else "")
     print(f"dp{args.dp}, dim {args.dim}, {args.layers} layers, {args.experts} experts, {args.steps} steps, "
           f"preemption check every {args.preemption_check_steps} step(s) "
-          f"(steady state after {args.warmup_steps}), {args.rounds} rounds; load average before {load_before[0]:.2f}, "
-          f"after {load_after[0]:.2f} on {os.cpu_count()} CPUs")
+          f"(steady state after {args.warmup_steps}), {args.rounds} rounds{shape}; load average before "
+          f"{load_before[0]:.2f}, after {load_after[0]:.2f} on {os.cpu_count()} CPUs")
     print(f"{'launcher':<34}{'tok/s (wall)':>14}{'tok/s (step)':>14}{'1st step s':>12}{'  excl. ray.init':>17}"
           f"{'total s':>10}   runs, tok/s (wall)")
     for kind in KINDS:
@@ -141,16 +188,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {name}: median {statistics.median(values):.3f} of rounds {[round(v, 3) for v in values]}")
     print(f"steady-state tokens/s ratio Ray/plain: {ratio:.3f} wall-clock (target >= 0.98), {trainer_ratio:.3f} on "
           f"the medians of the trainer's step_time_s")
-    Path(args.out_json).write_text(json.dumps({
-        "args": vars(args), "loadavg_before": load_before, "loadavg_after": load_after, "cpus": os.cpu_count(),
-        "summary": summary, "ratio": ratio, "round_ratios": ratios, "trainer_ratio": trainer_ratio,
-        "runs": runs}, indent=2))
+    return {"args": vars(args), "loadavg_before": load_before, "loadavg_after": load_after, "cpus": os.cpu_count(),
+            "summary": summary, "ratio": ratio, "round_ratios": ratios, "trainer_ratio": trainer_ratio, "runs": runs}
 
+
+def plot(result: dict, args, png: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    summary, runs, ratio, ratios = result["summary"], result["runs"], result["ratio"], result["round_ratios"]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
     colors = {"plain": "tab:gray", "ray": "tab:blue", "beside_ray": "tab:olive"}
     names = [SHORT[k] for k in KINDS]
@@ -168,11 +216,11 @@ def main(argv: list[str] | None = None) -> int:
           bottom=[summary[k]["time_to_first_step_after_ray_init_s"] for k in KINDS], label="ray.init")
     b.set_ylabel("seconds to first step")
     b.legend(fontsize=8)
-    fig.suptitle(f"dp{args.dp} on {os.cpu_count()} CPUs, preemption check every {args.preemption_check_steps} "
-                 f"step(s), load avg {load_before[0]:.1f}")
+    shape = f", ranks on cores {args.rank_cpus}, Ray and launcher on {args.host_cpus}" if args.pin else ""
+    fig.suptitle(f"dp{args.dp} on {os.cpu_count()} CPUs{shape}, preemption check every "
+                 f"{args.preemption_check_steps} step(s), load avg {result['loadavg_before'][0]:.1f}")
     fig.tight_layout()
-    fig.savefig(args.out_png, dpi=100)
-    return 0
+    fig.savefig(png, dpi=100)
 
 
 if __name__ == "__main__":

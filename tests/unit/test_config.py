@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import pytest
@@ -65,6 +66,8 @@ def test_every_field_has_a_doc():
         (["--train.seq_len=4096"], r"train\.seq_len \(4096\) must be <= model\.max_seq_len"),
         (["--data.vocab_size=100"], r"data\.vocab_size must be >= 264"),
         (["--elastic.min_workers=4", "--elastic.max_workers=2"], r"elastic\.max_workers \(2\) must be >="),
+        (["--elastic.rank_cpus=1-x"], r"elastic\.rank_cpus: '1-x' in '1-x' is not a core or a range"),
+        (["--elastic.rank_cpus=0-3;2"], r"elastic\.rank_cpus: cores \[2\] in '0-3;2' are given to two ranks"),
         (["--parallel.zero_stage=3"], r"parallel\.zero_stage must be 0, 1 or 2"),
         (["--train.precision=fp8"], r"train\.precision must be"),
         (["train.lr=1"], r"--section\.key=value"),
@@ -96,3 +99,46 @@ def test_a_short_run_clamps_the_warmup_it_did_not_ask_for(caplog):
     assert load_config(None, ["--train.steps=12", "--train.warmup=5"]).train.warmup == 5
     with pytest.raises(ValueError, match=r"train\.warmup must be in \[0, train\.steps\], got 30"):
         load_config(None, ["--train.steps=12", "--train.warmup=30"])  # asked for explicitly: an error
+
+
+def test_rank_cpus_lists_each_local_ranks_cores():
+    from moe_platform.config import rank_cpu_sets
+
+    assert rank_cpu_sets("") == []
+    assert rank_cpu_sets("0,2-3; 4-6") == [[0, 2, 3], [4, 5, 6]]
+
+
+_PIN = """
+import os, sys, threading
+sys.path.insert(0, {platform!r})
+from moe_platform.config import load_config
+from moe_platform.train.launch import place_rank
+import torch
+ready, done = threading.Event(), threading.Event()
+t = threading.Thread(target=lambda: (ready.set(), done.wait()), daemon=True)
+t.start(); ready.wait()  # a thread that runs before the pinning, as torch's and Ray's do
+place_rank(load_config(None, ["--elastic.rank_cpus=" + sys.argv[1]]), int(sys.argv[2]), 1)
+print(sorted({{c for tid in os.listdir("/proc/self/task") for c in os.sched_getaffinity(int(tid))}}),
+      torch.get_num_threads())
+done.set(); t.join()
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs Linux and two cores")
+def test_place_rank_pins_every_thread_of_the_rank(tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "pin.py"
+    script.write_text(_PIN.format(platform=str(Path(__file__).resolve().parents[2] / "platform")))
+    cores = sorted(os.sched_getaffinity(0))
+    spec = f"{cores[0]};{cores[1]}"
+
+    def run(local_rank: int) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(script), spec, str(local_rank)], capture_output=True, text=True,
+                              timeout=120)
+
+    assert run(1).stdout.split("\n")[0] == f"[{cores[1]}] 1"  # every thread, the early one too, on rank 1's core
+    out = run(2)
+    assert out.returncode != 0 and "names cores for 2 local rank(s); local rank 2 has none" in out.stderr

@@ -6,6 +6,7 @@ from moe_platform.config.loader import (
     config_to_toml,
     load_config,
     parse_overrides,
+    rank_cpu_sets,
     validate_config,
 )
 from moe_platform.config.schema import (
@@ -22,5 +23,5 @@ from moe_platform.config.schema import (
 __all__ = [
     "CheckpointConfig", "Config", "DataConfig", "ElasticConfig", "FailureConfig", "ParallelConfig", "RunConfig",
     "TrainConfig", "config_from_dict", "config_to_dict", "config_to_toml", "load_config", "parse_overrides",
-    "validate_config",
+    "rank_cpu_sets", "validate_config",
 ]

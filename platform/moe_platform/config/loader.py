@@ -19,6 +19,24 @@ log = logging.getLogger("moe_platform.config")
 _BOOL_WORDS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
 
 
+def rank_cpu_sets(spec: str) -> list[list[int]]:
+    """`elastic.rank_cpus` as the sorted cores of each local rank: "0,2-3;4-7" -> [[0, 2, 3], [4, 5, 6, 7]]; ""
+    -> [] (no pinning). Raises ValueError naming the part that is not a core list, or a core given to two ranks."""
+    sets: list[list[int]] = []
+    for part in spec.split(";") if spec.strip() else []:
+        cores: set[int] = set()
+        for item in part.split(","):
+            lo, sep, hi = item.strip().partition("-")
+            if not (lo.isdigit() and (hi.isdigit() if sep else True)) or (sep and int(hi) < int(lo)):
+                raise ValueError(f"elastic.rank_cpus: {item.strip()!r} in {spec!r} is not a core or a range "
+                                 f"like 2-7")
+            cores.update(range(int(lo), int(hi or lo) + 1))
+        if taken := cores & {c for s in sets for c in s}:
+            raise ValueError(f"elastic.rank_cpus: cores {sorted(taken)} in {spec!r} are given to two ranks")
+        sets.append(sorted(cores))
+    return sets
+
+
 def _section_types(cls) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
@@ -235,6 +253,10 @@ def validate_config(cfg: Config) -> None:
     need(e.max_workers >= e.min_workers,
          f"elastic.max_workers ({e.max_workers}) must be >= elastic.min_workers ({e.min_workers})")
     need(e.cpus_per_worker > 0, f"elastic.cpus_per_worker must be > 0, got {e.cpus_per_worker}")
+    try:
+        rank_cpu_sets(e.rank_cpus)
+    except ValueError as err:
+        need(False, str(err))
     need(e.resize_interval_s >= 0, f"elastic.resize_interval_s must be >= 0, got {e.resize_interval_s}")
     need(e.resize_checkpoint_timeout_s > 0,
          f"elastic.resize_checkpoint_timeout_s must be > 0, got {e.resize_checkpoint_timeout_s}")

@@ -100,6 +100,10 @@ class ElasticConfig:
     max_workers: int = _f(1, "most training workers the job asks for")
     use_gpu: bool = _f(False, "give each worker one GPU")
     cpus_per_worker: float = _f(1.0, "CPUs reserved per training worker")
+    rank_cpus: str = _f("", "cores each training rank is pinned to, by local rank, ';' between ranks (taskset's "
+                            "list form: '2-7;8-13' puts local rank 0 on cores 2-7 and local rank 1 on 8-13); every "
+                            "thread of the rank moves there and torch uses that many threads. On a GPU node, leave "
+                            "the other cores to Ray's daemons and actors. Empty: the OS places the ranks")
     resize_interval_s: float = _f(60.0, "seconds between Ray Train's checks for more (or less) capacity to resize into")
     resize_checkpoint_timeout_s: float = _f(120.0, "longest a resize waits for the running workers' checkpoint")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from moe_platform.config import Config, config_from_dict, config_to_dict
+from moe_platform.config import Config, config_from_dict, config_to_dict, rank_cpu_sets
 from moe_platform.parallel import resolve_layout
 from moe_platform.train.backends import check_precision
 from moe_platform.train.trainer import DistContext, Trainer, TrainerHooks, TrainResult, model_args_for
@@ -32,6 +32,36 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def place_rank(cfg: Config, local_rank: int, default_threads: int) -> None:
+    """Pin this rank to its cores from `elastic.rank_cpus` (every thread of the process, and the threads it starts
+    later) and give torch one thread per core; without pinning, torch gets `default_threads`."""
+    sets = rank_cpu_sets(cfg.elastic.rank_cpus)
+    if not sets:
+        torch.set_num_threads(max(1, default_threads))
+        return
+    if local_rank >= len(sets):
+        raise ValueError(f"elastic.rank_cpus {cfg.elastic.rank_cpus!r} names cores for {len(sets)} local rank(s); "
+                         f"local rank {local_rank} has none")
+    cores, allowed = sets[local_rank], sorted(os.sched_getaffinity(0))
+    try:
+        pin_process(cores)
+    except OSError as e:
+        raise ValueError(f"elastic.rank_cpus: cannot pin local rank {local_rank} to cores {cores} (the process "
+                         f"runs on {allowed} now): {e}") from e
+    torch.set_num_threads(len(cores))
+
+
+def pin_process(cores: list[int]) -> None:
+    """Move every thread of this process to `cores`; processes and threads it starts later inherit them."""
+    if not hasattr(os, "sched_setaffinity"):
+        raise RuntimeError("pinning to cores needs os.sched_setaffinity (Linux)")
+    for tid in os.listdir("/proc/self/task"):  # the threads already running (torch, gloo, Ray's core worker)
+        try:
+            os.sched_setaffinity(int(tid), cores)
+        except ProcessLookupError:  # the thread ended meanwhile
+            pass
 
 
 def init_process_group(rank: int, world_size: int, local_rank: int, master: str, port: int) -> None:
@@ -54,11 +84,12 @@ def run_rank(cfg: Config, dist: DistContext, progress: bool, stop_after: int | N
 
 def _worker(rank: int, world_size: int, port: int, cfg_dict: dict, progress: bool, stop_after, out: str,
             on_export) -> None:
-    # Each rank gets its share of the cores, so ranks do not fight over them.
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    # Each rank gets its share of the cores (or the cores elastic.rank_cpus pins it to), so ranks do not fight.
+    cfg = config_from_dict(cfg_dict)
+    place_rank(cfg, rank, (os.cpu_count() or 1) // world_size)
     init_process_group(rank, world_size, rank, "127.0.0.1", port)
     try:
-        result = run_rank(config_from_dict(cfg_dict), DistContext(rank, world_size, rank), progress, stop_after,
+        result = run_rank(cfg, DistContext(rank, world_size, rank), progress, stop_after,
                           on_export)
         if rank == 0:
             Path(out).write_text(json.dumps({
@@ -77,7 +108,9 @@ def launch_local(cfg: Config, world_size: int | None = None, progress: bool = Tr
     # Refuse an impossible layout here, before any process or process group exists.
     resolve_layout(cfg, world_size, model_args_for(cfg))
     check_precision(cfg, world_size)
-    if world_size == 1:
+    if world_size == 1:  # in this process, pinned to local rank 0's cores if elastic.rank_cpus says so
+        if cfg.elastic.rank_cpus:
+            place_rank(cfg, 0, torch.get_num_threads())
         return run_rank(cfg, DistContext(), progress, stop_after, on_export)
     import torch.multiprocessing as mp
 

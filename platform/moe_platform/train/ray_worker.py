@@ -54,6 +54,7 @@ from moe_platform import ray_compat
 from moe_platform.checkpoint import checkpoint_step
 from moe_platform.config import Config, config_from_dict
 from moe_platform.train import resize
+from moe_platform.train.launch import place_rank
 from moe_platform.train.trainer import DistContext, Trainer, TrainerHooks
 
 log = logging.getLogger("moe_platform.train.ray")
@@ -253,13 +254,12 @@ def _already_in_place(checkpoint, checkpoint_dir_name: str, committed=None):
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     """One Ray Train worker: the Trainer on this worker's rank, with Ray's hooks."""
     import ray.train
-    import torch
 
     ctx = ray.train.get_context()
     dist = DistContext(ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank())
     os.environ.setdefault("LOCAL_RANK", str(dist.local_rank))  # DeepSpeed reads it; Ray's torch setup sets it
     cfg = config_from_dict(config["cfg"])
-    torch.set_num_threads(max(1, int(cfg.elastic.cpus_per_worker)))  # the CPUs Ray reserved for this worker
+    place_rank(cfg, dist.local_rank, int(cfg.elastic.cpus_per_worker))  # pinned, or as many as Ray reserved
     bridge = RayBridge(cfg, dist, config["progress"])
     trainer = Trainer(cfg, progress=False, dist=dist, hooks=bridge.hooks(config.get("on_export")))
     trainer.setup()
