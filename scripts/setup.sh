@@ -20,3 +20,20 @@ if [ "${torch_req[0]}" != torch ]; then
   .venv/bin/python -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load()" \
     >/dev/null 2>&1 || echo "warning: could not pre-build DeepSpeed's CPU communication op" >&2
 fi
+# promtool checks and unit-tests the alert rules (platform/prometheus/alerts.yml) in the test suite. It comes from
+# Debian's prometheus package: only the binary is unpacked into .venv/bin (no service is installed or started).
+if ! command -v promtool >/dev/null 2>&1 && [ ! -x .venv/bin/promtool ]; then
+  if command -v apt-get >/dev/null 2>&1 && command -v dpkg-deb >/dev/null 2>&1; then
+    tmp=$(mktemp -d)
+    if (cd "$tmp" && apt-get download -q prometheus >/dev/null 2>&1 \
+        || { [ "$(id -u)" = 0 ] && apt-get update -q >/dev/null 2>&1 && apt-get download -q prometheus >/dev/null; }) \
+       && dpkg-deb -x "$tmp"/prometheus_*.deb "$tmp/x"; then
+      install -m 755 "$tmp/x/usr/bin/promtool" .venv/bin/promtool
+    else
+      echo "warning: could not fetch Debian's prometheus package for promtool (the alert-rule tests need it)" >&2
+    fi
+    rm -rf "$tmp"
+  else
+    echo "warning: promtool not found: install Prometheus's promtool (the alert-rule tests need it)" >&2
+  fi
+fi

@@ -78,6 +78,26 @@ def poll(condition, timeout_s: float, what: str, interval_s: float = 0.05):
     return value
 
 
+def scrape_ray_metrics(want: set[str], label: str, timeout_s: float = 90) -> dict[str, float]:
+    """What Prometheus would scrape from this Ray's first live node (its metrics agent, in the text format): the value
+    of each metric in `want` over its series carrying `label` (`model="m"`), summed over their other labels; waits
+    until every one is there (Ray exports every few seconds)."""
+    import httpx
+    import ray
+
+    port = next(n["MetricsExportPort"] for n in ray.nodes() if n["Alive"])
+
+    def scraped() -> dict[str, float] | None:
+        got: dict[str, float] = {}
+        for line in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text.splitlines():
+            name, _, rest = line.partition("{")
+            if name in want and label in rest:
+                got[name] = got.get(name, 0.0) + float(rest.rsplit(" ", 1)[1])
+        return got if got.keys() == want else None
+
+    return poll(scraped, timeout_s, f"{sorted(want)} at the metrics agent", 1.0)
+
+
 def run_events(run_dir: Path) -> list[dict]:
     """The run's events.jsonl (starts, resumes, checkpoint-and-stops), [] before the first."""
     path = Path(run_dir) / "events.jsonl"

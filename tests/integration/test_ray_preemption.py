@@ -29,6 +29,7 @@ from tinyrun import (  # noqa: E402
     node_cluster,
     poll,
     run_events,
+    scrape_ray_metrics,
 )
 
 STEPS = 150
@@ -114,3 +115,18 @@ def test_reclaim_notice_drains_checkpoints_and_resumes_on_fewer_workers(two_node
     assert history[stop + 1]["step"] == jit and history[stop + 1]["deadline_ms"], history
     assert logged_steps(run_dir) == list(range(1, STEPS + 1))
     assert checkpoint_step(latest_checkpoint(run_dir)) == STEPS
+
+
+def test_training_metrics_reach_prometheus(two_nodes):
+    """The job's metrics as Prometheus scrapes them, the ones the alert rules (platform/prometheus/alerts.yml) read
+    included: the step and its target, steps computed, step time, the last checkpoint's time."""
+    from moe_platform.train.ray_worker import TrainMetrics
+
+    metrics = TrainMetrics("metrics-check", 120)
+    for step in (7, 8):
+        metrics.record_step({"step": step, "loss": 2.5, "tokens_per_s": 1000.0, "mfu": 0.1, "expert_imbalance": 1.2,
+                             "step_time_s": 0.25})
+    metrics.checkpoint_time.set(1.7e9)
+    want = {"ray_moe_train_step": 8.0, "ray_moe_train_target_steps": 120.0, "ray_moe_train_steps_total": 2.0,
+            "ray_moe_train_step_seconds": 0.25, "ray_moe_train_last_checkpoint_timestamp_seconds": 1.7e9}
+    assert scrape_ray_metrics(set(want), 'run="metrics-check"') == want

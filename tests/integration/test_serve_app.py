@@ -10,12 +10,11 @@ from types import SimpleNamespace
 import httpx
 import openai
 import pytest
-import ray
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from moe_platform.serving.engine import Engine, SamplingParams  # noqa: E402
-from tinyrun import local_ray, poll  # noqa: E402
+from tinyrun import local_ray, scrape_ray_metrics  # noqa: E402
 
 MODEL = "moe-platform"
 API_KEY = "sk-test-123"
@@ -273,19 +272,7 @@ def test_engine_stats_export_to_ray_metrics(server, local):
     assert local.drain_latency_samples() == ([], [])
     stats = local.stats()
     assert stats["generated_tokens"] >= 4
-    # What Prometheus would scrape: the node's metrics agent, in its own text format.
-    port = next(n["MetricsExportPort"] for n in ray.nodes() if n["Alive"])
     want = {"ray_moe_serve_generated_tokens_total": float(stats["generated_tokens"]),
             "ray_moe_serve_queue_depth": 0.0, "ray_moe_serve_running_batch_size": 0.0,
-            "ray_moe_serve_expert_tokens_total": float(sum(map(sum, stats["expert_load"])))}
-
-    def scraped() -> dict[str, float] | None:
-        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-        got: dict[str, float] = {}
-        for line in text.splitlines():
-            name, _, rest = line.partition("{")
-            if name in want and 'model="test-model"' in rest:
-                got[name] = got.get(name, 0.0) + float(rest.rsplit(" ", 1)[1])  # expert tokens: sum over labels
-        return got if got.keys() == want.keys() else None
-
-    assert poll(scraped, 90, "the engine's metrics at the metrics agent", 1.0) == want
+            "ray_moe_serve_expert_tokens_total": float(sum(map(sum, stats["expert_load"])))}  # summed over experts
+    assert scrape_ray_metrics(set(want), 'model="test-model"') == want

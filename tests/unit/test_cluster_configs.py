@@ -280,3 +280,67 @@ def test_grafana_dashboard_queries_existing_metrics():
     assert wanted <= used, f"panels missing for {sorted(wanted - used)}"
     ids = [p["id"] for p in dash["panels"]]
     assert len(ids) == len(set(ids))
+
+
+# -- alert rules: platform/prometheus/alerts.yml, checked and unit-tested by the real promtool --------------------
+
+ALERTS = ROOT / "platform" / "prometheus" / "alerts.yml"
+ALERT_TESTS = Path(__file__).with_name("alerts_test.yml")
+
+
+def promtool() -> str:
+    import shutil
+    import sys
+
+    found = shutil.which("promtool") or shutil.which("promtool", path=str(Path(sys.executable).parent))
+    assert found, "promtool is missing: run scripts/setup.sh (it unpacks Debian's prometheus package's promtool)"
+    return found
+
+
+def run_promtool(*args: str, cwd: Path = ROOT):
+    import subprocess
+
+    return subprocess.run([promtool(), *args], capture_output=True, text=True, timeout=120, cwd=cwd)
+
+
+def test_alert_rules_pass_promtool_check():
+    out = run_promtool("check", "rules", str(ALERTS))
+    assert out.returncode == 0, out.stdout + out.stderr
+    rules = [r for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"]]
+    assert f"SUCCESS: {len(rules)} rules found" in out.stdout + out.stderr
+
+
+def test_alert_rules_pass_their_promtool_unit_tests():
+    out = run_promtool("test", "rules", str(ALERT_TESTS))
+    assert out.returncode == 0, out.stdout + out.stderr
+    alerts = {r["alert"] for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"] if "alert" in r}
+    tested = set(re.findall(r"alertname: (\w+)", ALERT_TESTS.read_text()))
+    assert alerts == tested, f"alerts without a promtool test: {sorted(alerts - tested)}"
+
+
+def test_promtool_catches_a_broken_rule_and_a_changed_bound(tmp_path):
+    text = ALERTS.read_text()
+    (tmp_path / "bad.yml").write_text(text.replace("moe:serve_error_ratio:5m > 0.02", "moe:serve_error_ratio:5m >"))
+    assert run_promtool("check", "rules", str(tmp_path / "bad.yml")).returncode != 0
+    # the unit tests fail when a bound moves: 5% errors no longer page at a 10% bound
+    (tmp_path / "platform" / "prometheus").mkdir(parents=True)
+    (tmp_path / "platform" / "prometheus" / "alerts.yml").write_text(
+        text.replace("moe:serve_error_ratio:5m > 0.02", "moe:serve_error_ratio:5m > 0.10"))
+    (tmp_path / "tests" / "unit").mkdir(parents=True)
+    (tmp_path / "tests" / "unit" / "alerts_test.yml").write_text(ALERT_TESTS.read_text())
+    out = run_promtool("test", "rules", "tests/unit/alerts_test.yml", cwd=tmp_path)
+    assert out.returncode != 0 and "MoeServeErrorRate" in out.stdout + out.stderr
+
+
+def test_alert_rules_use_registered_metrics():
+    ray_root = Path(importlib.util.find_spec("ray").origin).parent
+    names = registered_metric_names()
+    for src in (ray_root / "serve" / "_private" / "request_ingress_metrics.py",
+                ray_root / "dashboard" / "modules" / "reporter" / "reporter_agent.py"):
+        names |= set(re.findall(r"""["'](serve_[a-z0-9_]+|node_[a-z0-9_]+)["']""", src.read_text()))
+    names |= {"serve_num_http_requests"}  # built there as f"serve_num_{protocol}_requests"
+    rules = [r for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"]]
+    for rule in rules:
+        for m in re.findall(r"\bray_([a-z0-9_]+)", rule["expr"]):
+            base = re.sub(r"_(total|bucket|sum|count)$", "", m)  # node_mem_total is a gauge of that name
+            assert {m, base} & names, f"{rule.get('alert') or rule['record']} uses ray_{m}, which nothing registers"

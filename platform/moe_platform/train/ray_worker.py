@@ -30,11 +30,15 @@ How the trainer maps onto Ray Train:
 
 Metrics (ray.util.metrics from rank 0, tag `run`; Prometheus shows them with Ray's `ray_` prefix):
     moe_train_step                last optimizer step finished
+    moe_train_target_steps        train.steps: the step the run ends at (the no-progress alert ignores a finished run)
     moe_train_loss                training loss of that step
     moe_train_tokens_per_s        training throughput of the whole job (tokens / s)
     moe_train_mfu                 model FLOPs utilisation against the measured (CPU) or known (GPU) matmul peak
     moe_train_expert_imbalance    most-loaded expert's tokens over the mean, averaged over layers (1.0 = balanced)
     moe_train_checkpoint_seconds  wall time the training loop spent on the last checkpoint
+    moe_train_last_checkpoint_timestamp_seconds  Unix time the last checkpoint committed (checkpoint age alerts)
+    moe_train_step_seconds        the last step's own compute time (with moe_train_steps: the goodput rule)
+    moe_train_steps               counter: optimizer steps computed, the ones computed again after a restart too
     moe_train_restarts            counter: worker-group starts that resumed from a checkpoint
     moe_train_preemptions         counter: preemption notices answered with a just-in-time checkpoint
     moe_train_lost_steps          counter: steps computed again after a restart (done after the checkpoint resumed)
@@ -70,27 +74,35 @@ REPORT_INTERVAL_S = 2.0  # Ray Train takes one report per controller poll (RAY_T
 class TrainMetrics:
     """The job's Prometheus metrics (see the module docstring), set from rank 0."""
 
-    def __init__(self, run_name: str):
+    def __init__(self, run_name: str, target_steps: int):
         from ray.util.metrics import Counter, Gauge
 
         def gauge(name, doc):
             return Gauge(name, doc, tag_keys=("run",))
 
         self.step = gauge("moe_train_step", "last optimizer step finished")
+        self.target_steps = gauge("moe_train_target_steps", "the step the run ends at (train.steps)")
         self.loss = gauge("moe_train_loss", "training loss of the last step")
         self.tokens_per_s = gauge("moe_train_tokens_per_s", "training throughput of the job, tokens per second")
         self.mfu = gauge("moe_train_mfu", "model FLOPs utilisation of the last step")
         self.imbalance = gauge("moe_train_expert_imbalance", "max/mean tokens per expert, averaged over layers")
         self.checkpoint_s = gauge("moe_train_checkpoint_seconds", "seconds the loop spent on the last checkpoint")
+        self.checkpoint_time = gauge("moe_train_last_checkpoint_timestamp_seconds",
+                                     "Unix time the last checkpoint committed")
+        self.step_s = gauge("moe_train_step_seconds", "compute time of the last optimizer step")
+        self.steps = Counter("moe_train_steps", "optimizer steps computed (recomputed ones after a restart too)",
+                             tag_keys=("run",))
         self.restarts = Counter("moe_train_restarts", "worker-group starts that resumed from a checkpoint",
                                 tag_keys=("run",))
         self.preemptions = Counter("moe_train_preemptions", "preemption notices answered with a checkpoint",
                                    tag_keys=("run",))
         self.lost_steps = Counter("moe_train_lost_steps", "steps computed again after a restart",
                                   tag_keys=("run",))
-        for m in (self.step, self.loss, self.tokens_per_s, self.mfu, self.imbalance, self.checkpoint_s,
-                  self.restarts, self.preemptions, self.lost_steps):
+        for m in (self.step, self.target_steps, self.loss, self.tokens_per_s, self.mfu, self.imbalance,
+                  self.checkpoint_s, self.checkpoint_time, self.step_s, self.steps, self.restarts, self.preemptions,
+                  self.lost_steps):
             m.set_default_tags({"run": run_name})
+        self.target_steps.set(target_steps)
 
     def record_step(self, rec: dict[str, Any]) -> None:
         self.step.set(rec["step"])
@@ -98,6 +110,8 @@ class TrainMetrics:
         self.tokens_per_s.set(rec["tokens_per_s"])
         self.mfu.set(rec["mfu"])
         self.imbalance.set(rec["expert_imbalance"])
+        self.step_s.set(rec["step_time_s"])
+        self.steps.inc()
 
 
 class RayBridge:
@@ -107,7 +121,7 @@ class RayBridge:
         self.cfg = cfg
         self.dist = dist
         self.progress = progress and dist.rank == 0
-        self.metrics = TrainMetrics(cfg.run.name) if dist.rank == 0 else None
+        self.metrics = TrainMetrics(cfg.run.name, cfg.train.steps) if dist.rank == 0 else None
         self.trainer: Trainer | None = None
         self.step_recs: dict[int, dict[str, Any]] = {}  # numbers of the steps not yet checkpointed, for reports
         self.last_reported: Path | None = None
@@ -186,6 +200,8 @@ class RayBridge:
     def on_commit(self, committed: Path | None, step: int, seconds: float) -> None:
         if self.metrics is not None:
             self.metrics.checkpoint_s.set(seconds)
+            if committed is not None:
+                self.metrics.checkpoint_time.set(time.time())
         if self._report_due(step):
             self._report(committed, step, seconds)
         self.last_reported = committed
