@@ -17,6 +17,11 @@ Operations:
   published with `moe_platform.cluster.registry.publish_export` straight from the object store (no files, zero-copy
   on the node); `build_app` pins `registry://NAME` (latest) to the version current at build time, so every replica
   of a deployment serves the same weights;
+- several versions at once (canary, blue-green): `versions: {NAME: DIR or registry://...}` are served beside
+  `model` (named `version`) on every replica, each by its own engine; `traffic: {VERSION: PERCENT}` (args, or
+  user_config to move it without a restart) splits requests between them (moe_platform.serving.traffic);
+  `MODEL_NAME@VERSION` pins one, an `X-Session-Id` header keeps a conversation on one version, adapter requests
+  stay on `model`, and every answer names its version in the `X-Model-Version` header;
 - metrics: time to first token, inter-token latency, queue depth, batch size, tokens/s and per-expert load go to
   `ray.util.metrics` (Prometheus via Ray's metrics export).
 """
@@ -27,20 +32,23 @@ import dataclasses
 import logging
 import os
 import random
+import re
 import threading
 from pathlib import Path
 
 import ray
 from fastapi import FastAPI, Request
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from ray import serve
 from ray.serve import Application
 from ray.util import metrics as ray_metrics
 
 from moe_platform.cluster import registry
 from moe_platform.serving.engine import Engine, EngineConfig
+from moe_platform.serving.errors import NotFoundError
 from moe_platform.serving.loader import load_engine
 from moe_platform.serving.openai_api import DEFAULT_MAX_BODY_BYTES, OpenAIFrontend, install_error_handlers
+from moe_platform.serving.traffic import PERCENT, StickySessions, TrafficSplit
 
 logger = logging.getLogger("ray.serve")
 DEFAULT_MODEL_NAME = "moe-platform"
@@ -64,6 +72,12 @@ class AppArgs(BaseModel):
                                                         "to api_key; with neither they are off")
     adapters: dict[str, str] = Field(default_factory=dict, description="LoRA adapters to load at start, name -> "
                                      "directory or registry://NAME[@VERSION]; needs engine.max_loras")
+    version: str = Field("stable", pattern=r"^[A-Za-z0-9._-]+$",
+                         description="the version name of `model` (clients pin it as MODEL_NAME@VERSION)")
+    versions: dict[str, str] = Field(default_factory=dict, description="more versions served beside `model`, on "
+                                     "every replica: name -> export directory or registry://NAME[@VERSION]")
+    traffic: dict[str, int] = Field(default_factory=dict, description="percent of requests per version (whole "
+                                    "numbers summing to 100); default: all to `version`")
     max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, ge=1024, description="larger request bodies get 413")
     metrics_interval_s: float = Field(1.0, gt=0, description="seconds between engine-stat exports to Ray metrics")
     engine: EngineConfig = Field(default_factory=EngineConfig, description="engine options (EngineConfig, the one "
@@ -92,6 +106,18 @@ class AppArgs(BaseModel):
         if not isinstance(value, dict):
             raise ValueError(f"engine must be a mapping of engine options, got {type(value).__name__}")
         return EngineConfig.from_options(**value)  # unknown keys and bad values are errors naming the option
+
+    @model_validator(mode="after")
+    def _split(self):
+        bad = sorted(v for v in self.versions if not re.fullmatch(r"[A-Za-z0-9._-]+", v) or v == self.version)
+        if bad:
+            raise ValueError(f"versions {bad}: names are letters, digits, '.', '_' or '-', and differ from version "
+                             f"{self.version!r} (the name of `model`)")
+        self.split()  # raises with what is wrong
+        return self
+
+    def split(self) -> TrafficSplit:
+        return TrafficSplit.of(self.traffic or {self.version: PERCENT}, [self.version, *self.versions])
 
     def engine_options(self) -> dict:
         return dataclasses.asdict(self.engine)
@@ -190,7 +216,8 @@ class MoEServer:
     def __init__(self, model: str, engine_options: dict, model_name: str = DEFAULT_MODEL_NAME,
                  api_key: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                  metrics_interval_s: float = 1.0, base_dir: str = ".", adapters: dict[str, str] | None = None,
-                 admin_api_key: str | None = None):
+                 admin_api_key: str | None = None, version: str = "stable", versions: dict[str, str] | None = None,
+                 traffic: dict[str, int] | None = None):
         self._engine_options = dict(engine_options)
         self._base_dir = Path(base_dir)  # where build_app ran: relative user_config paths resolve against it
         self._engine = self._load(model)
@@ -198,12 +225,40 @@ class MoEServer:
         self._sync_adapters(self._engine, adapters or {})
         self._engine.start()
         self._swap_lock = threading.Lock()
-        self.frontend = OpenAIFrontend(lambda: self._engine, model_name, api_key, max_body_bytes, admin_api_key)
+        # Other versions beside `model` (`version`): each its own engine; requests split by `traffic`.
+        self._version = version
+        self._others: dict[str, Engine] = {}
+        for name, source in (versions or {}).items():  # as build_app resolved them
+            self._others[name] = self._load(source)
+            self._others[name].start()
+        self._split = self._check_split(traffic or {version: PERCENT})
+        self._sessions = StickySessions()
+        self.frontend = OpenAIFrontend(lambda: self._engine, model_name, api_key, max_body_bytes, admin_api_key,
+                                       pick=self._pick)
         self._metrics = _RayMetrics(model_name)
         self._stop = threading.Event()
         self._metrics_thread = threading.Thread(target=self._export_metrics, args=(metrics_interval_s,),
                                                 name="moe-metrics", daemon=True)
         self._metrics_thread.start()
+
+    def _check_split(self, traffic: dict[str, int]) -> TrafficSplit:
+        return TrafficSplit.of(traffic, [self._version, *self._others])
+
+    def _pick(self, pinned: str | None, session: str | None, adapter: str | None) -> tuple[Engine, str]:
+        """The version of one request: the pinned one, else by session and traffic; adapter requests stay on the
+        engine their adapters are loaded on (`model`'s)."""
+        if pinned is not None:
+            version = pinned
+        elif adapter is not None or not self._others:
+            version = self._version
+        else:
+            version = self._sessions.route(self._split, session)
+        if version == self._version:
+            return self._engine, version
+        if version not in self._others:
+            raise NotFoundError(f"the model version '{pinned}' does not exist; this server serves "
+                                f"{sorted([self._version, *self._others])}", param="model", code="model_not_found")
+        return self._others[version], version
 
     def _export_metrics(self, interval: float) -> None:
         while not self._stop.wait(interval):
@@ -218,14 +273,20 @@ class MoEServer:
     async def reconfigure(self, user_config: dict) -> None:
         """`user_config: {model: DIR or registry://NAME[@VERSION], adapters: {NAME: DIR or registry://...}}` switches
         models and loads/unloads adapters (to exactly those listed) without dropping requests."""
-        unknown = sorted(set(user_config or {}) - {"model", "adapters"})
+        unknown = sorted(set(user_config or {}) - {"model", "adapters", "traffic"})
         if unknown:
-            raise ValueError(f"unknown user_config keys {unknown}; supported: ['adapters', 'model']")
+            raise ValueError(f"unknown user_config keys {unknown}; supported: ['adapters', 'model', 'traffic']")
+        if "traffic" in (user_config or {}):  # checked before anything changes: a bad split leaves the running one
+            split = self._check_split(user_config["traffic"])
+            if len(split.weights) > 1 and not self._others:
+                raise ValueError("traffic names one version only: declare the others in the app's `versions`")
         model = (user_config or {}).get("model")
         if model:
             await asyncio.to_thread(self._swap_engine, model)
         if "adapters" in (user_config or {}):
             await asyncio.to_thread(self._sync_adapters, self._engine, _check_adapters(user_config["adapters"]))
+        if "traffic" in (user_config or {}):
+            self._split = split  # at a request boundary: each request reads the split once
 
     def _sync_adapters(self, engine: Engine, declared: dict[str, str]) -> None:
         """Make `engine`'s adapters exactly `declared`: unload the others (their requests finish), load the new."""
@@ -256,11 +317,13 @@ class MoEServer:
         threading.Thread(target=old.shutdown, kwargs={"drain": True, "timeout": 600}, daemon=True).start()
 
     def check_health(self) -> None:
-        self._engine.check_health()
+        for engine in (self._engine, *self._others.values()):
+            engine.check_health()
 
     def __del__(self):
         self._stop.set()
-        self._engine.shutdown(drain=False, timeout=5)
+        for engine in (self._engine, *self._others.values()):
+            engine.shutdown(drain=False, timeout=5)
 
     @fastapi_app.post("/v1/completions")
     async def completions(self, request: Request):
@@ -297,31 +360,38 @@ def _ensure_arbiter() -> None:
         logging.getLogger("moe_platform.serving").warning("could not start the serving arbiter: %s", e)
 
 
+def _model_ref(model: str) -> str:
+    """A model reference as every replica should load it: an export directory made absolute (and checked), or a
+    registry URI with "latest" pinned to the version current now."""
+    if registry.is_registry_uri(model):
+        registry.parse_uri(model)
+        # Pin "latest" so that every replica (also those autoscaling adds later) serves the same version. Builders
+        # that run before connecting to Ray (`serve run IMPORT_PATH model=...`) leave that to the replicas.
+        return registry.resolve(model).uri if ray.is_initialized() else model
+    path = Path(model).expanduser().resolve()
+    if not (path / "config.json").is_file():
+        raise ValueError(f"model directory {path} has no config.json: pass the export directory written by "
+                         f"`moe-platform export` (or training's <run>/export)")
+    return str(path)
+
+
 def build_app(args: dict | AppArgs) -> Application:
     """Serve application builder: `args` as in `AppArgs` (from a Serve config's `args:` or `run_server`)."""
     try:
         parsed = args if isinstance(args, AppArgs) else AppArgs.model_validate(dict(args))
     except ValidationError as e:
         raise ValueError(f"invalid moe-platform serve arguments: {e}") from None
-    if registry.is_registry_uri(parsed.model):
-        registry.parse_uri(parsed.model)
-        # Pin "latest" so that every replica (also those autoscaling adds later) serves the same version. Builders
-        # that run before connecting to Ray (`serve run IMPORT_PATH model=...`) leave that to the replicas.
-        model = registry.resolve(parsed.model).uri if ray.is_initialized() else parsed.model
-    else:
-        model = Path(parsed.model).expanduser().resolve()
-        if not (model / "config.json").is_file():
-            raise ValueError(f"model directory {model} has no config.json: pass the export directory written by "
-                             f"`moe-platform export` (or training's <run>/export)")
+    model = _model_ref(parsed.model)
+    versions = {name: _model_ref(source) for name, source in parsed.versions.items()}
     if parsed.priority_over_training and ray.is_initialized():
         _ensure_arbiter()
     deployment = MoEServer.options(**parsed.deployment_options())
     if parsed.adapters and not parsed.engine.max_loras:
         raise ValueError(f"adapters {sorted(parsed.adapters)} need adapter slots: set engine.max_loras >= "
                          f"{len(parsed.adapters)}")
-    return deployment.bind(str(model), parsed.engine_options(), parsed.model_name, parsed.api_key,
+    return deployment.bind(model, parsed.engine_options(), parsed.model_name, parsed.api_key,
                            parsed.max_body_bytes, parsed.metrics_interval_s, os.getcwd(), parsed.adapters,
-                           parsed.admin_api_key)
+                           parsed.admin_api_key, parsed.version, versions, parsed.traffic)
 
 
 def start_server(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, name: str = "moe-platform",

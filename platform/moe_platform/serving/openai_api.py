@@ -78,10 +78,15 @@ class OpenAIFrontend:
     """OpenAI endpoints over the engine returned by `engine_ref()` (the deployment may swap engines at runtime)."""
 
     def __init__(self, engine_ref: Callable[[], Engine], model_name: str, api_key: str | None = None,
-                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, admin_api_key: str | None = None):
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, admin_api_key: str | None = None,
+                 pick: Callable[[str | None, str | None, str | None], tuple[Engine, str | None]] | None = None):
+        """`pick(pinned version, session id, adapter) -> (engine, version)`, each None where the request has none,
+        chooses the model version of a request where several are served (NotFoundError for an unknown pin);
+        without it `engine_ref()` serves every request and no version can be pinned."""
         if max_body_bytes < 1024:
             raise ValueError(f"max_body_bytes must be >= 1024, got {max_body_bytes}")
         self.engine_ref = engine_ref
+        self.pick = pick or self._one_version
         self.model_name = model_name
         self.api_key = api_key or None
         self.admin_key = admin_api_key or self.api_key  # adapter load/unload; no key: those routes are off
@@ -155,8 +160,9 @@ class OpenAIFrontend:
             self._authorize(request)
             body = await self._read_body(request)
             req = P.parse_request(P.ChatCompletionRequest if chat else P.CompletionRequest, body)
-            adapter = self._adapter_of(req.model)
-            engine = self.engine_ref()
+            model, at, pinned = req.model.partition("@")  # NAME@VERSION pins a version
+            adapter = self._adapter_of(model if at else req.model)
+            engine, version = self.pick(pinned if at else None, request.headers.get("x-session-id"), adapter)
             jobs = self._jobs(engine, req, chat)
             streams = self._submit_all(engine, jobs, adapter)
         except ServingError as e:
@@ -164,10 +170,11 @@ class OpenAIFrontend:
         rid = P.new_id("chatcmpl" if chat else "cmpl")
         created = P.now_s()
         echoes = [echo for _, _, echo in jobs]
+        served = {"X-Model-Version": version} if version else {}
         if req.stream:
             gen = self._sse(streams, rid, created, chat, req.include_usage, echoes, req.model)
             return StreamingResponse(gen, media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **served})
         try:
             results = await asyncio.gather(*(_collect(s) for s in streams))
         except ServingError as e:
@@ -180,9 +187,15 @@ class OpenAIFrontend:
         use = P.usage(prompt_tokens, completion_tokens)
         if chat:
             choices = [P.chat_choice(i, r.text, r.finish_reason) for i, r in enumerate(results)]
-            return JSONResponse(P.chat_response(rid, req.model, created, choices, use))
+            return JSONResponse(P.chat_response(rid, req.model, created, choices, use), headers=served)
         choices = [P.completion_choice(i, echoes[i] + r.text, r.finish_reason) for i, r in enumerate(results)]
-        return JSONResponse(P.completion_response(rid, req.model, created, choices, use))
+        return JSONResponse(P.completion_response(rid, req.model, created, choices, use), headers=served)
+
+    def _one_version(self, pinned: str | None, session: str | None, adapter: str | None) -> tuple[Engine, None]:
+        if pinned is not None:
+            raise NotFoundError(f"the model '{self.model_name}@{pinned}' does not exist; this server serves one "
+                                f"version of '{self.model_name}'", param="model", code="model_not_found")
+        return self.engine_ref(), None
 
     def _adapter_of(self, model: str) -> str | None:
         """The adapter a request's model id names: 'BASE' -> None (the base model), 'BASE:ADAPTER' -> ADAPTER."""
