@@ -258,6 +258,17 @@ def registered_metric_names() -> set[str]:
     return names
 
 
+def registered_uses(expr: str, names: set[str], where: str) -> set[str]:
+    """The registered names of the Ray metrics `expr` reads (`ray_` prefix off, and a `_total`/`_bucket`/`_sum`/
+    `_count` series suffix unless the metric itself has that name, as node_mem_total does); fails on any other."""
+    used = set()
+    for m in re.findall(r"\bray_([a-z0-9_]+)", expr):
+        base = m if m in names else re.sub(r"_(total|bucket|sum|count)$", "", m)
+        assert base in names, f"{where} uses ray_{m}, but nothing registers {base!r}"
+        used.add(base)
+    return used
+
+
 def test_grafana_dashboard_queries_existing_metrics():
     dash = json.loads(GRAFANA.read_text())
     names = registered_metric_names()
@@ -267,12 +278,9 @@ def test_grafana_dashboard_queries_existing_metrics():
     assert exprs
     used = set()
     for expr in exprs:
-        metrics = re.findall(r"\bray_([a-z0-9_]+)", expr)
+        metrics = registered_uses(expr, names, repr(expr))
         assert metrics, f"no Ray metric in {expr!r}"
-        for m in metrics:
-            base = re.sub(r"_(total|bucket|sum|count)$", "", m)
-            assert base in names, f"{expr!r} uses ray_{m}, but nothing registers {base!r}"
-            used.add(base)
+        used |= metrics
     wanted = {"moe_train_loss", "moe_train_tokens_per_s", "moe_train_mfu", "moe_train_expert_imbalance",
               "moe_train_checkpoint_seconds", "moe_train_restarts", "moe_train_preemptions",
               "moe_serve_time_to_first_token_s", "moe_serve_inter_token_latency_s", "moe_serve_queue_depth",
@@ -286,6 +294,10 @@ def test_grafana_dashboard_queries_existing_metrics():
 
 ALERTS = ROOT / "platform" / "prometheus" / "alerts.yml"
 ALERT_TESTS = Path(__file__).with_name("alerts_test.yml")
+
+
+def alert_rules() -> list[dict]:
+    return [r for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"]]
 
 
 def promtool() -> str:
@@ -306,14 +318,13 @@ def run_promtool(*args: str, cwd: Path = ROOT):
 def test_alert_rules_pass_promtool_check():
     out = run_promtool("check", "rules", str(ALERTS))
     assert out.returncode == 0, out.stdout + out.stderr
-    rules = [r for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"]]
-    assert f"SUCCESS: {len(rules)} rules found" in out.stdout + out.stderr
+    assert f"SUCCESS: {len(alert_rules())} rules found" in out.stdout + out.stderr
 
 
 def test_alert_rules_pass_their_promtool_unit_tests():
     out = run_promtool("test", "rules", str(ALERT_TESTS))
     assert out.returncode == 0, out.stdout + out.stderr
-    alerts = {r["alert"] for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"] if "alert" in r}
+    alerts = {r["alert"] for r in alert_rules() if "alert" in r}
     tested = set(re.findall(r"alertname: (\w+)", ALERT_TESTS.read_text()))
     assert alerts == tested, f"alerts without a promtool test: {sorted(alerts - tested)}"
 
@@ -339,8 +350,5 @@ def test_alert_rules_use_registered_metrics():
                 ray_root / "dashboard" / "modules" / "reporter" / "reporter_agent.py"):
         names |= set(re.findall(r"""["'](serve_[a-z0-9_]+|node_[a-z0-9_]+)["']""", src.read_text()))
     names |= {"serve_num_http_requests"}  # built there as f"serve_num_{protocol}_requests"
-    rules = [r for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"]]
-    for rule in rules:
-        for m in re.findall(r"\bray_([a-z0-9_]+)", rule["expr"]):
-            base = re.sub(r"_(total|bucket|sum|count)$", "", m)  # node_mem_total is a gauge of that name
-            assert {m, base} & names, f"{rule.get('alert') or rule['record']} uses ray_{m}, which nothing registers"
+    for rule in alert_rules():
+        registered_uses(rule["expr"], names, rule.get("alert") or rule["record"])

@@ -59,6 +59,9 @@ fastapi_app = FastAPI(title="moe-platform", docs_url=None, redoc_url=None, opena
 install_error_handlers(fastapi_app)
 
 
+_VERSION_NAME = r"[A-Za-z0-9._-]+"
+
+
 class AppArgs(BaseModel):
     """Arguments of `build_app` (the `args:` of a Serve config), validated; unknown keys are errors."""
 
@@ -72,7 +75,7 @@ class AppArgs(BaseModel):
                                                         "to api_key; with neither they are off")
     adapters: dict[str, str] = Field(default_factory=dict, description="LoRA adapters to load at start, name -> "
                                      "directory or registry://NAME[@VERSION]; needs engine.max_loras")
-    version: str = Field("stable", pattern=r"^[A-Za-z0-9._-]+$",
+    version: str = Field("stable", pattern=rf"^{_VERSION_NAME}$",
                          description="the version name of `model` (clients pin it as MODEL_NAME@VERSION)")
     versions: dict[str, str] = Field(default_factory=dict, description="more versions served beside `model`, on "
                                      "every replica: name -> export directory or registry://NAME[@VERSION]")
@@ -109,15 +112,12 @@ class AppArgs(BaseModel):
 
     @model_validator(mode="after")
     def _split(self):
-        bad = sorted(v for v in self.versions if not re.fullmatch(r"[A-Za-z0-9._-]+", v) or v == self.version)
+        bad = sorted(v for v in self.versions if not re.fullmatch(_VERSION_NAME, v) or v == self.version)
         if bad:
             raise ValueError(f"versions {bad}: names are letters, digits, '.', '_' or '-', and differ from version "
                              f"{self.version!r} (the name of `model`)")
-        self.split()  # raises with what is wrong
+        TrafficSplit.of(self.traffic or {self.version: PERCENT}, [self.version, *self.versions])  # says what is wrong
         return self
-
-    def split(self) -> TrafficSplit:
-        return TrafficSplit.of(self.traffic or {self.version: PERCENT}, [self.version, *self.versions])
 
     def engine_options(self) -> dict:
         return dataclasses.asdict(self.engine)
@@ -278,8 +278,6 @@ class MoEServer:
             raise ValueError(f"unknown user_config keys {unknown}; supported: ['adapters', 'model', 'traffic']")
         if "traffic" in (user_config or {}):  # checked before anything changes: a bad split leaves the running one
             split = self._check_split(user_config["traffic"])
-            if len(split.weights) > 1 and not self._others:
-                raise ValueError("traffic names one version only: declare the others in the app's `versions`")
         model = (user_config or {}).get("model")
         if model:
             await asyncio.to_thread(self._swap_engine, model)
@@ -316,13 +314,16 @@ class MoEServer:
         # The old engine finishes every request it accepted, then stops; its memory goes with it.
         threading.Thread(target=old.shutdown, kwargs={"drain": True, "timeout": 600}, daemon=True).start()
 
+    def _engines(self) -> list[Engine]:
+        return [self._engine, *self._others.values()]
+
     def check_health(self) -> None:
-        for engine in (self._engine, *self._others.values()):
+        for engine in self._engines():
             engine.check_health()
 
     def __del__(self):
         self._stop.set()
-        for engine in (self._engine, *self._others.values()):
+        for engine in self._engines():
             engine.shutdown(drain=False, timeout=5)
 
     @fastapi_app.post("/v1/completions")

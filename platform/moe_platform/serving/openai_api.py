@@ -161,7 +161,7 @@ class OpenAIFrontend:
             body = await self._read_body(request)
             req = P.parse_request(P.ChatCompletionRequest if chat else P.CompletionRequest, body)
             model, at, pinned = req.model.partition("@")  # NAME@VERSION pins a version
-            adapter = self._adapter_of(model if at else req.model)
+            adapter = self._adapter_of(model)
             engine, version = self.pick(pinned if at else None, request.headers.get("x-session-id"), adapter)
             jobs = self._jobs(engine, req, chat)
             streams = self._submit_all(engine, jobs, adapter)

@@ -109,8 +109,7 @@ def launch_local(cfg: Config, world_size: int | None = None, progress: bool = Tr
     resolve_layout(cfg, world_size, model_args_for(cfg))
     check_precision(cfg, world_size)
     if world_size == 1:  # in this process, pinned to local rank 0's cores if elastic.rank_cpus says so
-        if cfg.elastic.rank_cpus:
-            place_rank(cfg, 0, torch.get_num_threads())
+        place_rank(cfg, 0, torch.get_num_threads())
         return run_rank(cfg, DistContext(), progress, stop_after, on_export)
     import torch.multiprocessing as mp
 
