@@ -1,4 +1,5 @@
-"""`moe-platform` command line: train, export, publish, arbiter, generate, serve, demo, spot-agent, bench."""
+"""`moe-platform` command line: train, export, publish, arbiter, generate, serve, demo, spot-agent, rollout,
+bench."""
 
 from __future__ import annotations
 
@@ -28,6 +29,10 @@ def _cmd_train(ns: argparse.Namespace, rest: list[str]) -> int:
         from moe_platform.cluster.registry import export_publisher
 
         on_export = export_publisher(cfg)
+        if cfg.rollout.auto:  # then roll the published version out to serving
+            from moe_platform.serving.rollout_controller import auto_rollout
+
+            on_export = auto_rollout(cfg, on_export)
     if ns.ray:
         from moe_platform.train.ray_launcher import launch_ray
 
@@ -169,6 +174,47 @@ def _cmd_spot_agent(ns: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
+def _cmd_rollout(ns: argparse.Namespace, rest: list[str]) -> int:
+    from moe_platform.cluster.registry import connect
+    from moe_platform.serving import rollout_controller as rc
+    from moe_platform.serving.rollout import RolloutSpec, read_probe_file
+
+    spec = None
+    if ns.action == "start":  # checked before touching the cluster
+        if not ns.to:
+            raise ValueError("rollout start needs --to VERSION")
+        section: dict = {"to": ns.to, "blue_green": ns.blue_green, "gates": {}}
+        if ns.source:
+            section["source"] = ns.source
+        if ns.steps:
+            try:
+                section["steps"] = [int(x) for x in ns.steps.split(",")]
+            except ValueError:
+                raise ValueError(f"--steps {ns.steps!r}: expected whole percentages like 5,25,50,100") from None
+        if ns.dwell:
+            section["dwell_s"] = ns.dwell
+        for key in ("max_error_rate_increase", "max_p99_ttft_ratio", "max_p99_latency_ratio", "min_requests"):
+            if getattr(ns, key) is not None:
+                section["gates"][key] = getattr(ns, key)
+        if ns.probe_file:
+            section["gates"]["quality"] = {"file": str(Path(ns.probe_file).resolve())}
+            if ns.max_loss_increase is not None:
+                section["gates"]["quality"]["max_loss_increase"] = ns.max_loss_increase
+        spec = read_probe_file(section)
+        RolloutSpec.parse(spec)
+    connect(ns.address)
+    controller = rc.existing(ns.app)
+    by = f"cli:{rc.who()}"
+    if ns.action == "start":
+        call = controller.start.remote(spec, by)
+    elif ns.action == "status":
+        call = controller.status.remote()
+    else:
+        call = getattr(controller, ns.action).remote(by, ns.reason or f"{ns.action}d from the command line")
+    print(json.dumps(rc.result(call), indent=2))
+    return 0
+
+
 def _bench_dir() -> Path:
     here = Path(__file__).resolve()
     for parent in here.parents:
@@ -304,6 +350,35 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--startup-timeout-s", type=float, default=120.0,
                     help="how long to wait for this node to appear in Ray at start (default 120)")
     sa.set_defaults(fn=_cmd_spot_agent)
+
+    r = sub.add_parser("rollout", help="canary or blue-green rollout of a model version in a running Serve app",
+                       description="Move an app's traffic to another model version step by step (canary) or at once "
+                       "(blue-green), holding each step for the dwell while the new version's error rate, p99 time "
+                       "to first token, p99 latency and (with --probe-file) quality stay within bounds against the "
+                       "stable version's; a failed gate rolls back to 0%% at once. Every event goes to the app's "
+                       "audit log. Prints the rollout's status as JSON.")
+    r.add_argument("action", choices=("start", "status", "promote", "abort"),
+                   help="start a rollout; show it; promote the new version now; abort (back to the stable one)")
+    r.add_argument("--app", default="moe-platform", help="the Serve application (default moe-platform)")
+    _address_arg(r)
+    r.add_argument("--to", help="start: the version to roll out (one the app serves, or give --source)")
+    r.add_argument("--source", help="start: where replicas load --to from (an export directory on the replicas' "
+                                    "machines, or registry://NAME@VERSION)")
+    r.add_argument("--steps", help="start: canary percent per step (default 5,25,50,100)")
+    r.add_argument("--dwell", help="start: how long each step holds, e.g. 30s, 10m (default 10m)")
+    r.add_argument("--blue-green", action="store_true", help="start: switch all traffic at once once the version "
+                                                            "is loaded and healthy on every replica")
+    r.add_argument("--max-error-rate-increase", type=float, help="start: gate (default 0.01)")
+    r.add_argument("--max-p99-ttft-ratio", type=float, help="start: gate, against the stable version (default 2)")
+    r.add_argument("--max-p99-latency-ratio", type=float, help="start: gate, against the stable version "
+                                                               "(default 1.5)")
+    r.add_argument("--min-requests", type=int, help="start: canary requests a step needs before it is judged "
+                                                    "(default 20)")
+    r.add_argument("--probe-file", help="start: held-out texts (blank-line separated) both versions are scored on "
+                                        "at every step")
+    r.add_argument("--max-loss-increase", type=float, help="start: quality gate, nats per token (default 0.1)")
+    r.add_argument("--reason", help="promote/abort: why, for the audit log")
+    r.set_defaults(fn=_cmd_rollout)
 
     b = sub.add_parser("bench", help="run a benchmark from bench/ (extra arguments go to it)")
     b.add_argument("name", help="benchmark name, e.g. moe_layer")

@@ -39,6 +39,12 @@ def _tiny_export(tokenizer_dir: Path, out_dir: Path, seed: int) -> Path:
 
 
 @pytest.fixture(scope="session")
+def make_tiny_export():
+    """`make(tokenizer_dir, out_dir, seed)`: a tiny export like `serving_export` on any tokenizer."""
+    return _tiny_export
+
+
+@pytest.fixture(scope="session")
 def serving_export(serving_tokenizer_dir, tmp_path_factory) -> Path:
     """A tiny Mixtral-compatible export (dim 64, 2 layers, 8 experts top-2, context 256) with random weights."""
     return _tiny_export(serving_tokenizer_dir, tmp_path_factory.mktemp("serving_export_a"), seed=0)

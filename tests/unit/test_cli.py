@@ -25,7 +25,7 @@ def cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 def test_help_lists_every_subcommand():
     out = cli("--help")
     assert out.returncode == 0
-    for sub in ("train", "export", "publish", "arbiter", "generate", "serve", "demo", "bench"):
+    for sub in ("train", "export", "publish", "arbiter", "generate", "serve", "demo", "rollout", "bench"):
         assert sub in out.stdout
     train_help = cli("train", "--help").stdout
     assert "--config" in train_help and "--section.key=value" in train_help
@@ -68,6 +68,12 @@ def test_generate_prints_only_the_completion(tmp_path, corpus_file):
     (["generate", "--model", "/nonexistent", "--prompt", "x"], "error"),
     (["bench", "no_such_bench"], "unknown benchmark"),
     (["serve", "--model", "/nonexistent", "--adapter", "support"], "expected NAME=DIR"),
+    (["rollout", "start"], "rollout start needs --to VERSION"),
+    (["rollout", "start", "--to", "v2", "--steps", "50,25,100"], "steps must be increasing whole percentages"),
+    (["rollout", "start", "--to", "v2", "--dwell", "soon"], "not a duration: 'soon'"),
+    (["rollout", "start", "--to", "v2", "--probe-file", "/nonexistent.txt"], "cannot read the probe prompts"),
+    (["train", "--config", "jobs/configs/tiny.toml", "--rollout.auto=true"], "rollout.auto needs "
+                                                                              "checkpoint.publish_to"),
 ])
 def test_bad_input_exits_2_with_a_message(args, message):
     out = cli(*args)

@@ -292,8 +292,8 @@ class ExportPublisher:
     name: str
     keep: int = DEFAULT_KEEP
 
-    def __call__(self, export_dir: Path, step: int) -> None:
-        publish_training_export(export_dir, self.name, keep=self.keep, step=step)
+    def __call__(self, export_dir: Path, step: int) -> int | None:
+        return publish_training_export(export_dir, self.name, keep=self.keep, step=step)
 
 
 def export_publisher(cfg) -> ExportPublisher | None:

@@ -257,6 +257,10 @@ def validate_config(cfg: Config) -> None:
         rank_cpu_sets(e.rank_cpus)
     except ValueError as err:
         need(False, str(err))
+    need(not cfg.rollout.auto or bool(c.publish_to), "rollout.auto needs checkpoint.publish_to: the rollout serves "
+                                                     "the version the run publishes to the model registry")
+    need(all(x.strip().isdigit() for x in cfg.rollout.steps.split(",")),
+         f"rollout.steps must be comma-separated whole percentages like 5,25,50,100, got {cfg.rollout.steps!r}")
     need(e.resize_interval_s >= 0, f"elastic.resize_interval_s must be >= 0, got {e.resize_interval_s}")
     need(e.resize_checkpoint_timeout_s > 0,
          f"elastic.resize_checkpoint_timeout_s must be > 0, got {e.resize_checkpoint_timeout_s}")

@@ -128,6 +128,19 @@ class LoRAConfig:
 
 
 @dataclass
+class RolloutConfig:
+    auto: bool = _f(False, "when the run ends, roll its published version (checkpoint.publish_to) out to a running "
+                           "Serve app as a canary: it loads from the registry and takes traffic step by step while "
+                           "its gates hold")
+    app: str = _f("moe-platform", "the Serve application to roll out to")
+    steps: str = _f("5,25,50,100", "canary percent per step, comma-separated, ending at 100")
+    dwell: str = _f("10m", "how long each step holds, e.g. 30s, 10m, 1h")
+    blue_green: bool = _f(False, "switch all traffic at once once the version is loaded and healthy everywhere")
+    probe_file: str = _f("", "held-out texts (blank-line separated) for the quality gate; empty: no quality gate")
+    max_loss_increase: float = _f(0.1, "quality gate: mean loss above the stable version's allowed (nats/token)")
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig, metadata={"doc": "run identity and storage"})
     init: InitConfig = field(default_factory=InitConfig, metadata={"doc": "where the weights start"})
@@ -139,3 +152,5 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig, metadata={"doc": "checkpointing"})
     failure: FailureConfig = field(default_factory=FailureConfig, metadata={"doc": "failure budgets"})
     elastic: ElasticConfig = field(default_factory=ElasticConfig, metadata={"doc": "worker count range"})
+    rollout: RolloutConfig = field(default_factory=RolloutConfig, metadata={"doc": "rollout of the published "
+                                                                                   "version to serving"})

@@ -44,11 +44,13 @@ from ray.serve import Application
 from ray.util import metrics as ray_metrics
 
 from moe_platform.cluster import registry
-from moe_platform.serving.engine import Engine, EngineConfig
-from moe_platform.serving.errors import NotFoundError
+from moe_platform.serving import rollout_controller
+from moe_platform.serving.engine import Engine, EngineConfig, SamplingParams
+from moe_platform.serving.errors import InvalidRequestError, NotFoundError, ServingError
 from moe_platform.serving.loader import load_engine
 from moe_platform.serving.openai_api import DEFAULT_MAX_BODY_BYTES, OpenAIFrontend, install_error_handlers
-from moe_platform.serving.traffic import PERCENT, StickySessions, TrafficSplit
+from moe_platform.serving.rollout import RolloutError, RolloutSpec, known_split, read_probe_file
+from moe_platform.serving.traffic import PERCENT, StickySessions, TrafficSplit, UnknownVersionError
 
 logger = logging.getLogger("ray.serve")
 DEFAULT_MODEL_NAME = "moe-platform"
@@ -81,6 +83,8 @@ class AppArgs(BaseModel):
                                      "every replica: name -> export directory or registry://NAME[@VERSION]")
     traffic: dict[str, int] = Field(default_factory=dict, description="percent of requests per version (whole "
                                     "numbers summing to 100); default: all to `version`")
+    audit_log: str | None = Field(None, description="the rollout audit log (JSONL) of the app; default: "
+                                  "rollouts/APP.audit.jsonl under the directory the app is built in")
     max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, ge=1024, description="larger request bodies get 413")
     metrics_interval_s: float = Field(1.0, gt=0, description="seconds between engine-stat exports to Ray metrics")
     engine: EngineConfig = Field(default_factory=EngineConfig, description="engine options (EngineConfig, the one "
@@ -141,50 +145,106 @@ class AppArgs(BaseModel):
 
 
 class _RayMetrics:
-    """Engine statistics -> ray.util.metrics, exported from a background thread every `interval` seconds."""
+    """Engine statistics -> ray.util.metrics, exported from a background thread every `interval` seconds, tagged
+    with the model name and the version each engine serves."""
 
     def __init__(self, model_name: str):
-        tags = ("model",)
-        self.default = {"model": model_name}
+        tags = ("model", "version")
+        self.model_name = model_name
         self.ttft = ray_metrics.Histogram("moe_serve_time_to_first_token_s", "time to first token (s)",
                                           _LATENCY_BOUNDARIES, tags)
         self.itl = ray_metrics.Histogram("moe_serve_inter_token_latency_s", "time between two tokens of a request (s)",
                                          _LATENCY_BOUNDARIES, tags)
+        self.latency = ray_metrics.Histogram("moe_serve_request_latency_s", "time from a request's arrival to its "
+                                             "last token (s)", _LATENCY_BOUNDARIES, tags)
+        self.requests = ray_metrics.Counter("moe_serve_requests", "finished requests by HTTP status class",
+                                            ("model", "version", "status"))
         self.queue = ray_metrics.Gauge("moe_serve_queue_depth", "requests waiting for a batch slot", tags)
         self.batch = ray_metrics.Gauge("moe_serve_running_batch_size", "sequences in the running batch", tags)
+        self.kv_usage = ray_metrics.Gauge("moe_serve_kv_cache_usage_perc", "fraction of the KV cache's sequence "
+                                          "slots in use (0..1)", tags)
         self.tps = ray_metrics.Gauge("moe_serve_tokens_per_s", "generated tokens per second (10 s window)", tags)
         self.tokens = ray_metrics.Counter("moe_serve_generated_tokens", "generated tokens", tags)
         self.expert = ray_metrics.Counter("moe_serve_expert_tokens", "tokens routed to each expert",
-                                          ("model", "layer", "expert"))
+                                          ("model", "version", "layer", "expert"))
         self.imbalance = ray_metrics.Gauge("moe_serve_expert_load_imbalance",
                                            "max over mean expert load per layer, worst layer", tags)
         self._last: dict[int, tuple[int, list[list[int]]]] = {}
 
-    def export(self, engine: Engine) -> None:
+    def export(self, engine: Engine, version: str = "") -> tuple[list[float], list[float]]:
+        """Export `engine`'s statistics; return the latency samples (ttft, itl) it drained."""
+        tags = {"model": self.model_name, "version": version}
         stats = engine.stats()
-        self.queue.set(stats["waiting"], self.default)
-        self.batch.set(stats["running"], self.default)
-        self.tps.set(stats["tokens_per_s"], self.default)
+        self.queue.set(stats["waiting"], tags)
+        self.batch.set(stats["running"], tags)
+        self.kv_usage.set(stats["running"] / stats["num_slots"], tags)
+        self.tps.set(stats["tokens_per_s"], tags)
         ttft, itl = engine.drain_latency_samples()
         for samples, hist in ((ttft, self.ttft), (itl, self.itl)):
-            if len(samples) > _MAX_SAMPLES_PER_EXPORT:
-                samples = random.sample(samples, _MAX_SAMPLES_PER_EXPORT)
-            for value in samples:
-                hist.observe(value, self.default)
+            for value in _sampled(samples):
+                hist.observe(value, tags)
         prev_tokens, prev_load = self._last.get(id(engine), (0, None))
         if stats["generated_tokens"] > prev_tokens:
-            self.tokens.inc(stats["generated_tokens"] - prev_tokens, self.default)
+            self.tokens.inc(stats["generated_tokens"] - prev_tokens, tags)
         load = stats["expert_load"]
         worst = 0.0
         for layer, row in enumerate(load):
             for expert, count in enumerate(row):
                 delta = count - (prev_load[layer][expert] if prev_load else 0)
                 if delta > 0:
-                    self.expert.inc(delta, {**self.default, "layer": str(layer), "expert": str(expert)})
+                    self.expert.inc(delta, {**tags, "layer": str(layer), "expert": str(expert)})
             mean = sum(row) / len(row)
             worst = max(worst, max(row) / mean if mean else 0.0)
-        self.imbalance.set(worst, self.default)
-        self._last = {id(engine): (stats["generated_tokens"], load)}
+        self.imbalance.set(worst, tags)
+        self._last[id(engine)] = (stats["generated_tokens"], load)
+        return ttft, itl
+
+    def export_requests(self, version: str, counts: dict[str, int], latency: list[float]) -> None:
+        tags = {"model": self.model_name, "version": version}
+        for status, n in counts.items():
+            self.requests.inc(n, {**tags, "status": status})
+        for value in _sampled(latency):
+            self.latency.observe(value, tags)
+
+    def forget(self, engines) -> None:
+        """Drop the delta state of engines no longer served."""
+        keep = {id(e) for e in engines}
+        self._last = {k: v for k, v in self._last.items() if k in keep}
+
+
+def _sampled(samples: list[float]) -> list[float]:
+    return random.sample(samples, _MAX_SAMPLES_PER_EXPORT) if len(samples) > _MAX_SAMPLES_PER_EXPORT else samples
+
+
+class _RequestLog:
+    """Finished requests per version since the last `take` (thread-safe): status classes and latencies."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._data: dict[str, dict] = {}
+
+    def observe(self, version: str | None, status: int, seconds: float) -> None:
+        with self._lock:
+            entry = self._data.setdefault(version or "", {"counts": {}, "latency": []})
+            key = f"{status // 100}xx"
+            entry["counts"][key] = entry["counts"].get(key, 0) + 1
+            if status < 400 and len(entry["latency"]) < 4 * _MAX_SAMPLES_PER_EXPORT:
+                entry["latency"].append(seconds)
+
+    def take(self) -> dict[str, dict]:
+        with self._lock:
+            data, self._data = self._data, {}
+        return data
+
+
+class RolloutRequestError(ServingError):
+    """A rollout command the controller refused (400 invalid, 409 one is running)."""
+
+    type = "invalid_request_error"
+
+    def __init__(self, message: str, code: str, status: int):
+        super().__init__(message, code=code)
+        self.status = status
 
 
 def _check_adapters(value) -> dict[str, str]:
@@ -217,7 +277,7 @@ class MoEServer:
                  api_key: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                  metrics_interval_s: float = 1.0, base_dir: str = ".", adapters: dict[str, str] | None = None,
                  admin_api_key: str | None = None, version: str = "stable", versions: dict[str, str] | None = None,
-                 traffic: dict[str, int] | None = None):
+                 traffic: dict[str, int] | None = None, audit_log: str | None = None):
         self._engine_options = dict(engine_options)
         self._base_dir = Path(base_dir)  # where build_app ran: relative user_config paths resolve against it
         self._engine = self._load(model)
@@ -228,16 +288,28 @@ class MoEServer:
         # Other versions beside `model` (`version`): each its own engine; requests split by `traffic`.
         self._version = version
         self._others: dict[str, Engine] = {}
+        self._sources: dict[str, str] = {version: str(model), **{k: str(v) for k, v in (versions or {}).items()}}
         for name, source in (versions or {}).items():  # as build_app resolved them
             self._others[name] = self._load(source)
             self._others[name].start()
-        self._split = self._check_split(traffic or {version: PERCENT})
+        self._config_split = self._check_split(traffic or {version: PERCENT})
+        self._split = self._config_split
         self._sessions = StickySessions()
+        self._requests = _RequestLog()
         self.frontend = OpenAIFrontend(lambda: self._engine, model_name, api_key, max_body_bytes, admin_api_key,
-                                       pick=self._pick)
+                                       pick=self._pick, observe=self._requests.observe, rollout=self._rollout_admin)
         self._metrics = _RayMetrics(model_name)
+        # Rollouts: the app's controller actor (moe_platform.serving.rollout_controller) owns the split while one
+        # runs and after it ends; replicas sync with it every interval.
+        context = serve.get_replica_context()
+        self._app, self._replica = context.app_name, context.replica_id.unique_id
+        log = Path(audit_log or self._base_dir / "rollouts" / f"{self._app}.audit.jsonl")
+        self._controller = rollout_controller.controller(self._app, model_name, str(log),
+                                                         replica_ttl_s=max(10.0, 5 * metrics_interval_s))
+        self._loading: dict[str, str] = {}  # versions loading on the controller's behalf -> "" or their error
+        self._probe_result: dict | None = None
         self._stop = threading.Event()
-        self._metrics_thread = threading.Thread(target=self._export_metrics, args=(metrics_interval_s,),
+        self._metrics_thread = threading.Thread(target=self._background, args=(metrics_interval_s,),
                                                 name="moe-metrics", daemon=True)
         self._metrics_thread.start()
 
@@ -255,36 +327,154 @@ class MoEServer:
             version = self._sessions.route(self._split, session)
         if version == self._version:
             return self._engine, version
-        if version not in self._others:
+        engine = self._others.get(version)
+        if engine is None:
             raise NotFoundError(f"the model version '{pinned}' does not exist; this server serves "
                                 f"{sorted([self._version, *self._others])}", param="model", code="model_not_found")
-        return self._others[version], version
+        return engine, version
 
-    def _export_metrics(self, interval: float) -> None:
+    # -- background: metrics and the rollout controller ----------------------------------------------------------
+    def _background(self, interval: float) -> None:
+        warned = False
         while not self._stop.wait(interval):
             try:
-                self._metrics.export(self._engine)
+                stats = self._export_metrics()
             except Exception:  # noqa: BLE001 - metrics must never take the replica down
                 logger.exception("exporting serving metrics failed")
+                stats = {}
+            try:
+                answer = ray.get(self._controller.sync.remote(
+                    self._replica, self._version, self._version_report(), stats, self._probe_result), timeout=30)
+                warned = False
+            except Exception as e:  # noqa: BLE001 - a controller that is away leaves the split as it is
+                if not warned:
+                    logger.warning("the rollout controller did not answer (%s); the traffic split stays", e)
+                    warned = True
+                continue
+            self._follow(answer)
+
+    def _export_metrics(self) -> dict[str, dict]:
+        """Export every engine's and version's metrics; return the per-version statistics for the controller."""
+        engines = {self._version: self._engine, **self._others}
+        self._metrics.forget(engines.values())
+        requests = self._requests.take()
+        stats: dict[str, dict] = {}
+        for version, engine in engines.items():
+            ttft, _ = self._metrics.export(engine, version)
+            done = requests.pop(version, {"counts": {}, "latency": []})
+            self._metrics.export_requests(version, done["counts"], done["latency"])
+            counts = done["counts"]
+            stats[version] = {"requests": counts.get("2xx", 0) + counts.get("5xx", 0), "errors": counts.get("5xx", 0),
+                              "latency": done["latency"], "ttft": ttft}
+        return stats
+
+    def _version_report(self) -> dict[str, dict]:
+        report = {name: {"ready": self._healthy(engine), "base": engine.base_fingerprint(),
+                         "source": self._sources.get(name)}
+                  for name, engine in {self._version: self._engine, **self._others}.items()}
+        for name, error in list(self._loading.items()):
+            report.setdefault(name, {"ready": False, "source": self._sources.get(name), **({"error": error}
+                                                                                            if error else {})})
+        return report
+
+    @staticmethod
+    def _healthy(engine: Engine) -> bool:
+        try:
+            engine.check_health()
+        except RuntimeError:
+            return False
+        return True
+
+    def _follow(self, answer: dict) -> None:
+        """Apply the controller's answer: load the versions it names, run its probe, take its split."""
+        for name, source in answer.get("sources", {}).items():
+            if name != self._version and name not in self._others and name not in self._loading:
+                self._loading[name] = ""
+                self._sources[name] = source
+                threading.Thread(target=self._load_version, args=(name, source), daemon=True,
+                                 name=f"moe-load-{name}").start()
+        probe = answer.get("probe")
+        if probe and (self._probe_result or {}).get("id") != probe["id"]:
+            self._probe_result = self._run_probe(probe)
+        split = known_split(answer.get("weights"), [self._version, *self._others])
+        self._split = split or self._config_split
+
+    def _load_version(self, name: str, source: str) -> None:
+        try:
+            target = source if registry.is_registry_uri(source) else str(self._base_dir / Path(source).expanduser())
+            engine = self._load(target).start()
+            engine.generate("\n", SamplingParams(max_tokens=1, temperature=0))  # health check: one real token
+        except Exception as e:  # noqa: BLE001 - reported to the controller, which rolls back
+            logger.exception("loading version %r from %s failed", name, source)
+            self._loading[name] = f"{type(e).__name__}: {e}"
+            return
+        self._others = {**self._others, name: engine}  # a new dict: request threads iterate the old one
+        del self._loading[name]
+
+    def _run_probe(self, probe: dict) -> dict:
+        engines = {self._version: self._engine, **self._others}
+        losses = {}
+        for version in probe["versions"]:
+            if version in engines:
+                try:
+                    losses[version] = engines[version].score(probe["prompts"])
+                except Exception as e:  # noqa: BLE001 - a version that cannot score fails the gate
+                    logger.warning("quality probe of %r failed: %s", version, e)
+                    losses[version] = float("inf")
+        return {"id": probe["id"], "losses": losses}
+
+    async def _rollout_admin(self, action: str, body: dict) -> dict:
+        """The admin route's rollout commands, carried out by the app's controller (every replica follows)."""
+        by = f"admin-route:{body.get('by') or 'admin'}"
+        try:
+            ask = rollout_controller.ask
+            if action == "status":
+                return await ask(self._controller.status.remote())
+            if action == "start":
+                spec = read_probe_file({k: v for k, v in body.items() if k not in ("action", "by")}, self._base_dir)
+                return await ask(self._controller.start.remote(spec, by))
+            if action in ("promote", "abort"):
+                method = getattr(self._controller, action)
+                return await ask(method.remote(by, body.get("reason") or f"{action}d over the admin route"))
+        except UnknownVersionError as e:
+            raise NotFoundError(str(e), param="to", code="model_not_found") from None
+        except RolloutError as e:
+            raise RolloutRequestError(str(e), code=e.code, status=e.status) from None
+        raise InvalidRequestError(f"unknown rollout action {action!r}; use start, status, promote or abort",
+                                  param="action")
 
     def _load(self, model: str | registry.ModelVersion) -> Engine:
         return load_engine(model, **self._engine_options)
 
     async def reconfigure(self, user_config: dict) -> None:
-        """`user_config: {model: DIR or registry://NAME[@VERSION], adapters: {NAME: DIR or registry://...}}` switches
-        models and loads/unloads adapters (to exactly those listed) without dropping requests."""
-        unknown = sorted(set(user_config or {}) - {"model", "adapters", "traffic"})
+        """`user_config: {model: DIR or registry://NAME[@VERSION], adapters: {NAME: DIR or registry://...},
+        traffic: {VERSION: PERCENT}, rollout: {to: VERSION, ...}}` switches models, loads/unloads adapters (to
+        exactly those listed), sets the split and starts a rollout, without dropping requests."""
+        config = user_config or {}
+        unknown = sorted(set(config) - {"model", "adapters", "traffic", "rollout"})
         if unknown:
-            raise ValueError(f"unknown user_config keys {unknown}; supported: ['adapters', 'model', 'traffic']")
-        if "traffic" in (user_config or {}):  # checked before anything changes: a bad split leaves the running one
-            split = self._check_split(user_config["traffic"])
-        model = (user_config or {}).get("model")
+            raise ValueError(f"unknown user_config keys {unknown}; supported: ['adapters', 'model', 'rollout', "
+                             f"'traffic']")
+        if "traffic" in config:  # checked before anything changes: a bad split leaves the running one
+            split = self._check_split(config["traffic"])
+        section = config.get("rollout")
+        if section is not None:
+            section = read_probe_file(section, self._base_dir)
+            RolloutSpec.parse(section)  # a bad section is an error here, before anything changes
+        model = config.get("model")
         if model:
             await asyncio.to_thread(self._swap_engine, model)
-        if "adapters" in (user_config or {}):
-            await asyncio.to_thread(self._sync_adapters, self._engine, _check_adapters(user_config["adapters"]))
-        if "traffic" in (user_config or {}):
-            self._split = split  # at a request boundary: each request reads the split once
+        if "adapters" in config:
+            await asyncio.to_thread(self._sync_adapters, self._engine, _check_adapters(config["adapters"]))
+        if "traffic" in config and split != self._config_split:
+            self._config_split = split
+            try:  # the controller's split (of a rollout) gives way to a new one from the config, unless one runs
+                await rollout_controller.ask(self._controller.set_traffic.remote(split.as_dict(), "serve deploy"))
+                self._split = split  # at a request boundary: each request reads the split once
+            except RolloutError as e:
+                logger.warning("user_config.traffic is not applied: %s", e)
+        # every replica hands the section over; the controller applies a given section once and records conflicts
+        await self._controller.declare.remote(section, "serve deploy")
 
     def _sync_adapters(self, engine: Engine, declared: dict[str, str]) -> None:
         """Make `engine`'s adapters exactly `declared`: unload the others (their requests finish), load the new."""
@@ -346,6 +536,14 @@ class MoEServer:
     async def unload_lora_adapter(self, request: Request):
         return await self.frontend.unload_adapter(request)
 
+    @fastapi_app.get("/admin/rollout")
+    async def rollout_status(self, request: Request):
+        return await self.frontend.rollout(request)
+
+    @fastapi_app.post("/admin/rollout")
+    async def rollout(self, request: Request):
+        return await self.frontend.rollout(request)
+
     @fastapi_app.get("/health")
     async def health(self):
         return await self.frontend.health()
@@ -392,7 +590,8 @@ def build_app(args: dict | AppArgs) -> Application:
                          f"{len(parsed.adapters)}")
     return deployment.bind(model, parsed.engine_options(), parsed.model_name, parsed.api_key,
                            parsed.max_body_bytes, parsed.metrics_interval_s, os.getcwd(), parsed.adapters,
-                           parsed.admin_api_key, parsed.version, versions, parsed.traffic)
+                           parsed.admin_api_key, parsed.version, versions, parsed.traffic,
+                           str(Path(parsed.audit_log).expanduser().resolve()) if parsed.audit_log else None)
 
 
 def start_server(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, name: str = "moe-platform",

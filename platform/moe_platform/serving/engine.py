@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import itertools
 import json
 import queue
@@ -696,6 +697,32 @@ class Engine:
                 if out.finished:
                     pending.discard(out.request_id)
         return [texts[rid] for rid in ids]
+
+    @torch.inference_mode()
+    def score(self, texts: Sequence[str]) -> float:
+        """Mean next-token loss (nats per token) of the model on `texts` (each cut to the context window), computed
+        between engine steps: a quality probe of a model version."""
+        total, count = 0.0, 0
+        for text in texts:
+            ids = self.encode(text)[: self.max_seq_len]
+            if len(ids) < 2:
+                continue
+            tokens = torch.tensor([ids])
+            with self._step_lock:
+                if self.adapters is not None:
+                    self.adapters.batch.set([-1], len(ids) - 1)  # the base model
+                logits = self.model(tokens[:, :-1])
+            loss = torch.nn.functional.cross_entropy(logits[0].float(), tokens[0, 1:], reduction="sum")
+            total, count = total + loss.item(), count + len(ids) - 1
+        if not count:
+            raise ValueError("the probe texts hold no two tokens to score")
+        return total / count
+
+    def base_fingerprint(self) -> dict:
+        """What must match between two versions that share traffic: the architecture and the tokenizer."""
+        vocab = json.dumps(sorted(self.tokenizer.get_vocab().items()))
+        return {"architecture": self.args.hf_architecture, "vocab_size": self.args.vocab_size,
+                "tokenizer": hashlib.blake2b(vocab.encode(), digest_size=8).hexdigest()}
 
     # -- statistics ----------------------------------------------------------------------------------------------
     def stats(self) -> dict:

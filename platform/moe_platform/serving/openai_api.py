@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-from collections.abc import AsyncIterator, Callable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -79,14 +80,20 @@ class OpenAIFrontend:
 
     def __init__(self, engine_ref: Callable[[], Engine], model_name: str, api_key: str | None = None,
                  max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, admin_api_key: str | None = None,
-                 pick: Callable[[str | None, str | None, str | None], tuple[Engine, str | None]] | None = None):
+                 pick: Callable[[str | None, str | None, str | None], tuple[Engine, str | None]] | None = None,
+                 observe: Callable[[str | None, int, float], None] | None = None,
+                 rollout: Callable[[str, dict], Awaitable[dict]] | None = None):
         """`pick(pinned version, session id, adapter) -> (engine, version)`, each None where the request has none,
         chooses the model version of a request where several are served (NotFoundError for an unknown pin);
-        without it `engine_ref()` serves every request and no version can be pinned."""
+        without it `engine_ref()` serves every request and no version can be pinned. `observe(version, HTTP status,
+        seconds)` hears of every finished completion request. `rollout(action, body)` carries out the admin
+        route's rollout commands (start, status, promote, abort); without it that route is 404."""
         if max_body_bytes < 1024:
             raise ValueError(f"max_body_bytes must be >= 1024, got {max_body_bytes}")
         self.engine_ref = engine_ref
         self.pick = pick or self._one_version
+        self.observe = observe or (lambda version, status, seconds: None)
+        self.rollout_command = rollout
         self.model_name = model_name
         self.api_key = api_key or None
         self.admin_key = admin_api_key or self.api_key  # adapter load/unload; no key: those routes are off
@@ -136,14 +143,39 @@ class OpenAIFrontend:
         return JSONResponse({"object": "lora_adapter", "id": f"{self.model_name}:{body['lora_name']}",
                              "deleted": True})
 
-    async def _admin_body(self, request: Request) -> dict:
+    async def rollout(self, request: Request) -> Response:
+        """GET: the app's rollout status; POST {"action": "start", "to": VERSION, "steps": [...], "dwell_s": ...,
+        "blue_green": ..., "gates": {...}} or {"action": "promote" | "abort", "reason": ...} (admin key). The app's
+        rollout controller carries it out, so every replica follows."""
+        try:
+            if self.rollout_command is None:
+                raise NotFoundError("this server has no rollouts", code="not_found")
+            if request.method == "GET":
+                self._admin_allowed(request)
+                return JSONResponse(await self.rollout_command("status", {}))
+            body = await self._admin_json(request)
+            action = body.get("action")
+            if not isinstance(action, str):
+                raise InvalidRequestError("action (start, status, promote or abort) is required", param="action")
+            return JSONResponse(await self.rollout_command(action, body))
+        except ServingError as e:
+            return error_response(e)
+
+    def _admin_allowed(self, request: Request) -> None:
         if self.admin_key is None:
             raise ForbiddenError("admin routes are disabled: start the server with admin_api_key (or api_key)",
                                  code="admin_disabled")
         self._authorize(request, self.admin_key)
+
+    async def _admin_json(self, request: Request) -> dict:
+        self._admin_allowed(request)
         data = P.parse_json_body(await self._read_body(request))
         if not isinstance(data, dict):
             raise InvalidRequestError("the request body must be a JSON object")
+        return data
+
+    async def _admin_body(self, request: Request) -> dict:
+        data = await self._admin_json(request)
         if not isinstance(data.get("lora_name"), str):
             raise InvalidRequestError("lora_name (the adapter's name, a string) is required", param="lora_name")
         return data
@@ -156,6 +188,14 @@ class OpenAIFrontend:
 
     # -- request pipeline ----------------------------------------------------------------------------------------
     async def _handle(self, request: Request, chat: bool) -> Response:
+        start = time.monotonic()
+        response = await self._answer(request, chat, start)
+        if not isinstance(response, StreamingResponse):  # a stream reports when it ends (`_sse`)
+            self.observe(response.headers.get("x-model-version"), response.status_code, time.monotonic() - start)
+        return response
+
+    async def _answer(self, request: Request, chat: bool, start: float) -> Response:
+        version = None
         try:
             self._authorize(request)
             body = await self._read_body(request)
@@ -166,19 +206,19 @@ class OpenAIFrontend:
             jobs = self._jobs(engine, req, chat)
             streams = self._submit_all(engine, jobs, adapter)
         except ServingError as e:
-            return error_response(e)
+            return _served_by(error_response(e), version)
         rid = P.new_id("chatcmpl" if chat else "cmpl")
         created = P.now_s()
         echoes = [echo for _, _, echo in jobs]
         served = {"X-Model-Version": version} if version else {}
         if req.stream:
-            gen = self._sse(streams, rid, created, chat, req.include_usage, echoes, req.model)
+            gen = self._sse(streams, rid, created, chat, req.include_usage, echoes, req.model, version, start)
             return StreamingResponse(gen, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **served})
         try:
             results = await asyncio.gather(*(_collect(s) for s in streams))
         except ServingError as e:
-            return error_response(e)
+            return _served_by(error_response(e), version)
         finally:
             for s in streams:
                 s.abort()
@@ -283,12 +323,13 @@ class OpenAIFrontend:
             return current.submit(ids, params, adapter=adapter)
 
     async def _sse(self, streams: list[RequestStream], rid: str, created: int, chat: bool, include_usage: bool,
-                   echoes: list[str], model: str) -> AsyncIterator[str]:
+                   echoes: list[str], model: str, version: str | None, start: float) -> AsyncIterator[str]:
         obj = "chat.completion.chunk" if chat else "text_completion"
         # One choice (the common case) reads its stream directly; several are merged through a queue.
         outputs = _indexed(streams[0]) if len(streams) == 1 else _merged(streams)
         prompt_tokens = completion_tokens = 0
         remaining = len(streams)
+        status = 200
         try:
             for i in range(len(streams)):
                 if chat:
@@ -298,6 +339,7 @@ class OpenAIFrontend:
                     yield P.sse(P.chunk(rid, obj, model, created, [P.completion_choice(i, echoes[i], None)]))
             async for index, out in outputs:
                 if isinstance(out, ServingError):
+                    status = out.status
                     yield P.sse(out.to_dict())
                     break
                 if out.finished:
@@ -321,6 +363,14 @@ class OpenAIFrontend:
             await outputs.aclose()
             for s in streams:
                 s.abort()
+            if remaining == 0 or status != 200:  # a client that went away says nothing about the version
+                self.observe(version, status, time.monotonic() - start)
+
+
+def _served_by(response: Response, version: str | None) -> Response:
+    if version:
+        response.headers["X-Model-Version"] = version
+    return response
 
 
 async def _collect(stream: RequestStream) -> RequestOutput:
