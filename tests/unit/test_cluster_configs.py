@@ -275,6 +275,7 @@ def test_grafana_dashboard_queries_existing_metrics():
     assert {"moe_train_loss", "moe_serve_time_to_first_token_s"} <= names
     exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
     exprs += [v["query"] for v in dash["templating"]["list"] if v["type"] == "query"]
+    exprs += [a["expr"] for a in dash["annotations"]["list"]]
     assert exprs
     used = set()
     for expr in exprs:
@@ -284,7 +285,9 @@ def test_grafana_dashboard_queries_existing_metrics():
     wanted = {"moe_train_loss", "moe_train_tokens_per_s", "moe_train_mfu", "moe_train_expert_imbalance",
               "moe_train_checkpoint_seconds", "moe_train_restarts", "moe_train_preemptions",
               "moe_serve_time_to_first_token_s", "moe_serve_inter_token_latency_s", "moe_serve_queue_depth",
-              "moe_serve_running_batch_size", "moe_serve_expert_tokens", "serve_deployment_replica_healthy"}
+              "moe_serve_running_batch_size", "moe_serve_expert_tokens", "serve_deployment_replica_healthy",
+              "moe_serve_rollout_weight", "moe_serve_rollout_state", "moe_serve_rollout_rollbacks",
+              "moe_serve_requests", "moe_serve_request_latency_s"}
     assert wanted <= used, f"panels missing for {sorted(wanted - used)}"
     ids = [p["id"] for p in dash["panels"]]
     assert len(ids) == len(set(ids))
