@@ -162,8 +162,23 @@ def lora(d: dict) -> str:
             f"{d['lora_state_vs_peft']:.2f}")
 
 
+def rollout(d: dict) -> str:
+    rows = [[r["system"], r["switches"], f"{r['steady_p99_ms']:.1f}", f"{r['across_p99_ms']:.1f}",
+             f"{r['after_p99_ms']:.1f}",
+             f"**{r['added_p99_ms']:.1f}**" if r["system"].startswith("ours") else f"{r['added_p99_ms']:.1f}",
+             f"{r['added_across_p99_ms']:.1f}", f"{r['switch_window_ms']:.0f}", f"{r['failed']} / {r['requests']}"]
+            for r in d["results"]]
+    table = _table(["system", "switches", "p99 steady ms", "p99 across ms", "p99 after ms", "added p99 ms",
+                    "added p99, across only ms", "switch window ms (median)", "failed requests"], rows)
+    a = d["args"]
+    return (f"{table}\n\n{a['clients']} closed-loop clients, {a['max_tokens']}-token completions, one replica; "
+            f"\"after\" is the {a['after_s']:.0f} s after each switch. Added p99, ours ÷ Serve redeploy: "
+            f"{d['added_vs_peer']:.3f}; target < {d['target_ms']:.0f} ms with no failed request: "
+            f"{'met' if d['met'] else 'not met'}")
+
+
 RENDER = {"moe_layer": moe_layer, "memory": memory, "lora": lora, "layouts": layouts, "checkpoint": checkpoint,
-          "ray_overhead": ray_overhead, "goodput": goodput, "serve": serve}
+          "ray_overhead": ray_overhead, "goodput": goodput, "serve": serve, "rollout": rollout}
 
 
 def render(name: str, docs: Path = DOCS) -> str:
