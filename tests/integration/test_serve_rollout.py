@@ -67,14 +67,15 @@ def app(versions, serving_port, tmp_path_factory):
     probe = tmp_path_factory.mktemp("rollout_probe") / "held_out.txt"
     probe.write_text("\n\n".join(corpus_text(200_000)[150_000 + i * 400:150_000 + i * 400 + 300] for i in range(8)))
 
-    def config(rollout: dict | None = None) -> dict:
+    def config(rollout: dict | None = None, traffic: dict | None = None) -> dict:
         cfg = serve_config(versions["stable"], serving_port)
         spec = cfg["applications"][0]
         spec["args"].update(version="stable", versions={k: str(v) for k, v in versions.items() if k != "stable"},
                             admin_api_key=ADMIN, audit_log=str(audit), metrics_interval_s=0.25)
         deployment = spec["deployments"][0]
         deployment.pop("autoscaling_config", None)
-        deployment.update(num_replicas=2, user_config={"rollout": rollout} if rollout else {})
+        user_config = {**({"rollout": rollout} if rollout else {}), **({"traffic": traffic} if traffic else {})}
+        deployment.update(num_replicas=2, user_config=user_config)
         deployment.setdefault("ray_actor_options", {})["num_cpus"] = 1
         return cfg
 
@@ -82,8 +83,8 @@ def app(versions, serving_port, tmp_path_factory):
         try:
             client = serve_api.serve_start(http_options=config()["http_options"], proxy_location="HeadOnly")
 
-            def deploy(rollout: dict | None = None) -> None:
-                client.deploy_apps(ServeDeploySchema.model_validate(config(rollout)), _blocking=True)
+            def deploy(rollout: dict | None = None, traffic: dict | None = None) -> None:
+                client.deploy_apps(ServeDeploySchema.model_validate(config(rollout, traffic)), _blocking=True)
 
             deploy()
             http = httpx.Client(base_url=f"http://127.0.0.1:{serving_port}", timeout=120)
@@ -181,6 +182,30 @@ def test_a_slow_version_is_rolled_back_by_latency_within_one_dwell(app):
     assert again.returncode == 2 and "no rollout is running to promote" in again.stderr
 
 
+def test_a_bad_config_change_is_recorded_and_changes_nothing(app):
+    """A `serve deploy` with a split that does not sum to 100 and a rollout section with a bad step list: the
+    replicas stay up (Serve would restart a replica whose reconfigure fails), the split stays, and each refusal is
+    recorded once with its reason."""
+    from ray import serve
+
+    http = app["http"]
+    before = status(http)
+    replicas = serve.status().applications["moe-platform"].deployments["MoEServer"].replica_states
+    app["deploy"]({"to": "slow", "steps": [50]}, traffic={"stable": 60, "slow": 30})
+    refused = [e for e in audit_events(app) if e["event"] == "refused"]
+    assert [e["reason"] for e in refused] == [
+        "user_config.traffic is not applied: traffic weights must sum to 100, got 90 ({'stable': 60, 'slow': 30})",
+        "invalid rollout: rollout: the last step must be 100 (the new version takes all traffic), got [50]"]
+    assert all(e["by"] == "serve deploy" for e in refused)
+    after = status(http)
+    assert (after["state"], after["weights"], after["generation"]) == (before["state"], before["weights"],
+                                                                      before["generation"])
+    assert after["last_refusal"] in {e["reason"] for e in refused}  # the replicas report in any order
+    assert serve.status().applications["moe-platform"].deployments["MoEServer"].replica_states == replicas
+    assert Counter(completion_version(http) for _ in range(10)) == {"stable": 10}
+    app["deploy"]()
+
+
 def test_refusals_and_a_blue_green_switch_with_no_failed_request(app, serving_export_b):
     http = app["http"]
     start = {"action": "start", "to": "green", "source": str(serving_export_b), "blue_green": True, "dwell_s": 3,
@@ -195,6 +220,11 @@ def test_refusals_and_a_blue_green_switch_with_no_failed_request(app, serving_ex
          "version_base_mismatch"),
         (http.post("/admin/rollout", headers=auth(), json={**start, "steps": [5, 100]}), 400, "invalid_rollout"),
         (http.post("/admin/rollout", headers=auth(), content=b"{not json"), 400, "invalid_json"),
+        (http.post("/admin/rollout", headers=auth(), json={"action": "traffic", "weights": {"stable": 80, "slow": 10}}),
+         400, "invalid_rollout"),
+        (http.post("/admin/rollout", headers=auth(), json={"action": "traffic", "weights": {"stable": 90, "v9": 10}}),
+         404, "model_not_found"),
+        (http.post("/admin/rollout", headers=auth(), json={"action": "deploy"}), 400, None),
     ]
     for r, code, error_code in refusals:
         assert r.status_code == code and r.json()["error"]["code"] == error_code, r.text

@@ -157,12 +157,22 @@ def test_refusals_leave_the_running_split_alone(setup):
     with pytest.raises(VersionMismatchError, match="architecture 'Qwen3MoeForCausalLM' vs 'MixtralForCausalLM'"):
         rollout.start(spec(), "cli")
     sync_all(rollout)
+    with pytest.raises(RolloutError, match=r"must sum to 100, got 90"):
+        rollout.set_split({"v1": 80, "v2": 10}, "admin")
+    with pytest.raises(UnknownVersionError, match=r"unknown version\(s\) \['v9'\]"):
+        rollout.set_split({"v1": 90, "v9": 10}, "admin")
+    assert rollout.weights is None and events == []
+    rollout.set_split({"v1": 30, "v2": 70}, "admin")
+    assert (rollout.weights, rollout.stable, events[-1]["event"]) == ({"v1": 30, "v2": 70}, "v2", "traffic")
+    rollout.set_split({"v1": 100}, "admin")
     rollout.start(spec(), "cli")
     before = (rollout.weights, rollout.generation)
     with pytest.raises(RolloutConflictError, match="already running"):
         rollout.start(spec(), "cli")
     with pytest.raises(RolloutConflictError, match="owns the traffic split"):
         rollout.set_traffic({"v1": 50, "v2": 50}, "serve deploy")
+    with pytest.raises(RolloutConflictError, match="owns the traffic split"):
+        rollout.set_split({"v1": 50, "v2": 50}, "admin")
     rollout.declare({"to": "v2", "steps": [50, 100]}, "serve deploy")  # recorded, not applied
     assert (rollout.weights, rollout.generation) == before and events[-1]["event"] == "refused"
     rollout.abort("cli", "looks wrong")
@@ -176,6 +186,10 @@ def test_a_declared_section_starts_once_and_a_restart_resumes_from_the_audit_log
     for _ in range(3):  # every replica (and every restart) hands the same section over
         rollout.declare(section, "serve deploy")
     assert [e["event"] for e in events].count("start") == 1
+    for _ in range(2):
+        rollout.refuse("user_config.traffic is not applied: weights must sum to 100", "serve deploy")
+    assert [e["event"] for e in events].count("refused") == 1
+    assert rollout.status()["last_refusal"].startswith("user_config.traffic")
     sync_all(rollout, {"v2": traffic(1, 0.1)})
     assert rollout.state == "promoted"
     restarted = Rollout("app", clock=Clock())

@@ -49,7 +49,7 @@ from moe_platform.serving.engine import Engine, EngineConfig, SamplingParams
 from moe_platform.serving.errors import InvalidRequestError, NotFoundError, ServingError
 from moe_platform.serving.loader import load_engine
 from moe_platform.serving.openai_api import DEFAULT_MAX_BODY_BYTES, OpenAIFrontend, install_error_handlers
-from moe_platform.serving.rollout import RolloutError, RolloutSpec, known_split, read_probe_file
+from moe_platform.serving.rollout import RolloutError, known_split, read_probe_file
 from moe_platform.serving.traffic import PERCENT, StickySessions, TrafficSplit, UnknownVersionError
 
 logger = logging.getLogger("ray.serve")
@@ -433,6 +433,11 @@ class MoEServer:
             if action == "start":
                 spec = read_probe_file({k: v for k, v in body.items() if k not in ("action", "by")}, self._base_dir)
                 return await ask(self._controller.start.remote(spec, by))
+            if action == "traffic":
+                weights = body.get("weights")
+                if not isinstance(weights, dict):
+                    raise InvalidRequestError("weights ({VERSION: PERCENT, ...}) is required", param="weights")
+                return await ask(self._controller.set_split.remote(weights, by))
             if action in ("promote", "abort"):
                 method = getattr(self._controller, action)
                 return await ask(method.remote(by, body.get("reason") or f"{action}d over the admin route"))
@@ -440,7 +445,7 @@ class MoEServer:
             raise NotFoundError(str(e), param="to", code="model_not_found") from None
         except RolloutError as e:
             raise RolloutRequestError(str(e), code=e.code, status=e.status) from None
-        raise InvalidRequestError(f"unknown rollout action {action!r}; use start, status, promote or abort",
+        raise InvalidRequestError(f"unknown rollout action {action!r}; use start, status, promote, abort or traffic",
                                   param="action")
 
     def _load(self, model: str | registry.ModelVersion) -> Engine:
@@ -449,32 +454,46 @@ class MoEServer:
     async def reconfigure(self, user_config: dict) -> None:
         """`user_config: {model: DIR or registry://NAME[@VERSION], adapters: {NAME: DIR or registry://...},
         traffic: {VERSION: PERCENT}, rollout: {to: VERSION, ...}}` switches models, loads/unloads adapters (to
-        exactly those listed), sets the split and starts a rollout, without dropping requests."""
+        exactly those listed), sets the split and starts a rollout, without dropping requests.
+
+        A bad `traffic` or `rollout` is not applied and does not fail the replica (Serve would restart it, and every
+        replica with it): the running split stays, and the controller records why (`moe-platform rollout status`,
+        the audit log)."""
         config = user_config or {}
         unknown = sorted(set(config) - {"model", "adapters", "traffic", "rollout"})
         if unknown:
             raise ValueError(f"unknown user_config keys {unknown}; supported: ['adapters', 'model', 'rollout', "
                              f"'traffic']")
-        if "traffic" in config:  # checked before anything changes: a bad split leaves the running one
-            split = self._check_split(config["traffic"])
-        section = config.get("rollout")
-        if section is not None:
-            section = read_probe_file(section, self._base_dir)
-            RolloutSpec.parse(section)  # a bad section is an error here, before anything changes
         model = config.get("model")
         if model:
             await asyncio.to_thread(self._swap_engine, model)
         if "adapters" in config:
             await asyncio.to_thread(self._sync_adapters, self._engine, _check_adapters(config["adapters"]))
-        if "traffic" in config and split != self._config_split:
-            self._config_split = split
-            try:  # the controller's split (of a rollout) gives way to a new one from the config, unless one runs
-                await rollout_controller.ask(self._controller.set_traffic.remote(split.as_dict(), "serve deploy"))
-                self._split = split  # at a request boundary: each request reads the split once
-            except RolloutError as e:
-                logger.warning("user_config.traffic is not applied: %s", e)
+        ask = rollout_controller.ask
+        if "traffic" in config:
+            try:
+                split = self._check_split(config["traffic"])
+            except ValueError as e:
+                split = None
+                await self._refuse(f"user_config.traffic is not applied: {e}")
+            if split is not None and split != self._config_split:
+                self._config_split = split
+                try:  # the controller's split (of a rollout) gives way to a new one from the config, unless one runs
+                    await ask(self._controller.set_traffic.remote(split.as_dict(), "serve deploy"))
+                    self._split = split  # at a request boundary: each request reads the split once
+                except RolloutError as e:
+                    await self._refuse(f"user_config.traffic is not applied: {e}")
+        section = config.get("rollout")
+        try:
+            section = read_probe_file(section, self._base_dir) if section is not None else None
+        except RolloutError as e:
+            return await self._refuse(f"user_config.rollout is not applied: {e}")
         # every replica hands the section over; the controller applies a given section once and records conflicts
-        await self._controller.declare.remote(section, "serve deploy")
+        await ask(self._controller.declare.remote(section, "serve deploy"))
+
+    async def _refuse(self, reason: str) -> None:
+        logger.error("%s", reason)
+        await rollout_controller.ask(self._controller.refuse.remote(reason, "serve deploy"))
 
     def _sync_adapters(self, engine: Engine, declared: dict[str, str]) -> None:
         """Make `engine`'s adapters exactly `declared`: unload the others (their requests finish), load the new."""

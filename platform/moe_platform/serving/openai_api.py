@@ -145,8 +145,9 @@ class OpenAIFrontend:
 
     async def rollout(self, request: Request) -> Response:
         """GET: the app's rollout status; POST {"action": "start", "to": VERSION, "steps": [...], "dwell_s": ...,
-        "blue_green": ..., "gates": {...}} or {"action": "promote" | "abort", "reason": ...} (admin key). The app's
-        rollout controller carries it out, so every replica follows."""
+        "blue_green": ..., "gates": {...}}, {"action": "promote" | "abort", "reason": ...} or {"action": "traffic",
+        "weights": {VERSION: PERCENT}} (admin key). The app's rollout controller carries it out, so every replica
+        follows."""
         try:
             if self.rollout_command is None:
                 raise NotFoundError("this server has no rollouts", code="not_found")
@@ -156,7 +157,8 @@ class OpenAIFrontend:
             body = await self._admin_json(request)
             action = body.get("action")
             if not isinstance(action, str):
-                raise InvalidRequestError("action (start, status, promote or abort) is required", param="action")
+                raise InvalidRequestError("action (start, status, promote, abort or traffic) is required",
+                                          param="action")
             return JSONResponse(await self.rollout_command(action, body))
         except ServingError as e:
             return error_response(e)

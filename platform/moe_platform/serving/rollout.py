@@ -245,6 +245,8 @@ class Rollout:
         self.canary = Window()
         self.baseline = Window()
         self.rollbacks = 0
+        self.last_refusal = ""
+        self._refused: dict[str, float] = {}  # reason -> when it was last reported
 
     def restore(self, last: Mapping) -> None:
         """Pick up where the audit log's last event left the app (a restarted controller): a finished rollout's split
@@ -345,8 +347,17 @@ class Rollout:
         try:
             return self.start(RolloutSpec.parse(section), by)
         except RolloutError as e:
-            self._event("refused", by, str(e), spec=dict(section))
-            return self.status()
+            return self.refuse(str(e), by, spec=dict(section))
+
+    def refuse(self, reason: str, by: str, **details) -> dict:
+        """Record a change of the app's config that was not applied. Every replica reports it: the same reason is
+        recorded once a minute."""
+        now = self.clock()
+        if now - self._refused.get(reason, -math.inf) > 60:
+            self._event("refused", by, reason, **details)
+        self._refused[reason] = now
+        self.last_refusal = reason
+        return self.status()
 
     def promote(self, by: str, reason: str = "promoted by hand") -> dict:
         self._need_running("promote")
@@ -356,6 +367,23 @@ class Rollout:
     def abort(self, by: str, reason: str = "aborted by hand") -> dict:
         self._need_running("abort")
         self._rollback("aborted", by, reason)
+        return self.status()
+
+    def set_split(self, weights: Mapping[str, int], by: str) -> dict:
+        """An operator's split for the whole app (the admin route), kept until the next rollout or config split; the
+        version with the most traffic becomes the stable one."""
+        if self.state == "running":
+            raise RolloutConflictError(f"a rollout to {self.spec.to!r} is running and owns the traffic split; "
+                                       f"promote or abort it first")
+        try:
+            split = TrafficSplit.of(weights, self.known_versions())
+        except UnknownVersionError:
+            raise
+        except ValueError as e:
+            raise RolloutError(str(e)) from None
+        self._set_weights(split.as_dict())
+        self.stable = max(split.weights, key=lambda item: item[1])[0]
+        self._event("traffic", by, f"traffic split set to {self.weights}")
         return self.status()
 
     def set_traffic(self, weights: Mapping[str, int], by: str) -> dict:
@@ -477,7 +505,7 @@ class Rollout:
                 "blue_green": spec.blue_green if spec else False, "weights": self.weights, "reason": self.reason,
                 "waiting": waiting, "canary": self.canary.summary(), "baseline": self.baseline.summary(),
                 "losses": self.losses, "replicas": len(self.live()), "versions": sorted(self.known_versions()),
-                "rollbacks": self.rollbacks, "generation": self.generation}
+                "rollbacks": self.rollbacks, "generation": self.generation, "last_refusal": self.last_refusal}
 
 
 def _difference(theirs: Mapping, ours: Mapping) -> str:

@@ -89,6 +89,12 @@ class RolloutController:
     def abort(self, by: str, reason: str = "aborted by hand") -> dict:
         return self._after(self.rollout.abort(by, reason))
 
+    def set_split(self, weights: dict, by: str) -> dict:
+        return self._after(self.rollout.set_split(weights, by))
+
+    def refuse(self, reason: str, by: str) -> dict:
+        return self._after(self.rollout.refuse(reason, by))
+
     def set_traffic(self, weights: dict, by: str) -> dict:
         return self._after(self.rollout.set_traffic(weights, by))
 
