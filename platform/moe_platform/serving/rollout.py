@@ -19,6 +19,7 @@ the split once) and the old version finishes what it accepted. Every event goes 
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import re
@@ -267,6 +268,7 @@ class Rollout:
         """A replica's report (its versions, per-version statistics since its last sync, a probe result) ->
         what it should do: the split (None: its own), versions to load, a probe to run."""
         now = self.clock()
+        self.replicas = {k: r for k, r in self.replicas.items() if now - r.seen <= 10 * self.replica_ttl_s}
         self.replicas[replica] = Replica(now, {k: dict(v) for k, v in versions.items()}, version)
         if self.state == "running":
             for name, delta in stats.items():
