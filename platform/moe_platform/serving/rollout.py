@@ -338,8 +338,6 @@ class Rollout:
         """Apply a `rollout:` section from the app's config: start it unless this same section was already applied
         (every replica, and every restart of one, hands it over). A section that conflicts is recorded, not
         applied."""
-        import json
-
         key = json.dumps(section, sort_keys=True) if section else None
         if key == self.declared:
             return self.status()
