@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from moe_platform.serving.engine import Engine, SamplingParams  # noqa: E402
-from tinyrun import local_ray, scrape_ray_metrics  # noqa: E402
+from tinyrun import local_ray, poll, scrape_ray_metrics  # noqa: E402
 
 MODEL = "moe-platform"
 API_KEY = "sk-test-123"
@@ -276,3 +276,63 @@ def test_engine_stats_export_to_ray_metrics(server, local):
             "ray_moe_serve_queue_depth": 0.0, "ray_moe_serve_running_batch_size": 0.0,
             "ray_moe_serve_expert_tokens_total": float(sum(map(sum, stats["expert_load"])))}  # summed over experts
     assert scrape_ray_metrics(set(want), 'model="test-model"') == want
+
+
+def vllm_metrics(server) -> dict[str, float]:
+    """GET /metrics parsed by prometheus_client's own parser: sample name -> value (the app's one model)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    r = server.http.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain"), r.text
+    samples = {}
+    for family in text_string_to_metric_families(r.text):
+        for s in family.samples:
+            assert s.labels.get("model_name") == MODEL, s
+            if "le" not in s.labels:
+                samples[s.name] = s.value
+    return samples
+
+
+def test_metrics_carry_vllm_names_for_the_whole_app(server, client):
+    before = vllm_metrics(server)
+    assert {"vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
+            "vllm:gpu_cache_usage_perc", "vllm:prompt_tokens_total", "vllm:generation_tokens_total",
+            "vllm:request_success_total", "vllm:time_to_first_token_seconds_count",
+            "vllm:e2e_request_latency_seconds_count"} <= set(before)
+    done = [client.completions.create(model=MODEL, prompt="ROMEO:", max_tokens=5, temperature=0,
+                                      extra_body={"ignore_eos": True}).usage for _ in range(3)]
+
+    def counted():
+        now = vllm_metrics(server)
+        grown = {k: now[k] - before[k] for k in ("vllm:generation_tokens_total", "vllm:request_success_total",
+                                                 "vllm:time_to_first_token_seconds_count",
+                                                 "vllm:e2e_request_latency_seconds_count", "vllm:prompt_tokens_total")}
+        return grown if grown["vllm:request_success_total"] >= 3 else None
+
+    grown = poll(counted, 30, "the requests in /metrics")
+    assert grown["vllm:generation_tokens_total"] >= sum(u.completion_tokens for u in done) == 15
+    assert grown["vllm:prompt_tokens_total"] >= sum(u.prompt_tokens for u in done)
+    assert grown["vllm:time_to_first_token_seconds_count"] >= 3 and grown["vllm:e2e_request_latency_seconds_count"] >= 3
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_that_goes_away_stops_its_request(server, stream):
+    """The client drops the connection after the first token (streamed) or a moment in (not streamed): Ray Serve
+    cancels the handler, the engine aborts the request, its slot frees and no more tokens are generated for it."""
+    idle = poll(lambda: (m := vllm_metrics(server))["vllm:num_requests_running"] == 0 and m, 30, "an idle engine")
+    body = {"model": MODEL, "prompt": "ROMEO:", "max_tokens": 240, "ignore_eos": True, "stream": stream}
+    if stream:
+        with httpx.Client(base_url=server.url, timeout=60) as http, http.stream("POST", "/v1/completions",
+                                                                                json=body) as r:
+            next(r.iter_lines())  # the first event, then the client closes the connection
+    else:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{server.url}/v1/completions", json=body, timeout=0.1)
+
+    def ended():  # a report with the request's tokens and no request running: the count is final
+        m = vllm_metrics(server)
+        grown = m["vllm:generation_tokens_total"] - idle["vllm:generation_tokens_total"]
+        return grown if grown > 0 and m["vllm:num_requests_running"] == 0 else None
+
+    generated = poll(ended, 30, "the request to be aborted")
+    assert 1 <= generated < 240, generated

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import ray
 from fastapi import FastAPI, Request
+from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from ray import serve
 from ray.serve import Application
@@ -46,9 +47,14 @@ from ray.util import metrics as ray_metrics
 from moe_platform.cluster import registry
 from moe_platform.serving import rollout_controller
 from moe_platform.serving.engine import Engine, EngineConfig, SamplingParams
-from moe_platform.serving.errors import InvalidRequestError, NotFoundError, ServingError
+from moe_platform.serving.errors import EngineUnavailableError, InvalidRequestError, NotFoundError, ServingError
 from moe_platform.serving.loader import load_engine
-from moe_platform.serving.openai_api import DEFAULT_MAX_BODY_BYTES, OpenAIFrontend, install_error_handlers
+from moe_platform.serving.openai_api import (
+    DEFAULT_MAX_BODY_BYTES,
+    OpenAIFrontend,
+    error_response,
+    install_error_handlers,
+)
 from moe_platform.serving.rollout import RolloutError, known_split, read_probe_file
 from moe_platform.serving.traffic import PERCENT, StickySessions, TrafficSplit, UnknownVersionError
 
@@ -171,8 +177,8 @@ class _RayMetrics:
                                            "max over mean expert load per layer, worst layer", tags)
         self._last: dict[int, tuple[int, list[list[int]]]] = {}
 
-    def export(self, engine: Engine, version: str = "") -> tuple[list[float], list[float]]:
-        """Export `engine`'s statistics; return the latency samples (ttft, itl) it drained."""
+    def export(self, engine: Engine, version: str = "") -> tuple[dict, list[float]]:
+        """Export `engine`'s statistics; return them and the time-to-first-token samples it drained."""
         tags = {"model": self.model_name, "version": version}
         stats = engine.stats()
         self.queue.set(stats["waiting"], tags)
@@ -197,7 +203,7 @@ class _RayMetrics:
             worst = max(worst, max(row) / mean if mean else 0.0)
         self.imbalance.set(worst, tags)
         self._last[id(engine)] = (stats["generated_tokens"], load)
-        return ttft, itl
+        return stats, ttft
 
     def export_requests(self, version: str, counts: dict[str, int], latency: list[float]) -> None:
         tags = {"model": self.model_name, "version": version}
@@ -338,13 +344,14 @@ class MoEServer:
         warned = False
         while not self._stop.wait(interval):
             try:
-                stats = self._export_metrics()
+                engines, stats = self._export_metrics()
             except Exception:  # noqa: BLE001 - metrics must never take the replica down
                 logger.exception("exporting serving metrics failed")
-                stats = {}
+                engines, stats = {}, {}
             try:
                 answer = ray.get(self._controller.sync.remote(
-                    self._replica, self._version, self._version_report(), stats, self._probe_result), timeout=30)
+                    self._replica, self._version, self._version_report(), stats, self._probe_result, engines),
+                    timeout=30)
                 warned = False
             except Exception as e:  # noqa: BLE001 - a controller that is away leaves the split as it is
                 if not warned:
@@ -353,20 +360,24 @@ class MoEServer:
                 continue
             self._follow(answer)
 
-    def _export_metrics(self) -> dict[str, dict]:
-        """Export every engine's and version's metrics; return the per-version statistics for the controller."""
+    def _export_metrics(self) -> tuple[dict[str, dict], dict[str, dict]]:
+        """Export every engine's and version's metrics; return, per version, its engine's state and the requests
+        finished since the last call, for the controller."""
         engines = {self._version: self._engine, **self._others}
         self._metrics.forget(engines.values())
         requests = self._requests.take()
         stats: dict[str, dict] = {}
+        state: dict[str, dict] = {}
         for version, engine in engines.items():
-            ttft, _ = self._metrics.export(engine, version)
+            now, ttft = self._metrics.export(engine, version)
+            state[version] = {k: now[k] for k in ("running", "waiting", "num_slots", "prompt_tokens",
+                                                  "generated_tokens")}
             done = requests.pop(version, {"counts": {}, "latency": []})
             self._metrics.export_requests(version, done["counts"], done["latency"])
             counts = done["counts"]
             stats[version] = {"requests": counts.get("2xx", 0) + counts.get("5xx", 0), "errors": counts.get("5xx", 0),
                               "latency": done["latency"], "ttft": ttft}
-        return stats
+        return state, stats
 
     def _version_report(self) -> dict[str, dict]:
         report = {name: {"ready": self._healthy(engine), "base": engine.base_fingerprint(),
@@ -562,6 +573,16 @@ class MoEServer:
     @fastapi_app.post("/admin/rollout")
     async def rollout(self, request: Request):
         return await self.frontend.rollout(request)
+
+    @fastapi_app.get("/metrics")
+    async def metrics(self):
+        """The whole app's serving metrics under vLLM's names (Prometheus text format), from the controller that
+        every replica reports to; open like /health, as vLLM's is."""
+        try:
+            text = await rollout_controller.ask(self._controller.metrics_text.remote())
+        except Exception as e:  # noqa: BLE001 - a scrape gets an answer, never a 500
+            return error_response(EngineUnavailableError(f"the app's metrics are unavailable: {e}"))
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @fastapi_app.get("/health")
     async def health(self):

@@ -1,4 +1,5 @@
-"""The rollout controller of a Serve app: one detached Ray actor per app holding its `Rollout` state.
+"""The controller of a Serve app: one detached Ray actor per app holding its `Rollout` state and its app-wide
+metrics (`AppMetrics`, served at GET /metrics under vLLM's names).
 
 Replicas create it on first use (`controller(app, ...)`, idempotent) and sync with it every metrics interval; the CLI
 (`moe-platform rollout ...`) and the admin route (`/admin/rollout`) call it by name. It appends every event to the
@@ -20,6 +21,7 @@ from typing import Any
 import ray
 from ray.exceptions import RayTaskError
 
+from moe_platform.serving.app_metrics import AppMetrics
 from moe_platform.serving.rollout import STATES, Rollout, RolloutSpec
 
 NAMESPACE = "moe-platform"
@@ -43,6 +45,7 @@ class RolloutController:
         if last:
             self.rollout.restore(last)
         self.tags = {"model": model_name}
+        self.metrics = AppMetrics(model_name, replica_ttl_s)
         self._weight = ray_metrics.Gauge("moe_serve_rollout_weight", "percent of traffic per model version during "
                                          "and after rollouts", ("model", "version"))
         self._state = ray_metrics.Gauge("moe_serve_rollout_state", "rollout state: " + ", ".join(
@@ -74,8 +77,13 @@ class RolloutController:
         return result
 
     # Every method ticks the state machine (replicas sync every metrics interval, so time moves it on).
-    def sync(self, replica: str, version: str, versions: dict, stats: dict, probe: dict | None = None) -> dict:
+    def sync(self, replica: str, version: str, versions: dict, stats: dict, probe: dict | None = None,
+             engines: dict | None = None) -> dict:
+        self.metrics.report(replica, time.time(), engines or {}, stats)
         return self._after(self.rollout.sync(replica, version, versions, stats, probe))
+
+    def metrics_text(self) -> str:
+        return self.metrics.render(time.time())
 
     def start(self, spec: dict, by: str) -> dict:
         return self._after(self.rollout.start(RolloutSpec.parse(spec), by))

@@ -1,0 +1,45 @@
+"""App-wide metrics under vLLM's names (moe_platform.serving.app_metrics): sums over live replicas, counters that
+survive replaced engines and departed replicas, histograms, and text that Prometheus' own parser reads."""
+
+from __future__ import annotations
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from moe_platform.serving.app_metrics import AppMetrics
+
+
+def engine(running, waiting=0, slots=8, prompt=0, generated=0) -> dict:
+    return {"running": running, "waiting": waiting, "num_slots": slots, "prompt_tokens": prompt,
+            "generated_tokens": generated}
+
+
+def parsed(text: str) -> dict:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            assert s.labels["model_name"] == 'm"1'
+            out[(s.name, s.labels.get("le"))] = s.value
+    return out
+
+
+def test_sums_over_live_replicas_and_keeps_counts_of_replaced_engines_and_gone_replicas():
+    m = AppMetrics('m"1', replica_ttl_s=10)
+    m.report("r1", 0, {"stable": engine(3, 1, prompt=10, generated=100), "canary": engine(1, prompt=2, generated=7)},
+             {"stable": {"requests": 4, "errors": 1, "latency": [0.4, 2.0, 9.0], "ttft": [0.003, 0.05]}})
+    m.report("r2", 1, {"stable": engine(2, 2, slots=4, generated=50)}, {})
+    got = parsed(m.render(2))
+    assert got[("vllm:num_requests_running", None)] == 6 and got[("vllm:num_requests_waiting", None)] == 3
+    assert got[("vllm:kv_cache_usage_perc", None)] == got[("vllm:gpu_cache_usage_perc", None)] == 6 / 20
+    assert got[("vllm:generation_tokens_total", None)] == 157 and got[("vllm:prompt_tokens_total", None)] == 12
+    assert got[("vllm:request_success_total", None)] == 3
+    assert got[("vllm:e2e_request_latency_seconds_bucket", "0.5")] == 1
+    assert got[("vllm:e2e_request_latency_seconds_bucket", "2.0")] == 2
+    assert got[("vllm:e2e_request_latency_seconds_bucket", "+Inf")] == 3
+    assert got[("vllm:e2e_request_latency_seconds_sum", None)] == 11.4
+    assert got[("vllm:time_to_first_token_seconds_count", None)] == 2
+    m.report("r1", 5, {"stable": engine(0, generated=20)}, {})  # r1's engines were swapped: their counts stay
+    assert parsed(m.render(5))[("vllm:generation_tokens_total", None)] == 107 + 50 + 20
+    got = parsed(m.render(11.5))  # r2 missed its reports: not running anything any more, its tokens still counted
+    assert got[("vllm:num_requests_running", None)] == 0 and got[("vllm:generation_tokens_total", None)] == 177
+    m.report("r1", 200, {"stable": engine(0, generated=20)}, {})  # r2 is forgotten, its count kept
+    assert parsed(m.render(200))[("vllm:generation_tokens_total", None)] == 177
