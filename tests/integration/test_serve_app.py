@@ -142,7 +142,12 @@ BAD_INPUTS = [
     ("completions", {**M, "prompt": "hi", "stop": 5}, 400, "stop"),
     ("completions", {**M, "prompt": "hi", "seed": -1}, 400, "seed"),
     ("completions", {**M, "prompt": "hi", "stream": "yes"}, 400, "stream"),
-    ("completions", {**M, "prompt": "hi", "logprobs": 2}, 400, "logprobs"),
+    ("completions", {**M, "prompt": "hi", "logprobs": 21}, 400, "logprobs"),
+    ("completions", {**M, "prompt": "hi", "logprobs": 2, "echo": True}, 400, "logprobs"),
+    ("chat/completions", {**M, "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, 400,
+     "top_logprobs"),
+    ("chat/completions", {**M, "messages": [{"role": "user", "content": "hi"}], "logprobs": True,
+                          "top_logprobs": 30}, 400, "top_logprobs"),
     ("completions", {**M, "prompt": "hi", "presence_penalty": 1.0}, 400, "presence_penalty"),
     ("chat/completions", {**M, "messages": []}, 400, "messages"),
     ("chat/completions", {**M, "messages": "hi"}, 400, "messages"),
@@ -336,3 +341,39 @@ def test_a_client_that_goes_away_stops_its_request(server, stream):
 
     generated = poll(ended, 30, "the request to be aborted")
     assert 1 <= generated < 240, generated
+
+
+def test_logprobs_through_the_openai_client(server, client, local):
+    """Completions `logprobs: N` and chat `logprobs` + `top_logprobs`, streamed and not, carry the engine's own
+    log-probabilities (themselves checked against transformers in the engine tests) in OpenAI's shapes."""
+    want = []
+    rid = local.add_request("ROMEO:", SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=3))
+    while local.has_unfinished():
+        want += [lp for out in local.step() if out.request_id == rid for lp in (out.logprobs or [])]
+    r = client.completions.create(model=MODEL, prompt="ROMEO:", max_tokens=6, temperature=0, logprobs=3,
+                                  extra_body={"ignore_eos": True})
+    lp = r.choices[0].logprobs
+    assert lp.token_logprobs == pytest.approx([v for v, _ in want], abs=1e-5)
+    assert "".join(lp.tokens) == r.choices[0].text and lp.text_offset[0] == 0
+    for d, (_, top) in zip(lp.top_logprobs, want, strict=True):  # token strings -> logprob (two tokens whose text
+        assert 1 <= len(d) <= 3 and max(d.values()) == pytest.approx(top[0][1], abs=1e-5)  # is alike share a key)
+        assert all(any(abs(v - w) < 1e-5 for _, w in top) for v in d.values())
+    streamed = client.completions.create(model=MODEL, prompt="ROMEO:", max_tokens=6, temperature=0, logprobs=3,
+                                         stream=True, extra_body={"ignore_eos": True})
+    assert [v for c in streamed for v in (c.choices[0].logprobs.token_logprobs if c.choices and
+                                          c.choices[0].logprobs else [])] == pytest.approx(lp.token_logprobs, abs=1e-6)
+    messages = [{"role": "user", "content": "Say something."}]
+    chat = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=5, temperature=0,
+                                          logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens and all(len(c.top_logprobs) == 2 for c in content)
+    assert all(c.top_logprobs[0].logprob >= c.top_logprobs[1].logprob and c.logprob <= 0 for c in content)
+    assert all(bytes(c.bytes).decode("utf-8", "replace") == c.token for c in content)
+    assert all(c.token == c.top_logprobs[0].token for c in content)  # greedy: the most likely token each time
+    plain = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=5, temperature=0)
+    assert plain.choices[0].logprobs is None and plain.choices[0].message.content == chat.choices[0].message.content
+    chunks = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=5, temperature=0,
+                                            logprobs=True, stream=True)
+    assert [c.logprob for ch in chunks for c in (ch.choices[0].logprobs.content if ch.choices and
+                                                ch.choices[0].logprobs else [])] == \
+        pytest.approx([c.logprob for c in content], abs=1e-6)

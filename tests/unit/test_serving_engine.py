@@ -372,3 +372,40 @@ def test_from_state_dict_rejects_mismatched_parts(export_dir):
         Engine.from_state_dict(args, {k: v for k, v in state.items() if k != name}, files, "x")
     with pytest.raises(ValueError, match="wrong shape"):
         Engine.from_state_dict(args, {**state, name: state[name][:1]}, files, "x")
+
+
+def test_logprobs_match_transformers_log_softmax(export_dir, prompts):
+    """Each generated token's log-probability and its top alternatives equal log-softmax of transformers' logits at
+    that position within 1e-4, greedy and sampled (logprobs are of the model's distribution, before temperature),
+    with several requests batched together."""
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(export_dir, dtype=torch.float32).eval()
+    engine = Engine.from_pretrained(export_dir, max_batch_size=8, batch_wait_timeout_s=0.0)
+    params = [SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=5),
+              SamplingParams(max_tokens=8, temperature=0.9, seed=7, ignore_eos=True, logprobs=0),
+              SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)]  # asks for none
+    ids = [engine.add_request(p, sp) for p, sp in zip(prompts[:3], params, strict=True)]
+    got: dict[str, list] = {i: [] for i in ids}
+    tokens: dict[str, list] = {i: [] for i in ids}
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens[out.request_id] += out.token_ids
+            if out.logprobs is not None:
+                got[out.request_id] += out.logprobs
+    assert got[ids[2]] == []
+    for rid, prompt, sp in zip(ids[:2], prompts[:2], params[:2], strict=True):
+        assert len(got[rid]) == len(tokens[rid]) == 8
+        with torch.no_grad():
+            ref = torch.log_softmax(hf(torch.tensor([prompt + tokens[rid]])).logits[0].float(), -1)
+        for k, (token, (lp, top)) in enumerate(zip(tokens[rid], got[rid], strict=True)):
+            row = ref[len(prompt) - 1 + k]
+            assert abs(lp - row[token].item()) < 1e-4
+            assert len(top) == sp.logprobs
+            want_values, want_ids = torch.topk(row, sp.logprobs) if sp.logprobs else ([], [])
+            assert [t for t, _ in top] == list(map(int, want_ids))
+            assert all(abs(v - w) < 1e-4 for (_, v), w in zip(top, map(float, want_values), strict=True))
+        if sp.greedy:
+            assert all(tok == top[0][0] for tok, (_, top) in zip(tokens[rid], got[rid], strict=True))
+    with pytest.raises(ValueError, match=r"logprobs must be an integer in \[0, 20\]"):
+        SamplingParams(logprobs=21)

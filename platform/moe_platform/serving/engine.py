@@ -49,7 +49,7 @@ from moe_platform.serving.errors import (
     InvalidRequestError,
     NotFoundError,
 )
-from moe_platform.serving.sampling import SamplingParams, make_generator, sample_tokens
+from moe_platform.serving.sampling import SamplingParams, make_generator, sample_tokens, token_logprobs
 from moe_platform.serving.scheduler import PrefillGroup, Scheduler, SeqStatus
 from moe_platform.serving.scheduler import SequenceState as Seq
 
@@ -114,10 +114,16 @@ class RequestOutput:
     prompt_tokens: int
     completion_tokens: int
     error: str | None = None
+    # With SamplingParams.logprobs: per token of token_ids, (its log-probability, [(token, log-probability)] of the
+    # most likely ones).
+    logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
 
     def merge(self, later: RequestOutput) -> RequestOutput:
         """This output followed by `later` (of the same request) as one output."""
-        return dataclasses.replace(later, text=self.text + later.text, token_ids=self.token_ids + later.token_ids)
+        logprobs = None if self.logprobs is None and later.logprobs is None else \
+            (self.logprobs or []) + (later.logprobs or [])
+        return dataclasses.replace(later, text=self.text + later.text, token_ids=self.token_ids + later.token_ids,
+                                   logprobs=logprobs)
 
 
 class RequestStream:
@@ -279,6 +285,10 @@ class Engine:
     # -- requests ------------------------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def token_texts(self, ids: Sequence[int]) -> list[str]:
+        """Each token's own text (a token holding part of a character shows as U+FFFD, as in vLLM)."""
+        return [self.tokenizer.decode([i], skip_special_tokens=False) for i in ids]
 
     def render_chat(self, messages: Sequence[Mapping[str, str]]) -> str:
         return self.chat_template.render(messages, add_generation_prompt=True)
@@ -503,10 +513,11 @@ class Engine:
             return
         seqs = [chunks[i].seq for i in done]
         next_ids = sample_tokens(logits[done], [s.params for s in seqs], [s.generator for s in seqs]).tolist()
+        logprobs = token_logprobs(logits[done], next_ids, [s.params.logprobs for s in seqs])
         now = time.monotonic()
-        for seq, token in zip(seqs, next_ids, strict=True):
+        for seq, token, lp in zip(seqs, next_ids, logprobs, strict=True):
             self._counters["prompt_tokens"] += seq.prompt_len
-            if not self._append_token(seq, token, now, outputs):
+            if not self._append_token(seq, token, now, outputs, lp):
                 self.scheduler.prefill_done(seq)
 
     def _run_decode(self, batch: list[Seq], outputs: list[RequestOutput]) -> None:
@@ -521,15 +532,17 @@ class Engine:
         for seq in batch:
             seq.num_computed += 1
         next_ids = sample_tokens(logits, [s.params for s in batch], [s.generator for s in batch]).tolist()
+        logprobs = token_logprobs(logits, next_ids, [s.params.logprobs for s in batch])
         now = time.monotonic()
-        for seq, token in zip(batch, next_ids, strict=True):
-            self._append_token(seq, token, now, outputs)
+        for seq, token, lp in zip(batch, next_ids, logprobs, strict=True):
+            self._append_token(seq, token, now, outputs, lp)
 
     def _count_expert_load(self) -> None:
         for i, moe in enumerate(self._moe_layers):
             self._expert_load[i] += moe.last_tokens_per_expert.to(self._expert_load.dtype)
 
-    def _append_token(self, seq: Seq, token: int, now: float, outputs: list[RequestOutput]) -> bool:
+    def _append_token(self, seq: Seq, token: int, now: float, outputs: list[RequestOutput],
+                      logprob: tuple[float, list[tuple[int, float]]] | None = None) -> bool:
         """Record one generated token; return True if it finished the sequence."""
         seq.output_ids.append(token)
         if seq.first_token_time is None:
@@ -551,17 +564,17 @@ class Engine:
         if reason is not None:
             self.scheduler.finish(seq, reason)
             self._counters["requests_finished"] += 1
-        self._emit(seq, outputs, [token])
+        self._emit(seq, outputs, [token], logprobs=None if logprob is None else [logprob])
         return reason is not None
 
     def _emit(self, seq: Seq, outputs: list[RequestOutput], new_ids: list[int] | None = None,
-              error: str | None = None) -> None:
+              error: str | None = None, logprobs: list | None = None) -> None:
         finished = seq.status is SeqStatus.FINISHED
         safe = seq.stopper.safe_length(finished)
         text = seq.stopper.text[seq.emitted_chars:safe]
         seq.emitted_chars = max(seq.emitted_chars, safe)
         out = RequestOutput(seq.request_id, text, new_ids or [], finished, seq.finish_reason, seq.prompt_len,
-                            len(seq.output_ids), error)
+                            len(seq.output_ids), error, logprobs)
         if finished:
             with self._lock:
                 self._active_ids.discard(seq.request_id)

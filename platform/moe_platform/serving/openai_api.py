@@ -214,7 +214,8 @@ class OpenAIFrontend:
         echoes = [echo for _, _, echo in jobs]
         served = {"X-Model-Version": version} if version else {}
         if req.stream:
-            gen = self._sse(streams, rid, created, chat, req.include_usage, echoes, req.model, version, start)
+            gen = self._sse(streams, rid, created, chat, req.include_usage, echoes, req.model, version, start,
+                            engine)
             return StreamingResponse(gen, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **served})
         try:
@@ -228,9 +229,11 @@ class OpenAIFrontend:
         completion_tokens = sum(r.completion_tokens for r in results)
         use = P.usage(prompt_tokens, completion_tokens)
         if chat:
-            choices = [P.chat_choice(i, r.text, r.finish_reason) for i, r in enumerate(results)]
+            choices = [P.chat_choice(i, r.text, r.finish_reason, _logprobs(engine, r, chat))
+                       for i, r in enumerate(results)]
             return JSONResponse(P.chat_response(rid, req.model, created, choices, use), headers=served)
-        choices = [P.completion_choice(i, echoes[i] + r.text, r.finish_reason) for i, r in enumerate(results)]
+        choices = [P.completion_choice(i, echoes[i] + r.text, r.finish_reason, _logprobs(engine, r, chat))
+                   for i, r in enumerate(results)]
         return JSONResponse(P.completion_response(rid, req.model, created, choices, use), headers=served)
 
     def _one_version(self, pinned: str | None, session: str | None, adapter: str | None) -> tuple[Engine, None]:
@@ -325,7 +328,8 @@ class OpenAIFrontend:
             return current.submit(ids, params, adapter=adapter)
 
     async def _sse(self, streams: list[RequestStream], rid: str, created: int, chat: bool, include_usage: bool,
-                   echoes: list[str], model: str, version: str | None, start: float) -> AsyncIterator[str]:
+                   echoes: list[str], model: str, version: str | None, start: float,
+                   engine: Engine) -> AsyncIterator[str]:
         obj = "chat.completion.chunk" if chat else "text_completion"
         # One choice (the common case) reads its stream directly; several are merged through a queue.
         outputs = _indexed(streams[0]) if len(streams) == 1 else _merged(streams)
@@ -348,11 +352,12 @@ class OpenAIFrontend:
                     remaining -= 1
                     prompt_tokens += out.prompt_tokens
                     completion_tokens += out.completion_tokens
-                elif not out.text:
+                elif not out.text and not out.logprobs:
                     continue
                 reason = out.finish_reason if out.finished else None
-                choice = (P.chat_chunk_choice(index, {"content": out.text} if out.text else {}, reason) if chat
-                          else P.completion_choice(index, out.text, reason))
+                logprobs = _logprobs(engine, out, chat)
+                choice = (P.chat_chunk_choice(index, {"content": out.text} if out.text else {}, reason, logprobs)
+                          if chat else P.completion_choice(index, out.text, reason, logprobs))
                 # Without stream_options.include_usage the usage rides on the last chunk (clients may ignore it).
                 use = P.usage(prompt_tokens, completion_tokens) if remaining == 0 and not include_usage else None
                 yield P.sse(P.chunk(rid, obj, model, created, [choice], use))
@@ -367,6 +372,15 @@ class OpenAIFrontend:
                 s.abort()
             if remaining == 0 or status != 200:  # a client that went away says nothing about the version
                 self.observe(version, status, time.monotonic() - start)
+
+
+def _logprobs(engine: Engine, out: RequestOutput, chat: bool) -> dict | None:
+    """The OpenAI `logprobs` object of an output's tokens (None when the request asked for none)."""
+    if out.logprobs is None:
+        return None
+    pieces = engine.token_texts(out.token_ids)
+    tops = [engine.token_texts([t for t, _ in top]) for _, top in out.logprobs]
+    return (P.chat_logprobs if chat else P.completion_logprobs)(pieces, out.logprobs, tops)
 
 
 def _served_by(response: Response, version: str | None) -> Response:

@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from moe_platform.serving.errors import InvalidRequestError
-from moe_platform.serving.sampling import SamplingParams
+from moe_platform.serving.sampling import MAX_LOGPROBS, SamplingParams
 
 MAX_N = 16
 MAX_STOP = 4
@@ -72,7 +72,13 @@ class _SamplingFields(_Strict):
             seed=seed,
             stop=[self.stop] if isinstance(self.stop, str) else (self.stop or []),
             ignore_eos=self.ignore_eos,
+            logprobs=self.logprobs_requested,
         )
+
+    @property
+    def logprobs_requested(self) -> int | None:
+        """How many alternatives each token's log-probability comes with (None: no log-probabilities)."""
+        return None
 
     @property
     def include_usage(self) -> bool:
@@ -86,14 +92,19 @@ class CompletionRequest(_SamplingFields):
                          Field(min_length=1, max_length=MAX_PROMPTS)])
     max_tokens: Annotated[int, Field(ge=1)] | None = 16
     echo: bool = False
-    logprobs: Annotated[int, Field(ge=0)] | None = None
+    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     best_of: Annotated[int, Field(ge=1)] | None = None
     suffix: str | None = None
 
+    @property
+    def logprobs_requested(self) -> int | None:
+        return self.logprobs
+
     def check(self) -> CompletionRequest:
         self._check_unsupported()
-        if self.logprobs is not None:
-            raise InvalidRequestError("logprobs are not supported by this server", param="logprobs")
+        if self.logprobs is not None and self.echo:
+            raise InvalidRequestError("logprobs of the prompt (echo with logprobs) are not supported by this server; "
+                                      "drop echo or logprobs", param="logprobs")
         if self.best_of not in (None, 1):
             raise InvalidRequestError("best_of > 1 is not supported by this server", param="best_of")
         if self.suffix:
@@ -139,15 +150,15 @@ class ChatCompletionRequest(_SamplingFields):
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     response_format: ResponseFormat | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
 
     def check(self) -> ChatCompletionRequest:
         self._check_unsupported()
-        if self.logprobs or self.top_logprobs is not None:
-            raise InvalidRequestError("logprobs are not supported by this server", param="logprobs")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise InvalidRequestError("top_logprobs needs logprobs set to true", param="top_logprobs")
         if self.tools:
             raise InvalidRequestError("tools are not supported by this server", param="tools")
         if self.max_tokens is not None and self.max_completion_tokens is not None and \
@@ -155,6 +166,10 @@ class ChatCompletionRequest(_SamplingFields):
             raise InvalidRequestError("max_tokens and max_completion_tokens disagree; send one of them",
                                       param="max_completion_tokens")
         return self
+
+    @property
+    def logprobs_requested(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -271,8 +286,39 @@ def completion_response(rid: str, model: str, created: int, choices: list[dict],
             "usage": use, "system_fingerprint": None}
 
 
-def completion_choice(index: int, text: str, finish_reason: str | None) -> dict:
-    return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+def completion_choice(index: int, text: str, finish_reason: str | None, logprobs: dict | None = None) -> dict:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def completion_logprobs(pieces: list[str], entries: list, top_pieces: list[list[str]], offset: int = 0) -> dict:
+    """The legacy completions `logprobs` object: token strings, their log-probabilities, the most likely
+    alternatives of each (token string -> log-probability) and where each token starts in the text."""
+    offsets = []
+    for piece in pieces:
+        offsets.append(offset)
+        offset += len(piece)
+    return {"tokens": pieces, "token_logprobs": [lp for lp, _ in entries],
+            "top_logprobs": [_first_of_each(names, [v for _, v in top])
+                             for names, (_, top) in zip(top_pieces, entries, strict=True)],
+            "text_offset": offsets}
+
+
+def _first_of_each(names: list[str], values: list[float]) -> dict[str, float]:
+    """name -> value, the first (most likely) one where two tokens have the same text."""
+    out: dict[str, float] = {}
+    for name, value in zip(names, values, strict=True):
+        out.setdefault(name, value)
+    return out
+
+
+def chat_logprobs(pieces: list[str], entries: list, top_pieces: list[list[str]]) -> dict:
+    """The chat `logprobs` object: per token its string, log-probability, UTF-8 bytes and top alternatives."""
+    def item(piece: str, lp: float) -> dict:
+        return {"token": piece, "logprob": lp, "bytes": list(piece.encode("utf-8", "surrogatepass"))}
+
+    return {"content": [{**item(piece, lp), "top_logprobs": [item(n, v) for n, (_, v) in zip(names, top,
+                                                                                                strict=True)]}
+                        for piece, (lp, top), names in zip(pieces, entries, top_pieces, strict=True)]}
 
 
 def chat_response(rid: str, model: str, created: int, choices: list[dict], use: dict) -> dict:
@@ -280,13 +326,13 @@ def chat_response(rid: str, model: str, created: int, choices: list[dict], use: 
             "usage": use, "system_fingerprint": None}
 
 
-def chat_choice(index: int, text: str, finish_reason: str | None) -> dict:
-    return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None,
+def chat_choice(index: int, text: str, finish_reason: str | None, logprobs: dict | None = None) -> dict:
+    return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
             "finish_reason": finish_reason}
 
 
-def chat_chunk_choice(index: int, delta: dict, finish_reason: str | None) -> dict:
-    return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+def chat_chunk_choice(index: int, delta: dict, finish_reason: str | None, logprobs: dict | None = None) -> dict:
+    return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
 def chunk(rid: str, obj: str, model: str, created: int, choices: list[dict], use: dict | None = None) -> dict:

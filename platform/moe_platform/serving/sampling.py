@@ -16,6 +16,7 @@ import torch
 from moe_platform.checks import requirer
 
 MAX_STOP_STRINGS = 16
+MAX_LOGPROBS = 20
 
 
 @dataclass
@@ -27,6 +28,8 @@ class SamplingParams:
     seed: int | None = field(default=None, metadata={"doc": "seed of this request's sampler; None draws one"})
     stop: Sequence[str] = field(default=(), metadata={"doc": "strings that end the completion (not included)"})
     ignore_eos: bool = field(default=False, metadata={"doc": "keep generating after the end-of-text token"})
+    logprobs: int | None = field(default=None, metadata={"doc": "return each generated token's log-probability "
+                                                                "and the N most likely alternatives (None: none)"})
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -57,6 +60,9 @@ class SamplingParams:
         for s in self.stop:
             need(isinstance(s, str) and len(s) > 0, f"stop strings must be non-empty strings, got {s!r}")
         need(isinstance(self.ignore_eos, bool), f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+        if self.logprobs is not None:
+            need(_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS,
+                 f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
 
 
 def _is_int(x) -> bool:
@@ -114,3 +120,22 @@ def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     # Rounding can put the target at the very end; fall back to the last token that has any probability.
     last_nonzero = (probs > 0).long().cumsum(-1).argmax(-1)
     return torch.minimum(idx, last_nonzero)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], tops: Sequence[int | None]
+                   ) -> list[tuple[float, list[tuple[int, float]]] | None]:
+    """For each row of logits (B, V): the log-probability of `tokens[i]` under the model's distribution (the
+    log-softmax of the raw logits, before temperature and filtering, as vLLM reports it) and the `tops[i]` most
+    likely (token, log-probability) pairs; None for rows with tops[i] None."""
+    rows = [i for i, k in enumerate(tops) if k is not None]
+    out: list = [None] * len(tops)
+    if not rows:
+        return out
+    lp = torch.log_softmax(logits[rows].float(), dim=-1)
+    k = max(tops[i] for i in rows)
+    values, ids = torch.topk(lp, k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())
+    chosen = lp.gather(-1, torch.tensor([[tokens[i]] for i in rows])).squeeze(-1).tolist()
+    values, ids = values.tolist(), ids.tolist()
+    for j, i in enumerate(rows):
+        out[i] = (chosen[j], list(zip(ids[j][:tops[i]], values[j][:tops[i]], strict=True)))
+    return out
