@@ -216,6 +216,8 @@ def test_rayservice_serve_config_matches_serve_config_yaml():
                {k: v for k, v in b["args"].items() if k != "model"}
         for da, db in zip(a["deployments"], b["deployments"], strict=True):
             assert da["user_config"]["model"] == a["args"]["model"]
+            # and the GPU each replica runs on in the cluster (the local config runs on CPUs)
+            assert (da["ray_actor_options"].pop("num_gpus"), db["ray_actor_options"].pop("num_gpus")) == (1, 0)
             assert {k: v for k, v in da.items() if k != "user_config"} == \
                    {k: v for k, v in db.items() if k != "user_config"}
 

@@ -409,3 +409,17 @@ def test_logprobs_match_transformers_log_softmax(export_dir, prompts):
             assert all(tok == top[0][0] for tok, (_, top) in zip(tokens[rid], got[rid], strict=True))
     with pytest.raises(ValueError, match=r"logprobs must be an integer in \[0, 20\]"):
         SamplingParams(logprobs=21)
+
+
+def test_device_option(export_dir):
+    import torch
+
+    assert Engine.from_pretrained(export_dir, device="cpu").device == torch.device("cpu")
+    if not torch.cuda.is_available():
+        assert Engine.from_pretrained(export_dir).device == torch.device("cpu")  # auto without a GPU
+        with pytest.raises(ValueError, match=r"device 'cuda': no such CUDA device here \(0 visible\)"):
+            Engine.from_pretrained(export_dir, device="cuda")
+    with pytest.raises(ValueError, match="dtype float16 needs device cuda"):
+        Engine.from_pretrained(export_dir, device="cpu", dtype="float16")
+    with pytest.raises(ValueError, match="device must be auto, cpu, cuda or cuda:N, got 'gpu'"):
+        Engine.from_pretrained(export_dir, device="gpu")

@@ -103,6 +103,7 @@ class AppArgs(BaseModel):
     max_ongoing_requests: int = Field(384, ge=1, description="requests a replica holds at once (Serve)")
     max_queued_requests: int = Field(512, ge=-1, description="requests Serve queues per caller before 429")
     num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per replica")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per replica (engine.device auto then uses one)")
     priority_over_training: bool = Field(True, description="reserve replica resources ahead of elastic training "
                                                            "jobs on the cluster (moe_platform.cluster.arbiter)")
 
@@ -136,7 +137,7 @@ class AppArgs(BaseModel):
         opts: dict = {
             "max_ongoing_requests": self.max_ongoing_requests,
             "max_queued_requests": self.max_queued_requests,
-            "ray_actor_options": {"num_cpus": self.num_cpus},
+            "ray_actor_options": {"num_cpus": self.num_cpus, **({"num_gpus": self.num_gpus} if self.num_gpus else {})},
         }
         if (self.min_replicas is None) != (self.max_replicas is None):
             raise ValueError("set both min_replicas and max_replicas to autoscale (or neither)")

@@ -70,7 +70,9 @@ class EngineConfig:
         default=512, metadata={"doc": "prompt tokens prefilled per step at most (long prompts are chunked)"})
     max_waiting: int = field(default=256, metadata={"doc": "queued (not yet admitted) requests before rejecting"})
     max_seq_len: int = field(default=0, metadata={"doc": "context window; 0 takes the model's max_seq_len"})
-    dtype: str = field(default="float32", metadata={"doc": "weights, activations and KV cache: float32 or bfloat16"})
+    device: str = field(default="auto", metadata={"doc": "auto (cuda when one is visible), cpu, cuda or cuda:N"})
+    dtype: str = field(default="float32", metadata={"doc": "weights, activations and KV cache: float32, bfloat16 "
+                                                           "or float16 (float16 on CUDA only)"})
     num_threads: int = field(default=0, metadata={"doc": "torch intra-op threads; 0 keeps torch's setting"})
     seed: int = field(default=0, metadata={"doc": "seeds the per-request seeds of requests that bring none"})
     max_loras: int = field(default=0, metadata={"doc": "LoRA adapters held at once (0: none; see load_adapter)"})
@@ -88,10 +90,27 @@ class EngineConfig:
         need(isinstance(self.max_seq_len, int) and self.max_seq_len >= 0,
              f"max_seq_len must be an integer >= 0, got {self.max_seq_len!r}")
         need(self.dtype in _DTYPES, f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        need(isinstance(self.device, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
+             f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         need(isinstance(self.max_loras, int) and not isinstance(self.max_loras, bool) and self.max_loras >= 0,
              f"max_loras must be an integer >= 0, got {self.max_loras!r}")
         need(isinstance(self.num_threads, int) and self.num_threads >= 0,
              f"num_threads must be an integer >= 0, got {self.num_threads!r}")
+
+    def torch_device(self) -> torch.device:
+        """The device the engine runs on (`auto`: the first visible CUDA device, else the CPU); a CUDA device that
+        is not there, float16 on the CPU or LoRA adapters on CUDA are errors naming the option."""
+        need = requirer("engine option")
+        device = torch.device("cuda" if self.device == "auto" and torch.cuda.is_available() else
+                              "cpu" if self.device == "auto" else self.device)
+        if device.type == "cuda":
+            need(torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count(),
+                 f"device {self.device!r}: no such CUDA device here ({torch.cuda.device_count()} visible); give the "
+                 f"replica a GPU (num_gpus) or use device: cpu")
+            need(not self.max_loras, "LoRA adapters (max_loras) are served on the CPU only for now; use device: cpu")
+        need(device.type == "cuda" or self.dtype != "float16", "dtype float16 needs device cuda; on the CPU use "
+                                                               "float32 or bfloat16")
+        return device
 
     @classmethod
     def from_options(cls, **options) -> EngineConfig:
@@ -183,9 +202,11 @@ class Engine:
         self.keepalive: object = None  # whatever owns the memory the weights live in (see from_state_dict)
         self.max_seq_len = min(self.config.max_seq_len or self.args.max_seq_len, self.args.max_seq_len)
         self._dtype = next(model.parameters()).dtype
+        self.device = next(model.parameters()).device
         # Right padding of a prefill chunk writes up to `prefill_token_budget` positions past the prompt.
         self.cache = ServingKVCache(self.args, self.config.max_batch_size,
-                                    self.max_seq_len + self.config.prefill_token_budget, dtype=self._dtype)
+                                    self.max_seq_len + self.config.prefill_token_budget, dtype=self._dtype,
+                                    device=self.device)
         self.scheduler = Scheduler(self.cache, self.config.max_batch_size, self.config.prefill_token_budget)
         self._rng = random.Random(self.config.seed)
         self._moe_layers = model.moe_layers()
@@ -229,7 +250,7 @@ class Engine:
         config = EngineConfig.from_options(**options)
         model_dir = Path(model_dir)
         args, state = load_hf(model_dir)
-        model = build_model(args, dtype=_DTYPES[config.dtype], seed=0)
+        model = build_model(args, device=config.torch_device(), dtype=_DTYPES[config.dtype], seed=0)
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ValueError(f"{model_dir}: weights do not match the model config (missing {sorted(missing)[:5]}, "
@@ -261,7 +282,7 @@ class Engine:
         state = dict(state)
         if args.tie_word_embeddings and "lm_head.weight" not in state and "model.embed_tokens.weight" in state:
             state["lm_head.weight"] = state["model.embed_tokens.weight"]
-        model = build_model(args, dtype=_DTYPES[config.dtype], seed=0)
+        model = build_model(args, device=config.torch_device(), dtype=_DTYPES[config.dtype], seed=0)
         expected = model.state_dict()
         missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
         bad_shapes = sorted(k for k in set(expected) & set(state) if tuple(state[k].shape) != tuple(expected[k].shape))
@@ -502,8 +523,9 @@ class Engine:
         last = torch.tensor([c.length - 1 for c in chunks])
         if self.adapters is not None:
             self.adapters.batch.set([c.seq.adapter_slot for c in chunks], width)
+        tokens, positions, last = tokens.to(self.device), positions.to(self.device), last.to(self.device)
         self.cache.bind_rows([c.seq.slot for c in chunks], positions, self._dtype)
-        logits = self.model(tokens, positions, self.cache, logits_at=last)  # (rows, vocab)
+        logits = self.model(tokens, positions, self.cache, logits_at=last).float().cpu()  # (rows, vocab), sampled here
         self._count_expert_load()
         self._counters["prefill_forwards"] += 1
         for c in chunks:
@@ -521,12 +543,12 @@ class Engine:
                 self.scheduler.prefill_done(seq)
 
     def _run_decode(self, batch: list[Seq], outputs: list[RequestOutput]) -> None:
-        tokens = torch.tensor([[s.output_ids[-1]] for s in batch])  # (D, 1)
-        positions = torch.tensor([[s.num_computed] for s in batch])  # the last token's position
+        tokens = torch.tensor([[s.output_ids[-1]] for s in batch], device=self.device)  # (D, 1)
+        positions = torch.tensor([[s.num_computed] for s in batch], device=self.device)  # the last token's position
         if self.adapters is not None:
             self.adapters.batch.set([s.adapter_slot for s in batch], 1)
         cache = self.cache.bind_rows(list(range(len(batch))), positions, self._dtype)
-        logits = self.model(tokens, positions, cache)[:, -1]  # (D, 1, vocab) -> (D, vocab)
+        logits = self.model(tokens, positions, cache)[:, -1].float().cpu()  # (D, 1, vocab) -> (D, vocab)
         self._count_expert_load()
         self._counters["decode_forwards"] += 1
         for seq in batch:
@@ -539,7 +561,7 @@ class Engine:
 
     def _count_expert_load(self) -> None:
         for i, moe in enumerate(self._moe_layers):
-            self._expert_load[i] += moe.last_tokens_per_expert.to(self._expert_load.dtype)
+            self._expert_load[i] += moe.last_tokens_per_expert.to("cpu", self._expert_load.dtype)
 
     def _append_token(self, seq: Seq, token: int, now: float, outputs: list[RequestOutput],
                       logprob: tuple[float, list[tuple[int, float]]] | None = None) -> bool:
@@ -720,7 +742,7 @@ class Engine:
             ids = self.encode(text)[: self.max_seq_len]
             if len(ids) < 2:
                 continue
-            tokens = torch.tensor([ids])
+            tokens = torch.tensor([ids], device=self.device)
             with self._step_lock:
                 if self.adapters is not None:
                     self.adapters.batch.set([-1], len(ids) - 1)  # the base model

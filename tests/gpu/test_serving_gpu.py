@@ -1,0 +1,57 @@
+"""The serving engine on CUDA (engine.device) against the CPU fp32 engine on the same export: fp32 greedy tokens and
+log-probabilities of a continuously batched set of requests, and the bf16/fp16 models' loss on held-out text.
+Skipped without CUDA."""
+
+from __future__ import annotations
+
+import pytest
+
+from moe_platform.checkpoint.hf import export_hf
+from moe_platform.model.args import ModelArgs
+from moe_platform.model.transformer import build_model
+from moe_platform.serving.engine import Engine, SamplingParams
+from moe_platform.tokenizer import save_tokenizer, train_tokenizer
+from tinyrun import corpus_text
+
+pytestmark = pytest.mark.gpu
+PROMPTS = ["ROMEO:", "JULIET:\nO Romeo, Romeo! wherefore art thou", "First Citizen:\nBefore we proceed", "a"]
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory):
+    text = corpus_text(200_000)
+    tok = train_tokenizer([text[i:i + 2000] for i in range(0, len(text), 2000)], 512)
+    tok_dir = save_tokenizer(tok, tmp_path_factory.mktemp("tok"), model_max_length=256)
+    args = ModelArgs(vocab_size=tok.get_vocab_size(), dim=128, n_layers=2, n_heads=4, n_kv_heads=2,
+                     intermediate_size=256, num_experts=8, top_k=2, max_seq_len=256, init_std=0.1)
+    return export_hf(build_model(args, seed=0).state_dict(), args, tmp_path_factory.mktemp("export"),
+                     tokenizer_dir=tok_dir)
+
+
+def run(engine: Engine) -> list[tuple[list[int], list[float]]]:
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True, logprobs=0)
+    ids = [engine.add_request(p, params) for p in PROMPTS]
+    got = {i: ([], []) for i in ids}
+    while engine.has_unfinished():
+        for out in engine.step():
+            got[out.request_id][0].extend(out.token_ids)
+            got[out.request_id][1].extend(lp for lp, _ in out.logprobs or [])
+    return [got[i] for i in ids]
+
+
+def test_fp32_on_cuda_generates_what_the_cpu_does(export_dir):
+    cpu = run(Engine.from_pretrained(export_dir, device="cpu", max_batch_size=4, batch_wait_timeout_s=0.0))
+    engine = Engine.from_pretrained(export_dir, device="cuda", max_batch_size=4, batch_wait_timeout_s=0.0)
+    assert engine.device.type == "cuda" and engine.cache.k.device.type == "cuda"
+    cuda = run(engine)
+    for (want_ids, want_lp), (ids, lp) in zip(cpu, cuda, strict=True):
+        assert ids == want_ids
+        assert max(abs(a - b) for a, b in zip(lp, want_lp, strict=True)) < 1e-3
+
+
+@pytest.mark.parametrize("dtype, tol", [("bfloat16", 0.03), ("float16", 0.01)])
+def test_half_precision_on_cuda_keeps_the_loss(export_dir, dtype, tol):
+    texts = [corpus_text(300_000)[200_000 + i * 500:200_000 + i * 500 + 400] for i in range(8)]
+    want = Engine.from_pretrained(export_dir, device="cpu").score(texts)
+    got = Engine.from_pretrained(export_dir, device="cuda", dtype=dtype).score(texts)
+    assert abs(got - want) / want < tol, (got, want)
