@@ -49,6 +49,7 @@ from moe_platform.serving.errors import (
     InvalidRequestError,
     NotFoundError,
 )
+from moe_platform.serving.quant import QUANTIZATIONS, quantize_model
 from moe_platform.serving.sampling import SamplingParams, make_generator, sample_tokens, token_logprobs
 from moe_platform.serving.scheduler import PrefillGroup, Scheduler, SeqStatus
 from moe_platform.serving.scheduler import SequenceState as Seq
@@ -73,6 +74,8 @@ class EngineConfig:
     device: str = field(default="auto", metadata={"doc": "auto (cuda when one is visible), cpu, cuda or cuda:N"})
     dtype: str = field(default="float32", metadata={"doc": "weights, activations and KV cache: float32, bfloat16 "
                                                            "or float16 (float16 on CUDA only)"})
+    quantization: str = field(default="none", metadata={"doc": "none or int8 (weight-only: attention, shared and "
+                                                                 "routed experts; serving/quant.py)"})
     num_threads: int = field(default=0, metadata={"doc": "torch intra-op threads; 0 keeps torch's setting"})
     seed: int = field(default=0, metadata={"doc": "seeds the per-request seeds of requests that bring none"})
     max_loras: int = field(default=0, metadata={"doc": "LoRA adapters held at once (0: none; see load_adapter)"})
@@ -92,6 +95,10 @@ class EngineConfig:
         need(self.dtype in _DTYPES, f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
         need(isinstance(self.device, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
              f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        need(self.quantization in QUANTIZATIONS, f"quantization must be one of {list(QUANTIZATIONS)}, got "
+                                                 f"{self.quantization!r}")
+        need(self.quantization == "none" or not self.max_loras, "quantization and LoRA adapters (max_loras) do not "
+                                                                "go together yet; serve adapters unquantized")
         need(isinstance(self.max_loras, int) and not isinstance(self.max_loras, bool) and self.max_loras >= 0,
              f"max_loras must be an integer >= 0, got {self.max_loras!r}")
         need(isinstance(self.num_threads, int) and self.num_threads >= 0,
@@ -255,6 +262,7 @@ class Engine:
         if missing or unexpected:
             raise ValueError(f"{model_dir}: weights do not match the model config (missing {sorted(missing)[:5]}, "
                              f"unexpected {sorted(unexpected)[:5]})")
+        quantize_model(model, config.quantization)
         tokenizer = load_tokenizer(model_dir)
         return cls(model, tokenizer, model_stop_ids(tokenizer, model_dir), config, ChatTemplate.from_dir(model_dir),
                    str(model_dir))
@@ -292,6 +300,7 @@ class Engine:
         placed = {k: t if (t.dtype, t.device) == (expected[k].dtype, expected[k].device) else t.to(expected[k])
                   for k, t in state.items()}
         model.load_state_dict(placed, strict=True, assign=True)
+        quantize_model(model, config.quantization)
         tokenizer = Tokenizer.from_str(_text(files["tokenizer.json"]))
         eos = stop_token_ids(tokenizer, [json.loads(_text(files[n])) for n in MODEL_CONFIG_FILES if n in files],
                              source)
