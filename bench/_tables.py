@@ -177,8 +177,21 @@ def rollout(d: dict) -> str:
             f"{'met' if d['met'] else 'not met'}")
 
 
+def quant(d: dict) -> str:
+    rows = [[r["variant"], f"{r['perplexity']:.3f}", f"**{r['perplexity_vs_fp32']:.4f}**" if r["variant"] == "int8"
+             else f"{r['perplexity_vs_fp32']:.4f}", f"{r['weight_bytes'] / 2**20:.1f}", f"{r['bytes_vs_fp32']:.3f}",
+             f"{r['tokens_per_s']:.0f}", f"{r['tokens_per_s_vs_fp32']:.3f}"] for r in d["results"]]
+    table = _table(["weights", "held-out perplexity", "÷ float32", "weight MiB", "÷ float32", "decode tokens/s",
+                    "÷ float32"], rows)
+    a = d["args"]
+    return (f"{table}\n\n{a['steps']} training steps; {a['held_out_texts']} held-out pieces of 600 characters; "
+            f"{a['prompts']} prompts × {a['tokens']} tokens decoded together, best of {a['rounds']} rounds, "
+            f"{a['threads']} torch threads. Target ({d['target']}): {'met' if d['met'] else 'not met'}")
+
+
 RENDER = {"moe_layer": moe_layer, "memory": memory, "lora": lora, "layouts": layouts, "checkpoint": checkpoint,
-          "ray_overhead": ray_overhead, "goodput": goodput, "serve": serve, "rollout": rollout}
+          "ray_overhead": ray_overhead, "goodput": goodput, "serve": serve, "rollout": rollout,
+          "quant": quant}
 
 
 def render(name: str, docs: Path = DOCS) -> str:

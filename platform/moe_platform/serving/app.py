@@ -495,17 +495,28 @@ class MoEServer:
                     self._split = split  # at a request boundary: each request reads the split once
                 except RolloutError as e:
                     await self._refuse(f"user_config.traffic is not applied: {e}")
+                except Exception as e:  # noqa: BLE001 - a controller that is away must not fail the replica
+                    logger.warning("the rollout controller did not take the new split (%s); it applies here", e)
+                    self._split = split
         section = config.get("rollout")
         try:
             section = read_probe_file(section, self._base_dir) if section is not None else None
         except RolloutError as e:
             return await self._refuse(f"user_config.rollout is not applied: {e}")
         # every replica hands the section over; the controller applies a given section once and records conflicts
-        await ask(self._controller.declare.remote(section, "serve deploy"))
+        await self._tell(self._controller.declare.remote(section, "serve deploy"))
 
     async def _refuse(self, reason: str) -> None:
         logger.error("%s", reason)
-        await rollout_controller.ask(self._controller.refuse.remote(reason, "serve deploy"))
+        await self._tell(self._controller.refuse.remote(reason, "serve deploy"))
+
+    @staticmethod
+    async def _tell(ref) -> None:
+        """A controller call from `reconfigure`, which must not fail the replica (Serve would restart it)."""
+        try:
+            await rollout_controller.ask(ref)
+        except Exception as e:  # noqa: BLE001 - see the docstring
+            logger.error("the rollout controller did not take the app's config: %s", e)
 
     def _sync_adapters(self, engine: Engine, declared: dict[str, str]) -> None:
         """Make `engine`'s adapters exactly `declared`: unload the others (their requests finish), load the new."""
