@@ -207,6 +207,7 @@ class Engine:
         self.chat_template = chat_template or ChatTemplate()
         self.model_dir = model_dir  # where the model came from: an export directory or e.g. registry://NAME@VERSION
         self.keepalive: object = None  # whatever owns the memory the weights live in (see from_state_dict)
+        self._fingerprint: dict | None = None
         self.max_seq_len = min(self.config.max_seq_len or self.args.max_seq_len, self.args.max_seq_len)
         self._dtype = next(model.parameters()).dtype
         self.device = next(model.parameters()).device
@@ -763,10 +764,13 @@ class Engine:
         return total / count
 
     def base_fingerprint(self) -> dict:
-        """What must match between two versions that share traffic: the architecture and the tokenizer."""
-        vocab = json.dumps(sorted(self.tokenizer.get_vocab().items()))
-        return {"architecture": self.args.hf_architecture, "vocab_size": self.args.vocab_size,
-                "tokenizer": hashlib.blake2b(vocab.encode(), digest_size=8).hexdigest()}
+        """What must match between two versions that share traffic: the architecture and the tokenizer (hashed once
+        per engine: replicas report it every metrics interval)."""
+        if self._fingerprint is None:
+            vocab = json.dumps(sorted(self.tokenizer.get_vocab().items()))
+            self._fingerprint = {"architecture": self.args.hf_architecture, "vocab_size": self.args.vocab_size,
+                                 "tokenizer": hashlib.blake2b(vocab.encode(), digest_size=8).hexdigest()}
+        return dict(self._fingerprint)
 
     # -- statistics ----------------------------------------------------------------------------------------------
     def stats(self) -> dict:
