@@ -189,9 +189,27 @@ def quant(d: dict) -> str:
             f"{a['threads']} torch threads. Target ({d['target']}): {'met' if d['met'] else 'not met'}")
 
 
+def guidellm(d: dict) -> str:
+    rows = []
+    for r in d["results"]:
+        g, o, k = r["guidellm"], r["ours"], r["ratio"]
+        rows.append([f"{r['rate']:g}", f"{g['requests']:g} / {o['requests']:g}",
+                     f"{g['prompt_tokens']:g} / {o['prompt_tokens']:g}",
+                     f"{g['output_tokens']:g} / {o['output_tokens']:g}",
+                     f"{g['mean_latency_s'] * 1e3:.1f} / {o['mean_latency_s'] * 1e3:.1f}", f"{k['mean_latency_s']:.3f}",
+                     f"{g['mean_ttft_s'] * 1e3:.1f} / {o['mean_ttft_s'] * 1e3:.1f}", f"{k['mean_ttft_s']:.3f}"])
+    table = _table(["rate (req/s)", "requests", "prompt tokens", "output tokens", "mean latency ms",
+                    "latency ratio", "mean TTFT ms", "TTFT ratio"], rows)
+    a = d["args"]
+    return (f"{table}\n\nEach cell: guidellm {d['guidellm_version']} (client) / ours (/metrics); ratios are "
+            f"guidellm ÷ ours. {a['requests']} streamed requests per rate, {a['prompt_tokens']} prompt and "
+            f"{a['output_tokens']} output tokens. Prompt and output tokens per request agree at every rate: "
+            f"{'yes' if d['counts_agree'] else 'no'}")
+
+
 RENDER = {"moe_layer": moe_layer, "memory": memory, "lora": lora, "layouts": layouts, "checkpoint": checkpoint,
           "ray_overhead": ray_overhead, "goodput": goodput, "serve": serve, "rollout": rollout,
-          "quant": quant}
+          "quant": quant, "guidellm": guidellm}
 
 
 def render(name: str, docs: Path = DOCS) -> str:
