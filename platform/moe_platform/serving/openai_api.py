@@ -87,7 +87,7 @@ class OpenAIFrontend:
         chooses the model version of a request where several are served (NotFoundError for an unknown pin);
         without it `engine_ref()` serves every request and no version can be pinned. `observe(version, HTTP status,
         seconds)` hears of every finished completion request. `rollout(action, body)` carries out the admin
-        route's rollout commands (start, status, promote, abort); without it that route is 404."""
+        route's rollout commands (start, status, promote, abort, traffic); without it that route is 404."""
         if max_body_bytes < 1024:
             raise ValueError(f"max_body_bytes must be >= 1024, got {max_body_bytes}")
         self.engine_ref = engine_ref
