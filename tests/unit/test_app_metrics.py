@@ -8,9 +8,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from moe_platform.serving.app_metrics import AppMetrics
 
 
-def engine(running, waiting=0, slots=8, prompt=0, generated=0) -> dict:
-    return {"running": running, "waiting": waiting, "num_slots": slots, "prompt_tokens": prompt,
-            "generated_tokens": generated}
+def engine(running, waiting=0, blocks=8, prompt=0, generated=0, queries=0, hits=0, preempted=0) -> dict:
+    return {"running": running, "waiting": waiting, "kv_cache_used": running, "kv_cache_capacity": blocks,
+            "prompt_tokens": prompt, "generated_tokens": generated, "prefix_cache_queries": queries,
+            "prefix_cache_hits": hits, "num_preemptions": preempted}
 
 
 def parsed(text: str) -> dict:
@@ -24,14 +25,17 @@ def parsed(text: str) -> dict:
 
 def test_sums_over_live_replicas_and_keeps_counts_of_replaced_engines_and_gone_replicas():
     m = AppMetrics('m"1', replica_ttl_s=10)
-    m.report("r1", 0, {"stable": engine(3, 1, prompt=10, generated=100), "canary": engine(1, prompt=2, generated=7)},
+    m.report("r1", 0, {"stable": engine(3, 1, prompt=10, generated=100, queries=64, hits=48, preempted=2),
+                       "canary": engine(1, prompt=2, generated=7, queries=16)},
              {"stable": {"requests": 4, "errors": 1, "latency": [0.4, 2.0, 9.0], "ttft": [0.003, 0.05]}})
-    m.report("r2", 1, {"stable": engine(2, 2, slots=4, generated=50)}, {})
+    m.report("r2", 1, {"stable": engine(2, 2, blocks=4, generated=50)}, {})
     got = parsed(m.render(2))
     assert got[("vllm:num_requests_running", None)] == 6 and got[("vllm:num_requests_waiting", None)] == 3
     assert got[("vllm:kv_cache_usage_perc", None)] == got[("vllm:gpu_cache_usage_perc", None)] == 6 / 20
     assert got[("vllm:generation_tokens_total", None)] == 157 and got[("vllm:prompt_tokens_total", None)] == 12
     assert got[("vllm:request_success_total", None)] == 3
+    assert got[("vllm:prefix_cache_queries_total", None)] == 80 and got[("vllm:prefix_cache_hits_total", None)] == 48
+    assert got[("vllm:gpu_prefix_cache_hit_rate", None)] == 48 / 80 and got[("vllm:num_preemptions_total", None)] == 2
     assert got[("vllm:e2e_request_latency_seconds_bucket", "0.5")] == 1
     assert got[("vllm:e2e_request_latency_seconds_bucket", "2.0")] == 2
     assert got[("vllm:e2e_request_latency_seconds_bucket", "+Inf")] == 3

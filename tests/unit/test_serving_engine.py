@@ -21,7 +21,7 @@ from moe_platform.serving.errors import (
     InvalidRequestError,
 )
 from moe_platform.serving.sampling import sample_tokens
-from moe_platform.serving.scheduler import Scheduler, SequenceState, bucket_of
+from moe_platform.serving.scheduler import SequenceState, SlotScheduler, bucket_of
 from moe_platform.tokenizer import save_tokenizer, train_tokenizer
 from tinyrun import corpus_text
 
@@ -81,10 +81,122 @@ def hf_greedy(export_dir, prompts):
     {"max_batch_size": 8, "prefill_token_budget": 512},  # one step admits and prefills everything
     {"max_batch_size": 2, "prefill_token_budget": 32},  # queueing, joins/leaves, chunked prompts
     {"max_batch_size": 3, "prefill_token_budget": 7},  # chunks smaller than every bucket
+    {"max_batch_size": 8, "prefill_token_budget": 32, "block_size": 4},  # chunks and blocks cross each other
+    {"max_batch_size": 2, "prefill_token_budget": 32, "kv_cache_layout": "slots"},  # one slot per sequence
+    {"max_batch_size": 3, "prefill_token_budget": 7, "kv_cache_layout": "slots"},
 ])
 def test_greedy_matches_transformers_generate(export_dir, prompts, hf_greedy, options):
     engine = Engine.from_pretrained(export_dir, batch_wait_timeout_s=0.0, **options)
     assert run_all(engine, [(p, GREEDY) for p in prompts]) == hf_greedy
+    # Paged: the blocks of finished requests are free again, their full blocks still cached for later prefixes.
+    assert engine.stats()["kv_cache_used"] == 0
+
+
+def test_preemption_recomputes_and_stays_token_identical(export_dir, engine, prompts, hf_greedy):
+    """KV memory for barely more than one full-length sequence: requests are admitted while blocks are free, the
+    newest are preempted when decodes run out of blocks, and every output is still transformers' greedy one."""
+    from moe_platform.serving.cache import PagedKVCache
+
+    per_block = PagedKVCache.bytes_per_token(engine.args, torch.float32) * 4
+    engine = Engine.from_pretrained(export_dir, batch_wait_timeout_s=0.0, max_batch_size=8, block_size=4,
+                                    max_seq_len=160, kv_cache_memory_bytes=48 * per_block)
+    assert engine.stats()["kv_cache_capacity"] == 48
+    assert sum(-(-(len(p) + GREEDY.max_tokens) // 4) for p in prompts) > 60  # all of them do not fit at once
+    peak = 0
+    ids = [engine.add_request(p, GREEDY) for p in prompts]
+    tokens: dict[str, list[int]] = {i: [] for i in ids}
+    while engine.has_unfinished():
+        for out in engine.step():
+            assert out.finish_reason in (None, "length")
+            tokens[out.request_id] += out.token_ids
+        peak = max(peak, engine.stats()["running"])
+        assert engine.stats()["kv_cache_used"] <= 48
+    assert [tokens[i] for i in ids] == hf_greedy
+    assert engine.stats()["num_preemptions"] > 0 and peak >= 2
+    with pytest.raises(ValueError, match=r"kv_cache_memory_bytes=\d+ holds 39 KV blocks of 4 tokens .* one "
+                                         r"sequence of max_seq_len 160 needs 40"):
+        Engine.from_pretrained(export_dir, block_size=4, max_seq_len=160, kv_cache_memory_bytes=39 * per_block)
+
+
+def test_prefix_cache_hits_are_token_identical_and_counted(export_dir, engine):
+    """A shared system prompt and a multi-turn chat: later requests take the cached blocks of the earlier ones'
+    prefix (counted in the hit rate), compute only the rest, and generate transformers' greedy tokens."""
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(export_dir, dtype=torch.float32).eval()
+    system = engine.encode("You are a helpful assistant who speaks like a Shakespearean actor. " * 3)
+    turns = [system + engine.encode(q) for q in ("ROMEO: what light", "JULIET: O Romeo", "KING: now is the")]
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    cached = Engine.from_pretrained(export_dir, batch_wait_timeout_s=0.0, block_size=8)
+    first = run_all(cached, [(turns[0], params)])[0]
+    before = cached.stats()
+    # A follow-up turn holding the whole first exchange, and two other users' questions under the same system prompt.
+    follow_up = turns[0] + first + engine.encode(" and then?")
+    later = run_all(cached, [(follow_up, params), (turns[1], params), (turns[2], params)])
+    stats = cached.stats()
+    hits = stats["prefix_cache_hits"] - before["prefix_cache_hits"]
+    assert hits >= 8 * ((len(turns[0]) + len(first)) // 8) + 2 * 8 * (len(system) // 8) - 3 * 8
+    assert stats["prefix_cache_queries"] > hits > 0
+    for prompt, got in zip([turns[0], follow_up, turns[1], turns[2]], [first, *later], strict=True):
+        with torch.no_grad():
+            want = hf.generate(torch.tensor([prompt]), max_new_tokens=12, min_new_tokens=12, do_sample=False,
+                               eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+        assert got == want
+    off = Engine.from_pretrained(export_dir, batch_wait_timeout_s=0.0, block_size=8, enable_prefix_caching=False)
+    assert run_all(off, [(follow_up, params), (turns[1], params)]) == later[:2]
+    assert off.stats()["prefix_cache_hits"] == 0
+
+
+def test_block_pool_lru_eviction_and_hit_rate():
+    from moe_platform.serving.kv_blocks import BlockPool, block_hashes
+
+    pool = BlockPool(5, 2)  # 4 usable blocks of 2 tokens
+    a = block_hashes([1, 2, 3, 4, 5], 2, None, [])
+    assert len(a) == 2 and block_hashes([1, 2, 3, 4], 2, "lora-x", []) != a  # adapters do not share blocks
+    blocks = pool.allocate(3)
+    assert blocks == [1, 2, 3] and pool.num_free == 1 and pool.usage() == 0.75
+    pool.register(blocks[0], a[0])
+    pool.register(blocks[1], a[1])
+    assert pool.lookup(a, 2) == blocks[:2] and pool.lookup(block_hashes([1, 2, 9, 9], 2, None, []), 2) == blocks[:1]
+    pool.free(blocks[::-1])  # tail first: block 2 is evicted before block 1
+    assert pool.num_free == 4 and pool.num_cached == 2 and pool.usage() == 0
+    pool.acquire(pool.lookup(a, 2), 4)
+    assert pool.hit_rate() == 1.0 and pool.num_free == 2
+    pool.free([2, 1])
+    assert pool.allocate(3) == [3, 4, 2] and pool.evictions == 1 and pool.lookup(a, 2) == [1]
+    assert pool.allocate(2) is None and pool.num_free == 1  # nothing taken when too few are free
+    assert pool.reset_prefix_cache() == 1 and pool.lookup(a, 2) == []
+    pool.acquire([], 6)
+    assert pool.hit_rate() == 4 / 10
+
+
+def test_int8_kv_cache_stays_close(export_dir, prompts):
+    """kv_cache_dtype int8 (per-token, per-head scales): about a third of the float32 cache's bytes, and each greedy
+    token's log-probability within 0.02 of the float32 cache's while the two agree on the tokens (this random-weight
+    model's next-token distribution is nearly flat, so argmax ties flip easily later on)."""
+    full = Engine.from_pretrained(export_dir, batch_wait_timeout_s=0.0)
+    int8 = Engine.from_pretrained(export_dir, batch_wait_timeout_s=0.0, kv_cache_dtype="int8")
+    assert int8.cache.nbytes < 0.35 * full.cache.nbytes
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=1)
+    agreed = 0
+    for prompt in prompts[:3]:
+        outs = []
+        for engine in (full, int8):
+            engine.add_request(prompt, params)
+            got = []
+            while engine.has_unfinished():
+                got += [(t, lp) for o in engine.step() for t, (lp, _) in zip(o.token_ids, o.logprobs, strict=True)]
+            outs.append(got)
+        for (t_full, lp_full), (t_int8, lp_int8) in zip(*outs, strict=True):
+            if t_full != t_int8:
+                break
+            assert abs(lp_full - lp_int8) < 0.02
+            agreed += 1
+    assert agreed >= 9
+    with pytest.raises(ValueError, match="kv_cache_dtype fp8 needs device cuda"):
+        Engine.from_pretrained(export_dir, device="cpu", kv_cache_dtype="fp8")
+    with pytest.raises(ValueError, match="kv_cache_dtype int8 and fp8 need kv_cache_layout paged"):
+        Engine.from_pretrained(export_dir, kv_cache_dtype="int8", kv_cache_layout="slots")
 
 
 def test_generate_text_matches_transformers_with_eos(export_dir, engine, prompts):
@@ -146,7 +258,7 @@ def test_max_batch_size_bounds_the_running_batch(export_dir, prompts):
 def test_prefill_is_bucketed_and_budgeted():
     args = ModelArgs(vocab_size=64, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, num_experts=2, top_k=1,
                      intermediate_size=8, max_seq_len=1024)
-    sched = Scheduler(ServingKVCache(args, 8, 2048), max_batch_size=8, prefill_token_budget=300)
+    sched = SlotScheduler(ServingKVCache(args, 8, 2048), max_batch_size=8, prefill_token_budget=300)
     for i, n in enumerate([5, 20, 30, 100, 400]):
         sched.add(SequenceState(str(i), [1] * n, SamplingParams(), 1, 0.0))
     groups = sched.schedule_prefill()

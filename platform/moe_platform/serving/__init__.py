@@ -1,6 +1,7 @@
 """moe_platform.serving: OpenAI-compatible inference for exported MoE models.
 
-- `engine`: `Engine` (KV-cache slots, continuous batching, sampling) and `SamplingParams`; no Ray import, so the
+- `engine`: `Engine` (paged KV cache with prefix caching, continuous batching, sampling) and `SamplingParams`; its
+  layers `model_loader`, `model_runner`, `scheduler`, `kv_blocks` and `cache`; no Ray import, so the
   engine runs and is tested on its own (`Engine.from_pretrained(dir).generate(prompt, SamplingParams(...))`).
 - `openai_api` / `protocol`: the OpenAI HTTP layer (validation, JSON and SSE shapes, errors) over an engine.
 - `loader`: `load_engine(model)` for an export directory or a `registry://NAME[@VERSION]` version.

@@ -46,6 +46,7 @@ from ray.util import metrics as ray_metrics
 
 from moe_platform.cluster import registry
 from moe_platform.serving import rollout_controller
+from moe_platform.serving.app_metrics import AppMetrics
 from moe_platform.serving.engine import Engine, EngineConfig, SamplingParams
 from moe_platform.serving.errors import EngineUnavailableError, InvalidRequestError, NotFoundError, ServingError
 from moe_platform.serving.loader import load_engine
@@ -168,8 +169,8 @@ class _RayMetrics:
                                             ("model", "version", "status"))
         self.queue = ray_metrics.Gauge("moe_serve_queue_depth", "requests waiting for a batch slot", tags)
         self.batch = ray_metrics.Gauge("moe_serve_running_batch_size", "sequences in the running batch", tags)
-        self.kv_usage = ray_metrics.Gauge("moe_serve_kv_cache_usage_perc", "fraction of the KV cache's sequence "
-                                          "slots in use (0..1)", tags)
+        self.kv_usage = ray_metrics.Gauge("moe_serve_kv_cache_usage_perc", "fraction of the KV cache's blocks (or "
+                                          "slots) held by running requests (0..1)", tags)
         self.tps = ray_metrics.Gauge("moe_serve_tokens_per_s", "generated tokens per second (10 s window)", tags)
         self.tokens = ray_metrics.Counter("moe_serve_generated_tokens", "generated tokens", tags)
         self.expert = ray_metrics.Counter("moe_serve_expert_tokens", "tokens routed to each expert",
@@ -184,7 +185,7 @@ class _RayMetrics:
         stats = engine.stats()
         self.queue.set(stats["waiting"], tags)
         self.batch.set(stats["running"], tags)
-        self.kv_usage.set(stats["running"] / stats["num_slots"], tags)
+        self.kv_usage.set(stats["kv_cache_usage"], tags)
         self.tps.set(stats["tokens_per_s"], tags)
         ttft, itl = engine.drain_latency_samples()
         for samples, hist in ((ttft, self.ttft), (itl, self.itl)):
@@ -371,8 +372,7 @@ class MoEServer:
         state: dict[str, dict] = {}
         for version, engine in engines.items():
             now, ttft = self._metrics.export(engine, version)
-            state[version] = {k: now[k] for k in ("running", "waiting", "num_slots", "prompt_tokens",
-                                                  "generated_tokens")}
+            state[version] = {k: now[k] for k in AppMetrics.ENGINE_KEYS}
             done = requests.pop(version, {"counts": {}, "latency": []})
             self._metrics.export_requests(version, done["counts"], done["latency"])
             counts = done["counts"]

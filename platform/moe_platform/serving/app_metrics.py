@@ -3,8 +3,9 @@
 Every replica reports its engines' state and its finished requests to the app's controller each metrics interval;
 `AppMetrics` sums them over the live replicas and renders the Prometheus text format with the names vLLM's
 OpenAI server uses (`vllm:num_requests_running`, `vllm:kv_cache_usage_perc`, `vllm:time_to_first_token_seconds`,
-...), so dashboards and autoscalers written for vLLM read this app as they read a vLLM server, whichever replica
-answers the scrape. The same figures, per replica and per version, also go to Ray's metrics as `ray_moe_serve_*`.
+`vllm:prefix_cache_hits_total`, ...), so dashboards and autoscalers written for vLLM read this app as they read a
+vLLM server, whichever replica answers the scrape. The same figures, per replica and per version, also go to Ray's
+metrics as `ray_moe_serve_*`.
 """
 
 from __future__ import annotations
@@ -56,7 +57,9 @@ class _Replica:
 class AppMetrics:
     """Sums of the replicas' reports. `report` per replica and interval; `render` for a scrape."""
 
-    COUNTERS = ("prompt_tokens", "generated_tokens")
+    GAUGES = ("running", "waiting", "kv_cache_used", "kv_cache_capacity")
+    COUNTERS = ("prompt_tokens", "generated_tokens", "prefix_cache_queries", "prefix_cache_hits", "num_preemptions")
+    ENGINE_KEYS = GAUGES + COUNTERS  # what a replica reports of each engine's stats
 
     def __init__(self, model_name: str, replica_ttl_s: float = 10.0):
         self.model_name = model_name
@@ -69,9 +72,9 @@ class AppMetrics:
         self.failed = 0
 
     def report(self, replica: str, now: float, engines: Mapping[str, Mapping], stats: Mapping[str, Mapping]) -> None:
-        """`engines`: version -> its engine's stats (running, waiting, num_slots and the cumulative token counters);
+        """`engines`: version -> its engine's stats (`ENGINE_KEYS`: its gauges and cumulative counters);
         `stats`: version -> the requests finished since the last report (requests, errors, latency, ttft)."""
-        gauges = {key: float(sum(e[key] for e in engines.values())) for key in ("running", "waiting", "num_slots")}
+        gauges = {key: float(sum(e[key] for e in engines.values())) for key in self.GAUGES}
         totals = {key: float(sum(e[key] for e in engines.values())) for key in self.COUNTERS}
         before = self.replicas.get(replica)
         if before is not None:
@@ -92,9 +95,10 @@ class AppMetrics:
 
     def render(self, now: float) -> str:
         live = [r for r in self.replicas.values() if now - r.seen <= self.replica_ttl_s]
-        gauge = {key: sum(r.gauges[key] for r in live) for key in ("running", "waiting", "num_slots")}
+        gauge = {key: sum(r.gauges[key] for r in live) for key in self.GAUGES}
         total = {key: self.retired[key] + sum(r.totals[key] for r in self.replicas.values()) for key in self.COUNTERS}
-        usage = gauge["running"] / gauge["num_slots"] if gauge["num_slots"] else 0.0
+        usage = gauge["kv_cache_used"] / gauge["kv_cache_capacity"] if gauge["kv_cache_capacity"] else 0.0
+        queries, hits = total["prefix_cache_queries"], total["prefix_cache_hits"]
         labels = f'model_name="{_escape(self.model_name)}"'
         out: list[str] = []
 
@@ -106,8 +110,17 @@ class AppMetrics:
         metric("vllm:num_requests_waiting", "gauge", "Number of requests waiting to be processed.",
                [f"vllm:num_requests_waiting{{{labels}}} {gauge['waiting']:g}"])
         for name in ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"):
-            metric(name, "gauge", "KV-cache usage: the share of sequence slots in use. 1 means 100 percent usage.",
-                   [f"{name}{{{labels}}} {usage!r}"])
+            metric(name, "gauge", "KV-cache usage: the share of KV blocks held by requests. 1 means 100 percent "
+                   "usage.", [f"{name}{{{labels}}} {usage!r}"])
+        metric("vllm:prefix_cache_queries_total", "counter", "Prefix cache queries, in terms of number of queried "
+               "tokens.", [f"vllm:prefix_cache_queries_total{{{labels}}} {queries:g}"])
+        metric("vllm:prefix_cache_hits_total", "counter", "Prefix cache hits, in terms of number of cached tokens.",
+               [f"vllm:prefix_cache_hits_total{{{labels}}} {hits:g}"])
+        rate = hits / queries if queries else 0.0
+        metric("vllm:gpu_prefix_cache_hit_rate", "gauge", "Prefix cache hit rate: cached tokens over queried "
+               "tokens, since start.", [f"vllm:gpu_prefix_cache_hit_rate{{{labels}}} {rate!r}"])
+        metric("vllm:num_preemptions_total", "counter", "Cumulative number of preemptions from the engine.",
+               [f"vllm:num_preemptions_total{{{labels}}} {total['num_preemptions']:g}"])
         metric("vllm:prompt_tokens_total", "counter", "Number of prefill tokens processed.",
                [f"vllm:prompt_tokens_total{{{labels}}} {total['prompt_tokens']:g}"])
         metric("vllm:generation_tokens_total", "counter", "Number of generation tokens processed.",

@@ -79,3 +79,97 @@ class ServingKVCache(KVCache):
         self.move_slot(b, a, length_b)
         self.k[:, b, :, :length_a] = saved_k
         self.v[:, b, :, :length_a] = saved_v
+
+
+KV_CACHE_DTYPES = ("auto", "int8", "fp8")
+
+
+class PagedKVCache:
+    """Keys and values in blocks of `block_size` positions: per layer and KV head a (num_blocks * block_size, hd)
+    table of token slots, block after block. `bind(block_tables, positions)` maps every written token to its slot;
+    `update` scatters the new keys/values there and gathers each row's blocks (whole blocks, in table order; past a
+    row's blocks, the scratch block 0, masked) into (B, KV, kv_len, hd) for attention: each row's and head's keys
+    come out contiguous, as attention reads them.
+
+    `kv_dtype`: auto stores the model's dtype; int8 stores each token's head vector as int8 with one scale (absmax
+    / 127) per token and head, dequantized on read; fp8 (float8_e4m3fn, CUDA only) casts.
+    """
+
+    def __init__(self, args: ModelArgs, num_blocks: int, block_size: int, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu", kv_dtype: str = "auto"):
+        if kv_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {list(KV_CACHE_DTYPES)}, got {kv_dtype!r}")
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.kv_dtype = kv_dtype
+        store = {"auto": dtype, "int8": torch.int8, "fp8": torch.float8_e4m3fn}[kv_dtype]
+        shape = (args.n_layers, args.n_kv_heads, num_blocks * block_size, args.resolved_head_dim)
+        self.k = torch.zeros(shape, dtype=store, device=device)
+        self.v = torch.zeros(shape, dtype=store, device=device)
+        self.k_scale = self.v_scale = None
+        if kv_dtype == "int8":
+            self.k_scale = torch.ones(shape[:-1] + (1,), dtype=torch.float32, device=device)
+            self.v_scale = torch.ones(shape[:-1] + (1,), dtype=torch.float32, device=device)
+        self._write: torch.Tensor | None = None
+        self._read: torch.Tensor | None = None
+        self._rows = self._kv_len = 0
+        self._mask: torch.Tensor | None = None
+
+    @staticmethod
+    def bytes_per_token(args: ModelArgs, dtype: torch.dtype, kv_dtype: str = "auto") -> int:
+        """KV bytes one token position takes over all layers (keys and values, with int8's scales)."""
+        elem = {"auto": torch.empty(0, dtype=dtype).element_size(), "int8": 1, "fp8": 1}[kv_dtype]
+        per_head = args.resolved_head_dim * elem + (4 if kv_dtype == "int8" else 0)
+        return 2 * args.n_layers * args.n_kv_heads * per_head
+
+    @property
+    def nbytes(self) -> int:
+        scales = 0 if self.k_scale is None else 2 * self.k_scale.numel() * 4
+        return 2 * self.k.numel() * self.k.element_size() + scales
+
+    def bind(self, block_tables: list[list[int]], positions: torch.Tensor, mask_dtype: torch.dtype) -> PagedKVCache:
+        """Row i uses the blocks `block_tables[i]`; positions (B, T) are the absolute positions of its tokens."""
+        if positions.dim() != 2 or len(block_tables) != positions.shape[0]:
+            raise ValueError(f"bind expects {len(block_tables)} block tables and positions (B, T), got "
+                             f"{tuple(positions.shape)}")
+        bs = self.block_size
+        kv_len = int(positions.max()) + 1
+        width = -(-kv_len // bs)
+        table = torch.zeros((len(block_tables), width), dtype=torch.long)  # 0: the scratch block
+        for i, blocks in enumerate(block_tables):
+            row = blocks[:width]
+            table[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        positions = positions.cpu()
+        device = self.k.device
+        self._write = (table.gather(1, positions // bs) * bs + positions % bs).flatten().to(device)
+        self._read = table.flatten().to(device)
+        self._rows, self._kv_len = len(block_tables), kv_len
+        positions = positions.to(device)
+        keys = torch.arange(kv_len, device=device)
+        hidden = keys[None, None, :] > positions[:, :, None]  # (B, T, kv_len): the key is in the future
+        mask = torch.zeros(hidden.shape, dtype=mask_dtype, device=device)
+        self._mask = mask.masked_fill_(hidden, float("-inf"))[:, None]  # (B, 1, T, kv_len)
+        return self
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store k, v (B, KV, T, hd) at the bound slots; return each row's keys/values so far (B, KV, kv_len, hd)
+        and the mask."""
+        assert self._read is not None, "bind() must be called before the forward pass"
+        return self._store(layer, self.k, self.k_scale, k), self._store(layer, self.v, self.v_scale, v), self._mask
+
+    def _store(self, layer: int, table: torch.Tensor, scale: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+        """Write x (B, KV, T, hd) into `table` at the bound slots; return the bound rows' blocks in x's dtype."""
+        heads, hd = x.shape[1], x.shape[3]
+        flat = x.transpose(0, 1).reshape(heads, -1, hd)  # (KV, B*T, hd)
+        bs = self.block_size
+        if scale is None:
+            table[layer].index_copy_(1, self._write, flat.to(table.dtype))
+            blocks = table[layer].view(heads, -1, bs, hd).index_select(1, self._read).to(x.dtype)
+        else:
+            s = flat.float().abs().amax(dim=-1, keepdim=True).clamp_min(1e-8) / 127.0
+            table[layer].index_copy_(1, self._write, (flat.float() / s).round_().clamp_(-127, 127).to(torch.int8))
+            scale[layer].index_copy_(1, self._write, s)
+            blocks = table[layer].view(heads, -1, bs, hd).index_select(1, self._read).float()
+            blocks = (blocks * scale[layer].view(heads, -1, bs, 1).index_select(1, self._read)).to(x.dtype)
+        # (KV, B*width, bs, hd) -> (KV, B, width*bs, hd) -> (B, KV, kv_len, hd)
+        return blocks.view(heads, self._rows, -1, hd)[:, :, : self._kv_len].transpose(0, 1)

@@ -1,14 +1,20 @@
-"""The inference engine: an export loaded into our model, a preallocated KV cache and a continuous-batching loop.
+"""The inference engine's front: requests in, a continuous-batching loop, outputs out (sync, callback or asyncio).
 
-No Ray or Serve here (the Serve deployment in `app.py` is a thin shell around this class), so everything below is
-unit-tested on its own. One engine step:
+The engine is built in layers, as vLLM's: `model_loader` (weights, tokenizer and chat template onto the device),
+`model_runner` (one forward of a prefill group or a decode batch on the device; logits back on the CPU),
+`scheduler` + `kv_blocks` + `cache` (the step plan: admission, chunked prefill, KV blocks, prefix caching,
+preemption) and this module (validation, the thread-safe inbox, sampling, stops, adapters, statistics). No Ray or
+Serve here (the Serve deployment in `app.py` is a thin shell around this class), so all of it is unit-tested on its
+own. One engine step:
 
 1. take new requests and aborts from the thread-safe inbox;
-2. admit waiting requests into free cache slots and run this step's prefill chunks (bucketed by length, under the
-   per-step token budget); a sequence whose prompt completes samples its first token and joins the decode batch;
-3. run one decode forward over every decoding sequence and sample one token each;
-4. detokenize, apply stop strings / EOS / max_tokens, and retire finished sequences at once (their slot is free for
-   the next step).
+2. admit waiting requests while KV blocks are free (each first takes its cached prefix) and run this step's prefill
+   chunks (bucketed by length, under the per-step token budget); a sequence whose prompt completes samples its
+   first token and joins the decode batch;
+3. give every decoding sequence a block for its next token (preempting the newest when none is free), run one decode
+   forward over them and sample one token each;
+4. detokenize, apply stop strings / EOS / max_tokens, and retire finished sequences at once (their blocks are free
+   for the next step, their full blocks stay in the prefix cache).
 
 `step()` can be driven directly (tests, `generate` without a thread) or by the background loop started with
 `start()`, which `stream()` (asyncio) and `generate()` use.
@@ -34,12 +40,11 @@ from pathlib import Path
 
 import torch
 
-from moe_platform.checkpoint.hf import load_hf
 from moe_platform.checks import requirer
 from moe_platform.model.args import ModelArgs
-from moe_platform.model.transformer import MoETransformer, build_model
+from moe_platform.model.transformer import MoETransformer
 from moe_platform.serving.adapters import AdapterBank, AdapterLoadError, LoadedAdapter, read_adapter_source
-from moe_platform.serving.cache import ServingKVCache
+from moe_platform.serving.cache import KV_CACHE_DTYPES
 from moe_platform.serving.chat import ChatTemplate
 from moe_platform.serving.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from moe_platform.serving.errors import (
@@ -49,9 +54,11 @@ from moe_platform.serving.errors import (
     InvalidRequestError,
     NotFoundError,
 )
-from moe_platform.serving.quant import QUANTIZATIONS, quantize_model
+from moe_platform.serving.model_loader import load_export, load_parts
+from moe_platform.serving.model_runner import ModelRunner
+from moe_platform.serving.quant import QUANTIZATIONS
 from moe_platform.serving.sampling import SamplingParams, make_generator, sample_tokens, token_logprobs
-from moe_platform.serving.scheduler import PrefillGroup, Scheduler, SeqStatus
+from moe_platform.serving.scheduler import PrefillGroup, SeqStatus, build_scheduler
 from moe_platform.serving.scheduler import SequenceState as Seq
 
 __all__ = ["Engine", "EngineConfig", "RequestOutput", "RequestStream", "SamplingParams"]
@@ -64,13 +71,27 @@ _MAX_LATENCY_SAMPLES = 65536
 
 @dataclass
 class EngineConfig:
-    max_batch_size: int = field(default=64, metadata={"doc": "sequences decoded together (= KV-cache slots)"})
+    max_batch_size: int = field(default=64, metadata={"doc": "sequences running at once at most (decoded together)"})
     batch_wait_timeout_s: float = field(
         default=0.05, metadata={"doc": "an idle engine waits this long for more requests before its first prefill"})
     prefill_token_budget: int = field(
         default=512, metadata={"doc": "prompt tokens prefilled per step at most (long prompts are chunked)"})
     max_waiting: int = field(default=256, metadata={"doc": "queued (not yet admitted) requests before rejecting"})
     max_seq_len: int = field(default=0, metadata={"doc": "context window; 0 takes the model's max_seq_len"})
+    kv_cache_layout: str = field(default="paged", metadata={"doc": "paged (KV blocks on demand, prefix caching, "
+                                                                   "preemption) or slots (one max_seq_len slot per "
+                                                                   "running sequence)"})
+    block_size: int = field(default=16, metadata={"doc": "token positions per KV block (paged)"})
+    kv_cache_memory_bytes: int = field(default=0, metadata={"doc": "KV cache size; 0: kv_cache_memory_fraction of free "
+                                                                   "memory on CUDA, max_batch_size x max_seq_len "
+                                                                   "tokens on the CPU"})
+    kv_cache_memory_fraction: float = field(default=0.9, metadata={"doc": "of the device memory free after loading "
+                                                                          "the weights (CUDA, kv_cache_memory_bytes "
+                                                                          "0)"})
+    enable_prefix_caching: bool = field(default=True, metadata={"doc": "share the KV blocks of common prompt "
+                                                                       "prefixes between requests (paged)"})
+    kv_cache_dtype: str = field(default="auto", metadata={"doc": "auto (the model's dtype), int8 (per-token scales) "
+                                                                 "or fp8 (CUDA only); paged"})
     device: str = field(default="auto", metadata={"doc": "auto (cuda when one is visible), cpu, cuda or cuda:N"})
     dtype: str = field(default="float32", metadata={"doc": "weights, activations and KV cache: float32, bfloat16 "
                                                            "or float16 (float16 on CUDA only)"})
@@ -84,7 +105,7 @@ class EngineConfig:
     def __post_init__(self) -> None:
         need = requirer("engine option")
 
-        for name in ("max_batch_size", "prefill_token_budget", "max_waiting", "max_lora_rank"):
+        for name in ("max_batch_size", "prefill_token_budget", "max_waiting", "max_lora_rank", "block_size"):
             value = getattr(self, name)
             need(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
                  f"{name} must be an integer >= 1, got {value!r}")
@@ -93,6 +114,19 @@ class EngineConfig:
         need(isinstance(self.max_seq_len, int) and self.max_seq_len >= 0,
              f"max_seq_len must be an integer >= 0, got {self.max_seq_len!r}")
         need(self.dtype in _DTYPES, f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        need(self.kv_cache_layout in ("paged", "slots"), f"kv_cache_layout must be paged or slots, got "
+                                                          f"{self.kv_cache_layout!r}")
+        need(isinstance(self.kv_cache_memory_bytes, int) and not isinstance(self.kv_cache_memory_bytes, bool)
+             and self.kv_cache_memory_bytes >= 0,
+             f"kv_cache_memory_bytes must be an integer >= 0, got {self.kv_cache_memory_bytes!r}")
+        need(isinstance(self.kv_cache_memory_fraction, (int, float)) and 0 < self.kv_cache_memory_fraction <= 1,
+             f"kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction!r}")
+        need(isinstance(self.enable_prefix_caching, bool),
+             f"enable_prefix_caching must be true or false, got {self.enable_prefix_caching!r}")
+        need(self.kv_cache_dtype in KV_CACHE_DTYPES, f"kv_cache_dtype must be one of {list(KV_CACHE_DTYPES)}, got "
+                                                     f"{self.kv_cache_dtype!r}")
+        need(self.kv_cache_layout == "paged" or self.kv_cache_dtype == "auto",
+             "kv_cache_dtype int8 and fp8 need kv_cache_layout paged")
         need(isinstance(self.device, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
              f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         need(self.quantization in QUANTIZATIONS, f"quantization must be one of {list(QUANTIZATIONS)}, got "
@@ -117,6 +151,8 @@ class EngineConfig:
             need(not self.max_loras, "LoRA adapters (max_loras) are served on the CPU only for now; use device: cpu")
         need(device.type == "cuda" or self.dtype != "float16", "dtype float16 needs device cuda; on the CPU use "
                                                                "float32 or bfloat16")
+        need(device.type == "cuda" or self.kv_cache_dtype != "fp8", "kv_cache_dtype fp8 needs device cuda; on the "
+                                                                    "CPU use auto or int8")
         return device
 
     @classmethod
@@ -209,18 +245,14 @@ class Engine:
         self.keepalive: object = None  # whatever owns the memory the weights live in (see from_state_dict)
         self._fingerprint: dict | None = None
         self.max_seq_len = min(self.config.max_seq_len or self.args.max_seq_len, self.args.max_seq_len)
-        self._dtype = next(model.parameters()).dtype
-        self.device = next(model.parameters()).device
-        # Right padding of a prefill chunk writes up to `prefill_token_budget` positions past the prompt.
-        self.cache = ServingKVCache(self.args, self.config.max_batch_size,
-                                    self.max_seq_len + self.config.prefill_token_budget, dtype=self._dtype,
-                                    device=self.device)
-        self.scheduler = Scheduler(self.cache, self.config.max_batch_size, self.config.prefill_token_budget)
-        self._rng = random.Random(self.config.seed)
-        self._moe_layers = model.moe_layers()
         # LoRA adapters (serving/adapters.py): slots on the model, written between steps (under _step_lock).
         self.adapters = AdapterBank(model, self.config.max_loras, self.config.max_lora_rank) \
             if self.config.max_loras else None
+        self.runner = ModelRunner(model, self.eos_token_id, self.adapters)
+        self.device = self.runner.device
+        self.scheduler = build_scheduler(self.args, self.config, self.max_seq_len, self.runner.dtype, self.device)
+        self.cache = self.scheduler.cache
+        self._rng = random.Random(self.config.seed)
         self._loaded: dict[str, LoadedAdapter] = {}
         self._step_lock = threading.Lock()
         # Thread-safe inbox: ("add", Seq) / ("abort", request_id); drained by the thread that runs step().
@@ -237,15 +269,13 @@ class Engine:
         self._closed = False
         self._failure: BaseException | None = None
         # Plain statistics (the Serve deployment turns them into Ray metrics).
-        self._expert_load = torch.zeros(self.args.n_layers, self.args.num_experts, dtype=torch.long)
         self._ttft: deque[float] = deque(maxlen=_MAX_LATENCY_SAMPLES)
         self._itl: deque[float] = deque(maxlen=_MAX_LATENCY_SAMPLES)
         self._recent: deque[tuple[float, int]] = deque()  # (step end time, tokens generated in the step)
         self._recent_total = 0
         self._tokens_per_s = 0.0
         self._last_step_time = 0.0
-        self._counters = {"requests_finished": 0, "prompt_tokens": 0, "generated_tokens": 0, "steps": 0,
-                          "prefill_forwards": 0, "decode_forwards": 0}
+        self._counters = {"requests_finished": 0, "prompt_tokens": 0, "generated_tokens": 0, "steps": 0}
         self._last_decode_batch = 0
         self._deliveries: list[tuple[object, RequestOutput]] = []  # (sink, output) of the current step
 
@@ -253,63 +283,20 @@ class Engine:
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, **options) -> Engine:
         """Load an export directory (config.json, model.safetensors, tokenizer files). Options: `EngineConfig`."""
-        from moe_platform.tokenizer import load_tokenizer, model_stop_ids
-
         config = EngineConfig.from_options(**options)
-        model_dir = Path(model_dir)
-        args, state = load_hf(model_dir)
-        model = build_model(args, device=config.torch_device(), dtype=_DTYPES[config.dtype], seed=0)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"{model_dir}: weights do not match the model config (missing {sorted(missing)[:5]}, "
-                             f"unexpected {sorted(unexpected)[:5]})")
-        quantize_model(model, config.quantization)
-        tokenizer = load_tokenizer(model_dir)
-        return cls(model, tokenizer, model_stop_ids(tokenizer, model_dir), config, ChatTemplate.from_dir(model_dir),
-                   str(model_dir))
+        loaded = load_export(model_dir, config.torch_device(), _DTYPES[config.dtype], config.quantization)
+        return cls(loaded.model, loaded.tokenizer, loaded.eos_token_ids, config, loaded.chat_template, loaded.source)
 
     @classmethod
     def from_state_dict(cls, args: ModelArgs, state: Mapping[str, torch.Tensor], files: Mapping[str, bytes | str],
                         source: str, keepalive: object = None, **options) -> Engine:
-        """Build from in-memory parts: our state dict (`MoETransformer.state_dict()` names, stacked experts) and the
-        export's small files by name (tokenizer.json required; tokenizer_config.json, generation_config.json,
-        config.json optional). `source` names the model (`model_dir` reports it). Options: `EngineConfig`.
-
-        The tensors become the parameters themselves (`assign=True`), not copies: a CPU tensor that already has the
-        engine's dtype is used in place, so read-only views into shared memory (a Ray object-store buffer) are served
-        from without a copy. The model never writes its weights at inference; writing to such a view would crash.
-        A dtype or device conversion (e.g. float32 weights served as bfloat16) copies that tensor. `keepalive` is
-        held as long as the engine, e.g. the object-store reference the views belong to.
-        """
-        from tokenizers import Tokenizer
-
-        from moe_platform.tokenizer import MODEL_CONFIG_FILES, stop_token_ids
-
+        """Build from in-memory parts (`model_loader.load_parts`: our state dict, used in place where it can be, and
+        the export's small files by name). `keepalive` is held as long as the engine, e.g. the object-store
+        reference the weights' views belong to. Options: `EngineConfig`."""
         config = EngineConfig.from_options(**options)
-        if "tokenizer.json" not in files:
-            raise ValueError(f"{source}: no tokenizer.json among the model files {sorted(files)}")
-        state = dict(state)
-        if args.tie_word_embeddings and "lm_head.weight" not in state and "model.embed_tokens.weight" in state:
-            state["lm_head.weight"] = state["model.embed_tokens.weight"]
-        model = build_model(args, device=config.torch_device(), dtype=_DTYPES[config.dtype], seed=0)
-        expected = model.state_dict()
-        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-        bad_shapes = sorted(k for k in set(expected) & set(state) if tuple(state[k].shape) != tuple(expected[k].shape))
-        if missing or unexpected or bad_shapes:
-            raise ValueError(f"{source}: weights do not match the model args (missing {missing[:5]}, unexpected "
-                             f"{unexpected[:5]}, wrong shape {bad_shapes[:5]})")
-        placed = {k: t if (t.dtype, t.device) == (expected[k].dtype, expected[k].device) else t.to(expected[k])
-                  for k, t in state.items()}
-        model.load_state_dict(placed, strict=True, assign=True)
-        quantize_model(model, config.quantization)
-        tokenizer = Tokenizer.from_str(_text(files["tokenizer.json"]))
-        eos = stop_token_ids(tokenizer, [json.loads(_text(files[n])) for n in MODEL_CONFIG_FILES if n in files],
-                             source)
-        tok_config = json.loads(_text(files["tokenizer_config.json"])) if "tokenizer_config.json" in files else {}
-        if "chat_template.jinja" in files:
-            tok_config["chat_template"] = _text(files["chat_template.jinja"])
-        chat = ChatTemplate.from_config(tok_config)
-        engine = cls(model, tokenizer, eos, config, chat, source)
+        loaded = load_parts(args, state, files, source, config.torch_device(), _DTYPES[config.dtype],
+                            config.quantization)
+        engine = cls(loaded.model, loaded.tokenizer, loaded.eos_token_ids, config, loaded.chat_template, source)
         engine.keepalive = keepalive
         return engine
 
@@ -524,22 +511,9 @@ class Engine:
 
     def _run_prefill(self, group: PrefillGroup, outputs: list[RequestOutput]) -> None:
         chunks = group.chunks
-        width = group.padded_len
-        tokens = torch.full((len(chunks), width), self.eos_token_id, dtype=torch.long)
-        positions = torch.empty((len(chunks), width), dtype=torch.long)
-        for i, c in enumerate(chunks):
-            tokens[i, : c.length] = torch.tensor(c.seq.prompt_ids[c.start:c.start + c.length])
-            positions[i] = torch.arange(c.start, c.start + width)
-        last = torch.tensor([c.length - 1 for c in chunks])
-        if self.adapters is not None:
-            self.adapters.batch.set([c.seq.adapter_slot for c in chunks], width)
-        tokens, positions, last = tokens.to(self.device), positions.to(self.device), last.to(self.device)
-        self.cache.bind_rows([c.seq.slot for c in chunks], positions, self._dtype)
-        logits = self.model(tokens, positions, self.cache, logits_at=last).float().cpu()  # (rows, vocab), sampled here
-        self._count_expert_load()
-        self._counters["prefill_forwards"] += 1
+        logits = self.runner.prefill(group, self.scheduler)  # (rows, vocab) on the CPU, sampled here
         for c in chunks:
-            c.seq.num_computed += c.length
+            self.scheduler.advance(c.seq, c.length)
         done = [i for i, c in enumerate(chunks) if c.completes_prompt]
         if not done:
             return
@@ -548,30 +522,20 @@ class Engine:
         logprobs = token_logprobs(logits[done], next_ids, [s.params.logprobs for s in seqs])
         now = time.monotonic()
         for seq, token, lp in zip(seqs, next_ids, logprobs, strict=True):
-            self._counters["prompt_tokens"] += seq.prompt_len
+            if not seq.output_ids:  # not a preempted sequence's recomputation
+                self._counters["prompt_tokens"] += seq.prompt_len
             if not self._append_token(seq, token, now, outputs, lp):
                 self.scheduler.prefill_done(seq)
 
     def _run_decode(self, batch: list[Seq], outputs: list[RequestOutput]) -> None:
-        tokens = torch.tensor([[s.output_ids[-1]] for s in batch], device=self.device)  # (D, 1)
-        positions = torch.tensor([[s.num_computed] for s in batch], device=self.device)  # the last token's position
-        if self.adapters is not None:
-            self.adapters.batch.set([s.adapter_slot for s in batch], 1)
-        cache = self.cache.bind_rows(list(range(len(batch))), positions, self._dtype)
-        logits = self.model(tokens, positions, cache)[:, -1].float().cpu()  # (D, 1, vocab) -> (D, vocab)
-        self._count_expert_load()
-        self._counters["decode_forwards"] += 1
+        logits = self.runner.decode(batch, self.scheduler)  # (D, vocab) on the CPU
         for seq in batch:
-            seq.num_computed += 1
+            self.scheduler.advance(seq, 1)
         next_ids = sample_tokens(logits, [s.params for s in batch], [s.generator for s in batch]).tolist()
         logprobs = token_logprobs(logits, next_ids, [s.params.logprobs for s in batch])
         now = time.monotonic()
         for seq, token, lp in zip(batch, next_ids, logprobs, strict=True):
             self._append_token(seq, token, now, outputs, lp)
-
-    def _count_expert_load(self) -> None:
-        for i, moe in enumerate(self._moe_layers):
-            self._expert_load[i] += moe.last_tokens_per_expert.to("cpu", self._expert_load.dtype)
 
     def _append_token(self, seq: Seq, token: int, now: float, outputs: list[RequestOutput],
                       logprob: tuple[float, list[tuple[int, float]]] | None = None) -> bool:
@@ -752,13 +716,9 @@ class Engine:
             ids = self.encode(text)[: self.max_seq_len]
             if len(ids) < 2:
                 continue
-            tokens = torch.tensor([ids], device=self.device)
             with self._step_lock:
-                if self.adapters is not None:
-                    self.adapters.batch.set([-1], len(ids) - 1)  # the base model
-                logits = self.model(tokens[:, :-1])
-            loss = torch.nn.functional.cross_entropy(logits[0].float(), tokens[0, 1:], reduction="sum")
-            total, count = total + loss.item(), count + len(ids) - 1
+                loss = self.runner.loss(ids)
+            total, count = total + loss, count + len(ids) - 1
         if not count:
             raise ValueError("the probe texts hold no two tokens to score")
         return total / count
@@ -781,11 +741,14 @@ class Engine:
             "running": self.scheduler.num_running,
             "decode_batch_size": self._last_decode_batch,
             "prefilling": len(self.scheduler.prefilling),
-            "num_slots": self.config.max_batch_size,
+            "max_batch_size": self.scheduler.max_batch_size,
             "tokens_per_s": 0.0 if stale else self._tokens_per_s,
-            "expert_load": self._expert_load.tolist(),
+            "expert_load": self.runner.expert_load.tolist(),
             "kv_cache_bytes": self.cache.nbytes,
             **self._counters,
+            "prefill_forwards": self.runner.forwards["prefill"],
+            "decode_forwards": self.runner.forwards["decode"],
+            **self.scheduler.kv_stats(),
         }
 
     def drain_latency_samples(self) -> tuple[list[float], list[float]]:
@@ -794,6 +757,3 @@ class Engine:
         itl = [self._itl.popleft() for _ in range(len(self._itl))]
         return ttft, itl
 
-
-def _text(data: bytes | str) -> str:
-    return data.decode("utf-8") if isinstance(data, bytes) else data

@@ -1,10 +1,18 @@
 """Iteration-level scheduling: which sequences prefill (and how much) and which decode in the next engine step.
 
-Every running sequence owns one KV-cache slot for its whole life, so admission is simply "is a slot free". Slots are
-split in two regions: decoding sequences are packed in [0, D) in slot order (a decode step then reads cache views,
-see `ServingKVCache`), and sequences still prefilling take the highest free slots. A sequence that finishes its
-prompt moves to slot D; one that finishes generating is replaced by the sequence in slot D-1. Moves copy only the
-cached prefix of one slot.
+Two schedulers with one interface, one per KV-cache layout (`EngineConfig.kv_cache_layout`):
+
+`PagedScheduler` (the default) gives each sequence KV blocks as its tokens need them (serving/kv_blocks.py):
+requests are admitted while blocks are free, a new request first takes the cached blocks of its longest cached
+prefix, and when blocks run out mid-decode the newest running sequences are preempted: their blocks are freed and
+they go back to the head of the queue, to be recomputed (prompt and tokens so far, as one prefill whose last logits
+give the next token) when blocks free up. Nothing fails for lack of KV memory.
+
+`SlotScheduler` gives every running sequence one KV-cache slot of `max_seq_len` positions for its whole life, so
+admission is simply "is a slot free". Slots are split in two regions: decoding sequences are packed in [0, D) in
+slot order (a decode step then reads cache views, see `ServingKVCache`), and sequences still prefilling take the
+highest free slots. A sequence that finishes its prompt moves to slot D; one that finishes generating is replaced by
+the sequence in slot D-1. Moves copy only the cached prefix of one slot.
 
 Prefill is chunked under a per-step token budget, so a 512-token prompt cannot stall running decodes for more than
 one budget's worth of compute per step. Chunks are grouped into length buckets (powers of two) and each bucket runs
@@ -14,12 +22,14 @@ as one right-padded batch.
 from __future__ import annotations
 
 import enum
+import itertools
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from moe_platform.serving.cache import ServingKVCache
+from moe_platform.serving.cache import PagedKVCache, ServingKVCache
+from moe_platform.serving.kv_blocks import BlockPool, block_hashes
 from moe_platform.serving.sampling import SamplingParams
 
 MIN_BUCKET = 16
@@ -55,6 +65,13 @@ class SequenceState:
     finish_reason: str | None = None
     adapter: str | None = None  # the LoRA adapter it runs with (serving/adapters.py), None for the base model
     adapter_slot: int = -1
+    # Paged layout: the KV blocks of positions 0.. in order, the chained hashes of its full blocks, how many of its
+    # blocks are registered in the prefix cache, prompt tokens found there at admission, and times preempted.
+    block_table: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)
+    num_registered: int = 0
+    num_cached_tokens: int = 0
+    preemptions: int = 0
 
     @property
     def prompt_len(self) -> int:
@@ -65,8 +82,13 @@ class SequenceState:
         return len(self.prompt_ids) + len(self.output_ids)
 
     @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
     def prompt_remaining(self) -> int:
-        return max(0, self.prompt_len - self.num_computed)
+        """Tokens still to prefill: the prompt, or after a preemption the prompt and the tokens generated so far."""
+        return max(0, self.num_tokens - self.num_computed)
 
 
 @dataclass
@@ -77,7 +99,7 @@ class PrefillChunk:
 
     @property
     def completes_prompt(self) -> bool:
-        return self.start + self.length == self.seq.prompt_len
+        return self.start + self.length == self.seq.num_tokens
 
 
 @dataclass
@@ -99,7 +121,16 @@ def bucket_of(length: int) -> int:
     return max(MIN_BUCKET, 1 << (length - 1).bit_length())
 
 
-class Scheduler:
+def group_chunks(chunks: list[PrefillChunk]) -> list[PrefillGroup]:
+    """Chunks by length bucket, shortest bucket first."""
+    groups: dict[int, PrefillGroup] = {}
+    for c in chunks:
+        bucket = bucket_of(c.length)
+        groups.setdefault(bucket, PrefillGroup(bucket, [])).chunks.append(c)
+    return [groups[b] for b in sorted(groups)]
+
+
+class SlotScheduler:
     """Owns the waiting queue, the slot table and the per-step prefill plan. Not thread-safe (engine thread only)."""
 
     def __init__(self, cache: ServingKVCache, max_batch_size: int, prefill_token_budget: int):
@@ -145,19 +176,34 @@ class Scheduler:
             seq.status = SeqStatus.PREFILL
             self.prefilling.append(seq)
         budget = self.prefill_token_budget
-        groups: dict[int, PrefillGroup] = {}
+        chunks = []
         for seq in self.prefilling:
             if budget == 0:
                 break
             n = min(seq.prompt_remaining, budget)
             budget -= n
-            bucket = bucket_of(n)
-            groups.setdefault(bucket, PrefillGroup(bucket, [])).chunks.append(PrefillChunk(seq, seq.num_computed, n))
-        return [groups[b] for b in sorted(groups)]
+            chunks.append(PrefillChunk(seq, seq.num_computed, n))
+        return group_chunks(chunks)
+
+    def bind_prefill(self, chunks: list[PrefillChunk], positions, mask_dtype) -> ServingKVCache:
+        return self.cache.bind_rows([c.seq.slot for c in chunks], positions, mask_dtype)
+
+    def bind_decode(self, batch: list[SequenceState], positions, mask_dtype) -> ServingKVCache:
+        return self.cache.bind_rows(list(range(len(batch))), positions, mask_dtype)
+
+    def advance(self, seq: SequenceState, n: int) -> None:
+        """`n` more of `seq`'s tokens are in the cache."""
+        seq.num_computed += n
+
+    def kv_stats(self) -> dict:
+        """KV use in slots (kv_cache_used of kv_cache_capacity); nothing is ever preempted or shared."""
+        return {"kv_cache_usage": self.num_running / self.max_batch_size, "kv_cache_used": self.num_running,
+                "kv_cache_capacity": self.max_batch_size, "num_preemptions": 0, "prefix_cache_queries": 0,
+                "prefix_cache_hits": 0}
 
     def prefill_done(self, seq: SequenceState) -> None:
         """`seq` has its whole prompt cached and its first token sampled: move it into the decode region."""
-        assert seq.status is SeqStatus.PREFILL and seq.prompt_remaining == 0
+        assert seq.status is SeqStatus.PREFILL and seq.num_computed == seq.num_tokens - 1
         self.prefilling.remove(seq)
         target = self.num_decoding
         other = self.slot_owner[target]
@@ -214,3 +260,208 @@ class Scheduler:
 
     def all_unfinished(self) -> list[SequenceState]:
         return list(self.waiting) + [s for s in self.slot_owner if s is not None]
+
+
+class PagedScheduler:
+    """Owns the waiting queue, the running sequences (admission order: the newest is preempted first), their block
+    tables and the per-step prefill plan. Not thread-safe (engine thread only)."""
+
+    def __init__(self, cache: PagedKVCache, pool: BlockPool, max_batch_size: int, prefill_token_budget: int):
+        if max_batch_size < 1 or prefill_token_budget < 1:
+            raise ValueError(f"max_batch_size and prefill_token_budget must be >= 1, got {max_batch_size}, "
+                             f"{prefill_token_budget}")
+        self.cache = cache
+        self.pool = pool
+        self.block_size = pool.block_size
+        self.max_batch_size = max_batch_size
+        self.prefill_token_budget = prefill_token_budget
+        self.waiting: deque[SequenceState] = deque()
+        self.running: list[SequenceState] = []
+        self.num_preemptions = 0
+
+    # -- queries -----------------------------------------------------------------------------------------------------
+    @property
+    def prefilling(self) -> list[SequenceState]:
+        return [s for s in self.running if s.status is SeqStatus.PREFILL]
+
+    @property
+    def num_decoding(self) -> int:
+        return sum(1 for s in self.running if s.status is SeqStatus.DECODE)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def kv_stats(self) -> dict:
+        """KV use in blocks (kv_cache_used of kv_cache_capacity), preemptions and the prefix cache's queries and hits
+        (tokens) so far."""
+        pool = self.pool
+        return {"kv_cache_usage": pool.usage(), "kv_cache_used": pool.num_used, "kv_cache_capacity": pool.num_usable,
+                "num_preemptions": self.num_preemptions, "prefix_cache_queries": pool.queries,
+                "prefix_cache_hits": pool.hits}
+
+    def _blocks_for(self, seq: SequenceState, tokens: int) -> int:
+        """New blocks `seq` needs to hold `tokens` positions."""
+        return max(0, -(-tokens // self.block_size) - len(seq.block_table))
+
+    def _decode_reserve(self) -> int:
+        """Blocks the decoding sequences need for their next token (admission leaves them free)."""
+        return sum(1 for s in self.running if s.status is SeqStatus.DECODE and self._blocks_for(s, s.num_computed + 1))
+
+    # -- transitions -------------------------------------------------------------------------------------------------
+    def add(self, seq: SequenceState) -> None:
+        seq.status = SeqStatus.WAITING
+        self.waiting.append(seq)
+
+    def schedule_prefill(self) -> list[PrefillGroup]:
+        """Plan this step's prefill chunks under the token budget: running prefills go on (as far as blocks allow),
+        then waiting sequences are admitted, each first taking its cached prefix, while blocks are free."""
+        budget = self.prefill_token_budget
+        chunks = []
+        for seq in self.prefilling:
+            if budget == 0:
+                break
+            n = self._grow(seq, min(seq.prompt_remaining, budget))
+            if n:
+                budget -= n
+                chunks.append(PrefillChunk(seq, seq.num_computed, n))
+        reserve = self._decode_reserve()
+        while self.waiting and budget and len(self.running) < self.max_batch_size:
+            seq = self.waiting[0]
+            tokens = seq.all_ids
+            # A prompt cached in full still computes its last token (its logits give the first output token).
+            max_hit = (len(tokens) - 1) // self.block_size
+            hit = self.pool.lookup(block_hashes(tokens, self.block_size, seq.adapter, seq.block_hashes), max_hit) \
+                if max_hit else []
+            start = len(hit) * self.block_size
+            n = min(len(tokens) - start, budget)
+            need = -(-(start + n) // self.block_size) - len(hit)
+            if self.pool.num_free - self.pool.reclaimable(hit) - need < reserve:
+                break  # wait for blocks; the queue keeps its order
+            self.waiting.popleft()
+            self.pool.acquire(hit, max_hit * self.block_size)
+            seq.block_table = hit + (self.pool.allocate(need) or [])
+            seq.num_computed, seq.num_registered = start, len(hit)
+            if not seq.output_ids:
+                seq.num_cached_tokens = start
+            seq.status = SeqStatus.PREFILL
+            self.running.append(seq)
+            budget -= n
+            chunks.append(PrefillChunk(seq, start, n))
+        return group_chunks(chunks)
+
+    def _grow(self, seq: SequenceState, n: int) -> int:
+        """Allocate blocks for up to `n` more tokens of `seq`; return how many tokens its blocks now hold room for."""
+        need = self._blocks_for(seq, seq.num_computed + n)
+        if need:
+            seq.block_table += self.pool.allocate(min(need, self.pool.num_free)) or []
+        return min(n, len(seq.block_table) * self.block_size - seq.num_computed)
+
+    def bind_prefill(self, chunks: list[PrefillChunk], positions, mask_dtype) -> PagedKVCache:
+        return self.cache.bind([c.seq.block_table for c in chunks], positions, mask_dtype)
+
+    def bind_decode(self, batch: list[SequenceState], positions, mask_dtype) -> PagedKVCache:
+        return self.cache.bind([s.block_table for s in batch], positions, mask_dtype)
+
+    def advance(self, seq: SequenceState, n: int) -> None:
+        """`n` more of `seq`'s tokens are in the cache: register its newly full blocks in the prefix cache."""
+        seq.num_computed += n
+        full = seq.num_computed // self.block_size
+        if full > seq.num_registered and self.pool.enable_prefix_caching:
+            hashes = block_hashes(seq.all_ids[: full * self.block_size], self.block_size, seq.adapter,
+                                  seq.block_hashes)
+            for j in range(seq.num_registered, full):
+                self.pool.register(seq.block_table[j], hashes[j])
+            seq.num_registered = full
+
+    def prefill_done(self, seq: SequenceState) -> None:
+        """`seq` has all its tokens cached and its next token sampled: it decodes from the next step on."""
+        assert seq.status is SeqStatus.PREFILL and seq.num_computed == seq.num_tokens - 1
+        seq.status = SeqStatus.DECODE
+
+    def decode_batch(self) -> list[SequenceState]:
+        """The decoding sequences, each with a block for its next token: when none is free, the newest running
+        sequence is preempted (possibly the one asking) until one is."""
+        for seq in [s for s in self.running if s.status is SeqStatus.DECODE]:
+            while seq.status is SeqStatus.DECODE and self._blocks_for(seq, seq.num_computed + 1):
+                blocks = self.pool.allocate(1)
+                if blocks is not None:
+                    seq.block_table += blocks
+                else:
+                    self.preempt(self.running[-1])
+        return [s for s in self.running if s.status is SeqStatus.DECODE]
+
+    def preempt(self, seq: SequenceState) -> None:
+        """Free `seq`'s blocks and put it back at the head of the queue, to be recomputed later."""
+        self._release(seq)
+        self.running.remove(seq)
+        seq.status = SeqStatus.WAITING
+        seq.num_computed = 0
+        seq.preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def _release(self, seq: SequenceState) -> None:
+        self.pool.free(seq.block_table[::-1])
+        seq.block_table = []
+        seq.num_registered = 0
+
+    def finish(self, seq: SequenceState, reason: str) -> None:
+        """Retire `seq` (finished, or aborted with reason "abort") and free its blocks."""
+        if seq.status is SeqStatus.FINISHED:
+            return
+        if seq.status is SeqStatus.WAITING:
+            self.waiting.remove(seq)
+        else:
+            self.running.remove(seq)
+            self._release(seq)
+        seq.status = SeqStatus.FINISHED
+        seq.finish_reason = reason
+
+    def find(self, request_id: str) -> SequenceState | None:
+        for seq in itertools.chain(self.waiting, self.running):
+            if seq.request_id == request_id:
+                return seq
+        return None
+
+    def all_unfinished(self) -> list[SequenceState]:
+        return list(self.waiting) + list(self.running)
+
+
+def build_scheduler(args, config, max_seq_len: int, dtype, device) -> SlotScheduler | PagedScheduler:
+    """The KV cache and its scheduler for an `EngineConfig` (serving/engine.py) on `device`.
+
+    Paged: `kv_cache_memory_bytes` of blocks; 0 sizes it at `kv_cache_memory_fraction` of the free device memory on
+    CUDA, and on the CPU at what `max_batch_size` sequences of `max_seq_len` tokens take. Slots: `max_batch_size`
+    slots of `max_seq_len` (+ one prefill budget of padding room), or as many as `kv_cache_memory_bytes` holds."""
+    import torch
+
+    per_token = PagedKVCache.bytes_per_token(args, dtype, config.kv_cache_dtype)
+    budget = config.kv_cache_memory_bytes
+    if config.kv_cache_layout == "slots":
+        cache_len = max_seq_len + config.prefill_token_budget  # right padding of a chunk writes past the prompt
+        slots = config.max_batch_size if not budget else min(config.max_batch_size, budget // (per_token * cache_len))
+        if slots < 1:
+            raise ValueError(f"engine option kv_cache_memory_bytes={budget} holds no slot of {cache_len} positions "
+                             f"({per_token * cache_len} bytes); raise it or lower max_seq_len")
+        cache = ServingKVCache(args, slots, cache_len, dtype=dtype, device=device)
+        return SlotScheduler(cache, slots, config.prefill_token_budget)
+    if not budget:
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            budget = int(free * config.kv_cache_memory_fraction)
+        else:
+            budget = config.max_batch_size * max_seq_len * per_token
+    bs = config.block_size
+    num_blocks = budget // (per_token * bs)
+    one_sequence = -(-max_seq_len // bs)
+    if num_blocks < one_sequence:
+        raise ValueError(f"engine option kv_cache_memory_bytes={budget} holds {num_blocks} KV blocks of {bs} tokens "
+                         f"({per_token * bs} bytes each), but one sequence of max_seq_len {max_seq_len} needs "
+                         f"{one_sequence}; raise kv_cache_memory_bytes or lower max_seq_len")
+    cache = PagedKVCache(args, num_blocks + 1, bs, dtype=dtype, device=device, kv_dtype=config.kv_cache_dtype)
+    pool = BlockPool(num_blocks + 1, bs, config.enable_prefix_caching)
+    return PagedScheduler(cache, pool, config.max_batch_size, config.prefill_token_budget)

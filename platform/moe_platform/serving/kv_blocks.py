@@ -1,0 +1,159 @@
+"""KV-cache blocks: the pool of fixed-size blocks, their reference counts, and the automatic prefix cache.
+
+A sequence's keys and values live in blocks of `block_size` token positions listed in its block table; it holds
+blocks only for the tokens it has, so KV memory grows with the tokens in use. Block 0 is scratch: right padding of a
+prefill batch writes there, and nothing ever reads it unmasked.
+
+Prefix caching. Once every position of a block is computed, the block is registered under a content hash chained
+over all the tokens before it (and the LoRA adapter, whose keys differ): `hash(parent hash, adapter, block tokens)`.
+A new sequence whose first blocks' hashes are registered takes those blocks (reference count + 1) instead of
+computing them. A block whose last user finishes keeps its hash and joins an LRU list; allocation takes never-hashed
+blocks first, then evicts the least recently freed hashed block (dropping its hash). Shared blocks are full, so they
+are never written again: a sequence writes only into its own tail blocks (a prompt that hits the cache in full still
+recomputes its last token, in a block of its own, to get the logits for its first output token). Copy-on-write is
+therefore never needed, as in vLLM's V1 engine.
+
+Pure Python bookkeeping (no tensors, no threads): the scheduler owns the pool on the engine thread.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from array import array
+from collections import OrderedDict
+from collections.abc import Sequence
+
+SCRATCH_BLOCK = 0
+
+
+def block_hashes(tokens: Sequence[int], block_size: int, adapter: str | None, known: list[bytes]) -> list[bytes]:
+    """Extend `known` (the chained hashes of the first blocks of `tokens`) to every full block of `tokens`."""
+    full = len(tokens) // block_size
+    parent = known[-1] if known else (adapter or "").encode()
+    for i in range(len(known), full):
+        chunk = array("q", tokens[i * block_size:(i + 1) * block_size]).tobytes()
+        parent = hashlib.blake2b(parent + chunk, digest_size=16).digest()
+        known.append(parent)
+    return known
+
+
+class BlockPool:
+    """`num_blocks` blocks (block 0 is scratch), reference counts, and the hash -> block map of the prefix cache."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        if num_blocks < 2:
+            raise ValueError(f"the KV cache needs at least 2 blocks (one is scratch), got {num_blocks}")
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.ref = [0] * num_blocks
+        self._hash: list[bytes | None] = [None] * num_blocks
+        self._cached: dict[bytes, int] = {}
+        self._plain: list[int] = list(range(num_blocks - 1, SCRATCH_BLOCK, -1))  # popped from the end: 1, 2, ...
+        self._evictable: OrderedDict[int, None] = OrderedDict()  # free hashed blocks, least recently freed first
+        # Prefix-cache statistics, in tokens (as vLLM's prefix_cache_queries / prefix_cache_hits).
+        self.queries = 0
+        self.hits = 0
+        self.evictions = 0
+
+    # -- queries -----------------------------------------------------------------------------------------------------
+    @property
+    def num_usable(self) -> int:
+        return self.num_blocks - 1
+
+    @property
+    def num_free(self) -> int:
+        """Blocks an allocation can take now (never-hashed ones and evictable cached ones)."""
+        return len(self._plain) + len(self._evictable)
+
+    @property
+    def num_used(self) -> int:
+        return self.num_usable - self.num_free
+
+    @property
+    def num_cached(self) -> int:
+        return len(self._cached)
+
+    def usage(self) -> float:
+        """The fraction of usable blocks held by running sequences (cached free blocks count as free)."""
+        return self.num_used / self.num_usable
+
+    def hit_rate(self) -> float:
+        return self.hits / self.queries if self.queries else 0.0
+
+    # -- allocation --------------------------------------------------------------------------------------------------
+    def allocate(self, n: int) -> list[int] | None:
+        """`n` blocks with reference count 1, or None (nothing taken) when fewer are free."""
+        if n > self.num_free:
+            return None
+        out = []
+        for _ in range(n):
+            if self._plain:
+                block = self._plain.pop()
+            else:
+                block, _ = self._evictable.popitem(last=False)
+                del self._cached[self._hash[block]]  # type: ignore[index]
+                self._hash[block] = None
+                self.evictions += 1
+            self.ref[block] = 1
+            out.append(block)
+        return out
+
+    def free(self, blocks: Sequence[int]) -> None:
+        """Drop one reference to each block; a block nobody holds becomes free (evictable last, if hashed). Pass a
+        sequence's blocks tail first, so that its later blocks, the least shareable, are evicted first."""
+        for block in blocks:
+            self.ref[block] -= 1
+            assert self.ref[block] >= 0, f"block {block} freed twice"
+            if self.ref[block] == 0:
+                if self._hash[block] is None:
+                    self._plain.append(block)
+                else:
+                    self._evictable[block] = None
+
+    # -- prefix cache ------------------------------------------------------------------------------------------------
+    def lookup(self, hashes: Sequence[bytes], max_blocks: int) -> list[int]:
+        """The cached blocks holding the longest run of `hashes[:max_blocks]` (nothing is taken)."""
+        if not self.enable_prefix_caching:
+            return []
+        found = []
+        for h in hashes[:max_blocks]:
+            block = self._cached.get(h)
+            if block is None:
+                break
+            found.append(block)
+        return found
+
+    def reclaimable(self, blocks: Sequence[int]) -> int:
+        """How many of `blocks` are free now (taking them lowers `num_free`)."""
+        return sum(1 for b in blocks if self.ref[b] == 0)
+
+    def acquire(self, blocks: Sequence[int], query_tokens: int) -> None:
+        """Take (reference + 1) blocks found by `lookup` for a sequence that looked up `query_tokens` tokens; counts
+        the query and the hit, in tokens, towards the hit rate."""
+        for block in blocks:
+            if self.ref[block] == 0:
+                del self._evictable[block]
+            self.ref[block] += 1
+        self.queries += query_tokens
+        self.hits += len(blocks) * self.block_size
+
+    def register(self, block: int, h: bytes) -> None:
+        """Record that `block` (full, held by a sequence) holds the content hashed `h`. A block with the same content
+        already cached stays the one that later sequences find; this block is then simply not shared."""
+        if not self.enable_prefix_caching or self._hash[block] is not None or h in self._cached:
+            return
+        self._hash[block] = h
+        self._cached[h] = block
+
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached block nobody holds (e.g. after new weights); returns how many were dropped."""
+        dropped = list(self._evictable)
+        self._evictable.clear()
+        for block in dropped:
+            del self._cached[self._hash[block]]  # type: ignore[index]
+            self._hash[block] = None
+            self._plain.append(block)
+        return len(dropped)

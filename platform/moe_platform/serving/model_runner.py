@@ -1,0 +1,72 @@
+"""The device-aware model runner: turns a step's prefill chunks or decode batch into one forward pass on the engine's
+device and returns the logits on the CPU, where sampling runs.
+
+Inputs are built on the CPU and moved once per forward; the scheduler binds its KV cache (slots or blocks) for the
+batch; the LoRA adapter of every row is set on the model's adapter slots. Also counts the tokens every routed expert
+received (the expert-load statistic) and scores text for quality probes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moe_platform.model.transformer import MoETransformer
+from moe_platform.serving.adapters import AdapterBank
+from moe_platform.serving.scheduler import PrefillGroup
+from moe_platform.serving.scheduler import SequenceState as Seq
+
+
+class ModelRunner:
+    def __init__(self, model: MoETransformer, pad_token_id: int, adapters: AdapterBank | None = None):
+        self.model = model.eval()
+        self.args = model.args
+        self.pad_token_id = pad_token_id
+        self.adapters = adapters
+        self.dtype = next(model.parameters()).dtype
+        self.device = next(model.parameters()).device
+        self._moe_layers = model.moe_layers()
+        self.expert_load = torch.zeros(self.args.n_layers, self.args.num_experts, dtype=torch.long)
+        self.forwards = {"prefill": 0, "decode": 0}
+
+    def prefill(self, group: PrefillGroup, scheduler) -> torch.Tensor:
+        """One right-padded forward over a group's chunks -> (rows, vocab) float32 logits at each chunk's last
+        token, on the CPU."""
+        chunks = group.chunks
+        width = group.padded_len
+        tokens = torch.full((len(chunks), width), self.pad_token_id, dtype=torch.long)
+        positions = torch.empty((len(chunks), width), dtype=torch.long)
+        for i, c in enumerate(chunks):
+            tokens[i, : c.length] = torch.tensor(c.seq.all_ids[c.start:c.start + c.length])
+            positions[i] = torch.arange(c.start, c.start + width)
+        last = torch.tensor([c.length - 1 for c in chunks])
+        if self.adapters is not None:
+            self.adapters.batch.set([c.seq.adapter_slot for c in chunks], width)
+        cache = scheduler.bind_prefill(chunks, positions, self.dtype)
+        logits = self.model(tokens.to(self.device), positions.to(self.device), cache, logits_at=last.to(self.device))
+        self._count_expert_load()
+        self.forwards["prefill"] += 1
+        return logits.float().cpu()
+
+    def decode(self, batch: list[Seq], scheduler) -> torch.Tensor:
+        """One forward of every decoding sequence's last token -> (D, vocab) float32 logits on the CPU."""
+        tokens = torch.tensor([[s.output_ids[-1]] for s in batch])  # (D, 1)
+        positions = torch.tensor([[s.num_computed] for s in batch])  # the last token's position
+        if self.adapters is not None:
+            self.adapters.batch.set([s.adapter_slot for s in batch], 1)
+        cache = scheduler.bind_decode(batch, positions, self.dtype)
+        logits = self.model(tokens.to(self.device), positions.to(self.device), cache)[:, -1]
+        self._count_expert_load()
+        self.forwards["decode"] += 1
+        return logits.float().cpu()
+
+    def _count_expert_load(self) -> None:
+        for i, moe in enumerate(self._moe_layers):
+            self.expert_load[i] += moe.last_tokens_per_expert.to("cpu", self.expert_load.dtype)
+
+    def loss(self, ids: list[int]) -> float:
+        """Summed next-token loss (nats) of the base model on one token sequence."""
+        tokens = torch.tensor([ids], device=self.device)
+        if self.adapters is not None:
+            self.adapters.batch.set([-1], len(ids) - 1)  # the base model
+        logits = self.model(tokens[:, :-1])
+        return torch.nn.functional.cross_entropy(logits[0].float(), tokens[0, 1:], reduction="sum").item()
