@@ -180,13 +180,15 @@ def rollout(d: dict) -> str:
 def quant(d: dict) -> str:
     rows = [[r["variant"], f"{r['perplexity']:.3f}", f"**{r['perplexity_vs_fp32']:.4f}**" if r["variant"] == "int8"
              else f"{r['perplexity_vs_fp32']:.4f}", f"{r['weight_bytes'] / 2**20:.1f}", f"{r['bytes_vs_fp32']:.3f}",
-             f"{r['tokens_per_s']:.0f}", f"{r['tokens_per_s_vs_fp32']:.3f}"] for r in d["results"]]
+             f"{r['tokens_per_s']:.0f}", f"{r['tokens_per_s_vs_fp32']:.3f}", f"{r['of_ceiling']:.2f}"]
+            for r in d["results"]]
     table = _table(["weights", "held-out perplexity", "÷ float32", "weight MiB", "÷ float32", "decode tokens/s",
-                    "÷ float32"], rows)
+                    "÷ float32", "of bandwidth ceiling"], rows)
     a = d["args"]
     return (f"{table}\n\n{a['steps']} training steps; {a['held_out_texts']} held-out pieces of 600 characters; "
             f"{a['prompts']} prompts × {a['tokens']} tokens decoded together, best of {a['rounds']} rounds, "
-            f"{a['threads']} torch threads. Target ({d['target']}): {'met' if d['met'] else 'not met'}")
+            f"{a['threads']} torch threads, device {a['device']} (copy bandwidth "
+            f"{d['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s). Target ({d['target']}): {'met' if d['met'] else 'not met'}")
 
 
 def guidellm(d: dict) -> str:
@@ -207,9 +209,28 @@ def guidellm(d: dict) -> str:
             f"{'yes' if d['counts_agree'] else 'no'}")
 
 
+def kv_cache(d: dict) -> str:
+    conc = _table(["KV layout", "KV MiB", "peak sequences", "KV used at peak", "tokens/s", "preemptions"],
+                  [[c["layout"], f"{c['kv_cache_bytes'] / 2**20:.0f}", c["peak_running"],
+                    f"{c['kv_usage_at_peak']:.0%}", f"{c['tokens_per_s']:.0f}", c["preemptions"]]
+                   for c in d["concurrency"]])
+    prefix = _table(["prefix caching", "TTFT mean ms", "p50 ms", "p99 ms", "hit rate"],
+                    [[p["prefix_caching"], f"{p['ttft_mean_s'] * 1e3:.0f}", f"{p['ttft_p50_s'] * 1e3:.0f}",
+                      f"{p['ttft_p99_s'] * 1e3:.0f}", f"{p['hit_rate']:.3f}"] for p in d["prefix"]])
+    a, t = d["args"], d["targets"]
+    return (f"{conc}\n\nPeak sequences paged ÷ slots: **{d['peak_ratio']:.2f}×** (target ≥ {t['peak_ratio']:g}×: "
+            f"{'met' if d['peak_ratio'] >= t['peak_ratio'] else 'not met'}); tokens/s "
+            f"{d['tokens_per_s_ratio']:.2f}×. {a['requests']} requests of the mixed trace at once, a KV budget of "
+            f"{a['slots']} slot-cache sequences.\n\n{prefix}\n\nMean TTFT without ÷ with prefix caching: "
+            f"**{d['ttft_ratio']:.2f}×** (target ≥ {t['ttft_ratio']:g}×: "
+            f"{'met' if d['ttft_ratio'] >= t['ttft_ratio'] else 'not met'}). {a['prefix_requests']} requests per "
+            f"round at {a['prefix_rate']:g}/s, a {a['system_tokens']}-token system prompt, {a['turn_tokens'][0]}-"
+            f"{a['turn_tokens'][1]}-token turns, {a['output_tokens']} output tokens, {a['rounds']} rounds.")
+
+
 RENDER = {"moe_layer": moe_layer, "memory": memory, "lora": lora, "layouts": layouts, "checkpoint": checkpoint,
           "ray_overhead": ray_overhead, "goodput": goodput, "serve": serve, "rollout": rollout,
-          "quant": quant, "guidellm": guidellm}
+          "quant": quant, "guidellm": guidellm, "kv_cache": kv_cache}
 
 
 def render(name: str, docs: Path = DOCS) -> str:

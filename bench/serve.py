@@ -67,7 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # -- setup -----------------------------------------------------------------------------------------------------------
-def build_export(out: Path, seed: int) -> Path:
+def build_export(out: Path, seed: int, max_seq_len: int = 1024) -> Path:
     from moe_platform.checkpoint.hf import export_hf
     from moe_platform.model.args import ModelArgs
     from moe_platform.model.transformer import build_model
@@ -75,9 +75,9 @@ def build_export(out: Path, seed: int) -> Path:
 
     text = CORPUS.read_text(encoding="utf-8")
     tok = train_tokenizer([text[i:i + 4000] for i in range(0, len(text), 4000)], 4096)
-    tok_dir = save_tokenizer(tok, out / "tokenizer", model_max_length=1024)
+    tok_dir = save_tokenizer(tok, out / "tokenizer", model_max_length=max_seq_len)
     args = ModelArgs(vocab_size=tok.get_vocab_size(), dim=256, n_layers=4, n_heads=8, n_kv_heads=4,
-                     intermediate_size=512, num_experts=16, top_k=2, max_seq_len=1024)
+                     intermediate_size=512, num_experts=16, top_k=2, max_seq_len=max_seq_len)
     return export_hf(build_model(args, seed=seed).state_dict(), args, out / "export", tokenizer_dir=tok_dir)
 
 
@@ -138,7 +138,8 @@ def summarize(runs: list[Run]) -> dict:
     tpot = [r.tpot for r in ok if r.tpot is not None]
     e2e = [r.end - r.sent for r in ok]
     return {"requests": len(ok) + failed, "failed": failed, "tokens": tokens, "seconds": span,
-            "tokens_per_s": tokens / span,
+            "tokens_per_s": tokens / span, "ttft_mean_s": statistics.mean(ttft) if ttft else float("nan"),
+            "e2e_mean_s": statistics.mean(e2e) if e2e else float("nan"),
             **{f"{name}_p{q}_s": pct(vals, q) for name, vals in (("ttft", ttft), ("tpot", tpot), ("e2e", e2e))
                for q in (50, 99)}}
 
@@ -381,6 +382,70 @@ def hf_one_at_a_time(model, trace: list[Req], pad_id: int) -> Run:
     return Run(results, t0)
 
 
+# -- where a decode step's time goes ---------------------------------------------------------------------------------
+OP_KINDS = {"matmul": ("aten::mm", "aten::bmm", "aten::addmm", "aten::_weight_int8pack_mm"),
+            "attention": ("aten::_scaled_dot_product_flash_attention_for_cpu",
+                          "aten::_scaled_dot_product_attention_math"),
+            "KV gather/scatter": ("aten::index_select", "aten::index_copy_", "aten::index_put_",
+                                  "aten::_index_put_impl_")}
+
+
+def decode_breakdown(export: Path, args, trace: list[Req]) -> dict:
+    """In-process decode steps of 1 and of 64 sequences, each at the trace's mean prompt length of context: step
+    time, GFLOP/s (active weights x 2 per token, plus attention over the context), and the 64-row step's CPU time by
+    kind of op (torch profiler); beside them the GFLOP/s of a 1024 x 1024 float32 matmul, this CPU's compute
+    ceiling at one thread."""
+    from moe_platform.serving.engine import Engine, SamplingParams
+
+    context = round(statistics.mean(len(r.prompt) for r in trace))
+    source = [t for r in trace for t in r.prompt]
+    out: dict = {"context": context}
+    a = None
+    for batch in (1, 64):
+        engine = Engine.from_pretrained(export, **{**engine_options(args, batch), "max_batch_size": batch,
+                                                   "enable_prefix_caching": False})
+        a = engine.args
+        for i in range(batch):
+            start = (i * 997) % max(1, len(source) - context)
+            engine.add_request(source[start:start + context], SamplingParams(max_tokens=200, temperature=0.0,
+                                                                             ignore_eos=True))
+        while engine.stats()["decode_batch_size"] < batch or engine.stats()["prefilling"]:
+            engine.step()
+        for _ in range(3):
+            engine.step()
+        steps = 20 if batch > 1 else 100
+        start_t = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        step_s = (time.perf_counter() - start_t) / steps
+        head_dim = a.resolved_head_dim
+        per_token = (a.n_layers * (2 * a.dim * a.n_heads * head_dim + 2 * a.dim * a.n_kv_heads * head_dim
+                                   + a.top_k * 3 * a.dim * a.intermediate_size + a.dim * a.num_experts)
+                     + a.dim * a.vocab_size)
+        flops = batch * (2 * per_token + a.n_layers * 4 * (context + steps) * a.n_heads * head_dim)
+        row = {"step_ms": step_s * 1e3, "gflops": flops / step_s / 1e9}
+        if batch > 1:
+            with torch.profiler.profile() as prof:
+                for _ in range(5):
+                    engine.step()
+            total = sum(e.self_cpu_time_total for e in prof.key_averages())
+            shares = {kind: sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in names) / total
+                      for kind, names in OP_KINDS.items()}
+            row["shares"] = {**shares, "other": 1 - sum(shares.values())}
+        out[f"b{batch}"] = row
+        engine.shutdown()
+    x = torch.randn(1024, 1024)
+    best = min(_timed(lambda: x @ x) for _ in range(5))
+    out["gemm_gflops"] = 2 * 1024 ** 3 / best / 1e9
+    return out
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
 def split_rounds(trace: list[Req], rounds: int) -> list[list[Req]]:
     """`rounds` contiguous slices of the trace (some empty if it is short), each re-timed to start at 0."""
     size = max(1, -(-len(trace) // rounds))
@@ -417,6 +482,22 @@ def ratio_table(res: dict) -> list[dict]:
     ]
     for name, value, peer in added:
         table.append({"metric": name, "a": value, "b": peer, "ratio": None, "target": "<= 2 ms", "met": value <= 2.0})
+    # Where concurrency 64 ÷ 1 meets its ceiling. At concurrency 1 a request's time is nearly all decoding (its time
+    # to first token, the prefill, is a small share), so the ratio is bounded by 64 x (1-row step ÷ 64-row step).
+    c1, d = res["c1"], res["decode"]
+    b1, b64 = d["b1"], d["b64"]
+    info = [("c1: mean TTFT (prefill) / mean end-to-end latency (s)", c1["ttft_mean_s"], c1["e2e_mean_s"], True),
+            (f"decode step (ms), 64 rows / 1 row, {d['context']} tokens of context", b64["step_ms"], b1["step_ms"],
+             True),
+            ("bound on c64 / c1 from decoding: 64 x 1-row step / 64-row step (ms)", 64 * b1["step_ms"],
+             b64["step_ms"], True),
+            ("GFLOP/s of the decode step: 64 rows / 1 row", b64["gflops"], b1["gflops"], True),
+            ("GFLOP/s: 64-row decode step / a 1024² float32 matmul (ceiling)", b64["gflops"], d["gemm_gflops"], True)]
+    info += [(f"share of the 64-row step's CPU time: {kind}", share, 1.0, False)
+             for kind, share in b64["shares"].items()]
+    for name, a, b, with_ratio in info:
+        table.append({"metric": name, "a": a, "b": b, "ratio": a / b if with_ratio else None, "target": "",
+                      "met": None})
     return table
 
 
@@ -512,6 +593,7 @@ def run(argv=None) -> dict:
                 print(f"{name}: {res[name]['tokens_per_s']:.0f} tok/s")
             res["overhead_ms"] = overhead_p50_ms(url, engine, trace[0].prompt[:1], args.overhead_requests)
             engine.shutdown()
+            res["decode"] = decode_breakdown(export, args, trace)
         finally:
             serve.shutdown()
             ray.shutdown()

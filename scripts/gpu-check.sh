@@ -15,3 +15,6 @@ nvidia-smi -L
     --out-json "$out/bench_memory_gpu.json" --out-png "$out/bench_memory_gpu.png"
 .venv/bin/python bench/lora.py --device cuda --dim 1024 --layers 8 --seq 1024 \
     --out-json "$out/bench_lora_gpu.json" --out-png "$out/bench_lora_gpu.png"
+# The serving engine on the GPU: float32, bfloat16 and int8 decode tokens/s against the HBM-bandwidth ceiling.
+.venv/bin/python bench/quant.py --device cuda --threads 8 --steps 150 \
+    --out-json "$out/bench_quant_gpu.json" --out-png "$out/bench_quant_gpu.png"

@@ -303,27 +303,34 @@ def test_metrics_carry_vllm_names_for_the_whole_app(server, client):
     assert {"vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
             "vllm:gpu_cache_usage_perc", "vllm:prompt_tokens_total", "vllm:generation_tokens_total",
             "vllm:request_success_total", "vllm:time_to_first_token_seconds_count",
-            "vllm:e2e_request_latency_seconds_count"} <= set(before)
-    done = [client.completions.create(model=MODEL, prompt="ROMEO:", max_tokens=5, temperature=0,
+            "vllm:e2e_request_latency_seconds_count", "vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total",
+            "vllm:gpu_prefix_cache_hit_rate", "vllm:num_preemptions_total"} <= set(before)
+    # The same long prompt three times: the later ones take the first one's cached KV blocks (one replica).
+    prompt = "ROMEO: But soft, what light through yonder window breaks? " * 4
+    done = [client.completions.create(model=MODEL, prompt=prompt, max_tokens=5, temperature=0,
                                       extra_body={"ignore_eos": True}).usage for _ in range(3)]
 
     def counted():
         now = vllm_metrics(server)
         grown = {k: now[k] - before[k] for k in ("vllm:generation_tokens_total", "vllm:request_success_total",
                                                  "vllm:time_to_first_token_seconds_count",
-                                                 "vllm:e2e_request_latency_seconds_count", "vllm:prompt_tokens_total")}
+                                                 "vllm:e2e_request_latency_seconds_count", "vllm:prompt_tokens_total",
+                                                 "vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total")}
         return grown if grown["vllm:request_success_total"] >= 3 else None
 
     grown = poll(counted, 30, "the requests in /metrics")
     assert grown["vllm:generation_tokens_total"] >= sum(u.completion_tokens for u in done) == 15
     assert grown["vllm:prompt_tokens_total"] >= sum(u.prompt_tokens for u in done)
     assert grown["vllm:time_to_first_token_seconds_count"] >= 3 and grown["vllm:e2e_request_latency_seconds_count"] >= 3
+    full_blocks = (done[0].prompt_tokens - 1) // 16
+    assert full_blocks >= 2 and grown["vllm:prefix_cache_queries_total"] >= 3 * 16 * full_blocks
+    assert grown["vllm:prefix_cache_hits_total"] >= 2 * 16 * full_blocks
 
 
 @pytest.mark.parametrize("stream", [True, False])
 def test_a_client_that_goes_away_stops_its_request(server, stream):
     """The client drops the connection after the first token (streamed) or a moment in (not streamed): Ray Serve
-    cancels the handler, the engine aborts the request, its slot frees and no more tokens are generated for it."""
+    cancels the handler, the engine aborts the request, its KV blocks free and no more tokens are generated for it."""
     idle = poll(lambda: (m := vllm_metrics(server))["vllm:num_requests_running"] == 0 and m, 30, "an idle engine")
     body = {"model": MODEL, "prompt": "ROMEO:", "max_tokens": 240, "ignore_eos": True, "stream": stream}
     if stream:
@@ -337,7 +344,8 @@ def test_a_client_that_goes_away_stops_its_request(server, stream):
     def ended():  # a report with the request's tokens and no request running: the count is final
         m = vllm_metrics(server)
         grown = m["vllm:generation_tokens_total"] - idle["vllm:generation_tokens_total"]
-        return grown if grown > 0 and m["vllm:num_requests_running"] == 0 else None
+        return grown if grown > 0 and m["vllm:num_requests_running"] == 0 and m["vllm:kv_cache_usage_perc"] == 0 \
+            else None
 
     generated = poll(ended, 30, "the request to be aborted")
     assert 1 <= generated < 240, generated

@@ -537,12 +537,18 @@ def test_device_option(export_dir):
         Engine.from_pretrained(export_dir, device="gpu")
 
 
-def test_int8_weights_keep_the_loss_at_a_quarter_of_the_bytes(export_dir):
+def test_int8_and_int4_weights_keep_the_loss(export_dir):
     """engine.quantization int8: torchao's int8 weight-only tensors on the attention projections, our int8 experts
-    (serving/quant.py); held-out loss within 1% of float32, weights of those modules a quarter of the bytes."""
+    (serving/quant.py); held-out loss within 1% of float32, weights of those modules a quarter of the bytes. int4
+    (ours, groups of 32): loss within 5%, fewer bytes again."""
     from torchao.quantization import Int8Tensor
 
-    from moe_platform.serving.quant import Int8Experts, model_bytes
+    from moe_platform.serving.quant import Int4Experts, Int8Experts, dequantize_int4, model_bytes, quantize_int4
+
+    w = torch.randn(3, 8, 64)
+    q, scale = quantize_int4(w)
+    assert q.dtype == torch.uint8 and q.shape == (3, 8, 32) and scale.shape == (3, 8, 2)
+    assert (dequantize_int4(q, scale, torch.float32) - w).abs().max() <= scale.max() / 2 + 1e-6  # half a step
 
     texts = [corpus_text(300_000)[200_000 + i * 500:200_000 + i * 500 + 400] for i in range(8)]
     full = Engine.from_pretrained(export_dir)
@@ -554,7 +560,60 @@ def test_int8_weights_keep_the_loss_at_a_quarter_of_the_bytes(export_dir):
     assert abs(got - want) / want < 0.01, (got, want)
     assert model_bytes(int8.model) < 0.55 * model_bytes(full.model)  # embeddings and the head stay float32
     assert int8.generate("ROMEO:", SamplingParams(max_tokens=8, temperature=0))
-    with pytest.raises(ValueError, match="quantization must be one of \\['none', 'int8'\\], got 'int4'"):
-        Engine.from_pretrained(export_dir, quantization="int4")
+    int4 = Engine.from_pretrained(export_dir, quantization="int4")
+    assert isinstance(int4.model.model.layers[0].mlp.experts, Int4Experts)
+    assert abs(int4.score(texts) - want) / want < 0.05
+    assert model_bytes(int4.model) < 0.8 * model_bytes(int8.model)
+    with pytest.raises(ValueError, match="quantization must be one of \\['none', 'int8', 'int4'\\], got 'int2'"):
+        Engine.from_pretrained(export_dir, quantization="int2")
     with pytest.raises(ValueError, match="quantization and LoRA adapters"):
         Engine.from_pretrained(export_dir, quantization="int8", max_loras=2)
+
+
+@pytest.mark.parametrize("kv_dtype, tol", [("auto", 1e-6), ("int8", 0.015), ("fp8", 0.06)])
+def test_paged_cache_with_scattered_blocks_matches_the_uncached_forward(kv_dtype, tol):
+    """Two sequences whose blocks are scattered and interleaved over the pool, prefilled in two chunks and decoded
+    a token: the logits equal the model's own forward without a cache (within the KV dtype's rounding). fp8 is
+    served on CUDA only; its cache code is the same on every device."""
+    from moe_platform.serving.cache import PagedKVCache
+
+    args = ModelArgs(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, num_experts=4, top_k=2,
+                     intermediate_size=32, max_seq_len=64, init_std=0.1)
+    model = build_model(args, seed=1).eval()
+    tokens = torch.randint(0, 64, (2, 23), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(tokens)
+        cache = PagedKVCache(args, num_blocks=16, block_size=4, kv_dtype=kv_dtype)
+        tables = [[9, 2, 14, 5, 11, 7], [3, 12, 1, 15, 6, 10]]
+        got = []
+        for lo, hi in ((0, 13), (13, 22), (22, 23)):  # two prefill chunks, then one decode step
+            positions = torch.arange(lo, hi).expand(2, -1)
+            got.append(model(tokens[:, lo:hi], positions, cache.bind(tables, positions, torch.float32)))
+    err = ((torch.cat(got, dim=1) - want).abs().max() / want.abs().max()).item()  # relative to the largest logit
+    assert err < tol, err
+    assert cache.k[:, :, :4].abs().sum() == 0  # the scratch block: nothing real was written there
+
+
+def test_paged_cache_groups_rows_by_length():
+    """One decode step over sequences of 5, 23, 9 and 12 tokens, in that order: rows are attended in length groups
+    (a group spans at most 1.5x in keys) and each still gets its own uncached forward's logits."""
+    from moe_platform.serving.cache import PagedKVCache
+
+    args = ModelArgs(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, num_experts=4, top_k=2,
+                     intermediate_size=32, max_seq_len=64, init_std=0.1)
+    model = build_model(args, seed=1).eval()
+    gen = torch.Generator().manual_seed(0)
+    lengths = [5, 23, 9, 12]
+    seqs = [torch.randint(0, 64, (1, n + 1), generator=gen) for n in lengths]
+    tables = [[7 * i + j + 1 for j in range(7)] for i in range(4)]  # 7 blocks of 4 hold 28 positions
+    cache = PagedKVCache(args, num_blocks=32, block_size=4)
+    with torch.no_grad():
+        for s, n, table in zip(seqs, lengths, tables, strict=True):
+            positions = torch.arange(n)[None]
+            model(s[:, :n], positions, cache.bind([table], positions, torch.float32))
+        positions = torch.tensor([[n] for n in lengths])
+        got = model(torch.cat([s[:, n:] for s, n in zip(seqs, lengths, strict=True)]), positions,
+                    cache.bind(tables, positions, torch.float32))
+        assert [group[2] for group in cache._groups] == [1, 2, 1]  # 6 keys; 10 and 13; 24
+        for i, (s, n) in enumerate(zip(seqs, lengths, strict=True)):
+            assert (got[i, 0] - model(s)[0, n]).abs().max() < 1e-5

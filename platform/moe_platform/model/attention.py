@@ -94,6 +94,8 @@ class Attention(nn.Module):
         if cache is None:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                                  enable_gqa=q.shape[1] != k.shape[1])
+        elif hasattr(cache, "attend"):  # a cache that lays keys out its own way attends itself (serving's paged cache)
+            out = cache.attend(self.layer_idx, q, k, v)
         else:
             k, v, mask = cache.update(self.layer_idx, k, v)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])

@@ -13,6 +13,7 @@ packed when sequences finish or finish their prefill.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from moe_platform.model.args import ModelArgs
 from moe_platform.model.kv_cache import KVCache
@@ -82,17 +83,19 @@ class ServingKVCache(KVCache):
 
 
 KV_CACHE_DTYPES = ("auto", "int8", "fp8")
+GROUP_SPAN = 1.5
 
 
 class PagedKVCache:
     """Keys and values in blocks of `block_size` positions: per layer and KV head a (num_blocks * block_size, hd)
     table of token slots, block after block. `bind(block_tables, positions)` maps every written token to its slot;
-    `update` scatters the new keys/values there and gathers each row's blocks (whole blocks, in table order; past a
-    row's blocks, the scratch block 0, masked) into (B, KV, kv_len, hd) for attention: each row's and head's keys
-    come out contiguous, as attention reads them.
+    `attend` (called by the model's attention in place of its own) scatters the new keys/values there, gathers each
+    row's blocks (whole blocks, in table order; past a row's blocks, the scratch block 0, masked) into
+    (rows, KV, kv_len, hd), each row's and head's keys contiguous as attention reads them, and runs attention.
 
-    `kv_dtype`: auto stores the model's dtype; int8 stores each token's head vector as int8 with one scale (absmax
-    / 127) per token and head, dequantized on read; fp8 (float8_e4m3fn, CUDA only) casts.
+    `kv_dtype`: auto stores the model's dtype; int8 and fp8 store each token's head vector as int8 or float8_e4m3fn
+    (kept as its bytes, which every device can index) with one float32 scale per token and head (absmax / 127 or
+    / 448), dequantized on read.
     """
 
     def __init__(self, args: ModelArgs, num_blocks: int, block_size: int, dtype: torch.dtype = torch.float32,
@@ -102,24 +105,22 @@ class PagedKVCache:
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.kv_dtype = kv_dtype
-        store = {"auto": dtype, "int8": torch.int8, "fp8": torch.float8_e4m3fn}[kv_dtype]
+        store = {"auto": dtype, "int8": torch.int8, "fp8": torch.uint8}[kv_dtype]
         shape = (args.n_layers, args.n_kv_heads, num_blocks * block_size, args.resolved_head_dim)
         self.k = torch.zeros(shape, dtype=store, device=device)
         self.v = torch.zeros(shape, dtype=store, device=device)
         self.k_scale = self.v_scale = None
-        if kv_dtype == "int8":
+        if kv_dtype != "auto":
             self.k_scale = torch.ones(shape[:-1] + (1,), dtype=torch.float32, device=device)
             self.v_scale = torch.ones(shape[:-1] + (1,), dtype=torch.float32, device=device)
         self._write: torch.Tensor | None = None
-        self._read: torch.Tensor | None = None
-        self._rows = self._kv_len = 0
-        self._mask: torch.Tensor | None = None
+        self._groups: list = []
 
     @staticmethod
     def bytes_per_token(args: ModelArgs, dtype: torch.dtype, kv_dtype: str = "auto") -> int:
-        """KV bytes one token position takes over all layers (keys and values, with int8's scales)."""
+        """KV bytes one token position takes over all layers (keys and values, with int8's and fp8's scales)."""
         elem = {"auto": torch.empty(0, dtype=dtype).element_size(), "int8": 1, "fp8": 1}[kv_dtype]
-        per_head = args.resolved_head_dim * elem + (4 if kv_dtype == "int8" else 0)
+        per_head = args.resolved_head_dim * elem + (4 if kv_dtype != "auto" else 0)
         return 2 * args.n_layers * args.n_kv_heads * per_head
 
     @property
@@ -128,48 +129,87 @@ class PagedKVCache:
         return 2 * self.k.numel() * self.k.element_size() + scales
 
     def bind(self, block_tables: list[list[int]], positions: torch.Tensor, mask_dtype: torch.dtype) -> PagedKVCache:
-        """Row i uses the blocks `block_tables[i]`; positions (B, T) are the absolute positions of its tokens."""
+        """Row i uses the blocks `block_tables[i]`; positions (B, T) are the absolute positions of its tokens.
+
+        Rows are grouped by how many keys they attend (sorted; a new group starts where a row needs over
+        `GROUP_SPAN` times the keys of its group's first), and each group gathers and attends only up to its own
+        longest row: a batch of a 30-token and a 700-token sequence does not pad the first to 700."""
         if positions.dim() != 2 or len(block_tables) != positions.shape[0]:
             raise ValueError(f"bind expects {len(block_tables)} block tables and positions (B, T), got "
                              f"{tuple(positions.shape)}")
         bs = self.block_size
-        kv_len = int(positions.max()) + 1
-        width = -(-kv_len // bs)
+        positions = positions.cpu()
+        lengths = (positions.max(dim=1).values + 1).tolist()  # keys each row attends
+        width = -(-max(lengths) // bs)
         table = torch.zeros((len(block_tables), width), dtype=torch.long)  # 0: the scratch block
         for i, blocks in enumerate(block_tables):
             row = blocks[:width]
             table[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        positions = positions.cpu()
         device = self.k.device
         self._write = (table.gather(1, positions // bs) * bs + positions % bs).flatten().to(device)
-        self._read = table.flatten().to(device)
-        self._rows, self._kv_len = len(block_tables), kv_len
-        positions = positions.to(device)
-        keys = torch.arange(kv_len, device=device)
-        hidden = keys[None, None, :] > positions[:, :, None]  # (B, T, kv_len): the key is in the future
-        mask = torch.zeros(hidden.shape, dtype=mask_dtype, device=device)
-        self._mask = mask.masked_fill_(hidden, float("-inf"))[:, None]  # (B, 1, T, kv_len)
+        order = sorted(range(len(lengths)), key=lengths.__getitem__)
+        groups, current = [], [order[0]]
+        for i in order[1:]:
+            if lengths[i] > GROUP_SPAN * lengths[current[0]]:
+                groups.append(current)
+                current = []
+            current.append(i)
+        groups.append(current)
+        if len(groups) == 1:
+            groups = [list(range(len(lengths)))]  # one group: the batch's own row order, no reordering
+        self._groups = []
+        for rows in groups:
+            kv_len = max(lengths[i] for i in rows)
+            idx = torch.tensor(rows, dtype=torch.long)
+            pos = positions[idx]
+            hidden = torch.arange(kv_len)[None, None, :] > pos[:, :, None]  # (b, T, kv_len): a future key
+            mask = torch.zeros(hidden.shape, dtype=mask_dtype).masked_fill_(hidden, float("-inf"))[:, None]
+            whole = len(rows) == len(lengths)
+            self._groups.append((None if whole else idx.to(device), table[idx, : -(-kv_len // bs)].flatten().to(device),
+                                 len(rows), kv_len, mask.to(device)))
         return self
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Store k, v (B, KV, T, hd) at the bound slots; return each row's keys/values so far (B, KV, kv_len, hd)
-        and the mask."""
-        assert self._read is not None, "bind() must be called before the forward pass"
-        return self._store(layer, self.k, self.k_scale, k), self._store(layer, self.v, self.v_scale, v), self._mask
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Store k, v (B, KV, T, hd) at the bound slots, then attend q (B, H, T, hd) to each row's keys so far,
+        group by group -> (B, H, T, hd)."""
+        assert self._write is not None, "bind() must be called before the forward pass"
+        self._store(layer, self.k, self.k_scale, k)
+        self._store(layer, self.v, self.v_scale, v)
+        out = None
+        for rows, read, n, kv_len, mask in self._groups:
+            keys = self._gather(layer, self.k, self.k_scale, read, n, kv_len, q.dtype)
+            values = self._gather(layer, self.v, self.v_scale, read, n, kv_len, q.dtype)
+            part = F.scaled_dot_product_attention(q if rows is None else q[rows], keys, values, attn_mask=mask,
+                                                  enable_gqa=q.shape[1] != keys.shape[1])
+            if rows is None:
+                return part
+            if out is None:
+                out = torch.empty_like(q)
+            out[rows] = part
+        return out
 
-    def _store(self, layer: int, table: torch.Tensor, scale: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
-        """Write x (B, KV, T, hd) into `table` at the bound slots; return the bound rows' blocks in x's dtype."""
-        heads, hd = x.shape[1], x.shape[3]
-        flat = x.transpose(0, 1).reshape(heads, -1, hd)  # (KV, B*T, hd)
-        bs = self.block_size
+    def _store(self, layer: int, table: torch.Tensor, scale: torch.Tensor | None, x: torch.Tensor) -> None:
+        """Write x (B, KV, T, hd) into `table` at the bound slots (quantized with its scales for int8 and fp8)."""
+        flat = x.transpose(0, 1).reshape(x.shape[1], -1, x.shape[3])  # (KV, B*T, hd)
         if scale is None:
             table[layer].index_copy_(1, self._write, flat.to(table.dtype))
-            blocks = table[layer].view(heads, -1, bs, hd).index_select(1, self._read).to(x.dtype)
-        else:
-            s = flat.float().abs().amax(dim=-1, keepdim=True).clamp_min(1e-8) / 127.0
-            table[layer].index_copy_(1, self._write, (flat.float() / s).round_().clamp_(-127, 127).to(torch.int8))
-            scale[layer].index_copy_(1, self._write, s)
-            blocks = table[layer].view(heads, -1, bs, hd).index_select(1, self._read).float()
-            blocks = (blocks * scale[layer].view(heads, -1, bs, 1).index_select(1, self._read)).to(x.dtype)
-        # (KV, B*width, bs, hd) -> (KV, B, width*bs, hd) -> (B, KV, kv_len, hd)
-        return blocks.view(heads, self._rows, -1, hd)[:, :, : self._kv_len].transpose(0, 1)
+            return
+        top = 127.0 if self.kv_dtype == "int8" else 448.0  # the largest int8 / float8_e4m3fn value used
+        s = flat.float().abs().amax(dim=-1, keepdim=True).clamp_min(1e-8) / top
+        q = flat.float() / s
+        q = q.round_().clamp_(-127, 127).to(torch.int8) if self.kv_dtype == "int8" else \
+            q.to(torch.float8_e4m3fn).view(torch.uint8)
+        table[layer].index_copy_(1, self._write, q)
+        scale[layer].index_copy_(1, self._write, s)
+
+    def _gather(self, layer: int, table: torch.Tensor, scale: torch.Tensor | None, read: torch.Tensor, rows: int,
+                kv_len: int, dtype: torch.dtype) -> torch.Tensor:
+        """The blocks `read` (rows x width, flat) of one layer -> (rows, KV, kv_len, hd) in `dtype`."""
+        heads, _, hd = table.shape[1:]
+        bs = self.block_size
+        blocks = table[layer].view(heads, -1, bs, hd).index_select(1, read)  # (KV, rows*width, bs, hd)
+        if scale is not None:
+            blocks = blocks.float() if self.kv_dtype == "int8" else blocks.view(torch.float8_e4m3fn).float()
+            blocks = blocks * scale[layer].view(heads, -1, bs, 1).index_select(1, read)
+        blocks = blocks.to(dtype)
+        return blocks.view(heads, rows, -1, hd)[:, :, :kv_len].transpose(0, 1)

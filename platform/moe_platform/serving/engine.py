@@ -95,8 +95,8 @@ class EngineConfig:
     device: str = field(default="auto", metadata={"doc": "auto (cuda when one is visible), cpu, cuda or cuda:N"})
     dtype: str = field(default="float32", metadata={"doc": "weights, activations and KV cache: float32, bfloat16 "
                                                            "or float16 (float16 on CUDA only)"})
-    quantization: str = field(default="none", metadata={"doc": "none or int8 (weight-only: attention, shared and "
-                                                                 "routed experts; serving/quant.py)"})
+    quantization: str = field(default="none", metadata={"doc": "none, int8 or int4 (weight-only: attention, shared "
+                                                                 "and routed experts; serving/quant.py)"})
     num_threads: int = field(default=0, metadata={"doc": "torch intra-op threads; 0 keeps torch's setting"})
     seed: int = field(default=0, metadata={"doc": "seeds the per-request seeds of requests that bring none"})
     max_loras: int = field(default=0, metadata={"doc": "LoRA adapters held at once (0: none; see load_adapter)"})

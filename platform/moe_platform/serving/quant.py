@@ -1,15 +1,20 @@
-"""Weight-only int8 quantization of a model for serving (`engine.quantization: int8`).
+"""Weight-only quantization of a model for serving (`engine.quantization: int8 | int4`).
 
+int8:
 - Dense projections (attention q/k/v/o, shared experts) use torchao's `Int8WeightOnlyConfig`: int8 weights with one
   scale per output channel, through torchao's own kernels on whatever device the model is on.
 - The routed experts are stacked 3-D weights, which torchao's weight-only configs do not cover. `Int8Experts` holds
   them as int8 with one scale per output channel of each expert and multiplies each expert's rows with PyTorch's
   int8 weight-pack kernel (`torch._weight_int8pack_mm`) where an expert has one row on the CPU, or with the expert's
   weights dequantized otherwise.
-- The embeddings, the router and the output head stay in the model's dtype.
 
-Weights shrink to about a quarter of float32; the effect on quality is measured by `bench/quant.py` (perplexity on
-held-out text against the unquantized model).
+int4: torchao 0.18's `Int4WeightOnlyConfig` needs its separate `mslk` kernel package (or CUDA tile packing), and
+runs on no CPU, so int4 is our own everywhere: symmetric int4 in groups of `INT4_GROUP` input channels with one
+float32 scale per group, two weights per byte (`Int4Linear`, `Int4Experts`), dequantized to the activations' dtype
+for each matmul. It saves memory (about 0.16x float32 for these layers), not time.
+
+The embeddings, the router and the output head stay in the model's dtype. The effect on quality is measured by
+`bench/quant.py` (perplexity on held-out text against the unquantized model).
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ from torch import nn
 
 from moe_platform.model.moe import GroupedExperts, MoE
 
-QUANTIZATIONS = ("none", "int8")
+QUANTIZATIONS = ("none", "int8", "int4")
+INT4_GROUP = 32
 
 
 def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,27 +46,68 @@ def _int8_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Ten
     return x @ (q.to(x.dtype) * scale.to(x.dtype)[:, None]).T
 
 
-class Int8Experts(nn.Module):
-    """`GroupedExperts` with int8 weights (same forward contract)."""
+def quantize_int4(weight: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tensor, torch.Tensor]:
+    """(..., out, in) float -> packed uint8 (..., out, in / 2) (two weights per byte, low nibble first) and float32
+    scales (..., out, in / group): symmetric int4 in [-8, 7], one scale per `group` input channels (per output
+    channel when `in` is not a multiple of `group`)."""
+    *lead, out_dim, in_dim = weight.shape
+    if in_dim % 2:
+        raise ValueError(f"int4 needs an even number of input channels, got {in_dim}")
+    group = group if in_dim % group == 0 else in_dim
+    w = weight.detach().float().reshape(*lead, out_dim, in_dim // group, group)
+    scale = w.abs().amax(dim=-1).clamp(min=1e-12) / 7.0
+    q = (torch.round(w / scale[..., None]).clamp(-8, 7) + 8).to(torch.uint8).reshape(*lead, out_dim, in_dim)
+    return q[..., 0::2] | (q[..., 1::2] << 4), scale
+
+
+def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The inverse of `quantize_int4`, in `dtype`."""
+    *lead, out_dim, half = packed.shape
+    q = torch.stack((packed & 15, packed >> 4), dim=-1).reshape(*lead, out_dim, scale.shape[-1], -1)
+    return ((q.to(dtype) - 8) * scale[..., None].to(dtype)).reshape(*lead, out_dim, 2 * half)
+
+
+class Int4Linear(nn.Module):
+    """An `nn.Linear` with int4 weights (see `quantize_int4`)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        q, scale = quantize_int4(linear.weight)
+        self.register_buffer("weight_q", q)
+        self.register_buffer("weight_scale", scale)
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, dequantize_int4(self.weight_q, self.weight_scale, x.dtype), self.bias)
+
+
+class _QuantizedExperts(nn.Module):
+    """`GroupedExperts` with quantized weights (same forward contract): `_quantize` and `_mm` say how."""
 
     def __init__(self, experts: GroupedExperts):
         super().__init__()
         self.num_experts = experts.num_experts
         for name in ("gate_up_proj", "down_proj"):
-            q, scale = quantize_per_channel(getattr(experts, name))
+            q, scale = self._quantize(getattr(experts, name))
             self.register_buffer(f"{name}_q", q)
             self.register_buffer(f"{name}_scale", scale)
+
+    @staticmethod
+    def _quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def _mm(self, x: torch.Tensor, name: str, e: int) -> torch.Tensor:
+        raise NotImplementedError
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor, token_index: torch.Tensor | None = None,
                 scores: torch.Tensor | None = None) -> torch.Tensor:
         rows = x if token_index is None else x[token_index]  # (N, D) -> (M, D), grouped by expert
-        out = rows.new_empty(rows.shape[0], self.down_proj_q.shape[1])
+        out = rows.new_empty(rows.shape[0], x.shape[-1])
         start = 0
         for e, n in enumerate(counts.tolist()):
             if n:
-                gate, up = _int8_mm(rows[start:start + n], self.gate_up_proj_q[e],
-                                    self.gate_up_proj_scale[e]).chunk(2, dim=-1)
-                out[start:start + n] = _int8_mm(F.silu(gate) * up, self.down_proj_q[e], self.down_proj_scale[e])
+                gate, up = self._mm(rows[start:start + n], "gate_up_proj", e).chunk(2, dim=-1)
+                out[start:start + n] = self._mm(F.silu(gate) * up, "down_proj", e)
             start += n
         if scores is not None:
             out = out * scores[:, None].to(out.dtype)
@@ -69,20 +116,45 @@ class Int8Experts(nn.Module):
         return torch.zeros_like(x).index_add_(0, token_index, out)
 
 
+class Int8Experts(_QuantizedExperts):
+    """Routed experts as int8, one scale per output channel of each expert."""
+
+    _quantize = staticmethod(quantize_per_channel)
+
+    def _mm(self, x: torch.Tensor, name: str, e: int) -> torch.Tensor:
+        return _int8_mm(x, getattr(self, f"{name}_q")[e], getattr(self, f"{name}_scale")[e])
+
+
+class Int4Experts(_QuantizedExperts):
+    """Routed experts as int4 in groups (see `quantize_int4`)."""
+
+    _quantize = staticmethod(quantize_int4)
+
+    def _mm(self, x: torch.Tensor, name: str, e: int) -> torch.Tensor:
+        return x @ dequantize_int4(getattr(self, f"{name}_q")[e], getattr(self, f"{name}_scale")[e], x.dtype).T
+
+
 def quantize_model(model: nn.Module, method: str) -> nn.Module:
     """Quantize `model` in place for inference (`method` in QUANTIZATIONS); returns it."""
     if method not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {list(QUANTIZATIONS)}, got {method!r}")
     if method == "none":
         return model
-    from torchao.quantization import Int8WeightOnlyConfig, quantize_
-
+    experts_cls = Int8Experts if method == "int8" else Int4Experts
     for module in model.modules():
         if isinstance(module, MoE) and isinstance(module.experts, GroupedExperts):
-            module.experts = Int8Experts(module.experts)
+            module.experts = experts_cls(module.experts)
     dense = {id(m) for name, m in model.named_modules() if isinstance(m, nn.Linear)
              and name.split(".")[-1] in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")}
-    quantize_(model, Int8WeightOnlyConfig(), filter_fn=lambda m, fqn: id(m) in dense)
+    if method == "int8":
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+        quantize_(model, Int8WeightOnlyConfig(), filter_fn=lambda m, fqn: id(m) in dense)
+        return model
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if id(child) in dense:
+                setattr(parent, name, Int4Linear(child))
     return model
 
 
@@ -101,4 +173,5 @@ def _tensor_bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-__all__ = ["QUANTIZATIONS", "Int8Experts", "model_bytes", "quantize_model", "quantize_per_channel"]
+__all__ = ["QUANTIZATIONS", "Int4Experts", "Int4Linear", "Int8Experts", "dequantize_int4", "model_bytes",
+           "quantize_int4", "quantize_model", "quantize_per_channel"]

@@ -1,0 +1,199 @@
+"""The paged KV cache against the slot cache, and prefix caching on against off, in one run on one export.
+
+The model is bench/serve.py's (dim 256, 4 layers, 16 experts top-2, vocab 4096, random weights), with a 2048-token
+context. Everything runs on the engine in-process (no HTTP), one torch thread, greedy, EOS ignored.
+
+1. Peak concurrency at a fixed KV memory budget, on bench/serve.py's mixed trace (prompts of 16-512 tokens, outputs
+   of 16-256), every request submitted at once: the budget is what `--slots` sequences take in the slot cache
+   (`max_seq_len` + one prefill budget of positions each). The slot layout (the peer) runs at most that many
+   sequences; the paged layout runs as many as its blocks hold (`max_batch_size` 512). Reported: the most sequences
+   running at once, tokens/s over the whole trace, and preemptions. Target: paged ÷ slots >= 4x.
+2. Shared prefix: one `--system-tokens` system prompt and short user turns (`--turn-tokens`), `--prefix-requests`
+   requests arriving as a Poisson process at `--prefix-rate`/s, `--output-tokens` each. The same trace runs with
+   prefix caching and without (the peer), in alternating rounds. Reported: time to first token (mean, p50, p99) and
+   the prefix cache's hit rate. Target: mean TTFT without ÷ with >= 5x.
+
+    python bench/kv_cache.py          # ~4 minutes on 2 CPU cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import json
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _serve_bench():
+    spec = importlib.util.spec_from_file_location("bench_serve", REPO / "bench" / "serve.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+SERVE = _serve_bench()
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--requests", type=int, default=96, help="requests of the mixed trace")
+    p.add_argument("--slots", type=int, default=16, help="the KV budget: this many slot-cache sequences")
+    p.add_argument("--max-seq-len", type=int, default=2048)
+    p.add_argument("--prefill-token-budget", type=int, default=512)
+    p.add_argument("--system-tokens", type=int, default=1000)
+    p.add_argument("--turn-tokens", type=int, nargs=2, default=(10, 40), metavar=("MIN", "MAX"))
+    p.add_argument("--output-tokens", type=int, default=16, help="tokens per shared-prefix request")
+    p.add_argument("--prefix-requests", type=int, default=24)
+    p.add_argument("--prefix-rate", type=float, default=1.0, help="shared-prefix arrivals per second")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-json", default=str(REPO / "docs" / "bench_kv_cache.json"))
+    p.add_argument("--out-png", default=str(REPO / "docs" / "bench_kv_cache.png"))
+    return p.parse_args(argv)
+
+
+def engine_options(args, **extra) -> dict:
+    return {"batch_wait_timeout_s": 0.0, "max_seq_len": args.max_seq_len,
+            "prefill_token_budget": args.prefill_token_budget, **extra}
+
+
+def concurrency(export: Path, args, budget: int, layout: str) -> dict:
+    """Run the whole mixed trace at once on one layout; the most sequences running together, tokens/s."""
+    from moe_platform.serving.engine import Engine, SamplingParams
+
+    trace = SERVE.make_trace(export, args.requests, 1.0, (16, 512), (16, 256), args.seed)
+    engine = Engine.from_pretrained(export, **engine_options(args, kv_cache_layout=layout, max_batch_size=512,
+                                                             kv_cache_memory_bytes=budget))
+    for r in trace:
+        engine.add_request(r.prompt, SamplingParams(max_tokens=r.max_tokens, temperature=0.0, ignore_eos=True))
+    peak, usage, tokens, start = 0, 0.0, 0, time.perf_counter()
+    while engine.has_unfinished():
+        tokens += sum(len(o.token_ids) for o in engine.step())
+        if engine.scheduler.num_running > peak:
+            peak, usage = engine.scheduler.num_running, engine.scheduler.kv_stats()["kv_cache_usage"]
+    seconds = time.perf_counter() - start
+    stats = engine.stats()
+    return {"layout": layout, "kv_cache_bytes": engine.cache.nbytes, "peak_running": peak,
+            "kv_usage_at_peak": usage, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+            "preemptions": stats["num_preemptions"]}
+
+
+def prefix_trace(export: Path, args) -> list:
+    from moe_platform.tokenizer import load_tokenizer
+
+    ids = load_tokenizer(export).encode(SERVE.CORPUS.read_text(encoding="utf-8")[:300_000]).ids
+    rng = random.Random(args.seed)
+    system = ids[: args.system_tokens]
+    t, trace = 0.0, []
+    for _ in range(args.prefix_requests):
+        n = rng.randint(*args.turn_tokens)
+        start = rng.randrange(args.system_tokens, len(ids) - n)
+        trace.append(SERVE.Req(t, system + ids[start:start + n], args.output_tokens))
+        t += rng.expovariate(args.prefix_rate)
+    return trace
+
+
+def shared_prefix(engine, trace) -> dict:
+    """Replay the trace (Poisson arrivals) on a started engine; per-request TTFT."""
+
+    async def replay():
+        t0 = time.perf_counter()
+
+        async def at_arrival(req):
+            await asyncio.sleep(max(0.0, t0 + req.arrival - time.perf_counter()))
+            return await SERVE.stream_engine(engine, req)
+
+        return await asyncio.gather(*(at_arrival(r) for r in trace))
+
+    return [r.ttft for r in asyncio.run(replay())]
+
+
+def main(argv=None) -> int:
+    from moe_platform.serving.cache import PagedKVCache
+    from moe_platform.serving.engine import Engine
+
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix="bench-kv-") as tmp:
+        export = SERVE.build_export(Path(tmp), args.seed, max_seq_len=args.max_seq_len)
+        probe = Engine.from_pretrained(export, **engine_options(args, max_batch_size=1))
+        per_token = PagedKVCache.bytes_per_token(probe.args, torch.float32)
+        budget = args.slots * (args.max_seq_len + args.prefill_token_budget) * per_token
+        del probe
+        conc = {layout: concurrency(export, args, budget, layout) for layout in ("slots", "paged")}
+        for row in conc.values():
+            print(f"{row['layout']}: peak {row['peak_running']} sequences (KV {row['kv_usage_at_peak']:.0%} used), "
+              f"{row['tokens_per_s']:.0f} tok/s, "
+                  f"{row['preemptions']} preemptions, KV {row['kv_cache_bytes'] / 2**20:.0f} MiB", flush=True)
+        trace = prefix_trace(export, args)
+        engines = {name: Engine.from_pretrained(export, **engine_options(args, enable_prefix_caching=on)).start()
+                   for name, on in (("without", False), ("with", True))}
+        ttft: dict[str, list[float]] = {name: [] for name in engines}
+        for r in range(args.rounds):
+            for name, engine in engines.items():
+                ttft[name] += shared_prefix(engine, trace)
+                print(f"round {r + 1}, prefix caching {name}: mean TTFT {statistics.mean(ttft[name]) * 1e3:.0f} ms",
+                      flush=True)
+        prefix = {}
+        for name, engine in engines.items():
+            stats = engine.stats()
+            engine.shutdown()
+            values = sorted(ttft[name])
+            prefix[name] = {"prefix_caching": name, "ttft_mean_s": statistics.mean(values),
+                            "ttft_p50_s": SERVE.pct(values, 50), "ttft_p99_s": SERVE.pct(values, 99),
+                            "hit_rate": stats["prefix_cache_hits"] / max(1, stats["prefix_cache_queries"])}
+    peak_ratio = conc["paged"]["peak_running"] / conc["slots"]["peak_running"]
+    ttft_ratio = prefix["without"]["ttft_mean_s"] / prefix["with"]["ttft_mean_s"]
+    recorded = {"args": {k: v for k, v in vars(args).items() if not k.startswith("out_")},
+                "kv_budget_bytes": budget, "concurrency": list(conc.values()), "prefix": list(prefix.values()),
+                "peak_ratio": peak_ratio, "tokens_per_s_ratio": conc["paged"]["tokens_per_s"] /
+                conc["slots"]["tokens_per_s"], "ttft_ratio": ttft_ratio,
+                "targets": {"peak_ratio": 4.0, "ttft_ratio": 5.0}}
+    print(f"peak sequences paged ÷ slots at {budget / 2**20:.0f} MiB: {peak_ratio:.2f}x (target 4x); tokens/s "
+          f"{recorded['tokens_per_s_ratio']:.2f}x")
+    print(f"mean TTFT without ÷ with prefix caching: {ttft_ratio:.2f}x (target 5x); hit rate "
+          f"{prefix['with']['hit_rate']:.3f}")
+    Path(args.out_json).write_text(json.dumps(recorded, indent=2))
+    plot(recorded, Path(args.out_png))
+    return 0
+
+
+def plot(recorded: dict, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    conc = recorded["concurrency"]
+    a.bar([c["layout"] for c in conc], [c["peak_running"] for c in conc], color=["tab:gray", "tab:blue"])
+    for i, c in enumerate(conc):
+        a.annotate(f"{c['peak_running']} seq, {c['tokens_per_s']:.0f} tok/s", (i, c["peak_running"]), ha="center",
+                   va="bottom", fontsize=8)
+    a.set_title(f"peak sequences at {recorded['kv_budget_bytes'] / 2**20:.0f} MiB of KV "
+                f"({recorded['peak_ratio']:.2f}x)", fontsize=9)
+    rows = recorded["prefix"]
+    names = [f"prefix caching {r['prefix_caching']}" for r in rows]
+    for j, (key, label) in enumerate((("ttft_p50_s", "p50"), ("ttft_mean_s", "mean"), ("ttft_p99_s", "p99"))):
+        b.bar([x + 0.27 * (j - 1) for x in range(len(rows))], [r[key] * 1e3 for r in rows], width=0.27, label=label)
+    b.set_xticks(range(len(rows)), names)
+    b.set_ylabel("time to first token (ms)")
+    b.set_title(f"shared {recorded['args']['system_tokens']}-token system prompt ({recorded['ttft_ratio']:.2f}x)",
+                fontsize=9)
+    b.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
