@@ -82,22 +82,16 @@ class Int4Linear(nn.Module):
 
 
 class _QuantizedExperts(nn.Module):
-    """`GroupedExperts` with quantized weights (same forward contract): `_quantize` and `_mm` say how."""
+    """`GroupedExperts` with weights quantized by `quantize` (same forward contract); a subclass's `_mm(x, name, e)`
+    multiplies rows by expert e's weight `name`."""
 
-    def __init__(self, experts: GroupedExperts):
+    def __init__(self, experts: GroupedExperts, quantize):
         super().__init__()
         self.num_experts = experts.num_experts
         for name in ("gate_up_proj", "down_proj"):
-            q, scale = self._quantize(getattr(experts, name))
+            q, scale = quantize(getattr(experts, name))
             self.register_buffer(f"{name}_q", q)
             self.register_buffer(f"{name}_scale", scale)
-
-    @staticmethod
-    def _quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
-
-    def _mm(self, x: torch.Tensor, name: str, e: int) -> torch.Tensor:
-        raise NotImplementedError
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor, token_index: torch.Tensor | None = None,
                 scores: torch.Tensor | None = None) -> torch.Tensor:
@@ -119,7 +113,8 @@ class _QuantizedExperts(nn.Module):
 class Int8Experts(_QuantizedExperts):
     """Routed experts as int8, one scale per output channel of each expert."""
 
-    _quantize = staticmethod(quantize_per_channel)
+    def __init__(self, experts: GroupedExperts):
+        super().__init__(experts, quantize_per_channel)
 
     def _mm(self, x: torch.Tensor, name: str, e: int) -> torch.Tensor:
         return _int8_mm(x, getattr(self, f"{name}_q")[e], getattr(self, f"{name}_scale")[e])
@@ -128,7 +123,8 @@ class Int8Experts(_QuantizedExperts):
 class Int4Experts(_QuantizedExperts):
     """Routed experts as int4 in groups (see `quantize_int4`)."""
 
-    _quantize = staticmethod(quantize_int4)
+    def __init__(self, experts: GroupedExperts):
+        super().__init__(experts, quantize_int4)
 
     def _mm(self, x: torch.Tensor, name: str, e: int) -> torch.Tensor:
         return x @ dequantize_int4(getattr(self, f"{name}_q")[e], getattr(self, f"{name}_scale")[e], x.dtype).T
