@@ -279,6 +279,7 @@ def test_engine_stats_export_to_ray_metrics(server, local):
     assert stats["generated_tokens"] >= 4
     want = {"ray_moe_serve_generated_tokens_total": float(stats["generated_tokens"]),
             "ray_moe_serve_queue_depth": 0.0, "ray_moe_serve_running_batch_size": 0.0,
+            "ray_moe_serve_prefix_cache_hit_rate": stats["prefix_cache_hits"] / max(1, stats["prefix_cache_queries"]),
             "ray_moe_serve_expert_tokens_total": float(sum(map(sum, stats["expert_load"])))}  # summed over experts
     assert scrape_ray_metrics(set(want), 'model="test-model"') == want
 

@@ -172,12 +172,17 @@ class _RayMetrics:
         self.kv_usage = ray_metrics.Gauge("moe_serve_kv_cache_usage_perc", "fraction of the KV cache's blocks (or "
                                           "slots) held by running requests (0..1)", tags)
         self.tps = ray_metrics.Gauge("moe_serve_tokens_per_s", "generated tokens per second (10 s window)", tags)
+        self.prefix_hit_rate = ray_metrics.Gauge("moe_serve_prefix_cache_hit_rate", "prompt tokens found in the "
+                                                 "prefix cache over prompt tokens looked up, since the engine "
+                                                 "started (0..1)", tags)
+        self.preemptions = ray_metrics.Counter("moe_serve_preemptions", "running requests preempted for KV blocks "
+                                               "(recomputed later)", tags)
         self.tokens = ray_metrics.Counter("moe_serve_generated_tokens", "generated tokens", tags)
         self.expert = ray_metrics.Counter("moe_serve_expert_tokens", "tokens routed to each expert",
                                           ("model", "version", "layer", "expert"))
         self.imbalance = ray_metrics.Gauge("moe_serve_expert_load_imbalance",
                                            "max over mean expert load per layer, worst layer", tags)
-        self._last: dict[int, tuple[int, list[list[int]]]] = {}
+        self._last: dict[int, tuple[int, list[list[int]], int]] = {}
 
     def export(self, engine: Engine, version: str = "") -> tuple[dict, list[float]]:
         """Export `engine`'s statistics; return them and the time-to-first-token samples it drained."""
@@ -187,13 +192,17 @@ class _RayMetrics:
         self.batch.set(stats["running"], tags)
         self.kv_usage.set(stats["kv_cache_usage"], tags)
         self.tps.set(stats["tokens_per_s"], tags)
+        queries = stats["prefix_cache_queries"]
+        self.prefix_hit_rate.set(stats["prefix_cache_hits"] / queries if queries else 0.0, tags)
         ttft, itl = engine.drain_latency_samples()
         for samples, hist in ((ttft, self.ttft), (itl, self.itl)):
             for value in _sampled(samples):
                 hist.observe(value, tags)
-        prev_tokens, prev_load = self._last.get(id(engine), (0, None))
+        prev_tokens, prev_load, prev_preempted = self._last.get(id(engine), (0, None, 0))
         if stats["generated_tokens"] > prev_tokens:
             self.tokens.inc(stats["generated_tokens"] - prev_tokens, tags)
+        if stats["num_preemptions"] > prev_preempted:
+            self.preemptions.inc(stats["num_preemptions"] - prev_preempted, tags)
         load = stats["expert_load"]
         worst = 0.0
         for layer, row in enumerate(load):
@@ -204,7 +213,7 @@ class _RayMetrics:
             mean = sum(row) / len(row)
             worst = max(worst, max(row) / mean if mean else 0.0)
         self.imbalance.set(worst, tags)
-        self._last[id(engine)] = (stats["generated_tokens"], load)
+        self._last[id(engine)] = (stats["generated_tokens"], load, stats["num_preemptions"])
         return stats, ttft
 
     def export_requests(self, version: str, counts: dict[str, int], latency: list[float]) -> None:
