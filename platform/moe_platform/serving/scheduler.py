@@ -65,13 +65,11 @@ class SequenceState:
     finish_reason: str | None = None
     adapter: str | None = None  # the LoRA adapter it runs with (serving/adapters.py), None for the base model
     adapter_slot: int = -1
-    # Paged layout: the KV blocks of positions 0.. in order, the chained hashes of its full blocks, how many of its
-    # blocks are registered in the prefix cache, prompt tokens found there at admission, and times preempted.
+    # Paged layout: the KV blocks of positions 0.. in order, the chained hashes of its full blocks, and how many of
+    # its blocks are registered in the prefix cache.
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[bytes] = field(default_factory=list)
     num_registered: int = 0
-    num_cached_tokens: int = 0
-    preemptions: int = 0
 
     @property
     def prompt_len(self) -> int:
@@ -345,8 +343,6 @@ class PagedScheduler:
             self.pool.acquire(hit, max_hit * self.block_size)
             seq.block_table = hit + (self.pool.allocate(need) or [])
             seq.num_computed, seq.num_registered = start, len(hit)
-            if not seq.output_ids:
-                seq.num_cached_tokens = start
             seq.status = SeqStatus.PREFILL
             self.running.append(seq)
             budget -= n
@@ -400,7 +396,6 @@ class PagedScheduler:
         self.running.remove(seq)
         seq.status = SeqStatus.WAITING
         seq.num_computed = 0
-        seq.preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
