@@ -19,6 +19,14 @@ from moe_platform.model.args import ModelArgs
 from moe_platform.model.kv_cache import KVCache
 
 
+def causal_mask(positions: torch.Tensor, kv_len: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask (B, 1, T, kv_len) on positions' device: -inf where key position > the query's position (B, T),
+    broadcast over heads."""
+    keys = torch.arange(kv_len, device=positions.device)
+    hidden = keys[None, None, :] > positions[:, :, None]
+    return torch.zeros(hidden.shape, dtype=dtype, device=positions.device).masked_fill_(hidden, float("-inf"))[:, None]
+
+
 class ServingKVCache(KVCache):
     """A `KVCache` whose `bind_rows` uses slice views for contiguous ascending slots and an additive float mask."""
 
@@ -43,10 +51,7 @@ class ServingKVCache(KVCache):
         self._positions = positions.to(self.k.device)
         self._rows = slot_t[:, None].expand_as(self._positions)  # (B, T): slot of every written token
         self._kv_len = top + 1
-        keys = torch.arange(self._kv_len, device=self.k.device)
-        hidden = keys[None, None, :] > self._positions[:, :, None]  # (B, T, kv_len): True = key is in the future
-        mask = torch.zeros(hidden.shape, dtype=mask_dtype, device=self.k.device)
-        self._mask = mask.masked_fill_(hidden, float("-inf"))[:, None]  # (B, 1, T, kv_len), broadcast over heads
+        self._mask = causal_mask(self._positions, self._kv_len, mask_dtype)
         return self
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
@@ -162,8 +167,7 @@ class PagedKVCache:
             kv_len = max(lengths[i] for i in rows)
             idx = torch.tensor(rows, dtype=torch.long)
             pos = positions[idx]
-            hidden = torch.arange(kv_len)[None, None, :] > pos[:, :, None]  # (b, T, kv_len): a future key
-            mask = torch.zeros(hidden.shape, dtype=mask_dtype).masked_fill_(hidden, float("-inf"))[:, None]
+            mask = causal_mask(pos, kv_len, mask_dtype)
             whole = len(rows) == len(lengths)
             self._groups.append((None if whole else idx.to(device), table[idx, : -(-kv_len // bs)].flatten().to(device),
                                  len(rows), kv_len, mask.to(device)))
