@@ -26,9 +26,9 @@ def parallelize_model(model, groups: ProcessGroups) -> None:
     from moe_platform.parallel.expert_parallel import apply_ep
     from moe_platform.parallel.tensor_parallel import apply_tp
 
-    if groups.tp_size > 1:
+    if groups.layout.tp_enabled:
         apply_tp(model, groups)
-    if groups.ep_size > 1:
+    if groups.layout.ep_enabled:
         apply_ep(model, groups)
 
 

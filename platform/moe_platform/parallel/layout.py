@@ -221,14 +221,14 @@ def _layout_problems(
         errors.append(f"model.n_kv_heads ({m.n_kv_heads}) must be divisible by tp ({tp})")
     if m.intermediate_size % tp:
         errors.append(f"model.intermediate_size ({m.intermediate_size}) must be divisible by tp ({tp})")
-    if m.qk_norm == "full" and tp > 1:
+    if m.qk_norm == "full" and layout.tp_enabled:
         errors.append(f"model.qk_norm = 'full' (OLMoE) normalises over every attention head, which tp ({tp}) splits "
                       f"over ranks; use tp = 1 (data, pipeline and expert parallelism all work)")
     if m.n_shared_experts > 0 and m.resolved_shared_intermediate_size % tp:
         errors.append(
             f"shared expert hidden size ({m.resolved_shared_intermediate_size}) must be divisible by tp ({tp})"
         )
-    if vocab_parallel and tp > 1:
+    if vocab_parallel and layout.tp_enabled:
         if m.vocab_size <= 0:
             errors.append("model.vocab_size must be resolved (> 0) before checking vocab parallelism over tp")
         elif m.vocab_size % tp:
@@ -251,12 +251,12 @@ def _layout_problems(
             f"({dp}*{micro_batch_size} = {dp * micro_batch_size}) so each data-parallel rank gets whole micro batches"
         )
     n_micro = global_batch_size // (dp * micro_batch_size)
-    if pp > 1 and n_micro < 1:
+    if layout.pp_enabled and n_micro < 1:
         errors.append(
             f"pipeline parallelism needs >= 1 micro batch per data-parallel rank, got global_batch_size "
             f"{global_batch_size} // (dp {dp} * micro_batch_size {micro_batch_size}) = {n_micro}"
         )
-    elif pp > 1 and n_micro < pp:
+    elif layout.pp_enabled and n_micro < pp:
         warnings.append(
             f"{n_micro} micro batches per data-parallel rank < pp ({pp}): the 1F1B pipeline never fills and "
             "stages idle; raise global_batch_size or lower micro_batch_size"

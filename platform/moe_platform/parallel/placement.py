@@ -33,10 +33,10 @@ def local_shard_spec(name: str, full_shape: tuple[int, ...], groups: ProcessGrou
     if groups is None:
         return spec
     box = list(spec.boxes[0])
-    if groups.ep_size > 1 and is_expert_tensor(name):
+    if groups.layout.ep_enabled and is_expert_tensor(name):
         n = full_shape[0] // groups.ep_size
         box[0] = (groups.ep_rank * n, (groups.ep_rank + 1) * n)
-    tp = tp_shard_spec(name, full_shape, groups.tp_size) if groups.tp_size > 1 else None
+    tp = tp_shard_spec(name, full_shape, groups.tp_size) if groups.layout.tp_enabled else None
     if tp is None:
         return ShardSpec(full_shape, [box])
     dim, kind = tp

@@ -276,10 +276,10 @@ def apply_tp(model: nn.Module, groups: ProcessGroups) -> None:
     Attention modules' `n_heads`/`n_kv_heads` become the local head counts (size a KV cache with them).
     """
     tp, rank, group = groups.tp_size, groups.tp_rank, groups.tp
-    if tp > 1 and group is None:
+    if groups.layout.tp_enabled and group is None:
         raise ValueError(f"layout {groups.layout} has tp={tp} but ProcessGroups.tp is None; build the groups with "
                          "build_process_groups")
-    if tp > 1:
+    if groups.layout.tp_enabled:
         _validate(model, tp)
         for where, m in list(model.named_modules()):
             if isinstance(m, Attention):

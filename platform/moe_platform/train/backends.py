@@ -1,9 +1,10 @@
 """Training backends: one optimizer step over a rank's micro-batches, on one process or on a parallel layout.
 
 `LocalBackend` is plain PyTorch on one process (the reference every layout is tested against). `DeepSpeedBackend`
-applies tensor and expert parallelism to the same single-device model, cuts it into pipeline stages when pp > 1, and
-hands it to DeepSpeed, which owns the data-parallel dimension (ZeRO 0/1/2), the 1F1B schedule, gradient accumulation,
-clipping and bf16. Both expose the state as `LocalState` (full names, shard boxes), so checkpoints move between them.
+takes the same model with tensor and expert parallelism already applied (`train.trainer.prepare_model`), cuts it into
+pipeline stages when pp > 1, and hands it to DeepSpeed, which owns the data-parallel dimension (ZeRO 0/1/2), the 1F1B
+schedule, gradient accumulation, clipping and bf16. Both expose the state as `LocalState` (full names, shard boxes),
+so checkpoints move between them.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from moe_platform.checkpoint.sharded import LocalState, ShardedReader, ShardSpec
 from moe_platform.config import Config
 from moe_platform.model.moe import MoE
 from moe_platform.model.transformer import MoETransformer, has_meta_tensors, materialize
-from moe_platform.parallel.layout import ProcessGroups
+from moe_platform.parallel.layout import Layout, ProcessGroups
 from moe_platform.parallel.pipeline import build_pipeline_module
 from moe_platform.parallel.placement import is_expert_tensor, local_shard_spec
 from moe_platform.train.data import IGNORE_INDEX
@@ -331,15 +332,41 @@ def _optimizer_param_groups(named: list[tuple[str, nn.Parameter]], cfg: Config) 
     return groups
 
 
+def build_deepspeed_config(cfg: Config, layout: Layout, device_type: str, local_numel: int) -> dict:
+    """DeepSpeed's config for `cfg` on `layout`: batch split, ZeRO stage, clipping and precision. Pure: no process
+    group or device is touched. `local_numel` (this rank's parameter count) sizes the ZeRO buckets, which DeepSpeed
+    otherwise preallocates at 5e8 elements (2 GB of fp32 per rank) whatever the model."""
+    train = cfg.train
+    gas = layout.num_micro_batches(train.global_batch_size, train.micro_batch_size)
+    bucket = int(min(5e8, max(2**20, local_numel)))
+    return {
+        "train_batch_size": train.global_batch_size,
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": gas,
+        "gradient_clipping": train.grad_clip,
+        "zero_optimization": {"stage": cfg.parallel.zero_stage, "contiguous_gradients": True, "reduce_scatter": True,
+                              "overlap_comm": False, "reduce_bucket_size": bucket, "allgather_bucket_size": bucket},
+        "bf16": {"enabled": train.precision == "bf16" or (train.precision == "auto" and device_type == "cuda")},
+        # DeepSpeed's dynamic loss scaling: an overflow step is skipped and halves the scale.
+        "fp16": {"enabled": train.precision == "fp16", "loss_scale": 0,
+                 "initial_scale_power": train.fp16_initial_scale_power,
+                 "loss_scale_window": train.fp16_loss_scale_window, "hysteresis": 2, "min_loss_scale": 1},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
 class DeepSpeedBackend:
     """A layout (dp, tp, pp, ep) of the same model on DeepSpeed."""
 
     def __init__(self, model: MoETransformer, cfg: Config, groups: ProcessGroups, device: torch.device,
-                 reader: ShardedReader | None = None):
+                 full_shapes: dict[str, tuple[int, ...]], reader: ShardedReader | None = None):
+        """`model` is already parallelized (`train.trainer.prepare_model`); `full_shapes` are its tensors' shapes
+        before sharding, which map this rank's shards onto the full checkpoint tensors."""
         import deepspeed
 
         from moe_platform import deepspeed_compat
-        from moe_platform.parallel import parallelize_model
 
         # DeepSpeed's communication layer wraps the process group we already joined (pipeline modules need it).
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
@@ -347,9 +374,7 @@ class DeepSpeedBackend:
         self.groups = groups
         self.device = device
         layout = groups.layout
-        self.gas = cfg.train.global_batch_size // (cfg.train.micro_batch_size * layout.dp)
-        shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}  # before any sharding
-        parallelize_model(model, groups)
+        self.gas = layout.num_micro_batches(cfg.train.global_batch_size, cfg.train.micro_batch_size)
         self.moe_layers = model.moe_layers()
         for moe in self.moe_layers:
             moe.aux_loss_scale = 1.0 / self.gas
@@ -359,7 +384,7 @@ class DeepSpeedBackend:
         self.loss_fn = TokenLoss()
         # Built on meta for an import: only this rank's share gets memory, and its weights are read below.
         on_meta = has_meta_tensors(model)
-        if layout.pp > 1:
+        if layout.pp_enabled:
             module = build_pipeline_module(model, groups, self.loss_fn, materialize_on=device if on_meta else None)
             self.moe_layers = [m for m in module.modules() if isinstance(m, MoE)]
         else:
@@ -372,42 +397,23 @@ class DeepSpeedBackend:
         local = [(self.names[id(t)], t) for t in module.state_dict(keep_vars=True).values()]
         self.local_tensors = local
         self.local_params = [(n, t) for n, t in local if isinstance(t, nn.Parameter)]
-        self.specs = {n: local_shard_spec(n, shapes[n], groups) for n, _ in local}
+        self.specs = {n: local_shard_spec(n, full_shapes[n], groups) for n, _ in local}
         if reader is not None:  # weights go in before DeepSpeed copies them into its fp32 partitions
             _load_model_tensors(local, reader, self.specs)
-        if layout.ep > 1:
+        if layout.ep_enabled:
             self._create_deepspeed_expert_groups(module)
             if any(p.requires_grad and is_expert_tensor(n) for n, p in self.local_params):  # not with frozen experts
                 deepspeed_compat.make_moe_visible(module, MoE, layout.ep)
-        bucket = int(min(5e8, max(2**20, sum(p.numel() for _, p in self.local_params))))
-        bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
-        fp16 = cfg.train.precision == "fp16"
         check_precision(cfg, layout.world_size)
-        ds_config = {
-            "train_batch_size": cfg.train.global_batch_size,
-            "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
-            "gradient_accumulation_steps": self.gas,
-            "gradient_clipping": cfg.train.grad_clip,
-            "zero_optimization": {"stage": cfg.parallel.zero_stage, "contiguous_gradients": True,
-                                  "reduce_scatter": True, "overlap_comm": False,
-                                  # DeepSpeed preallocates buckets of this many elements (default 5e8, i.e. 2 GB
-                                  # of fp32 per rank); size them to the model instead.
-                                  "reduce_bucket_size": bucket, "allgather_bucket_size": bucket},
-            "bf16": {"enabled": bf16},
-            # DeepSpeed's dynamic loss scaling: an overflow step is skipped and halves the scale.
-            "fp16": {"enabled": fp16, "loss_scale": 0, "initial_scale_power": cfg.train.fp16_initial_scale_power,
-                     "loss_scale_window": cfg.train.fp16_loss_scale_window, "hysteresis": 2, "min_loss_scale": 1},
-            "zero_allow_untested_optimizer": True,
-            "steps_per_print": 2**31 - 1,
-            "wall_clock_breakdown": False,
-        }
+        ds_config = build_deepspeed_config(cfg, layout, device.type, sum(p.numel() for _, p in self.local_params))
+        fp16 = ds_config["fp16"]["enabled"]
         optimizer = torch.optim.AdamW(_optimizer_param_groups(self.local_params, cfg), lr=cfg.train.lr,
                                       betas=(cfg.train.beta1, cfg.train.beta2), eps=1e-8, foreach=False)
-        mpu = DeepSpeedMPU(groups) if layout.pp == 1 and layout.tp > 1 else None
+        mpu = DeepSpeedMPU(groups) if layout.tp_enabled and not layout.pp_enabled else None
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config,
                                                                  mpu=mpu)
         self.loss_scaler = DeepSpeedLossScaler(self.engine, fp16)
-        self.is_pipeline = layout.pp > 1
+        self.is_pipeline = layout.pp_enabled
         self.dp_group = groups.dp
         # Metrics come from the last pipeline stage (it has the loss), first data/tensor rank.
         self.is_logging_rank = groups.dp_rank == 0 and groups.tp_rank == 0 and groups.pp_rank == layout.pp - 1
@@ -419,14 +425,14 @@ class DeepSpeedBackend:
 
         ep = self.groups.ep_size
         theirs = deepspeed_compat.create_expert_groups(
-            ep, mpu=DeepSpeedMPU(self.groups) if self.groups.tp_size > 1 else None,
+            ep, mpu=DeepSpeedMPU(self.groups) if self.groups.layout.tp_enabled else None,
             pipeline_module=module if self.is_pipeline_layout else None)
         ours = sorted(self.groups.ranks("ep"))
         assert ours == sorted(theirs), f"expert-parallel groups disagree with DeepSpeed's: {ours} vs {theirs}"
 
     @property
     def is_pipeline_layout(self) -> bool:
-        return self.groups.layout.pp > 1
+        return self.groups.layout.pp_enabled
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
@@ -503,7 +509,7 @@ class DeepSpeedBackend:
             _plain_optimizer_state(self.optimizer, self.local_params, state)
         # One writer per distinct shard: dense tensors from data-parallel rank 0, experts from edp rank 0.
         state.owned = {n for n, _ in self.local_tensors
-                       if (self.groups.edp_rank == 0 if (is_expert_tensor(n) and self.groups.ep_size > 1)
+                       if (self.groups.edp_rank == 0 if (is_expert_tensor(n) and self.groups.layout.ep_enabled)
                            else self.groups.dp_rank == 0)}
         return state
 

@@ -12,7 +12,8 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from moe_platform.model.args import ModelArgs
 from moe_platform.model.lora import apply_lora, init_adapters, is_lora_name, lora_a_init, parse_targets
 from moe_platform.model.moe import update_routing_biases
 from moe_platform.model.transformer import build_model
-from moe_platform.parallel import resolve_layout
+from moe_platform.parallel import parallelize_model, resolve_layout
 from moe_platform.parallel.comm import any_rank, collective_device
 from moe_platform.parallel.layout import Layout, ProcessGroups, build_process_groups
 from moe_platform.tokenizer import (
@@ -169,6 +170,34 @@ def model_args_for(cfg: Config, vocab_size: int | None = None) -> ModelArgs:
     return ModelArgs.from_dict({**cfg.model.to_dict(), "vocab_size": vocab_size or cfg.data.vocab_size})
 
 
+@contextmanager
+def rank_zero_first(dist: DistContext) -> Iterator[None]:
+    """Rank 0 runs the block first; every other rank runs it once rank 0 is done, so it reads what rank 0 wrote
+    (a trained tokenizer, a filled token cache) instead of writing it again. One barrier on every rank."""
+    if dist.rank != 0:
+        dist.barrier()
+    yield
+    if dist.rank == 0:
+        dist.barrier()
+
+
+def prepare_model(model, cfg: Config, groups: ProcessGroups | None,
+                  init_lora: bool = False) -> dict[str, tuple[int, ...]]:
+    """Everything applied to a built model from outside it, in one place and in this order: LoRA adapters (the base
+    frozen; initialised here when `init_lora`, on the full tensors, so every layout starts from the same adapters),
+    activation checkpointing, then the layout's tensor and expert parallelism (`groups`, None on one process).
+    Returns every tensor's full shape from before the sharding: the backends map shards onto it."""
+    if cfg.lora.enabled:
+        apply_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, parse_targets(cfg.lora.targets))
+        if init_lora:
+            init_adapters(model, cfg.train.seed)
+    model.set_activation_checkpointing(cfg.train.activation_checkpointing)
+    full_shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    if groups is not None:
+        parallelize_model(model, groups)
+    return full_shapes
+
+
 class Trainer:
     def __init__(self, cfg: Config, progress: bool = True, dist: DistContext | None = None,
                  hooks: TrainerHooks | None = None):
@@ -201,23 +230,40 @@ class Trainer:
         check_writable(self.run_dir, what)
 
     def setup(self) -> None:
-        cfg, rank = self.cfg, self.dist.rank
-        if rank == 0 or self.remote is not None:  # every node's mirror, and the storage once
+        """Set the run up in phases, in this order: storage, data (rank 0 first), layout and process groups, model
+        (built, then LoRA, activation checkpointing and parallelism applied from outside it), backend, metrics, and
+        the resume from the last committed checkpoint."""
+        self._setup_storage()
+        with rank_zero_first(self.dist):  # rank 0 trains the tokenizer and fills the token cache; the others read
+            self._setup_data()
+        self._setup_layout()
+        self.checkpointer = AsyncCheckpointer(self.run_dir, self.cfg.checkpoint.keep, self.cfg.checkpoint.async_save,
+                                              self.dist.rank, self.dist.world_size, self.remote)
+        ckpt = self.checkpointer.resume_point()
+        self._setup_model_and_backend(ckpt)
+        self._setup_metrics()
+        self._restore(ckpt)
+        self.dist.barrier()
+
+    def _setup_storage(self) -> None:
+        if self.dist.rank == 0 or self.remote is not None:  # every node's mirror, and the storage once
             self._check_storage()
-        if cfg.train.deterministic and self.device.type == "cpu":
+        if self.cfg.train.deterministic and self.device.type == "cpu":
             torch.use_deterministic_algorithms(True)
+
+    def _setup_data(self) -> None:
+        cfg, rank = self.cfg, self.dist.rank
+        if self.remote is not None:
+            self.remote.get_dir("tokenizer", self.run_dir / "tokenizer", required="tokenizer.json")
+        self.tokenizer, self.tokenizer_dir = prepare_tokenizer(cfg, self.run_dir)
+        if self.remote is not None and rank == 0 and not self.remote.exists("tokenizer/tokenizer.json"):
+            self.remote.put_dir(self.tokenizer_dir, "tokenizer", last="tokenizer.json")
+        self.eos_id = model_stop_ids(self.tokenizer, self.tokenizer_dir)[0]
         cache = Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else None
-        # Rank 0 trains the tokenizer and fills the token cache once; the other ranks then read both.
-        for turn in (0, 1):
-            if (rank == 0) == (turn == 0):
-                if self.remote is not None:
-                    self.remote.get_dir("tokenizer", self.run_dir / "tokenizer", required="tokenizer.json")
-                self.tokenizer, self.tokenizer_dir = prepare_tokenizer(cfg, self.run_dir)
-                if self.remote is not None and rank == 0 and not self.remote.exists("tokenizer/tokenizer.json"):
-                    self.remote.put_dir(self.tokenizer_dir, "tokenizer", last="tokenizer.json")
-                self.eos_id = model_stop_ids(self.tokenizer, self.tokenizer_dir)[0]
-                self.dataset = build_dataset(cfg, self.tokenizer, self.tokenizer_dir, self.eos_id, cache)
-            self.dist.barrier()
+        self.dataset = build_dataset(cfg, self.tokenizer, self.tokenizer_dir, self.eos_id, cache)
+
+    def _setup_layout(self) -> None:
+        cfg = self.cfg
         self.sampler = DataSampler(self.dataset.train_ids_count, cfg.train.global_batch_size, cfg.train.seed)
         self.model_args = model_args_for(cfg, self.tokenizer.get_vocab_size())
         if cfg.train.seq_len > self.model_args.max_seq_len:
@@ -225,10 +271,10 @@ class Trainer:
                              f"max_position_embeddings ({self.model_args.max_seq_len}, {cfg.init.from_hf})")
         self.layout = resolve_layout(cfg, self.dist.world_size, self.model_args)
         if self.dist.distributed:
-            self.groups = build_process_groups(self.layout, rank)
-        self.checkpointer = AsyncCheckpointer(self.run_dir, cfg.checkpoint.keep, cfg.checkpoint.async_save,
-                                              rank, self.dist.world_size, self.remote)
-        ckpt = self.checkpointer.resume_point()
+            self.groups = build_process_groups(self.layout, self.dist.rank)
+
+    def _setup_model_and_backend(self, ckpt: Path | None) -> None:
+        cfg = self.cfg
         reader = self._checked_reader(ckpt) if ckpt is not None else None
         imported = None
         if ckpt is None and cfg.init.from_hf:
@@ -239,25 +285,27 @@ class Trainer:
             log.info("starting from %s (%s)", cfg.init.from_hf, self.model_args.hf_architecture)
         else:
             model = build_model(self.model_args, device=self.device, seed=cfg.train.seed)
-        model.set_activation_checkpointing(cfg.train.activation_checkpointing)
-        if cfg.lora.enabled:  # adapters on the base model, everything else frozen
-            apply_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, parse_targets(cfg.lora.targets))
-            if imported is not None:
-                reader = FreshAdapters(imported, cfg.train.seed)
-            elif reader is None:
-                init_adapters(model, cfg.train.seed)
+        # Adapters start from the seed unless a checkpoint holds them; an import reads them as fresh ones.
+        full_shapes = prepare_model(model, cfg, self.groups, init_lora=reader is None)
+        if cfg.lora.enabled and imported is not None:
+            reader = FreshAdapters(imported, cfg.train.seed)
         if self.dist.distributed:
-            self.backend = DeepSpeedBackend(model, cfg, self.groups, self.device, reader)
+            self.backend = DeepSpeedBackend(model, cfg, self.groups, self.device, full_shapes, reader)
         else:
             self.backend = LocalBackend(model, cfg, self.device, self.autocast_dtype,
                                         cfg.train.global_batch_size // cfg.train.micro_batch_size)
             if reader is not None:
                 self.backend.load_state(reader)
         self.import_read = self._import_read(imported) if imported is not None else None
+
+    def _setup_metrics(self) -> None:
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
-        self.flops_per_token = self.model_args.flops_per_token(cfg.train.seq_len)
+        self.flops_per_token = self.model_args.flops_per_token(self.cfg.train.seq_len)
         self.peak_flops = matmul_peak_flops(self.device) * self.dist.world_size
-        seed_everything(cfg.train.seed + rank)
+        seed_everything(self.cfg.train.seed + self.dist.rank)
+
+    def _restore(self, ckpt: Path | None) -> None:
+        rank = self.dist.rank
         if ckpt is not None:
             state = read_trainer_state(ckpt)
             self.step = state["step"]
@@ -272,7 +320,6 @@ class Trainer:
             self.lost_steps = self.metrics.truncate_after(self.step)
             extra = {"imported": self.import_read} if self.import_read else {}
             self.log_event("resume" if ckpt is not None else "start", lost_steps=self.lost_steps, **extra)
-        self.dist.barrier()
 
     def _import_read(self, imported: HFWeights) -> dict[str, Any]:
         """What each rank read of the imported model directory (every rank's count, on every rank)."""
