@@ -10,7 +10,8 @@ What is used, and why:
 - `ray._private.state.state.get_max_resources_from_cluster_config` and the autoscaler's status report in the GCS
   key-value store: how many workers an autoscaling cluster can ever host (preflight).
 - `ray.train.v2._internal` controller/worker-group callbacks (resize checkpoints) and the worker's own train context
-  (reading a preemption notice without a collective).
+  (reading a preemption notice without a collective, and echoing it with a passed deadline once the just-in-time
+  checkpoint has committed, so that the group restarts at once instead of at the drain deadline).
 - Ray Data's AutoscalingCoordinator: the arbiter hands GPUs between training and serving through it.
 - Ray Train's index of reported checkpoints in the run directory (`checkpoint_manager_snapshot.json`), whose format is
   Ray's own: pruned when the trainer has deleted checkpoints it names.
@@ -139,6 +140,30 @@ def local_preemption_info():
         import ray.train
 
         return ray.train.get_preemption_info()
+
+
+def end_preemption_wait(grace_s: float) -> bool:
+    """After this worker's just-in-time checkpoint has committed: let Ray Train restart the group now rather than at
+    the drain deadline plus `grace_s`. The worker echoes its notice to the controller at every poll, and the
+    controller keeps the earliest deadline it is shown, so echoing a deadline that has already passed (by the grace)
+    makes its next poll (about 2 s) end the preemption. It is charged to failure.max_preemption_failures as usual,
+    and the drain itself is untouched: the node, and the Serve replicas on it, keep the notice's full deadline.
+    False where this Ray has no such context (the group then restarts at the deadline)."""
+    import dataclasses
+    import time
+
+    try:
+        from ray.train.v2._internal.execution.context import get_train_context
+
+        context = get_train_context().preemption_context
+    except (ImportError, AttributeError):
+        return False
+    info = context.preemption_info
+    if info is None:
+        return False
+    passed_ms = int((time.time() - grace_s) * 1000) - 1
+    context.preemption_info = dataclasses.replace(info, deadline_ms=min(info.deadline_ms or passed_ms, passed_ms))
+    return True
 
 
 # -- Ray Data's autoscaling coordinator (train/serve arbitration) ----------------------------------------------------

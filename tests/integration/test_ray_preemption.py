@@ -4,10 +4,10 @@ the cloud's reclaim notice on.
 An elastic dp run (1..2 workers) trains on both nodes. The worker node's spot agent (`moe-platform spot-agent`, the
 process cluster.yaml starts on every worker) polls an AWS instance-metadata server (IMDSv2, real HTTP on loopback);
 the cloud publishes a spot `terminate` instance-action there; the agent drains its node through Ray's drain API with
-reason preemption and the notice's deadline; Ray Train tells the workers, which write a just-in-time checkpoint; at
-the deadline the node vanishes, and Ray Train restarts the run on the one worker left, which resumes from that
-checkpoint (resharded from dp2 to dp1) and finishes with every step logged exactly once: 0 lost steps. One cluster
-for the module."""
+reason preemption and the notice's deadline; Ray Train tells the workers, which write a just-in-time checkpoint; right
+after it commits (not at the deadline) Ray Train restarts the run on the one worker left, while the draining node
+is still there, and it resumes from that checkpoint (resharded from dp2 to dp1) and finishes with every step logged
+exactly once: 0 lost steps. At the deadline the node vanishes. One cluster for the module."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ from tinyrun import (  # noqa: E402
 
 STEPS = 150
 DRAIN_AFTER_STEP = 3
-DRAIN_DEADLINE_S = 6
+DRAIN_DEADLINE_S = 20  # long enough that a restart which waited for it would show
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +70,7 @@ def preempt_node(cluster, node, cloud, agent, run_dir: Path, events: dict) -> No
         events["jit_step"] = checkpoint_step(latest_checkpoint(run_dir))
         events["jit_before_deadline"] = time.monotonic() < deadline
         poll(lambda: time.monotonic() > deadline, 60, "the drain deadline")
+        events["removed_at"] = time.time()
         cluster.remove_node(node, allow_graceful=False)
         events["removed"] = True
     except BaseException as e:  # reported by the test
@@ -113,6 +114,9 @@ def test_reclaim_notice_drains_checkpoints_and_resumes_on_fewer_workers(two_node
     stop = max(i for i, e in enumerate(history) if e["event"] == "checkpoint_and_stop")
     assert [e["event"] for e in history[stop:]] == ["checkpoint_and_stop", "preempted", "resume"], history
     assert history[stop + 1]["step"] == jit and history[stop + 1]["deadline_ms"], history
+    # the restart did not wait for the drain deadline: the run resumed while the draining node was still there
+    resumed_at, deadline_at = history[stop + 2]["time"], history[stop + 1]["deadline_ms"] / 1000
+    assert resumed_at < deadline_at < events["removed_at"], (resumed_at, deadline_at, events["removed_at"])
     assert logged_steps(run_dir) == list(range(1, STEPS + 1))
     assert checkpoint_step(latest_checkpoint(run_dir)) == STEPS
 

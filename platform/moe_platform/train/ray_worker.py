@@ -19,10 +19,12 @@ How the trainer maps onto Ray Train:
   notice. Each rank reads its own mark every failure.preemption_check_steps steps and the ranks agree through one
   all-reduce of a flag over their process group (a fraction of a millisecond); `ray.train.get_preemption_info()`
   would agree through a Ray actor instead, a barrier of several milliseconds per check, and is used only where the
-  worker's own mark cannot be read. On a notice every rank writes a just-in-time checkpoint and stops; the workers
-  then wait for the node to go: returning would end the run as finished. Ray restarts the group at the drain
-  deadline plus failure.preemption_grace_s, charging failure.max_preemption_failures, on the nodes that are left;
-  with elastic.min_workers < max_workers it may come back on fewer workers (resharded).
+  worker's own mark cannot be read. On a notice every rank writes a just-in-time checkpoint and stops; once it has
+  committed, the workers tell Ray Train not to wait for the drain deadline (ray_compat.end_preemption_wait) and
+  wait to be torn down: returning would end the run as finished. Ray restarts the group at once, charging
+  failure.max_preemption_failures, on the nodes that are left (a draining node takes no new workers); with
+  elastic.min_workers < max_workers it comes back on fewer workers (resharded). The draining node keeps the
+  notice's full deadline for everything else on it (Serve replicas move in that time).
 - Resize. With elastic.min_workers < max_workers, Ray Train checks every elastic.resize_interval_s how many workers
   its resources allow and restarts the group at that size when it changed (a node came back, or a higher-priority
   requester such as Serve took resources away). Just before, the controller callback in moe_platform.train.resize
@@ -247,13 +249,15 @@ class RayBridge:
         self.last_report_t = time.monotonic()
 
     def await_reclaim(self, step: int) -> None:
-        """After a just-in-time checkpoint: wait for the node to go (returning would end the run as finished).
-        Ray restarts the group at the drain deadline plus the grace; failing loudly later forces a restart anyway."""
+        """After a just-in-time checkpoint: have Ray Train restart the group now, on the nodes that stay (shrinking
+        inside the elastic range), instead of at the drain deadline plus the grace; then wait to be torn down
+        (returning would end the run as finished). Failing loudly after the deadline forces a restart anyway."""
         info = self.preemption
         deadline_s = info.deadline_ms / 1000 if info.deadline_ms else time.time() + UNKNOWN_DEADLINE_S
         give_up = deadline_s + self.cfg.failure.preemption_grace_s + PARK_MARGIN_S
-        log.warning("rank %d: checkpointed step %d for the preemption; waiting for Ray Train to restart the group",
-                    self.dist.rank, step)
+        early = ray_compat.end_preemption_wait(self.cfg.failure.preemption_grace_s)
+        log.warning("rank %d: checkpointed step %d for the preemption; waiting for Ray Train to restart the group "
+                    "(%s)", self.dist.rank, step, "now" if early else "at the drain deadline")
         threading.Event().wait(max(0.0, give_up - time.time()))
         raise RuntimeError(f"preempted at step {step} (checkpointed), but Ray Train did not restart the worker group "
                            f"by the drain deadline + grace; failing so that it does")
