@@ -11,7 +11,6 @@ import torch
 from moe_platform.checkpoint.hf import export_hf
 from moe_platform.model.args import ModelArgs
 from moe_platform.model.transformer import build_model
-from moe_platform.serving.cache import ServingKVCache
 from moe_platform.serving.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from moe_platform.serving.engine import Engine, SamplingParams
 from moe_platform.serving.errors import (
@@ -19,8 +18,10 @@ from moe_platform.serving.errors import (
     EngineOverloadedError,
     EngineUnavailableError,
     InvalidRequestError,
+    RequestFailedError,
 )
-from moe_platform.serving.sampling import sample_tokens
+from moe_platform.serving.outputs import RequestStream
+from moe_platform.serving.sampling import MAX_STOP_CHARS, sample_tokens, token_logprobs
 from moe_platform.serving.scheduler import SequenceState, SlotScheduler, bucket_of
 from moe_platform.tokenizer import save_tokenizer, train_tokenizer
 from tinyrun import corpus_text
@@ -256,9 +257,7 @@ def test_max_batch_size_bounds_the_running_batch(export_dir, prompts):
 
 
 def test_prefill_is_bucketed_and_budgeted():
-    args = ModelArgs(vocab_size=64, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, num_experts=2, top_k=1,
-                     intermediate_size=8, max_seq_len=1024)
-    sched = SlotScheduler(ServingKVCache(args, 8, 2048), max_batch_size=8, prefill_token_budget=300)
+    sched = SlotScheduler(num_slots=8, max_batch_size=8, prefill_token_budget=300)
     for i, n in enumerate([5, 20, 30, 100, 400]):
         sched.add(SequenceState(str(i), [1] * n, SamplingParams(), 1, 0.0))
     groups = sched.schedule_prefill()
@@ -290,7 +289,7 @@ def test_long_prompt_prefill_does_not_stall_decodes(export_dir, engine):
 @pytest.mark.parametrize("bad", [
     {"temperature": -0.1}, {"temperature": float("nan")}, {"top_p": 0.0}, {"top_p": 1.5}, {"top_k": -2},
     {"max_tokens": 0}, {"max_tokens": 2.5}, {"seed": -1}, {"stop": [""]}, {"stop": ["x"] * 17},
-    {"temperature": True},
+    {"temperature": True}, {"stop": ["x" * (MAX_STOP_CHARS + 1)]}, {"top_k": 1.5}, {"seed": 2**63},
 ])
 def test_sampling_params_validation(bad):
     with pytest.raises(ValueError, match="invalid sampling parameters"):
@@ -367,6 +366,79 @@ def test_stop_string_matcher_holds_back_possible_prefixes(deltas, stops, emitted
     assert (m.text if m.stopped else None) == stopped_text
 
 
+class _ReferenceStopMatcher:
+    """The matcher as it was before it was incremental (searching the text, testing each held-back length): the
+    semantics the incremental one must keep."""
+
+    def __init__(self, stop):
+        self.stop, self.text, self.stopped = tuple(stop), "", False
+        self._longest = max((len(s) for s in self.stop), default=0)
+
+    def append(self, delta):
+        if self.stopped or not delta:
+            return self.stopped
+        start = max(0, len(self.text) - self._longest + 1)
+        self.text += delta
+        hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+        if hits:
+            self.text, self.stopped = self.text[:min(hits)], True
+        return self.stopped
+
+    def safe_length(self, finished):
+        if finished or not self.stop:
+            return len(self.text)
+        for held in range(min(self._longest - 1, len(self.text)), 0, -1):
+            if any(s.startswith(self.text[-held:]) for s in self.stop):
+                return len(self.text) - held
+        return len(self.text)
+
+
+def test_incremental_stop_matching_keeps_the_reference_semantics(engine):
+    """Random deltas over a 3-letter alphabet (stops overlap themselves and each other), then real token deltas with
+    stop strings that span token boundaries: the same pieces streamed, the same cut, the same text held back."""
+    import random
+
+    rng = random.Random(0)
+    cases = []
+    for _ in range(400):
+        stops = ["".join(rng.choice("ab") + rng.choice("abc") * rng.randint(0, 4)) for _ in range(rng.randint(0, 3))]
+        cases.append((["".join(rng.choice("abc") for _ in range(rng.randint(0, 4))) for _ in range(12)], stops))
+    text = "First Citizen:\nBefore we proceed any further, hear me speak."
+    ids = engine.encode(text)
+    pieces = [engine.tokenizer.decode(ids[:i + 1]) for i in range(len(ids))]
+    deltas = [b[len(a):] for a, b in zip([""] + pieces[:-1], pieces, strict=True)]
+    assert max(map(len, deltas)) > 1  # tokens of several characters: the stops below start and end inside them
+    cases += [(deltas, [text[i:i + n]]) for i in range(1, len(text) - 8, 3) for n in (2, 5, 9)]
+    cases += [(deltas, ["zz", text[20:24], text[18:30]]), (deltas, [text[-3:], "Citizen:\nB"])]
+    for deltas, stops in cases:
+        new, ref = StopStringMatcher(stops), _ReferenceStopMatcher(stops)
+        sent, taken = 0, []
+        for d in deltas:
+            assert new.append(d) == ref.append(d)
+            finished = ref.stopped
+            assert new.safe_length(finished) == ref.safe_length(finished), (deltas, stops)
+            taken.append(new.take(finished))
+            assert taken[-1] == ref.text[sent:ref.safe_length(finished)], (deltas, stops)
+            sent = max(sent, ref.safe_length(finished))
+        taken.append(new.take(True))
+        assert "".join(taken) == new.text == ref.text and new.stopped == ref.stopped, (deltas, stops)
+
+
+def test_a_long_self_overlapping_stop_string_matches_exactly():
+    """The worst case of searching the text again per token (a long stop string whose prefixes the text keeps
+    repeating) against 80,000 characters: each character is read once per stop string, the start of a possible match
+    is held back, and the cut is exact."""
+    stop = "a" * (MAX_STOP_CHARS - 1) + "b"
+    m = StopStringMatcher([stop, "ab" * 10])
+    taken = []
+    for _ in range(20_000):
+        assert not m.append("aaaa")
+        taken.append(m.take(False))
+    assert m.safe_length(False) == 80_000 - (MAX_STOP_CHARS - 1) == len("".join(taken))
+    assert m.append("b") and m.text == "a" * (80_000 - MAX_STOP_CHARS + 1)
+    assert "".join(taken) + m.take(True) == m.text
+
+
 def test_incremental_detokenizer_streams_exact_text(engine):
     text = "Wherefore art thou — héllo wörld 日本語 🙂🚀 done"
     ids = engine.encode(text)
@@ -392,6 +464,62 @@ def test_context_window_rules(engine):
     ids = run_all(engine, [([engine.eos_token_id], three)])[0]
     assert len(ids) == 3
     assert engine.generate("", three) == engine.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_extreme_sampling_values_are_clamped_not_fatal(engine, prompts):
+    """top_k above the vocabulary (up to int64's end) is no filter, a temperature below 1e-5 is greedy, and more
+    alternatives than the vocabulary has are all of it: the step runs, as vLLM clamps them."""
+    seeded = dict(max_tokens=6, temperature=0.9, seed=7, ignore_eos=True)
+    off = run_all(engine, [(prompts[0], SamplingParams(**seeded))])[0]
+    assert run_all(engine, [(prompts[0], SamplingParams(**seeded, top_k=k)) for k in (600, 2**31, 2**63)]) == [off] * 3
+    greedy = run_all(engine, [(prompts[0], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))])[0]
+    assert run_all(engine, [(prompts[0], SamplingParams(max_tokens=6, temperature=1e-300, ignore_eos=True))])[0] == \
+        greedy
+    row = torch.tensor([[0.5, 2.0, -1.0]])
+    (lp, top), = token_logprobs(row, [1], [20])
+    assert [t for t, _ in top] == [1, 0, 2] and lp == pytest.approx(float(torch.log_softmax(row, -1)[0, 1]))
+
+
+def test_a_failure_of_one_request_fails_it_alone(export_dir, prompts):
+    """A request whose sampling raises inside a step (its parameters broken after they were validated, so no check
+    catches them) is finished with an error of its own (500 for its client) while the requests batched with it go on
+    token-identical to running alone, and the engine keeps serving."""
+    engine = Engine.from_pretrained(export_dir, max_batch_size=4, batch_wait_timeout_s=0.0)
+    params = [SamplingParams(max_tokens=8, temperature=0.8, seed=i, ignore_eos=True) for i in range(3)]
+    alone = [run_all(engine, [(prompts[i], params[i])])[0] for i in (0, 2)]
+
+    async def main():
+        handles = []
+        for i in range(3):
+            handle = RequestStream(engine, asyncio.get_running_loop())
+            handle.request_id = engine.add_request(prompts[i], params[i], sink=handle)
+            handles.append(handle)
+        await asyncio.to_thread(engine.step)  # admitted, prefilled, first tokens sampled
+        engine.scheduler.find(handles[1].request_id).params.top_k = "all"  # what no validation would let through
+        await asyncio.to_thread(lambda: [engine.step() for _ in range(30) if engine.has_unfinished()])
+        results = []
+        for handle in handles:
+            try:
+                results.append([t async for out in handle for t in out.token_ids])
+            except RequestFailedError as e:
+                results.append(e)
+        return results
+
+    first, failed, third = asyncio.run(main())
+    assert [first, third] == alone
+    assert isinstance(failed, RequestFailedError) and failed.status == 500 and failed.code == "request_failed"
+    assert "TypeError" in failed.message and not engine.has_unfinished()
+    engine.check_health()
+    assert run_all(engine, [(prompts[0], params[0])])[0] == alone[0]  # and it serves on
+
+
+def test_a_prompt_too_long_in_characters_is_refused_before_tokenizing(engine):
+    assert engine.max_prompt_chars >= MAX_SEQ_LEN * max(len(t) for t in engine.tokenizer.get_vocab())
+    text = "To be, or not to be: that is the question. " * 10  # a prompt that fits in tokens fits in characters
+    assert len(engine.encode(text)) < MAX_SEQ_LEN and len(text) <= engine.max_prompt_chars
+    with pytest.raises(ContextLengthError, match="characters") as e:
+        engine.prepare_prompt("x" * 1_000_000, param="messages")
+    assert e.value.param == "messages" and e.value.code == "context_length_exceeded"
 
 
 def test_background_loop_async_streams_and_abort(export_dir):
@@ -434,16 +562,51 @@ def test_overload_rejects_beyond_max_waiting(export_dir):
 
 
 def test_stats_and_latency_samples(export_dir, prompts):
+    """Counters equal what the requests got; every latency sample belongs to one token and lies within the times
+    the test itself measured around the step that produced it (the samples are drained after each step)."""
+    import time
+
     engine = Engine.from_pretrained(export_dir, max_batch_size=4, batch_wait_timeout_s=0.0)
-    run_all(engine, [(p, SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)) for p in prompts[:3]])
+    params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+    submitted = time.monotonic()
+    ids = [engine.add_request(p, params) for p in prompts[:3]]
+    added = time.monotonic()
+    steps: list[tuple[float, float]] = []  # (before, after) each step
+    token_steps: dict[str, list[int]] = {i: [] for i in ids}  # the step of each token of each request
+    all_ttft, all_itl = [], []
+    while engine.has_unfinished():
+        before = time.monotonic()
+        outs = engine.step()
+        steps.append((before, time.monotonic()))
+        k = len(steps) - 1
+        first, previous = 0, []  # first tokens of this step; the step of the token before each other one
+        for o in outs:  # (a request's prefill and its first decode can both fall in one step)
+            for _ in o.token_ids:
+                if token_steps[o.request_id]:
+                    previous.append(token_steps[o.request_id][-1])
+                else:
+                    first += 1
+                token_steps[o.request_id].append(k)
+        ttft, itl = engine.drain_latency_samples()
+        assert (len(ttft), len(itl)) == (first, len(previous)), k
+        for t in ttft:  # from arrival (between `submitted` and `added`) to a time inside this step
+            assert steps[k][0] - added <= t <= steps[k][1] - submitted, (k, t)
+        for t in itl:  # from a time inside the request's previous token's step to one inside this step
+            assert steps[k][0] - steps[max(previous)][1] <= t <= steps[k][1] - steps[min(previous)][0], (k, t)
+        all_ttft += ttft
+        all_itl += itl
+        assert len(steps) < 100
+    assert [len(v) for v in token_steps.values()] == [5, 5, 5]
+    assert len(all_ttft) == 3 and len(all_itl) == 12 and min(all_ttft + all_itl) > 0
+    # ttft + the request's inter-token gaps is its end-to-end latency: no more than from submit to its last step
+    e2e_bound = [steps[v[-1]][1] - submitted for v in token_steps.values()]
+    assert max(all_ttft) <= max(e2e_bound) and sum(all_ttft) + sum(all_itl) <= sum(e2e_bound)
     stats = engine.stats()
     assert stats["generated_tokens"] == 15 and stats["requests_finished"] == 3
     assert stats["prompt_tokens"] == sum(len(p) for p in prompts[:3])
     load = torch.tensor(stats["expert_load"])
     assert load.shape == (2, 8) and bool((load.sum(1) > 0).all())
     assert torch.equal(load.sum(1), load.sum(1)[0].expand(2))  # every layer routes the same tokens
-    ttft, itl = engine.drain_latency_samples()
-    assert len(ttft) == 3 and len(itl) == 12 and min(ttft + itl) >= 0
     assert engine.drain_latency_samples() == ([], [])
 
 
@@ -537,10 +700,21 @@ def test_device_option(export_dir):
         Engine.from_pretrained(export_dir, device="gpu")
 
 
+def _outputs(engine: Engine, prompt: list[int], params: SamplingParams) -> list:
+    """Every output of one request, stepping the engine until it is done."""
+    engine.add_request(prompt, params)
+    outs = []
+    while engine.has_unfinished():
+        outs += engine.step()
+    return outs
+
+
 def test_int8_and_int4_weights_keep_the_loss(export_dir):
     """engine.quantization int8: torchao's int8 weight-only tensors on the attention projections, our int8 experts
-    (serving/quant.py); held-out loss within 1% of float32, weights of those modules a quarter of the bytes. int4
-    (ours, groups of 32): loss within 5%, fewer bytes again."""
+    (serving/quant.py); held-out loss within 1% of float32 (and not equal to it: the quantized weights are in use),
+    weights of those modules a quarter of the bytes. int4 (ours, groups of 32): loss within 5%, fewer bytes again.
+    Decoding runs on the same quantized weights: the log-probabilities a generation reports for its tokens sum to
+    the loss the engine scores for those tokens."""
     from torchao.quantization import Int8Tensor
 
     from moe_platform.serving.quant import Int4Experts, Int8Experts, dequantize_int4, model_bytes, quantize_int4
@@ -557,13 +731,20 @@ def test_int8_and_int4_weights_keep_the_loss(export_dir):
     assert isinstance(layer.mlp.experts, Int8Experts) and layer.mlp.experts.gate_up_proj_q.dtype == torch.int8
     assert isinstance(layer.self_attn.q_proj.weight, Int8Tensor)
     want, got = full.score(texts), int8.score(texts)
-    assert abs(got - want) / want < 0.01, (got, want)
+    assert got != want and abs(got - want) / want < 0.01, (got, want)
     assert model_bytes(int8.model) < 0.55 * model_bytes(full.model)  # embeddings and the head stay float32
-    assert int8.generate("ROMEO:", SamplingParams(max_tokens=8, temperature=0))
     int4 = Engine.from_pretrained(export_dir, quantization="int4")
     assert isinstance(int4.model.model.layers[0].mlp.experts, Int4Experts)
-    assert abs(int4.score(texts) - want) / want < 0.05
+    got4 = int4.score(texts)
+    assert got4 not in (want, got) and abs(got4 - want) / want < 0.05, (got4, want)
     assert model_bytes(int4.model) < 0.8 * model_bytes(int8.model)
+    prompt = full.encode("JULIET:\nO Romeo, Romeo! wherefore art thou")
+    for engine in (int8, int4):
+        outs = _outputs(engine, prompt, SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, logprobs=0))
+        tokens = [t for o in outs for t in o.token_ids]
+        reported = -sum(lp for o in outs for lp, _ in o.logprobs)
+        scored = engine.runner.loss(prompt + tokens) - engine.runner.loss(prompt)  # nats of the generated tokens
+        assert len(tokens) == 16 and abs(reported - scored) <= 1e-4 * scored, (reported, scored)
     with pytest.raises(ValueError, match="quantization must be one of \\['none', 'int8', 'int4'\\], got 'int2'"):
         Engine.from_pretrained(export_dir, quantization="int2")
     with pytest.raises(ValueError, match="quantization and LoRA adapters"):

@@ -89,3 +89,13 @@ def test_a_request_pins_a_version_by_name_at_version():
 def test_bad_splits_are_refused_with_what_is_wrong(weights, error, match):
     with pytest.raises(error, match=match):
         TrafficSplit.of(weights, DEPLOYED)
+
+
+def test_the_session_table_holds_hashes_not_the_ids():
+    split = TrafficSplit.of({"v1": 50, "v2": 50}, DEPLOYED)
+    sessions = StickySessions()
+    ids = ["user-42", "x" * 256, "conversation é"]
+    first = [sessions.route(split, s) for s in ids]
+    assert all(isinstance(k, bytes) and len(k) == 16 for k in sessions._seen)
+    assert not any(s.encode() in k or s in repr(k) for s in ids for k in sessions._seen)
+    assert [sessions.route(split, s) for s in ids] == first and len(sessions) == 3  # still sticky, one entry each

@@ -1,6 +1,6 @@
 """The adapters one serving engine holds: `max_loras` slots of LoRA adapters over its base model.
 
-`AdapterBank` puts slot-stacked adapter modules (model/multi_lora.py) on every attention projection, routed-expert
+`AdapterBank` puts slot-stacked adapter modules (serving/multi_lora.py) on every attention projection, routed-expert
 block and shared expert of the engine's model, and loads adapters into free slots. An adapter comes from a directory
 (a LoRA run's `<run>/adapter`, or any PEFT LoRA adapter on the attention projections) or from the object-store
 registry (`registry://NAME[@VERSION]` of an adapter that training published). Before an adapter takes a slot it is
@@ -10,6 +10,7 @@ must fit `max_lora_rank`, and when its files record the base model's fingerprint
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,16 +20,26 @@ from moe_platform.checkpoint.adapters import Adapters, base_fingerprint, read_ad
 from moe_platform.model.attention import Attention
 from moe_platform.model.lora import ATTENTION_TARGETS
 from moe_platform.model.moe import GroupedExperts, SwiGLU
-from moe_platform.model.multi_lora import AdapterBatch, MultiExpertLoRA, MultiLoRA
 from moe_platform.serving.errors import InvalidRequestError
+from moe_platform.serving.multi_lora import AdapterBatch, MultiExpertLoRA, MultiLoRA
 
 _SHARED_TARGETS = ("gate_proj", "up_proj", "down_proj")
 _RANK = -1
 _EXPERT_TENSORS = ("gate_up_proj.A", "gate_up_proj.B", "down_proj.A", "down_proj.B")
+logger = logging.getLogger(__name__)
 
 
 class AdapterLoadError(InvalidRequestError):
-    """An adapter that cannot be loaded on this engine (bad files, another base model, no free slot)."""
+    """An adapter that cannot be loaded on this engine (bad files, another base model, no free slot). `message` is
+    what API clients see; `detail`, when there is one, is what the server's log and Python callers see (`str()`),
+    e.g. which file under which path is wrong."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None, detail: str | None = None):
+        super().__init__(message, param=param, code=code)
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return self.detail or self.message
 
 
 @dataclass
@@ -80,7 +91,7 @@ class AdapterBank:
 
     def check(self, adapter: Adapters, name: str, source: str) -> list[str]:
         """Raise AdapterLoadError unless `adapter` fits this base model; return the adapted module names."""
-        where = f"adapter {name!r} ({source})"
+        where = f"adapter {name!r}"  # never its source: a path on the server is no business of the API's
         if adapter.base_fingerprint is not None and adapter.base_fingerprint != self.fingerprint:
             trained_on = f" ({adapter.base_model})" if adapter.base_model else ""
             raise AdapterLoadError(
@@ -126,8 +137,10 @@ class AdapterBank:
             module.write(slot, own if len(own) == len(_EXPERT_TENSORS) else None, scale)
 
 
-def read_adapter_source(source: str, base_dir: Path | None = None) -> tuple[Adapters, str]:
-    """An adapter directory or registry://NAME[@VERSION] -> (the adapter, a canonical name of its source)."""
+def read_adapter_source(source: str, base_dir: Path | None = None, name: str = "") -> tuple[Adapters, str]:
+    """An adapter directory or registry://NAME[@VERSION] -> (the adapter, a canonical name of its source). A directory
+    that does not load is refused with one message whatever the reason (missing, unreadable, not an adapter), which
+    names neither the resolved path nor whether it exists; the error's `detail` and the server's log say why."""
     from moe_platform.cluster import registry
 
     if registry.is_registry_uri(source):
@@ -149,4 +162,7 @@ def read_adapter_source(source: str, base_dir: Path | None = None) -> tuple[Adap
     try:
         return read_adapters(path), str(path)
     except (ValueError, OSError) as e:
-        raise AdapterLoadError(str(e), param="lora_path") from None
+        logger.warning("adapter %r: loading %s (lora_path %r) failed: %s", name, path, source, e)
+        raise AdapterLoadError(f"adapter {name!r} could not be loaded: lora_path is not a valid adapter directory on "
+                               f"this server (the server log says why)", param="lora_path", code="invalid_adapter",
+                               detail=str(e)) from None

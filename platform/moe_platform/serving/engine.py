@@ -16,6 +16,11 @@ own. One engine step:
 4. detokenize, apply stop strings / EOS / max_tokens, and retire finished sequences at once (their blocks are free
    for the next step, their full blocks stay in the prefix cache).
 
+A request's parameters are validated when it is added, so a bad one fails there (400). What one request does alone
+in a step (sampling its row, log-probabilities, detokenizing, stop strings, its sink) is isolated: an exception there
+finishes that request with an error (500) and the step goes on for the others. Only what the whole batch shares
+(a forward, the scheduler) stops the engine, which then fails every request (503) until the replica is replaced.
+
 `step()` can be driven directly (tests, `generate` without a thread) or by the background loop started with
 `start()`, which `stream()` (asyncio) and `generate()` use.
 """
@@ -27,6 +32,7 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import logging
 import queue
 import random
 import re
@@ -46,7 +52,7 @@ from moe_platform.model.transformer import MoETransformer
 from moe_platform.serving.adapters import AdapterBank, AdapterLoadError, LoadedAdapter, read_adapter_source
 from moe_platform.serving.cache import KV_CACHE_DTYPES
 from moe_platform.serving.chat import ChatTemplate
-from moe_platform.serving.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from moe_platform.serving.detokenizer import IncrementalDetokenizer, StopStringMatcher, max_prompt_chars
 from moe_platform.serving.errors import (
     ContextLengthError,
     EngineOverloadedError,
@@ -56,8 +62,9 @@ from moe_platform.serving.errors import (
 )
 from moe_platform.serving.model_loader import load_export, load_parts
 from moe_platform.serving.model_runner import ModelRunner
+from moe_platform.serving.outputs import RequestOutput, RequestStream
 from moe_platform.serving.quant import QUANTIZATIONS
-from moe_platform.serving.sampling import SamplingParams, make_generator, sample_tokens, token_logprobs
+from moe_platform.serving.sampling import SamplingParams, draw_uniforms, make_generator, sample_tokens, token_logprobs
 from moe_platform.serving.scheduler import PrefillGroup, SeqStatus, build_scheduler
 from moe_platform.serving.scheduler import SequenceState as Seq
 
@@ -67,6 +74,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 _THROUGHPUT_WINDOW_S = 10.0
 _ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _MAX_LATENCY_SAMPLES = 65536
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -164,65 +172,6 @@ class EngineConfig:
         return cls(**options)
 
 
-@dataclass
-class RequestOutput:
-    """What one step produced for one request: the new text/tokens since the previous output."""
-
-    request_id: str
-    text: str
-    token_ids: list[int]
-    finished: bool
-    finish_reason: str | None  # "stop" (EOS or stop string), "length", "abort" or "error"
-    prompt_tokens: int
-    completion_tokens: int
-    error: str | None = None
-    # With SamplingParams.logprobs: per token of token_ids, (its log-probability, [(token, log-probability)] of the
-    # most likely ones).
-    logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
-
-    def merge(self, later: RequestOutput) -> RequestOutput:
-        """This output followed by `later` (of the same request) as one output."""
-        logprobs = None if self.logprobs is None and later.logprobs is None else \
-            (self.logprobs or []) + (later.logprobs or [])
-        return dataclasses.replace(later, text=self.text + later.text, token_ids=self.token_ids + later.token_ids,
-                                   logprobs=logprobs)
-
-
-class RequestStream:
-    """A submitted request seen from asyncio: iterate it for outputs (queued ones are merged); `abort()` cancels."""
-
-    def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop):
-        self.engine = engine
-        self.request_id = ""
-        self.finished = False
-        self._loop = loop
-        self._queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
-
-    @staticmethod
-    def deliver(items: list[tuple[RequestStream, RequestOutput]]) -> None:
-        """Runs on the streams' event loop: hand every output of one engine step to its stream."""
-        for stream, out in items:
-            stream._queue.put_nowait(out)
-
-    def __aiter__(self) -> RequestStream:
-        return self
-
-    async def __anext__(self) -> RequestOutput:
-        if self.finished:
-            raise StopAsyncIteration
-        out = await self._queue.get()
-        while not self._queue.empty():
-            out = out.merge(self._queue.get_nowait())
-        self.finished = out.finished
-        if out.error is not None:
-            raise EngineUnavailableError(out.error)
-        return out
-
-    def abort(self) -> None:
-        if not self.finished and self.request_id:
-            self.engine.abort(self.request_id)
-
-
 class Engine:
     def __init__(self, model: MoETransformer, tokenizer, eos_token_id: int | Sequence[int],
                  config: EngineConfig | None = None, chat_template: ChatTemplate | None = None,
@@ -245,13 +194,16 @@ class Engine:
         self.keepalive: object = None  # whatever owns the memory the weights live in (see from_state_dict)
         self._fingerprint: dict | None = None
         self.max_seq_len = min(self.config.max_seq_len or self.args.max_seq_len, self.args.max_seq_len)
+        # Text longer than this cannot fit the context: refused before it is tokenized (detokenizer.py).
+        self.max_prompt_chars = max_prompt_chars(tokenizer, self.max_seq_len)
         # LoRA adapters (serving/adapters.py): slots on the model, written between steps (under _step_lock).
         self.adapters = AdapterBank(model, self.config.max_loras, self.config.max_lora_rank) \
             if self.config.max_loras else None
         self.runner = ModelRunner(model, self.eos_token_id, self.adapters)
         self.device = self.runner.device
-        self.scheduler = build_scheduler(self.args, self.config, self.max_seq_len, self.runner.dtype, self.device)
-        self.cache = self.scheduler.cache
+        self.runner.cache, self.scheduler = build_scheduler(self.args, self.config, self.max_seq_len,
+                                                            self.runner.dtype, self.device)
+        self.cache = self.runner.cache
         self._rng = random.Random(self.config.seed)
         self._loaded: dict[str, LoadedAdapter] = {}
         self._step_lock = threading.Lock()
@@ -314,6 +266,10 @@ class Engine:
     def prepare_prompt(self, prompt: str | Sequence[int], param: str = "prompt") -> list[int]:
         """Prompt text or token ids -> validated token ids (an empty prompt starts from the end-of-text token)."""
         if isinstance(prompt, str):
+            if len(prompt) > self.max_prompt_chars:
+                raise ContextLengthError(f"the prompt is {len(prompt)} characters, more than this model's context "
+                                         f"window of {self.max_seq_len} tokens can hold (at most "
+                                         f"{self.max_prompt_chars} characters); shorten the prompt", param=param)
             ids = self.encode(prompt)
         else:
             ids = list(prompt)
@@ -329,15 +285,15 @@ class Engine:
                                      f"token; shorten the prompt", param=param)
         return ids
 
-    def resolve_max_tokens(self, prompt_len: int, params: SamplingParams) -> int:
+    def resolve_max_tokens(self, prompt_len: int, params: SamplingParams, param: str = "max_tokens") -> int:
         room = self.max_seq_len - prompt_len
         if params.max_tokens is None:
             return room
         if params.max_tokens > room:
             raise ContextLengthError(f"this model's context window is {self.max_seq_len} tokens, but the prompt "
                                      f"({prompt_len} tokens) plus max_tokens ({params.max_tokens}) needs "
-                                     f"{prompt_len + params.max_tokens}; lower max_tokens to at most {room}",
-                                     param="max_tokens")
+                                     f"{prompt_len + params.max_tokens}; lower {param} to at most {room}",
+                                     param=param)
         return params.max_tokens
 
     def add_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
@@ -350,6 +306,10 @@ class Engine:
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
+        try:
+            params.validate()  # again: a caller may have changed them since they were made
+        except ValueError as e:
+            raise InvalidRequestError(str(e)) from None
         ids = self.prepare_prompt(prompt)
         max_tokens = self.resolve_max_tokens(len(ids), params)
         seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
@@ -400,7 +360,7 @@ class Engine:
         if not isinstance(name, str) or not _ADAPTER_NAME.match(name):
             raise AdapterLoadError(f"invalid adapter name {name!r}: use letters, digits, '.', '_' and '-'",
                                    param="lora_name")
-        adapter, where = read_adapter_source(source, base_dir)
+        adapter, where = read_adapter_source(source, base_dir, name)
         with self._lock:
             known = self._loaded.get(name)
         if known is not None and known.source == where and not known.unloading:
@@ -411,7 +371,7 @@ class Engine:
             if known is not None:
                 if known.source == where and not known.unloading:
                     return known
-                raise AdapterLoadError(f"an adapter named {name!r} is already loaded (from {known.source}); unload "
+                raise AdapterLoadError(f"an adapter named {name!r} is already loaded from another source; unload "
                                        f"it first", param="lora_name", code="adapter_exists")
             slot = self.adapters.free_slot()
             if slot is None:
@@ -480,7 +440,10 @@ class Engine:
             if isinstance(sink, RequestStream):
                 by_loop.setdefault(sink._loop, []).append((sink, out))
             else:
-                sink(out)
+                try:
+                    sink(out)
+                except Exception:  # noqa: BLE001 - a caller's callback fails its own request's delivery only
+                    logger.exception("the output sink of request %s failed", out.request_id)
         self._deliveries.clear()
         for loop, items in by_loop.items():
             loop.call_soon_threadsafe(RequestStream.deliver, items)
@@ -517,60 +480,84 @@ class Engine:
         done = [i for i, c in enumerate(chunks) if c.completes_prompt]
         if not done:
             return
-        seqs = [chunks[i].seq for i in done]
-        next_ids = sample_tokens(logits[done], [s.params for s in seqs], [s.generator for s in seqs]).tolist()
-        logprobs = token_logprobs(logits[done], next_ids, [s.params.logprobs for s in seqs])
         now = time.monotonic()
-        for seq, token, lp in zip(seqs, next_ids, logprobs, strict=True):
+        for seq, token, lp in self._sample(logits[done], [chunks[i].seq for i in done], outputs):
             if not seq.output_ids:  # not a preempted sequence's recomputation
                 self._counters["prompt_tokens"] += seq.prompt_len
-            if not self._append_token(seq, token, now, outputs, lp):
+            if self._append_token(seq, token, now, outputs, lp) is False:
                 self.scheduler.prefill_done(seq)
 
     def _run_decode(self, batch: list[Seq], outputs: list[RequestOutput]) -> None:
         logits = self.runner.decode(batch, self.scheduler)  # (D, vocab) on the CPU
         for seq in batch:
             self.scheduler.advance(seq, 1)
-        next_ids = sample_tokens(logits, [s.params for s in batch], [s.generator for s in batch]).tolist()
-        logprobs = token_logprobs(logits, next_ids, [s.params.logprobs for s in batch])
         now = time.monotonic()
-        for seq, token, lp in zip(batch, next_ids, logprobs, strict=True):
+        for seq, token, lp in self._sample(logits, batch, outputs):
             self._append_token(seq, token, now, outputs, lp)
 
+    def _sample(self, logits: torch.Tensor, seqs: list[Seq], outputs: list[RequestOutput]) -> list[tuple]:
+        """(seq, next token, its log-probabilities) of every row of logits (rows, V); when the batch fails, row by
+        row with the same draws, and a row that fails alone fails its request alone."""
+        params, gens = [s.params for s in seqs], [s.generator for s in seqs]
+        u = draw_uniforms(params, gens)  # (rows,) each row's one draw of this step, whatever happens below
+        try:
+            ids = sample_tokens(logits, params, gens, u).tolist()
+            return list(zip(seqs, ids, token_logprobs(logits, ids, [p.logprobs for p in params]), strict=True))
+        except Exception:  # noqa: BLE001 - the rows at fault are found below
+            pass
+        kept = []
+        for i, seq in enumerate(seqs):
+            try:
+                ids = sample_tokens(logits[i:i + 1], params[i:i + 1], gens[i:i + 1], u[i:i + 1]).tolist()
+                kept.append((seq, ids[0], token_logprobs(logits[i:i + 1], ids, [params[i].logprobs])[0]))
+            except Exception as e:  # noqa: BLE001 - this request's own failure
+                self._fail_request(seq, outputs, e)
+        return kept
+
+    def _fail_request(self, seq: Seq, outputs: list[RequestOutput], error: Exception) -> None:
+        """Finish `seq` with an error (its client gets 500) and log why; the step goes on for the others."""
+        logger.error("request %s failed in the engine step and is finished with an error (the others go on)",
+                     seq.request_id, exc_info=error)
+        self.scheduler.finish(seq, "error")
+        self._emit(seq, outputs, error=f"the server failed while generating this request "
+                                       f"({type(error).__name__}); retry it", request_failed=True)
+
     def _append_token(self, seq: Seq, token: int, now: float, outputs: list[RequestOutput],
-                      logprob: tuple[float, list[tuple[int, float]]] | None = None) -> bool:
-        """Record one generated token; return True if it finished the sequence."""
-        seq.output_ids.append(token)
-        if seq.first_token_time is None:
-            seq.first_token_time = now
-            self._ttft.append(now - seq.arrival_time)
-        else:
-            self._itl.append(now - seq.last_token_time)
-        seq.last_token_time = now
-        self._counters["generated_tokens"] += 1
-        reason = None
-        if token in self.stop_token_ids and not seq.params.ignore_eos:
-            reason = "stop"
-        elif seq.stopper.append(seq.detokenizer.add(token)):
-            reason = "stop"
-        if reason is None and (len(seq.output_ids) >= seq.max_tokens or seq.num_tokens >= self.max_seq_len):
-            reason = "length"
-        if reason is not None and not seq.stopper.stopped and seq.stopper.append(seq.detokenizer.flush()):
-            reason = "stop"
-        if reason is not None:
-            self.scheduler.finish(seq, reason)
-            self._counters["requests_finished"] += 1
-        self._emit(seq, outputs, [token], logprobs=None if logprob is None else [logprob])
+                      logprob: tuple[float, list[tuple[int, float]]] | None = None) -> bool | None:
+        """Record one generated token; return True if it finished the sequence, None if it failed it (alone)."""
+        try:
+            seq.output_ids.append(token)
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+                self._ttft.append(now - seq.arrival_time)
+            else:
+                self._itl.append(now - seq.last_token_time)
+            seq.last_token_time = now
+            self._counters["generated_tokens"] += 1
+            reason = None
+            if token in self.stop_token_ids and not seq.params.ignore_eos:
+                reason = "stop"
+            elif seq.stopper.append(seq.detokenizer.add(token)):
+                reason = "stop"
+            if reason is None and (len(seq.output_ids) >= seq.max_tokens or seq.num_tokens >= self.max_seq_len):
+                reason = "length"
+            if reason is not None and not seq.stopper.stopped and seq.stopper.append(seq.detokenizer.flush()):
+                reason = "stop"
+            if reason is not None:
+                self.scheduler.finish(seq, reason)
+                self._counters["requests_finished"] += 1
+            self._emit(seq, outputs, [token], logprobs=None if logprob is None else [logprob])
+        except Exception as e:  # noqa: BLE001 - detokenizing and stop strings are this request's own
+            self._fail_request(seq, outputs, e)
+            return None
         return reason is not None
 
     def _emit(self, seq: Seq, outputs: list[RequestOutput], new_ids: list[int] | None = None,
-              error: str | None = None, logprobs: list | None = None) -> None:
+              error: str | None = None, logprobs: list | None = None, request_failed: bool = False) -> None:
         finished = seq.status is SeqStatus.FINISHED
-        safe = seq.stopper.safe_length(finished)
-        text = seq.stopper.text[seq.emitted_chars:safe]
-        seq.emitted_chars = max(seq.emitted_chars, safe)
+        text = seq.stopper.take(finished) if error is None else ""
         out = RequestOutput(seq.request_id, text, new_ids or [], finished, seq.finish_reason, seq.prompt_len,
-                            len(seq.output_ids), error, logprobs)
+                            len(seq.output_ids), error, request_failed, logprobs)
         if finished:
             with self._lock:
                 self._active_ids.discard(seq.request_id)
@@ -701,7 +688,7 @@ class Engine:
             while pending and (background or not results.empty()):
                 out = results.get(timeout=timeout)
                 if out.error is not None:
-                    raise EngineUnavailableError(out.error)
+                    raise out.failure()
                 texts[out.request_id] += out.text
                 if out.finished:
                     pending.discard(out.request_id)

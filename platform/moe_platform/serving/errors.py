@@ -58,3 +58,13 @@ class EngineUnavailableError(ServingError):
 
     def __init__(self, message: str):
         super().__init__(message, code="engine_unavailable")
+
+
+class RequestFailedError(ServingError):
+    """The server failed while generating this request alone (HTTP 500); the engine serves the others on."""
+
+    status = 500
+    type = "server_error"
+
+    def __init__(self, message: str):
+        super().__init__(message, code="request_failed")

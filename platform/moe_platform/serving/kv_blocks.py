@@ -13,7 +13,8 @@ are never written again: a sequence writes only into its own tail blocks (a prom
 recomputes its last token, in a block of its own, to get the logits for its first output token). Copy-on-write is
 therefore never needed, as in vLLM's V1 engine.
 
-Pure Python bookkeeping (no tensors, no threads): the scheduler owns the pool on the engine thread.
+Pure Python bookkeeping (no tensors, no threads): the paged scheduler's `KVCacheManager` owns the pool on the engine
+thread; the model runner owns the tensors the block ids point into.
 """
 
 from __future__ import annotations
@@ -157,3 +158,69 @@ class BlockPool:
             self._hash[block] = None
             self._plain.append(block)
         return len(dropped)
+
+
+class KVCacheManager:
+    """The paged scheduler's view of KV memory: which blocks each sequence holds (its `block_table`), the prefix
+    cache's hashes of its full blocks, and allocate/free on the `BlockPool`. Bookkeeping only: the model runner owns
+    the KV tensors and reads the block tables the scheduler hands it."""
+
+    def __init__(self, pool: BlockPool):
+        self.pool = pool
+        self.block_size = pool.block_size
+
+    @property
+    def num_free(self) -> int:
+        return self.pool.num_free
+
+    def blocks_needed(self, block_table: Sequence[int], tokens: int) -> int:
+        """New blocks a sequence holding `block_table` needs for `tokens` positions."""
+        return max(0, -(-tokens // self.block_size) - len(block_table))
+
+    def cached_prefix(self, tokens: list[int], adapter: str | None, known: list[bytes]) -> tuple[list[int], int]:
+        """(cached blocks of the longest cached prefix of `tokens`, the most blocks a hit may cover): a prompt cached
+        in full still computes its last token, whose logits give the first output token. `known` caches hashes."""
+        max_hit = (len(tokens) - 1) // self.block_size
+        if not max_hit:
+            return [], 0
+        return self.pool.lookup(block_hashes(tokens, self.block_size, adapter, known), max_hit), max_hit
+
+    def admission_room(self, hit: list[int], need: int) -> int:
+        """Free blocks left once a sequence takes its cached prefix `hit` and `need` new blocks."""
+        return self.pool.num_free - self.pool.reclaimable(hit) - need
+
+    def admit(self, hit: list[int], max_hit: int, need: int) -> list[int]:
+        """Take the cached blocks `hit` and `need` new ones: the new sequence's block table."""
+        self.pool.acquire(hit, max_hit * self.block_size)
+        return hit + (self.pool.allocate(need) or [])
+
+    def grow(self, block_table: list[int], want: int) -> None:
+        """Append as many of `want` new blocks to `block_table` as are free."""
+        if want:
+            block_table += self.pool.allocate(min(want, self.pool.num_free)) or []
+
+    def allocate_one(self, block_table: list[int]) -> bool:
+        blocks = self.pool.allocate(1)
+        if blocks is None:
+            return False
+        block_table += blocks
+        return True
+
+    def register_full(self, tokens: list[int], adapter: str | None, block_table: list[int], known: list[bytes],
+                      registered: int, full: int) -> int:
+        """Register blocks [registered, full) of a sequence in the prefix cache; returns the new registered count."""
+        if full <= registered or not self.pool.enable_prefix_caching:
+            return registered
+        hashes = block_hashes(tokens[: full * self.block_size], self.block_size, adapter, known)
+        for j in range(registered, full):
+            self.pool.register(block_table[j], hashes[j])
+        return full
+
+    def free(self, block_table: list[int]) -> None:
+        """Give a sequence's blocks back, tail first (so its prefix stays cached longest)."""
+        self.pool.free(block_table[::-1])
+
+    def stats(self) -> dict:
+        pool = self.pool
+        return {"kv_cache_usage": pool.usage(), "kv_cache_used": pool.num_used, "kv_cache_capacity": pool.num_usable,
+                "prefix_cache_queries": pool.queries, "prefix_cache_hits": pool.hits}

@@ -1,8 +1,9 @@
 """The device-aware model runner: turns a step's prefill chunks or decode batch into one forward pass on the engine's
 device and returns the logits on the CPU, where sampling runs.
 
-Inputs are built on the CPU and moved once per forward; the scheduler binds its KV cache (slots or blocks) for the
-batch; the LoRA adapter of every row is set on the model's adapter slots. Also counts the tokens every routed expert
+Inputs are built on the CPU and moved once per forward. The runner owns the KV tensors (`cache`: slots or blocks):
+it applies the scheduler's queued slot moves, then binds the cache to the batch's slots or block tables. The LoRA
+adapter of every row is set on the model's adapter slots. Also counts the tokens every routed expert
 received (the expert-load statistic) and scores text for quality probes.
 """
 
@@ -12,7 +13,8 @@ import torch
 
 from moe_platform.model.transformer import MoETransformer
 from moe_platform.serving.adapters import AdapterBank
-from moe_platform.serving.scheduler import PrefillGroup
+from moe_platform.serving.cache import PagedKVCache, ServingKVCache
+from moe_platform.serving.scheduler import PrefillGroup, Scheduler, SlotMove
 from moe_platform.serving.scheduler import SequenceState as Seq
 
 
@@ -27,8 +29,21 @@ class ModelRunner:
         self._moe_layers = model.moe_layers()
         self.expert_load = torch.zeros(self.args.n_layers, self.args.num_experts, dtype=torch.long)
         self.forwards = {"prefill": 0, "decode": 0}
+        self.cache: ServingKVCache | PagedKVCache | None = None  # the KV tensors (engine.build_scheduler)
 
-    def prefill(self, group: PrefillGroup, scheduler) -> torch.Tensor:
+    def _bind(self, seqs: list[Seq], positions: torch.Tensor, scheduler: Scheduler):
+        """The KV cache for one forward over `seqs`, after the scheduler's pending slot moves."""
+        cache = self.cache
+        if isinstance(cache, PagedKVCache):
+            return cache.bind([s.block_table for s in seqs], positions, self.dtype)
+        for op in scheduler.take_kv_ops():
+            if isinstance(op, SlotMove):
+                cache.move_slot(op.src, op.dst, op.length)
+            else:
+                cache.swap_slots(op.a, op.b, op.length_a, op.length_b)
+        return cache.bind_rows([s.slot for s in seqs], positions, self.dtype)
+
+    def prefill(self, group: PrefillGroup, scheduler: Scheduler) -> torch.Tensor:
         """One right-padded forward over a group's chunks -> (rows, vocab) float32 logits at each chunk's last
         token, on the CPU."""
         chunks = group.chunks
@@ -41,19 +56,19 @@ class ModelRunner:
         last = torch.tensor([c.length - 1 for c in chunks])
         if self.adapters is not None:
             self.adapters.batch.set([c.seq.adapter_slot for c in chunks], width)
-        cache = scheduler.bind_prefill(chunks, positions, self.dtype)
+        cache = self._bind([c.seq for c in chunks], positions, scheduler)
         logits = self.model(tokens.to(self.device), positions.to(self.device), cache, logits_at=last.to(self.device))
         self._count_expert_load()
         self.forwards["prefill"] += 1
         return logits.float().cpu()
 
-    def decode(self, batch: list[Seq], scheduler) -> torch.Tensor:
+    def decode(self, batch: list[Seq], scheduler: Scheduler) -> torch.Tensor:
         """One forward of every decoding sequence's last token -> (D, vocab) float32 logits on the CPU."""
         tokens = torch.tensor([[s.output_ids[-1]] for s in batch])  # (D, 1)
         positions = torch.tensor([[s.num_computed] for s in batch])  # the last token's position
         if self.adapters is not None:
             self.adapters.batch.set([s.adapter_slot for s in batch], 1)
-        cache = scheduler.bind_decode(batch, positions, self.dtype)
+        cache = self._bind(batch, positions, scheduler)
         logits = self.model(tokens.to(self.device), positions.to(self.device), cache)[:, -1]
         self._count_expert_load()
         self.forwards["decode"] += 1

@@ -2,13 +2,16 @@
 
 `OpenAIFrontend` turns a request into engine submissions and engine outputs into OpenAI JSON or server-sent events.
 Everything a client can get wrong becomes a 4xx OpenAI error object before any work is queued; an overloaded engine
-answers 429 with Retry-After. The Serve deployment (`app.py`) only routes to these methods.
+answers 429 with Retry-After, and a failure of the server's own is a 500 OpenAI error object, logged here. Prompts
+are tokenized (and chat templates rendered) off the event loop when they are long, after a check of their length in
+characters that costs nothing. The Serve deployment (`app.py`) only routes to these methods.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -24,10 +27,14 @@ from moe_platform.serving.errors import (
     EngineUnavailableError,
     InvalidRequestError,
     NotFoundError,
+    RequestFailedError,
     ServingError,
 )
+from moe_platform.serving.traffic import MAX_SESSION_ID_CHARS
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20
+_INLINE_PROMPT_CHARS = 4096  # prompts up to this are tokenized on the event loop (sub-millisecond), longer in a thread
+logger = logging.getLogger(__name__)
 
 
 class PayloadTooLargeError(InvalidRequestError):
@@ -96,7 +103,9 @@ class OpenAIFrontend:
         self.rollout_command = rollout
         self.model_name = model_name
         self.api_key = api_key or None
-        self.admin_key = admin_api_key or self.api_key  # adapter load/unload; no key: those routes are off
+        # The admin routes (adapters, rollouts, the traffic split) have their own key and never fall back to the
+        # API key: every API client holds that one. Without an admin key they are off.
+        self.admin_key = admin_api_key or None
         self.max_body_bytes = max_body_bytes
         self.created = P.now_s()
 
@@ -131,7 +140,7 @@ class OpenAIFrontend:
         except ServingError as e:
             return error_response(e)
         return JSONResponse({"object": "lora_adapter", "id": f"{self.model_name}:{loaded.name}",
-                             "root": loaded.source, "rank": loaded.rank})
+                             "root": loaded.name, "rank": loaded.rank})
 
     async def unload_adapter(self, request: Request) -> Response:
         """POST {"lora_name": NAME} (admin key): new requests for it get 404; those in flight finish."""
@@ -165,8 +174,9 @@ class OpenAIFrontend:
 
     def _admin_allowed(self, request: Request) -> None:
         if self.admin_key is None:
-            raise ForbiddenError("admin routes are disabled: start the server with admin_api_key (or api_key)",
-                                 code="admin_disabled")
+            raise ForbiddenError("admin routes are disabled because no admin key is configured: start the server "
+                                 "with admin_api_key (moe-platform serve: --admin-key-file or "
+                                 "MOE_PLATFORM_ADMIN_KEY); the API key does not open them", code="admin_disabled")
         self._authorize(request, self.admin_key)
 
     async def _admin_json(self, request: Request) -> dict:
@@ -191,7 +201,11 @@ class OpenAIFrontend:
     # -- request pipeline ----------------------------------------------------------------------------------------
     async def _handle(self, request: Request, chat: bool) -> Response:
         start = time.monotonic()
-        response = await self._answer(request, chat, start)
+        try:
+            response = await self._answer(request, chat, start)
+        except Exception:  # noqa: BLE001 - a bug of ours: logged, and the client still gets an OpenAI error object
+            logger.exception("a %s request failed", "chat completion" if chat else "completion")
+            response = error_response(RequestFailedError("the server failed while handling this request"))
         if not isinstance(response, StreamingResponse):  # a stream reports when it ends (`_sse`)
             self.observe(response.headers.get("x-model-version"), response.status_code, time.monotonic() - start)
         return response
@@ -204,8 +218,11 @@ class OpenAIFrontend:
             req = P.parse_request(P.ChatCompletionRequest if chat else P.CompletionRequest, body)
             model, at, pinned = req.model.partition("@")  # NAME@VERSION pins a version
             adapter = self._adapter_of(model)
-            engine, version = self.pick(pinned if at else None, request.headers.get("x-session-id"), adapter)
-            jobs = self._jobs(engine, req, chat)
+            engine, version = self.pick(pinned if at else None, _session_id(request), adapter)
+            if _prompt_chars(req, chat) <= _INLINE_PROMPT_CHARS:
+                jobs = self._jobs(engine, req, chat)
+            else:  # tokenizing a long prompt would hold up every other request on this event loop
+                jobs = await asyncio.to_thread(self._jobs, engine, req, chat)
             streams = self._submit_all(engine, jobs, adapter)
         except ServingError as e:
             return _served_by(error_response(e), version)
@@ -287,10 +304,11 @@ class OpenAIFrontend:
             prompts = [engine.render_chat(req.template_messages())]
             requested = req.requested_max_tokens
             param = "messages"
+            limit = "max_tokens" if req.max_completion_tokens is None else "max_completion_tokens"
         else:
             prompts = req.prompts()
             requested = req.max_tokens if "max_tokens" in req.model_fields_set else None
-            param = "prompt"
+            param, limit = "prompt", "max_tokens"
         jobs = []
         for prompt in prompts:
             ids = engine.prepare_prompt(prompt, param=param)
@@ -302,7 +320,7 @@ class OpenAIFrontend:
                 if requested is None and not chat:
                     # OpenAI's completions default is 16 tokens; without an explicit value, fit what room is left.
                     params.max_tokens = min(16, engine.max_seq_len - len(ids))
-                engine.resolve_max_tokens(len(ids), params)
+                engine.resolve_max_tokens(len(ids), params, limit)
                 jobs.append((ids, params, echo))
         return jobs
 
@@ -372,6 +390,23 @@ class OpenAIFrontend:
                 s.abort()
             if remaining == 0 or status != 200:  # a client that went away says nothing about the version
                 self.observe(version, status, time.monotonic() - start)
+
+
+def _session_id(request: Request) -> str | None:
+    session = request.headers.get("x-session-id")
+    if session is not None and len(session) > MAX_SESSION_ID_CHARS:
+        raise InvalidRequestError(f"the X-Session-Id header is {len(session)} characters long; at most "
+                                  f"{MAX_SESSION_ID_CHARS} are allowed", param="X-Session-Id",
+                                  code="invalid_session_id")
+    return session
+
+
+def _prompt_chars(req, chat: bool) -> int:
+    """The characters of text a request brings to tokenize (token-id prompts count none)."""
+    if chat:
+        return sum(len(m.content) if isinstance(m.content, str) else sum(len(p.text) for p in m.content or ())
+                   for m in req.messages)
+    return sum(len(p) for p in req.prompts() if isinstance(p, str))
 
 
 def _logprobs(engine: Engine, out: RequestOutput, chat: bool) -> dict | None:

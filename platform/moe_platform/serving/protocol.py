@@ -1,8 +1,10 @@
 """OpenAI request validation and response shapes (completions, chat completions, models, errors).
 
-Requests are validated strictly: a wrong JSON type is a 400, never coerced, and a parameter we cannot honour (log
-probabilities, penalties, tools) is a 400 that says so instead of being silently ignored. Every failure becomes an
-`InvalidRequestError` carrying the OpenAI `param` it is about.
+Requests are validated strictly: a wrong JSON type is a 400, never coerced (true is not 1, 1.0 is not 1), and a
+parameter we cannot honour (penalties, min_p, logit_bias, tools) is a 400 that says so instead of being silently
+ignored. Every number has a range (the table in docs/operations.md, "Request limits"): NaN and infinities (also
+1e400, which JSON parsers read as infinity) and integers past it are refused before anything reaches the engine.
+Every failure becomes an `InvalidRequestError` carrying the OpenAI `param` it is about.
 """
 
 from __future__ import annotations
@@ -17,16 +19,23 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from moe_platform.serving.errors import InvalidRequestError
-from moe_platform.serving.sampling import MAX_LOGPROBS, SamplingParams
+from moe_platform.serving.sampling import MAX_LOGPROBS, MAX_STOP_CHARS, SamplingParams
 
 MAX_N = 16
 MAX_STOP = 4
 MAX_PROMPTS = 64
+INT32_MAX = 2**31 - 1  # token counts, token ids and top_k above it are refused (top_k above the vocabulary is not)
+MAX_LOGIT_BIAS = 1024
+
+_Tokens = Annotated[int, Field(ge=1, le=INT32_MAX)]
+_TokenId = Annotated[int, Field(ge=0, le=INT32_MAX)]
+_Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 
 
 class _Strict(BaseModel):
-    # Unknown fields are ignored (clients send vendor extras); known ones must have exactly the right JSON type.
-    model_config = ConfigDict(strict=True, extra="ignore")
+    # Unknown fields are ignored (clients send vendor extras); known ones must have exactly the right JSON type, and
+    # no float is NaN or infinite.
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
 
 
 class StreamOptions(_Strict):
@@ -37,34 +46,43 @@ class _SamplingFields(_Strict):
     model: str
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
-    top_k: Annotated[int, Field(ge=-1)] | None = None
+    top_k: Annotated[int, Field(ge=-1, le=INT32_MAX)] | None = None
+    min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
     n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
     seed: Annotated[int, Field(ge=0, lt=2**63)] | None = None
-    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
-    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
-    logit_bias: dict[str, float] | None = None
+    presence_penalty: _Penalty | None = None
+    frequency_penalty: _Penalty | None = None
+    repetition_penalty: Annotated[float, Field(gt=0.0, le=2.0)] | None = None
+    logit_bias: Annotated[dict[Annotated[str, Field(pattern=r"^[0-9]{1,10}$")],
+                               Annotated[float, Field(ge=-100.0, le=100.0)]],
+                          Field(max_length=MAX_LOGIT_BIAS)] | None = None
     user: str | None = None
     ignore_eos: bool = False
 
     def _check_unsupported(self) -> None:
-        for name in ("presence_penalty", "frequency_penalty"):
+        for name in ("presence_penalty", "frequency_penalty", "min_p"):
             if getattr(self, name):
                 raise InvalidRequestError(f"{name} is not supported by this server; omit it or send 0", param=name)
+        if self.repetition_penalty not in (None, 1.0):
+            raise InvalidRequestError("repetition_penalty is not supported by this server; omit it or send 1",
+                                      param="repetition_penalty")
         if self.logit_bias:
             raise InvalidRequestError("logit_bias is not supported by this server", param="logit_bias")
         stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         if any(s == "" for s in stops):
             raise InvalidRequestError("stop strings must not be empty", param="stop")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise InvalidRequestError(f"stop strings must be at most {MAX_STOP_CHARS} characters long", param="stop")
         if self.stream_options is not None and not self.stream:
             raise InvalidRequestError("stream_options is only allowed when stream is true", param="stream_options")
 
     def sampling_params(self, max_tokens: int | None, choice: int) -> SamplingParams:
         """Engine parameters for choice `choice` (n > 1 with a seed gives each choice its own seed)."""
         seed = None if self.seed is None else (self.seed + choice) % 2**63
-        return SamplingParams(
+        return _sampling_params(
             max_tokens=max_tokens,
             temperature=1.0 if self.temperature is None else float(self.temperature),
             top_p=1.0 if self.top_p is None else float(self.top_p),
@@ -87,13 +105,13 @@ class _SamplingFields(_Strict):
 
 class CompletionRequest(_SamplingFields):
     prompt: (str | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)]
-             | Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
-             | Annotated[list[Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]],
+             | Annotated[list[_TokenId], Field(min_length=1)]
+             | Annotated[list[Annotated[list[_TokenId], Field(min_length=1)]],
                          Field(min_length=1, max_length=MAX_PROMPTS)])
-    max_tokens: Annotated[int, Field(ge=1)] | None = 16
+    max_tokens: _Tokens | None = 16
     echo: bool = False
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
-    best_of: Annotated[int, Field(ge=1)] | None = None
+    best_of: Annotated[int, Field(ge=1, le=MAX_N)] | None = None
     suffix: str | None = None
 
     @property
@@ -147,8 +165,8 @@ class ResponseFormat(_Strict):
 
 class ChatCompletionRequest(_SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_tokens: _Tokens | None = None
+    max_completion_tokens: _Tokens | None = None
     logprobs: bool | None = None
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     response_format: ResponseFormat | None = None
@@ -179,48 +197,63 @@ class ChatCompletionRequest(_SamplingFields):
         return [m.as_template_message() for m in self.messages]
 
 
-def parse_json_body(body: bytes) -> Any:
-    """Bytes -> JSON value; malformed JSON (and NaN/Infinity, which JSON does not have) is a 400, and so is a string
-    holding a lone surrogate (an unpaired "\\ud800".."\\udfff" escape), which is not Unicode text."""
+def _sampling_params(**values) -> SamplingParams:
+    """SamplingParams from validated fields; anything it still refuses is the client's 400, never a 500."""
     try:
-        data = json.loads(body, parse_constant=_reject_constant)
+        return SamplingParams(**values)
+    except ValueError as e:
+        raise InvalidRequestError(str(e)) from None
+
+
+def parse_json_body(body: bytes) -> Any:
+    """Bytes -> JSON value; malformed JSON is a 400, and so are NaN and Infinity (which JSON does not have) and a
+    string holding a lone surrogate (an unpaired "\\ud800".."\\udfff" escape, not Unicode text), each naming the
+    parameter it is in."""
+    try:
+        data = json.loads(body, parse_constant=_Constant)
     except (ValueError, RecursionError) as e:
         msg = str(e) if isinstance(e, ValueError) else "JSON nested too deeply"
         raise InvalidRequestError(f"the request body is not valid JSON: {msg}", code="invalid_json") from None
-    found = _lone_surrogate(data, "")
+    found = _first_bad(data, "")
     if found is not None:
-        where, char = found
-        raise InvalidRequestError(f"'{where or 'body'}' holds a lone surrogate U+{ord(char):04X}, which is not "
-                                  f"Unicode text; send valid UTF-8 (escape characters outside the BMP as a pair)",
-                                  param=where or None, code="invalid_unicode")
+        where, msg, code = found
+        raise InvalidRequestError(f"'{where or 'body'}' {msg}", param=where or None, code=code)
     return data
+
+
+class _Constant:
+    """NaN, Infinity or -Infinity in a body: kept by the parser only to be refused naming its parameter."""
+
+    def __init__(self, name: str):
+        self.name = name
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-def _lone_surrogate(value: Any, path: str) -> tuple[str, str] | None:
-    """(the parameter path, the character) of the first string in `value` holding a surrogate, else None (json
-    joins escaped pairs into one character, so any surrogate left is a lone one)."""
+def _first_bad(value: Any, path: str) -> tuple[str, str, str] | None:
+    """(the parameter path, what is wrong, the error code) of the first value in `value` that is no JSON text or
+    number: a NaN/Infinity, or a string holding a surrogate (json joins escaped pairs into one character, so any
+    surrogate left is a lone one); else None."""
     if isinstance(value, str):
         m = _SURROGATE.search(value)
-        return (path, m.group()) if m else None
+        return None if m is None else (path, f"holds a lone surrogate U+{ord(m.group()):04X}, which is not Unicode "
+                                             f"text; send valid UTF-8 (escape characters outside the BMP as a pair)",
+                                       "invalid_unicode")
+    if isinstance(value, _Constant):
+        return path, f"is {value.name}, which is not a JSON number", "invalid_json"
     if isinstance(value, dict):
         for key, item in value.items():
             child = f"{path}.{key}" if path else str(key)
-            found = _lone_surrogate(key, child) or _lone_surrogate(item, child)
+            found = _first_bad(key, child) or _first_bad(item, child)
             if found is not None:
                 return found
     elif isinstance(value, list):
         for i, item in enumerate(value):
-            found = _lone_surrogate(item, f"{path}[{i}]")
+            found = _first_bad(item, f"{path}[{i}]")
             if found is not None:
                 return found
     return None
-
-
-def _reject_constant(name: str):
-    raise ValueError(f"{name} is not a JSON number")
 
 
 def parse_request(model_cls: type[_SamplingFields], body: bytes):
@@ -347,8 +380,9 @@ def models_response(model: str, created: int, adapters: list[dict] = ()) -> dict
     """The base model, then each loaded adapter as 'BASE:NAME' with the base as its parent (vLLM's shape)."""
     data = [{"id": model, "object": "model", "created": created, "owned_by": "moe-platform", "root": model,
              "parent": None}]
+    # An adapter's root is its name, never where the server read it from (a path on the server is not the API's).
     data += [{"id": f"{model}:{a['name']}", "object": "model", "created": created, "owned_by": "moe-platform",
-              "root": a["source"], "parent": model} for a in adapters]
+              "root": a["name"], "parent": model} for a in adapters]
     return {"object": "list", "data": data}
 
 

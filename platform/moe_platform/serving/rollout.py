@@ -318,8 +318,8 @@ class Rollout:
             raise UnknownVersionError(f"unknown version {spec.to!r}: the app serves {sorted(known)}; give its "
                                       f"source (an export directory or registry://NAME@VERSION) to load it")
         if spec.to in known and spec.source is not None and known[spec.to].get("source") not in (None, spec.source):
-            raise RolloutError(f"version {spec.to!r} is already served from {known[spec.to]['source']}, not "
-                               f"{spec.source}; choose another version name")
+            raise RolloutError(f"version {spec.to!r} is already served from another source; choose another version "
+                               f"name")
         ours, theirs = known.get(stable, {}).get("base"), known.get(spec.to, {}).get("base")
         if ours and theirs and ours != theirs:
             raise VersionMismatchError(f"version {spec.to!r} is for another base model than {stable!r}: "

@@ -2,7 +2,9 @@
 
 Every request owns a `torch.Generator` and draws exactly one uniform number per generated token from it, then picks the
 token by inverse CDF over its (temperature-scaled, top-k/top-p filtered) distribution. A seeded request therefore
-yields the same tokens whatever else shares its batch. Temperature 0 is greedy (argmax) and draws nothing.
+yields the same tokens whatever else shares its batch. A temperature below `GREEDY_BELOW` (0 included) is greedy
+(argmax) and draws nothing, as in vLLM: dividing by a tinier one overflows the logits. A top_k above the vocabulary
+keeps every token: it is clamped to the vocabulary before it becomes a tensor, so no value can overflow one.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ import torch
 from moe_platform.checks import requirer
 
 MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 1024  # characters per stop string
 MAX_LOGPROBS = 20
+GREEDY_BELOW = 1e-5  # temperatures below this decode greedily
 
 
 @dataclass
@@ -41,7 +45,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW
 
     def validate(self) -> None:
         need = requirer("sampling parameters")
@@ -58,7 +62,9 @@ class SamplingParams:
                  f"got {self.seed!r}")
         need(len(self.stop) <= MAX_STOP_STRINGS, f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}")
         for s in self.stop:
-            need(isinstance(s, str) and len(s) > 0, f"stop strings must be non-empty strings, got {s!r}")
+            need(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS,
+                 f"stop strings must be non-empty strings of at most {MAX_STOP_CHARS} characters, got "
+                 f"{s[:40] + '...' if isinstance(s, str) and len(s) > 40 else s!r}")
         need(isinstance(self.ignore_eos, bool), f"ignore_eos must be a bool, got {self.ignore_eos!r}")
         if self.logprobs is not None:
             need(_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS,
@@ -79,9 +85,20 @@ def make_generator(seed: int) -> torch.Generator:
     return gen
 
 
+def draw_uniforms(params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+    """One uniform in [0, 1) per sampled row, from that row's own generator (greedy rows: 0, drawing nothing) -> (B,).
+    Drawn apart from `sample_tokens`, so a batch that fails can be sampled again row by row with the same draws."""
+    u = torch.zeros(len(params))
+    rows = [i for i, p in enumerate(params) if not p.greedy]
+    if rows:
+        u[rows] = torch.cat([torch.rand(1, generator=generators[i]) for i in rows])
+    return u
+
+
 def sample_tokens(logits: torch.Tensor, params: Sequence[SamplingParams],
-                  generators: Sequence[torch.Generator | None]) -> torch.Tensor:
-    """logits (B, V) fp32, one SamplingParams and generator per row -> next token ids (B,) int64."""
+                  generators: Sequence[torch.Generator | None], uniforms: torch.Tensor | None = None) -> torch.Tensor:
+    """logits (B, V) fp32, one SamplingParams and generator per row -> next token ids (B,) int64. `uniforms` (B,):
+    the rows' draws from `draw_uniforms` (None: drawn here)."""
     if logits.dim() != 2 or logits.shape[0] != len(params) or len(params) != len(generators):
         raise ValueError(f"sample_tokens expects logits (B, V) with B params and generators, got "
                          f"{tuple(logits.shape)}, {len(params)}, {len(generators)}")
@@ -89,14 +106,16 @@ def sample_tokens(logits: torch.Tensor, params: Sequence[SamplingParams],
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if not rows:
         return out
+    if uniforms is None:
+        uniforms = draw_uniforms(params, generators)
     sub = logits[rows].float()  # (S, V)
     vocab = sub.shape[-1]
     temps = torch.tensor([params[i].temperature for i in rows], dtype=sub.dtype)
-    sub = sub / temps[:, None]
-    # One uniform per sampled row, from that row's own generator: batch composition cannot change a seeded draw.
-    u = torch.cat([torch.rand(1, generator=generators[i]) for i in rows])  # (S,)
-    top_k = torch.tensor([params[i].top_k or vocab for i in rows])
+    # top_k 0 (disabled) and any top_k above the vocabulary keep every token.
+    top_k = torch.tensor([min(params[i].top_k, vocab) or vocab for i in rows])
     top_p = torch.tensor([params[i].top_p for i in rows], dtype=sub.dtype)
+    sub = sub / temps[:, None]
+    u = uniforms[rows]  # (S,)
     if bool((top_k < vocab).any()) or bool((top_p < 1.0).any()):
         sorted_logits, order = torch.sort(sub, dim=-1, descending=True)  # (S, V)
         rank = torch.arange(vocab)[None, :]
@@ -132,7 +151,7 @@ def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], tops: Sequence[i
     if not rows:
         return out
     lp = torch.log_softmax(logits[rows].float(), dim=-1)
-    k = max(tops[i] for i in rows)
+    k = min(max(tops[i] for i in rows), lp.shape[-1])  # a vocabulary smaller than the alternatives asked for
     values, ids = torch.topk(lp, k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())
     chosen = lp.gather(-1, torch.tensor([[tokens[i]] for i in rows])).squeeze(-1).tolist()
     values, ids = values.tolist(), ids.tolist()

@@ -14,6 +14,11 @@ slot order (a decode step then reads cache views, see `ServingKVCache`), and seq
 highest free slots. A sequence that finishes its prompt moves to slot D; one that finishes generating is replaced by
 the sequence in slot D-1. Moves copy only the cached prefix of one slot.
 
+Neither scheduler touches a tensor. The paged one holds a `KVCacheManager` (block pool, prefix hashes,
+allocate/free) and hands block tables to the model runner, which owns the KV tensors; the slot one queues its slot
+moves (`take_kv_ops`), which the runner applies before its next forward. Both satisfy the `Scheduler` protocol, and
+tests/unit/test_scheduler.py runs them with no model.
+
 Prefill is chunked under a per-step token budget, so a 512-token prompt cannot stall running decodes for more than
 one budget's worth of compute per step. Chunks are grouped into length buckets (powers of two) and each bucket runs
 as one right-padded batch.
@@ -26,10 +31,10 @@ import itertools
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from moe_platform.serving.cache import PagedKVCache, ServingKVCache
-from moe_platform.serving.kv_blocks import BlockPool, block_hashes
+from moe_platform.serving.kv_blocks import BlockPool, KVCacheManager
 from moe_platform.serving.sampling import SamplingParams
 
 MIN_BUCKET = 16
@@ -59,7 +64,6 @@ class SequenceState:
     output_ids: list[int] = field(default_factory=list)
     detokenizer: Any = None
     stopper: Any = None
-    emitted_chars: int = 0
     first_token_time: float | None = None
     last_token_time: float | None = None
     finish_reason: str | None = None
@@ -128,15 +132,66 @@ def group_chunks(chunks: list[PrefillChunk]) -> list[PrefillGroup]:
     return [groups[b] for b in sorted(groups)]
 
 
+@dataclass(frozen=True)
+class SlotMove:
+    """Copy the first `length` cached positions of slot `src` into slot `dst` (slot layout)."""
+
+    src: int
+    dst: int
+    length: int
+
+
+@dataclass(frozen=True)
+class SlotSwap:
+    """Exchange the cached positions of slots `a` and `b` (their first `length_a` / `length_b`)."""
+
+    a: int
+    b: int
+    length_a: int
+    length_b: int
+
+
+class Scheduler(Protocol):
+    """What the engine core asks of a scheduler, whatever the KV layout. Not thread-safe (engine thread only)."""
+
+    waiting: deque[SequenceState]
+    max_batch_size: int
+
+    @property
+    def num_running(self) -> int: ...
+
+    def has_work(self) -> bool: ...
+
+    def add(self, seq: SequenceState) -> None: ...
+
+    def schedule_prefill(self) -> list[PrefillGroup]: ...
+
+    def advance(self, seq: SequenceState, n: int) -> None: ...
+
+    def prefill_done(self, seq: SequenceState) -> None: ...
+
+    def decode_batch(self) -> list[SequenceState]: ...
+
+    def finish(self, seq: SequenceState, reason: str) -> None: ...
+
+    def find(self, request_id: str) -> SequenceState | None: ...
+
+    def all_unfinished(self) -> list[SequenceState]: ...
+
+    def kv_stats(self) -> dict: ...
+
+    def take_kv_ops(self) -> list[SlotMove | SlotSwap]: ...
+
+
 class SlotScheduler:
     """Owns the waiting queue, the slot table and the per-step prefill plan. Not thread-safe (engine thread only)."""
 
-    def __init__(self, cache: ServingKVCache, max_batch_size: int, prefill_token_budget: int):
-        if max_batch_size < 1 or max_batch_size > cache.num_slots:
-            raise ValueError(f"max_batch_size must be in [1, {cache.num_slots}] (cache slots), got {max_batch_size}")
+    def __init__(self, num_slots: int, max_batch_size: int, prefill_token_budget: int):
+        if max_batch_size < 1 or max_batch_size > num_slots:
+            raise ValueError(f"max_batch_size must be in [1, {num_slots}] (cache slots), got {max_batch_size}")
         if prefill_token_budget < 1:
             raise ValueError(f"prefill_token_budget must be >= 1, got {prefill_token_budget}")
-        self.cache = cache
+        self._kv_ops: list[SlotMove | SlotSwap] = []  # slot moves for the runner, in order
         self.max_batch_size = max_batch_size
         self.prefill_token_budget = prefill_token_budget
         self.waiting: deque[SequenceState] = deque()
@@ -183,11 +238,10 @@ class SlotScheduler:
             chunks.append(PrefillChunk(seq, seq.num_computed, n))
         return group_chunks(chunks)
 
-    def bind_prefill(self, chunks: list[PrefillChunk], positions, mask_dtype) -> ServingKVCache:
-        return self.cache.bind_rows([c.seq.slot for c in chunks], positions, mask_dtype)
-
-    def bind_decode(self, batch: list[SequenceState], positions, mask_dtype) -> ServingKVCache:
-        return self.cache.bind_rows(list(range(len(batch))), positions, mask_dtype)
+    def take_kv_ops(self) -> list[SlotMove | SlotSwap]:
+        """The slot moves since the last call, in order: the runner applies them before its next forward."""
+        ops, self._kv_ops = self._kv_ops, []
+        return ops
 
     def advance(self, seq: SequenceState, n: int) -> None:
         """`n` more of `seq`'s tokens are in the cache."""
@@ -206,13 +260,13 @@ class SlotScheduler:
         target = self.num_decoding
         other = self.slot_owner[target]
         if other is None:
-            self.cache.move_slot(seq.slot, target, seq.num_computed)
+            self._kv_ops.append(SlotMove(seq.slot, target, seq.num_computed))
             self._free.add(seq.slot)
             self._free.discard(target)
             self.slot_owner[seq.slot] = None
         elif other is not seq:
             assert other.status is SeqStatus.PREFILL
-            self.cache.swap_slots(seq.slot, target, seq.num_computed, other.num_computed)
+            self._kv_ops.append(SlotSwap(seq.slot, target, seq.num_computed, other.num_computed))
             self.slot_owner[seq.slot] = other
             other.slot = seq.slot
         self.slot_owner[target] = seq
@@ -238,7 +292,7 @@ class SlotScheduler:
             if slot != last:
                 mover = self.slot_owner[last]
                 assert mover is not None and mover.status is SeqStatus.DECODE
-                self.cache.move_slot(last, slot, mover.num_computed)
+                self._kv_ops.append(SlotMove(last, slot, mover.num_computed))
                 self.slot_owner[slot] = mover
                 mover.slot = slot
                 slot = last
@@ -264,13 +318,12 @@ class PagedScheduler:
     """Owns the waiting queue, the running sequences (admission order: the newest is preempted first), their block
     tables and the per-step prefill plan. Not thread-safe (engine thread only)."""
 
-    def __init__(self, cache: PagedKVCache, pool: BlockPool, max_batch_size: int, prefill_token_budget: int):
+    def __init__(self, kv: KVCacheManager, max_batch_size: int, prefill_token_budget: int):
         if max_batch_size < 1 or prefill_token_budget < 1:
             raise ValueError(f"max_batch_size and prefill_token_budget must be >= 1, got {max_batch_size}, "
                              f"{prefill_token_budget}")
-        self.cache = cache
-        self.pool = pool
-        self.block_size = pool.block_size
+        self.kv = kv
+        self.block_size = kv.block_size
         self.max_batch_size = max_batch_size
         self.prefill_token_budget = prefill_token_budget
         self.waiting: deque[SequenceState] = deque()
@@ -296,14 +349,14 @@ class PagedScheduler:
     def kv_stats(self) -> dict:
         """KV use in blocks (kv_cache_used of kv_cache_capacity), preemptions and the prefix cache's queries and hits
         (tokens) so far."""
-        pool = self.pool
-        return {"kv_cache_usage": pool.usage(), "kv_cache_used": pool.num_used, "kv_cache_capacity": pool.num_usable,
-                "num_preemptions": self.num_preemptions, "prefix_cache_queries": pool.queries,
-                "prefix_cache_hits": pool.hits}
+        return {**self.kv.stats(), "num_preemptions": self.num_preemptions}
+
+    def take_kv_ops(self) -> list[SlotMove | SlotSwap]:
+        return []  # blocks never move: the runner reads the block tables
 
     def _blocks_for(self, seq: SequenceState, tokens: int) -> int:
         """New blocks `seq` needs to hold `tokens` positions."""
-        return max(0, -(-tokens // self.block_size) - len(seq.block_table))
+        return self.kv.blocks_needed(seq.block_table, tokens)
 
     def _decode_reserve(self) -> int:
         """Blocks the decoding sequences need for their next token (admission leaves them free)."""
@@ -330,18 +383,14 @@ class PagedScheduler:
         while self.waiting and budget and len(self.running) < self.max_batch_size:
             seq = self.waiting[0]
             tokens = seq.all_ids
-            # A prompt cached in full still computes its last token (its logits give the first output token).
-            max_hit = (len(tokens) - 1) // self.block_size
-            hit = self.pool.lookup(block_hashes(tokens, self.block_size, seq.adapter, seq.block_hashes), max_hit) \
-                if max_hit else []
+            hit, max_hit = self.kv.cached_prefix(tokens, seq.adapter, seq.block_hashes)
             start = len(hit) * self.block_size
             n = min(len(tokens) - start, budget)
             need = -(-(start + n) // self.block_size) - len(hit)
-            if self.pool.num_free - self.pool.reclaimable(hit) - need < reserve:
+            if self.kv.admission_room(hit, need) < reserve:
                 break  # wait for blocks; the queue keeps its order
             self.waiting.popleft()
-            self.pool.acquire(hit, max_hit * self.block_size)
-            seq.block_table = hit + (self.pool.allocate(need) or [])
+            seq.block_table = self.kv.admit(hit, max_hit, need)
             seq.num_computed, seq.num_registered = start, len(hit)
             seq.status = SeqStatus.PREFILL
             self.running.append(seq)
@@ -351,27 +400,14 @@ class PagedScheduler:
 
     def _grow(self, seq: SequenceState, n: int) -> int:
         """Allocate blocks for up to `n` more tokens of `seq`; return how many tokens its blocks now hold room for."""
-        need = self._blocks_for(seq, seq.num_computed + n)
-        if need:
-            seq.block_table += self.pool.allocate(min(need, self.pool.num_free)) or []
+        self.kv.grow(seq.block_table, self._blocks_for(seq, seq.num_computed + n))
         return min(n, len(seq.block_table) * self.block_size - seq.num_computed)
-
-    def bind_prefill(self, chunks: list[PrefillChunk], positions, mask_dtype) -> PagedKVCache:
-        return self.cache.bind([c.seq.block_table for c in chunks], positions, mask_dtype)
-
-    def bind_decode(self, batch: list[SequenceState], positions, mask_dtype) -> PagedKVCache:
-        return self.cache.bind([s.block_table for s in batch], positions, mask_dtype)
 
     def advance(self, seq: SequenceState, n: int) -> None:
         """`n` more of `seq`'s tokens are in the cache: register its newly full blocks in the prefix cache."""
         seq.num_computed += n
-        full = seq.num_computed // self.block_size
-        if full > seq.num_registered and self.pool.enable_prefix_caching:
-            hashes = block_hashes(seq.all_ids[: full * self.block_size], self.block_size, seq.adapter,
-                                  seq.block_hashes)
-            for j in range(seq.num_registered, full):
-                self.pool.register(seq.block_table[j], hashes[j])
-            seq.num_registered = full
+        seq.num_registered = self.kv.register_full(seq.all_ids, seq.adapter, seq.block_table, seq.block_hashes,
+                                                   seq.num_registered, seq.num_computed // self.block_size)
 
     def prefill_done(self, seq: SequenceState) -> None:
         """`seq` has all its tokens cached and its next token sampled: it decodes from the next step on."""
@@ -383,10 +419,7 @@ class PagedScheduler:
         sequence is preempted (possibly the one asking) until one is."""
         for seq in [s for s in self.running if s.status is SeqStatus.DECODE]:
             while seq.status is SeqStatus.DECODE and self._blocks_for(seq, seq.num_computed + 1):
-                blocks = self.pool.allocate(1)
-                if blocks is not None:
-                    seq.block_table += blocks
-                else:
+                if not self.kv.allocate_one(seq.block_table):
                     self.preempt(self.running[-1])
         return [s for s in self.running if s.status is SeqStatus.DECODE]
 
@@ -400,7 +433,7 @@ class PagedScheduler:
         self.waiting.appendleft(seq)
 
     def _release(self, seq: SequenceState) -> None:
-        self.pool.free(seq.block_table[::-1])
+        self.kv.free(seq.block_table)
         seq.block_table = []
         seq.num_registered = 0
 
@@ -426,8 +459,9 @@ class PagedScheduler:
         return list(self.waiting) + list(self.running)
 
 
-def build_scheduler(args, config, max_seq_len: int, dtype, device) -> SlotScheduler | PagedScheduler:
-    """The KV cache and its scheduler for an `EngineConfig` (serving/engine.py) on `device`.
+def build_scheduler(args, config, max_seq_len: int, dtype, device) -> tuple[ServingKVCache | PagedKVCache, Scheduler]:
+    """The KV cache (its tensors, for the model runner) and its scheduler for an `EngineConfig` (serving/engine.py)
+    on `device`.
 
     Paged: `kv_cache_memory_bytes` of blocks; 0 sizes it at `kv_cache_memory_fraction` of the free device memory on
     CUDA, and on the CPU at what `max_batch_size` sequences of `max_seq_len` tokens take. Slots: `max_batch_size`
@@ -443,7 +477,7 @@ def build_scheduler(args, config, max_seq_len: int, dtype, device) -> SlotSchedu
             raise ValueError(f"engine option kv_cache_memory_bytes={budget} holds no slot of {cache_len} positions "
                              f"({per_token * cache_len} bytes); raise it or lower max_seq_len")
         cache = ServingKVCache(args, slots, cache_len, dtype=dtype, device=device)
-        return SlotScheduler(cache, slots, config.prefill_token_budget)
+        return cache, SlotScheduler(slots, slots, config.prefill_token_budget)
     if not budget:
         if device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(device)
@@ -459,4 +493,4 @@ def build_scheduler(args, config, max_seq_len: int, dtype, device) -> SlotSchedu
                          f"{one_sequence}; raise kv_cache_memory_bytes or lower max_seq_len")
     cache = PagedKVCache(args, num_blocks + 1, bs, dtype=dtype, device=device, kv_dtype=config.kv_cache_dtype)
     pool = BlockPool(num_blocks + 1, bs, config.enable_prefix_caching)
-    return PagedScheduler(cache, pool, config.max_batch_size, config.prefill_token_budget)
+    return cache, PagedScheduler(KVCacheManager(pool), config.max_batch_size, config.prefill_token_budget)

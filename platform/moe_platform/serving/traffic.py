@@ -4,7 +4,8 @@ A `TrafficSplit` maps version names to integer percentages that sum to 100. A re
 - pins a version: `model: NAME@VERSION` (an unknown version is an error naming the ones there are);
 - carries a session id (the `X-Session-Id` header): its first request lands where the id hashes to on the split, so
   every router replica sends a new session to the same version, and `StickySessions` keeps it there while the
-  weights move (a conversation does not switch models midway) until its version leaves the split (weight 0);
+  weights move (a conversation does not switch models midway) until its version leaves the split (weight 0). Ids are
+  at most `MAX_SESSION_ID_CHARS` long (the HTTP layer refuses longer ones) and the table keeps only their hashes;
 - or neither: a version drawn at random by weight.
 """
 
@@ -19,6 +20,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 PERCENT = 100
+MAX_SESSION_ID_CHARS = 256
 
 
 class UnknownVersionError(ValueError):
@@ -80,24 +82,26 @@ def split_model(model: str, base_name: str) -> str | None:
 
 class StickySessions:
     """Session id -> the version its first request went to, for `ttl_s` after its last request (at most `capacity`
-    sessions, least recently used first out). Thread-safe."""
+    sessions, least recently used first out). Keyed by a 16-byte hash of the id, so the table holds no client text
+    and a key costs the same whatever the id's length. Thread-safe."""
 
     def __init__(self, capacity: int = 100_000, ttl_s: float = 3600.0, clock=time.monotonic):
         self.capacity, self.ttl_s, self.clock = capacity, ttl_s, clock
-        self._seen: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        self._seen: OrderedDict[bytes, tuple[str, float]] = OrderedDict()
         self._lock = threading.Lock()
 
     def route(self, split: TrafficSplit, session_id: str | None, rng: random.Random | None = None) -> str:
         if not session_id:
             return split.choose(rng=rng)
+        key = hashlib.blake2b(session_id.encode(), digest_size=16, person=b"moe-session").digest()
         now = self.clock()
         with self._lock:
-            held = self._seen.pop(session_id, None)
+            held = self._seen.pop(key, None)
             if held is not None and now - held[1] <= self.ttl_s and split.serves(held[0]):
                 version = held[0]
             else:
                 version = split.choose(session_id)
-            self._seen[session_id] = (version, now)
+            self._seen[key] = (version, now)
             while len(self._seen) > self.capacity:
                 self._seen.popitem(last=False)
         return version
@@ -106,4 +110,5 @@ class StickySessions:
         return len(self._seen)
 
 
-__all__ = ["PERCENT", "StickySessions", "TrafficSplit", "UnknownVersionError", "session_point", "split_model"]
+__all__ = ["MAX_SESSION_ID_CHARS", "PERCENT", "StickySessions", "TrafficSplit", "UnknownVersionError", "session_point",
+           "split_model"]
