@@ -1,11 +1,16 @@
 """The inference engine's front: requests in, a continuous-batching loop, outputs out (sync, callback or asyncio).
 
-The engine is built in layers, as vLLM's: `model_loader` (weights, tokenizer and chat template onto the device),
-`model_runner` (one forward of a prefill group or a decode batch on the device; logits back on the CPU),
-`scheduler` + `kv_blocks` + `cache` (the step plan: admission, chunked prefill, KV blocks, prefix caching,
-preemption) and this module (validation, the thread-safe inbox, sampling, stops, adapters, statistics). No Ray or
-Serve here (the Serve deployment in `app.py` is a thin shell around this class), so all of it is unit-tested on its
-own. One engine step:
+The engine is built in layers, as vLLM's V1 engine:
+- `input_processor`: prompt text or ids, chat rendering, max_tokens -> a validated sequence;
+- `lora_manager`: which LoRA adapter holds which slot, and its running requests;
+- `engine_core`: the thread-safe inbox and `step()` = schedule -> execute -> update;
+- `scheduler` (+ `kv_blocks`: the KV cache manager): admission, chunked prefill, KV blocks, prefix caching and
+  preemption, with no tensor;
+- `model_runner` (+ `cache`: the KV tensors): one forward of a prefill group or a decode batch on the device;
+- `output_processor`: detokenizing, stops, log-probabilities, `RequestOutput`, latency samples;
+- this module: `EngineConfig`, the wiring, the background loop and the async front (`submit`, `stream`).
+No Ray or Serve here (the Serve deployment in `app.py` is a thin shell around this class), so all of it is
+unit-tested on its own. One engine step:
 
 1. take new requests and aborts from the thread-safe inbox;
 2. admit waiting requests while KV blocks are free (each first takes its cached prefix) and run this step's prefill
@@ -30,16 +35,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
-import itertools
 import json
-import logging
 import queue
-import random
 import re
 import threading
 import time
-import uuid
-from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,32 +49,24 @@ import torch
 from moe_platform.checks import requirer
 from moe_platform.model.args import ModelArgs
 from moe_platform.model.transformer import MoETransformer
-from moe_platform.serving.adapters import AdapterBank, AdapterLoadError, LoadedAdapter, read_adapter_source
+from moe_platform.serving.adapters import LoadedAdapter
 from moe_platform.serving.cache import KV_CACHE_DTYPES
 from moe_platform.serving.chat import ChatTemplate
-from moe_platform.serving.detokenizer import IncrementalDetokenizer, StopStringMatcher, max_prompt_chars
-from moe_platform.serving.errors import (
-    ContextLengthError,
-    EngineOverloadedError,
-    EngineUnavailableError,
-    InvalidRequestError,
-    NotFoundError,
-)
+from moe_platform.serving.engine_core import EngineCore
+from moe_platform.serving.errors import EngineUnavailableError
+from moe_platform.serving.input_processor import InputProcessor
+from moe_platform.serving.lora_manager import LoRAManager
 from moe_platform.serving.model_loader import load_export, load_parts
 from moe_platform.serving.model_runner import ModelRunner
 from moe_platform.serving.outputs import RequestOutput, RequestStream
 from moe_platform.serving.quant import QUANTIZATIONS
-from moe_platform.serving.sampling import SamplingParams, draw_uniforms, make_generator, sample_tokens, token_logprobs
-from moe_platform.serving.scheduler import PrefillGroup, SeqStatus, build_scheduler
+from moe_platform.serving.sampling import SamplingParams
 from moe_platform.serving.scheduler import SequenceState as Seq
+from moe_platform.serving.scheduler import build_scheduler
 
 __all__ = ["Engine", "EngineConfig", "RequestOutput", "RequestStream", "SamplingParams"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_THROUGHPUT_WINDOW_S = 10.0
-_ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_MAX_LATENCY_SAMPLES = 65536
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -173,6 +165,10 @@ class EngineConfig:
 
 
 class Engine:
+    """The engine's front (vLLM's LLMEngine/AsyncLLM): it wires an `InputProcessor`, a `LoRAManager` and an
+    `EngineCore` (scheduler, model runner, output processor) together, runs the core's background loop, and gives
+    the sync, callback and asyncio ways in."""
+
     def __init__(self, model: MoETransformer, tokenizer, eos_token_id: int | Sequence[int],
                  config: EngineConfig | None = None, chat_template: ChatTemplate | None = None,
                  model_dir: str | None = None):
@@ -194,42 +190,22 @@ class Engine:
         self.keepalive: object = None  # whatever owns the memory the weights live in (see from_state_dict)
         self._fingerprint: dict | None = None
         self.max_seq_len = min(self.config.max_seq_len or self.args.max_seq_len, self.args.max_seq_len)
-        # Text longer than this cannot fit the context: refused before it is tokenized (detokenizer.py).
-        self.max_prompt_chars = max_prompt_chars(tokenizer, self.max_seq_len)
-        # LoRA adapters (serving/adapters.py): slots on the model, written between steps (under _step_lock).
-        self.adapters = AdapterBank(model, self.config.max_loras, self.config.max_lora_rank) \
-            if self.config.max_loras else None
+        self.inputs = InputProcessor(tokenizer, self.chat_template, self.args.vocab_size, self.max_seq_len,
+                                     self.eos_token_id, self.config.seed)
+        self.max_prompt_chars = self.inputs.max_prompt_chars
+        step_lock = threading.Lock()
+        self.lora = LoRAManager(model, self.config.max_loras, self.config.max_lora_rank, step_lock)
+        self.adapters = self.lora.bank  # LoRA slots on the model (serving/adapters.py), None without max_loras
         self.runner = ModelRunner(model, self.eos_token_id, self.adapters)
         self.device = self.runner.device
         self.runner.cache, self.scheduler = build_scheduler(self.args, self.config, self.max_seq_len,
                                                             self.runner.dtype, self.device)
         self.cache = self.runner.cache
-        self._rng = random.Random(self.config.seed)
-        self._loaded: dict[str, LoadedAdapter] = {}
-        self._step_lock = threading.Lock()
-        # Thread-safe inbox: ("add", Seq) / ("abort", request_id); drained by the thread that runs step().
-        self._lock = threading.Lock()
-        self._cv = threading.Condition(self._lock)
-        self._inbox: deque[tuple[str, object]] = deque()
-        self._inbox_adds = 0
-        self._active_ids: set[str] = set()
-        self._id_prefix = f"{uuid.uuid4().hex[:12]}-"  # request ids: prefix + counter (no os.urandom per request)
-        self._id_counter = itertools.count()
+        self.core = EngineCore(self.runner, self.scheduler, self.stop_token_ids, self.max_seq_len,
+                               self.config.max_waiting, on_finished=self._release_adapter, step_lock=step_lock)
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._drain = False
-        self._closed = False
-        self._failure: BaseException | None = None
-        # Plain statistics (the Serve deployment turns them into Ray metrics).
-        self._ttft: deque[float] = deque(maxlen=_MAX_LATENCY_SAMPLES)
-        self._itl: deque[float] = deque(maxlen=_MAX_LATENCY_SAMPLES)
-        self._recent: deque[tuple[float, int]] = deque()  # (step end time, tokens generated in the step)
-        self._recent_total = 0
-        self._tokens_per_s = 0.0
-        self._last_step_time = 0.0
-        self._counters = {"requests_finished": 0, "prompt_tokens": 0, "generated_tokens": 0, "steps": 0}
-        self._last_decode_batch = 0
-        self._deliveries: list[tuple[object, RequestOutput]] = []  # (sink, output) of the current step
 
     # -- loading -------------------------------------------------------------------------------------------------
     @classmethod
@@ -254,47 +230,19 @@ class Engine:
 
     # -- requests ------------------------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+        return self.inputs.encode(text)
 
     def token_texts(self, ids: Sequence[int]) -> list[str]:
-        """Each token's own text (a token holding part of a character shows as U+FFFD, as in vLLM)."""
-        return [self.tokenizer.decode([i], skip_special_tokens=False) for i in ids]
+        return self.inputs.token_texts(ids)
 
     def render_chat(self, messages: Sequence[Mapping[str, str]]) -> str:
-        return self.chat_template.render(messages, add_generation_prompt=True)
+        return self.inputs.render_chat(messages)
 
     def prepare_prompt(self, prompt: str | Sequence[int], param: str = "prompt") -> list[int]:
-        """Prompt text or token ids -> validated token ids (an empty prompt starts from the end-of-text token)."""
-        if isinstance(prompt, str):
-            if len(prompt) > self.max_prompt_chars:
-                raise ContextLengthError(f"the prompt is {len(prompt)} characters, more than this model's context "
-                                         f"window of {self.max_seq_len} tokens can hold (at most "
-                                         f"{self.max_prompt_chars} characters); shorten the prompt", param=param)
-            ids = self.encode(prompt)
-        else:
-            ids = list(prompt)
-            vocab = self.args.vocab_size
-            bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
-            if bad:
-                raise InvalidRequestError(f"token ids must be integers in [0, {vocab}), got {bad[:5]}", param=param)
-        if not ids:
-            ids = [self.eos_token_id]
-        if len(ids) >= self.max_seq_len:
-            raise ContextLengthError(f"the prompt is {len(ids)} tokens but this model's context window is "
-                                     f"{self.max_seq_len} tokens, which must also hold at least one generated "
-                                     f"token; shorten the prompt", param=param)
-        return ids
+        return self.inputs.prepare_prompt(prompt, param)
 
     def resolve_max_tokens(self, prompt_len: int, params: SamplingParams, param: str = "max_tokens") -> int:
-        room = self.max_seq_len - prompt_len
-        if params.max_tokens is None:
-            return room
-        if params.max_tokens > room:
-            raise ContextLengthError(f"this model's context window is {self.max_seq_len} tokens, but the prompt "
-                                     f"({prompt_len} tokens) plus max_tokens ({params.max_tokens}) needs "
-                                     f"{prompt_len + params.max_tokens}; lower {param} to at most {room}",
-                                     param=param)
-        return params.max_tokens
+        return self.inputs.resolve_max_tokens(prompt_len, params, param)
 
     def add_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
                     request_id: str | None = None,
@@ -303,279 +251,53 @@ class Engine:
         """Queue a request (thread-safe), with the LoRA adapter named `adapter` or the base model (None). Its outputs
         are returned by step() and handed to `sink` at the end of each step: a callable is called on the engine
         thread, a RequestStream gets them on its event loop."""
-        params = params or SamplingParams()
-        if not isinstance(params, SamplingParams):
-            raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
+        seq = self.inputs.make_sequence(prompt, params, request_id or self.core.new_request_id(), sink)
+        if adapter is not None:
+            seq.adapter_slot = self.lora.acquire(adapter)
+            seq.adapter = adapter
         try:
-            params.validate()  # again: a caller may have changed them since they were made
-        except ValueError as e:
-            raise InvalidRequestError(str(e)) from None
-        ids = self.prepare_prompt(prompt)
-        max_tokens = self.resolve_max_tokens(len(ids), params)
-        seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
-        request_id = request_id or f"{self._id_prefix}{next(self._id_counter):x}"
-        seq = Seq(request_id, ids, params, max_tokens, time.monotonic(), sink=sink,
-                  generator=None if params.greedy else make_generator(seed))
-        seq.detokenizer = IncrementalDetokenizer(self.tokenizer)
-        seq.stopper = StopStringMatcher(params.stop)
-        with self._cv:
-            if self._closed or self._failure is not None:
-                raise EngineUnavailableError("the engine is shut down; retry on another replica")
-            if request_id in self._active_ids:
-                raise InvalidRequestError(f"request id {request_id!r} is already running", param="request_id")
-            if self._inbox_adds + len(self.scheduler.waiting) >= self.config.max_waiting:
-                raise EngineOverloadedError(f"the server is overloaded ({self.config.max_waiting} requests are "
-                                            f"already waiting); retry later")
-            if adapter is not None:
-                loaded = self._loaded.get(adapter)
-                if loaded is None or loaded.unloading:
-                    raise NotFoundError(f"no adapter named {adapter!r} is loaded; loaded: "
-                                        f"{sorted(n for n, a in self._loaded.items() if not a.unloading)}",
-                                        param="model", code="model_not_found")
-                loaded.running += 1
-                seq.adapter, seq.adapter_slot = adapter, loaded.slot
-            self._active_ids.add(request_id)
-            self._inbox.append(("add", seq))
-            self._inbox_adds += 1
-            self._cv.notify()
-        return request_id
+            self.core.add(seq)
+        except BaseException:
+            self._release_adapter(seq)
+            raise
+        return seq.request_id
+
+    def _release_adapter(self, seq: Seq) -> None:
+        if seq.adapter is not None:
+            name, seq.adapter = seq.adapter, None
+            self.lora.release(name)
 
     def abort(self, request_id: str) -> None:
         """Cancel a request (thread-safe); it finishes with reason "abort" at the next step."""
-        with self._cv:
-            if request_id in self._active_ids:
-                self._inbox.append(("abort", request_id))
-                self._cv.notify()
+        self.core.abort(request_id)
 
     def has_unfinished(self) -> bool:
-        return bool(self._active_ids)
+        return self.core.has_unfinished()
 
     # -- LoRA adapters -------------------------------------------------------------------------------------------
     def load_adapter(self, name: str, source: str, base_dir: Path | None = None) -> LoadedAdapter:
         """Load the LoRA adapter at `source` (a directory, or registry://NAME[@VERSION]) as `name` into a free slot
         (thread-safe; running requests go on). Loading the same source under the same name again is a no-op."""
-        if self.adapters is None:
-            raise AdapterLoadError("this engine holds no adapters: set the engine option max_loras >= 1",
-                                   param="lora_name")
-        if not isinstance(name, str) or not _ADAPTER_NAME.match(name):
-            raise AdapterLoadError(f"invalid adapter name {name!r}: use letters, digits, '.', '_' and '-'",
-                                   param="lora_name")
-        adapter, where = read_adapter_source(source, base_dir, name)
-        with self._lock:
-            known = self._loaded.get(name)
-        if known is not None and known.source == where and not known.unloading:
-            return known
-        modules = self.adapters.check(adapter, name, where)
-        with self._lock:
-            known = self._loaded.get(name)
-            if known is not None:
-                if known.source == where and not known.unloading:
-                    return known
-                raise AdapterLoadError(f"an adapter named {name!r} is already loaded from another source; unload "
-                                       f"it first", param="lora_name", code="adapter_exists")
-            slot = self.adapters.free_slot()
-            if slot is None:
-                raise AdapterLoadError(f"all {self.config.max_loras} adapter slots are in use "
-                                       f"({', '.join(sorted(self._loaded))}); unload one first or raise max_loras",
-                                       param="lora_name", code="adapter_slots_full")
-            self.adapters.slots[slot] = name  # reserved; requests see the adapter only once it is written
-        try:
-            with self._step_lock:
-                self.adapters.write(slot, adapter)
-        except BaseException:
-            with self._lock:
-                self.adapters.slots[slot] = None
-            raise
-        loaded = LoadedAdapter(name, where, slot, adapter.rank, targets=modules)
-        with self._lock:
-            self._loaded[name] = loaded
-        return loaded
+        return self.lora.load(name, source, base_dir)
 
     def unload_adapter(self, name: str) -> None:
         """Stop accepting requests for adapter `name`; its slot frees once its running requests finish."""
-        with self._lock:
-            loaded = self._loaded.get(name)
-            if loaded is None or loaded.unloading:
-                raise NotFoundError(f"no adapter named {name!r} is loaded; loaded: {sorted(self._loaded)}",
-                                    param="lora_name", code="model_not_found")
-            loaded.unloading = True
-            if loaded.running == 0:
-                self._release(loaded)
-
-    def _release(self, loaded: LoadedAdapter) -> None:  # holds self._lock
-        del self._loaded[loaded.name]
-        self.adapters.slots[loaded.slot] = None  # the next load overwrites every module's pair in it
+        self.lora.unload(name)
 
     def loaded_adapters(self) -> list[dict]:
         """The adapters requests can use now: name, source, rank and requests in flight."""
-        with self._lock:
-            return [{"name": a.name, "source": a.source, "rank": a.rank, "running": a.running}
-                    for a in sorted(self._loaded.values(), key=lambda a: a.name) if not a.unloading]
+        return self.lora.loaded()
 
-    # -- one iteration -------------------------------------------------------------------------------------------
-    @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
         """Run one scheduling iteration (prefill chunks + one decode step); return the outputs it produced."""
-        with self._step_lock:
-            return self._step()
-
-    def _step(self) -> list[RequestOutput]:
-        outputs: list[RequestOutput] = []
-        self._drain_inbox(outputs)
-        for group in self.scheduler.schedule_prefill():
-            self._run_prefill(group, outputs)
-        batch = self.scheduler.decode_batch()
-        self._last_decode_batch = len(batch)
-        if batch:
-            self._run_decode(batch, outputs)
-        self._counters["steps"] += 1
-        self._update_throughput(sum(len(o.token_ids) for o in outputs))
-        self._deliver()
-        return outputs
-
-    def _deliver(self) -> None:
-        """Hand this step's outputs to their sinks: one wake-up per event loop per step, not one per token."""
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, RequestOutput]]] = {}
-        for sink, out in self._deliveries:
-            if isinstance(sink, RequestStream):
-                by_loop.setdefault(sink._loop, []).append((sink, out))
-            else:
-                try:
-                    sink(out)
-                except Exception:  # noqa: BLE001 - a caller's callback fails its own request's delivery only
-                    logger.exception("the output sink of request %s failed", out.request_id)
-        self._deliveries.clear()
-        for loop, items in by_loop.items():
-            loop.call_soon_threadsafe(RequestStream.deliver, items)
-
-    def _update_throughput(self, produced: int) -> None:
-        now = time.monotonic()
-        self._recent.append((now, produced))
-        self._recent_total += produced
-        while now - self._recent[0][0] > _THROUGHPUT_WINDOW_S:
-            self._recent_total -= self._recent.popleft()[1]
-        span = now - self._recent[0][0]
-        self._tokens_per_s = self._recent_total / span if span > 0.5 else 0.0
-        self._last_step_time = now
-
-    def _drain_inbox(self, outputs: list[RequestOutput]) -> None:
-        with self._lock:
-            items = list(self._inbox)
-            self._inbox.clear()
-            self._inbox_adds = 0
-        for kind, item in items:
-            if kind == "add":
-                self.scheduler.add(item)  # type: ignore[arg-type]
-            else:
-                seq = self.scheduler.find(item)  # type: ignore[arg-type]
-                if seq is not None:
-                    self.scheduler.finish(seq, "abort")
-                    self._emit(seq, outputs)
-
-    def _run_prefill(self, group: PrefillGroup, outputs: list[RequestOutput]) -> None:
-        chunks = group.chunks
-        logits = self.runner.prefill(group, self.scheduler)  # (rows, vocab) on the CPU, sampled here
-        for c in chunks:
-            self.scheduler.advance(c.seq, c.length)
-        done = [i for i, c in enumerate(chunks) if c.completes_prompt]
-        if not done:
-            return
-        now = time.monotonic()
-        for seq, token, lp in self._sample(logits[done], [chunks[i].seq for i in done], outputs):
-            if not seq.output_ids:  # not a preempted sequence's recomputation
-                self._counters["prompt_tokens"] += seq.prompt_len
-            if self._append_token(seq, token, now, outputs, lp) is False:
-                self.scheduler.prefill_done(seq)
-
-    def _run_decode(self, batch: list[Seq], outputs: list[RequestOutput]) -> None:
-        logits = self.runner.decode(batch, self.scheduler)  # (D, vocab) on the CPU
-        for seq in batch:
-            self.scheduler.advance(seq, 1)
-        now = time.monotonic()
-        for seq, token, lp in self._sample(logits, batch, outputs):
-            self._append_token(seq, token, now, outputs, lp)
-
-    def _sample(self, logits: torch.Tensor, seqs: list[Seq], outputs: list[RequestOutput]) -> list[tuple]:
-        """(seq, next token, its log-probabilities) of every row of logits (rows, V); when the batch fails, row by
-        row with the same draws, and a row that fails alone fails its request alone."""
-        params, gens = [s.params for s in seqs], [s.generator for s in seqs]
-        u = draw_uniforms(params, gens)  # (rows,) each row's one draw of this step, whatever happens below
-        try:
-            ids = sample_tokens(logits, params, gens, u).tolist()
-            return list(zip(seqs, ids, token_logprobs(logits, ids, [p.logprobs for p in params]), strict=True))
-        except Exception:  # noqa: BLE001 - the rows at fault are found below
-            pass
-        kept = []
-        for i, seq in enumerate(seqs):
-            try:
-                ids = sample_tokens(logits[i:i + 1], params[i:i + 1], gens[i:i + 1], u[i:i + 1]).tolist()
-                kept.append((seq, ids[0], token_logprobs(logits[i:i + 1], ids, [params[i].logprobs])[0]))
-            except Exception as e:  # noqa: BLE001 - this request's own failure
-                self._fail_request(seq, outputs, e)
-        return kept
-
-    def _fail_request(self, seq: Seq, outputs: list[RequestOutput], error: Exception) -> None:
-        """Finish `seq` with an error (its client gets 500) and log why; the step goes on for the others."""
-        logger.error("request %s failed in the engine step and is finished with an error (the others go on)",
-                     seq.request_id, exc_info=error)
-        self.scheduler.finish(seq, "error")
-        self._emit(seq, outputs, error=f"the server failed while generating this request "
-                                       f"({type(error).__name__}); retry it", request_failed=True)
-
-    def _append_token(self, seq: Seq, token: int, now: float, outputs: list[RequestOutput],
-                      logprob: tuple[float, list[tuple[int, float]]] | None = None) -> bool | None:
-        """Record one generated token; return True if it finished the sequence, None if it failed it (alone)."""
-        try:
-            seq.output_ids.append(token)
-            if seq.first_token_time is None:
-                seq.first_token_time = now
-                self._ttft.append(now - seq.arrival_time)
-            else:
-                self._itl.append(now - seq.last_token_time)
-            seq.last_token_time = now
-            self._counters["generated_tokens"] += 1
-            reason = None
-            if token in self.stop_token_ids and not seq.params.ignore_eos:
-                reason = "stop"
-            elif seq.stopper.append(seq.detokenizer.add(token)):
-                reason = "stop"
-            if reason is None and (len(seq.output_ids) >= seq.max_tokens or seq.num_tokens >= self.max_seq_len):
-                reason = "length"
-            if reason is not None and not seq.stopper.stopped and seq.stopper.append(seq.detokenizer.flush()):
-                reason = "stop"
-            if reason is not None:
-                self.scheduler.finish(seq, reason)
-                self._counters["requests_finished"] += 1
-            self._emit(seq, outputs, [token], logprobs=None if logprob is None else [logprob])
-        except Exception as e:  # noqa: BLE001 - detokenizing and stop strings are this request's own
-            self._fail_request(seq, outputs, e)
-            return None
-        return reason is not None
-
-    def _emit(self, seq: Seq, outputs: list[RequestOutput], new_ids: list[int] | None = None,
-              error: str | None = None, logprobs: list | None = None, request_failed: bool = False) -> None:
-        finished = seq.status is SeqStatus.FINISHED
-        text = seq.stopper.take(finished) if error is None else ""
-        out = RequestOutput(seq.request_id, text, new_ids or [], finished, seq.finish_reason, seq.prompt_len,
-                            len(seq.output_ids), error, request_failed, logprobs)
-        if finished:
-            with self._lock:
-                self._active_ids.discard(seq.request_id)
-                loaded = self._loaded.get(seq.adapter) if seq.adapter is not None else None
-                if loaded is not None:
-                    seq.adapter = None
-                    loaded.running -= 1
-                    if loaded.unloading and loaded.running == 0:
-                        self._release(loaded)
-        outputs.append(out)
-        if seq.sink is not None:
-            self._deliveries.append((seq.sink, out))
+        return self.core.step()
 
     # -- background loop -----------------------------------------------------------------------------------------
     def start(self) -> Engine:
         """Start the background loop thread (idempotent)."""
-        with self._lock:
-            if self._closed or self._failure is not None:
+        core = self.core
+        with core.lock:
+            if core.closed or core.failure is not None:
                 raise EngineUnavailableError("the engine is shut down")
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="moe-engine", daemon=True)
@@ -587,63 +309,51 @@ class Engine:
         return self._thread is not None and self._thread.is_alive()
 
     def _loop(self) -> None:
+        core = self.core
         try:
             while True:
-                with self._cv:
-                    while not (self._stopping or self._inbox or self.scheduler.has_work()):
-                        self._cv.wait()
-                    if self._stopping and (not self._drain or not (self._inbox or self.scheduler.has_work())):
-                        self._closed = True
+                with core.cv:
+                    while not (self._stopping or core.inbox or self.scheduler.has_work()):
+                        core.cv.wait()
+                    if self._stopping and (not self._drain or not (core.inbox or self.scheduler.has_work())):
+                        core.closed = True
                         break
                     if not self.scheduler.has_work() and self.config.batch_wait_timeout_s > 0:
                         # Idle engine: give a burst of arrivals a moment to share the first prefill.
                         deadline = time.monotonic() + self.config.batch_wait_timeout_s
-                        while self._inbox_adds < self.config.max_batch_size and not self._stopping:
+                        while core.inbox_adds < self.config.max_batch_size and not self._stopping:
                             remaining = deadline - time.monotonic()
                             if remaining <= 0:
                                 break
-                            self._cv.wait(remaining)
-                self.step()
+                            core.cv.wait(remaining)
+                core.step()
         except BaseException as e:  # noqa: BLE001 - any failure must reach the waiting requests
-            self._failure = e
-            with self._lock:
-                self._closed = True
-        self._fail_all("the engine stopped" if self._failure is None else f"the engine failed: {self._failure!r}")
-
-    def _fail_all(self, message: str) -> None:
-        with self._lock:
-            pending = [item for kind, item in self._inbox if kind == "add"]
-            self._inbox.clear()
-            self._inbox_adds = 0
-        reason = "error" if self._failure is not None else "abort"
-        for seq in pending:  # never reached the scheduler
-            seq.status, seq.finish_reason = SeqStatus.FINISHED, reason
-            self._emit(seq, [], error=message)
-        for seq in self.scheduler.all_unfinished():
-            self.scheduler.finish(seq, reason)
-            self._emit(seq, [], error=message)
-        self._deliver()
+            core.failure = e
+            with core.lock:
+                core.closed = True
+        core.fail_all("the engine stopped" if core.failure is None else f"the engine failed: {core.failure!r}")
 
     def shutdown(self, drain: bool = False, timeout: float | None = 60.0) -> None:
         """Stop the loop; with `drain`, first finish every request already accepted (new ones are still accepted
         until the loop runs dry)."""
-        with self._cv:
+        core = self.core
+        with core.cv:
             self._stopping = True
             self._drain = drain
-            self._cv.notify_all()
+            core.cv.notify_all()
             thread = self._thread
             if thread is None:
-                self._closed = True
+                core.closed = True
         if thread is not None:
             thread.join(timeout)
         else:
-            self._fail_all("the engine stopped")
+            core.fail_all("the engine stopped")
 
     def check_health(self) -> None:
         """Raise if the engine cannot serve (its loop failed or stopped)."""
-        if self._failure is not None:
-            raise RuntimeError(f"engine loop failed: {self._failure!r}")
-        if self._closed:
+        if self.core.failure is not None:
+            raise RuntimeError(f"engine loop failed: {self.core.failure!r}")
+        if self.core.closed:
             raise RuntimeError("engine is shut down")
         if self._thread is not None and not self._thread.is_alive():
             raise RuntimeError("engine loop thread died")
@@ -703,7 +413,7 @@ class Engine:
             ids = self.encode(text)[: self.max_seq_len]
             if len(ids) < 2:
                 continue
-            with self._step_lock:
+            with self.core.step_lock:
                 loss = self.runner.loss(ids)
             total, count = total + loss, count + len(ids) - 1
         if not count:
@@ -722,25 +432,8 @@ class Engine:
     # -- statistics ----------------------------------------------------------------------------------------------
     def stats(self) -> dict:
         """Plain numbers about the engine's state and work so far (read from any thread)."""
-        stale = time.monotonic() - self._last_step_time > _THROUGHPUT_WINDOW_S
-        return {
-            "waiting": self._inbox_adds + len(self.scheduler.waiting),
-            "running": self.scheduler.num_running,
-            "decode_batch_size": self._last_decode_batch,
-            "prefilling": len(self.scheduler.prefilling),
-            "max_batch_size": self.scheduler.max_batch_size,
-            "tokens_per_s": 0.0 if stale else self._tokens_per_s,
-            "expert_load": self.runner.expert_load.tolist(),
-            "kv_cache_bytes": self.cache.nbytes,
-            **self._counters,
-            "prefill_forwards": self.runner.forwards["prefill"],
-            "decode_forwards": self.runner.forwards["decode"],
-            **self.scheduler.kv_stats(),
-        }
+        return self.core.stats()
 
     def drain_latency_samples(self) -> tuple[list[float], list[float]]:
         """Time-to-first-token and inter-token latency samples (seconds) recorded since the previous call."""
-        ttft = [self._ttft.popleft() for _ in range(len(self._ttft))]
-        itl = [self._itl.popleft() for _ in range(len(self._itl))]
-        return ttft, itl
-
+        return self.core.outputs.drain_latency_samples()

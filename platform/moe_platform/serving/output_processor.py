@@ -1,0 +1,102 @@
+"""Outputs out (vLLM's output processor): each sampled token is detokenized and checked against EOS, stop strings
+and max_tokens; the request's `RequestOutput` (text, tokens, log-probabilities) is built and handed to its sink at
+the end of the step; time-to-first-token and inter-token latencies are sampled. Engine thread only, except
+`drain_latency_samples`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable
+
+from moe_platform.serving.outputs import RequestOutput, RequestStream
+from moe_platform.serving.scheduler import SeqStatus
+from moe_platform.serving.scheduler import SequenceState as Seq
+
+MAX_LATENCY_SAMPLES = 65536
+logger = logging.getLogger("moe_platform.serving.engine")
+
+
+class OutputProcessor:
+    def __init__(self, stop_token_ids: frozenset[int], max_seq_len: int, finish: Callable[[Seq, str], None],
+                 on_finished: Callable[[Seq], None]):
+        self.stop_token_ids = stop_token_ids
+        self.max_seq_len = max_seq_len
+        self._finish = finish  # the scheduler's: retires the sequence and frees its KV memory
+        self._on_finished = on_finished  # the core's: the request id and its adapter are free again
+        self.counters = {"requests_finished": 0, "generated_tokens": 0}
+        self._ttft: deque[float] = deque(maxlen=MAX_LATENCY_SAMPLES)
+        self._itl: deque[float] = deque(maxlen=MAX_LATENCY_SAMPLES)
+        self._deliveries: list[tuple[object, RequestOutput]] = []  # (sink, output) of the current step
+
+    def append_token(self, seq: Seq, token: int, now: float, outputs: list[RequestOutput],
+                     logprob: tuple[float, list[tuple[int, float]]] | None = None) -> bool | None:
+        """Record one generated token; return True if it finished the sequence, None if it failed it (alone)."""
+        try:
+            seq.output_ids.append(token)
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+                self._ttft.append(now - seq.arrival_time)
+            else:
+                self._itl.append(now - seq.last_token_time)
+            seq.last_token_time = now
+            self.counters["generated_tokens"] += 1
+            reason = None
+            if token in self.stop_token_ids and not seq.params.ignore_eos:
+                reason = "stop"
+            elif seq.stopper.append(seq.detokenizer.add(token)):
+                reason = "stop"
+            if reason is None and (len(seq.output_ids) >= seq.max_tokens or seq.num_tokens >= self.max_seq_len):
+                reason = "length"
+            if reason is not None and not seq.stopper.stopped and seq.stopper.append(seq.detokenizer.flush()):
+                reason = "stop"
+            if reason is not None:
+                self._finish(seq, reason)
+                self.counters["requests_finished"] += 1
+            self.emit(seq, outputs, [token], logprobs=None if logprob is None else [logprob])
+        except Exception as e:  # noqa: BLE001 - detokenizing and stop strings are this request's own
+            self.fail_request(seq, outputs, e)
+            return None
+        return reason is not None
+
+    def fail_request(self, seq: Seq, outputs: list[RequestOutput], error: Exception) -> None:
+        """Finish `seq` with an error (its client gets 500) and log why; the step goes on for the others."""
+        logger.error("request %s failed in the engine step and is finished with an error (the others go on)",
+                     seq.request_id, exc_info=error)
+        self._finish(seq, "error")
+        self.emit(seq, outputs, error=f"the server failed while generating this request "
+                                      f"({type(error).__name__}); retry it", request_failed=True)
+
+    def emit(self, seq: Seq, outputs: list[RequestOutput], new_ids: list[int] | None = None,
+             error: str | None = None, logprobs: list | None = None, request_failed: bool = False) -> None:
+        finished = seq.status is SeqStatus.FINISHED
+        text = seq.stopper.take(finished) if error is None else ""
+        out = RequestOutput(seq.request_id, text, new_ids or [], finished, seq.finish_reason, seq.prompt_len,
+                            len(seq.output_ids), error, request_failed, logprobs)
+        if finished:
+            self._on_finished(seq)
+        outputs.append(out)
+        if seq.sink is not None:
+            self._deliveries.append((seq.sink, out))
+
+    def deliver(self) -> None:
+        """Hand this step's outputs to their sinks: one wake-up per event loop per step, not one per token."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, RequestOutput]]] = {}
+        for sink, out in self._deliveries:
+            if isinstance(sink, RequestStream):
+                by_loop.setdefault(sink._loop, []).append((sink, out))
+            else:
+                try:
+                    sink(out)
+                except Exception:  # noqa: BLE001 - a caller's callback fails its own request's delivery only
+                    logger.exception("the output sink of request %s failed", out.request_id)
+        self._deliveries.clear()
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(RequestStream.deliver, items)
+
+    def drain_latency_samples(self) -> tuple[list[float], list[float]]:
+        """Time-to-first-token and inter-token latency samples (seconds) recorded since the previous call."""
+        ttft = [self._ttft.popleft() for _ in range(len(self._ttft))]
+        itl = [self._itl.popleft() for _ in range(len(self._itl))]
+        return ttft, itl
