@@ -9,9 +9,17 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
 else
   torch_req=(torch==2.13.0)  # CPU: pinned, so pip does not pull a multi-GB CUDA build
 fi
+# constraints.txt locks every package at the version the suite last passed with (scripts/refresh-constraints.sh
+# writes it). A GPU machine installs with all of it but the torch line: its torch is its own CUDA build.
 stamp=.venv/.moe-platform-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-  .venv/bin/python -m pip install -q --disable-pip-version-check "${torch_req[@]}" -e '.[test]'
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt "$stamp" ]; then
+  lock=constraints.txt
+  if [ "${torch_req[0]}" = torch ]; then
+    lock=$(mktemp)
+    grep -v '^torch==' constraints.txt > "$lock"
+  fi
+  .venv/bin/python -m pip install -q --disable-pip-version-check -c "$lock" "${torch_req[@]}" -e '.[test]'
+  [ "$lock" = constraints.txt ] || rm -f "$lock"
   touch "$stamp"
 fi
 # DeepSpeed compiles its CPU shared-memory communication op on first use (about a minute, cached per machine):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from moe_platform.model.moe import GroupedExperts
-from moe_platform.model.multi_lora import AdapterBatch, MultiExpertLoRA, Segments, lora_delta
+from moe_platform.serving.multi_lora import AdapterBatch, MultiExpertLoRA, Segments, lora_delta
 
 pytestmark = pytest.mark.gpu
 

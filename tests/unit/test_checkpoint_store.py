@@ -156,6 +156,47 @@ def test_size_only_check_misses_flips_but_catches_truncation(tmp_path):
 # -- layout, reading, atomicity --------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("mode, old, new", [("wb", b"old", b"new\x00bytes"), ("w", "old", "new text: \u00e9\n")])
+def test_atomic_output_replaces_the_target_only_when_written_whole(tmp_path, mode, old, new):
+    from moe_platform.checkpoint.files import atomic_output
+
+    target = tmp_path / "out.bin"
+    read = target.read_bytes if mode == "wb" else lambda: target.read_text(encoding="utf-8")
+    with atomic_output(target, mode) as f:  # a new file
+        f.write(old)
+    assert read() == old and sorted(tmp_path.iterdir()) == [target]
+    with atomic_output(target, mode) as f:
+        f.write(new[:3])
+        staged = [p for p in tmp_path.iterdir() if p != target]
+        # mid-write: the data goes to one hidden temp file beside the target; readers still see the old file
+        assert len(staged) == 1 and staged[0].name.startswith(".out.bin.") and staged[0].name.endswith(".tmp")
+        assert read() == old
+        f.write(new[3:])
+    assert read() == new and sorted(tmp_path.iterdir()) == [target], "replaced, and the temp file is gone"
+
+
+def test_atomic_output_leaves_the_target_untouched_on_error(tmp_path):
+    from moe_platform.checkpoint.files import atomic_output
+
+    target = tmp_path / "metrics.jsonl"
+    target.write_text("line 1\n")
+    with pytest.raises(RuntimeError, match="failed mid-write"):
+        with atomic_output(target, "w") as f:
+            f.write("half of the new")
+            raise RuntimeError("failed mid-write")
+    assert target.read_text() == "line 1\n" and sorted(tmp_path.iterdir()) == [target]
+    missing = tmp_path / "never.bin"
+    with pytest.raises(KeyboardInterrupt):  # any exit, not only an Exception, cleans up
+        with atomic_output(missing) as f:
+            f.write(b"x")
+            raise KeyboardInterrupt
+    assert not missing.exists() and sorted(tmp_path.iterdir()) == [target]
+    with pytest.raises(ValueError, match="mode must be 'w' or 'wb', got 'a'"):
+        with atomic_output(target, "a"):
+            pass
+    assert sorted(tmp_path.iterdir()) == [target]
+
+
 def test_commit_layout_manifest_and_readers(tmp_path):
     ckpt = make_checkpoint(tmp_path, 20, value=3.0)
     assert ckpt == tmp_path / "checkpoints" / "step_00000020" and checkpoint_step(ckpt) == 20

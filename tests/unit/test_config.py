@@ -13,10 +13,50 @@ from moe_platform.config import Config, config_to_toml, load_config, parse_overr
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "jobs" / "configs").glob("*.toml")), ids=lambda p: p.name)
-def test_shipped_configs_load(path):
+CONFIGS = REPO / "jobs" / "configs"
+# What each shipped config is for, beyond the file's own lines (which the test compares one by one): the model it
+# trains (the fine-tune takes its model from --init.from_hf), the layout and the workers it runs on.
+SHIPPED = {
+    "tiny.toml": {"model.dim": 128, "model.n_layers": 4, "model.num_experts": 16, "model.top_k": 2,
+                  "model.n_shared_experts": 0, "model.balancing": "aux_loss", "data.format": "text",
+                  "lora.enabled": False, "init.from_hf": "", "train.precision": "auto", "parallel.zero_stage": 1,
+                  "elastic.min_workers": 1, "elastic.max_workers": 1, "layout@1": (1, 1, 1, 1),
+                  "layout@2": (2, 1, 1, 1)},
+    "finetune.toml": {"data.format": "chat", "data.packing": True, "data.truncation": "error", "init.from_hf": "",
+                      "lora.enabled": False, "train.lr": 1e-5, "train.micro_batch_size": 1,
+                      "parallel.dp": 0, "parallel.tp": 0, "parallel.pp": 0, "parallel.ep": 0,
+                      "elastic.min_workers": 1, "elastic.max_workers": 8},
+}
+
+
+def test_every_shipped_config_is_in_the_table():
+    assert sorted(p.name for p in CONFIGS.glob("*.toml")) == sorted(SHIPPED)
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_shipped_configs_load(name, tmp_path):
+    import tomllib
+
+    from moe_platform.parallel import resolve_layout
+
+    path = CONFIGS / name
     cfg = load_config(path)
-    assert cfg.train.steps > 0
+    lines = 0
+    for section, values in tomllib.loads(path.read_text()).items():  # every line of the file reaches the tree as is
+        for key, value in values.items():
+            assert getattr(getattr(cfg, section), key) == value, f"{name}: {section}.{key}"
+            lines += 1
+    assert lines >= 20, f"{name}: only {lines} settings read"
+    for dotted, expected in SHIPPED[name].items():
+        if dotted.startswith("layout@"):
+            layout = resolve_layout(cfg, int(dotted.removeprefix("layout@")), cfg.model)
+            assert (layout.dp, layout.tp, layout.pp, layout.ep) == expected, f"{name}: {dotted} is {layout}"
+        else:
+            section, key = dotted.split(".")
+            assert getattr(getattr(cfg, section), key) == expected, f"{name}: {dotted}"
+    rt = tmp_path / name
+    rt.write_text(config_to_toml(cfg))
+    assert load_config(rt) == cfg, f"{name} does not round-trip through config_to_toml"
 
 
 def test_overrides_take_precedence_and_are_typed(tmp_path):
@@ -69,13 +109,22 @@ def test_every_field_has_a_doc():
         (["--elastic.rank_cpus=1-x"], r"elastic\.rank_cpus: '1-x' in '1-x' is not a core or a range"),
         (["--elastic.rank_cpus=0-3;2"], r"elastic\.rank_cpus: cores \[2\] in '0-3;2' are given to two ranks"),
         (["--parallel.zero_stage=3"], r"parallel\.zero_stage must be 0, 1 or 2"),
-        (["--train.precision=fp8"], r"train\.precision must be"),
+        (["--train.lr=-1e-3"], r"train\.lr must be >= 0 \(0: a frozen run, the weights never move\), got -0\.001"),
         (["train.lr=1"], r"--section\.key=value"),
     ],
 )
 def test_bad_config_is_rejected_with_the_key_named(overrides, match):
     with pytest.raises(ValueError, match=match):
         load_config(None, overrides)
+
+
+def test_a_zero_learning_rate_is_a_frozen_run():
+    from moe_platform.train.optim import lr_at
+
+    cfg = load_config(None, ["--train.lr=0", "--train.steps=12", "--train.warmup=3"])
+    assert cfg.train.lr == 0.0
+    assert [lr_at(step, cfg.train) for step in range(12)] == [0.0] * 12  # warmup and cosine: zero throughout
+    assert lr_at(2, load_config(None, ["--train.lr=0.3", "--train.steps=12", "--train.warmup=3"]).train) == 0.3
 
 
 def test_bad_toml_file(tmp_path):

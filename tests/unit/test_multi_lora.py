@@ -10,11 +10,11 @@ import torch
 
 from moe_platform.checkpoint.hf import export_hf
 from moe_platform.model.args import ModelArgs
-from moe_platform.model.multi_lora import Segments, lora_delta
 from moe_platform.model.transformer import build_model
 from moe_platform.serving.adapters import AdapterLoadError
 from moe_platform.serving.engine import Engine, SamplingParams
 from moe_platform.serving.errors import NotFoundError
+from moe_platform.serving.multi_lora import Segments, lora_delta
 from tinyrun import random_adapter, tiny_tokenizer
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)

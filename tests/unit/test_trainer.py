@@ -101,6 +101,49 @@ def test_cli_export_of_any_checkpoint(tiny_config, tmp_path, capsys):
     assert "error" in capsys.readouterr().err
 
 
+def test_zero_learning_rate_leaves_the_weights_unchanged(tiny_config):
+    """train.lr = 0 is a frozen run (an import/export round trip): every step runs, with gradients and optimizer
+    state, and no weight moves, weight decay included (AdamW's decay is scaled by the learning rate too)."""
+    cfg = tiny_config(**{"train.lr": 0, "train.steps": 4, "train.warmup": 1, "train.weight_decay": 0.1,
+                         "checkpoint.interval": 0, "checkpoint.export": "false"})
+    trainer = Trainer(cfg, progress=False)
+    trainer.setup()
+    start = params(trainer)
+    trainer.fit()
+    logged = trainer.metrics.read()
+    assert [r["step"] for r in logged] == [1, 2, 3, 4] and all(r["lr"] == 0.0 for r in logged)
+    assert all(r["grad_norm"] > 0 for r in logged), "the steps computed no gradient"
+    moments = [s["exp_avg"] for s in trainer.backend.optimizer.state.values()]
+    assert moments and any(m.abs().sum() > 0 for m in moments), "the optimizer never stepped"
+    end = params(trainer)
+    assert end.keys() == start.keys()
+    changed = [k for k in start if not torch.equal(start[k], end[k])]
+    assert changed == [], f"lr = 0 moved {changed}"
+
+
+@pytest.mark.parametrize("precision, world, kernels, refused", [
+    ("fp16", 2, (False, "cpu"), True),  # DeepSpeed's fp16 engine would refuse this device: refused up front
+    ("fp16", 4, (True, "cpu"), False),  # a CPU with AVX512-FP16/AMX-FP16 (or a GPU) runs it
+    ("fp16", 1, (False, "cpu"), False),  # one process: torch.amp's GradScaler, no DeepSpeed
+    ("bf16", 2, (False, "cpu"), False),
+])
+def test_fp16_on_several_ranks_needs_fp16_kernels(tiny_config, precision, world, kernels, refused):
+    """The decision of `check_precision` both ways, whatever this machine's CPU has (the distributed tests run the
+    branch this machine takes)."""
+    from moe_platform.train.backends import check_precision, fp16_kernels
+
+    cfg = tiny_config(**{"train.precision": precision})
+    if refused:
+        with pytest.raises(ValueError, match=r"train\.precision = 'fp16' on 2 ranks runs DeepSpeed's fp16 engine, "
+                                             r"which this cpu device does not support \(no fp16 kernels; on CPU they "
+                                             r"need AVX512-FP16 or AMX-FP16\)"):
+            check_precision(cfg, world, kernels)
+    else:
+        check_precision(cfg, world, kernels)
+    supported, device = fp16_kernels()  # this machine's answer, asked of DeepSpeed's accelerator
+    assert isinstance(supported, bool) and device == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def test_fp16_skips_and_counts_overflow_steps_and_resumes_bitwise(tiny_config):
     """fp16 with dynamic loss scaling: a scale of 2**24 overflows, so the first steps are skipped (the weights do not
     move), counted in metrics.jsonl and halve the scale until it fits; after that the run trains. The scale and the

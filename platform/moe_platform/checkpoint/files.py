@@ -1,11 +1,15 @@
-"""Filesystem helpers every storage path shares: durable writes, directory fsync, and the write probe that makes an
-unwritable storage a clear error before any training (local directories and pyarrow URIs alike)."""
+"""Filesystem helpers every storage path shares: durable and atomic writes, directory fsync, and the write probe that
+makes an unwritable storage a clear error before any training (local directories and pyarrow URIs alike)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -25,6 +29,27 @@ def write_durable(path: str | os.PathLike, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
+    """A file (opened with `mode`: "wb", or "w" for UTF-8 text) that becomes `path` only once written whole: a temp
+    file in the same directory (so the rename never crosses filesystems), fsynced, then `os.replace`d over `path`.
+    Readers see the old file or the new one, never a partial one; on any error the temp file is removed and `path`
+    is left as it was. The one way this package writes a file through a temp file and a rename."""
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_output writes a whole new file: mode must be 'w' or 'wb', got {mode!r}")
+    path = Path(path)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, **({"encoding": "utf-8"} if mode == "w" else {})) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
 
 
 def check_writable(root: str | os.PathLike, what: str, fs=None) -> None:
@@ -49,4 +74,4 @@ def check_writable(root: str | os.PathLike, what: str, fs=None) -> None:
         raise ValueError(f"{what} is not writable ({root}): a probe file read back {read_back!r}")
 
 
-__all__ = ["check_writable", "fsync_dir", "write_durable"]
+__all__ = ["atomic_output", "check_writable", "fsync_dir", "write_durable"]

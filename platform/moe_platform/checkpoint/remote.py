@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from moe_platform.checkpoint.files import check_writable, fsync_dir, write_durable
+from moe_platform.checkpoint.files import atomic_output, check_writable, fsync_dir, write_durable
 from moe_platform.checkpoint.store import (
     CHECKPOINTS_DIRNAME,
     COMMITTED_NAME,
@@ -170,16 +170,12 @@ class RemoteRun:
     def get_file(self, rel: str, local: Path) -> bool:
         """Download to `local` through a temp file and a rename; False when the storage has no such file."""
         local.parent.mkdir(parents=True, exist_ok=True)
-        tmp = local.with_name(f".{local.name}.{uuid.uuid4().hex}")
         try:
-            with self.fs.open_input_stream(self.path(rel)) as src, open(tmp, "wb") as out:
+            with self.fs.open_input_stream(self.path(rel)) as src, atomic_output(local) as out:
                 shutil.copyfileobj(src, out, _CHUNK)
-            os.replace(tmp, local)
             return True
         except FileNotFoundError:
             return False
-        finally:
-            tmp.unlink(missing_ok=True)
 
     def delete(self, rel: str) -> None:
         with contextlib.suppress(FileNotFoundError):

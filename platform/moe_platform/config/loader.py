@@ -199,7 +199,7 @@ def validate_config(cfg: Config) -> None:
     need(t.seq_len > 1, f"train.seq_len must be > 1, got {t.seq_len}")
     need(bool(cfg.init.from_hf) or t.seq_len <= cfg.model.max_seq_len,  # an import's own limit: checked at set-up
          f"train.seq_len ({t.seq_len}) must be <= model.max_seq_len ({cfg.model.max_seq_len})")
-    need(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
+    need(t.lr >= 0, f"train.lr must be >= 0 (0: a frozen run, the weights never move), got {t.lr}")
     need(0 <= t.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
     need(0 <= t.warmup <= t.steps, f"train.warmup must be in [0, train.steps], got {t.warmup}")
     need(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, f"train.beta1/beta2 must be in [0, 1), got {t.beta1}, {t.beta2}")

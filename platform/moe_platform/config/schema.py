@@ -45,7 +45,7 @@ class TrainConfig:
     global_batch_size: int = _f(16, "sequences per optimizer step, across all data-parallel ranks")
     micro_batch_size: int = _f(4, "sequences per forward/backward pass on one rank")
     seq_len: int = _f(128, "tokens per training sequence")
-    lr: float = _f(3e-3, "peak learning rate")
+    lr: float = _f(3e-3, "peak learning rate; 0: a frozen run (the weights stay as loaded: an import/export check)")
     min_lr_ratio: float = _f(0.1, "final learning rate as a fraction of lr (cosine decay)")
     warmup: int = _f(20, "linear warmup steps")
     weight_decay: float = _f(0.1, "AdamW weight decay (not applied to norms, biases and router bias)")

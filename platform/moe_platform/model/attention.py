@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moe_platform.model.adapter_hooks import with_adapter
 from moe_platform.model.args import ModelArgs
-from moe_platform.model.lora import with_adapter
 
 
 class RMSNorm(nn.Module):
@@ -103,7 +103,7 @@ class Attention(nn.Module):
         return self._proj("o_proj", out)
 
     def _proj(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """A projection, plus its low-rank adapter when it has one (model/lora.py, model/multi_lora.py)."""
+        """A projection, plus its low-rank adapter when it has one (model/lora.py, serving/multi_lora.py)."""
         return with_adapter(getattr(self, name)(x), getattr(self, "lora", None), name, x)
 
 

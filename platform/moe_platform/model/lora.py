@@ -13,15 +13,20 @@ names (checkpoints, Hugging Face import and export are unchanged):
 - shared experts: `shared_experts.lora.{gate_proj,up_proj,down_proj}.{A,B}`.
 
 Dropout (on the adapter's input) applies to the attention and shared-expert adapters; the expert adapters, folded
-into the expert weights, take none.
+into the expert weights, take none. The layers add their adapters' terms through model/adapter_hooks.py; this module
+attaches the adapters from outside (it imports the layers, never the other way round).
 """
 
 from __future__ import annotations
 
 import math
+import zlib
 
 import torch
 from torch import nn
+
+from moe_platform.model.attention import Attention
+from moe_platform.model.moe import GroupedExperts, SwiGLU
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "experts", "shared_experts")
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -72,26 +77,9 @@ class StackedLoRA(nn.Module):
         return torch.bmm(self.B, self.A) * self.scale
 
 
-def adapted(weight: torch.Tensor, lora: StackedLoRA | None) -> torch.Tensor:
-    """The expert weight with its adapters folded in (the weight itself when there are none)."""
-    return weight if lora is None else weight + lora.delta().to(weight.dtype)
-
-
-def with_adapter(out: torch.Tensor, lora: nn.ModuleDict | None, name: str, x: torch.Tensor) -> torch.Tensor:
-    """`out` (a projection of x) plus the adapter term of adapter `name` in `lora`, when there is one (a serving
-    module returns None for a batch without adapter rows)."""
-    if lora is None or name not in lora:
-        return out
-    delta = lora[name](x)
-    return out if delta is None else out + delta
-
-
 def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float, targets: tuple[str, ...]) -> None:
     """Attach adapters to `model` (the single-device MoETransformer, before any parallelism) and freeze every other
     parameter. The adapters start as A = 0, B = 0; `init_adapters` gives A its initial values."""
-    from moe_platform.model.attention import Attention
-    from moe_platform.model.moe import GroupedExperts, SwiGLU
-
     if rank < 1:
         raise ValueError(f"lora.rank must be >= 1, got {rank}")
     for p in model.parameters():
@@ -126,8 +114,6 @@ def lora_a_init(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
 
 
 def _stable_hash(text: str) -> int:
-    import zlib
-
     return zlib.crc32(text.encode("utf-8"))
 
 

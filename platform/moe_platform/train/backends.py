@@ -252,16 +252,28 @@ class LocalBackend:
         _restore_plain_optimizer_state(self.optimizer, self.model.named_parameters(), reader, self.specs)
 
 
-def check_precision(cfg: Config, world_size: int) -> None:
-    """fp16 on several ranks runs DeepSpeed's fp16 engine, which needs a device with fp16 kernels."""
-    if cfg.train.precision != "fp16" or world_size == 1:
-        return
+def fp16_kernels() -> tuple[bool, str]:
+    """(whether this machine's DeepSpeed accelerator has fp16 kernels, its device name). DeepSpeed's fp16 engine
+    refuses to start without them ("Type fp16 is not supported on your device"). A GPU has them; on CPU it asks
+    oneDNN, which has them on CPUs with AVX512-FP16 or AMX-FP16 (Sapphire Rapids and later), so the answer is the
+    machine's, not the code's: with them, fp16 on several CPU ranks trains like fp16 on one process."""
     from deepspeed.accelerator import get_accelerator
 
-    if not get_accelerator().is_fp16_supported():
+    accelerator = get_accelerator()
+    return bool(accelerator.is_fp16_supported()), accelerator.device_name()
+
+
+def check_precision(cfg: Config, world_size: int, kernels: tuple[bool, str] | None = None) -> None:
+    """fp16 on several ranks runs DeepSpeed's fp16 engine: refuse it up front (before any process starts) on a
+    device without fp16 kernels, where DeepSpeed would refuse it later. `kernels` is `fp16_kernels()` (this
+    machine's) unless given."""
+    if cfg.train.precision != "fp16" or world_size == 1:
+        return
+    supported, device = kernels if kernels is not None else fp16_kernels()
+    if not supported:
         raise ValueError(f"train.precision = 'fp16' on {world_size} ranks runs DeepSpeed's fp16 engine, which this "
-                         f"{get_accelerator().device_name()} device does not support: train on GPUs, or use bf16, "
-                         f"fp32, or fp16 on one process")
+                         f"{device} device does not support (no fp16 kernels; on CPU they need AVX512-FP16 or "
+                         f"AMX-FP16): train on GPUs, or use bf16, fp32, or fp16 on one process")
 
 
 class DeepSpeedMPU:

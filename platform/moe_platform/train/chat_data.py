@@ -34,12 +34,12 @@ import torch
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
+from moe_platform.checkpoint.files import atomic_output
 from moe_platform.config.schema import DataConfig
 from moe_platform.tokenizer import ChatTemplate
 from moe_platform.train.data import (
     IGNORE_INDEX,
     HeldOutSplit,
-    atomic_output,
     default_cache_dir,
     held_out_count,
     walk_sorted,

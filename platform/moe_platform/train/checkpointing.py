@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import shutil
 import threading
 import time
@@ -37,6 +36,7 @@ from moe_platform.checkpoint import (
     read_state,
     restore_rng_state,
 )
+from moe_platform.checkpoint.files import atomic_output
 from moe_platform.checkpoint.remote import PART_TIMEOUT_S, PARTS_DIRNAME, RemoteRun, merge_parts, node_lock, poll
 from moe_platform.checkpoint.sharded import LocalState, ShardFiles, write_local_state
 from moe_platform.checkpoint.store import CHECKPOINTS_DIRNAME, MANIFEST_NAME, build_manifest, hash_files, tmp_dir_name
@@ -105,9 +105,8 @@ def _put_local_part(tmp_dir: Path, rank: int, part: dict) -> None:
     """This rank's part marker in a shared temp dir (written whole, then renamed: never seen half-written)."""
     parts = tmp_dir / PARTS_DIRNAME
     parts.mkdir(parents=True, exist_ok=True)
-    staged = parts / f".rank{rank}.json.tmp"
-    staged.write_text(json.dumps({"rank": rank, **part}))
-    os.replace(staged, parts / f"rank{rank}.json")
+    with atomic_output(parts / f"rank{rank}.json", "w") as f:
+        f.write(json.dumps({"rank": rank, **part}))
 
 
 def _local_parts(tmp_dir: Path, world_size: int) -> dict[int, dict] | None:

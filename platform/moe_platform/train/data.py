@@ -17,13 +17,11 @@ in the cache directory. Samples are non-overlapping windows of seq_len+1 tokens;
 from __future__ import annotations
 
 import codecs
-import contextlib
 import hashlib
 import json
 import os
 import sys
 import sysconfig
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +31,7 @@ import torch
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
+from moe_platform.checkpoint.files import atomic_output
 from moe_platform.config.schema import DataConfig
 from moe_platform.tokenizer import eos_id
 
@@ -305,7 +304,6 @@ def _write_token_stream(cfg_data: DataConfig, tokenizer: Tokenizer, out_path: Pa
                         eos: int | None = None) -> dict:
     """Tokenize the corpus into `out_path` via a temp file + rename, so a crash never leaves a partial cache."""
     eos = eos_id(tokenizer) if eos is None else eos
-    fd, tmp_name = tempfile.mkstemp(prefix=out_path.name + ".", suffix=".tmp", dir=out_path.parent)
     num_tokens = 0
     num_docs = 0
     progress = tqdm(
@@ -316,7 +314,7 @@ def _write_token_stream(cfg_data: DataConfig, tokenizer: Tokenizer, out_path: Pa
         disable=not sys.stderr.isatty(),
     )
     try:
-        with os.fdopen(fd, "wb") as f:
+        with atomic_output(out_path) as f:
             chunk: list[str] = []
             chunk_bytes = 0
 
@@ -343,31 +341,9 @@ def _write_token_stream(cfg_data: DataConfig, tokenizer: Tokenizer, out_path: Pa
                     flush()
             if chunk:
                 flush()
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, out_path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
     finally:
         progress.close()
     return {"num_tokens": num_tokens, "num_documents": num_docs, "dtype": dtype.name}
-
-
-@contextlib.contextmanager
-def atomic_output(path: Path) -> Iterator:
-    """A binary file that becomes `path` only once written whole and fsynced (a temp file, then a rename), so a
-    crash never leaves a partial cache file."""
-    fd, tmp_name = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:

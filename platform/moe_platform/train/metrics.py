@@ -5,12 +5,13 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from moe_platform.checkpoint.files import atomic_output
 
 # Dense bf16 tensor-core peaks of common accelerators, for MFU on GPU (FLOP/s).
 GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
@@ -32,9 +33,8 @@ class MetricsLog:
         recs = [(line, _parse(line)) for line in self.path.read_text().splitlines()]
         kept = [line for line, rec in recs if rec is not None and rec.get("step", 0) <= step]
         dropped = {rec["step"] for _, rec in recs if rec is not None and rec.get("step", 0) > step}
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.path)
+        with atomic_output(self.path, "w") as f:
+            f.write("".join(line + "\n" for line in kept))
         return len(dropped)
 
     def read(self) -> list[dict[str, Any]]:

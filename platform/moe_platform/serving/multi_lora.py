@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moe_platform.model.grouped_mm import grouped_mm, row_groups
+
 
 class Segments:
     """The rows of a batch that use an adapter group, sorted by group: what the grouped matmuls below run over."""
@@ -148,9 +150,8 @@ class MultiExpertLoRA(nn.Module):
     def experts_forward(self, weights, x: torch.Tensor, counts: torch.Tensor, token_index: torch.Tensor,
                         scores: torch.Tensor | None) -> torch.Tensor | None:
         """`GroupedExperts.forward` with each row's adapter added before the nonlinearity; None when no row of the
-        batch has an expert adapter (the caller then runs its fused base path)."""
-        from moe_platform.model.moe import _groups, grouped_mm
-
+        batch has an expert adapter (the caller then runs its fused base path). model/moe.py calls it on any `lora`
+        module that has it, so the model needs no import of serving."""
         if not self.batch.active or self.gate_up_proj.a_t is None:
             return None
         experts = torch.repeat_interleave(torch.arange(self.num_experts), counts.cpu())  # (M,) expert of each row
@@ -163,7 +164,7 @@ class MultiExpertLoRA(nn.Module):
             inter = weights.down_proj.shape[-1]
             act = x.new_empty(rows.shape[0], inter)
             out = x.new_empty(rows.shape)
-            for g, r in _groups(counts.tolist()):
+            for g, r in row_groups(counts.tolist()):
                 hg = torch.addmm(h[r], rows[r], weights.gate_up_proj[g].t())
                 torch.mul(F.silu(hg[:, :inter]), hg[:, inter:], out=act[r])
                 torch.mm(act[r], weights.down_proj[g].t(), out=out[r])
