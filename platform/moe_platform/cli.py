@@ -87,21 +87,145 @@ def _cmd_generate(ns: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
-def _cmd_serve(ns: argparse.Namespace, rest: list[str]) -> int:
-    from moe_platform.serving.app import run_server
+API_KEY_ENV = "MOE_PLATFORM_API_KEY"
+ADMIN_KEY_ENV = "MOE_PLATFORM_ADMIN_KEY"
 
+
+def _cmd_serve(ns: argparse.Namespace, rest: list[str]) -> int:
+    if ns.key_on_argv is not None:
+        raise ValueError(f"keys are not taken from the command line, where `ps` and the shell history show them: use "
+                         f"--api-key-file PATH or {API_KEY_ENV} (admin: --admin-key-file PATH or {ADMIN_KEY_ENV})")
     adapters = {}
     for item in ns.adapter:
         name, sep, source = item.partition("=")
         if not sep or not name or not source:
             raise ValueError(f"--adapter {item!r}: expected NAME=DIR or NAME=registry://NAME[@VERSION]")
         adapters[name] = source
-    options = {}
+    options: dict = {}
     if adapters or ns.max_loras:  # slots for these adapters, and for more loaded later over the admin route
         options = {"adapters": adapters, "engine": {"max_loras": max(ns.max_loras, len(adapters)),
                                                     "max_lora_rank": ns.max_lora_rank}}
-    run_server(ns.model, host=ns.host, port=ns.port, **options)
+    api_key = _read_key(ns.api_key_file, API_KEY_ENV, "--api-key-file")
+    admin_key = _read_key(ns.admin_key_file, ADMIN_KEY_ENV, "--admin-key-file")
+    if api_key and admin_key == api_key:
+        raise ValueError("the admin key must differ from the API key: every API client holds the API key, and the "
+                         "admin key moves traffic and loads models")
+    if not api_key and not _is_loopback(ns.host):
+        if not ns.allow_unauthenticated:
+            raise ValueError(f"--host {ns.host} is not a loopback address and no API key is set, so anyone who "
+                             f"reaches it could use the API: set one with --api-key-file PATH or {API_KEY_ENV}, or "
+                             f"pass --allow-unauthenticated (only behind a proxy that authenticates)")
+        print(f"moe-platform serve: WARNING: serving on {ns.host}:{ns.port} WITHOUT AUTHENTICATION "
+              f"(--allow-unauthenticated): anyone who reaches this address can use /v1/*", file=sys.stderr, flush=True)
+    options.update({"api_key": api_key, "admin_api_key": admin_key})
+    from moe_platform.serving.app import _model_ref
+
+    _model_ref(ns.model)  # a wrong model directory fails here, before any Ray starts
+    return _serve_until_signal(ns.model, ns.host, ns.port, ns.address, options)
+
+
+def _read_key(path: str | None, env: str, option: str) -> str | None:
+    """A key from the file `path` (its content without surrounding whitespace), else from the environment variable
+    `env`, else None. Never from the command line, where `ps` and the shell history would show it."""
+    if not path:
+        return os.environ.get(env, "").strip() or None
+    file = Path(path).expanduser()
+    try:
+        key = file.read_text().strip()
+        mode = file.stat().st_mode
+    except OSError as e:
+        raise ValueError(f"{option} {path}: cannot read the key: {e.strerror or e}") from None
+    if not key:
+        raise ValueError(f"{option} {path}: the file is empty")
+    if mode & 0o077:
+        print(f"moe-platform serve: warning: {option} {path} can be read by other users; chmod 600 it",
+              file=sys.stderr, flush=True)
+    return key
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name other than localhost may resolve to anything
+        return False
+
+
+def _serve_until_signal(model: str, host: str, port: int, address: str | None, options: dict) -> int:
+    """Deploy the app and serve until SIGTERM or SIGINT (also where a script started us with SIGINT ignored), then
+    take down what this command started: Serve and the local Ray, or only the app on a cluster it joined."""
+    import signal
+    import time
+
+    import ray
+    from ray import serve
+
+    from moe_platform.cluster.registry import is_registry_uri
+    from moe_platform.serving.app import start_server
+
+    # A registry model lives in the running cluster's registry; a directory gets a Ray of its own unless told.
+    address = address or os.environ.get("RAY_ADDRESS") or ("auto" if is_registry_uri(model) else "local")
+    own_ray = address == "local"
+    try:
+        ray.init(address=address)
+    except ConnectionError as e:
+        raise ValueError(f"no Ray cluster answers at --address {address}: {e}") from None
+    stopping: list[str] = []
+
+    def on_signal(signum: int, frame) -> None:  # no locks here: it runs between any two bytecodes of this thread
+        if not stopping:
+            stopping.append(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}  # after ray.init's
+    try:
+        url = start_server(model, host=host, port=port, **options)
+        print(f"moe-platform serving {model} at {url}/v1 (SIGTERM or Ctrl-C stops it)", flush=True)
+        while not stopping:
+            time.sleep(0.2)
+        print(f"moe-platform serve: {stopping[0]}: shutting down", file=sys.stderr, flush=True)
+    finally:
+        spawned = _descendants()  # the local Ray's processes and their workers, taken before they go
+        try:
+            if own_ray:
+                serve.shutdown()
+            else:  # other apps on a shared cluster keep running
+                serve.delete("moe-platform")
+        finally:
+            ray.shutdown(wait_for_processes=True)  # stops the local Ray's processes when this command started it
+            _wait_gone(spawned, timeout_s=30)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
     return 0
+
+
+def _descendants() -> list:
+    import psutil  # Ray ships it (ray/thirdparty_files, on sys.path once ray is imported)
+
+    return psutil.Process().children(recursive=True)
+
+
+def _wait_gone(procs: list, timeout_s: float) -> None:
+    """Wait until `procs` (psutil processes) have exited: Ray stops its daemons itself, but their children (workers,
+    the dashboard's modules) leave a moment later."""
+    import time
+
+    import psutil
+
+    def alive(p) -> bool:
+        try:
+            return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
+
+    end = time.monotonic() + timeout_s
+    while (left := [p for p in procs if alive(p)]) and time.monotonic() < end:
+        time.sleep(0.1)
+    if left:
+        print(f"moe-platform serve: warning: processes {[p.pid for p in left]} of the local Ray still run after "
+              f"{timeout_s:.0f} s", file=sys.stderr, flush=True)
 
 
 def _cmd_demo(ns: argparse.Namespace, rest: list[str]) -> int:
@@ -299,11 +423,29 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None, help="sampling seed")
     g.set_defaults(fn=_cmd_generate)
 
-    s = sub.add_parser("serve", help="serve an export with the OpenAI-compatible API on Ray Serve")
+    s = sub.add_parser("serve", allow_abbrev=False, help="serve an export with the OpenAI-compatible API on Ray Serve",
+                       description="Serve an export (or a registry version) with the OpenAI-compatible API on Ray "
+                       "Serve until SIGTERM or SIGINT (Ctrl-C), then shut Serve down and the local Ray it started. "
+                       f"Keys are read from files or the environment, never from the command line: the API key "
+                       f"(--api-key-file, else {API_KEY_ENV}) guards /v1/*; the admin key (--admin-key-file, else "
+                       f"{ADMIN_KEY_ENV}) guards /admin/rollout and /v1/load_lora_adapter, /v1/unload_lora_adapter, "
+                       "which are disabled without it (the API key never opens them). /health and /metrics stay "
+                       "open. A non-loopback --host needs an API key or --allow-unauthenticated.")
     s.add_argument("--model", required=True, help="export directory, or registry://NAME[@VERSION] (a model published "
                                                   "to the running cluster's registry)")
-    s.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    s.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only; any other needs an API "
+                                                       "key or --allow-unauthenticated)")
     s.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    s.add_argument("--api-key-file", metavar="PATH", help="require 'Authorization: Bearer KEY' on /v1/*, KEY being "
+                   f"this file's content (default: the {API_KEY_ENV} environment variable; neither: no key)")
+    s.add_argument("--admin-key-file", metavar="PATH", help="the key of the admin routes, read from this file "
+                   f"(default: the {ADMIN_KEY_ENV} environment variable; neither: the admin routes answer 403)")
+    s.add_argument("--allow-unauthenticated", action="store_true", help="serve on a non-loopback --host without an "
+                                                                        "API key (behind an authenticating proxy)")
+    s.add_argument("--api-key", "--admin-key", dest="key_on_argv", help=argparse.SUPPRESS)  # refused, with the why
+    s.add_argument("--address", default=None, help="the Ray cluster to join: HOST:PORT, or auto for the one `ray "
+                   "start` runs on this machine; stopping then deletes only this app (default RAY_ADDRESS, else "
+                   "for a registry:// model auto, else local: a new local Ray that stops with the server)")
     s.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
                    help="serve a LoRA adapter (a directory or registry://NAME[@VERSION]) as model MODEL_NAME:NAME; "
                         "repeat for more")

@@ -265,6 +265,14 @@ def test_api_key_is_required_when_configured(server):
     assert good.completions.create(model=MODEL, prompt="hi", max_tokens=2).usage.completion_tokens >= 1
     assert server.http.get("/secure/health").status_code == 200  # probes need no key
     assert server.http.get("/v1/models").status_code == 200  # the key is per app, off by default
+    # The API key is no admin key: with none configured, the admin routes are off for every client, key or not.
+    user = {"Authorization": f"Bearer {API_KEY}"}
+    for method, path, body in [("GET", "/secure/admin/rollout", None),
+                               ("POST", "/secure/admin/rollout", {"action": "traffic", "weights": {"stable": 100}}),
+                               ("POST", "/secure/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "/etc"}),
+                               ("POST", "/secure/v1/unload_lora_adapter", {"lora_name": "x"})]:
+        err = assert_openai_error(server.http.request(method, path, headers=user, json=body), 403)
+        assert err["code"] == "admin_disabled" and "no admin key is configured" in err["message"], (path, err)
 
 
 def test_engine_stats_export_to_ray_metrics(server, local):

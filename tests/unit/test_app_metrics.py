@@ -47,3 +47,28 @@ def test_sums_over_live_replicas_and_keeps_counts_of_replaced_engines_and_gone_r
     assert got[("vllm:num_requests_running", None)] == 0 and got[("vllm:generation_tokens_total", None)] == 177
     m.report("r1", 200, {"stable": engine(0, generated=20)}, {})  # r2 is forgotten, its count kept
     assert parsed(m.render(200))[("vllm:generation_tokens_total", None)] == 177
+
+
+def series(text: str) -> dict:
+    """Every sample of a scrape: (name, its labels) -> value."""
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_a_fresh_app_shows_every_series_at_zero_before_any_request():
+    """rate() and increase() miss the first count of a series that appears already holding it (as Ray's counters
+    do): every series of the app's /metrics, the labelled request counters included, is there at 0 from the start,
+    and requests only move values, never add series."""
+    m = AppMetrics('m"1')
+    fresh = series(m.render(0))
+    assert fresh and all(value == 0 for value in fresh.values()), {k: v for k, v in fresh.items() if v}
+    requests = {dict(labels)["status"]: labels for name, labels in fresh if name == "moe_serve_app_requests_total"}
+    assert sorted(requests) == ["2xx", "5xx"]
+    assert {name for name, _ in fresh} >= {"vllm:request_success_total", "vllm:generation_tokens_total",
+                                           "vllm:time_to_first_token_seconds_count", "vllm:num_requests_running"}
+    m.report("r1", 1, {"stable": engine(1, generated=9)},
+             {"stable": {"requests": 5, "errors": 2, "latency": [0.4], "ttft": [0.01]}})
+    after = series(m.render(1))
+    assert after.keys() == fresh.keys()
+    assert after[("moe_serve_app_requests_total", requests["2xx"])] == 3
+    assert after[("moe_serve_app_requests_total", requests["5xx"])] == 2

@@ -79,3 +79,81 @@ def test_bad_input_exits_2_with_a_message(args, message):
     out = cli(*args)
     assert out.returncode == 2
     assert message in out.stderr
+
+
+# -- `serve`: keys from files or the environment, and no open server on a public address ------------------------------
+EXPOSED = "is not a loopback address and no API key is set"
+NO_MODEL = "has no config.json"
+
+
+def serve_fails_before_ray(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    """`moe-platform serve ARGS`, which must exit 2 before any Ray starts (Ray makes its session under RAY_TMPDIR)."""
+    ray_tmp = tmp_path / "ray-tmp"
+    ray_tmp.mkdir(exist_ok=True)
+    base = {k: v for k, v in os.environ.items() if k not in ("MOE_PLATFORM_API_KEY", "MOE_PLATFORM_ADMIN_KEY")}
+    out = subprocess.run([EXE, "serve", "--model", str(tmp_path / "no-export"), *args], capture_output=True, text=True,
+                         timeout=120, env={**base, "PYTHONWARNINGS": "ignore", "RAY_TMPDIR": str(ray_tmp), **env})
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert list(ray_tmp.iterdir()) == [], "a Ray was started"
+    return out
+
+
+def key_file(tmp_path: Path, name: str, text: str, mode: int = 0o600) -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    path.chmod(mode)
+    return str(path)
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "10.1.2.3", "serve.example.com", ""])
+def test_serve_refuses_a_public_address_without_an_api_key(tmp_path, host):
+    out = serve_fails_before_ray(tmp_path, "--host", host)
+    assert EXPOSED in out.stderr and "--api-key-file" in out.stderr and "--allow-unauthenticated" in out.stderr
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "localhost", "::1", "[::1]"])
+def test_serve_on_loopback_needs_no_key(tmp_path, host):
+    out = serve_fails_before_ray(tmp_path, "--host", host)
+    assert EXPOSED not in out.stderr and NO_MODEL in out.stderr  # got past the check, to the (missing) model
+
+
+def test_serve_public_address_with_allow_unauthenticated_warns(tmp_path):
+    out = serve_fails_before_ray(tmp_path, "--host", "0.0.0.0", "--port", "8123", "--allow-unauthenticated")
+    assert "WARNING: serving on 0.0.0.0:8123 WITHOUT AUTHENTICATION" in out.stderr and NO_MODEL in out.stderr
+
+
+def test_serve_reads_keys_from_files_or_the_environment_only(tmp_path):
+    # an API key from the environment or from a file opens the public address (the run then stops at the model)
+    out = serve_fails_before_ray(tmp_path, "--host", "0.0.0.0", MOE_PLATFORM_API_KEY="sk-env")
+    assert EXPOSED not in out.stderr and NO_MODEL in out.stderr
+    out = serve_fails_before_ray(tmp_path, "--host", "0.0.0.0", "--api-key-file", key_file(tmp_path, "k", "sk-f\n"))
+    assert EXPOSED not in out.stderr and NO_MODEL in out.stderr and "can be read by other users" not in out.stderr
+    # a key file others can read is used, with a warning
+    out = serve_fails_before_ray(tmp_path, "--api-key-file", key_file(tmp_path, "open", "sk-o", 0o644))
+    assert "can be read by other users; chmod 600 it" in out.stderr and NO_MODEL in out.stderr
+    # an admin key alone does not open a public address: it guards the admin routes, not /v1
+    out = serve_fails_before_ray(tmp_path, "--host", "0.0.0.0", MOE_PLATFORM_ADMIN_KEY="adm")
+    assert EXPOSED in out.stderr
+
+
+@pytest.mark.parametrize("case, message", [
+    ("argv", "keys are not taken from the command line"),
+    ("admin-argv", "keys are not taken from the command line"),
+    ("empty-file", "the file is empty"),
+    ("missing-file", "cannot read the key"),
+    ("same-keys", "the admin key must differ from the API key"),
+    ("same-keys-env", "the admin key must differ from the API key"),
+])
+def test_serve_refuses_bad_keys(tmp_path, case, message):
+    secret = "sk-do-not-print-me"
+    args, env = {
+        "argv": (["--api-key", secret], {}),
+        "admin-argv": (["--admin-key", secret], {}),
+        "empty-file": (["--api-key-file", key_file(tmp_path, "empty", " \n")], {}),
+        "missing-file": (["--admin-key-file", str(tmp_path / "nope")], {}),
+        "same-keys": (["--api-key-file", key_file(tmp_path, "a", secret), "--admin-key-file",
+                       key_file(tmp_path, "b", secret + "\n")], {}),
+        "same-keys-env": ([], {"MOE_PLATFORM_API_KEY": secret, "MOE_PLATFORM_ADMIN_KEY": secret}),
+    }[case]
+    out = serve_fails_before_ray(tmp_path, *args, **env)
+    assert message in out.stderr and secret not in out.stdout + out.stderr

@@ -3,6 +3,7 @@ private, GPU workers are spot, KubeRay manifests have their structure, and the G
 our code (or Ray Serve) registers. Offline: nothing here talks to a cloud or a cluster."""
 
 import dataclasses
+import functools
 import importlib.util
 import json
 import re
@@ -175,12 +176,75 @@ def test_kuberay_manifest_structure(name, kind):
         assert env["RAY_CLUSTER"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['ray.io/cluster']"
         assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "moe-platform-ray-token"
         assert pod["serviceAccountName"] == "moe-platform-spot-agent"
-    if kind == "RayService":  # the serving floor: an on-demand group that replicas prefer by label
+    if kind == "RayService":  # the serving floor: an on-demand group that replicas prefer by Ray node label
         (floor,) = [g for g in groups if not is_spot(g)]
-        assert floor["minReplicas"] >= 1 and floor["rayStartParams"]["labels"] == "market=on-demand"
-        assert all(g["rayStartParams"]["labels"] == "market=spot" for g in groups if is_spot(g))
+        assert floor["minReplicas"] >= 1 and floor["labels"] == FLOOR_LABELS
+        assert all(g["labels"] == {"market": "spot"} for g in groups if is_spot(g))
     if kind == "RayCluster":
         assert head["rayStartParams"]["dashboard-host"] == "127.0.0.1"
+
+
+KUBERAY_CRDS = ROOT / "tests" / "data" / "kuberay"  # KubeRay v1.7.0's, unmodified (README.md there)
+CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml",
+             "RayService": "ray.io_rayservices.yaml"}
+MANIFESTS = ["raycluster.yaml", "rayjob-train.yaml", "rayservice-serve.yaml"]
+
+
+def strict(schema):
+    """`schema` with every object's unknown fields refused, as the API server's strict field validation does
+    (`kubectl apply --validate=strict`; otherwise it drops them silently, so a misspelled field is simply lost)."""
+    if isinstance(schema, list):
+        return [strict(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: strict(v) for k, v in schema.items()}
+    if "properties" in out and "additionalProperties" not in out and \
+            not out.get("x-kubernetes-preserve-unknown-fields"):
+        out["additionalProperties"] = False
+    return out
+
+
+@functools.cache
+def crd_validator(kind: str):
+    import jsonschema
+
+    crd = yaml.load((KUBERAY_CRDS / CRD_FILES[kind]).read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    assert crd["spec"]["names"]["kind"] == kind and crd["spec"]["group"] == "ray.io"
+    (served,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    schema = strict(served["schema"]["openAPIV3Schema"])
+    jsonschema.Draft7Validator.check_schema(schema)
+    return jsonschema.Draft7Validator(schema)
+
+
+def kuberay_problems(doc: dict) -> list[str]:
+    """What KubeRay v1.7.0 refuses in a manifest: its CRD schema, and the group-labels rule its operator enforces
+    since v1.5.1 (validateRayGroupLabels: node labels in the group's `labels` field, never in rayStartParams)."""
+    problems = [f"{'.'.join(map(str, e.absolute_path))}: {e.message}"
+                for e in crd_validator(doc["kind"]).iter_errors(doc)]
+    spec = cluster_spec(doc)
+    for group in [spec["headGroupSpec"], *spec.get("workerGroupSpecs", [])]:
+        if "labels" in (group.get("rayStartParams") or {}):
+            problems.append(f"{group.get('groupName', 'Head')}: rayStartParams['labels'] is not supported; please use "
+                            f"the top-level Labels field instead")
+    return problems
+
+
+@pytest.mark.parametrize("name", MANIFESTS)
+def test_kuberay_manifests_pass_the_kuberay_crd_schemas(name):
+    doc = yaml.safe_load((K8S / name).read_text())
+    assert kuberay_problems(doc) == []
+
+
+def test_the_kuberay_check_catches_refused_manifests():
+    doc = yaml.safe_load((K8S / "rayservice-serve.yaml").read_text())
+    group = doc["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
+    group["rayStartParams"] = {"labels": "market=on-demand"}  # what KubeRay >= 1.5.1 rejects
+    group["lables"] = group.pop("labels")  # an unknown field
+    group["maxReplicas"] = "1"  # an integer field
+    problems = kuberay_problems(doc)
+    assert any("rayStartParams['labels'] is not supported" in p for p in problems), problems
+    assert any("'lables' was unexpected" in p for p in problems), problems
+    assert any("maxReplicas" in p and "is not of type 'integer'" in p for p in problems), problems
 
 
 def test_spot_agent_rbac_reads_nodes_only():
@@ -232,7 +296,7 @@ def test_serve_yaml_defaults_are_the_code_defaults():
     assert ref["args"]["engine"] == dataclasses.asdict(EngineConfig())
     parsed = AppArgs.model_validate(ref["args"])
     assert parsed.engine == EngineConfig()
-    for key in ("model_name", "api_key", "max_body_bytes"):
+    for key in ("model_name", "api_key", "admin_api_key", "max_body_bytes"):
         assert ref["args"][key] == AppArgs.model_fields[key].default, key
     deployment = ref["deployments"][0]
     for key in ("max_ongoing_requests", "max_queued_requests"):
@@ -243,6 +307,8 @@ def test_serve_yaml_defaults_are_the_code_defaults():
         AppArgs.model_validate({**ref["args"], "engine": {"max_batch": 4}})
     with pytest.raises(ValueError, match="max_batch_size must be an integer >= 1"):
         AppArgs.model_validate({**ref["args"], "engine": {"max_batch_size": 0}})
+    with pytest.raises(ValueError, match="admin_api_key must differ from api_key"):  # the admin key is its own
+        AppArgs.model_validate({**ref["args"], "api_key": "k", "admin_api_key": "k"})
 
 
 # -- Grafana ---------------------------------------------------------------------------------------------------
@@ -335,18 +401,57 @@ def test_alert_rules_pass_their_promtool_unit_tests():
     assert alerts == tested, f"alerts without a promtool test: {sorted(alerts - tested)}"
 
 
+def unit_tests_against(tmp_path: Path, rules: str):
+    """`promtool test rules` of tests/unit/alerts_test.yml with `rules` in place of alerts.yml."""
+    (tmp_path / "platform" / "prometheus").mkdir(parents=True)
+    (tmp_path / "platform" / "prometheus" / "alerts.yml").write_text(rules)
+    (tmp_path / "tests" / "unit").mkdir(parents=True)
+    (tmp_path / "tests" / "unit" / "alerts_test.yml").write_text(ALERT_TESTS.read_text())
+    return run_promtool("test", "rules", "tests/unit/alerts_test.yml", cwd=tmp_path)
+
+
+def failed_alerts(out) -> set[str]:
+    return set(re.findall(r"alertname: (\w+), time:", out.stdout + out.stderr))
+
+
 def test_promtool_catches_a_broken_rule_and_a_changed_bound(tmp_path):
     text = ALERTS.read_text()
     (tmp_path / "bad.yml").write_text(text.replace("moe:serve_error_ratio:5m > 0.02", "moe:serve_error_ratio:5m >"))
     assert run_promtool("check", "rules", str(tmp_path / "bad.yml")).returncode != 0
     # the unit tests fail when a bound moves: 5% errors no longer page at a 10% bound
-    (tmp_path / "platform" / "prometheus").mkdir(parents=True)
-    (tmp_path / "platform" / "prometheus" / "alerts.yml").write_text(
-        text.replace("moe:serve_error_ratio:5m > 0.02", "moe:serve_error_ratio:5m > 0.10"))
-    (tmp_path / "tests" / "unit").mkdir(parents=True)
-    (tmp_path / "tests" / "unit" / "alerts_test.yml").write_text(ALERT_TESTS.read_text())
-    out = run_promtool("test", "rules", "tests/unit/alerts_test.yml", cwd=tmp_path)
+    out = unit_tests_against(tmp_path, text.replace("moe:serve_error_ratio:5m > 0.02",
+                                                    "moe:serve_error_ratio:5m > 0.10"))
     assert out.returncode != 0 and "MoeServeErrorRate" in out.stdout + out.stderr
+
+
+API_ROUTES = 'route=~".*/v1/.+"'
+
+
+def test_scrapes_and_probes_do_not_dilute_the_request_ratios(tmp_path):
+    """Both ratios count /v1 routes only. Counting every route (the matcher dropped), the scrape-heavy app's 5% errors
+    and 2% 429s fall under the bounds, and the unit tests fail on exactly those two alerts."""
+    rules = {r.get("alert") or r["record"]: r["expr"] for r in alert_rules()}
+    for name in ("moe:serve_error_ratio:5m", "MoeServeOverloaded"):
+        expr = rules[name]
+        assert expr.count("ray_serve_num_http_requests_total{") == expr.count(API_ROUTES) == 2, name
+    text = ALERTS.read_text()
+    out = unit_tests_against(tmp_path, text.replace(API_ROUTES + ", ", "").replace("{" + API_ROUTES + "}", ""))
+    report = out.stdout + out.stderr
+    assert out.returncode != 0 and failed_alerts(out) == {"MoeServeErrorRate", "MoeServeOverloaded"}, report
+    assert 'application="scraped"} 5E-02' in report  # and the recorded ratio moved
+
+
+def test_a_first_rollback_alerts_although_its_series_starts_at_one(tmp_path):
+    """Ray exports a counter from its first count on: increase() alone misses a controller's first rollback."""
+    doc = yaml.safe_load(ALERTS.read_text())
+    (rule,) = [r for g in doc["groups"] for r in g["rules"] if r.get("alert") == "MoeServeRolloutRolledBack"]
+    alone = "sum by (model) (increase(ray_moe_serve_rollout_rollbacks_total[15m])) > 0"
+    assert rule["expr"].startswith(alone + "\n")
+    rule["expr"] = alone
+    out = unit_tests_against(tmp_path, yaml.safe_dump(doc, sort_keys=False))
+    report = out.stdout + out.stderr
+    assert out.returncode != 0 and failed_alerts(out) == {"MoeServeRolloutRolledBack"}, report
+    assert 'model="fresh"' in report
 
 
 def test_alert_rules_use_registered_metrics():

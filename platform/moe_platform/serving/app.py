@@ -1,7 +1,8 @@
 """The Ray Serve application: a thin deployment around `Engine`, routing FastAPI endpoints to `OpenAIFrontend`.
 
 Run it with `serve run serve/config.yaml` / `serve deploy serve/config.yaml` (import path
-`moe_platform.serving.app:build_app`), or from Python with `run_server(model_dir)` (what `moe-platform serve` calls).
+`moe_platform.serving.app:build_app`), with `moe-platform serve` (`start_server`, stopped on SIGTERM or SIGINT), or
+from Python with `run_server(model_dir)`.
 
 Operations:
 - overload: the engine's bounded queue answers 429 JSON with Retry-After; `max_ongoing_requests` and
@@ -80,8 +81,8 @@ class AppArgs(BaseModel):
                                    "registry://NAME[@VERSION] (a version published to the object-store registry)")
     model_name: str = Field(DEFAULT_MODEL_NAME, description="the model id clients send and /v1/models lists")
     api_key: str | None = Field(None, description="require 'Authorization: Bearer <api_key>' on /v1/*")
-    admin_api_key: str | None = Field(None, description="key of the admin routes (adapter load/unload); defaults "
-                                                        "to api_key; with neither they are off")
+    admin_api_key: str | None = Field(None, description="key of the admin routes (/admin/rollout, adapter load/"
+                                      "unload); never api_key: without it they are off (403)")
     adapters: dict[str, str] = Field(default_factory=dict, description="LoRA adapters to load at start, name -> "
                                      "directory or registry://NAME[@VERSION]; needs engine.max_loras")
     version: str = Field("stable", pattern=rf"^{_VERSION_NAME}$",
@@ -129,6 +130,13 @@ class AppArgs(BaseModel):
             raise ValueError(f"versions {bad}: names are letters, digits, '.', '_' or '-', and differ from version "
                              f"{self.version!r} (the name of `model`)")
         TrafficSplit.of(self.traffic or {self.version: PERCENT}, [self.version, *self.versions])  # says what is wrong
+        return self
+
+    @model_validator(mode="after")
+    def _keys(self):
+        if self.admin_api_key and self.admin_api_key == self.api_key:
+            raise ValueError("admin_api_key must differ from api_key: every API client holds the API key, and the "
+                             "admin key moves traffic and loads models")
         return self
 
     def engine_options(self) -> dict:
@@ -427,7 +435,8 @@ class MoEServer:
             engine.generate("\n", SamplingParams(max_tokens=1, temperature=0))  # health check: one real token
         except Exception as e:  # noqa: BLE001 - reported to the controller, which rolls back
             logger.exception("loading version %r from %s failed", name, source)
-            self._loading[name] = f"{type(e).__name__}: {e}"
+            # what the rollout status (an admin route) shows: no server path, no word on what exists there
+            self._loading[name] = f"version {name!r} could not be loaded ({type(e).__name__}; the replica log says why)"
             return
         self._others = {**self._others, name: engine}  # a new dict: request threads iterate the old one
         del self._loading[name]
@@ -452,7 +461,12 @@ class MoEServer:
             if action == "status":
                 return await ask(self._controller.status.remote())
             if action == "start":
-                spec = read_probe_file({k: v for k, v in body.items() if k not in ("action", "by")}, self._base_dir)
+                try:
+                    spec = read_probe_file({k: v for k, v in body.items() if k not in ("action", "by")}, self._base_dir)
+                except RolloutError as e:  # its message names the server path and what is (not) there: logged only
+                    logger.warning("admin rollout start: %s", e)
+                    raise RolloutError("gates.quality.file could not be read as probe prompts on this server (the "
+                                       "replica log says why)") from None
                 return await ask(self._controller.start.remote(spec, by))
             if action == "traffic":
                 weights = body.get("weights")

@@ -6,6 +6,10 @@ OpenAI server uses (`vllm:num_requests_running`, `vllm:kv_cache_usage_perc`, `vl
 `vllm:prefix_cache_hits_total`, ...), so dashboards and autoscalers written for vLLM read this app as they read a
 vLLM server, whichever replica answers the scrape. The same figures, per replica and per version, also go to Ray's
 metrics as `ray_moe_serve_*`.
+
+Every series here exists from the app's first scrape, at 0, labelled ones included (`moe_serve_app_requests_total` for
+each status class): a counter that first appears holding its first count hides that count from `rate()` and
+`increase()`, which is what happens to Ray's own counters (ray.util.metrics cannot add 0).
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ class AppMetrics:
     GAUGES = ("running", "waiting", "kv_cache_used", "kv_cache_capacity")
     COUNTERS = ("prompt_tokens", "generated_tokens", "prefix_cache_queries", "prefix_cache_hits", "num_preemptions")
     ENGINE_KEYS = GAUGES + COUNTERS  # what a replica reports of each engine's stats
+    STATUS_CLASSES = ("2xx", "5xx")  # of finished completion requests (replicas report served and failed ones)
 
     def __init__(self, model_name: str, replica_ttl_s: float = 10.0):
         self.model_name = model_name
@@ -127,6 +132,11 @@ class AppMetrics:
                [f"vllm:generation_tokens_total{{{labels}}} {total['generated_tokens']:g}"])
         metric("vllm:request_success_total", "counter", "Count of successfully processed requests.",
                [f"vllm:request_success_total{{{labels}}} {self.succeeded}"])
+        by_status = {"2xx": self.succeeded, "5xx": self.failed}
+        metric("moe_serve_app_requests_total", "counter", "Finished completion requests by HTTP status class (2xx "
+               "served, 5xx failed), over the app's replicas.",
+               [f'moe_serve_app_requests_total{{{labels},status="{status}"}} {by_status[status]}'
+                for status in self.STATUS_CLASSES])
         metric("vllm:time_to_first_token_seconds", "histogram", "Histogram of time to first token in seconds.",
                self.ttft.lines("vllm:time_to_first_token_seconds", labels))
         metric("vllm:e2e_request_latency_seconds", "histogram", "Histogram of end to end request latency in seconds.",
