@@ -276,10 +276,10 @@ def test_api_key_is_required_when_configured(server):
 
 
 def test_engine_stats_export_to_ray_metrics(server, local):
-    from moe_platform.serving.app import _RayMetrics
+    from moe_platform.serving.replica_metrics import RayMetrics
 
     local.generate("ROMEO:", SamplingParams(max_tokens=4, temperature=0))
-    metrics = _RayMetrics("test-model")
+    metrics = RayMetrics("test-model")
     metrics.export(local)
     metrics.export(local)  # deltas: nothing new is counted twice
     assert local.drain_latency_samples() == ([], [])
