@@ -1,14 +1,16 @@
 """`bench/goodput.py --launcher ray`: goodput measured under Ray Train itself, on a real multi-node Ray on this
-machine (ray.cluster_utils.Cluster: a head with no CPU and one spot worker node with the training worker).
+machine (ray.cluster_utils.Cluster: a head with no CPU and two spot worker nodes of one CPU each; the one-worker run
+uses one of them, the other stands by, as in a pool of spot VMs with one to spare).
 
 Three runs of the same N steps, each on a fresh cluster:
 - baseline: no preemption;
 - notice: every T seconds of training, the cloud publishes a spot terminate notice (AWS IMDSv2, real HTTP on
-  loopback) with a deadline D seconds ahead; the node's spot agent (`moe-platform spot-agent`) drains the node;
-  the worker writes a just-in-time checkpoint and waits; at the deadline the node vanishes and a fresh node joins
-  (what the autoscaler does), where Ray Train restarts the worker at deadline + failure.preemption_grace_s;
-- kill: every T seconds the node vanishes with no notice (hard kill) and a fresh node joins; Ray Train restarts the
-  worker, which resumes from the latest periodic checkpoint.
+  loopback; each VM has its own metadata server) for the node that holds the worker, D seconds ahead; that node's
+  spot agent (`moe-platform spot-agent`) drains it; the worker writes a just-in-time checkpoint, and Ray Train
+  restarts it right away on the node that stays (a draining node takes no new workers); at the deadline the drained
+  node vanishes and a fresh one joins (what the autoscaler does);
+- kill: every T seconds the node that holds the worker vanishes with no notice and a fresh node joins; Ray Train
+  restarts the worker on the node that stays, which resumes from the latest periodic checkpoint.
 Goodput = baseline wall time / the run's wall time. Lost steps per preemption come from the trainer's resume events
 (steps logged after the checkpoint it resumed from, computed again)."""
 
@@ -23,6 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # the multi-node cluster and the metadata server the tests use
 
+from _output import subplots  # noqa: E402
 from tinyrun import (  # noqa: E402
     FakeCloud,
     free_port,
@@ -34,13 +37,35 @@ from tinyrun import (  # noqa: E402
 )
 
 
-def _preempt(mode: str, cluster, cloud, run_dir: Path, every_s: float, deadline_s: float, steps: int,
-             running, log: dict) -> None:
-    """Every `every_s` seconds of training, reclaim the worker node (with or without notice) and add a fresh one,
-    while `running()`. Records when and at which step each preemption came. On the main thread: Ray's
+def _training_node(cluster):
+    """The worker node that holds the training worker: where Ray Train's live placement group is (public API)."""
+    from ray.util import placement_group_table
+
+    held = {node for pg in placement_group_table().values() if pg["state"] == "CREATED"
+            for node in pg["bundles_to_node_id"].values()}
+    return next((n for n in cluster.worker_nodes if n.node_id in held), None)
+
+
+def _add_spot_node(cluster):
+    node = cluster.add_node(num_cpus=1, dashboard_agent_listen_port=free_port())
+    cluster.wait_for_nodes()
+    return node
+
+
+def _preempt(mode: str, cluster, run_dir: Path, every_s: float, deadline_s: float, steps: int, running,
+             log: dict) -> None:
+    """Every `every_s` seconds of training, reclaim the node that holds the worker (with or without notice) and add
+    a fresh one, while `running()`. Records when and at which step each preemption came. On the main thread: Ray's
     Cluster.add_node installs signal handlers."""
-    node = next(iter(cluster.worker_nodes))
-    agent = cloud.start_agent(cluster.address, node.node_id) if mode == "notice" else None
+    watched: dict[str, tuple] = {}  # node id -> (its metadata server, its spot agent)
+
+    def watch(node) -> None:
+        if mode == "notice":
+            cloud = FakeCloud()
+            watched[node.node_id] = (cloud, cloud.start_agent(cluster.address, node.node_id))
+
+    for node in cluster.worker_nodes:
+        watch(node)
     try:
         while running():
             start = last_logged_step(run_dir)
@@ -49,22 +74,27 @@ def _preempt(mode: str, cluster, cloud, run_dir: Path, every_s: float, deadline_
             poll(lambda e=end: time.monotonic() > e or not running(), every_s + 1, "the next preemption")
             if not running() or last_logged_step(run_dir) >= steps - 5:
                 break
+            node = poll(lambda: _training_node(cluster) or not running(), 60, "the training worker's node")
+            if node is True:
+                break
             event = {"at_step": last_logged_step(run_dir), "t": time.monotonic()}
             if mode == "notice":
+                cloud, agent = watched.pop(node.node_id)
                 deadline = cloud.publish_aws_terminate(deadline_s)
                 out, err = agent.communicate(timeout=60)
                 if agent.returncode != 0:
                     raise RuntimeError(f"the spot agent failed: {err[-2000:]}")
                 poll(lambda d=deadline: time.monotonic() > d, deadline_s + 5, "the deadline")
+                event["resumed_before_deadline"] = last_logged_step(run_dir) > event["at_step"]
+                cloud.close()
             cluster.remove_node(node, allow_graceful=False)
-            cloud.state["aws_action"] = None  # the next VM has no notice yet
-            node = cluster.add_node(num_cpus=1, dashboard_agent_listen_port=free_port())  # the old one may linger
-            cluster.wait_for_nodes()
-            agent = cloud.start_agent(cluster.address, node.node_id) if mode == "notice" else None
+            watch(_add_spot_node(cluster))  # the old one may linger
             log["preemptions"].append(event)
     finally:
-        if agent is not None and agent.poll() is None:
-            agent.kill()
+        for cloud, agent in watched.values():
+            if agent.poll() is None:
+                agent.kill()
+            cloud.close()
 
 
 def run_once(mode: str, overrides: list[str], storage: Path, every_s: float, deadline_s: float) -> dict:
@@ -74,11 +104,12 @@ def run_once(mode: str, overrides: list[str], storage: Path, every_s: float, dea
     cfg = load_config(None, overrides)
     run_dir = Path(cfg.run.storage_path) / cfg.run.name
     log: dict = {"mode": mode, "preemptions": []}
-    with node_cluster(head_cpus=0, worker_cpus=1) as cluster, FakeCloud() as cloud:
+    with node_cluster(head_cpus=0, worker_cpus=1) as cluster:
+        _add_spot_node(cluster)  # the one to spare (in the baseline too: the same cluster in every run)
         t0 = time.monotonic()
         thread, out = start_in_background(lambda: launch_ray(cfg, progress=False))
         if mode != "baseline":
-            _preempt(mode, cluster, cloud, run_dir, every_s, deadline_s, cfg.train.steps, thread.is_alive, log)
+            _preempt(mode, cluster, run_dir, every_s, deadline_s, cfg.train.steps, thread.is_alive, log)
         thread.join()
         wall = time.monotonic() - t0
     if "error" in out:
@@ -115,18 +146,17 @@ def measure(args, overrides_for) -> dict:
         summary[mode] = {"preemptions": n, "goodput": base / r["wall_s"],
                          "lost_steps_per_preemption": sum(r["lost_steps"]) / n if n else 0.0,
                          "cost_per_preemption_s": (r["wall_s"] - base) / n if n else 0.0}
+    notice_cost, kill_cost = summary["notice"]["cost_per_preemption_s"], summary["kill"]["cost_per_preemption_s"]
     return {"args": {k: v for k, v in vars(args).items() if k != "child"}, "cpus": os.cpu_count(),
             "loadavg": os.getloadavg(), "runs": runs, "summary": summary,
+            # the targets: a notice costs <= 0.6x a kill, and goodput >= 0.97 at one notice per period (arithmetic)
+            "notice_cost_vs_kill": notice_cost / kill_cost if kill_cost > 0 else None,
+            "goodput_at_period": {"notice": 1 - notice_cost / args.period, "kill": 1 - kill_cost / args.period},
             "env": {"RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": os.environ["RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S"]}}
 
 
-def plot(result: dict, out_png: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 3.6))
+def plot(result: dict):
+    fig, ax = subplots(figsize=(7, 3.6))
     modes = ["baseline", "notice", "kill"]
     walls = [result["runs"][m]["wall_s"] for m in modes]
     labels = ["no preemption", "reclaim notice\n(spot agent drains)", "hard kill\n(no notice)"]
@@ -140,4 +170,4 @@ def plot(result: dict, out_png: str) -> None:
     ax.set_title(f"Ray Train, preemption every {result['args']['interrupt_every']:.0f} s of training")
     ax.set_ylim(0, max(walls) * 1.3)
     fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
+    return fig

@@ -113,11 +113,14 @@ def goodput_ray(r: dict, period_s: float) -> str:
                     "cost / preemption s"], rows)
     a = r["args"]
     notice, kill = r["summary"]["notice"], r["summary"]["kill"]
-    return (f"{table}\n\nUnder Ray Train, one worker, {a['steps']} steps, checkpoint every {a['checkpoint_interval']} "
+    text = (f"{table}\n\nUnder Ray Train, one worker, {a['steps']} steps, checkpoint every {a['checkpoint_interval']} "
             f"steps, a preemption every {a['interrupt_every']:.0f} s of training, notices {a['notice_deadline']:.0f} s "
             f"ahead. Extrapolated with each measured cost to one preemption per {period_s / 60:.0f} minutes: "
             f"notice **{1 - notice['cost_per_preemption_s'] / period_s:.3f}**, hard kill "
             f"**{1 - kill['cost_per_preemption_s'] / period_s:.3f}**")
+    if r.get("notice_cost_vs_kill") is not None:
+        text += f"; a notice costs **{r['notice_cost_vs_kill']:.2f}×** a hard kill"
+    return text
 
 
 def serve(d: dict) -> str:

@@ -9,7 +9,6 @@ the same run, the modes taking turns.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
 import sys
@@ -20,9 +19,12 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "platform"))
+sys.path.insert(0, str(REPO / "bench"))
 
 import torch  # noqa: E402
 
+from _output import add_output_args, save_result, subplots  # noqa: E402
+from _training import add_shape_args  # noqa: E402
 from moe_platform.config import load_config  # noqa: E402
 from moe_platform.model.args import ModelArgs  # noqa: E402
 from moe_platform.model.transformer import build_model  # noqa: E402
@@ -32,15 +34,10 @@ from moe_platform.train.checkpointing import AsyncCheckpointer, take_snapshot  #
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dim", type=int, default=512)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--experts", type=int, default=16)
-    p.add_argument("--intermediate", type=int, default=1024)
-    p.add_argument("--vocab", type=int, default=8192)
+    add_shape_args(p, dim=512, layers=8, experts=16, intermediate=1024, vocab=8192)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dir", default=None, help="where to write (default: a temporary directory)")
-    p.add_argument("--out-json", default=str(REPO / "docs" / "bench_checkpoint.json"))
-    p.add_argument("--out-png", default=str(REPO / "docs" / "bench_checkpoint.png"))
+    add_output_args(p, "checkpoint")
     args = p.parse_args(argv)
 
     margs = ModelArgs(vocab_size=args.vocab, dim=args.dim, n_layers=args.layers, n_heads=8, n_kv_heads=4,
@@ -95,24 +92,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{label:<36}{med[key]:>22.3f}")
     print(f"async / sync blocking: ours {ratio:.3f} (target <= 0.05), DCP {dcp_ratio:.3f}")
     print(f"async blocking, ours / DCP async_save: {med['async'] / med['dcp_async']:.3f}")
-    Path(args.out_json).write_text(json.dumps({"args": vars(args), "params": n_params, "state_bytes": state_bytes,
-                                               "torch": torch.__version__, "results": results, "median": med,
-                                               "ratio": ratio, "dcp_ratio": dcp_ratio,
-                                               "async_vs_dcp_async": med["async"] / med["dcp_async"]}, indent=2))
-    import matplotlib
+    save_result({"args": vars(args), "params": n_params, "state_bytes": state_bytes, "torch": torch.__version__,
+                 "results": results, "median": med, "ratio": ratio, "dcp_ratio": dcp_ratio,
+                 "async_vs_dcp_async": med["async"] / med["dcp_async"]}, args.out_json, args.out_png, plot)
+    return 0
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+def plot(result: dict):
+    med, ratio, dcp_ratio = result["median"], result["ratio"], result["dcp_ratio"]
+    fig, ax = subplots(figsize=(7, 3.5))
     ax.bar(["ours sync", "ours async", "DCP save", "DCP async_save"],
            [med["sync"], med["async"], med["dcp_sync"], med["dcp_async"]],
            color=["tab:gray", "tab:green", "tab:gray", "tab:blue"])
     ax.set_ylabel("seconds the training step is blocked")
-    ax.set_title(f"checkpoint of {state_bytes / 2**20:.0f} MiB: async/sync ours {ratio:.3f}, DCP {dcp_ratio:.3f}")
+    ax.set_title(f"checkpoint of {result['state_bytes'] / 2**20:.0f} MiB: async/sync ours {ratio:.3f}, "
+                 f"DCP {dcp_ratio:.3f}")
     fig.tight_layout()
-    fig.savefig(args.out_png, dpi=100)
-    return 0
+    return fig
 
 
 if __name__ == "__main__":

@@ -35,7 +35,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "platform"))
 sys.path.insert(0, str(REPO / "bench"))
 
-from _training import add_shape_args, run_overrides  # noqa: E402
+from _output import add_output_args, save_result, subplots  # noqa: E402
+from _training import RUN_SHAPE, add_shape_args, run_overrides  # noqa: E402
 from moe_platform.checkpoint import checkpoint_step  # noqa: E402
 from moe_platform.checkpoint.store import latest_checkpoint  # noqa: E402
 
@@ -146,11 +147,12 @@ def main_ray(args) -> int:
     for mode, s in result["summary"].items():
         print(f"{mode}: goodput {s['goodput']:.3f} over {s['preemptions']} preemptions, "
               f"{s['lost_steps_per_preemption']:.1f} lost steps and {s['cost_per_preemption_s']:.1f} s per preemption")
-    out = Path(args.out_json)
-    recorded = json.loads(out.read_text()) if out.exists() else {}
-    recorded["ray"] = result
-    out.write_text(json.dumps(recorded, indent=2))
-    _goodput_ray.plot(result, str(Path(args.out_png).with_name("bench_goodput_ray.png")))
+    ratio, at = result["notice_cost_vs_kill"], result["goodput_at_period"]
+    print(f"notice cost / kill cost = {ratio:.2f} (target <= 0.6); goodput at one preemption per "
+          f"{args.period / 60:.0f} min: notice {at['notice']:.3f} (target >= 0.97), kill {at['kill']:.3f}")
+    # under "ray" in the local launcher's JSON, its figures staying from their own run
+    save_result(result, args.out_json, Path(args.out_png).with_name("bench_goodput_ray.png"), _goodput_ray.plot,
+                merge_key="ray")
     return 0
 
 
@@ -164,12 +166,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-attempts", type=int, default=30)
     p.add_argument("--dp", type=int, default=2)
     p.add_argument("--launcher", choices=("local", "ray"), default="local",
-                   help="local: SIGKILL the whole job; ray: Ray Train with notices and hard kills (one worker)")
+                   help="local: SIGKILL the whole job; ray: Ray Train with notices and hard kills (one worker, "
+                        "two spot nodes: one holds it, one stands by)")
     p.add_argument("--notice-deadline", type=float, default=10.0,
                    help="ray: seconds between a reclaim notice and the node vanishing (AWS gives 120)")
-    add_shape_args(p)
-    p.add_argument("--out-json", default=str(REPO / "docs" / "bench_goodput.json"))
-    p.add_argument("--out-png", default=str(REPO / "docs" / "bench_goodput.png"))
+    add_shape_args(p, **RUN_SHAPE)
+    add_output_args(p, "goodput")
     args = p.parse_args(argv)
     if args.child is not None:
         return child(args.child)
@@ -229,21 +231,17 @@ def main(argv: list[str] | None = None) -> int:
         "cost_per_preemption_s": cost, "formula": "goodput(P) = 1 - cost_per_preemption_s / P",
         "period_s": args.period, "goodput_at_period": goodput_p, "goodput_at_period_half_interval_lost":
             goodput_p_random, "cut_metrics_lines": sum(a["cut_lines"] for a in attempts)}
-    out = Path(args.out_json)
-    if out.exists() and "ray" in (previous := json.loads(out.read_text())):
-        result["ray"] = previous["ray"]  # the other launcher's figures, from its own run
-    out.write_text(json.dumps(result, indent=2))
+    save_result(result, args.out_json, args.out_png, plot, keep=("ray",))  # "ray": the other launcher's, its own run
+    return 0
 
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 3.8))
-    bt = baseline["step_times"]
+def plot(result: dict):
+    args = result["args"]
+    fig, ax = subplots(figsize=(7, 3.8))
+    bt = result["baseline"]["step_times"]
     ax.plot(list(bt.values()), list(bt), color="tab:gray", label="uninterrupted")
     offset = 0.0
-    for i, a in enumerate(attempts):
+    for i, a in enumerate(result["attempts"]):
         t = a["step_times"]
         ax.plot([offset + v for v in t.values()], list(t), color="tab:red",
                 label="SIGKILL every T s" if i == 0 else None)
@@ -252,12 +250,11 @@ def main(argv: list[str] | None = None) -> int:
             ax.axvline(offset, color="tab:red", alpha=0.3, lw=0.8)
     ax.set_xlabel("wall seconds")
     ax.set_ylabel("training step reached")
-    ax.set_title(f"goodput {goodput_measured:.2f} at T={args.interrupt_every:.0f} s; "
-                 f"extrapolated {goodput_p:.3f} at one preemption / {args.period / 60:.0f} min")
+    ax.set_title(f"goodput {result['goodput_measured']:.2f} at T={args['interrupt_every']:.0f} s; "
+                 f"extrapolated {result['goodput_at_period']:.3f} at one preemption / {args['period'] / 60:.0f} min")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(args.out_png, dpi=100)
-    return 0
+    return fig
 
 
 if __name__ == "__main__":

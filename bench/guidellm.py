@@ -21,6 +21,7 @@ import argparse
 import json
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +29,10 @@ from pathlib import Path
 import httpx
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+
+from _output import add_output_args, save_result, subplots  # noqa: E402
+
 MODEL = "moe-platform"
 
 
@@ -39,8 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output-tokens", type=int, default=32)
     p.add_argument("--guidellm", default="guidellm", help="the guidellm executable")
     p.add_argument("--port", type=int, default=0)
-    p.add_argument("--out-json", default=str(REPO / "docs" / "bench_guidellm.json"))
-    p.add_argument("--out-png", default=str(REPO / "docs" / "bench_guidellm.png"))
+    add_output_args(p, "guidellm")
     p.add_argument("--out-report", default=str(REPO / "docs" / "guidellm_report.json"),
                    help="guidellm's own JSON report of the last rate")
     return p.parse_args(argv)
@@ -150,20 +154,14 @@ def main(argv=None) -> int:
                                                                     "output_tokens")},
                 "guidellm_version": version, "results": rows, "counts_agree": counts_agree}
     print(f"guidellm {version}: tokens per request {'agree' if counts_agree else 'DISAGREE'} at every rate")
-    Path(args.out_json).write_text(json.dumps(recorded, indent=2))
-    plot(recorded, Path(args.out_png))
+    save_result(recorded, args.out_json, args.out_png, plot, dpi=110)
     return 0
 
 
-def plot(recorded: dict, png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(recorded: dict):
     rows = recorded["results"]
     rates = [r["rate"] for r in rows]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, axes = subplots(1, 2, figsize=(10, 3.6))
     for ax, key, label in zip(axes, ("mean_latency_s", "mean_ttft_s"), ("mean end-to-end latency (ms)",
                                                                        "mean time to first token (ms)"), strict=True):
         ax.plot(rates, [r["guidellm"][key] * 1e3 for r in rows], "o-", label="guidellm (client)")
@@ -173,7 +171,7 @@ def plot(recorded: dict, png: Path) -> None:
         ax.legend(fontsize=8)
     fig.suptitle(f"guidellm {recorded['guidellm_version']} against our server's own figures (same run)")
     fig.tight_layout()
-    fig.savefig(png, dpi=110)
+    return fig
 
 
 if __name__ == "__main__":

@@ -21,9 +21,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.util
-import json
 import random
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,6 +31,9 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+
+from _output import add_output_args, save_result, subplots  # noqa: E402
 
 
 def _serve_bench():
@@ -57,8 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out-json", default=str(REPO / "docs" / "bench_kv_cache.json"))
-    p.add_argument("--out-png", default=str(REPO / "docs" / "bench_kv_cache.png"))
+    add_output_args(p, "kv_cache")
     return p.parse_args(argv)
 
 
@@ -163,18 +165,12 @@ def main(argv=None) -> int:
           f"{recorded['tokens_per_s_ratio']:.2f}x")
     print(f"mean TTFT without ÷ with prefix caching: {ttft_ratio:.2f}x (target 5x); hit rate "
           f"{prefix['with']['hit_rate']:.3f}")
-    Path(args.out_json).write_text(json.dumps(recorded, indent=2))
-    plot(recorded, Path(args.out_png))
+    save_result(recorded, args.out_json, args.out_png, plot, dpi=110)
     return 0
 
 
-def plot(recorded: dict, png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+def plot(recorded: dict):
+    fig, (a, b) = subplots(1, 2, figsize=(10, 3.6))
     conc = recorded["concurrency"]
     a.bar([c["layout"] for c in conc], [c["peak_running"] for c in conc], color=["tab:gray", "tab:blue"])
     for i, c in enumerate(conc):
@@ -192,7 +188,7 @@ def plot(recorded: dict, png: Path) -> None:
                 fontsize=9)
     b.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(png, dpi=110)
+    return fig
 
 
 if __name__ == "__main__":

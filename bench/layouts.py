@@ -10,7 +10,6 @@ the share of each stage's wall time not spent on its 1/pp of the work, compared 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -20,7 +19,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "platform"))
 sys.path.insert(0, str(REPO / "bench"))
 
-from _training import add_shape_args, run_overrides  # noqa: E402
+from _output import add_output_args, save_result, subplots  # noqa: E402
+from _training import RUN_SHAPE, add_shape_args, run_overrides  # noqa: E402
 from moe_platform.config import load_config  # noqa: E402
 from moe_platform.train.launch import launch_local  # noqa: E402
 from moe_platform.train.metrics import MetricsLog  # noqa: E402
@@ -57,9 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--warmup-steps", type=int, default=3, help="first steps left out of the median")
     p.add_argument("--micro-batches", type=int, default=4, help="micro-batches per step (default 4)")
-    add_shape_args(p, global_batch=16, max_bytes=400_000)
-    p.add_argument("--out-json", default=str(REPO / "docs" / "bench_layouts.json"))
-    p.add_argument("--out-png", default=str(REPO / "docs" / "bench_layouts.png"))
+    add_shape_args(p, **(RUN_SHAPE | {"global_batch": 16, "max_bytes": 400_000}))
+    add_output_args(p, "layouts")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         rows = [run_layout(name, args, Path(tmp)) for name in args.layouts]
@@ -76,13 +75,13 @@ def main(argv: list[str] | None = None) -> int:
         ratio = f"{r['speedup_vs_single']:.2f}" if r["speedup_vs_single"] else "-"
         print(f"{r['name'] + ' ' + r['layout']:<22}{r['micro_batches_per_rank']:>7}{r['step_s']:>9.3f}"
               f"{r['tokens_per_s']:>10.0f}{ratio:>10}{bub:>9}{theory:>7}")
-    Path(args.out_json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
-    import matplotlib
+    save_result({"args": vars(args), "rows": rows}, args.out_json, args.out_png, plot)
+    return 0
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+def plot(result: dict):
+    rows = result["rows"]
+    fig, (a1, a2) = subplots(1, 2, figsize=(11, 4))
     a1.bar([r["name"] for r in rows], [r["tokens_per_s"] for r in rows], color="tab:blue")
     a1.set_ylabel("tokens/s")
     a1.set_title("training throughput per layout")
@@ -97,9 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         a2.set_title("pipeline bubble")
         a2.legend()
     fig.tight_layout()
-    fig.savefig(args.out_png, dpi=100)
-    print(f"wrote {args.out_json} and {args.out_png}")
-    return 0
+    return fig
 
 
 if __name__ == "__main__":

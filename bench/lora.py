@@ -29,11 +29,15 @@ sys.path.insert(0, str(REPO / "platform"))
 sys.path.insert(0, str(REPO / "scripts"))
 sys.path.insert(0, str(REPO / "bench"))
 
+from _output import add_output_args, save_result, subplots  # noqa: E402
 from _peak import peak_bytes, reset_peak, run_case  # noqa: E402
+from _training import add_shape_args  # noqa: E402
 
 ATTENTION = "q_proj,k_proj,v_proj,o_proj"
 CASES = [("ours", "full", ""), ("ours", "lora", ATTENTION), ("ours", "lora", ATTENTION + ",experts"),
          ("peft", "lora", ATTENTION)]
+# the options each case process is given, and the args recorded in the JSON
+RECORDED = ("dim", "layers", "experts", "moe_intermediate", "vocab", "rank", "batch", "seq", "steps", "device")
 
 
 def _state_bytes(optimizer) -> int:
@@ -111,18 +115,11 @@ def _worker(args) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dim", type=int, default=256)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--experts", type=int, default=8)
-    p.add_argument("--moe-intermediate", type=int, default=256)
-    p.add_argument("--vocab", type=int, default=2048)
+    add_shape_args(p, dim=256, layers=8, experts=8, moe_intermediate=256, vocab=2048, batch=8, seq=256)
     p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq", type=int, default=256)
     p.add_argument("--steps", type=int, default=3, help="measured steps per case (after one warm-up step)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--out-json", type=Path, default=REPO / "docs" / "bench_lora.json")
-    p.add_argument("--out-png", type=Path, default=REPO / "docs" / "bench_lora.png")
+    add_output_args(p, "lora")
     p.add_argument("--impl", help=argparse.SUPPRESS)
     p.add_argument("--mode", help=argparse.SUPPRESS)
     p.add_argument("--targets", default="", help=argparse.SUPPRESS)
@@ -133,7 +130,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from tiny_chat_model import build
 
-    shape = ("dim", "layers", "experts", "moe_intermediate", "vocab", "rank", "batch", "seq", "steps", "device")
     with tempfile.TemporaryDirectory(prefix="bench-lora-") as tmp:
         work = Path(tmp)
         build(work / "model", work / "chat.jsonl", rows=2000, hidden=args.dim, layers=args.layers,
@@ -141,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
               max_len=max(512, args.seq + 1))
         results = []
         for impl, mode, targets in CASES:
-            argv = [*(f"--{k.replace('_', '-')}={getattr(args, k)}" for k in shape), f"--impl={impl}",
+            argv = [*(f"--{k.replace('_', '-')}={getattr(args, k)}" for k in RECORDED), f"--impl={impl}",
                     f"--mode={mode}", f"--targets={targets}", f"--work={work}"]
             r = run_case(__file__, argv, f"{impl} {mode} {targets}")
             results.append(r)
@@ -161,14 +157,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"optimizer state ÷ full fine-tuning at rank {args.rank}: attention {summary['lora_state_vs_full']:.4f}, "
           f"attention + experts {summary['lora_experts_state_vs_full']:.4f} (target <= 0.05); ours ÷ peft (attention "
           f"LoRA): step time {summary['lora_step_vs_peft']:.2f}, peak {summary['lora_peak_vs_peft']:.2f}")
-    args.out_json.write_text(json.dumps({"args": {k: getattr(args, k) for k in shape}, "results": results,
-                                         **summary}, indent=2) + "\n")
-    import matplotlib
+    save_result({"args": {k: getattr(args, k) for k in RECORDED}, "results": results, **summary}, args.out_json,
+                args.out_png, plot)
+    return 0
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+def plot(result: dict):
+    results, a = result["results"], result["args"]
+    fig, axes = subplots(1, 2, figsize=(10, 3.8))
     kinds = ["attention + experts" if "experts" in r["targets"] else "attention" if r["targets"] else "all weights"
              for r in results]
     labels = [f"{r['impl']} {r['mode']}\n{kind}" for r, kind in zip(results, kinds, strict=True)]
@@ -177,12 +173,11 @@ def main(argv: list[str] | None = None) -> int:
     axes[0].set_ylabel("optimizer state, MiB")
     axes[0].set_yscale("log")
     axes[1].bar(labels, [r["peak_bytes"] / 2**20 for r in results], color=colors)
-    axes[1].set_ylabel(f"peak memory, MiB ({args.device})")
-    fig.suptitle(f"LoRA rank {args.rank} vs full fine-tuning, d={args.dim} L={args.layers} E={args.experts}, "
-                 f"{args.batch}x{args.seq} tokens")
+    axes[1].set_ylabel(f"peak memory, MiB ({a['device']})")
+    fig.suptitle(f"LoRA rank {a['rank']} vs full fine-tuning, d={a['dim']} L={a['layers']} E={a['experts']}, "
+                 f"{a['batch']}x{a['seq']} tokens")
     fig.tight_layout()
-    fig.savefig(args.out_png, dpi=100)
-    return 0
+    return fig
 
 
 if __name__ == "__main__":

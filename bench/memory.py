@@ -28,10 +28,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "platform"))
 sys.path.insert(0, str(REPO / "bench"))
 
+from _output import add_output_args, save_result, subplots  # noqa: E402
 from _peak import peak_bytes, reset_peak, run_case  # noqa: E402
+from _training import add_shape_args  # noqa: E402
 
 CASES = [("ours", "none"), ("ours", "full"), ("ours", "selective"), ("transformers", "none"),
          ("transformers", "full")]
+# the options each case process is given, and the args recorded in the JSON
+RECORDED = ("dim", "layers", "experts", "intermediate", "vocab", "batch", "seq", "steps", "device")
 
 
 def _worker(args) -> dict:
@@ -99,25 +103,17 @@ def _worker(args) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dim", type=int, default=256)
-    p.add_argument("--layers", type=int, default=12)
-    p.add_argument("--experts", type=int, default=8)
-    p.add_argument("--intermediate", type=int, default=512)
-    p.add_argument("--vocab", type=int, default=4096)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq", type=int, default=512)
+    add_shape_args(p, dim=256, layers=12, experts=8, intermediate=512, vocab=4096, batch=4, seq=512)
     p.add_argument("--steps", type=int, default=2, help="measured steps per case (after one warm-up step)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--out-json", type=Path, default=REPO / "docs" / "bench_memory.json")
-    p.add_argument("--out-png", type=Path, default=REPO / "docs" / "bench_memory.png")
+    add_output_args(p, "memory")
     p.add_argument("--impl", help=argparse.SUPPRESS)
     p.add_argument("--mode", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.impl:  # one case, in its own process
         print(json.dumps(_worker(args)))
         return 0
-    shape = [f"--{k}={getattr(args, k)}" for k in ("dim", "layers", "experts", "intermediate", "vocab", "batch",
-                                                   "seq", "steps", "device")]
+    shape = [f"--{k}={getattr(args, k)}" for k in RECORDED]
     results = []
     for impl, mode in CASES:
         r = run_case(__file__, [*shape, f"--impl={impl}", f"--mode={mode}"], f"{impl} {mode}")
@@ -136,25 +132,22 @@ def main(argv: list[str] | None = None) -> int:
     print(f"peak ÷ none: ours full {ours_full['peak_vs_none']:.3f}, selective {ours_sel['peak_vs_none']:.3f}, "
           f"transformers full {hf_full['peak_vs_none']:.3f}; ours full ÷ transformers full "
           f"{summary['full_vs_transformers_full_peak']:.3f}")
-    args.out_json.write_text(json.dumps({"args": {k: getattr(args, k) for k in ("dim", "layers", "experts",
-                                                                             "intermediate", "vocab", "batch", "seq",
-                                                                             "steps", "device")},
-                                         "results": results, **summary}, indent=2) + "\n")
-    import matplotlib
+    save_result({"args": {k: getattr(args, k) for k in RECORDED}, "results": results, **summary}, args.out_json,
+                args.out_png, plot)
+    return 0
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 3.8))
+def plot(result: dict):
+    results, a = result["results"], result["args"]
+    fig, ax = subplots(figsize=(8, 3.8))
     labels = [f"{r['impl']}\n{r['mode']}" for r in results]
     ax.bar(labels, [r["peak_bytes"] / 2**20 for r in results],
            color=["tab:green" if r["impl"] == "ours" else "tab:gray" for r in results])
-    ax.set_ylabel(f"peak step memory, MiB ({args.device})")
-    ax.set_title(f"activation checkpointing, d={args.dim} L={args.layers} E={args.experts} "
-                 f"{args.batch}x{args.seq} tokens")
+    ax.set_ylabel(f"peak step memory, MiB ({a['device']})")
+    ax.set_title(f"activation checkpointing, d={a['dim']} L={a['layers']} E={a['experts']} "
+                 f"{a['batch']}x{a['seq']} tokens")
     fig.tight_layout()
-    fig.savefig(args.out_png, dpi=100)
-    return 0
+    return fig
 
 
 if __name__ == "__main__":

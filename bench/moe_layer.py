@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 from unittest import mock
@@ -26,30 +26,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe_platform.model.args import ModelArgs
-from moe_platform.model.moe import MoE, SwiGLU
-from moe_platform.train.launch import free_port
-
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+
+from _output import add_output_args, save_result, subplots  # noqa: E402
+from _training import add_shape_args  # noqa: E402
+from moe_platform.model.args import ModelArgs  # noqa: E402
+from moe_platform.model.moe import MoE, SwiGLU  # noqa: E402
+from moe_platform.train.launch import free_port  # noqa: E402
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PEER = "deepspeed dropless"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--dim", type=int, default=512)
-    p.add_argument("--experts", type=int, default=16)
-    p.add_argument("--top-k", type=int, default=2)
-    p.add_argument("--intermediate", type=int, default=1024)
-    p.add_argument("--tokens", type=int, default=4096)
+    add_shape_args(p, dim=512, experts=16, top_k=2, intermediate=1024, tokens=4096)
     p.add_argument("--repeats", type=int, default=7, help="timed rounds (median reported); 2 warm-up rounds precede")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--no-deepspeed", action="store_true", help="skip the DeepSpeed rows (no peer ratio then)")
     p.add_argument("--only", default="", help="comma-separated name prefixes to run (the ceiling always runs)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out-json", default=str(REPO / "docs" / "bench_moe_layer.json"))
-    p.add_argument("--out-png", default=str(REPO / "docs" / "bench_moe_layer.png"))
+    add_output_args(p, "moe_layer")
     return p.parse_args(argv)
 
 
@@ -247,15 +246,10 @@ def print_table(report: dict) -> None:
         print(f"{r['name']:<28} {r['ms']:>11.1f} {r['gflops']:>9.1f} {r['frac_ceiling']:>11.2f} {ratio:>15}")
 
 
-def plot(report: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(report: dict):
     rows = report["results"]
     c = report["config"]
-    fig, ax = plt.subplots(figsize=(9, 4.5))
+    fig, ax = subplots(figsize=(9, 4.5))
     colors = ["tab:blue" if r["name"].startswith("ours") else "tab:gray" for r in rows]
     bars = ax.bar([r["name"] for r in rows], [r["frac_ceiling"] for r in rows], color=colors)
     for bar, r in zip(bars, rows, strict=True):
@@ -267,22 +261,17 @@ def plot(report: dict, path: str) -> None:
     ax.set_title(f"MoE layer, d={c['dim']}, E={c['experts']}, top-{c['top_k']}, I={c['intermediate']}, "
                  f"{c['tokens']} tokens, {c['device']} {c['dtype']} (labels: GFLOP/s)", fontsize=10)
     ax.legend(loc="upper right", fontsize=8)
-    plt.setp(ax.get_xticklabels(), rotation=20, ha="right", fontsize=8)
+    for label in ax.get_xticklabels():
+        label.set(rotation=20, ha="right", fontsize=8)
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
 def main(argv=None) -> int:
     opt = parse_args(argv)
     report = measure(opt)
     print_table(report)
-    if opt.out_json:
-        Path(opt.out_json).parent.mkdir(parents=True, exist_ok=True)
-        Path(opt.out_json).write_text(json.dumps(report, indent=2) + "\n")
-    if opt.out_png:
-        plot(report, opt.out_png)
+    save_result(report, opt.out_json, opt.out_png, plot, dpi=120)  # an empty --out-json/--out-png skips that file
     return 0
 
 

@@ -20,8 +20,8 @@ Targets: int8 perplexity within 1% of float32's.
 from __future__ import annotations
 
 import argparse
-import json
 import math
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,6 +29,10 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+
+from _output import add_output_args, save_result, subplots  # noqa: E402
+
 CORPUS = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 VARIANTS = (("float32", {"dtype": "float32"}), ("bfloat16", {"dtype": "bfloat16"}),
             ("int8", {"dtype": "float32", "quantization": "int8"}),
@@ -44,8 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--held-out-texts", type=int, default=64, help="held-out pieces of 600 characters scored")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu", help="cpu or cuda: where the engines serve")
-    p.add_argument("--out-json", default=str(REPO / "docs" / "bench_quant.json"))
-    p.add_argument("--out-png", default=str(REPO / "docs" / "bench_quant.png"))
+    add_output_args(p, "quant")
     return p.parse_args(argv)
 
 
@@ -177,20 +180,14 @@ def main(argv=None) -> int:
                 "target": "int8 perplexity within 1% of float32", "met": abs(int8["perplexity_vs_fp32"] - 1) <= 0.01}
     print(f"int8 perplexity ÷ float32: {int8['perplexity_vs_fp32']:.4f}; target within 1%: "
           f"{'met' if recorded['met'] else 'not met'}")
-    Path(args.out_json).write_text(json.dumps(recorded, indent=2))
-    plot(recorded, Path(args.out_png))
+    save_result(recorded, args.out_json, args.out_png, plot, dpi=110)
     return 0
 
 
-def plot(recorded: dict, png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(recorded: dict):
     rows = recorded["results"]
     names = [r["variant"] for r in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(11, 3.4))
+    fig, axes = subplots(1, 3, figsize=(11, 3.4))
     for ax, key, label in zip(axes, ("perplexity_vs_fp32", "bytes_vs_fp32", "tokens_per_s_vs_fp32"),
                               ("held-out perplexity ÷ float32", "weight bytes ÷ float32",
                                "decode tokens/s ÷ float32"), strict=True):
@@ -200,7 +197,7 @@ def plot(recorded: dict, png: Path) -> None:
         ax.set_title(label, fontsize=9)
     fig.suptitle("weight-only quantization for serving (same export, same run)")
     fig.tight_layout()
-    fig.savefig(png, dpi=110)
+    return fig
 
 
 if __name__ == "__main__":

@@ -30,7 +30,6 @@ bench_ray_overhead_pinned.png.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -42,7 +41,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "platform"))
 sys.path.insert(0, str(REPO / "bench"))
 
-from _training import add_shape_args, run_overrides  # noqa: E402
+from _output import add_output_args, save_result, subplots  # noqa: E402
+from _training import RUN_SHAPE, add_shape_args, run_overrides  # noqa: E402
 from moe_platform.config import load_config  # noqa: E402
 from moe_platform.train.launch import launch_local, pin_process  # noqa: E402
 from moe_platform.train.metrics import MetricsLog  # noqa: E402
@@ -114,13 +114,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--warmup-steps", type=int, default=10, help="first steps left out of the steady state")
     p.add_argument("--dp", type=int, default=2)
-    add_shape_args(p)
+    add_shape_args(p, **RUN_SHAPE)
     p.add_argument("--preemption-check-steps", type=int, default=1,
                    help="failure.preemption_check_steps: steps between preemption checks (an all-reduce each)")
     p.add_argument("--rounds", type=int, default=4, help="runs of each launcher, taking turns: plain, Ray Train, "
                                                          "plain beside an idle Ray")
-    p.add_argument("--out-json", default=str(REPO / "docs" / "bench_ray_overhead.json"))
-    p.add_argument("--out-png", default=str(REPO / "docs" / "bench_ray_overhead.png"))
+    add_output_args(p, "ray_overhead")
     p.add_argument("--pin", action="store_true", help="the GPU-node shape: ranks pinned to their own cores, "
                                                       "everything else to --host-cpus")
     p.add_argument("--host-cpus", default="0", help="with --pin: the cores of the driver, Ray and the launcher")
@@ -132,16 +131,11 @@ def main(argv: list[str] | None = None) -> int:
         pin_process(args.host_list)  # Ray's daemons and workers and the plain launcher's children start from here
 
     result = run_rounds(args)
-    out = Path(args.out_json)
-    previous = json.loads(out.read_text()) if out.exists() else {}
-    if args.pin:  # the unpinned figures stay, from their own run
-        recorded = {**previous, "pinned": result}
+    if args.pin:  # under "pinned", the unpinned figures staying from their own run
         png = Path(args.out_png).with_name(Path(args.out_png).stem + "_pinned.png")
-    else:
-        recorded = {**result, **({"pinned": previous["pinned"]} if "pinned" in previous else {})}
-        png = Path(args.out_png)
-    out.write_text(json.dumps(recorded, indent=2))
-    plot(result, args, png)
+        save_result(result, args.out_json, png, plot, merge_key="pinned")
+    else:  # the pinned figures stay, from their own run
+        save_result(result, args.out_json, args.out_png, plot, keep=("pinned",))
     return 0
 
 
@@ -192,14 +186,10 @@ def run_rounds(args) -> dict:
             "summary": summary, "ratio": ratio, "round_ratios": ratios, "trainer_ratio": trainer_ratio, "runs": runs}
 
 
-def plot(result: dict, args, png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(result: dict):
     summary, runs, ratio, ratios = result["summary"], result["runs"], result["ratio"], result["round_ratios"]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+    args = result["args"]
+    fig, (a, b) = subplots(1, 2, figsize=(10, 3.8))
     colors = {"plain": "tab:gray", "ray": "tab:blue", "beside_ray": "tab:olive"}
     names = [SHORT[k] for k in KINDS]
     a.bar(names, [summary[k]["tokens_per_s"] for k in KINDS], color=[colors[k] for k in KINDS], alpha=0.6,
@@ -216,11 +206,11 @@ def plot(result: dict, args, png: Path) -> None:
           bottom=[summary[k]["time_to_first_step_after_ray_init_s"] for k in KINDS], label="ray.init")
     b.set_ylabel("seconds to first step")
     b.legend(fontsize=8)
-    shape = f", ranks on cores {args.rank_cpus}, Ray and launcher on {args.host_cpus}" if args.pin else ""
-    fig.suptitle(f"dp{args.dp} on {os.cpu_count()} CPUs{shape}, preemption check every "
-                 f"{args.preemption_check_steps} step(s), load avg {result['loadavg_before'][0]:.1f}")
+    shape = f", ranks on cores {args['rank_cpus']}, Ray and launcher on {args['host_cpus']}" if args.get("pin") else ""
+    fig.suptitle(f"dp{args['dp']} on {os.cpu_count()} CPUs{shape}, preemption check every "
+                 f"{args['preemption_check_steps']} step(s), load avg {result['loadavg_before'][0]:.1f}")
     fig.tight_layout()
-    fig.savefig(png, dpi=100)
+    return fig
 
 
 if __name__ == "__main__":

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import math
+import sys
 import tempfile
 import threading
 import time
@@ -33,6 +33,10 @@ from pathlib import Path
 import httpx
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+
+from _output import add_output_args, save_result, subplots  # noqa: E402
+
 MODEL = "moe-platform"
 ADMIN = "bench-admin"
 TARGET_MS = 50.0
@@ -46,8 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steady-s", type=float, default=3.0, help="steady load before each switch (seconds)")
     p.add_argument("--after-s", type=float, default=2.0, help="seconds after a switch counted as its aftermath")
     p.add_argument("--port", type=int, default=0, help="HTTP port (default: a free one)")
-    p.add_argument("--out-json", default=str(REPO / "docs" / "bench_rollout.json"))
-    p.add_argument("--out-png", default=str(REPO / "docs" / "bench_rollout.png"))
+    add_output_args(p, "rollout")
     return p.parse_args(argv)
 
 
@@ -211,19 +214,13 @@ def main(argv=None) -> int:
               f"across {r['across_p99_ms']:.1f}, after {r['after_p99_ms']:.1f}), failed {r['failed']}/{r['requests']}")
     print(f"added switch latency, ours ÷ peer: {recorded['added_vs_peer']:.3f}; target < {TARGET_MS:.0f} ms: "
           f"{'met' if recorded['met'] else 'not met'}")
-    Path(args.out_json).write_text(json.dumps(recorded, indent=2))
-    plot(recorded, Path(args.out_png))
+    save_result(recorded, args.out_json, args.out_png, plot, dpi=110)
     return 0
 
 
-def plot(recorded: dict, png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(recorded: dict):
     rows = recorded["results"]
-    fig, ax = plt.subplots(figsize=(8, 3.8))
+    fig, ax = subplots(figsize=(8, 3.8))
     bars = (("steady_p99_ms", "steady", "tab:gray"), ("across_p99_ms", "in flight across the switch", "tab:blue"),
             ("after_p99_ms", f"{recorded['args']['after_s']:.0f} s after it", "tab:orange"))
     for k, (key, label, color) in enumerate(bars):
@@ -239,7 +236,7 @@ def plot(recorded: dict, png: Path) -> None:
     ax.set_title(f"model switch under load: added p99, ours ÷ Serve redeploy = {recorded['added_vs_peer']:.3f}")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(png, dpi=110)
+    return fig
 
 
 if __name__ == "__main__":

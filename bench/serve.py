@@ -31,6 +31,7 @@ import json
 import os
 import random
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -40,6 +41,10 @@ import httpx
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+
+from _output import add_output_args, save_result, subplots  # noqa: E402
+
 CORPUS = Path(os.environ.get("MOE_BENCH_CORPUS", REPO.parent / "shared" / "data" / "tinyshakespeare.txt"))
 MODEL = "moe-platform"
 
@@ -61,8 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,experts")
     p.add_argument("--export", default="", help="reuse this export directory instead of building one")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out-json", default=str(REPO / "docs" / "bench_serve.json"))
-    p.add_argument("--out-png", default=str(REPO / "docs" / "bench_serve.png"))
+    add_output_args(p, "serve")
     return p.parse_args(argv)
 
 
@@ -249,8 +253,6 @@ def engine_options(args, n_requests: int) -> dict:
 
 def make_adapters(export: Path, out: Path, n: int, rank: int, targets: str) -> dict[str, str]:
     """`n` random LoRA adapters on the export's weights: name -> directory."""
-    import sys
-
     sys.path.insert(0, str(REPO / "scripts"))
     from tiny_chat_model import random_adapter
 
@@ -511,19 +513,14 @@ def print_table(table: list[dict]) -> None:
               f"| {met:>3} |")
 
 
-def plot(res: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(res: dict):
     n_lora = res["config"]["adapters"]
     systems = {"ours (HTTP)": res["ours_http"], f"ours, {n_lora} LoRA adapters mixed (HTTP)": res["ours_lora"],
                "ours in-process": res["ours_inprocess"],
                "transformers static": res["hf_static"],
                "transformers 1-at-a-time (no queueing)": res["hf_one_at_a_time"]}
     colors = ["C0", "C4", "C3", "C1", "C2"]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5.4))
+    fig, (ax1, ax2) = subplots(1, 2, figsize=(13, 5.4))
     names = [n.removesuffix(" (no queueing)") for n in systems] + ["ours HTTP c64", "ours HTTP c1"]
     values = [s["tokens_per_s"] for s in systems.values()] + [res["c64"]["tokens_per_s"], res["c1"]["tokens_per_s"]]
     ax1.bar(names, values, color=[*colors, "C9", "C9"])
@@ -541,8 +538,7 @@ def plot(res: dict, path: str) -> None:
     ax2.set_title("latency on the Poisson trace")
     ax2.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2)
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    return fig
 
 
 def run(argv=None) -> dict:
@@ -600,10 +596,8 @@ def run(argv=None) -> dict:
         res["config"]["loadavg_after"] = os.getloadavg()
     res["table"] = ratio_table(res)
     print_table(res["table"])
-    Path(args.out_json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out_json).write_text(json.dumps(res, indent=2) + "\n")
-    plot(res, args.out_png)
-    print(f"\nwrote {args.out_json} and {args.out_png}")
+    print()
+    save_result(res, args.out_json, args.out_png, plot, dpi=120)
     return res
 
 
