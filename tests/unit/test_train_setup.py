@@ -3,6 +3,7 @@ the one place that applies LoRA, activation checkpointing and parallelism to a m
 
 from __future__ import annotations
 
+import math
 import threading
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 from moe_platform.model.transformer import build_model
 from moe_platform.parallel.layout import Layout
 from moe_platform.train.backends import build_deepspeed_config
+from moe_platform.train.optim import clip_grad_norm
 from moe_platform.train.trainer import DistContext, model_args_for, prepare_model, rank_zero_first
 
 
@@ -108,3 +110,27 @@ def test_rank_zero_first_on_one_process_just_runs_the_block():
     with rank_zero_first(DistContext()):
         ran.append(True)
     assert ran == [True]
+
+
+def test_clip_grad_norm_sums_in_fp64_and_clips_like_deepspeed():
+    """One process clips with DeepSpeed's norm (each gradient's norm in fp64, then the norm of those) and coefficient,
+    max_norm / (norm + 1e-6) at most 1. torch's fp32 vector_norm accumulates sequentially on CPU: 6e-5 low on the
+    4096x128 head gradient of jobs/configs/tiny.toml, which set the one-process clip coefficient 9.4e-6 off every
+    layout's."""
+    g = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.zeros(shape)) for shape in ((4096, 128), (16, 512, 128), (128,))]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g) * 1e-3
+    before = [p.grad.clone() for p in params]
+    exact = math.sqrt(math.fsum(float(p.grad.double().pow(2).sum()) for p in params))
+
+    assert abs(float(clip_grad_norm(params, 0.0)) - exact) <= 1e-12 * exact  # 0: the norm only, nothing clipped
+    assert all(torch.equal(p.grad, b) for p, b in zip(params, before, strict=True))
+    assert abs(float(clip_grad_norm(params, 2 * exact)) - exact) <= 1e-12 * exact  # below max_norm: unchanged
+    assert all(torch.equal(p.grad, b) for p, b in zip(params, before, strict=True))
+
+    assert abs(float(clip_grad_norm(params, exact / 4)) - exact) <= 1e-12 * exact  # the norm before clipping
+    coef = (exact / 4) / (exact + 1e-6)
+    for p, b in zip(params, before, strict=True):
+        torch.testing.assert_close(p.grad, b * coef, rtol=1e-7, atol=0)
+    assert float(clip_grad_norm([torch.nn.Parameter(torch.zeros(3))], 1.0)) == 0.0  # no gradient at all

@@ -10,7 +10,7 @@ so checkpoints move between them.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -24,10 +24,15 @@ from moe_platform.parallel.layout import Layout, ProcessGroups
 from moe_platform.parallel.pipeline import build_pipeline_module
 from moe_platform.parallel.placement import is_expert_tensor, local_shard_spec
 from moe_platform.train.data import IGNORE_INDEX
-from moe_platform.train.optim import build_optimizer, set_lr
+from moe_platform.train.optim import build_optimizer, clip_grad_norm, set_lr
 
 log = logging.getLogger("moe_platform.train")
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
+# Set as a backend's `gradient_probe`, called once per step with this rank's gradient of every trainable parameter
+# (full names; the local shard under tensor/expert parallelism), summed over the step's micro-batches and reduced
+# over data parallelism, before clipping and the update. For tests and debugging, e.g. comparing layouts parameter by
+# parameter; not under pipeline parallelism (DeepSpeed's pipeline engine steps inside its own train_batch).
+GradientProbe = Callable[[dict[str, torch.Tensor]], None]
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -203,6 +208,7 @@ class LocalBackend:
         self.dp_group = None
         self.is_logging_rank = True
         self._staging: LocalState | None = None
+        self.gradient_probe: GradientProbe | None = None
 
     def set_lr(self, lr: float) -> None:
         set_lr(self.optimizer, lr)
@@ -219,8 +225,9 @@ class LocalBackend:
             self.loss_scaler.scale(loss).backward()
             total += loss.detach()
         self.loss_scaler.unscale(self.optimizer)
-        norm = (torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip) if self.grad_clip > 0
-                else torch.zeros(()))
+        if self.gradient_probe is not None:
+            self.gradient_probe({n: p.grad for n, p in self.model.named_parameters() if p.grad is not None})
+        norm = clip_grad_norm(self.model.parameters(), self.grad_clip)  # reported even when clipping is off
         self.loss_scaler.step(self.optimizer)
         self.optimizer.zero_grad(set_to_none=True)
         return float(total), float(norm)
@@ -426,6 +433,7 @@ class DeepSpeedBackend:
                                                                  mpu=mpu)
         self.loss_scaler = DeepSpeedLossScaler(self.engine, fp16)
         self.is_pipeline = layout.pp_enabled
+        self.gradient_probe: GradientProbe | None = None  # not called under pipeline parallelism
         self.dp_group = groups.dp
         # Metrics come from the last pipeline stage (it has the loss), first data/tensor rank.
         self.is_logging_rank = groups.dp_rank == 0 and groups.tp_rank == 0 and groups.pp_rank == layout.pp - 1
@@ -459,9 +467,11 @@ class DeepSpeedBackend:
         else:
             self.engine.train()
             total = torch.zeros((), device=self.device)
-            for batch in micro_batches:
+            for i, batch in enumerate(micro_batches):
                 loss = self.loss_fn(_forward(self.engine, batch), batch[1])
                 self.engine.backward(loss)
+                if self.gradient_probe is not None and i == len(micro_batches) - 1:  # reduced at the boundary
+                    self.gradient_probe(self._local_gradients())
                 self.engine.step()
                 total += loss.detach().float()
             loss = total / len(micro_batches)
@@ -470,6 +480,14 @@ class DeepSpeedBackend:
                 loss /= self.groups.dp_size
         norm = self.engine.get_global_grad_norm()
         return float(loss), float(norm if norm is not None else 0.0)
+
+    def _local_gradients(self) -> dict[str, torch.Tensor]:
+        """Every trainable local parameter's gradient, reduced over data parallelism (ZeRO keeps it partitioned;
+        assembling it is a collective over the data-parallel group). fp16: still times the loss scale."""
+        from deepspeed.utils import safe_get_full_grad
+
+        grads = {n: safe_get_full_grad(p) for n, p in self.local_params if p.requires_grad}
+        return {n: g for n, g in grads.items() if g is not None}
 
     @torch.no_grad()
     def eval_loss(self, micro_batches: list[tuple[torch.Tensor, ...]]) -> float:

@@ -1,8 +1,10 @@
-"""AdamW with decay/no-decay groups and a stateless warmup + cosine schedule (the LR is a function of the step)."""
+"""AdamW with decay/no-decay groups, a stateless warmup + cosine schedule (the LR is a function of the step) and
+global-norm gradient clipping computed as DeepSpeed computes it."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -36,3 +38,28 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+def grad_norm_dtype(device: torch.device) -> torch.dtype:
+    """What gradient norms are summed in: fp64 where the device has it (MPS has not), as DeepSpeed's ZeRO does."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+@torch.no_grad()
+def clip_grad_norm(params: Iterable[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """The global 2-norm of the gradients of `params` (fp64 where the device has it); when `max_norm` > 0 they are
+    then scaled by max_norm / (norm + 1e-6) if that is below 1, the coefficient of torch.nn.utils.clip_grad_norm_ and
+    of DeepSpeed. The norm is DeepSpeed's too (each gradient's norm in fp64, then the norm of those), so one process
+    clips like every parallel layout: torch's fp32 `vector_norm` accumulates sequentially on CPU and comes out up to
+    6e-5 low on a 5e5-element gradient (measured: 9.4e-6 low over the tiny MoE), which moved the single-process
+    clip coefficient, and so every update, by that much against DeepSpeed's."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    dtype = grad_norm_dtype(grads[0].device)
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=dtype) for g in grads]))
+    if max_norm > 0:
+        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        for g in grads:
+            g.mul_(coef.to(g.dtype))
+    return norm
