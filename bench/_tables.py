@@ -120,6 +120,11 @@ def goodput_ray(r: dict, period_s: float) -> str:
             f"**{1 - kill['cost_per_preemption_s'] / period_s:.3f}**")
     if r.get("notice_cost_vs_kill") is not None:
         text += f"; a notice costs **{r['notice_cost_vs_kill']:.2f}×** a hard kill"
+    if r.get("notice_gap_vs_kill") is not None:
+        gap = {m: r["summary"][m]["gap_cost_per_preemption_s"] for m in ("notice", "kill")}
+        text += (f". Measured on each run's own resumes (the gap at each resume, less one step): notice "
+                 f"{gap['notice']:.1f} s, hard kill {gap['kill']:.1f} s, **{r['notice_gap_vs_kill']:.2f}×**; Ray's "
+                 f"node health checks: {r.get('health_checks', 'fast')}")
     return text
 
 
