@@ -256,3 +256,20 @@ def test_deterministic(overrides):
         runs.append(grads_of(moe, randn(48, 16), moe, randn(48, 16, seed=2)))
     for a, b in zip(*runs, strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("z_loss", [0.0, 1e-2])
+def test_balancing_gradient_is_scaled_with_the_fp16_loss_scale(z_loss):
+    """fp16 training multiplies the loss by its scale S and divides every gradient by S: the balancing loss's own
+    gradient (sent into the router from inside the layer) must be multiplied by S too, or it comes out S times too
+    small and balancing is off under fp16."""
+    grads = {}
+    for scale in (1.0, 2.0**14):
+        moe = build_moe(seed=3, balancing="aux_loss", aux_loss_coef=0.5, z_loss_coef=z_loss)
+        moe.train()
+        moe.aux_grad_scale = scale
+        (moe(randn(2, 24, 16, seed=4)).square().mean() * scale).backward()
+        grads[scale] = moe.gate.weight.grad / scale
+    reference, scaled = grads[1.0], grads[2.0**14]
+    assert reference.abs().max() > 0
+    torch.testing.assert_close(scaled, reference, rtol=1e-5, atol=1e-9)

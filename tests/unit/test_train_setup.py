@@ -134,3 +134,15 @@ def test_clip_grad_norm_sums_in_fp64_and_clips_like_deepspeed():
     for p, b in zip(params, before, strict=True):
         torch.testing.assert_close(p.grad, b * coef, rtol=1e-7, atol=0)
     assert float(clip_grad_norm([torch.nn.Parameter(torch.zeros(3))], 1.0)) == 0.0  # no gradient at all
+
+
+@pytest.mark.parametrize("precision", ["fp16", "fp32"])
+def test_the_backend_hands_the_loss_scale_to_the_balancing_losses(tiny_config, precision):
+    from moe_platform.train.trainer import Trainer
+
+    trainer = Trainer(tiny_config(**{"train.steps": 1, "train.warmup": 0, "train.precision": precision,
+                                     "train.fp16_initial_scale_power": 12, "checkpoint.interval": 0}), progress=False)
+    trainer.setup()
+    trainer.train_step()
+    want = 2.0**12 if precision == "fp16" else 1.0
+    assert {moe.aux_grad_scale for moe in trainer.model.moe_layers()} == {want}

@@ -146,6 +146,9 @@ class MoE(nn.Module):
         self.shared_expert_gate = nn.Linear(args.dim, 1, bias=False) if args.shared_expert_gate else None
         # Set by the trainer to 1/grad_accum so the balancing loss is averaged like the main loss.
         self.aux_loss_scale = 1.0
+        # Set by the trainer to fp16's current loss scale: the balancing loss's gradient is scaled like the main
+        # loss's, so unscaling the gradients divides both alike (1.0 in every other precision).
+        self.aux_grad_scale = 1.0
         # A replacement for _dispatch_local (expert parallelism installs an all-to-all one); see parallel/.
         self.token_dispatcher = None
         self.checkpoint_experts = False  # recompute dispatch and experts in backward (selective checkpointing)
@@ -198,7 +201,7 @@ class MoE(nn.Module):
                 if not self.recomputing:
                     self.last_aux_loss = aux.detach()
                     self.step_aux = self.step_aux.to(aux.device) + aux.detach() * self.aux_loss_scale
-                out = _AttachAuxLoss.apply(out, aux, self.aux_loss_scale)
+                out = _AttachAuxLoss.apply(out, aux, self.aux_loss_scale * self.aux_grad_scale)
         return out.reshape(shape)
 
     def _experts_out(self, flat: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:

@@ -117,6 +117,10 @@ class LossScaler:
     def scale(self, loss: torch.Tensor) -> torch.Tensor:
         return self.scaler.scale(loss)
 
+    def current_scale(self) -> float:
+        """What the loss is multiplied by now (1.0 unless fp16)."""
+        return float(self.scaler.get_scale()) if self.enabled else 1.0
+
     def unscale(self, optimizer: torch.optim.Optimizer) -> None:
         if self.enabled:
             self.scaler.unscale_(optimizer)
@@ -162,6 +166,11 @@ class DeepSpeedLossScaler:
     def _scaler(self):
         return getattr(self.engine.optimizer, "loss_scaler", None)
 
+    def current_scale(self) -> float:
+        """What DeepSpeed multiplies the loss by now (1.0 unless fp16)."""
+        scaler = self._scaler() if self.enabled else None
+        return float(scaler.cur_scale) if scaler is not None else 1.0
+
     def metrics(self) -> dict:
         if not self.enabled:
             return {}
@@ -185,6 +194,12 @@ class DeepSpeedLossScaler:
         for k, v in state.get("deepspeed", {}).items():
             setattr(scaler, k, v)
         self.engine.skipped_steps = int(state.get("skipped_steps", 0))
+
+
+def set_aux_grad_scale(moe_layers: Iterable[MoE], loss_scale: float) -> None:
+    """Scale the balancing losses' gradients by fp16's loss scale, as the main loss's are (see MoE.aux_grad_scale)."""
+    for moe in moe_layers:
+        moe.aux_grad_scale = loss_scale
 
 
 class LocalBackend:
@@ -219,6 +234,7 @@ class LocalBackend:
 
     def train_batch(self, micro_batches: list[tuple[torch.Tensor, ...]]) -> tuple[float, float]:
         self.model.train()
+        set_aux_grad_scale(self.moe_layers, self.loss_scaler.current_scale())
         total = torch.zeros((), device=self.device)
         for batch in micro_batches:
             loss = self.forward_loss(batch) / self.accum
@@ -461,6 +477,7 @@ class DeepSpeedBackend:
     def train_batch(self, micro_batches: list[tuple[torch.Tensor, ...]]) -> tuple[float, float]:
         import torch.distributed as dist
 
+        set_aux_grad_scale(self.moe_layers, self.loss_scaler.current_scale())
         if self.is_pipeline:
             loss = self.engine.train_batch(data_iter=iter([pipeline_batch(b) for b in micro_batches]))
             loss = loss.detach().float()
