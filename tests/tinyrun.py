@@ -234,16 +234,29 @@ def cluster_processes(state: Path | str) -> list[int]:
 
 
 # -- tiny Hugging Face MoE models (built from transformers' config classes: nothing is downloaded) ----------------
-HF_ARCHITECTURES = ("MixtralForCausalLM", "OlmoeForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")
+HF_ARCHITECTURES = ("MixtralForCausalLM", "OlmoeForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM",
+                    "DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM", "Glm4MoeForCausalLM")
+# DeepSeek-V3/V2 (multi-head latent attention) and GLM-4.5: grouped routing, dense first layers, YaRN
+GROUPED_ARCHITECTURES = ("DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM", "Glm4MoeForCausalLM")
+
+
+def yarn(factor: float, original: int, **extra) -> dict:
+    return {"rope_type": "yarn", "rope_theta": 10000.0, "factor": factor, "original_max_position_embeddings": original,
+            "beta_fast": 32.0, "beta_slow": 1.0, **extra}
 
 
 def hf_config(arch: str, vocab_size: int):
-    """A tiny config of `arch`: 2 layers, 4 heads (2 kv), 8 experts top-2, with each architecture's features on."""
+    """A tiny config of `arch`: 2 layers, 4 heads (2 kv), 8 experts top-2, with each architecture's features on.
+    DeepSeek-V3/V2 and GLM-4.5 have a dense first layer, expert groups, biases and YaRN RoPE; DeepSeek-V3 a
+    low-rank query, DeepSeek-V2 a full q_proj and group_limited_greedy routing, GLM partial rotary and q/k norms."""
     import transformers
 
     common = dict(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=128, num_experts_per_tok=2,
                   tie_word_embeddings=False, bos_token_id=0, eos_token_id=0, pad_token_id=0)  # the tiny <|endoftext|>
+    grouped = dict(intermediate_size=96, moe_intermediate_size=32, n_routed_experts=8, first_k_dense_replace=1,
+                   attention_bias=True, **{**common, "num_key_value_heads": 4})
+    mla = dict(kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12)
     return {
         "MixtralForCausalLM": lambda: transformers.MixtralConfig(intermediate_size=48, num_local_experts=8, **common),
         "Qwen3MoeForCausalLM": lambda: transformers.Qwen3MoeConfig(intermediate_size=96, moe_intermediate_size=32,
@@ -253,6 +266,17 @@ def hf_config(arch: str, vocab_size: int):
                                                                    num_experts=8, shared_expert_intermediate_size=40,
                                                                    **common),
         "OlmoeForCausalLM": lambda: transformers.OlmoeConfig(intermediate_size=32, num_experts=8, **common),
+        "DeepseekV3ForCausalLM": lambda: transformers.DeepseekV3Config(
+            **grouped, **mla, q_lora_rank=48, n_shared_experts=1, n_group=4, topk_group=2, routed_scaling_factor=2.5,
+            norm_topk_prob=True, rope_parameters=yarn(4.0, 32, mscale=1.0, mscale_all_dim=1.0)),
+        "DeepseekV2ForCausalLM": lambda: transformers.DeepseekV2Config(
+            **grouped, **mla, q_lora_rank=None, n_shared_experts=2, n_group=4, topk_group=1,
+            topk_method="group_limited_greedy", routed_scaling_factor=1.5,
+            rope_parameters=yarn(4.0, 32, mscale=0.707, mscale_all_dim=0.707)),
+        "Glm4MoeForCausalLM": lambda: transformers.Glm4MoeConfig(
+            **{**grouped, "num_key_value_heads": 2}, head_dim=16, n_shared_experts=1, n_group=2, topk_group=1,
+            routed_scaling_factor=2.0, use_qk_norm=True,
+            rope_parameters=yarn(2.0, 64, partial_rotary_factor=0.5)),
     }[arch]()
 
 
@@ -282,6 +306,9 @@ def save_tiny_hf_model(arch: str, out: Path, tokenizer_dir: Path):
         for name, p in model.named_parameters():
             base = 1.0 if name.endswith("norm.weight") else 0.0
             p.copy_(base + 0.2 * torch.randn(p.shape, generator=gen))
+        for name, b in model.named_buffers():  # routing correction biases: non-zero, so that they matter
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(0.2 * torch.randn(b.shape, generator=gen))
     model.eval().save_pretrained(out, max_shard_size="100KB")
     for f in Path(tokenizer_dir).iterdir():
         (out / f.name).write_bytes(f.read_bytes())

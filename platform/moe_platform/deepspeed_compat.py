@@ -46,9 +46,10 @@ def _groups_already_created(self, *args, **kwargs) -> None:
     """Our trainer creates DeepSpeed's expert groups (and checks them against our layout) before initialize."""
 
 
-def make_moe_visible(model, moe_class: type, ep_size: int) -> None:
-    """Give every `moe_class` module of `model` DeepSpeed's MoE layer class as an extra base, so the engine reduces
-    its expert gradients over the expert-data-parallel group. Our layer keeps its own dispatch and grouped compute."""
+def make_moe_visible(model, moe_class: type | tuple[type, ...], ep_size: int) -> None:
+    """Give every `moe_class` module of `model` (anything with `num_experts`) DeepSpeed's MoE layer class as an extra
+    base, so the engine reduces its expert gradients over the expert-data-parallel group. Our layer keeps its own
+    dispatch and grouped compute."""
     from deepspeed.moe.layer import MoE as DeepSpeedMoE
 
     cls_cache: dict[type, type] = {}

@@ -14,6 +14,7 @@ from moe_platform.config import load_config
 from moe_platform.train.launch import launch_local
 from moe_platform.train.metrics import MetricsLog
 from tinyrun import (
+    GROUPED_ARCHITECTURES,
     HF_ARCHITECTURES,
     run_events,
     save_tiny_hf_model,
@@ -242,8 +243,13 @@ def test_layouts_part_only_where_a_routing_choice_flips(corpus_file, storage):
 # Imported Hugging Face models train on every layout like on one process. The layouts split what each architecture
 # adds: q/k/v biases and the gated shared expert under tensor parallelism (Qwen2-MoE), per-head q/k norms (Qwen3-MoE),
 # a norm over the whole projection under expert and pipeline parallelism (OLMoE; tensor parallelism refuses it).
+# DeepSeek-V3/V2 and GLM-4.5 (10 steps each): latent attention split by heads under tp (its down-projections and
+# their norms replicated, o_proj's bias added once), a dense first layer and an MoE layer on different pipeline
+# stages (the dense stage holds the expert placeholder under ep), grouped sigmoid routing whose correction bias moves
+# with the loads of every rank.
 IMPORT_LAYOUTS = {arch: ["dp2-ep2", "pp2"] + ([] if arch == "OlmoeForCausalLM" else ["tp2"])
-                  for arch in HF_ARCHITECTURES}
+                  for arch in HF_ARCHITECTURES if arch not in GROUPED_ARCHITECTURES}
+IMPORT_LAYOUTS.update({arch: ["dp2-ep2", "tp2", "pp2", "dp2-pp2-ep2"] for arch in GROUPED_ARCHITECTURES})
 
 
 @pytest.fixture(scope="module")
@@ -273,7 +279,7 @@ def test_imported_models_train_on_layouts_like_one_process(arch, hf_models, corp
     """Imported models train on every layout like one process, reading the sharded model directory lazily: each
     rank reads only the tensors, and the slices of tensors,
     its position owns (counted per rank), and never the whole model unless it is the only rank."""
-    extra = {"init.from_hf": str(hf_models[arch]), "train.steps": 2}
+    extra = {"init.from_hf": str(hf_models[arch]), "train.steps": STEPS if arch in GROUPED_ARCHITECTURES else 2}
     single = launch_local(config(corpus_file, storage, f"{arch}-single", **extra), progress=False).run_dir
     ref = losses(single)
     (one,), total = bytes_read_per_rank(single)
@@ -290,8 +296,34 @@ def test_imported_models_train_on_layouts_like_one_process(arch, hf_models, corp
             assert read == [total - experts // 2] * 2, (read, total, experts)
         elif name == "pp2":  # each stage its own layers: together exactly the model
             assert sum(read) == total, (read, total)
-        else:  # tp2: shards of attention and experts, the rest replicated
+        elif name == "tp2":  # shards of attention and experts, the rest replicated
             assert read[0] == read[1] and total < sum(read) < 2 * total, (read, total)
+        else:  # dp2-pp2-ep2: each stage's data-parallel pair reads its layers, half of the experts each
+            assert sum(read) == 2 * total - experts, (read, total, experts)
+
+
+def test_a_deepseek_checkpoint_reshards_bitwise_and_training_continues(hf_models, corpus_file, storage):
+    """A DeepSeek-V3 run saved at dp2·pp2·ep2 (a dense stage with its expert placeholder, an MoE stage) loads at tp2
+    (latent attention split by heads) and on one process with the same parameters, routing correction biases and
+    optimizer states bit for bit, and training goes on at tp2 with the single-process losses."""
+    extra = {"init.from_hf": str(hf_models["DeepseekV3ForCausalLM"]), "train.steps": STEPS}
+    ref = losses(launch_local(config(corpus_file, storage, "dsv3-ref", **extra), progress=False).run_dir)
+    cfg = lambda degrees: config(corpus_file, storage, "dsv3-reshard", **extra, **layout_overrides(degrees))  # noqa
+    first = launch_local(cfg(dict(dp=2, pp=2, ep=2)), progress=False, stop_after=STEPS // 2)
+    original = full_state(first.run_dir)
+    assert any(k.endswith("mlp.gate.expert_bias") for k in original["model"]), "the correction bias is saved"
+    for degrees in (dict(tp=2), dict()):
+        result = launch_local(cfg(degrees), progress=False, stop_after=STEPS // 2)
+        assert result.resumed_from == STEPS // 2
+        again = full_state(result.run_dir)
+        for kind, tensors in original.items():
+            assert again[kind].keys() == tensors.keys()
+            for key, value in tensors.items():
+                assert torch.equal(again[kind][key], value), f"{kind} {key} changed resharding to {degrees}"
+    final = launch_local(cfg(dict(tp=2)), progress=False)
+    assert final.final_step == STEPS
+    gaps = [abs(a - b) / abs(b) for a, b in zip(losses(final.run_dir), ref, strict=True)]
+    assert max(gaps) <= 1e-5, gaps
 
 
 def test_a_whole_projection_norm_refuses_tensor_parallelism(hf_models, corpus_file, storage):

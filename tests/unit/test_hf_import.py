@@ -1,5 +1,6 @@
-"""Bring your own model: tiny random Mixtral, Qwen3-MoE, Qwen2-MoE and OLMoE models built with transformers from their
-config classes (no downloads), saved sharded, load into our model with logits within 1e-5 (fp32) and token-identical
+"""Bring your own model: tiny random Mixtral, Qwen3-MoE, Qwen2-MoE, OLMoE, DeepSeek-V3, DeepSeek-V2 and GLM-4.5 MoE
+models built with transformers from their config classes (no downloads; every bias and correction bias non-zero,
+YaRN on for the last three), saved sharded, load into our model with logits within 1e-5 (fp32) and token-identical
 greedy generation through the serving engine; exporting gives the same architecture and the same tensors back."""
 
 from __future__ import annotations
@@ -95,16 +96,86 @@ def test_an_unsupported_architecture_is_a_clear_error(tmp_path):
     assert "trust_remote_code" in str(e.value)
 
 
-@pytest.mark.parametrize("change, match", [
-    ({"mlp_only_layers": [0]}, "mlp_only_layers"),
-    ({"use_sliding_window": True}, "use_sliding_window"),
-    ({"attention_bias": True}, "attention_bias"),
+@pytest.mark.parametrize("arch, change, match", [
+    ("Qwen3MoeForCausalLM", {"use_sliding_window": True}, "use_sliding_window"),
+    ("Qwen3MoeForCausalLM", {"attention_bias": True}, "attention_bias"),
+    ("Qwen3MoeForCausalLM", {"rope_parameters": {"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0}},
+     r"rope type 'dynamic' is not supported: supported are default, linear, yarn"),
+    ("MixtralForCausalLM", {"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}}, "'longrope'"),
+    ("MixtralForCausalLM", {"hidden_act": "gelu"}, "hidden_act = 'gelu'"),
+    ("DeepseekV3ForCausalLM", {"topk_method": "greedy"}, "topk_method = 'greedy'"),
+    ("DeepseekV3ForCausalLM", {"scoring_func": "softmax"}, "scoring_func = 'softmax'"),
+    ("DeepseekV3ForCausalLM", {"quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}},
+     "quantization_config"),
+    ("DeepseekV3ForCausalLM", {"moe_layer_freq": 2}, "moe_layer_freq = 2"),
+    ("DeepseekV2ForCausalLM", {"topk_method": "noaux_tc"},
+     "topk_method = 'noaux_tc' is not supported: supported are greedy, group_limited_greedy"),
+    ("DeepseekV2ForCausalLM", {"norm_topk_prob": True}, "norm_topk_prob = True is not supported"),
+    ("DeepseekV2ForCausalLM", {"mlp_bias": True}, "mlp_bias = True"),
+    ("Glm4MoeForCausalLM", {"sliding_window": 64}, "sliding_window = 64"),
+    ("Glm4MoeForCausalLM", {"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0}},
+     "rope type 'llama3'"),
 ])
-def test_settings_we_do_not_compute_are_refused(tmp_path, change, match):
-    config = hf_config("Qwen3MoeForCausalLM", 300).to_dict() | change
+def test_settings_we_do_not_compute_are_refused(tmp_path, arch, change, match):
+    config = hf_config(arch, 300).to_dict() | change
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=match):
         load_hf(tmp_path)
+
+
+def _logits_match(hf, out, shape=(2, 100)):
+    model = ours(out)
+    tokens = torch.randint(0, model.args.vocab_size, shape, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), hf(tokens).logits.float(), rtol=1e-5, atol=1e-5)
+    return model
+
+
+@pytest.mark.parametrize("arch, change", [
+    ("Qwen3MoeForCausalLM", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0,
+                                                 "original_max_position_embeddings": 32}}),
+    ("Qwen2MoeForCausalLM", {"rope_parameters": {"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0}}),
+    ("MixtralForCausalLM", {"head_dim": 16, "rope_parameters": {  # transformers' yarn needs Mixtral's head_dim set
+        "rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0, "original_max_position_embeddings": 64,
+        "attention_factor": 1.3}}),
+    ("Qwen3MoeForCausalLM", {"mlp_only_layers": [1], "num_hidden_layers": 3, "layer_types": None}),
+    ("Qwen2MoeForCausalLM", {"decoder_sparse_step": 2, "num_hidden_layers": 3, "layer_types": None}),
+])
+def test_scaled_rope_and_dense_layers_of_qwen_and_mixtral(tokenizer_dir, tmp_path, arch, change):
+    """Configs that set rope_scaling (YaRN, linear) and Qwen's dense layers (mlp_only_layers, decoder_sparse_step)
+    import with transformers' logits and export as they came."""
+    import tinyrun
+
+    base = tinyrun.hf_config
+    tinyrun.hf_config = lambda a, v: type(base(a, v))(**(base(a, v).to_dict() | change))
+    try:
+        hf, out = save_tiny_hf_model(arch, tmp_path / "model", tokenizer_dir)
+    finally:
+        tinyrun.hf_config = base
+    model = _logits_match(hf, out)
+    assert model.args.rope_type != "default" or model.args.dense_layers
+    export_hf(model.state_dict(), model.args, tmp_path / "export")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export", dtype=torch.float32).eval()
+    tokens = torch.randint(0, model.args.vocab_size, (1, 90), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(tokens).logits, hf(tokens).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_multi_token_prediction_layer_is_skipped_and_logged(tokenizer_dir, tmp_path, caplog):
+    """DeepSeek-V3 checkpoints carry a multi-token-prediction module as layer num_hidden_layers, which the causal LM
+    does not use: its tensors are not read, and the log says so."""
+    from safetensors.torch import save_file
+
+    hf, out = save_tiny_hf_model("DeepseekV3ForCausalLM", tmp_path / "model", tokenizer_dir)
+    mtp = {f"model.layers.2.{n}": torch.ones(4, 64) for n in ("eh_proj.weight", "enorm.weight", "hnorm.weight",
+                                                              "self_attn.kv_b_proj.weight")}
+    save_file(mtp, str(out / "mtp.safetensors"))
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    index["weight_map"].update(dict.fromkeys(mtp, "mtp.safetensors"))
+    (out / "model.safetensors.index.json").write_text(json.dumps(index))
+    with caplog.at_level("INFO", logger="moe_platform.checkpoint.hf"):
+        _logits_match(hf, out)
+    assert "skipped layers [2] beyond num_hidden_layers = 2" in caplog.text
 
 
 def test_training_starts_from_the_imported_model(hf_model, tiny_config):

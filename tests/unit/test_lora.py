@@ -144,3 +144,65 @@ def test_the_vllm_layout_adds_the_same_update_per_expert_under_the_checkpoints_n
             delta = lora[f"base_model.model.{key}.lora_B.weight"] @ lora[f"base_model.model.{key}.lora_A.weight"]
             want = base[f"model.layers.{layer}.mlp.experts.down_proj"][e] + scale * delta
             torch.testing.assert_close(merged[f"{key}.weight"], want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def grouped_models(tmp_path_factory):
+    from tinyrun import GROUPED_ARCHITECTURES, save_tiny_hf_model, tiny_tokenizer
+
+    tok = tiny_tokenizer(tmp_path_factory.mktemp("tok"))
+    return {a: save_tiny_hf_model(a, tmp_path_factory.mktemp(a), tok)[1] for a in GROUPED_ARCHITECTURES}
+
+
+@pytest.mark.parametrize("arch", ["DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM", "Glm4MoeForCausalLM"])
+def test_peft_loads_latent_attention_and_dense_mlp_adapters_with_our_logits(tiny_config, grouped_models, arch):
+    """`attention` adapts every attention projection the model has: latent attention's q_a/q_b (DeepSeek-V3) or
+    q_proj (V2), kv_a_proj_with_mqa, kv_b_proj and o_proj, GLM's q/k/v/o. PEFT loads them onto the transformers model
+    with our logits; the dense first layer's MLP adapters (`dense_mlp`) and the routed experts' go beside them (PEFT
+    would take gate/up/down_proj of an MoE model for its fused experts), and the merged export folds them all in."""
+    import transformers
+    from peft import PeftModel
+
+    model_dir = grouped_models[arch]
+    cfg = tiny_config(**{**COMMON, "lora.targets": "attention,dense_mlp,experts", "init.from_hf": str(model_dir),
+                         "run.name": f"peft-{arch}", "checkpoint.export": "true", "model.n_shared_experts": 0})
+    t = trainer(cfg)
+    t.fit()
+    config = json.loads((t.run_dir / "adapter" / "adapter_config.json").read_text())
+    want = {"DeepseekV3ForCausalLM": {"q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"},
+            "DeepseekV2ForCausalLM": {"q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"},
+            "Glm4MoeForCausalLM": {"q_proj", "k_proj", "v_proj", "o_proj"}}[arch]
+    assert {m.rsplit(".", 1)[1] for m in config["target_modules"]} == want
+    _, base_state = load_hf(model_dir)
+    assert all(torch.equal(t.model.state_dict()[k], v) for k, v in base_state.items() if k.endswith("expert_bias")), \
+        "LoRA freezes the base, its routing correction bias included"
+    from safetensors.torch import load_file
+
+    own = load_file(t.run_dir / "adapter" / "moe_platform_adapters.safetensors")
+    assert {k.rsplit(".lora.", 1)[0] for k in own} == {"model.layers.0.mlp", "model.layers.1.mlp.experts"}
+    t.model.eval()
+    tokens = torch.randint(0, t.model_args.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        merged = transformers.AutoModelForCausalLM.from_pretrained(t.run_dir / "export", dtype=torch.float32)
+        # folding the adapters into the weights rounds differently: within 1e-4
+        torch.testing.assert_close(merged.eval()(tokens).logits.float(), t.model(tokens), rtol=1e-4, atol=1e-4)
+        for name, p in t.model.named_parameters():  # ours with only the adapters PEFT has a module for
+            if ".mlp." in name and ".lora." in name and name.endswith(".B"):
+                p.zero_()
+        ours = t.model(tokens)
+    base = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(base, t.run_dir / "adapter").eval()
+    with torch.no_grad():
+        theirs = peft_model(tokens).logits.float()
+        with peft_model.disable_adapter():
+            plain = peft_model(tokens).logits.float()
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    assert (plain - theirs).abs().max() > 1e-3, "the adapters changed nothing"
+
+
+def test_targets_a_model_does_not_have_are_refused(tiny_config, grouped_models):
+    cfg = tiny_config(**{**COMMON, "lora.targets": "q_proj,k_proj,v_proj", "run.name": "bad-targets",
+                         "init.from_hf": str(grouped_models["DeepseekV3ForCausalLM"]), "model.n_shared_experts": 0})
+    with pytest.raises(ValueError, match=r"lora.targets: this model has no q_proj, k_proj, v_proj to adapt; its "
+                                         r"targets are .*kv_b_proj"):
+        trainer(cfg)

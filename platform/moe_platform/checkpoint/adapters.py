@@ -1,7 +1,10 @@
 """Exporting a LoRA run's adapters (model/lora.py).
 
 `<dir>/adapter_config.json` + `<dir>/adapter_model.safetensors` is PEFT's format for the adapters PEFT can express
-on the transformers model, the attention projections: `peft.PeftModel.from_pretrained(base, dir)` loads them. The
+on the transformers model, the attention projections (grouped-query or latent attention's):
+`peft.PeftModel.from_pretrained(base, dir)` loads them. (The dense layers' MLPs are nn.Linear modules too, but PEFT
+maps gate_proj/up_proj/down_proj targets of an MoE model onto its fused experts, so their adapters go beside the
+experts'.) The
 adapters PEFT has no module for, the routed experts' stacked pairs and the shared experts', go beside them in
 `<dir>/moe_platform_adapters.safetensors` under our own names (`model.layers.L.mlp.experts.lora.gate_up_proj.A`
 (E, r, D) and `.B` (E, 2I, r), `...down_proj.A` (E, r, I) and `.B` (E, D, r), `...shared_experts.lora.
@@ -23,6 +26,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from moe_platform.checkpoint.hf_arch import export_architecture
 from moe_platform.model.args import ModelArgs
 from moe_platform.model.lora import ATTENTION_TARGETS, is_lora_name
 
@@ -61,7 +65,7 @@ def export_adapters(state: dict[str, torch.Tensor], lora: dict, out_dir: str | P
             continue
         prefix, rest = name.split(".lora.")
         target, factor = rest.rsplit(".", 1)
-        if prefix.endswith(".self_attn") and target in ATTENTION_TARGETS:
+        if _peft_expresses(prefix, target):
             module = f"{prefix}.{target}"
             peft[f"base_model.model.{module}.lora_{factor}.weight"] = t.detach().contiguous()
             if module not in modules:
@@ -87,8 +91,6 @@ def export_vllm_adapters(state: dict[str, torch.Tensor], lora: dict, args: Model
     expert, the attention projections as PEFT writes them, and the shared expert under its on-disk module name.
     Our stacked gate_up pair (A, B) becomes a gate pair (A, B[:I]) and an up pair (A, B[I:]) of the same rank,
     which add exactly the same update. None (nothing written) when the model has no Hugging Face architecture."""
-    from moe_platform.checkpoint.hf import export_architecture
-
     arch = export_architecture(args)
     if arch is None:
         return None
@@ -127,6 +129,12 @@ def export_vllm_adapters(state: dict[str, torch.Tensor], lora: dict, args: Model
     (out / PEFT_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     save_file(tensors, str(out / PEFT_WEIGHTS_FILE), metadata={"format": "pt"})
     return out
+
+
+def _peft_expresses(prefix: str, target: str) -> bool:
+    """Whether PEFT loads the adapter `<prefix>.lora.<target>` onto the transformers model: the attention
+    projections."""
+    return prefix.endswith(".self_attn") and target in ATTENTION_TARGETS
 
 
 def _peft_config(lora: dict, target_modules: list[str], base_model: str) -> dict:
@@ -220,8 +228,8 @@ def read_adapters(source: str | Path, files: dict[str, bytes] | None = None,
 
 def _our_name(peft_name: str, path: Path) -> str:
     m = _PEFT_NAME.match(peft_name)
-    if m is None or m.group(2) not in ATTENTION_TARGETS:
+    if m is None or not _peft_expresses(m.group(1), m.group(2)):
         raise AdapterError(f"{path}: tensor {peft_name!r} adapts a module serving has no adapters for; PEFT adapters "
-                           f"load on the attention projections ({', '.join(ATTENTION_TARGETS)}); expert adapters go "
-                           f"in {OWN_WEIGHTS_FILE}")
+                           f"load on the attention projections ({', '.join(ATTENTION_TARGETS)}); expert and MLP "
+                           f"adapters go in {OWN_WEIGHTS_FILE}")
     return f"{m.group(1)}.lora.{m.group(2)}.{m.group(3)}"

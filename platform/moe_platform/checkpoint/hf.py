@@ -1,17 +1,19 @@
-"""Hugging Face export and import: Mixtral, Qwen3-MoE, Qwen2-MoE and OLMoE model directories.
+"""Hugging Face export and import: Mixtral, Qwen3-MoE, Qwen2-MoE, OLMoE, DeepSeek-V3/V2 and GLM-4.5 MoE model
+directories (the architectures themselves are table rows in checkpoint/hf_arch.py).
 
 Our parameter names equal transformers' in-memory names, so import and export are renames (and stacking or
 splitting of the per-expert weights), never a numerical conversion: a round trip gives the same tensors bit for bit.
 What each architecture computes beyond Mixtral is a model option (query/key norms, q/k/v biases, a gated shared
-expert, top-k renormalisation), and an imported model remembers its architecture (`hf_architecture`) so that its
-export is the same architecture again. Options no architecture can express (routing bias, capacity dropping) export
-in our own format: config.json with model_type "moe-platform" and the same safetensors names, which our serving
-engine loads. Weights are safetensors only; nothing is ever unpickled or imported through trust_remote_code.
+expert, top-k renormalisation, latent attention, sigmoid and group-limited routing, dense layers, scaled RoPE), and
+an imported model remembers its architecture (`hf_architecture`) so that its export is the same architecture again.
+Options no architecture can express (capacity dropping, say) export in our own format: config.json with model_type
+"moe-platform" and the same safetensors names, which our serving engine loads. DeepSeek-V3's multi-token-prediction
+layer is not part of the causal LM: its tensors are skipped on import (and said so in the log). Weights are
+safetensors only; nothing is ever unpickled or imported through trust_remote_code.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -23,7 +25,18 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from moe_platform.checkpoint.hf_arch import (
+    ARCHITECTURES,
+    Architecture,
+    args_from_hf_config,
+    export_architecture,
+    hf_config,
+    supported_architectures,
+)
 from moe_platform.model.args import ModelArgs
+
+__all__ = ["ARCHITECTURES", "Architecture", "HFWeights", "args_from_hf_config", "export_architecture", "export_hf",
+           "hf_config", "load_hf", "read_model_args", "supported_architectures", "to_hf_state_dict"]
 
 log = logging.getLogger(__name__)
 
@@ -33,56 +46,8 @@ _EXPERTS = re.compile(r"^(model\.layers\.\d+)\.mlp\.experts\.(gate_up_proj|down_
 # Per-expert on-disk names: Mixtral's w1 (gate) / w3 (up) / w2 (down), the Qwen/OLMoE family's gate/up/down_proj.
 _HF_EXPERT = re.compile(r"^(model\.layers\.\d+)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\."
                         r"(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$")
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 _ROLE = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up", "w2": "down", "down_proj": "down"}
-
-
-@dataclasses.dataclass(frozen=True)
-class Architecture:
-    """A Hugging Face MoE architecture: its config.json <-> our ModelArgs, and its on-disk tensor names."""
-
-    name: str  # config.json "architectures"
-    model_type: str
-    expert_names: tuple[str, str, str]  # per-expert (gate, up, down) weight names
-    moe_module: str  # "block_sparse_moe" (Mixtral) or "mlp"
-    requires: tuple[tuple[str, object], ...]  # the option values its own code computes with
-    shared_module: str = ""  # the shared expert's module name on disk ("shared_expert" for Qwen2-MoE)
-    default_head_dim: bool = False  # its config has no head size of its own: heads are dim / n_heads
-
-    def expresses(self, args: ModelArgs) -> str | None:
-        """Why `args` cannot be written as this architecture, or None when it can."""
-        for key, value in self.requires:
-            if getattr(args, key) != value:
-                return f"model.{key} = {getattr(args, key)!r} ({self.name} needs {value!r})"
-        if args.balancing == "bias":
-            return "model.balancing = 'bias' (a routing bias no Hugging Face architecture here has)"
-        if args.capacity_factor:
-            return "model.capacity_factor > 0 (token dropping)"
-        if self.default_head_dim and args.head_dim not in (0, args.dim // args.n_heads):
-            return (f"model.head_dim = {args.head_dim} ({self.name}'s heads are dim / n_heads = "
-                    f"{args.dim // args.n_heads})")
-        return None
-
-
-_QWEN_EXPERTS = ("gate_proj", "up_proj", "down_proj")
-ARCHITECTURES = {a.name: a for a in (
-    Architecture("MixtralForCausalLM", "mixtral", ("w1", "w3", "w2"), "block_sparse_moe",
-                 (("qk_norm", "none"), ("attention_bias", False), ("norm_topk_prob", True),
-                  ("shared_expert_gate", False), ("n_shared_experts", 0)), default_head_dim=True),
-    Architecture("Qwen3MoeForCausalLM", "qwen3_moe", _QWEN_EXPERTS, "mlp",
-                 (("qk_norm", "head"), ("attention_bias", False), ("shared_expert_gate", False),
-                  ("n_shared_experts", 0))),
-    Architecture("Qwen2MoeForCausalLM", "qwen2_moe", _QWEN_EXPERTS, "mlp",
-                 (("qk_norm", "none"), ("attention_bias", True), ("shared_expert_gate", True),
-                  ("n_shared_experts", 1)), shared_module="shared_expert"),
-    Architecture("OlmoeForCausalLM", "olmoe", _QWEN_EXPERTS, "mlp",
-                 (("qk_norm", "full"), ("attention_bias", False), ("shared_expert_gate", False),
-                  ("n_shared_experts", 0)), default_head_dim=True),
-)}
-_BY_MODEL_TYPE = {a.model_type: a for a in ARCHITECTURES.values()}
-
-
-def supported_architectures() -> list[str]:
-    return sorted(ARCHITECTURES)
 
 
 def to_hf_state_dict(state: dict[str, torch.Tensor], args: ModelArgs, arch: Architecture) -> dict[str, torch.Tensor]:
@@ -104,56 +69,14 @@ def to_hf_state_dict(state: dict[str, torch.Tensor], args: ModelArgs, arch: Arch
             continue
         if name == "lm_head.weight" and args.tie_word_embeddings:
             continue
-        if ".mlp.gate." in name:
+        if name.endswith(".mlp.gate.expert_bias"):
+            name = name.removesuffix("expert_bias") + arch.bias_name
+        elif ".mlp.gate." in name:
             name = name.replace(".mlp.gate.", f".{arch.moe_module}.gate.")
         elif ".mlp.shared_experts." in name and arch.shared_module:
             name = name.replace(".mlp.shared_experts.", f".mlp.{arch.shared_module}.")
         out[name] = t.contiguous()
     return out
-
-
-def hf_config(args: ModelArgs, arch: Architecture, eos_id: int | list[int] = 0) -> dict:
-    """config.json of `args` written as `arch`; `eos_id` may list several end-of-text ids (the first also pads)."""
-    first = eos_id[0] if isinstance(eos_id, list) else eos_id
-    rope = {"rope_type": "default", "rope_theta": args.rope_theta}
-    common = {
-        "architectures": [arch.name], "model_type": arch.model_type, "vocab_size": args.vocab_size,
-        "hidden_size": args.dim, "num_hidden_layers": args.n_layers, "num_attention_heads": args.n_heads,
-        "num_key_value_heads": args.n_kv_heads, "head_dim": args.resolved_head_dim, "hidden_act": "silu",
-        "max_position_embeddings": args.max_seq_len, "initializer_range": args.init_std,
-        "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_theta, "rope_parameters": rope,
-        "num_experts_per_tok": args.top_k, "router_aux_loss_coef": args.aux_loss_coef,
-        "output_router_logits": False, "attention_dropout": 0.0, "tie_word_embeddings": args.tie_word_embeddings,
-        "bos_token_id": first, "eos_token_id": eos_id, "pad_token_id": first, "use_cache": True,
-        "torch_dtype": "float32",
-    }
-    if arch.model_type == "mixtral":
-        return {**common, "intermediate_size": args.intermediate_size, "num_local_experts": args.num_experts,
-                "router_jitter_noise": 0.0, "sliding_window": None}
-    family = {"num_experts": args.num_experts, "norm_topk_prob": args.norm_topk_prob}
-    if arch.model_type == "olmoe":
-        return {**common, **family, "intermediate_size": args.intermediate_size, "attention_bias": False,
-                "clip_qkv": None}
-    qwen = {**family, "intermediate_size": args.intermediate_size, "moe_intermediate_size": args.intermediate_size,
-            "decoder_sparse_step": 1, "mlp_only_layers": [], "use_sliding_window": False, "sliding_window": None}
-    if arch.model_type == "qwen3_moe":
-        return {**common, **qwen, "attention_bias": False}
-    return {**common, **qwen, "qkv_bias": True,
-            "shared_expert_intermediate_size": args.resolved_shared_intermediate_size}
-
-
-def export_architecture(args: ModelArgs) -> Architecture | None:
-    """The architecture an export of `args` is written as: the one it was imported from (`hf_architecture`), else
-    Mixtral when the options allow; None means our own format (config.json model_type "moe-platform")."""
-    if args.hf_architecture:
-        arch = ARCHITECTURES[args.hf_architecture]
-        why = arch.expresses(args)
-        if why is None:
-            return arch
-        log.warning("exporting in moe-platform's own format, not %s (imported from it): %s", arch.name, why)
-        return None
-    mixtral = ARCHITECTURES["MixtralForCausalLM"]
-    return mixtral if mixtral.expresses(args) is None else None
 
 
 def export_hf(state: dict[str, torch.Tensor], args: ModelArgs, out_dir: str | Path,
@@ -190,70 +113,6 @@ def export_hf(state: dict[str, torch.Tensor], args: ModelArgs, out_dir: str | Pa
             if src.exists() and name != "generation_config.json":  # written above, with the run's stop ids
                 shutil.copyfile(src, out / name)
     return out
-
-
-def _reject(config: dict, arch: Architecture, **unsupported) -> None:
-    """A clear error for config values our model does not compute (so an import never silently differs)."""
-    for key, ok in unsupported.items():
-        value = config.get(key)
-        if not ok(value):
-            raise ValueError(f"{arch.name} with {key} = {value!r} is not supported (moe-platform imports the "
-                             f"default form of this setting)")
-
-
-def args_from_hf_config(config: dict) -> ModelArgs:
-    """config.json of a supported architecture (or of our own format) -> ModelArgs."""
-    if config.get("model_type") == "moe-platform":
-        return ModelArgs.from_dict({k: v for k, v in config.items() if k not in ("architectures", "model_type",
-                                                                                   "torch_dtype")})
-    names = config.get("architectures") or []
-    arch = next((ARCHITECTURES[n] for n in names if n in ARCHITECTURES), None) or _BY_MODEL_TYPE.get(
-        config.get("model_type"))
-    if arch is None:
-        raise ValueError(f"cannot import architecture {names or config.get('model_type')!r}: supported are "
-                         f"{supported_architectures()} (and moe-platform's own exports); nothing is imported "
-                         f"through trust_remote_code")
-    required = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_experts_per_tok",
-                "intermediate_size" if arch.model_type in ("mixtral", "olmoe") else "moe_intermediate_size"]
-    missing = [k for k in required if k not in config]
-    if arch.model_type != "mixtral" and "num_experts" not in config and "num_local_experts" not in config:
-        missing.append("num_experts")
-    if arch.model_type == "mixtral" and "num_local_experts" not in config:
-        missing.append("num_local_experts")
-    if arch.model_type == "qwen2_moe" and "shared_expert_intermediate_size" not in config:
-        missing.append("shared_expert_intermediate_size")
-    if missing:
-        raise ValueError(f"{arch.name} config.json lacks {missing}: not a complete model config")
-    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    _reject(config, arch, rope_scaling=lambda v: not v or v.get("rope_type", v.get("type")) == "default")
-    if rope.get("rope_type", "default") != "default":
-        raise ValueError(f"{arch.name} with rope type {rope.get('rope_type')!r} is not supported (default RoPE only)")
-    heads = config["num_attention_heads"]
-    kw = dict(
-        vocab_size=config["vocab_size"], dim=config["hidden_size"], n_layers=config["num_hidden_layers"],
-        n_heads=heads, n_kv_heads=config.get("num_key_value_heads") or heads, head_dim=config.get("head_dim") or 0,
-        top_k=config["num_experts_per_tok"], max_seq_len=config.get("max_position_embeddings", 4096),
-        rope_theta=float(rope.get("rope_theta", config.get("rope_theta", 1e6))),
-        norm_eps=config.get("rms_norm_eps", 1e-5), aux_loss_coef=config.get("router_aux_loss_coef", 0.02),
-        tie_word_embeddings=config.get("tie_word_embeddings", False), init_std=config.get("initializer_range", 0.02),
-        hf_architecture=arch.name,
-    )
-    if arch.model_type == "mixtral":
-        _reject(config, arch, sliding_window=lambda v: v is None)
-        return ModelArgs(**kw, intermediate_size=config["intermediate_size"], num_experts=config["num_local_experts"])
-    experts = config.get("num_experts", config.get("num_local_experts"))  # transformers writes either name
-    kw.update(num_experts=experts, norm_topk_prob=bool(config.get("norm_topk_prob", False)))
-    if arch.model_type == "olmoe":
-        _reject(config, arch, clip_qkv=lambda v: v is None, attention_bias=lambda v: not v)
-        return ModelArgs(**kw, intermediate_size=config["intermediate_size"], qk_norm="full")
-    _reject(config, arch, use_sliding_window=lambda v: not v, decoder_sparse_step=lambda v: v in (None, 1),
-            mlp_only_layers=lambda v: not v)
-    if arch.model_type == "qwen3_moe":
-        _reject(config, arch, attention_bias=lambda v: not v)
-        return ModelArgs(**kw, intermediate_size=config["moe_intermediate_size"], qk_norm="head")
-    return ModelArgs(**kw, intermediate_size=config["moe_intermediate_size"],  # qwen2_moe
-                     attention_bias=bool(config.get("qkv_bias", True)), n_shared_experts=1,
-                     shared_intermediate_size=config["shared_expert_intermediate_size"], shared_expert_gate=True)
 
 
 def read_model_args(model_dir: str | Path) -> ModelArgs:
@@ -308,14 +167,23 @@ class HFWeights:
         """Our name -> ("plain", hf name) | ("gate_up", gate names, up names) | ("down", down names), per expert."""
         recipes: dict[str, tuple] = {}
         experts: dict[tuple[str, str], dict[int, str]] = {}
+        extra_layers = set()
         for name in hf_names:
+            layer = _LAYER.match(name)
+            if layer and int(layer.group(1)) >= self.args.n_layers:  # DeepSeek-V3's multi-token-prediction layer
+                extra_layers.add(int(layer.group(1)))
+                continue
             m = _HF_EXPERT.match(name)
             if m:
                 prefix, e, w = m.groups()
                 experts.setdefault((prefix, _ROLE[w]), {})[int(e)] = name
                 continue
             ours = name.replace(".block_sparse_moe.", ".mlp.").replace(".mlp.shared_expert.", ".mlp.shared_experts.")
+            ours = ours.replace(".mlp.gate.e_score_correction_bias", ".mlp.gate.expert_bias")
             recipes[ours] = ("plain", name)
+        if extra_layers:
+            log.info("%s: skipped layers %s beyond num_hidden_layers = %d (a multi-token-prediction module, which the "
+                     "causal LM does not use)", self.dir, sorted(extra_layers), self.args.n_layers)
         for prefix in sorted({p for p, _ in experts}):
             by_role = {}
             for role in ("gate", "up", "down"):

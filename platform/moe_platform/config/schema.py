@@ -110,7 +110,8 @@ class ElasticConfig:
 
 @dataclass
 class InitConfig:
-    from_hf: str = _f("", "Hugging Face model directory to start from (Mixtral, Qwen3-MoE, Qwen2-MoE, OLMoE): its "
+    from_hf: str = _f("", "Hugging Face model directory to start from (Mixtral, Qwen3-MoE, Qwen2-MoE, OLMoE, "
+                          "DeepSeek-V3/V2, GLM-4.5 MoE): its "
                           "architecture replaces [model], its tokenizer is used as it is (none is trained) and its "
                           "weights are the starting point; empty trains from scratch")
 
@@ -122,9 +123,11 @@ class LoRAConfig:
     rank: int = _f(16, "rank r of each adapter (A: r x in, B: out x r)")
     alpha: float = _f(32.0, "the adapters' output is scaled by alpha / rank")
     dropout: float = _f(0.0, "dropout on the input of the attention and shared-expert adapters (0 = none)")
-    targets: str = _f("q_proj,k_proj,v_proj,o_proj", "comma-separated: q_proj, k_proj, v_proj, o_proj (attention), "
-                                                       "experts (each routed expert's gate/up and down, stacked like "
-                                                       "the experts), shared_experts")
+    targets: str = _f("attention", "comma-separated: attention (every attention projection of the model), or some of "
+                                   "q_proj, k_proj, v_proj, o_proj (grouped-query attention), q_proj or q_a_proj and "
+                                   "q_b_proj, kv_a_proj_with_mqa, kv_b_proj, o_proj (latent attention); experts (each "
+                                   "routed expert's gate/up and down, stacked like the experts), shared_experts, "
+                                   "dense_mlp (the MLP of dense layers)")
 
 
 @dataclass

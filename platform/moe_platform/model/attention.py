@@ -1,4 +1,5 @@
-"""RMSNorm, rotary embeddings and grouped-query attention (SDPA), with an optional KV cache for decoding."""
+"""RMSNorm and grouped-query attention (SDPA), with an optional KV cache for decoding; the positions of packed
+documents. Rotary embeddings are in model/rope.py, multi-head latent attention in model/mla.py."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from torch import nn
 
 from moe_platform.model.adapter_hooks import with_adapter
 from moe_platform.model.args import ModelArgs
+from moe_platform.model.rope import apply_rotary
 
 
 class RMSNorm(nn.Module):
@@ -24,38 +26,6 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-class RotaryEmbedding(nn.Module):
-    """RoPE in the non-interleaved (rotate-half) convention used by Llama/Mixtral checkpoints."""
-
-    def __init__(self, head_dim: int, theta: float):
-        super().__init__()
-        self.head_dim, self.theta = head_dim, theta
-        self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
-
-    def _inv_freq(self, device=None) -> torch.Tensor:
-        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device).float() / self.head_dim
-        return 1.0 / (self.theta ** exponents)
-
-    def reset_buffers(self) -> None:
-        """Compute the frequencies again where they live (after `to_empty` gave a model built on meta its memory)."""
-        self.inv_freq = self._inv_freq(self.inv_freq.device)
-
-    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # positions: (B, T) -> cos, sin: (B, 1, T, head_dim)
-        freqs = positions.float()[..., None] * self.inv_freq.float()  # (B, T, head_dim/2)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos()[:, None], emb.sin()[:, None]
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return (x * cos.to(x.dtype)) + (_rotate_half(x) * sin.to(x.dtype))
-
-
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, layer_idx: int):
         super().__init__()
@@ -63,6 +33,7 @@ class Attention(nn.Module):
         self.n_heads = args.n_heads
         self.n_kv_heads = args.n_kv_heads
         self.head_dim = args.resolved_head_dim
+        self.rope_interleave = args.rope_interleave
         self.q_proj = nn.Linear(args.dim, self.n_heads * self.head_dim, bias=args.attention_bias)
         self.k_proj = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=args.attention_bias)
         self.v_proj = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=args.attention_bias)
@@ -90,7 +61,7 @@ class Attention(nn.Module):
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, hd), (B, KV, T, hd)
         v = self._proj("v_proj", x).view(bsz, seq, -1, self.head_dim).transpose(1, 2)
         cos, sin = rope
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = apply_rotary(q, cos, sin, self.rope_interleave), apply_rotary(k, cos, sin, self.rope_interleave)
         if cache is None:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                                  enable_gqa=q.shape[1] != k.shape[1])

@@ -17,10 +17,10 @@ class KVCache:
         max_len = max_len or args.max_seq_len
         if num_slots <= 0 or max_len <= 0:
             raise ValueError(f"KV cache needs num_slots > 0 and max_len > 0, got {num_slots}, {max_len}")
-        kv_heads = n_kv_heads or args.n_kv_heads
-        shape = (args.n_layers, num_slots, kv_heads, max_len, args.resolved_head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        kv_heads = n_kv_heads or args.kv_heads
+        shape = (args.n_layers, num_slots, kv_heads, max_len)
+        self.k = torch.zeros(shape + (args.qk_head_dim,), dtype=dtype, device=device)
+        self.v = torch.zeros(shape + (args.value_head_dim,), dtype=dtype, device=device)
         self.num_slots = num_slots
         self.max_len = max_len
         self._slots: torch.Tensor | None = None
@@ -30,7 +30,7 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        return self.k.numel() * self.k.element_size() * 2
+        return (self.k.numel() + self.v.numel()) * self.k.element_size()
 
     def bind(self, slots: torch.Tensor, positions: torch.Tensor) -> KVCache:
         """Set the slot of each batch row (B,) and the absolute position of each token (B, T) for the next forward."""

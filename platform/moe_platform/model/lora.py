@@ -5,14 +5,16 @@ An adapted projection computes W x + (alpha / r) * B (A x). A is (r, in), initia
 first update. The adapters live beside the weights they adapt, as `lora` submodules, so the base weights keep their
 names (checkpoints, Hugging Face import and export are unchanged):
 
-- attention: `self_attn.lora.{q_proj,k_proj,v_proj,o_proj}.{A,B}`;
+- attention: `self_attn.lora.{q_proj,k_proj,v_proj,o_proj}.{A,B}`; multi-head latent attention's projections
+  `self_attn.lora.{q_proj,q_a_proj,q_b_proj,kv_a_proj_with_mqa,kv_b_proj,o_proj}.{A,B}`;
 - routed experts: one pair per expert, stacked like the experts: `experts.lora.gate_up_proj.{A,B}` with A
   (E, r, D) and B (E, 2I, r), and `experts.lora.down_proj.{A,B}` with A (E, r, I) and B (E, D, r). The experts run
   with W + (alpha / r) * B @ A, the adapted weight, so every expert kernel (grouped GEMM, the fused CPU path) serves
   them unchanged;
-- shared experts: `shared_experts.lora.{gate_proj,up_proj,down_proj}.{A,B}`.
+- shared experts: `shared_experts.lora.{gate_proj,up_proj,down_proj}.{A,B}`;
+- the dense layers' MLPs (target `dense_mlp`): `mlp.lora.{gate_proj,up_proj,down_proj}.{A,B}`.
 
-Dropout (on the adapter's input) applies to the attention and shared-expert adapters; the expert adapters, folded
+Dropout (on the adapter's input) applies to the attention and MLP adapters; the expert adapters, folded
 into the expert weights, take none. The layers add their adapters' terms through model/adapter_hooks.py; this module
 attaches the adapters from outside (it imports the layers, never the other way round).
 """
@@ -26,10 +28,14 @@ import torch
 from torch import nn
 
 from moe_platform.model.attention import Attention
+from moe_platform.model.mla import MLAttention
 from moe_platform.model.moe import GroupedExperts, SwiGLU
 
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "experts", "shared_experts")
-ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLA_TARGETS = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj")
+ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", *MLA_TARGETS)
+MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
+# "attention": every attention projection the model has (q/k/v/o, or multi-head latent attention's)
+LORA_TARGETS = ("attention", *ATTENTION_TARGETS, "experts", "shared_experts", "dense_mlp")
 
 
 def parse_targets(targets: str) -> tuple[str, ...]:
@@ -82,21 +88,45 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float, target
     parameter. The adapters start as A = 0, B = 0; `init_adapters` gives A its initial values."""
     if rank < 1:
         raise ValueError(f"lora.rank must be >= 1, got {rank}")
+    found = _lora_sites(model, targets)
+    missing = [t for t in targets if not any(t in names for _, names in found)]
+    if missing:
+        present = sorted({t for _, names in _lora_sites(model, LORA_TARGETS) for t in names})
+        raise ValueError(f"lora.targets: this model has no {', '.join(missing)} to adapt; its targets are "
+                         f"{', '.join(present)}")
     for p in model.parameters():
         p.requires_grad_(False)
-    for m in list(model.modules()):
-        if isinstance(m, Attention):
-            wanted = [t for t in ATTENTION_TARGETS if t in targets]
-            if wanted:
-                m.lora = nn.ModuleDict({t: LoRA(getattr(m, t).in_features, getattr(m, t).out_features, rank, alpha,
-                                                dropout) for t in wanted})
-        elif isinstance(m, GroupedExperts) and "experts" in targets:
+    for m, names in found:
+        names = [t for t in names if t != "attention"]
+        if isinstance(m, GroupedExperts):
             e, two_i, d = m.gate_up_proj.shape
             m.lora = nn.ModuleDict({"gate_up_proj": StackedLoRA(e, d, two_i, rank, alpha),
                                     "down_proj": StackedLoRA(e, two_i // 2, d, rank, alpha)})
-        elif isinstance(m, SwiGLU) and "shared_experts" in targets:
+        else:
+            projections = MLP_TARGETS if isinstance(m, SwiGLU) else names
             m.lora = nn.ModuleDict({t: LoRA(getattr(m, t).in_features, getattr(m, t).out_features, rank, alpha,
-                                            dropout) for t in ("gate_proj", "up_proj", "down_proj")})
+                                            dropout) for t in projections})
+
+
+def _lora_sites(model: nn.Module, targets: tuple[str, ...]) -> list[tuple[nn.Module, list[str]]]:
+    """The modules `targets` put adapters on, each with the targets it answers to."""
+    sites = []
+    for name, m in model.named_modules():
+        if isinstance(m, (Attention, MLAttention)):
+            wanted = [t for t in ATTENTION_TARGETS if (t in targets or "attention" in targets)
+                      and isinstance(getattr(m, t, None), nn.Linear)]
+            if "attention" in targets:
+                wanted.append("attention")
+        elif isinstance(m, GroupedExperts):
+            wanted = ["experts"] if "experts" in targets else []
+        elif isinstance(m, SwiGLU):
+            kind = "shared_experts" if name.endswith(".shared_experts") else "dense_mlp"
+            wanted = [kind] if kind in targets else []
+        else:
+            continue
+        if wanted:
+            sites.append((m, wanted))
+    return sites
 
 
 def is_lora_name(name: str) -> bool:

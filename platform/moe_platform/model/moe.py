@@ -1,4 +1,5 @@
-"""Mixture-of-Experts layer: top-k softmax router, grouped SwiGLU experts, optional shared experts.
+"""Mixture-of-Experts layer: top-k router (softmax or sigmoid scores, optionally group-limited), grouped SwiGLU
+experts, optional shared experts.
 
 Tokens are sorted by expert once and every expert runs as one contiguous matmul over its tokens (grouped GEMM), then
 results are scattered back weighted by the router. Balancing: the Switch/Mixtral auxiliary loss, DeepSeek-V3's
@@ -39,7 +40,10 @@ class _AttachAuxLoss(torch.autograd.Function):
 
 
 class Router(nn.Module):
-    """Linear gate over experts; top-k by softmax probability (+ the balancing bias when enabled)."""
+    """Linear gate over experts. Scores are a softmax over the experts or a sigmoid per expert; the top-k experts are
+    chosen over all experts or, group-limited, inside the best `topk_group` of `n_group` groups; the balancing bias
+    (when enabled) only steers the choice. The mixing weights are the chosen experts' scores, optionally renormalised
+    to sum to 1, times `routed_scaling_factor`."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -48,20 +52,46 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(args.num_experts, args.dim))
         self.use_bias = args.balancing == "bias"
         self.norm_topk_prob = args.norm_topk_prob
+        self.scoring_func = args.scoring_func
+        self.topk_method = args.topk_method
+        self.n_group, self.topk_group = args.n_group, args.topk_group
+        self.routed_scaling_factor = args.routed_scaling_factor
         if self.use_bias:
-            # Only steers which experts are chosen, never the mixing weights (DeepSeek-V3); updated outside autograd.
+            # Only steers which experts are chosen, never the mixing weights (DeepSeek-V3's e_score_correction_bias);
+            # updated outside autograd.
             self.register_buffer("expert_bias", torch.zeros(args.num_experts, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         # x: (N, D) -> logits, probs: (N, E); weights, indices: (N, k)
         logits = F.linear(x, self.weight)
-        probs = torch.softmax(logits.float(), dim=-1)
+        if self.scoring_func == "softmax":
+            probs = torch.softmax(logits.float(), dim=-1)
+        else:
+            probs = torch.sigmoid(logits.float())
         scores = probs + self.expert_bias if self.use_bias else probs
+        if self.topk_method != "greedy":
+            scores = self._limit_to_groups(scores)
         indices = torch.topk(scores, self.top_k, dim=-1).indices
         weights = probs.gather(-1, indices)
         if self.norm_topk_prob:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
+            total = weights.sum(dim=-1, keepdim=True)
+            weights = weights / (total + 1e-20 if self.scoring_func == "sigmoid" else total)
+        if self.routed_scaling_factor != 1.0:
+            weights = weights * self.routed_scaling_factor
         return logits, probs, weights, indices
+
+    def _limit_to_groups(self, scores: torch.Tensor) -> torch.Tensor:
+        """Scores outside each token's best `topk_group` groups masked out (N, E). A group's rank is its best score
+        (group_limited_greedy, masked to 0 as DeepSeek-V2 does) or the sum of its two best (noaux_tc, masked to
+        -inf)."""
+        grouped = scores.view(-1, self.n_group, self.num_experts // self.n_group)  # (N, E) -> (N, G, E/G)
+        if self.topk_method == "group_limited_greedy":
+            group_scores, fill = grouped.max(dim=-1).values, 0.0
+        else:
+            group_scores, fill = grouped.topk(2, dim=-1).values.sum(dim=-1), float("-inf")
+        best = torch.topk(group_scores, self.topk_group, dim=-1).indices  # (N, topk_group)
+        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)  # (N, G)
+        return grouped.masked_fill(~keep[..., None], fill).view_as(scores)
 
 
 class SwiGLU(nn.Module):

@@ -7,8 +7,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from moe_platform.model.args import ModelArgs
-from moe_platform.model.attention import Attention, RMSNorm, RotaryEmbedding, document_layout
-from moe_platform.model.moe import MoE
+from moe_platform.model.attention import Attention, RMSNorm, document_layout
+from moe_platform.model.mla import MLAttention
+from moe_platform.model.moe import MoE, SwiGLU
+from moe_platform.model.rope import RotaryEmbedding
 
 ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
 
@@ -17,24 +19,30 @@ class DecoderLayer(nn.Module):
     def __init__(self, args: ModelArgs, layer_idx: int):
         super().__init__()
         self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
-        self.self_attn = Attention(args, layer_idx)
+        self.self_attn = MLAttention(args, layer_idx) if args.mla else Attention(args, layer_idx)
         self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
-        self.mlp = MoE(args, layer_idx)
+        # DeepSeek and GLM keep dense layers before their MoE layers (Qwen-MoE may put them anywhere)
+        self.mlp = (SwiGLU(args.dim, args.resolved_dense_intermediate_size) if layer_idx in args.dense_layer_ids
+                    else MoE(args, layer_idx))
         self.checkpointing = "none"  # see MoETransformer.set_activation_checkpointing
 
     def forward(self, x: torch.Tensor, rope, cache=None, mask: torch.Tensor | None = None) -> torch.Tensor:
         if self.checkpointing == "full" and torch.is_grad_enabled():
-            return checkpoint(self._forward, x, rope, cache, mask, use_reentrant=False,
-                              context_fn=self.mlp.recomputation_contexts)
+            kwargs = {"context_fn": self.mlp.recomputation_contexts} if isinstance(self.mlp, MoE) else {}
+            return checkpoint(self._forward, x, rope, cache, mask, use_reentrant=False, **kwargs)
         return self._forward(x, rope, cache, mask)
 
     def _forward(self, x: torch.Tensor, rope, cache, mask) -> torch.Tensor:
-        if self.checkpointing == "selective" and torch.is_grad_enabled():
+        selective = self.checkpointing == "selective" and torch.is_grad_enabled()
+        if selective:
             attn = checkpoint(self._attention, x, rope, cache, mask, use_reentrant=False)
         else:
             attn = self._attention(x, rope, cache, mask)
         x = x + attn
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h = self.post_attention_layernorm(x)
+        if selective and not isinstance(self.mlp, MoE):  # a dense MLP is recomputed like the experts
+            return x + checkpoint(self.mlp, h, use_reentrant=False)
+        return x + self.mlp(h)
 
     def _attention(self, x: torch.Tensor, rope, cache, mask) -> torch.Tensor:
         return self.self_attn(self.input_layernorm(x), rope, cache, mask)
@@ -46,7 +54,7 @@ class Backbone(nn.Module):
         self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.rotary = RotaryEmbedding(args.resolved_head_dim, args.rope_theta)
+        self.rotary = RotaryEmbedding(args)
 
 
 class MoETransformer(nn.Module):
@@ -82,7 +90,8 @@ class MoETransformer(nn.Module):
                              f"got {mode!r}")
         for layer in self.model.layers:
             layer.checkpointing = mode
-            layer.mlp.checkpoint_experts = mode == "selective"
+            if isinstance(layer.mlp, MoE):
+                layer.mlp.checkpoint_experts = mode == "selective"
 
     def moe_layers(self) -> list[MoE]:
         return [m for m in self.modules() if isinstance(m, MoE)]

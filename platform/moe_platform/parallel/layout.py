@@ -217,8 +217,11 @@ def _layout_problems(
     m = model_args
     if m.n_heads % tp:
         errors.append(f"model.n_heads ({m.n_heads}) must be divisible by tp ({tp})")
-    if m.n_kv_heads % tp:
+    if m.kv_heads % tp:
         errors.append(f"model.n_kv_heads ({m.n_kv_heads}) must be divisible by tp ({tp})")
+    if m.dense_layer_ids and m.resolved_dense_intermediate_size % tp:
+        errors.append(f"the dense layers' MLP size ({m.resolved_dense_intermediate_size}) must be divisible by tp "
+                      f"({tp})")
     if m.intermediate_size % tp:
         errors.append(f"model.intermediate_size ({m.intermediate_size}) must be divisible by tp ({tp})")
     if m.qk_norm == "full" and layout.tp_enabled:

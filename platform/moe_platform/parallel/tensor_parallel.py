@@ -15,6 +15,11 @@ one all-reduce per block in forward and one in backward:
 * q/k/v biases (Qwen2-MoE) split with their rows; per-head query/key norms (Qwen3-MoE) are replicated and their
   gradients summed over the group (each rank normalises only its heads); a norm over the whole projection (OLMoE)
   cannot be split, so such models run with tp = 1.
+* Multi-head latent attention (DeepSeek) splits by heads: q_proj or q_b_proj and kv_b_proj keep the rows of this
+  rank's heads, o_proj the matching columns. The down-projections (q_a_proj, kv_a_proj_with_mqa) and their norms
+  produce the latent every head reads, so they are replicated, computed on every rank, with their gradients summed
+  over the group. o_proj's bias is added once: each rank adds bias / tp to its partial output before the reduction.
+* Dense MLP layers (DeepSeek's and GLM's first layers) split like the shared experts.
 * Embedding, norms, router, the shared experts' sigmoid gate and lm_head stay replicated. A vocab-parallel
   embedding/head is a later optimisation; replicated is simpler and measured fine at the sizes we train.
 
@@ -36,10 +41,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from moe_platform.model.attention import Attention
-from moe_platform.model.moe import MoE
+from moe_platform.model.mla import MLAttention
+from moe_platform.model.moe import MoE, SwiGLU
 from moe_platform.parallel.comm import copy_to_group, reduce_from_group, sum_grad_over_group
 from moe_platform.parallel.layout import ProcessGroups
 
@@ -52,6 +59,7 @@ SHARD_KINDS = ("contiguous", "gate_up")
 _HEADS_HINT = "model.n_heads and model.n_kv_heads must be divisible by tp"
 _EXPERT_HINT = "model.intermediate_size must be divisible by tp"
 _SHARED_HINT = "the shared expert hidden size (shared_intermediate_size * n_shared_experts) must be divisible by tp"
+_DENSE_HINT = "model.dense_intermediate_size must be divisible by tp"
 
 # Parameter name relative to its module -> (split dim, kind, constraint named in errors). One table per module kind;
 # `tp_shard_spec` (by full name) and `apply_tp` (by module) both read these, so the two cannot disagree.
@@ -70,28 +78,53 @@ _ATTENTION_SHARDS = {
     "lora.v_proj.B": (0, "contiguous", _HEADS_HINT),
     "lora.o_proj.A": (1, "contiguous", _HEADS_HINT),
 }
+# Multi-head latent attention: the up-projections are split by heads (rows of nope+v per head in kv_b_proj).
+_MLA_SHARDS = {
+    "q_proj.weight": (0, "contiguous", _HEADS_HINT),  # (H*qk, D)
+    "q_b_proj.weight": (0, "contiguous", _HEADS_HINT),  # (H*qk, q_lora_rank)
+    "kv_b_proj.weight": (0, "contiguous", _HEADS_HINT),  # (H*(nope+v), kv_lora_rank)
+    "o_proj.weight": (1, "contiguous", _HEADS_HINT),  # (D, H*v)
+    "lora.q_proj.B": (0, "contiguous", _HEADS_HINT),
+    "lora.q_b_proj.B": (0, "contiguous", _HEADS_HINT),
+    "lora.kv_b_proj.B": (0, "contiguous", _HEADS_HINT),
+    "lora.o_proj.A": (1, "contiguous", _HEADS_HINT),
+}
+# Replicated inside MLA's parallel region: each rank's gradient covers only its heads' use of them.
+_MLA_REPLICATED = ("q_a_proj.weight", "q_a_proj.bias", "q_a_layernorm.weight", "kv_a_proj_with_mqa.weight",
+                   "kv_a_proj_with_mqa.bias", "kv_a_layernorm.weight", "lora.q_a_proj.A", "lora.q_a_proj.B",
+                   "lora.kv_a_proj_with_mqa.A", "lora.kv_a_proj_with_mqa.B")
 _EXPERT_SHARDS = {
     "gate_up_proj": (1, "gate_up", _EXPERT_HINT),  # (E, 2I, D)
     "down_proj": (2, "contiguous", _EXPERT_HINT),  # (E, D, I)
     "lora.gate_up_proj.B": (1, "gate_up", _EXPERT_HINT),  # (E, 2I, r)
     "lora.down_proj.A": (2, "contiguous", _EXPERT_HINT),  # (E, r, I)
 }
-_SHARED_EXPERT_SHARDS = {
-    "gate_proj.weight": (0, "contiguous", _SHARED_HINT),  # (I_s, D)
-    "up_proj.weight": (0, "contiguous", _SHARED_HINT),
-    "down_proj.weight": (1, "contiguous", _SHARED_HINT),  # (D, I_s)
-    "lora.gate_proj.B": (0, "contiguous", _SHARED_HINT),
-    "lora.up_proj.B": (0, "contiguous", _SHARED_HINT),
-    "lora.down_proj.A": (1, "contiguous", _SHARED_HINT),
-}
+
+
+def _swiglu_shards(hint: str) -> dict:
+    return {
+        "gate_proj.weight": (0, "contiguous", hint),  # (I_s, D)
+        "up_proj.weight": (0, "contiguous", hint),
+        "down_proj.weight": (1, "contiguous", hint),  # (D, I_s)
+        "lora.gate_proj.B": (0, "contiguous", hint),
+        "lora.up_proj.B": (0, "contiguous", hint),
+        "lora.down_proj.A": (1, "contiguous", hint),
+    }
+
+
+_SHARED_EXPERT_SHARDS = _swiglu_shards(_SHARED_HINT)
+_DENSE_MLP_SHARDS = _swiglu_shards(_DENSE_HINT)
 # The replicated adapter factors inside a parallel region: each rank's gradient covers only its share of the work.
 _REPLICATED_LORA = ("lora.q_proj.A", "lora.k_proj.A", "lora.v_proj.A", "lora.o_proj.B", "lora.gate_up_proj.A",
-                    "lora.down_proj.B", "lora.gate_proj.A", "lora.up_proj.A")
-# Module path (as named in the single-device model) -> its table.
+                    "lora.down_proj.B", "lora.gate_proj.A", "lora.up_proj.A", "lora.q_b_proj.A", "lora.kv_b_proj.A")
+# Module path (as named in the single-device model) -> its table. Attention names are looked up in the GQA table,
+# then in MLA's (whose q_proj and o_proj split alike; q_b_proj and kv_b_proj exist only there).
 _SCOPES = (
     ("self_attn", _ATTENTION_SHARDS),
+    ("self_attn", _MLA_SHARDS),
     ("mlp.experts", _EXPERT_SHARDS),
     ("mlp.shared_experts", _SHARED_EXPERT_SHARDS),
+    ("mlp", _DENSE_MLP_SHARDS),
 )
 
 
@@ -241,7 +274,13 @@ def _require_unsharded(module: nn.Module, where: str) -> None:
 def _validate(model: nn.Module, tp: int) -> None:
     """Every divisibility constraint, checked before anything is changed so a failure leaves the model intact."""
     for where, m in model.named_modules():
-        if isinstance(m, Attention):
+        if isinstance(m, MLAttention):
+            _require_unsharded(m, where)
+            if m.n_heads % tp:
+                raise ValueError(f"{where}: model.n_heads must be divisible by tp; got n_heads={m.n_heads}, tp={tp}")
+        elif isinstance(m, SwiGLU) and where.endswith(".mlp") and m.gate_proj.out_features % tp:
+            raise ValueError(f"{where}: {_DENSE_HINT}; got {m.gate_proj.out_features}, tp={tp}")
+        elif isinstance(m, Attention):
             _require_unsharded(m, where)
             if m.n_heads % tp or m.n_kv_heads % tp:
                 raise ValueError(
@@ -266,6 +305,36 @@ def _validate(model: nn.Module, tp: int) -> None:
                 )
 
 
+class _BiasSharedLinear(nn.Linear):
+    """A row-parallel nn.Linear whose bias is added once over its tensor-parallel group: each rank adds bias / tp to
+    its partial output before the group's outputs are summed (the bias keeps its name, shape and values)."""
+
+    tp_size = 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias / self.tp_size)
+
+
+def _apply_tp_mla(m: MLAttention, group, tp: int, rank: int, where: str) -> None:
+    m._tp_size = tp
+    _shard_module_params(m, _MLA_SHARDS, tp, rank, where)
+    m.n_heads //= tp
+    m.n_kv_heads //= tp
+    for rel in _MLA_REPLICATED:
+        owner_path, _, attr = rel.rpartition(".")
+        try:
+            p = getattr(m.get_submodule(owner_path), attr)
+        except AttributeError:  # a low-rank query, a bias or an adapter this model does not have
+            continue
+        if p is not None:
+            sum_grad_over_group(p, group)
+    if m.o_proj.bias is not None:
+        m.o_proj.__class__ = _BiasSharedLinear
+        m.o_proj.tp_size = tp
+        sum_grad_over_group(m.o_proj.bias, group)
+    _make_parallel_region(m, group, ((0, "x"),))
+
+
 def apply_tp(model: nn.Module, groups: ProcessGroups) -> None:
     """Shard attention and expert weights over the tensor-parallel group of `groups`, in place.
 
@@ -282,7 +351,12 @@ def apply_tp(model: nn.Module, groups: ProcessGroups) -> None:
     if groups.layout.tp_enabled:
         _validate(model, tp)
         for where, m in list(model.named_modules()):
-            if isinstance(m, Attention):
+            if isinstance(m, MLAttention):
+                _apply_tp_mla(m, group, tp, rank, where)
+            elif isinstance(m, SwiGLU) and where.endswith(".mlp"):  # a dense layer's MLP
+                _shard_module_params(m, _DENSE_MLP_SHARDS, tp, rank, where)
+                _make_parallel_region(m, group, ((0, "x"),))
+            elif isinstance(m, Attention):
                 m._tp_size = tp
                 _shard_module_params(m, _ATTENTION_SHARDS, tp, rank, where)
                 m.n_heads //= tp

@@ -21,7 +21,7 @@ from moe_platform.config import Config
 from moe_platform.model.moe import MoE
 from moe_platform.model.transformer import MoETransformer, has_meta_tensors, materialize
 from moe_platform.parallel.layout import Layout, ProcessGroups
-from moe_platform.parallel.pipeline import build_pipeline_module
+from moe_platform.parallel.pipeline import ExpertPlaceholder, build_pipeline_module
 from moe_platform.parallel.placement import is_expert_tensor, local_shard_spec
 from moe_platform.train.data import IGNORE_INDEX
 from moe_platform.train.optim import build_optimizer, clip_grad_norm, set_lr
@@ -349,13 +349,19 @@ def _single_rank_group(rank: int):
     return _SINGLE_GROUPS[rank]
 
 
-def _optimizer_param_groups(named: list[tuple[str, nn.Parameter]], cfg: Config) -> list[dict]:
-    """decay/no-decay groups, each split again into dense and expert parameters (DeepSpeed's 'moe' groups)."""
+_PLACEHOLDER = "expert_placeholder"  # the name a pipeline stage's ExpertPlaceholder goes by in the optimizer groups
+
+
+def _optimizer_param_groups(named: list[tuple[str, nn.Parameter]], cfg: Config, expert_parallel: bool) -> list[dict]:
+    """decay/no-decay groups; under expert parallelism each split again into dense and expert parameters (DeepSpeed's
+    'moe' groups, reduced over the expert-data-parallel group). Every pipeline stage must end up with the same groups
+    (ZeRO reduces each group's gradient norm over the stages): without expert parallelism the experts share the dense
+    groups, so a stage of dense layers only has the same groups as the others."""
     groups = []
-    for is_expert in (False, True):
+    for is_expert in (False, True) if expert_parallel else (False,):
         for decay in (True, False):
             params = [p for n, p in named if p.requires_grad and (p.dim() >= 2) == decay and
-                      is_expert_tensor(n) == is_expert]
+                      (not expert_parallel or (is_expert_tensor(n) or n == _PLACEHOLDER) == is_expert)]
             if not params:
                 continue
             group = {"params": params, "weight_decay": cfg.train.weight_decay if decay else 0.0,
@@ -429,7 +435,10 @@ class DeepSpeedBackend:
         module.to(device)
         if on_meta:  # materializing made new tensors; the stages hold the model's own modules, so it names them all
             self.names = {id(t): n for n, t in model.state_dict(keep_vars=True).items()}
-        local = [(self.names[id(t)], t) for t in module.state_dict(keep_vars=True).values()]
+        tensors = module.state_dict(keep_vars=True).values()
+        placeholders = [t for t in tensors if id(t) not in self.names]  # a dense stage's expert placeholder
+        assert len(placeholders) <= 1, f"{len(placeholders)} tensors of the pipeline stage have no model name"
+        local = [(self.names[id(t)], t) for t in tensors if id(t) in self.names]
         self.local_tensors = local
         self.local_params = [(n, t) for n, t in local if isinstance(t, nn.Parameter)]
         self.specs = {n: local_shard_spec(n, full_shapes[n], groups) for n, _ in local}
@@ -437,12 +446,14 @@ class DeepSpeedBackend:
             _load_model_tensors(local, reader, self.specs)
         if layout.ep_enabled:
             self._create_deepspeed_expert_groups(module)
-            if any(p.requires_grad and is_expert_tensor(n) for n, p in self.local_params):  # not with frozen experts
-                deepspeed_compat.make_moe_visible(module, MoE, layout.ep)
+            # not with frozen experts; a pipeline stage without experts has its placeholder instead
+            if placeholders or any(p.requires_grad and is_expert_tensor(n) for n, p in self.local_params):
+                deepspeed_compat.make_moe_visible(module, (MoE, ExpertPlaceholder), layout.ep)
         check_precision(cfg, layout.world_size)
         ds_config = build_deepspeed_config(cfg, layout, device.type, sum(p.numel() for _, p in self.local_params))
         fp16 = ds_config["fp16"]["enabled"]
-        optimizer = torch.optim.AdamW(_optimizer_param_groups(self.local_params, cfg), lr=cfg.train.lr,
+        group_params = self.local_params + [(_PLACEHOLDER, t) for t in placeholders]
+        optimizer = torch.optim.AdamW(_optimizer_param_groups(group_params, cfg, layout.ep_enabled), lr=cfg.train.lr,
                                       betas=(cfg.train.beta1, cfg.train.beta2), eps=1e-8, foreach=False)
         mpu = DeepSpeedMPU(groups) if layout.tp_enabled and not layout.pp_enabled else None
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config,

@@ -301,6 +301,7 @@ class Trainer:
     def _setup_metrics(self) -> None:
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
         self.flops_per_token = self.model_args.flops_per_token(self.cfg.train.seq_len)
+        self.moe_rows = {layer: row for row, layer in enumerate(self.model_args.moe_layer_ids)}
         self.peak_flops = matmul_peak_flops(self.device) * self.dist.world_size
         seed_everything(self.cfg.train.seed + self.dist.rank)
 
@@ -380,10 +381,11 @@ class Trainer:
     def _global_moe_stats(self) -> tuple[float, torch.Tensor]:
         """Balancing loss (as one process would report it) and tokens per expert for every layer, over all ranks."""
         moes = self.backend.moe_layers
-        loads = torch.zeros(self.model_args.n_layers, self.model_args.num_experts)
+        row = self.moe_rows
+        loads = torch.zeros(len(row), self.model_args.num_experts)  # (MoE layers, E); dense layers route nothing
         aux = torch.zeros(())
         for m in moes:
-            loads[m.layer_idx] += m.step_load.float().cpu()
+            loads[row[m.layer_idx]] += m.step_load.float().cpu()
             aux += m.step_aux.cpu()
             m.reset_step_stats()
         if self.dist.distributed:
@@ -403,8 +405,9 @@ class Trainer:
         ids = self.sampler.next_global_batch()
         loss, grad_norm = self.backend.train_batch(self._micro_batches(ids))
         aux, loads = self._global_moe_stats()
-        update_routing_biases(self.backend.moe_layers, self.model_args.bias_update_rate,
-                              [loads[m.layer_idx] for m in self.backend.moe_layers])
+        if not self.cfg.lora.enabled:  # LoRA freezes the base, its routing bias included (the adapter is the delta)
+            update_routing_biases(self.backend.moe_layers, self.model_args.bias_update_rate,
+                                  [loads[self.moe_rows[m.layer_idx]] for m in self.backend.moe_layers])
         self.step += 1
         dt = time.perf_counter() - t0
         tokens_per_s = len(ids) * cfg.seq_len / dt
