@@ -18,12 +18,12 @@ from torch import nn
 
 from moe_platform.checkpoint.adapters import Adapters, base_fingerprint, read_adapters
 from moe_platform.model.attention import Attention
-from moe_platform.model.lora import ATTENTION_TARGETS
+from moe_platform.model.lora import ATTENTION_TARGETS, MLP_TARGETS
+from moe_platform.model.mla import MLAttention
 from moe_platform.model.moe import GroupedExperts, SwiGLU
 from moe_platform.serving.errors import InvalidRequestError
 from moe_platform.serving.multi_lora import AdapterBatch, MultiExpertLoRA, MultiLoRA
 
-_SHARED_TARGETS = ("gate_proj", "up_proj", "down_proj")
 _RANK = -1
 _EXPERT_TENSORS = ("gate_up_proj.A", "gate_up_proj.B", "down_proj.A", "down_proj.B")
 logger = logging.getLogger(__name__)
@@ -74,8 +74,9 @@ class AdapterBank:
             return self.dense[prefix]
 
         for name, m in model.named_modules():
-            if isinstance(m, (Attention, SwiGLU)):
-                targets = ATTENTION_TARGETS if isinstance(m, Attention) else _SHARED_TARGETS
+            if isinstance(m, (Attention, MLAttention, SwiGLU)):
+                targets = MLP_TARGETS if isinstance(m, SwiGLU) else [
+                    t for t in ATTENTION_TARGETS if isinstance(getattr(m, t, None), nn.Linear)]
                 m.lora = nn.ModuleDict({t: dense(f"{name}.lora.{t}", getattr(m, t)) for t in targets})
             elif isinstance(m, GroupedExperts):
                 e, two_i, d = m.gate_up_proj.shape

@@ -104,20 +104,23 @@ class PagedKVCache:
     """
 
     def __init__(self, args: ModelArgs, num_blocks: int, block_size: int, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu", kv_dtype: str = "auto"):
+                 device: torch.device | str = "cpu", kv_dtype: str = "auto",
+                 widths: tuple[int, int, int] | None = None):
+        """`widths`: (heads, key dims, value dims) of the two tables; default the model's KV heads and head dims."""
         if kv_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {list(KV_CACHE_DTYPES)}, got {kv_dtype!r}")
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.kv_dtype = kv_dtype
         store = {"auto": dtype, "int8": torch.int8, "fp8": torch.uint8}[kv_dtype]
-        shape = (args.n_layers, args.n_kv_heads, num_blocks * block_size, args.resolved_head_dim)
-        self.k = torch.zeros(shape, dtype=store, device=device)
-        self.v = torch.zeros(shape, dtype=store, device=device)
+        heads, k_dim, v_dim = widths or (args.kv_heads, args.qk_head_dim, args.value_head_dim)
+        shape = (args.n_layers, heads, num_blocks * block_size)
+        self.k = torch.zeros(shape + (k_dim,), dtype=store, device=device)
+        self.v = torch.zeros(shape + (v_dim,), dtype=store, device=device)
         self.k_scale = self.v_scale = None
         if kv_dtype != "auto":
-            self.k_scale = torch.ones(shape[:-1] + (1,), dtype=torch.float32, device=device)
-            self.v_scale = torch.ones(shape[:-1] + (1,), dtype=torch.float32, device=device)
+            self.k_scale = torch.ones(shape + (1,), dtype=torch.float32, device=device)
+            self.v_scale = torch.ones(shape + (1,), dtype=torch.float32, device=device)
         self._write: torch.Tensor | None = None
         self._groups: list = []
 
@@ -125,13 +128,13 @@ class PagedKVCache:
     def bytes_per_token(args: ModelArgs, dtype: torch.dtype, kv_dtype: str = "auto") -> int:
         """KV bytes one token position takes over all layers (keys and values, with int8's and fp8's scales)."""
         elem = {"auto": torch.empty(0, dtype=dtype).element_size(), "int8": 1, "fp8": 1}[kv_dtype]
-        per_head = args.resolved_head_dim * elem + (4 if kv_dtype != "auto" else 0)
-        return 2 * args.n_layers * args.n_kv_heads * per_head
+        per_head = (args.qk_head_dim + args.value_head_dim) * elem + (8 if kv_dtype != "auto" else 0)
+        return args.n_layers * args.kv_heads * per_head
 
     @property
     def nbytes(self) -> int:
         scales = 0 if self.k_scale is None else 2 * self.k_scale.numel() * 4
-        return 2 * self.k.numel() * self.k.element_size() + scales
+        return (self.k.numel() + self.v.numel()) * self.k.element_size() + scales
 
     def bind(self, block_tables: list[list[int]], positions: torch.Tensor, mask_dtype: torch.dtype) -> PagedKVCache:
         """Row i uses the blocks `block_tables[i]`; positions (B, T) are the absolute positions of its tokens.
@@ -173,9 +176,10 @@ class PagedKVCache:
                                  len(rows), kv_len, mask.to(device)))
         return self
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               scale: float | None = None) -> torch.Tensor:
         """Store k, v (B, KV, T, hd) at the bound slots, then attend q (B, H, T, hd) to each row's keys so far,
-        group by group -> (B, H, T, hd)."""
+        group by group -> (B, H, T, v hd). `scale`: the softmax scale (default 1/sqrt(hd))."""
         assert self._write is not None, "bind() must be called before the forward pass"
         self._store(layer, self.k, self.k_scale, k)
         self._store(layer, self.v, self.v_scale, v)
@@ -184,11 +188,11 @@ class PagedKVCache:
             keys = self._gather(layer, self.k, self.k_scale, read, n, kv_len, q.dtype)
             values = self._gather(layer, self.v, self.v_scale, read, n, kv_len, q.dtype)
             part = F.scaled_dot_product_attention(q if rows is None else q[rows], keys, values, attn_mask=mask,
-                                                  enable_gqa=q.shape[1] != keys.shape[1])
+                                                  enable_gqa=q.shape[1] != keys.shape[1], scale=scale)
             if rows is None:
                 return part
             if out is None:
-                out = torch.empty_like(q)
+                out = q.new_empty(*q.shape[:-1], v.shape[-1])
             out[rows] = part
         return out
 

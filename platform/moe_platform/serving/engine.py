@@ -92,6 +92,10 @@ class EngineConfig:
                                                                        "prefixes between requests (paged)"})
     kv_cache_dtype: str = field(default="auto", metadata={"doc": "auto (the model's dtype), int8 (per-token scales) "
                                                                  "or fp8 (CUDA only); paged"})
+    mla_kv_cache: str = field(default="latent", metadata={"doc": "multi-head latent attention models (DeepSeek): "
+                                                                 "latent (the compressed latent and rotary key per "
+                                                                 "token, attention on the latent; paged) or expanded "
+                                                                 "(per-head keys and values)"})
     device: str = field(default="auto", metadata={"doc": "auto (cuda when one is visible), cpu, cuda or cuda:N"})
     dtype: str = field(default="float32", metadata={"doc": "weights, activations and KV cache: float32, bfloat16 "
                                                            "or float16 (float16 on CUDA only)"})
@@ -127,6 +131,8 @@ class EngineConfig:
                                                      f"{self.kv_cache_dtype!r}")
         need(self.kv_cache_layout == "paged" or self.kv_cache_dtype == "auto",
              "kv_cache_dtype int8 and fp8 need kv_cache_layout paged")
+        need(self.mla_kv_cache in ("latent", "expanded"), f"mla_kv_cache must be latent or expanded, got "
+                                                          f"{self.mla_kv_cache!r}")
         need(isinstance(self.device, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
              f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         need(self.quantization in QUANTIZATIONS, f"quantization must be one of {list(QUANTIZATIONS)}, got "

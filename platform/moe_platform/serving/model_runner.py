@@ -27,7 +27,8 @@ class ModelRunner:
         self.dtype = next(model.parameters()).dtype
         self.device = next(model.parameters()).device
         self._moe_layers = model.moe_layers()
-        self.expert_load = torch.zeros(self.args.n_layers, self.args.num_experts, dtype=torch.long)
+        # (MoE layers, E): tokens each routed expert received (dense layers route nothing)
+        self.expert_load = torch.zeros(len(self._moe_layers), self.args.num_experts, dtype=torch.long)
         self.forwards = {"prefill": 0, "decode": 0}
         self.cache: ServingKVCache | PagedKVCache | None = None  # the KV tensors (engine.build_scheduler)
 

@@ -1,7 +1,8 @@
 """Weight-only quantization of a model for serving (`engine.quantization: int8 | int4`).
 
 int8:
-- Dense projections (attention q/k/v/o, shared experts) use torchao's `Int8WeightOnlyConfig`: int8 weights with one
+- Dense projections (attention q/k/v/o or latent attention's, shared experts, dense MLPs) use torchao's
+  `Int8WeightOnlyConfig`: int8 weights with one
   scale per output channel, through torchao's own kernels on whatever device the model is on.
 - The routed experts are stacked 3-D weights, which torchao's weight-only configs do not cover. `Int8Experts` holds
   them as int8 with one scale per output channel of each expert and multiplies each expert's rows with PyTorch's
@@ -130,6 +131,11 @@ class Int4Experts(_QuantizedExperts):
         return x @ dequantize_int4(getattr(self, f"{name}_q")[e], getattr(self, f"{name}_scale")[e], x.dtype).T
 
 
+# the projections quantized as dense matrices: attention (grouped-query and latent), shared experts, dense MLPs
+_DENSE_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj",
+                      "gate_proj", "up_proj", "down_proj")
+
+
 def quantize_model(model: nn.Module, method: str) -> nn.Module:
     """Quantize `model` in place for inference (`method` in QUANTIZATIONS); returns it."""
     if method not in QUANTIZATIONS:
@@ -141,7 +147,7 @@ def quantize_model(model: nn.Module, method: str) -> nn.Module:
         if isinstance(module, MoE) and isinstance(module.experts, GroupedExperts):
             module.experts = experts_cls(module.experts)
     dense = {id(m) for name, m in model.named_modules() if isinstance(m, nn.Linear)
-             and name.split(".")[-1] in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")}
+             and name.split(".")[-1] in _DENSE_PROJECTIONS}
     if method == "int8":
         from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
@@ -152,6 +158,17 @@ def quantize_model(model: nn.Module, method: str) -> nn.Module:
             if id(child) in dense:
                 setattr(parent, name, Int4Linear(child))
     return model
+
+
+def dense_weight(linear: nn.Module, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The float weight (out, in) of a projection, quantized or not (ours int4, torchao's int8), in `dtype` (default
+    its own): what code that reads a weight rather than calling the layer needs."""
+    if isinstance(linear, Int4Linear):
+        return dequantize_int4(linear.weight_q, linear.weight_scale, dtype or torch.float32)
+    weight = linear.weight
+    if type(weight) not in (torch.Tensor, nn.Parameter) and hasattr(weight, "dequantize"):  # a torchao tensor
+        weight = weight.dequantize()
+    return weight if dtype is None else weight.to(dtype)
 
 
 def model_bytes(model: nn.Module) -> int:
@@ -169,5 +186,5 @@ def _tensor_bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-__all__ = ["QUANTIZATIONS", "Int4Experts", "Int4Linear", "Int8Experts", "dequantize_int4", "model_bytes",
-           "quantize_int4", "quantize_model", "quantize_per_channel"]
+__all__ = ["QUANTIZATIONS", "Int4Experts", "Int4Linear", "Int8Experts", "dense_weight", "dequantize_int4",
+           "model_bytes", "quantize_int4", "quantize_model", "quantize_per_channel"]

@@ -35,6 +35,7 @@ from typing import Any, Protocol
 
 from moe_platform.serving.cache import PagedKVCache, ServingKVCache
 from moe_platform.serving.kv_blocks import BlockPool, KVCacheManager
+from moe_platform.serving.latent_cache import PagedLatentCache
 from moe_platform.serving.sampling import SamplingParams
 
 MIN_BUCKET = 16
@@ -467,11 +468,15 @@ def build_scheduler(args, config, max_seq_len: int, dtype, device) -> tuple[Serv
     on `device`.
 
     Paged: `kv_cache_memory_bytes` of blocks; 0 sizes it at `kv_cache_memory_fraction` of the free device memory on
-    CUDA, and on the CPU at what `max_batch_size` sequences of `max_seq_len` tokens take. Slots: `max_batch_size`
-    slots of `max_seq_len` (+ one prefill budget of padding room), or as many as `kv_cache_memory_bytes` holds."""
+    CUDA, and on the CPU at what `max_batch_size` sequences of `max_seq_len` tokens take. A multi-head latent
+    attention model's blocks hold its latents (`mla_kv_cache: latent`, serving/latent_cache.py) unless told to hold
+    expanded keys and values. Slots: `max_batch_size` slots of `max_seq_len` (+ one prefill budget of padding room),
+    or as many as `kv_cache_memory_bytes` holds."""
     import torch
 
-    per_token = PagedKVCache.bytes_per_token(args, dtype, config.kv_cache_dtype)
+    paged = PagedLatentCache if args.mla and config.mla_kv_cache == "latent" else PagedKVCache
+    per_token = (PagedKVCache if config.kv_cache_layout == "slots" else paged).bytes_per_token(
+        args, dtype, config.kv_cache_dtype)
     budget = config.kv_cache_memory_bytes
     if config.kv_cache_layout == "slots":
         cache_len = max_seq_len + config.prefill_token_budget  # right padding of a chunk writes past the prompt
@@ -494,6 +499,6 @@ def build_scheduler(args, config, max_seq_len: int, dtype, device) -> tuple[Serv
         raise ValueError(f"engine option kv_cache_memory_bytes={budget} holds {num_blocks} KV blocks of {bs} tokens "
                          f"({per_token * bs} bytes each), but one sequence of max_seq_len {max_seq_len} needs "
                          f"{one_sequence}; raise kv_cache_memory_bytes or lower max_seq_len")
-    cache = PagedKVCache(args, num_blocks + 1, bs, dtype=dtype, device=device, kv_dtype=config.kv_cache_dtype)
+    cache = paged(args, num_blocks + 1, bs, dtype=dtype, device=device, kv_dtype=config.kv_cache_dtype)
     pool = BlockPool(num_blocks + 1, bs, config.enable_prefix_caching)
     return cache, PagedScheduler(KVCacheManager(pool), config.max_batch_size, config.prefill_token_budget)
