@@ -12,8 +12,16 @@ context. Everything runs on the engine in-process (no HTTP), one torch thread, g
    requests arriving as a Poisson process at `--prefix-rate`/s, `--output-tokens` each. The same trace runs with
    prefix caching and without (the peer), in alternating rounds. Reported: time to first token (mean, p50, p99) and
    the prefix cache's hit rate. Target: mean TTFT without ÷ with >= 5x.
+3. Multi-head latent attention (`--part mla`): a DeepSeek-V3-shaped model (the same size, 16 heads of 32+16 query/key
+   and 32 value dims, a 64-dim latent, sigmoid routing in expert groups, a dense first layer) on the latent cache
+   against the same model on the expanded cache (`mla_kv_cache: expanded`, the peer). Reported: KV bytes per token
+   (measured from the caches, and the arithmetic from the shapes), peak concurrent sequences of the mixed trace at a
+   fixed budget (what `--mla-sequences` full-length sequences take expanded), and decode tokens/s with
+   `--decode-batch` sequences decoding together (in alternating rounds). Target: latent decode tokens/s >= expanded.
+   It is recorded under "mla" in the same JSON, with its own plot.
 
-    python bench/kv_cache.py          # ~4 minutes on 2 CPU cores
+    python bench/kv_cache.py          # parts 1 and 2, ~4 minutes on 2 CPU cores
+    python bench/kv_cache.py --part mla  # part 3, ~3 minutes
 """
 
 from __future__ import annotations
@@ -60,8 +68,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--part", choices=("paged", "mla"), default="paged",
+                   help="paged: paged vs slots and prefix caching (parts 1 and 2); mla: latent vs expanded (part 3)")
+    p.add_argument("--mla-sequences", type=int, default=4, help="part 3's KV budget: this many full-length "
+                                                                "sequences of the expanded cache")
+    p.add_argument("--decode-batch", type=int, default=64, help="part 3: sequences decoding together")
+    p.add_argument("--decode-prompt", type=int, default=256, help="part 3: prompt tokens of each decoding sequence")
+    p.add_argument("--decode-tokens", type=int, default=64, help="part 3: tokens each decoding sequence generates")
     add_output_args(p, "kv_cache")
     return p.parse_args(argv)
+
+
+# A DeepSeek-V3-shaped model at bench/serve.py's size: latent attention (16 heads), sigmoid routing in 4 groups of 4
+# experts with its correction bias, one shared expert, a dense first layer.
+MLA_MODEL = {"n_heads": 16, "n_kv_heads": 16, "kv_lora_rank": 64, "q_lora_rank": 96, "qk_nope_head_dim": 32,
+             "qk_rope_head_dim": 16, "v_head_dim": 32, "rope_interleave": True, "scoring_func": "sigmoid",
+             "topk_method": "noaux_tc", "n_group": 4, "topk_group": 2, "balancing": "bias", "n_shared_experts": 1,
+             "routed_scaling_factor": 2.5, "dense_layers": "0", "dense_intermediate_size": 1024,
+             "hf_architecture": "DeepseekV3ForCausalLM"}
 
 
 def engine_options(args, **extra) -> dict:
@@ -69,13 +93,13 @@ def engine_options(args, **extra) -> dict:
             "prefill_token_budget": args.prefill_token_budget, **extra}
 
 
-def concurrency(export: Path, args, budget: int, layout: str) -> dict:
+def concurrency(export: Path, args, budget: int, layout: str, **options) -> dict:
     """Run the whole mixed trace at once on one layout; the most sequences running together, tokens/s."""
     from moe_platform.serving.engine import Engine, SamplingParams
 
     trace = SERVE.make_trace(export, args.requests, 1.0, (16, 512), (16, 256), args.seed)
     engine = Engine.from_pretrained(export, **engine_options(args, kv_cache_layout=layout, max_batch_size=512,
-                                                             kv_cache_memory_bytes=budget))
+                                                             kv_cache_memory_bytes=budget, **options))
     for r in trace:
         engine.add_request(r.prompt, SamplingParams(max_tokens=r.max_tokens, temperature=0.0, ignore_eos=True))
     peak, usage, tokens, start = 0, 0.0, 0, time.perf_counter()
@@ -120,12 +144,101 @@ def shared_prefix(engine, trace) -> dict:
     return [r.ttft for r in asyncio.run(replay())]
 
 
+def decode_rate(export: Path, args, form: str) -> dict:
+    """`--decode-batch` sequences prefilled, then decoded together to the end: decode tokens/s (the steps after the
+    last prefill), on the latent or the expanded cache."""
+    from moe_platform.serving.engine import Engine, SamplingParams
+
+    trace = SERVE.make_trace(export, args.decode_batch, 1.0, (args.decode_prompt, args.decode_prompt),
+                             (args.decode_tokens, args.decode_tokens), args.seed + 1)
+    engine = Engine.from_pretrained(export, **engine_options(args, max_batch_size=args.decode_batch,
+                                                             mla_kv_cache=form))
+    for r in trace:
+        engine.add_request(r.prompt, SamplingParams(max_tokens=r.max_tokens, temperature=0.0, ignore_eos=True))
+    while engine.scheduler.waiting or engine.scheduler.prefilling:  # every sequence prefilled and decoding
+        engine.step()
+    tokens, start = 0, time.perf_counter()
+    while engine.has_unfinished():
+        tokens += sum(len(o.token_ids) for o in engine.step())
+    seconds = time.perf_counter() - start
+    return {"form": form, "decode_tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+            "kv_cache_bytes": engine.cache.nbytes}
+
+
+def mla_part(args) -> int:
+    """Part 3: the latent cache against the expanded one on one DeepSeek-V3-shaped model."""
+    from moe_platform.serving.cache import PagedKVCache
+    from moe_platform.serving.engine import Engine
+    from moe_platform.serving.latent_cache import PagedLatentCache
+
+    with tempfile.TemporaryDirectory(prefix="bench-kv-mla-") as tmp:
+        export = SERVE.build_export(Path(tmp), args.seed, max_seq_len=args.max_seq_len, **MLA_MODEL)
+        margs = Engine.from_pretrained(export, **engine_options(args, max_batch_size=1)).args
+        arithmetic = {"latent": margs.n_layers * (margs.kv_lora_rank + margs.qk_rope_head_dim) * 4,
+                      "expanded": margs.n_layers * margs.n_heads * (margs.qk_head_dim + margs.v_head_dim) * 4}
+        per_token = {"latent": PagedLatentCache.bytes_per_token(margs, torch.float32),
+                     "expanded": PagedKVCache.bytes_per_token(margs, torch.float32)}
+        budget = args.mla_sequences * args.max_seq_len * per_token["expanded"]
+        conc = {form: concurrency(export, args, budget, "paged", mla_kv_cache=form) for form in ("expanded", "latent")}
+        for form, row in conc.items():
+            measured = row["kv_cache_bytes"] / (row["kv_cache_bytes"] // (per_token[form] * 16) * 16)
+            row.update(form=form, bytes_per_token=measured)
+            print(f"{form}: {measured:.0f} B/token (shapes: {arithmetic[form]}), peak {row['peak_running']} "
+                  f"sequences at {budget / 2**20:.0f} MiB, {row['preemptions']} preemptions", flush=True)
+        rounds: dict[str, list[dict]] = {"expanded": [], "latent": []}
+        for r in range(args.rounds):
+            for form in rounds:
+                rounds[form].append(decode_rate(export, args, form))
+                print(f"round {r + 1}, {form}: decode {rounds[form][-1]['tokens_per_s']:.0f} tok/s at "
+                      f"{args.decode_batch} sequences", flush=True)
+    decode = {form: {"form": form, "tokens_per_s": statistics.mean(x["tokens_per_s"] for x in runs),
+                     "rounds": [x["tokens_per_s"] for x in runs], "kv_cache_bytes": runs[0]["kv_cache_bytes"]}
+              for form, runs in rounds.items()}
+    result = {"args": {k: v for k, v in vars(args).items() if not k.startswith("out_")}, "model": MLA_MODEL,
+              "bytes_per_token": {f: conc[f]["bytes_per_token"] for f in conc}, "bytes_per_token_shapes": arithmetic,
+              "bytes_ratio": conc["expanded"]["bytes_per_token"] / conc["latent"]["bytes_per_token"],
+              "kv_budget_bytes": budget, "concurrency": list(conc.values()),
+              "peak_ratio": conc["latent"]["peak_running"] / conc["expanded"]["peak_running"],
+              "decode": list(decode.values()),
+              "decode_ratio": decode["latent"]["tokens_per_s"] / decode["expanded"]["tokens_per_s"],
+              "targets": {"decode_ratio": 1.0}}
+    assert result["bytes_per_token"] == {f: float(arithmetic[f]) for f in arithmetic}, result["bytes_per_token"]
+    print(f"KV bytes per token expanded ÷ latent: {result['bytes_ratio']:.2f}x (the shapes say "
+          f"{arithmetic['expanded'] / arithmetic['latent']:.2f}x); peak sequences latent ÷ expanded "
+          f"{result['peak_ratio']:.2f}x; decode tokens/s latent ÷ expanded {result['decode_ratio']:.2f}x (target 1x)")
+    out_png = str(Path(args.out_png).with_name(Path(args.out_png).stem + "_mla.png")) if args.out_png else None
+    save_result(result, args.out_json, out_png, plot_mla, dpi=110, merge_key="mla")
+    return 0
+
+
+def plot_mla(recorded: dict):
+    fig, (a, b, c) = subplots(1, 3, figsize=(12, 3.4))
+    forms = ["expanded", "latent"]
+    colors = ["tab:gray", "tab:blue"]
+    a.bar(forms, [recorded["bytes_per_token"][f] for f in forms], color=colors)
+    a.set_ylabel("KV bytes per token")
+    a.set_title(f"KV per token ({recorded['bytes_ratio']:.1f}x smaller)", fontsize=9)
+    conc = {row["form"]: row for row in recorded["concurrency"]}
+    b.bar(forms, [conc[f]["peak_running"] for f in forms], color=colors)
+    b.set_title(f"peak sequences at {recorded['kv_budget_bytes'] / 2**20:.0f} MiB ({recorded['peak_ratio']:.2f}x)",
+                fontsize=9)
+    decode = {row["form"]: row for row in recorded["decode"]}
+    c.bar(forms, [decode[f]["tokens_per_s"] for f in forms], color=colors)
+    c.set_ylabel("decode tokens/s")
+    c.set_title(f"decode at {recorded['args']['decode_batch']} sequences ({recorded['decode_ratio']:.2f}x)",
+                fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
 def main(argv=None) -> int:
     from moe_platform.serving.cache import PagedKVCache
     from moe_platform.serving.engine import Engine
 
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.part == "mla":
+        return mla_part(args)
     with tempfile.TemporaryDirectory(prefix="bench-kv-") as tmp:
         export = SERVE.build_export(Path(tmp), args.seed, max_seq_len=args.max_seq_len)
         probe = Engine.from_pretrained(export, **engine_options(args, max_batch_size=1))
@@ -165,7 +278,7 @@ def main(argv=None) -> int:
           f"{recorded['tokens_per_s_ratio']:.2f}x")
     print(f"mean TTFT without ÷ with prefix caching: {ttft_ratio:.2f}x (target 5x); hit rate "
           f"{prefix['with']['hit_rate']:.3f}")
-    save_result(recorded, args.out_json, args.out_png, plot, dpi=110)
+    save_result(recorded, args.out_json, args.out_png, plot, dpi=110, keep=("mla",))
     return 0
 
 

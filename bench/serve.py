@@ -71,7 +71,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # -- setup -----------------------------------------------------------------------------------------------------------
-def build_export(out: Path, seed: int, max_seq_len: int = 1024) -> Path:
+def build_export(out: Path, seed: int, max_seq_len: int = 1024, **model) -> Path:
+    """The benchmark model (random weights) and a BPE tokenizer trained on the corpus; `model` overrides ModelArgs
+    fields (bench/kv_cache.py's latent-attention model)."""
     from moe_platform.checkpoint.hf import export_hf
     from moe_platform.model.args import ModelArgs
     from moe_platform.model.transformer import build_model
@@ -80,8 +82,8 @@ def build_export(out: Path, seed: int, max_seq_len: int = 1024) -> Path:
     text = CORPUS.read_text(encoding="utf-8")
     tok = train_tokenizer([text[i:i + 4000] for i in range(0, len(text), 4000)], 4096)
     tok_dir = save_tokenizer(tok, out / "tokenizer", model_max_length=max_seq_len)
-    args = ModelArgs(vocab_size=tok.get_vocab_size(), dim=256, n_layers=4, n_heads=8, n_kv_heads=4,
-                     intermediate_size=512, num_experts=16, top_k=2, max_seq_len=max_seq_len)
+    args = ModelArgs(**{"vocab_size": tok.get_vocab_size(), "dim": 256, "n_layers": 4, "n_heads": 8, "n_kv_heads": 4,
+                        "intermediate_size": 512, "num_experts": 16, "top_k": 2, "max_seq_len": max_seq_len, **model})
     return export_hf(build_model(args, seed=seed).state_dict(), args, out / "export", tokenizer_dir=tok_dir)
 
 

@@ -60,14 +60,19 @@ class PagedLatentCache(PagedKVCache):
         lora = _kv_b_adapter(attn)
         if lora is not None:
             q_latent = q_latent + _adapter_query_term(lora, attn, q_nope)
-        query = torch.cat((q_latent, q_pe), dim=-1)  # (B, H, T, r + rope)
+        bsz, heads, seq, _ = q_latent.shape
+        # Every head attends the same latent rows: fold the heads into the query rows, (B, H, T, d) -> (B, 1, H*T, d),
+        # so each sequence's keys are read once for all of its heads (one matmul of H*T query rows).
+        query = torch.cat((q_latent, q_pe), dim=-1).reshape(bsz, 1, heads * seq, -1)
         out = None
         for rows, read, n, kv_len, mask in self._groups:
             latent = self._gather(layer, self.k, self.k_scale, read, n, kv_len, q_nope.dtype)  # (n, 1, S, r)
             pe = self._gather(layer, self.v, self.v_scale, read, n, kv_len, q_nope.dtype)  # (n, 1, S, rope)
+            # the mask of each query position, for every head: (n, 1, T, S) -> (n, 1, H*T, S)
+            mask = mask[:, :, None].expand(-1, -1, heads, -1, -1).reshape(n, 1, heads * seq, kv_len)
             part = F.scaled_dot_product_attention(query if rows is None else query[rows],
                                                   torch.cat((latent, pe), dim=-1), latent, attn_mask=mask,
-                                                  enable_gqa=True, scale=attn.scale)  # (n, H, T, r)
+                                                  scale=attn.scale).view(n, heads, seq, -1)  # (n, H, T, r)
             if rows is None:
                 out = part
                 break
