@@ -233,7 +233,26 @@ def kv_cache(d: dict) -> str:
             f"**{d['ttft_ratio']:.2f}×** (target ≥ {t['ttft_ratio']:g}×: "
             f"{'met' if d['ttft_ratio'] >= t['ttft_ratio'] else 'not met'}). {a['prefix_requests']} requests per "
             f"round at {a['prefix_rate']:g}/s, a {a['system_tokens']}-token system prompt, {a['turn_tokens'][0]}-"
-            f"{a['turn_tokens'][1]}-token turns, {a['output_tokens']} output tokens, {a['rounds']} rounds.")
+            f"{a['turn_tokens'][1]}-token turns, {a['output_tokens']} output tokens, {a['rounds']} rounds."
+            + (f"\n\n{kv_cache_mla(d['mla'])}" if "mla" in d else ""))
+
+
+def kv_cache_mla(d: dict) -> str:
+    """bench/kv_cache.py --part mla: the latent cache against the expanded one."""
+    conc = {c["form"]: c for c in d["concurrency"]}
+    decode = {c["form"]: c for c in d["decode"]}
+    rows = [[form, f"{d['bytes_per_token'][form]:.0f}", d["bytes_per_token_shapes"][form],
+             conc[form]["peak_running"], conc[form]["preemptions"], f"{decode[form]['tokens_per_s']:.0f}",
+             " / ".join(f"{x:.0f}" for x in decode[form]["rounds"])] for form in ("expanded", "latent")]
+    table = _table(["MLA KV cache", "bytes/token", "from the shapes", "peak sequences", "preemptions",
+                    "decode tokens/s", "per round"], rows)
+    a, t = d["args"], d["targets"]
+    return (f"{table}\n\nKV bytes per token expanded ÷ latent: **{d['bytes_ratio']:.2f}×** (the shapes' arithmetic "
+            f"gives the same); peak sequences latent ÷ expanded at {d['kv_budget_bytes'] / 2**20:.0f} MiB "
+            f"({a['mla_sequences']} full-length expanded sequences): **{d['peak_ratio']:.2f}×**; decode tokens/s "
+            f"latent ÷ expanded at {a['decode_batch']} sequences: **{d['decode_ratio']:.2f}×** (target ≥ "
+            f"{t['decode_ratio']:g}×: {'met' if d['decode_ratio'] >= t['decode_ratio'] else 'not met'}). "
+            f"{a['decode_prompt']}-token prompts, {a['decode_tokens']} tokens each, {a['rounds']} rounds.")
 
 
 RENDER = {"moe_layer": moe_layer, "memory": memory, "lora": lora, "layouts": layouts, "checkpoint": checkpoint,

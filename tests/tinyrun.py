@@ -280,6 +280,20 @@ def hf_config(arch: str, vocab_size: int):
     }[arch]()
 
 
+def engine_outputs(engine, prompts, max_tokens: int = 16) -> list[tuple[list[int], list[float]]]:
+    """Greedy tokens and their log-probabilities of `prompts`, batched on a serving engine (stepped to the end)."""
+    from moe_platform.serving.engine import SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, logprobs=0)
+    ids = [engine.add_request(p, params) for p in prompts]
+    got = {i: ([], []) for i in ids}
+    while engine.has_unfinished():
+        for out in engine.step():
+            got[out.request_id][0].extend(out.token_ids)
+            got[out.request_id][1].extend(lp for lp, _ in out.logprobs or [])
+    return [got[i] for i in ids]
+
+
 def tiny_tokenizer(out: Path) -> Path:
     """A byte-level BPE tokenizer (vocab 300) trained on a slice of the test corpus, saved in `out`."""
     from moe_platform.tokenizer import save_tokenizer, train_tokenizer

@@ -137,6 +137,19 @@ def assert_matches_reference(name: str, result, reference, param_atol: float = 1
         torch.testing.assert_close(params[key], value, rtol=0, atol=param_atol, msg=f"{name}: parameter {key}")
 
 
+def assert_reshards_bitwise(cfg, original: dict, layouts) -> None:
+    """Resume the run saved at step STEPS // 2 on each layout (`cfg(degrees)`): the same full parameters, buffers
+    and optimizer states, bit for bit."""
+    for degrees in layouts:
+        result = launch_local(cfg(degrees), progress=False, stop_after=STEPS // 2)
+        assert result.resumed_from == STEPS // 2
+        again = full_state(result.run_dir)
+        for kind, tensors in original.items():
+            assert again[kind].keys() == tensors.keys()
+            for key, value in tensors.items():
+                assert torch.equal(again[kind][key], value), f"{kind} {key} changed resharding to {degrees}"
+
+
 def test_resharding_is_bitwise_and_training_continues(corpus_file, storage, reference):
     """Save at dp2·pp2·ep2, load at tp2, dp4, one rank and back: the same full parameters and optimizer states,
     bit for bit; then training on continues with the single-process losses."""
@@ -145,14 +158,7 @@ def test_resharding_is_bitwise_and_training_continues(corpus_file, storage, refe
     cfg = lambda degrees: config(corpus_file, storage, "reshard", **layout_overrides(degrees))  # noqa: E731
     first = launch_local(cfg(save_at), progress=False, stop_after=STEPS // 2)
     original = full_state(first.run_dir)
-    for degrees in (dict(tp=2), dict(dp=4), dict(), save_at):
-        result = launch_local(cfg(degrees), progress=False, stop_after=STEPS // 2)
-        assert result.resumed_from == STEPS // 2
-        again = full_state(result.run_dir)
-        for kind, tensors in original.items():
-            assert again[kind].keys() == tensors.keys()
-            for key, value in tensors.items():
-                assert torch.equal(again[kind][key], value), f"{kind} {key} changed resharding to {degrees}"
+    assert_reshards_bitwise(cfg, original, (dict(tp=2), dict(dp=4), dict(), save_at))
     final = launch_local(cfg(dict(dp=2, ep=2)), progress=False)
     assert final.final_step == STEPS
     got = losses(final.run_dir)
@@ -312,14 +318,7 @@ def test_a_deepseek_checkpoint_reshards_bitwise_and_training_continues(hf_models
     first = launch_local(cfg(dict(dp=2, pp=2, ep=2)), progress=False, stop_after=STEPS // 2)
     original = full_state(first.run_dir)
     assert any(k.endswith("mlp.gate.expert_bias") for k in original["model"]), "the correction bias is saved"
-    for degrees in (dict(tp=2), dict()):
-        result = launch_local(cfg(degrees), progress=False, stop_after=STEPS // 2)
-        assert result.resumed_from == STEPS // 2
-        again = full_state(result.run_dir)
-        for kind, tensors in original.items():
-            assert again[kind].keys() == tensors.keys()
-            for key, value in tensors.items():
-                assert torch.equal(again[kind][key], value), f"{kind} {key} changed resharding to {degrees}"
+    assert_reshards_bitwise(cfg, original, (dict(tp=2), dict()))
     final = launch_local(cfg(dict(tp=2)), progress=False)
     assert final.final_step == STEPS
     gaps = [abs(a - b) / abs(b) for a, b in zip(losses(final.run_dir), ref, strict=True)]

@@ -9,9 +9,9 @@ import pytest
 from moe_platform.checkpoint.hf import export_hf
 from moe_platform.model.args import ModelArgs
 from moe_platform.model.transformer import build_model
-from moe_platform.serving.engine import Engine, SamplingParams
+from moe_platform.serving.engine import Engine
 from moe_platform.tokenizer import save_tokenizer, train_tokenizer
-from tinyrun import corpus_text
+from tinyrun import corpus_text, engine_outputs
 
 pytestmark = pytest.mark.gpu
 PROMPTS = ["ROMEO:", "JULIET:\nO Romeo, Romeo! wherefore art thou", "First Citizen:\nBefore we proceed", "a"]
@@ -29,14 +29,7 @@ def export_dir(tmp_path_factory):
 
 
 def run(engine: Engine) -> list[tuple[list[int], list[float]]]:
-    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True, logprobs=0)
-    ids = [engine.add_request(p, params) for p in PROMPTS]
-    got = {i: ([], []) for i in ids}
-    while engine.has_unfinished():
-        for out in engine.step():
-            got[out.request_id][0].extend(out.token_ids)
-            got[out.request_id][1].extend(lp for lp, _ in out.logprobs or [])
-    return [got[i] for i in ids]
+    return engine_outputs(engine, PROMPTS)
 
 
 def test_fp32_on_cuda_generates_what_the_cpu_does(export_dir):

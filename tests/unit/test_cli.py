@@ -61,6 +61,26 @@ def test_generate_prints_only_the_completion(tmp_path, corpus_file):
     assert sampled[0] == sampled[1], "a seed makes sampling repeatable"
 
 
+def test_generate_takes_a_deepseek_directory_as_it_is(tmp_path):
+    """`generate --model` on a DeepSeek-V3 directory saved by transformers: the engine's greedy completion on its
+    latent KV cache, transformers' tokens."""
+    import torch
+    import transformers
+
+    from moe_platform.tokenizer import load_tokenizer
+    from tinyrun import save_tiny_hf_model, tiny_tokenizer
+
+    hf, model = save_tiny_hf_model("DeepseekV3ForCausalLM", tmp_path / "dsv3", tiny_tokenizer(tmp_path / "tok"))
+    out = cli("generate", "--model", str(model), "--prompt", "ROMEO:", "--max-tokens", "10")
+    assert out.returncode == 0, out.stderr[-2000:]
+    tok = load_tokenizer(model)
+    prompt = tok.encode("ROMEO:").ids
+    with torch.no_grad():
+        ids = hf.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False, pad_token_id=0,
+                          eos_token_id=transformers.AutoConfig.from_pretrained(model).eos_token_id)[0, len(prompt):]
+    assert out.stdout == tok.decode(ids.tolist(), skip_special_tokens=True) + "\n"
+
+
 @pytest.mark.parametrize("args, message", [
     (["train", "--config", "/nonexistent.toml"], "config file not found"),
     (["train", "--config", "jobs/configs/tiny.toml", "--train.nope=1"], "unknown config key 'train.nope'"),
