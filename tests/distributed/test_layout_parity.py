@@ -325,6 +325,20 @@ def test_a_deepseek_checkpoint_reshards_bitwise_and_training_continues(hf_models
     assert max(gaps) <= 1e-5, gaps
 
 
+def test_lora_on_latent_attention_trains_on_layouts_like_one_process(hf_models, corpus_file, storage):
+    """LoRA on every latent-attention projection, the dense layer's MLP and the experts of DeepSeek-V3: under tp the
+    up-projections' adapters split with their heads and the down-projections' stay replicated with their gradients
+    summed; under dp2·pp2·ep2 the expert adapters split over ep and the dense stage holds the expert placeholder."""
+    extra = {"init.from_hf": str(hf_models["DeepseekV3ForCausalLM"]), "lora.enabled": "true", "lora.rank": 4,
+             "lora.targets": "attention,dense_mlp,experts", "train.lr": 1e-2}
+    ref = losses(launch_local(config(corpus_file, storage, "dsv3-lora", **extra), progress=False).run_dir)
+    for name in ("tp2", "dp2-pp2-ep2"):
+        got = losses(launch_local(config(corpus_file, storage, f"dsv3-lora-{name}", **extra,
+                                         **layout_overrides(LAYOUTS[name])), progress=False).run_dir)
+        gaps = [abs(a - b) / abs(b) for a, b in zip(got, ref, strict=True)]
+        assert max(gaps) <= 1e-5, f"LoRA on DeepSeek-V3 at {name}: per-step relative loss gaps {gaps}"
+
+
 def test_a_whole_projection_norm_refuses_tensor_parallelism(hf_models, corpus_file, storage):
     cfg = config(corpus_file, storage, "olmoe-tp2", **{"init.from_hf": str(hf_models["OlmoeForCausalLM"])},
                  **layout_overrides({"tp": 2}))

@@ -52,7 +52,7 @@ def sum_grad_over_group(param: torch.Tensor, group) -> None:
     """Make `param`'s gradient the sum over `group` (a replicated parameter used inside a parallel region, where
     each rank's gradient covers only its part of the work, such as per-head query/key norms under tensor
     parallelism); every rank then holds the single-device gradient."""
-    if group is not None and dist.get_world_size(group) > 1:
+    if group is not None and dist.get_world_size(group) > 1 and param.requires_grad:  # frozen (LoRA's base): none
         param.register_hook(lambda grad: _all_reduce(grad, group))
 
 
