@@ -235,7 +235,7 @@ def cluster_processes(state: Path | str) -> list[int]:
 
 # -- tiny Hugging Face MoE models (built from transformers' config classes: nothing is downloaded) ----------------
 HF_ARCHITECTURES = ("MixtralForCausalLM", "OlmoeForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM",
-                    "DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM", "Glm4MoeForCausalLM")
+                    "DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM", "Glm4MoeForCausalLM", "GptOssForCausalLM")
 # DeepSeek-V3/V2 (multi-head latent attention) and GLM-4.5: grouped routing, dense first layers, YaRN
 GROUPED_ARCHITECTURES = ("DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM", "Glm4MoeForCausalLM")
 
@@ -248,7 +248,9 @@ def yarn(factor: float, original: int, **extra) -> dict:
 def hf_config(arch: str, vocab_size: int):
     """A tiny config of `arch`: 2 layers, 4 heads (2 kv), 8 experts top-2, with each architecture's features on.
     DeepSeek-V3/V2 and GLM-4.5 have a dense first layer, expert groups, biases and YaRN RoPE; DeepSeek-V3 a
-    low-rank query, DeepSeek-V2 a full q_proj and group_limited_greedy routing, GLM partial rotary and q/k norms."""
+    low-rank query, DeepSeek-V2 a full q_proj and group_limited_greedy routing, GLM partial rotary and q/k norms.
+    gpt-oss: attention sinks, a sliding window of 8 on every other layer (3 layers), biases on every projection, the
+    router and the experts, the clamped SwiGLU and YaRN."""
     import transformers
 
     common = dict(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -277,6 +279,9 @@ def hf_config(arch: str, vocab_size: int):
             **{**grouped, "num_key_value_heads": 2}, head_dim=16, n_shared_experts=1, n_group=2, topk_group=1,
             routed_scaling_factor=2.0, use_qk_norm=True,
             rope_parameters=yarn(2.0, 64, partial_rotary_factor=0.5)),
+        "GptOssForCausalLM": lambda: transformers.GptOssConfig(
+            **{**common, "num_hidden_layers": 3}, head_dim=16, intermediate_size=64, num_local_experts=8,
+            sliding_window=8, swiglu_limit=1.5, rope_parameters=yarn(4.0, 32, truncate=False)),
     }[arch]()
 
 

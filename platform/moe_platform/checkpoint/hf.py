@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from moe_platform.checkpoint import fused_experts
 from moe_platform.checkpoint.hf_arch import (
     ARCHITECTURES,
     Architecture,
@@ -56,6 +57,10 @@ def to_hf_state_dict(state: dict[str, torch.Tensor], args: ModelArgs, arch: Arch
     inter = args.intermediate_size
     gate_name, up_name, down_name = arch.expert_names
     for name, t in state.items():
+        fused = fused_experts.FUSED_EXPERT.match(name)
+        if arch.fused_experts and fused and not fused.group(3) == "_blocks":  # gpt-oss's stacked experts
+            out[name] = fused_experts.to_disk(fused.group(2) + (fused.group(3) or ""), t)
+            continue
         m = _EXPERTS.match(name)
         if m:
             prefix, kind = m.groups()
@@ -72,7 +77,7 @@ def to_hf_state_dict(state: dict[str, torch.Tensor], args: ModelArgs, arch: Arch
         if name.endswith(".mlp.gate.expert_bias"):
             name = name.removesuffix("expert_bias") + arch.bias_name
         elif ".mlp.gate." in name:
-            name = name.replace(".mlp.gate.", f".{arch.moe_module}.gate.")
+            name = name.replace(".mlp.gate.", f".{arch.moe_module}.{arch.router_module}.")
         elif ".mlp.shared_experts." in name and arch.shared_module:
             name = name.replace(".mlp.shared_experts.", f".mlp.{arch.shared_module}.")
         out[name] = t.contiguous()
@@ -137,6 +142,8 @@ class HFWeights:
 
         self.dir = Path(model_dir)
         self.args = args or read_model_args(self.dir)
+        # gpt-oss's experts are stacked on disk in its own layout (checkpoint/fused_experts.py)
+        self.fused = json.loads((self.dir / "config.json").read_text()).get("model_type") == "gpt_oss"
         index = self.dir / "model.safetensors.index.json"
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
@@ -168,6 +175,7 @@ class HFWeights:
         recipes: dict[str, tuple] = {}
         experts: dict[tuple[str, str], dict[int, str]] = {}
         extra_layers = set()
+        fused: dict[tuple[str, str], dict[str, str]] = {}
         for name in hf_names:
             layer = _LAYER.match(name)
             if layer and int(layer.group(1)) >= self.args.n_layers:  # DeepSeek-V3's multi-token-prediction layer
@@ -178,7 +186,15 @@ class HFWeights:
                 prefix, e, w = m.groups()
                 experts.setdefault((prefix, _ROLE[w]), {})[int(e)] = name
                 continue
+            f = fused_experts.FUSED_EXPERT.match(name) if self.fused else None
+            if f:
+                prefix, kind, suffix = f.groups()
+                suffix = suffix or ""
+                key = kind + ("_bias" if suffix == "_bias" else "")
+                fused.setdefault((prefix, key), {})["" if suffix == "_bias" else suffix] = name
+                continue
             ours = name.replace(".block_sparse_moe.", ".mlp.").replace(".mlp.shared_expert.", ".mlp.shared_experts.")
+            ours = ours.replace(".mlp.router.", ".mlp.gate.")
             ours = ours.replace(".mlp.gate.e_score_correction_bias", ".mlp.gate.expert_bias")
             recipes[ours] = ("plain", name)
         if extra_layers:
@@ -194,6 +210,11 @@ class HFWeights:
                 by_role[role] = [by_index[e] for e in range(self.args.num_experts)]
             recipes[f"{prefix}.mlp.experts.gate_up_proj"] = ("gate_up", by_role["gate"], by_role["up"])  # (E, 2I, D)
             recipes[f"{prefix}.mlp.experts.down_proj"] = ("down", by_role["down"])  # (E, D, I)
+        for (prefix, kind), parts in fused.items():
+            if "_blocks" in parts and "_scales" not in parts or "_scales" in parts and "_blocks" not in parts:
+                raise ValueError(f"{self.dir}: {prefix}.mlp.experts.{kind} has MXFP4 blocks or scales without the "
+                                 f"other half")
+            recipes[f"{prefix}.mlp.experts.{kind}"] = fused_experts.recipe(parts, kind)
         if self.args.tie_word_embeddings and "lm_head.weight" not in recipes and "model.embed_tokens.weight" in recipes:
             recipes["lm_head.weight"] = recipes["model.embed_tokens.weight"]
         return recipes
@@ -225,6 +246,8 @@ class HFWeights:
         kind, *parts = self.recipes[name]
         if kind == "plain":
             return self._read(parts[0], box)
+        if kind.startswith(("fused_", "mxfp4_")):
+            return fused_experts.read_boxes(kind, parts, [box], self.args.intermediate_size, self._read)
         (e0, e1), rest = box[0], list(box[1:])
         if kind == "down":
             return torch.stack([self._read(parts[0][e], rest) for e in range(e0, e1)])
@@ -244,11 +267,17 @@ class HFWeights:
         kind, *parts = self.recipes[name]
         if kind == "plain":
             return tuple(self._slice(parts[0]).get_shape())
+        if kind.startswith(("fused_", "mxfp4_")):
+            return fused_experts.our_shape(kind, parts, lambda n: tuple(self._slice(n).get_shape()))
         first = tuple(self._slice(parts[0][0]).get_shape())
         return (len(parts[0]), 2 * first[0], first[1]) if kind == "gate_up" else (len(parts[0]), *first)
 
     def read(self, name: str, spec) -> torch.Tensor:
         """This rank's local tensor of `name` under `spec` (a ShardSpec): its boxes, concatenated."""
+        kind, *parts = self.recipes.get(name, ("",))
+        if kind.startswith(("fused_", "mxfp4_")) and len(spec.boxes) > 1 and spec.concat_dim == 1:
+            return fused_experts.read_boxes(kind, parts, spec.boxes, self.args.intermediate_size,
+                                            self._read).contiguous()
         pieces = [self.box(name, b) for b in spec.boxes]
         return (pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=spec.concat_dim)).contiguous()
 

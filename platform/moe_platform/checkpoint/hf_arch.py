@@ -3,7 +3,9 @@ options (both ways), its on-disk tensor names, and what it refuses.
 
 Mixtral, Qwen3-MoE, Qwen2-MoE and OLMoE are grouped-query attention with softmax top-k routing; DeepSeek-V3 (also
 Kimi-K2 and Moonlight) and DeepSeek-V2 use multi-head latent attention; DeepSeek-V3 and GLM-4.5 route with sigmoid
-scores, a correction bias and expert groups; DeepSeek, GLM and Qwen may keep dense MLP layers. Every setting our model
+scores, a correction bias and expert groups; DeepSeek, GLM and Qwen may keep dense MLP layers; gpt-oss has attention
+sinks, sliding-window layers, biases everywhere, a clamped SwiGLU and (in its published checkpoints) MXFP4 experts,
+which are dequantized on import. Every setting our model
 does not compute is an error naming it (and listing what is supported) before anything is read or written, so an
 import never silently differs from transformers.
 """
@@ -31,6 +33,8 @@ class Architecture:
     shared_module: str = ""  # the shared expert's module name on disk ("shared_expert" for Qwen2-MoE)
     default_head_dim: bool = False  # its config has no head size of its own: heads are dim / n_heads
     bias_name: str = ""  # the routing correction bias on disk ("e_score_correction_bias"); "": it has none
+    router_module: str = "gate"  # the router's module name on disk ("router" for gpt-oss)
+    fused_experts: bool = False  # experts stored stacked, gate/up interleaved and transposed (gpt-oss)
     any_dense_layers: bool = False  # dense MLP layers anywhere (Qwen's mlp_only_layers); else only the first k
     checks: tuple[Callable[[ModelArgs], str | None], ...] = ()  # what else its code needs of the options
 
@@ -69,34 +73,37 @@ def _no_dense_layers(args: ModelArgs) -> str | None:
 
 
 _GQA = (("kv_lora_rank", 0), ("rope_interleave", False), ("partial_rotary_factor", 1.0))
+# what only gpt-oss has
+_NO_OSS = (("attention_sinks", False), ("router_bias", False), ("expert_bias", False), ("expert_activation", "swiglu"),
+           ("o_proj_bias", False), ("sliding_layers", ""))
 _SOFTMAX_GREEDY = (("scoring_func", "softmax"), ("topk_method", "greedy"), ("routed_scaling_factor", 1.0))
 _SIGMOID_GROUPS = (("scoring_func", "sigmoid"), ("topk_method", "noaux_tc"))
 _QWEN_EXPERTS = ("gate_proj", "up_proj", "down_proj")
 ARCHITECTURES = {a.name: a for a in (
     Architecture("MixtralForCausalLM", "mixtral", ("w1", "w3", "w2"), "block_sparse_moe",
                  (("qk_norm", "none"), ("attention_bias", False), ("norm_topk_prob", True),
-                  ("shared_expert_gate", False), ("n_shared_experts", 0), *_GQA, *_SOFTMAX_GREEDY),
+                  ("shared_expert_gate", False), ("n_shared_experts", 0), *_GQA, *_SOFTMAX_GREEDY, *_NO_OSS),
                  default_head_dim=True, checks=(_no_dense_layers,)),
     Architecture("Qwen3MoeForCausalLM", "qwen3_moe", _QWEN_EXPERTS, "mlp",
                  (("qk_norm", "head"), ("attention_bias", False), ("shared_expert_gate", False),
-                  ("n_shared_experts", 0), *_GQA, *_SOFTMAX_GREEDY), any_dense_layers=True),
+                  ("n_shared_experts", 0), *_GQA, *_SOFTMAX_GREEDY, *_NO_OSS), any_dense_layers=True),
     Architecture("Qwen2MoeForCausalLM", "qwen2_moe", _QWEN_EXPERTS, "mlp",
                  (("qk_norm", "none"), ("attention_bias", True), ("shared_expert_gate", True),
-                  ("n_shared_experts", 1), *_GQA, *_SOFTMAX_GREEDY), shared_module="shared_expert",
+                  ("n_shared_experts", 1), *_GQA, *_SOFTMAX_GREEDY, *_NO_OSS), shared_module="shared_expert",
                  any_dense_layers=True),
     Architecture("OlmoeForCausalLM", "olmoe", _QWEN_EXPERTS, "mlp",
                  (("qk_norm", "full"), ("attention_bias", False), ("shared_expert_gate", False),
-                  ("n_shared_experts", 0), *_GQA, *_SOFTMAX_GREEDY), default_head_dim=True,
+                  ("n_shared_experts", 0), *_GQA, *_SOFTMAX_GREEDY, *_NO_OSS), default_head_dim=True,
                  checks=(_no_dense_layers,)),
     Architecture("DeepseekV3ForCausalLM", "deepseek_v3", _QWEN_EXPERTS, "mlp",
                  (("qk_norm", "none"), ("shared_expert_gate", False), ("partial_rotary_factor", 1.0),
-                  *_SIGMOID_GROUPS), bias_name="e_score_correction_bias",
+                  *_SIGMOID_GROUPS, *_NO_OSS), bias_name="e_score_correction_bias",
                  checks=(lambda a: None if a.mla else "model.kv_lora_rank = 0 (DeepSeek-V3 attends through a "
                                                       "latent: multi-head latent attention)",
                          _shared_expert_sized_like_experts)),
     Architecture("DeepseekV2ForCausalLM", "deepseek_v2", _QWEN_EXPERTS, "mlp",
                  (("qk_norm", "none"), ("shared_expert_gate", False), ("partial_rotary_factor", 1.0),
-                  ("rope_interleave", True), ("scoring_func", "softmax"), ("norm_topk_prob", False)),
+                  ("rope_interleave", True), ("scoring_func", "softmax"), ("norm_topk_prob", False), *_NO_OSS),
                  checks=(lambda a: None if a.mla else "model.kv_lora_rank = 0 (DeepSeek-V2 attends through a "
                                                       "latent: multi-head latent attention)",
                          lambda a: None if a.topk_method != "noaux_tc" else "model.topk_method = 'noaux_tc' "
@@ -104,10 +111,20 @@ ARCHITECTURES = {a.name: a for a in (
                                                                             "group_limited_greedy)",
                          _shared_expert_sized_like_experts)),
     Architecture("Glm4MoeForCausalLM", "glm4_moe", _QWEN_EXPERTS, "mlp",
-                 (("shared_expert_gate", False), *_GQA[:2], *_SIGMOID_GROUPS), bias_name="e_score_correction_bias",
+                 (("shared_expert_gate", False), *_GQA[:2], *_SIGMOID_GROUPS, *_NO_OSS),
+                 bias_name="e_score_correction_bias",
                  checks=(lambda a: None if a.qk_norm in ("none", "head") else "model.qk_norm = 'full' (GLM-4.5 "
                                                                                "normalises each head)",
                          _shared_expert_sized_like_experts)),
+    Architecture("GptOssForCausalLM", "gpt_oss", ("gate_up_proj", "gate_up_proj", "down_proj"), "mlp",
+                 (("qk_norm", "none"), ("shared_expert_gate", False), ("n_shared_experts", 0), *_GQA,
+                  *_SOFTMAX_GREEDY, ("norm_topk_prob", True), ("attention_sinks", True), ("router_bias", True),
+                  ("expert_bias", True), ("expert_activation", "clamped_swiglu")),
+                 router_module="router", fused_experts=True, checks=(
+                     _no_dense_layers,
+                     lambda a: None if a.o_proj_bias == a.attention_bias else "model.o_proj_bias differs from "
+                                                                              "model.attention_bias (gpt-oss has "
+                                                                              "one attention_bias for q/k/v/o)")),
 )}
 _BY_MODEL_TYPE = {a.model_type: a for a in ARCHITECTURES.values()}
 MLA_ARCHITECTURES = ("deepseek_v2", "deepseek_v3")
@@ -164,6 +181,13 @@ def hf_config(args: ModelArgs, arch: Architecture, eos_id: int | list[int] = 0) 
     }
     if arch.model_type in MLA_ARCHITECTURES or arch.model_type == "glm4_moe":
         return _grouped_routing_config(args, arch, base)
+    if arch.model_type == "gpt_oss":
+        window = args.sliding_layer_ids
+        return {**base, "head_dim": args.resolved_head_dim, "intermediate_size": args.intermediate_size,
+                "num_local_experts": args.num_experts, "sliding_window": args.sliding_window or None,
+                "layer_types": ["sliding_attention" if i in window else "full_attention" for i in range(args.n_layers)],
+                "swiglu_alpha": args.swiglu_alpha, "swiglu_limit": args.swiglu_limit, "attention_bias":
+                args.attention_bias, "router_aux_loss_coef": args.aux_loss_coef, "output_router_logits": False}
     common = {**base, "head_dim": args.resolved_head_dim, "rope_theta": args.rope_theta,
               "router_aux_loss_coef": args.aux_loss_coef, "output_router_logits": False}
     if arch.model_type == "mixtral":
@@ -258,7 +282,9 @@ def _find_architecture(config: dict) -> Architecture:
 def _required_keys(config: dict, arch: Architecture) -> None:
     grouped = arch.model_type in MLA_ARCHITECTURES or arch.model_type == "glm4_moe"
     required = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_experts_per_tok",
-                "intermediate_size" if arch.model_type in ("mixtral", "olmoe") else "moe_intermediate_size"]
+                "intermediate_size" if arch.model_type in ("mixtral", "olmoe", "gpt_oss") else "moe_intermediate_size"]
+    if arch.model_type == "gpt_oss":
+        required += ["num_local_experts"]
     if grouped:
         required += ["intermediate_size", "n_routed_experts"]
     if arch.model_type in MLA_ARCHITECTURES:
@@ -282,8 +308,10 @@ def args_from_hf_config(config: dict) -> ModelArgs:
                                                                                    "torch_dtype")})
     arch = _find_architecture(config)
     _required_keys(config, arch)
+    # quantized checkpoints (DeepSeek-V3's fp8 blocks, say) are refused: dequantize to bf16 first; gpt-oss's MXFP4
+    # experts are dequantized on import
     _reject(config, arch, hidden_act=lambda v: v in (None, "silu"),
-            quantization_config=lambda v: not v)  # e.g. DeepSeek-V3's fp8 blocks: dequantize to bf16 first
+            quantization_config=lambda v: not v or (arch.model_type == "gpt_oss" and v.get("quant_method") == "mxfp4"))
     heads = config["num_attention_heads"]
     kw = dict(
         vocab_size=config["vocab_size"], dim=config["hidden_size"], n_layers=config["num_hidden_layers"],
@@ -295,6 +323,8 @@ def args_from_hf_config(config: dict) -> ModelArgs:
     )
     if arch.model_type in MLA_ARCHITECTURES or arch.model_type == "glm4_moe":
         return _grouped_routing_args(config, arch, kw)
+    if arch.model_type == "gpt_oss":
+        return _gpt_oss_args(config, arch, kw)
     if arch.model_type == "mixtral":
         _reject(config, arch, sliding_window=lambda v: v is None)
         return ModelArgs(**kw, intermediate_size=config["intermediate_size"], num_experts=config["num_local_experts"])
@@ -354,3 +384,25 @@ def _grouped_routing_args(config: dict, arch: Architecture, kw: dict) -> ModelAr
     _reject(config, arch, scoring_func=lambda v: v in (None, "softmax"))
     kw["aux_loss_coef"] = float(config.get("aux_loss_alpha", kw["aux_loss_coef"]))
     return ModelArgs(**kw, scoring_func="softmax", topk_method=method, rope_interleave=True)
+
+
+def _gpt_oss_args(config: dict, arch: Architecture, kw: dict) -> ModelArgs:
+    """gpt-oss config.json -> ModelArgs: q/k/v/o biases, attention sinks, sliding-window layers (`layer_types`),
+    softmax over the top-k router logits (with their bias), biased experts with the clamped SwiGLU."""
+    types = config.get("layer_types") or ["sliding_attention" if (i + 1) % 2 else "full_attention"
+                                          for i in range(kw["n_layers"])]
+    unknown = sorted(set(types) - {"sliding_attention", "full_attention"})
+    if unknown or len(types) != kw["n_layers"]:
+        raise ValueError(f"GptOssForCausalLM with layer_types {types!r} is not supported: one of sliding_attention, "
+                         f"full_attention per layer")
+    sliding = [i for i, t in enumerate(types) if t == "sliding_attention"]
+    window = config.get("sliding_window") or 0
+    if sliding and not window:
+        raise ValueError("GptOssForCausalLM has sliding_attention layers but no sliding_window")
+    bias = bool(config.get("attention_bias", True))
+    kw["aux_loss_coef"] = config.get("router_aux_loss_coef", 0.001)
+    return ModelArgs(**kw, intermediate_size=config["intermediate_size"], num_experts=config["num_local_experts"],
+                     attention_bias=bias, o_proj_bias=bias, attention_sinks=True, sliding_window=window,
+                     sliding_layers=",".join(map(str, sliding)), router_bias=True, expert_bias=True,
+                     expert_activation="clamped_swiglu", swiglu_alpha=float(config.get("swiglu_alpha", 1.702)),
+                     swiglu_limit=float(config.get("swiglu_limit", 7.0)), norm_topk_prob=True)

@@ -15,6 +15,9 @@ SCORING_FUNCS = ("softmax", "sigmoid")
 # (bias-corrected) scores, then top-k inside them.
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 ROPE_TYPES = ("default", "linear", "yarn")
+# swiglu: silu(gate) * up; clamped_swiglu (gpt-oss): gate clamped above and up on both sides at swiglu_limit, then
+# (up + 1) * gate * sigmoid(swiglu_alpha * gate)
+EXPERT_ACTIVATIONS = ("swiglu", "clamped_swiglu")
 
 
 @dataclass
@@ -54,6 +57,21 @@ class ModelArgs:
                          "whole projection, OLMoE)"},
     )
     attention_bias: bool = field(default=False, metadata={"doc": "bias on the q/k/v projections (Qwen2-MoE)"})
+    o_proj_bias: bool = field(default=False, metadata={"doc": "bias on the attention output projection (gpt-oss)"})
+    attention_sinks: bool = field(
+        default=False, metadata={"doc": "a learned sink logit per head in the attention softmax, which takes "
+                                        "probability from every key without a value (gpt-oss)"})
+    sliding_window: int = field(
+        default=0, metadata={"doc": "keys a query of a sliding-window layer sees: itself and the window - 1 before"})
+    sliding_layers: str = field(
+        default="", metadata={"doc": "comma-separated indices of the sliding-window layers (gpt-oss: every other)"})
+    router_bias: bool = field(default=False, metadata={"doc": "a learned bias in the router's logits (gpt-oss)"})
+    expert_bias: bool = field(
+        default=False, metadata={"doc": "biases on the routed experts' gate/up and down projections (gpt-oss)"})
+    expert_activation: str = field(
+        default="swiglu", metadata={"doc": "the routed experts' activation: swiglu or clamped_swiglu (gpt-oss)"})
+    swiglu_alpha: float = field(default=1.702, metadata={"doc": "clamped_swiglu: the sigmoid's gain"})
+    swiglu_limit: float = field(default=7.0, metadata={"doc": "clamped_swiglu: where gate and up are clamped"})
     norm_topk_prob: bool = field(
         default=True, metadata={"doc": "renormalise the top-k routing weights to sum to 1 (Mixtral, Qwen3-MoE)"}
     )
@@ -136,6 +154,15 @@ class ModelArgs:
         return frozenset(int(i) for i in self.dense_layers.replace(" ", "").split(",") if i)
 
     @property
+    def sliding_layer_ids(self) -> frozenset[int]:
+        """The sliding-window layers (`sliding_layers`); the others attend every earlier key."""
+        return frozenset(int(i) for i in self.sliding_layers.replace(" ", "").split(",") if i)
+
+    def window_of(self, layer: int) -> int:
+        """Keys a query of `layer` may see (0: all of them)."""
+        return self.sliding_window if layer in self.sliding_layer_ids else 0
+
+    @property
     def moe_layer_ids(self) -> list[int]:
         """The MoE layers' indices, in order."""
         return [i for i in range(self.n_layers) if i not in self.dense_layer_ids]
@@ -187,6 +214,9 @@ class ModelArgs:
             need(getattr(self, name) >= 0, f"model.{name} must be >= 0, got {getattr(self, name)}")
         self._validate_routing(need)
         self._validate_attention(need)
+        need(self.expert_activation in EXPERT_ACTIVATIONS,
+             f"model.expert_activation must be one of {EXPERT_ACTIVATIONS}, got {self.expert_activation!r}")
+        need(self.swiglu_limit > 0, f"model.swiglu_limit must be > 0, got {self.swiglu_limit}")
 
     def _validate_routing(self, need) -> None:
         need(self.scoring_func in SCORING_FUNCS,
@@ -222,6 +252,17 @@ class ModelArgs:
                                         f"{self.rope_factor}")
         if self.rope_type == "yarn":
             need(self.rope_original_max_seq_len > 0, "model.rope_type = 'yarn' needs model.rope_original_max_seq_len")
+        try:
+            sliding = self.sliding_layer_ids
+        except ValueError:
+            need(False, f"model.sliding_layers must be comma-separated layer indices, got {self.sliding_layers!r}")
+        need(all(0 <= i < self.n_layers for i in sliding),
+             f"model.sliding_layers {sorted(sliding)} must lie in [0, n_layers = {self.n_layers})")
+        need(self.sliding_window >= 0, f"model.sliding_window must be >= 0, got {self.sliding_window}")
+        need(not sliding or self.sliding_window > 0, "model.sliding_layers needs model.sliding_window > 0")
+        need(not (self.mla and (sliding or self.attention_sinks or self.o_proj_bias)),
+             "sliding windows, attention sinks and model.o_proj_bias are options of grouped-query attention, not of "
+             "multi-head latent attention (its o_proj bias is model.attention_bias)")
         if self.mla:
             for name in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
                 need(getattr(self, name) > 0, f"multi-head latent attention (model.kv_lora_rank > 0) needs "
@@ -256,14 +297,16 @@ class ModelArgs:
         hd = self.resolved_head_dim
         attn = self.dim * hd * (2 * self.n_heads + 2 * self.n_kv_heads)
         attn += hd * (self.n_heads + 2 * self.n_kv_heads) if self.attention_bias else 0
+        attn += (self.dim if self.o_proj_bias else 0) + (self.n_heads if self.attention_sinks else 0)
         return attn + {"none": 0, "head": 2 * hd, "full": hd * (self.n_heads + self.n_kv_heads)}[self.qk_norm]
 
     def num_params(self) -> dict[str, int]:
         """Total and per-token-active parameter counts (embeddings included once each)."""
         attn = self._attention_params()
-        expert = 3 * self.dim * self.intermediate_size
+        expert = 3 * self.dim * self.intermediate_size + ((2 * self.intermediate_size + self.dim) if self.expert_bias
+                                                           else 0)
         shared = 3 * self.dim * self.resolved_shared_intermediate_size * self.n_shared_experts
-        router = self.dim * self.num_experts + (self.dim if self.shared_expert_gate else 0)
+        router = (self.dim + int(self.router_bias)) * self.num_experts + (self.dim if self.shared_expert_gate else 0)
         norms = 2 * self.dim
         dense = len(self.dense_layer_ids)
         dense_layer = attn + 3 * self.dim * self.resolved_dense_intermediate_size + norms

@@ -48,8 +48,14 @@ class KVCache:
         self._mask = (keys[None, None, :] <= self._positions[:, :, None])[:, None]
         return self
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Store k, v (B, KV, T, hd) at the bound positions; return this layer's keys/values so far and the mask."""
+    def window_mask(self, window: int) -> torch.Tensor:
+        """The bound batch's mask for a sliding-window layer: a query at position p sees keys p - window + 1..p."""
+        keys = torch.arange(self._kv_len, device=self.k.device)
+        return self._mask & (keys[None, None, :] > self._positions[:, :, None] - window)[:, None]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, window: int = 0):
+        """Store k, v (B, KV, T, hd) at the bound positions; return this layer's keys/values so far and the mask
+        (of a sliding-window layer's `window` when > 0)."""
         assert self._slots is not None, "bind() must be called before the forward pass"
         bsz, _, seq, _ = k.shape
         rows = self._slots[:, None].expand(bsz, seq)
@@ -58,4 +64,4 @@ class KVCache:
         self.v[layer, rows, :, self._positions] = v.permute(0, 2, 1, 3).to(self.v.dtype)
         keys = self.k[layer, self._slots, :, : self._kv_len].to(k.dtype)  # (B, KV, kv_len, hd)
         values = self.v[layer, self._slots, :, : self._kv_len].to(v.dtype)
-        return keys, values, self._mask
+        return keys, values, self.window_mask(window) if window else self._mask

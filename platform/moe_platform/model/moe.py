@@ -50,6 +50,8 @@ class Router(nn.Module):
         self.top_k = args.top_k
         self.num_experts = args.num_experts
         self.weight = nn.Parameter(torch.empty(args.num_experts, args.dim))
+        # a learned bias in the logits (gpt-oss), unlike the balancing bias below, which only steers the choice
+        self.bias = nn.Parameter(torch.zeros(args.num_experts)) if args.router_bias else None
         self.use_bias = args.balancing == "bias"
         self.norm_topk_prob = args.norm_topk_prob
         self.scoring_func = args.scoring_func
@@ -63,7 +65,7 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         # x: (N, D) -> logits, probs: (N, E); weights, indices: (N, k)
-        logits = F.linear(x, self.weight)
+        logits = F.linear(x, self.weight, self.bias)
         if self.scoring_func == "softmax":
             probs = torch.softmax(logits.float(), dim=-1)
         else:
@@ -110,14 +112,52 @@ class SwiGLU(nn.Module):
         return with_adapter(self.down_proj(h), lora, "down_proj", h)
 
 
-class GroupedExperts(nn.Module):
-    """All routed experts as stacked weights (Mixtral's layout): gate_up_proj (E, 2I, D), down_proj (E, D, I)."""
+def expert_activation(h: torch.Tensor, kind: str = "swiglu", alpha: float = 1.702,
+                      limit: float = 7.0) -> torch.Tensor:
+    """The experts' activation of pre-activations h (n, 2I) laid out [gate; up] -> (n, I): silu(gate) * up, or
+    gpt-oss's clamped SwiGLU (gate clamped above and up on both sides at `limit`, then (up + 1) * gate *
+    sigmoid(alpha * gate))."""
+    gate, up = h.chunk(2, dim=-1)
+    if kind == "swiglu":
+        return F.silu(gate) * up
+    gate = gate.clamp(max=limit)
+    return (up.clamp(min=-limit, max=limit) + 1) * (gate * torch.sigmoid(gate * alpha))
 
-    def __init__(self, num_experts: int, dim: int, hidden: int):
+
+class GroupedExperts(nn.Module):
+    """All routed experts as stacked weights (Mixtral's layout): gate_up_proj (E, 2I, D), down_proj (E, D, I); with
+    `bias`, gate_up_proj_bias (E, 2I) and down_proj_bias (E, D) too (gpt-oss)."""
+
+    def __init__(self, num_experts: int, dim: int, hidden: int, bias: bool = False, activation: str = "swiglu",
+                 alpha: float = 1.702, limit: float = 7.0):
         super().__init__()
         self.num_experts = num_experts
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * hidden, dim))
         self.down_proj = nn.Parameter(torch.empty(num_experts, dim, hidden))
+        self.gate_up_proj_bias = nn.Parameter(torch.zeros(num_experts, 2 * hidden)) if bias else None
+        self.down_proj_bias = nn.Parameter(torch.zeros(num_experts, dim)) if bias else None
+        self.activation, self.alpha, self.limit = activation, alpha, limit
+
+    @property
+    def plain(self) -> bool:
+        """SwiGLU without biases: what the fused CPU kernel (GroupedSwiGLU) computes."""
+        return self.gate_up_proj_bias is None and self.activation == "swiglu"
+
+    def activate(self, h: torch.Tensor) -> torch.Tensor:
+        """The activation of pre-activations h (n, 2I) [gate; up] -> (n, I)."""
+        return expert_activation(h, self.activation, self.alpha, self.limit)
+
+    def add_bias(self, out: torch.Tensor, name: str, counts: torch.Tensor) -> torch.Tensor:
+        """out (M, .) of rows grouped by expert (`counts`) plus each row's expert's bias `name` (none without)."""
+        bias = self.gate_up_proj_bias if name == "gate_up_proj" else self.output_bias()
+        if bias is None:
+            return out
+        experts = torch.repeat_interleave(torch.arange(len(counts), device=out.device), counts.to(out.device))
+        return out + bias[experts].to(out.dtype)
+
+    def output_bias(self) -> torch.Tensor | None:
+        """The down projection's bias as this module adds it (tensor parallelism adds a share on each rank)."""
+        return self.down_proj_bias
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor, token_index: torch.Tensor | None = None,
                 scores: torch.Tensor | None = None) -> torch.Tensor:
@@ -136,7 +176,7 @@ class GroupedExperts(nn.Module):
         # a training run's adapters fold into the weights (model/lora.py)
         gate_up_w = adapted(self.gate_up_proj, lora["gate_up_proj"] if lora is not None else None)
         down_w = adapted(self.down_proj, lora["down_proj"] if lora is not None else None)
-        if x.device.type == "cpu":
+        if x.device.type == "cpu" and self.plain:
             if not torch.is_autocast_enabled("cpu"):
                 return GroupedSwiGLU.apply(x, gate_up_w, down_w, counts.tolist(), token_index, scores,
                                             torch.is_grad_enabled())
@@ -147,8 +187,8 @@ class GroupedExperts(nn.Module):
                 return GroupedSwiGLU.apply(x.to(dtype), gate_up_w.to(dtype), down_w.to(dtype), counts.tolist(),
                                             token_index, scores, torch.is_grad_enabled())
         rows = x if token_index is None else x[token_index]  # (N, D) -> (M, D)
-        gate, up = grouped_mm(rows, gate_up_w, counts).chunk(2, dim=-1)
-        out = grouped_mm(F.silu(gate) * up, down_w, counts)
+        h = self.add_bias(grouped_mm(rows, gate_up_w, counts), "gate_up_proj", counts)
+        out = self.add_bias(grouped_mm(self.activate(h), down_w, counts), "down_proj", counts)
         if scores is not None:
             out = out * scores[:, None].to(out.dtype)
         if token_index is None:
@@ -167,7 +207,8 @@ class MoE(nn.Module):
         self.aux_loss_coef = args.aux_loss_coef if args.balancing == "aux_loss" else 0.0
         self.z_loss_coef = args.z_loss_coef
         self.gate = Router(args)
-        self.experts = GroupedExperts(args.num_experts, args.dim, args.intermediate_size)
+        self.experts = GroupedExperts(args.num_experts, args.dim, args.intermediate_size, args.expert_bias,
+                                      args.expert_activation, args.swiglu_alpha, args.swiglu_limit)
         self.shared_experts = (
             SwiGLU(args.dim, args.resolved_shared_intermediate_size * args.n_shared_experts)
             if args.n_shared_experts else None

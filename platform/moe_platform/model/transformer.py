@@ -75,7 +75,7 @@ class MoETransformer(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
                 p.fill_(1.0)
-            elif name.endswith(".bias"):
+            elif name.endswith((".bias", "_bias")):
                 p.zero_()
             else:
                 p.normal_(0.0, std)

@@ -50,7 +50,8 @@ __all__ = [
 ]
 
 # State-dict names (suffixes) of the stacked routed-expert weights: (E, 2I, D) and (E, D, I), sharded on dim 0.
-EXPERT_TENSOR_SUFFIXES = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.experts.lora.gate_up_proj.A",
+EXPERT_TENSOR_SUFFIXES = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.experts.gate_up_proj_bias",
+                          "mlp.experts.down_proj_bias", "mlp.experts.lora.gate_up_proj.A",
                           "mlp.experts.lora.gate_up_proj.B", "mlp.experts.lora.down_proj.A",
                           "mlp.experts.lora.down_proj.B")
 
@@ -229,7 +230,8 @@ def apply_ep(model: nn.Module, groups) -> None:
         n_local = moe.num_experts // ep_size
         first = ep_rank * n_local
         lora = getattr(moe.experts, "lora", None)  # the experts' adapters go with their experts
-        owners = [(moe.experts, name) for name in ("gate_up_proj", "down_proj")]
+        owners = [(moe.experts, name) for name in ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias")
+                  if getattr(moe.experts, name) is not None]
         owners += [(lora[k], f) for k in lora for f in ("A", "B")] if lora is not None else []
         for owner, name in owners:
             full = getattr(owner, name)

@@ -12,7 +12,7 @@ from moe_platform.model.transformer import MoETransformer
 from moe_platform.parallel.layout import ProcessGroups
 from moe_platform.parallel.tensor_parallel import tp_shard_spec
 
-_EXPERT_TENSOR = re.compile(r"\.mlp\.experts\.(lora\.)?(gate_up_proj|down_proj)(\.[AB])?$")
+_EXPERT_TENSOR = re.compile(r"\.mlp\.experts\.(lora\.)?(gate_up_proj|down_proj)(_bias)?(\.[AB])?$")
 
 
 def is_expert_tensor(name: str) -> bool:

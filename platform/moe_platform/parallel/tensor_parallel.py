@@ -20,6 +20,9 @@ one all-reduce per block in forward and one in backward:
   produce the latent every head reads, so they are replicated, computed on every rank, with their gradients summed
   over the group. o_proj's bias is added once: each rank adds bias / tp to its partial output before the reduction.
 * Dense MLP layers (DeepSeek's and GLM's first layers) split like the shared experts.
+* gpt-oss: the attention sinks split with their heads; o_proj's bias and the experts' down-projection bias are
+  added once over the group (each rank adds bias / tp to its partial output, gradients summed); the experts'
+  gate/up bias splits with its rows.
 * Embedding, norms, router, the shared experts' sigmoid gate and lm_head stay replicated. A vocab-parallel
   embedding/head is a later optimisation; replicated is simpler and measured fine at the sizes we train.
 
@@ -46,7 +49,7 @@ from torch import nn
 
 from moe_platform.model.attention import Attention
 from moe_platform.model.mla import MLAttention
-from moe_platform.model.moe import MoE, SwiGLU
+from moe_platform.model.moe import GroupedExperts, MoE, SwiGLU
 from moe_platform.parallel.comm import copy_to_group, reduce_from_group, sum_grad_over_group
 from moe_platform.parallel.layout import ProcessGroups
 
@@ -71,6 +74,7 @@ _ATTENTION_SHARDS = {
     "k_proj.bias": (0, "contiguous", _HEADS_HINT),
     "v_proj.bias": (0, "contiguous", _HEADS_HINT),
     "o_proj.weight": (1, "contiguous", _HEADS_HINT),  # (D, H*hd): input columns are heads
+    "sinks": (0, "contiguous", _HEADS_HINT),  # (H,): one learned logit per query head (gpt-oss)
     # Adapters (model/lora.py) follow their projection: B (out, r) with a column-parallel one, A (r, in) with a
     # row-parallel one. The other factor is replicated; its gradient is summed over the group (_REPLICATED_LORA).
     "lora.q_proj.B": (0, "contiguous", _HEADS_HINT),
@@ -96,6 +100,7 @@ _MLA_REPLICATED = ("q_a_proj.weight", "q_a_proj.bias", "q_a_layernorm.weight", "
 _EXPERT_SHARDS = {
     "gate_up_proj": (1, "gate_up", _EXPERT_HINT),  # (E, 2I, D)
     "down_proj": (2, "contiguous", _EXPERT_HINT),  # (E, D, I)
+    "gate_up_proj_bias": (1, "gate_up", _EXPERT_HINT),  # (E, 2I): with its rows
     "lora.gate_up_proj.B": (1, "gate_up", _EXPERT_HINT),  # (E, 2I, r)
     "lora.down_proj.A": (2, "contiguous", _EXPERT_HINT),  # (E, r, I)
 }
@@ -222,8 +227,8 @@ def _shard_module_params(module: nn.Module, table: dict, tp_size: int, tp_rank: 
             owner = module.get_submodule(owner_path) if owner_path else module
         except AttributeError:  # an adapter this model does not have
             continue
-        param = getattr(owner, attr)
-        if param is None:  # an optional parameter this model does not have (a bias)
+        param = getattr(owner, attr, None)
+        if param is None:  # an optional parameter this model does not have (a bias, sinks)
             continue
         _check_split(f"{where}.{rel}", tuple(param.shape), dim, kind, hint, tp_size)
         with torch.no_grad():
@@ -328,11 +333,26 @@ def _apply_tp_mla(m: MLAttention, group, tp: int, rank: int, where: str) -> None
             continue
         if p is not None:
             sum_grad_over_group(p, group)
-    if m.o_proj.bias is not None:
-        m.o_proj.__class__ = _BiasSharedLinear
-        m.o_proj.tp_size = tp
-        sum_grad_over_group(m.o_proj.bias, group)
+    _share_output_bias(m.o_proj, tp, group)
     _make_parallel_region(m, group, ((0, "x"),))
+
+
+def _share_output_bias(linear: nn.Linear, tp: int, group) -> None:
+    """A row-parallel projection's bias, added once over the group (`_BiasSharedLinear`)."""
+    if linear.bias is not None:
+        linear.__class__ = _BiasSharedLinear
+        linear.tp_size = tp
+        sum_grad_over_group(linear.bias, group)
+
+
+class _BiasSharedExperts(GroupedExperts):
+    """Routed experts whose intermediate dim is split over the group: each rank adds down_proj_bias / tp to its
+    partial output (the bias keeps its name, shape and values)."""
+
+    tp_size = 1
+
+    def output_bias(self) -> torch.Tensor | None:
+        return None if self.down_proj_bias is None else self.down_proj_bias / self.tp_size
 
 
 def apply_tp(model: nn.Module, groups: ProcessGroups) -> None:
@@ -364,10 +384,15 @@ def apply_tp(model: nn.Module, groups: ProcessGroups) -> None:
                 if m.qk_norm == "head":  # replicated, but each rank normalises only its own heads
                     for norm in (m.q_norm, m.k_norm):
                         sum_grad_over_group(norm.weight, group)
+                _share_output_bias(m.o_proj, tp, group)
                 _make_parallel_region(m, group, ((0, "x"),))
             elif isinstance(m, MoE):
                 m.experts._tp_size = tp
                 _shard_module_params(m.experts, _EXPERT_SHARDS, tp, rank, f"{where}.experts")
+                if m.experts.down_proj_bias is not None:  # added once over the group
+                    m.experts.__class__ = _BiasSharedExperts
+                    m.experts.tp_size = tp
+                    sum_grad_over_group(m.experts.down_proj_bias, group)
                 # x and the router scores are both replicated inputs whose gradient is partial on each rank.
                 _make_parallel_region(m.experts, group, ((0, "x"), (3, "scores")))
                 if m.shared_experts is not None:

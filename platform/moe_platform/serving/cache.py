@@ -12,10 +12,12 @@ packed when sequences finish or finish their prefill.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
-import torch.nn.functional as F
 
 from moe_platform.model.args import ModelArgs
+from moe_platform.model.attention import attend
 from moe_platform.model.kv_cache import KVCache
 
 
@@ -54,7 +56,13 @@ class ServingKVCache(KVCache):
         self._mask = causal_mask(self._positions, self._kv_len, mask_dtype)
         return self
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+    def window_mask(self, window: int) -> torch.Tensor:
+        """The additive mask of a sliding-window layer: also -inf for keys more than window - 1 before the query."""
+        keys = torch.arange(self._kv_len, device=self.k.device)
+        too_old = (keys[None, None, :] <= self._positions[:, :, None] - window)[:, None]
+        return self._mask.masked_fill(too_old, float("-inf"))
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, window: int = 0):
         """Store k, v (B, KV, T, hd) at the bound positions; return this layer's keys/values so far and the mask."""
         assert self._rows is not None, "bind_rows() must be called before the forward pass"
         # Advanced indices (rows, positions) around a slice put (B, T) first: (B, T, KV, hd).
@@ -67,7 +75,7 @@ class ServingKVCache(KVCache):
         else:
             keys = self.k[layer, self._slots, :, : self._kv_len]  # gathered copy
             values = self.v[layer, self._slots, :, : self._kv_len]
-        return keys.to(k.dtype), values.to(v.dtype), self._mask
+        return keys.to(k.dtype), values.to(v.dtype), self.window_mask(window) if window else self._mask
 
     def move_slot(self, src: int, dst: int, length: int) -> None:
         """Copy the first `length` cached positions of slot `src` into slot `dst` (all layers)."""
@@ -89,6 +97,19 @@ class ServingKVCache(KVCache):
 
 KV_CACHE_DTYPES = ("auto", "int8", "fp8")
 GROUP_SPAN = 1.5
+
+
+class RowGroup(NamedTuple):
+    """Rows of a bound batch attended together: their indices (None: the whole batch, in its order), the blocks to
+    read (rows x width, flat), how many rows, the keys they attend, their causal additive mask (n, 1, T, kv_len)
+    and their token positions (n, T) on the cache's device."""
+
+    rows: torch.Tensor | None
+    read: torch.Tensor
+    n: int
+    kv_len: int
+    mask: torch.Tensor
+    positions: torch.Tensor
 
 
 class PagedKVCache:
@@ -172,23 +193,36 @@ class PagedKVCache:
             pos = positions[idx]
             mask = causal_mask(pos, kv_len, mask_dtype)
             whole = len(rows) == len(lengths)
-            self._groups.append((None if whole else idx.to(device), table[idx, : -(-kv_len // bs)].flatten().to(device),
-                                 len(rows), kv_len, mask.to(device)))
+            self._groups.append(RowGroup(None if whole else idx.to(device),
+                                         table[idx, : -(-kv_len // bs)].flatten().to(device), len(rows), kv_len,
+                                         mask.to(device), pos.to(device)))
+        self._window_masks: dict[tuple[int, int], torch.Tensor] = {}
         return self
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               scale: float | None = None) -> torch.Tensor:
+    def group_mask(self, g: int, window: int = 0) -> torch.Tensor:
+        """Group g's additive mask, for a sliding-window layer's `window` when > 0 (built once per bind)."""
+        group = self._groups[g]
+        if not window:
+            return group.mask
+        if (g, window) not in self._window_masks:
+            keys = torch.arange(group.kv_len, device=group.mask.device)
+            too_old = (keys[None, None, :] <= group.positions[:, :, None] - window)[:, None]
+            self._window_masks[(g, window)] = group.mask.masked_fill(too_old, float("-inf"))
+        return self._window_masks[(g, window)]
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
+               window: int = 0, sinks: torch.Tensor | None = None) -> torch.Tensor:
         """Store k, v (B, KV, T, hd) at the bound slots, then attend q (B, H, T, hd) to each row's keys so far,
-        group by group -> (B, H, T, v hd). `scale`: the softmax scale (default 1/sqrt(hd))."""
+        group by group -> (B, H, T, v hd). `scale`: the softmax scale (default 1/sqrt(hd)); `window`: a
+        sliding-window layer's window (0: every earlier key); `sinks` (H,): learned sink logits (gpt-oss)."""
         assert self._write is not None, "bind() must be called before the forward pass"
         self._store(layer, self.k, self.k_scale, k)
         self._store(layer, self.v, self.v_scale, v)
         out = None
-        for rows, read, n, kv_len, mask in self._groups:
+        for g, (rows, read, n, kv_len, _, _) in enumerate(self._groups):
             keys = self._gather(layer, self.k, self.k_scale, read, n, kv_len, q.dtype)
             values = self._gather(layer, self.v, self.v_scale, read, n, kv_len, q.dtype)
-            part = F.scaled_dot_product_attention(q if rows is None else q[rows], keys, values, attn_mask=mask,
-                                                  enable_gqa=q.shape[1] != keys.shape[1], scale=scale)
+            part = attend(q if rows is None else q[rows], keys, values, self.group_mask(g, window), sinks, scale)
             if rows is None:
                 return part
             if out is None:

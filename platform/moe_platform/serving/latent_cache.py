@@ -44,7 +44,7 @@ class PagedLatentCache(PagedKVCache):
         per_layer = (args.kv_lora_rank + args.qk_rope_head_dim) * elem + (8 if kv_dtype != "auto" else 0)
         return args.n_layers * per_layer
 
-    def attend(self, layer, q, k, v, scale=None):
+    def attend(self, layer, q, k, v, scale=None, window=0, sinks=None):
         raise TypeError("the latent KV cache serves multi-head latent attention only (attend_latent)")
 
     def attend_latent(self, layer: int, q_nope: torch.Tensor, q_pe: torch.Tensor, c: torch.Tensor,
@@ -65,7 +65,7 @@ class PagedLatentCache(PagedKVCache):
         # so each sequence's keys are read once for all of its heads (one matmul of H*T query rows).
         query = torch.cat((q_latent, q_pe), dim=-1).reshape(bsz, 1, heads * seq, -1)
         out = None
-        for rows, read, n, kv_len, mask in self._groups:
+        for rows, read, n, kv_len, mask, _ in self._groups:
             latent = self._gather(layer, self.k, self.k_scale, read, n, kv_len, q_nope.dtype)  # (n, 1, S, r)
             pe = self._gather(layer, self.v, self.v_scale, read, n, kv_len, q_nope.dtype)  # (n, 1, S, rope)
             # the mask of each query position, for every head: (n, 1, T, S) -> (n, 1, H*T, S)
