@@ -118,7 +118,8 @@ def test_each_rank_reads_only_its_own_mxfp4_blocks(mxfp4_dir, degrees):
 
 @pytest.mark.parametrize("change, match", [
     (lambda t: {**t, "model.layers.0.mlp.experts.down_proj_blocks": t["model.layers.0.mlp.experts.down_proj_blocks"]
-                [..., :15].contiguous()}, r"down_proj_blocks: MXFP4 blocks \(8, 64, 2, 15\) and scales \(8, 64, 2\) do not match"),
+                [..., :15].contiguous()},
+     r"down_proj_blocks: MXFP4 blocks \(8, 64, 2, 15\) and scales \(8, 64, 2\) do not match"),
     (lambda t: {k: v for k, v in t.items() if k != "model.layers.1.mlp.experts.gate_up_proj_scales"},
      r"model.layers.1.mlp.experts.gate_up_proj has MXFP4 blocks or scales without the other half"),
     (lambda t: {**t, "model.layers.0.mlp.experts.down_proj_scales": t["model.layers.0.mlp.experts.down_proj_scales"]
