@@ -256,6 +256,10 @@ def test_layouts_part_only_where_a_routing_choice_flips(corpus_file, storage):
 IMPORT_LAYOUTS = {arch: ["dp2-ep2", "pp2"] + ([] if arch == "OlmoeForCausalLM" else ["tp2"])
                   for arch in HF_ARCHITECTURES if arch not in GROUPED_ARCHITECTURES}
 IMPORT_LAYOUTS.update({arch: ["dp2-ep2", "tp2", "pp2", "dp2-pp2-ep2"] for arch in GROUPED_ARCHITECTURES})
+# gpt-oss (10 steps): sinks split with their heads, o_proj's and the experts' output biases added once under tp,
+# the expert biases split with their experts under ep, sliding-window and full layers on different stages.
+IMPORT_LAYOUTS["GptOssForCausalLM"] = ["dp2-ep2", "tp2", "pp2"]
+TEN_STEPS = (*GROUPED_ARCHITECTURES, "GptOssForCausalLM")
 
 
 @pytest.fixture(scope="module")
@@ -285,7 +289,7 @@ def test_imported_models_train_on_layouts_like_one_process(arch, hf_models, corp
     """Imported models train on every layout like one process, reading the sharded model directory lazily: each
     rank reads only the tensors, and the slices of tensors,
     its position owns (counted per rank), and never the whole model unless it is the only rank."""
-    extra = {"init.from_hf": str(hf_models[arch]), "train.steps": STEPS if arch in GROUPED_ARCHITECTURES else 2}
+    extra = {"init.from_hf": str(hf_models[arch]), "train.steps": STEPS if arch in TEN_STEPS else 2}
     single = launch_local(config(corpus_file, storage, f"{arch}-single", **extra), progress=False).run_dir
     ref = losses(single)
     (one,), total = bytes_read_per_rank(single)

@@ -155,3 +155,31 @@ def test_every_gpt_oss_feature_matters(model, change):
     tokens = torch.randint(0, args.vocab_size, (1, 40), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert (plain.eval()(tokens) - hf(tokens).logits).abs().max() > 1e-3
+
+
+def test_the_clamp_of_the_swiglu_is_computed_as_transformers_does(tokenizer_dir_for_clamp, tmp_path):
+    """A model whose experts' pre-activations mostly pass the clamp (swiglu_limit 0.5): transformers' logits, and
+    not those of the same model without the clamp."""
+    import tinyrun
+
+    base = tinyrun.hf_config
+    tinyrun.hf_config = lambda a, v: type(base(a, v))(**(base(a, v).to_dict() | {"swiglu_limit": 0.5}))
+    try:
+        hf, out = save_tiny_hf_model("GptOssForCausalLM", tmp_path / "m", tokenizer_dir_for_clamp)
+    finally:
+        tinyrun.hf_config = base
+    args, state = load_hf(out)
+    assert args.swiglu_limit == 0.5
+    tokens = torch.randint(0, args.vocab_size, (2, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = hf(tokens).logits
+        for limit, close in ((0.5, True), (1e4, False)):
+            model = MoETransformer(dataclasses.replace(args, swiglu_limit=limit))
+            model.load_state_dict(state, strict=True)
+            gap = (model.eval()(tokens) - want).abs().max()
+            assert (gap <= 1e-5 * want.abs().max()) == close, (limit, gap)
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir_for_clamp(tmp_path_factory):
+    return tiny_tokenizer(tmp_path_factory.mktemp("tok-clamp"))

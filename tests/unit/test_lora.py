@@ -151,27 +151,32 @@ def grouped_models(tmp_path_factory):
     from tinyrun import GROUPED_ARCHITECTURES, save_tiny_hf_model, tiny_tokenizer
 
     tok = tiny_tokenizer(tmp_path_factory.mktemp("tok"))
-    return {a: save_tiny_hf_model(a, tmp_path_factory.mktemp(a), tok)[1] for a in GROUPED_ARCHITECTURES}
+    return {a: save_tiny_hf_model(a, tmp_path_factory.mktemp(a), tok)[1]
+            for a in (*GROUPED_ARCHITECTURES, "GptOssForCausalLM")}
 
 
-@pytest.mark.parametrize("arch", ["DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM", "Glm4MoeForCausalLM"])
+@pytest.mark.parametrize("arch", ["DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM", "Glm4MoeForCausalLM",
+                                  "GptOssForCausalLM"])
 def test_peft_loads_latent_attention_and_dense_mlp_adapters_with_our_logits(tiny_config, grouped_models, arch):
     """`attention` adapts every attention projection the model has: latent attention's q_a/q_b (DeepSeek-V3) or
-    q_proj (V2), kv_a_proj_with_mqa, kv_b_proj and o_proj, GLM's q/k/v/o. PEFT loads them onto the transformers model
+    q_proj (V2), kv_a_proj_with_mqa, kv_b_proj and o_proj, GLM's and gpt-oss's q/k/v/o (gpt-oss's experts, with their
+    biases and clamped activation, take stacked adapters too). PEFT loads them onto the transformers model
     with our logits; the dense first layer's MLP adapters (`dense_mlp`) and the routed experts' go beside them (PEFT
     would take gate/up/down_proj of an MoE model for its fused experts), and the merged export folds them all in."""
     import transformers
     from peft import PeftModel
 
     model_dir = grouped_models[arch]
-    cfg = tiny_config(**{**COMMON, "lora.targets": "attention,dense_mlp,experts", "init.from_hf": str(model_dir),
+    targets = "attention,experts" if arch == "GptOssForCausalLM" else "attention,dense_mlp,experts"  # no dense layer
+    cfg = tiny_config(**{**COMMON, "lora.targets": targets, "init.from_hf": str(model_dir),
                          "run.name": f"peft-{arch}", "checkpoint.export": "true", "model.n_shared_experts": 0})
     t = trainer(cfg)
     t.fit()
     config = json.loads((t.run_dir / "adapter" / "adapter_config.json").read_text())
     want = {"DeepseekV3ForCausalLM": {"q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"},
             "DeepseekV2ForCausalLM": {"q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"},
-            "Glm4MoeForCausalLM": {"q_proj", "k_proj", "v_proj", "o_proj"}}[arch]
+            "Glm4MoeForCausalLM": {"q_proj", "k_proj", "v_proj", "o_proj"},
+            "GptOssForCausalLM": {"q_proj", "k_proj", "v_proj", "o_proj"}}[arch]
     assert {m.rsplit(".", 1)[1] for m in config["target_modules"]} == want
     _, base_state = load_hf(model_dir)
     assert all(torch.equal(t.model.state_dict()[k], v) for k, v in base_state.items() if k.endswith("expert_bias")), \
@@ -179,7 +184,9 @@ def test_peft_loads_latent_attention_and_dense_mlp_adapters_with_our_logits(tiny
     from safetensors.torch import load_file
 
     own = load_file(t.run_dir / "adapter" / "moe_platform_adapters.safetensors")
-    assert {k.rsplit(".lora.", 1)[0] for k in own} == {"model.layers.0.mlp", "model.layers.1.mlp.experts"}
+    layers = {"model.layers.0.mlp", "model.layers.1.mlp.experts"} if arch != "GptOssForCausalLM" else {
+        f"model.layers.{i}.mlp.experts" for i in range(3)}
+    assert {k.rsplit(".lora.", 1)[0] for k in own} == layers
     t.model.eval()
     tokens = torch.randint(0, t.model_args.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
