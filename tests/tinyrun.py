@@ -249,7 +249,7 @@ def hf_config(arch: str, vocab_size: int):
     """A tiny config of `arch`: 2 layers, 4 heads (2 kv), 8 experts top-2, with each architecture's features on.
     DeepSeek-V3/V2 and GLM-4.5 have a dense first layer, expert groups, biases and YaRN RoPE; DeepSeek-V3 a
     low-rank query, DeepSeek-V2 a full q_proj and group_limited_greedy routing, GLM partial rotary and q/k norms.
-    gpt-oss: attention sinks, a sliding window of 8 on every other layer (3 layers), biases on every projection, the
+    gpt-oss: attention sinks, a sliding window of 8 on every other layer (4 layers), biases on every projection, the
     router and the experts, the clamped SwiGLU at gpt-oss's own limit (7; test_gpt_oss.py clamps most values) and
     YaRN."""
     import transformers
@@ -281,7 +281,7 @@ def hf_config(arch: str, vocab_size: int):
             routed_scaling_factor=2.0, use_qk_norm=True,
             rope_parameters=yarn(2.0, 64, partial_rotary_factor=0.5)),
         "GptOssForCausalLM": lambda: transformers.GptOssConfig(
-            **{**common, "num_hidden_layers": 3}, head_dim=16, intermediate_size=64, num_local_experts=8,
+            **{**common, "num_hidden_layers": 4}, head_dim=16, intermediate_size=64, num_local_experts=8,
             sliding_window=8, swiglu_limit=7.0, rope_parameters=yarn(4.0, 32, truncate=False)),
     }[arch]()
 

@@ -185,7 +185,7 @@ def test_peft_loads_latent_attention_and_dense_mlp_adapters_with_our_logits(tiny
 
     own = load_file(t.run_dir / "adapter" / "moe_platform_adapters.safetensors")
     layers = {"model.layers.0.mlp", "model.layers.1.mlp.experts"} if arch != "GptOssForCausalLM" else {
-        f"model.layers.{i}.mlp.experts" for i in range(3)}
+        f"model.layers.{i}.mlp.experts" for i in range(4)}
     assert {k.rsplit(".lora.", 1)[0] for k in own} == layers
     t.model.eval()
     tokens = torch.randint(0, t.model_args.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))

@@ -112,6 +112,13 @@ class RowGroup(NamedTuple):
     positions: torch.Tensor
 
 
+class Binding(NamedTuple):
+    """One layer group's view of a bound batch: the slots its new keys and values go to, and its row groups."""
+
+    write: torch.Tensor
+    groups: list[RowGroup]
+
+
 class PagedKVCache:
     """Keys and values in blocks of `block_size` positions: per layer and KV head a (num_blocks * block_size, hd)
     table of token slots, block after block. `bind(block_tables, positions)` maps every written token to its slot;
@@ -122,28 +129,46 @@ class PagedKVCache:
     `kv_dtype`: auto stores the model's dtype; int8 and fp8 store each token's head vector as int8 or float8_e4m3fn
     (kept as its bytes, which every device can index) with one float32 scale per token and head (absmax / 127 or
     / 448), dequantized on read.
+
+    `layer_groups` (gpt-oss: its full-attention layers, then its sliding-window layers, equally many): a block then
+    holds one group's layers, and each group has its own block tables (serving/kv_blocks.py's KVCacheManager): the
+    sliding group's hold only the window's blocks, and attention there reads only them.
     """
 
     def __init__(self, args: ModelArgs, num_blocks: int, block_size: int, dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu", kv_dtype: str = "auto",
-                 widths: tuple[int, int, int] | None = None):
+                 widths: tuple[int, int, int] | None = None, layer_groups: list[list[int]] | None = None):
         """`widths`: (heads, key dims, value dims) of the two tables; default the model's KV heads and head dims."""
         if kv_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {list(KV_CACHE_DTYPES)}, got {kv_dtype!r}")
+        groups = layer_groups or [list(range(args.n_layers))]
+        if len({len(g) for g in groups}) != 1:
+            raise ValueError(f"KV layer groups must be equally large, got {groups}")
+        self.layer_groups = groups
+        self._where = {layer: (g, i) for g, layers in enumerate(groups) for i, layer in enumerate(layers)}
+        self.window = args.sliding_window if len(groups) > 1 else 0
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.kv_dtype = kv_dtype
         store = {"auto": dtype, "int8": torch.int8, "fp8": torch.uint8}[kv_dtype]
         heads, k_dim, v_dim = widths or (args.kv_heads, args.qk_head_dim, args.value_head_dim)
-        shape = (args.n_layers, heads, num_blocks * block_size)
+        shape = (len(groups[0]), heads, num_blocks * block_size)
         self.k = torch.zeros(shape + (k_dim,), dtype=store, device=device)
         self.v = torch.zeros(shape + (v_dim,), dtype=store, device=device)
         self.k_scale = self.v_scale = None
         if kv_dtype != "auto":
             self.k_scale = torch.ones(shape + (1,), dtype=torch.float32, device=device)
             self.v_scale = torch.ones(shape + (1,), dtype=torch.float32, device=device)
-        self._write: torch.Tensor | None = None
-        self._groups: list = []
+        self._bindings: list[Binding] = []
+        self._window_masks: dict[tuple[int, int], torch.Tensor] = {}
+
+    @property
+    def _write(self) -> torch.Tensor | None:
+        return self._bindings[0].write if self._bindings else None
+
+    @property
+    def _groups(self) -> list[RowGroup]:
+        return self._bindings[0].groups if self._bindings else []
 
     @staticmethod
     def bytes_per_token(args: ModelArgs, dtype: torch.dtype, kv_dtype: str = "auto") -> int:
@@ -157,8 +182,10 @@ class PagedKVCache:
         scales = 0 if self.k_scale is None else 2 * self.k_scale.numel() * 4
         return (self.k.numel() + self.v.numel()) * self.k.element_size() + scales
 
-    def bind(self, block_tables: list[list[int]], positions: torch.Tensor, mask_dtype: torch.dtype) -> PagedKVCache:
-        """Row i uses the blocks `block_tables[i]`; positions (B, T) are the absolute positions of its tokens.
+    def bind(self, block_tables: list[list[int]], positions: torch.Tensor, mask_dtype: torch.dtype,
+             window_tables: list[list[int]] | None = None) -> PagedKVCache:
+        """Row i uses the blocks `block_tables[i]` (and the sliding layers `window_tables[i]`); positions (B, T) are
+        the absolute positions of its tokens.
 
         Rows are grouped by how many keys they attend (sorted; a new group starts where a row needs over
         `GROUP_SPAN` times the keys of its group's first), and each group gathers and attends only up to its own
@@ -166,16 +193,28 @@ class PagedKVCache:
         if positions.dim() != 2 or len(block_tables) != positions.shape[0]:
             raise ValueError(f"bind expects {len(block_tables)} block tables and positions (B, T), got "
                              f"{tuple(positions.shape)}")
-        bs = self.block_size
         positions = positions.cpu()
-        lengths = (positions.max(dim=1).values + 1).tolist()  # keys each row attends
-        width = -(-max(lengths) // bs)
+        self._bindings = [self._bind_full(block_tables, positions, mask_dtype)]
+        if self.window:
+            self._bindings.append(self._bind_window(window_tables, positions, mask_dtype))
+        self._window_masks = {}
+        return self
+
+    def _slots(self, block_tables: list[list[int]], positions: torch.Tensor, width: int) -> tuple[torch.Tensor,
+                                                                                                   torch.Tensor]:
+        """The (B, width) block table tensor (scratch past each row's blocks) and the flat slot of every token."""
+        bs = self.block_size
         table = torch.zeros((len(block_tables), width), dtype=torch.long)  # 0: the scratch block
         for i, blocks in enumerate(block_tables):
             row = blocks[:width]
             table[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        device = self.k.device
-        self._write = (table.gather(1, positions // bs) * bs + positions % bs).flatten().to(device)
+        write = table.gather(1, positions // bs) * bs + positions % bs
+        return table, write.flatten().to(self.k.device)
+
+    def _bind_full(self, block_tables, positions: torch.Tensor, mask_dtype) -> Binding:
+        bs = self.block_size
+        lengths = (positions.max(dim=1).values + 1).tolist()  # keys each row attends
+        table, write = self._slots(block_tables, positions, -(-max(lengths) // bs))
         order = sorted(range(len(lengths)), key=lengths.__getitem__)
         groups, current = [], [order[0]]
         for i in order[1:]:
@@ -186,21 +225,39 @@ class PagedKVCache:
         groups.append(current)
         if len(groups) == 1:
             groups = [list(range(len(lengths)))]  # one group: the batch's own row order, no reordering
-        self._groups = []
+        device = self.k.device
+        out = []
         for rows in groups:
             kv_len = max(lengths[i] for i in rows)
             idx = torch.tensor(rows, dtype=torch.long)
             pos = positions[idx]
             mask = causal_mask(pos, kv_len, mask_dtype)
             whole = len(rows) == len(lengths)
-            self._groups.append(RowGroup(None if whole else idx.to(device),
-                                         table[idx, : -(-kv_len // bs)].flatten().to(device), len(rows), kv_len,
-                                         mask.to(device), pos.to(device)))
-        self._window_masks: dict[tuple[int, int], torch.Tensor] = {}
-        return self
+            out.append(RowGroup(None if whole else idx.to(device), table[idx, : -(-kv_len // bs)].flatten().to(device),
+                                len(rows), kv_len, mask.to(device), pos.to(device)))
+        return Binding(write, out)
+
+    def _bind_window(self, window_tables, positions: torch.Tensor, mask_dtype) -> Binding:
+        """The sliding layers' binding: each row reads from the first block of its first query's window on, and
+        its mask keeps the keys of each query's window (positions q - window + 1 .. q)."""
+        bs, window = self.block_size, self.window
+        last = (positions.max(dim=1).values // bs).tolist()
+        first = [max(0, p - window + 1) // bs for p in positions.min(dim=1).values.tolist()]
+        width = max(b - a + 1 for a, b in zip(first, last, strict=True))
+        table, write = self._slots(window_tables, positions, max(last) + 1)
+        read = torch.zeros((len(first), width), dtype=torch.long)
+        for i, (a, b) in enumerate(zip(first, last, strict=True)):
+            read[i, : b - a + 1] = table[i, a:b + 1]
+        offset = torch.tensor(first, dtype=torch.long)[:, None] * bs
+        keys = offset + torch.arange(width * bs)  # (B, kv_len): each read key's absolute position
+        visible = (keys[:, None, :] <= positions[:, :, None]) & (keys[:, None, :] > positions[:, :, None] - window)
+        mask = torch.zeros(visible.shape, dtype=mask_dtype).masked_fill_(~visible, float("-inf"))[:, None]
+        device = self.k.device
+        return Binding(write, [RowGroup(None, read.flatten().to(device), len(first), width * bs, mask.to(device),
+                                        positions.to(device))])
 
     def group_mask(self, g: int, window: int = 0) -> torch.Tensor:
-        """Group g's additive mask, for a sliding-window layer's `window` when > 0 (built once per bind)."""
+        """Row group g's additive mask, for a sliding-window layer's `window` when > 0 (built once per bind)."""
         group = self._groups[g]
         if not window:
             return group.mask
@@ -215,14 +272,18 @@ class PagedKVCache:
         """Store k, v (B, KV, T, hd) at the bound slots, then attend q (B, H, T, hd) to each row's keys so far,
         group by group -> (B, H, T, v hd). `scale`: the softmax scale (default 1/sqrt(hd)); `window`: a
         sliding-window layer's window (0: every earlier key); `sinks` (H,): learned sink logits (gpt-oss)."""
-        assert self._write is not None, "bind() must be called before the forward pass"
-        self._store(layer, self.k, self.k_scale, k)
-        self._store(layer, self.v, self.v_scale, v)
+        assert self._bindings, "bind() must be called before the forward pass"
+        g_layer, local = self._where[layer]
+        binding = self._bindings[g_layer]
+        self._store(local, self.k, self.k_scale, k, binding.write)
+        self._store(local, self.v, self.v_scale, v, binding.write)
         out = None
-        for g, (rows, read, n, kv_len, _, _) in enumerate(self._groups):
-            keys = self._gather(layer, self.k, self.k_scale, read, n, kv_len, q.dtype)
-            values = self._gather(layer, self.v, self.v_scale, read, n, kv_len, q.dtype)
-            part = attend(q if rows is None else q[rows], keys, values, self.group_mask(g, window), sinks, scale)
+        for g, (rows, read, n, kv_len, mask, _) in enumerate(binding.groups):
+            keys = self._gather(local, self.k, self.k_scale, read, n, kv_len, q.dtype)
+            values = self._gather(local, self.v, self.v_scale, read, n, kv_len, q.dtype)
+            if window and not g_layer:  # a sliding layer sharing the full layers' blocks: masked to its window
+                mask = self.group_mask(g, window)
+            part = attend(q if rows is None else q[rows], keys, values, mask, sinks, scale)
             if rows is None:
                 return part
             if out is None:
@@ -230,19 +291,22 @@ class PagedKVCache:
             out[rows] = part
         return out
 
-    def _store(self, layer: int, table: torch.Tensor, scale: torch.Tensor | None, x: torch.Tensor) -> None:
-        """Write x (B, KV, T, hd) into `table` at the bound slots (quantized with its scales for int8 and fp8)."""
+    def _store(self, layer: int, table: torch.Tensor, scale: torch.Tensor | None, x: torch.Tensor,
+               write: torch.Tensor | None = None) -> None:
+        """Write x (B, KV, T, hd) into `table` at the bound slots (`write`, default the first layer group's),
+        quantized with its scales for int8 and fp8."""
+        write = self._write if write is None else write
         flat = x.transpose(0, 1).reshape(x.shape[1], -1, x.shape[3])  # (KV, B*T, hd)
         if scale is None:
-            table[layer].index_copy_(1, self._write, flat.to(table.dtype))
+            table[layer].index_copy_(1, write, flat.to(table.dtype))
             return
         top = 127.0 if self.kv_dtype == "int8" else 448.0  # the largest int8 / float8_e4m3fn value used
         s = flat.float().abs().amax(dim=-1, keepdim=True).clamp_min(1e-8) / top
         q = flat.float() / s
         q = q.round_().clamp_(-127, 127).to(torch.int8) if self.kv_dtype == "int8" else \
             q.to(torch.float8_e4m3fn).view(torch.uint8)
-        table[layer].index_copy_(1, self._write, q)
-        scale[layer].index_copy_(1, self._write, s)
+        table[layer].index_copy_(1, write, q)
+        scale[layer].index_copy_(1, write, s)
 
     def _gather(self, layer: int, table: torch.Tensor, scale: torch.Tensor | None, read: torch.Tensor, rows: int,
                 kv_len: int, dtype: torch.dtype) -> torch.Tensor:

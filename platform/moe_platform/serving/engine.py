@@ -92,6 +92,10 @@ class EngineConfig:
                                                                        "prefixes between requests (paged)"})
     kv_cache_dtype: str = field(default="auto", metadata={"doc": "auto (the model's dtype), int8 (per-token scales) "
                                                                  "or fp8 (CUDA only); paged"})
+    windowed_kv_cache: bool = field(default=True, metadata={"doc": "models with as many sliding-window as "
+                                                                   "full-attention layers (gpt-oss): the sliding "
+                                                                   "layers keep only their window's KV blocks (paged); "
+                                                                   "false: every layer keeps every position's"})
     mla_kv_cache: str = field(default="latent", metadata={"doc": "multi-head latent attention models (DeepSeek): "
                                                                  "latent (the compressed latent and rotary key per "
                                                                  "token, attention on the latent; paged) or expanded "
@@ -131,6 +135,8 @@ class EngineConfig:
                                                      f"{self.kv_cache_dtype!r}")
         need(self.kv_cache_layout == "paged" or self.kv_cache_dtype == "auto",
              "kv_cache_dtype int8 and fp8 need kv_cache_layout paged")
+        need(isinstance(self.windowed_kv_cache, bool),
+             f"windowed_kv_cache must be true or false, got {self.windowed_kv_cache!r}")
         need(self.mla_kv_cache in ("latent", "expanded"), f"mla_kv_cache must be latent or expanded, got "
                                                           f"{self.mla_kv_cache!r}")
         need(isinstance(self.device, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,

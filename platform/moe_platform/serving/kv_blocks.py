@@ -131,15 +131,17 @@ class BlockPool:
         """How many of `blocks` are free now (taking them lowers `num_free`)."""
         return sum(1 for b in blocks if self.ref[b] == 0)
 
-    def acquire(self, blocks: Sequence[int], query_tokens: int) -> None:
+    def acquire(self, blocks: Sequence[int], query_tokens: int | None) -> None:
         """Take (reference + 1) blocks found by `lookup` for a sequence that looked up `query_tokens` tokens; counts
-        the query and the hit, in tokens, towards the hit rate."""
+        the query and the hit, in tokens, towards the hit rate (None: not counted, the blocks of another layer group
+        for the same tokens)."""
         for block in blocks:
             if self.ref[block] == 0:
                 del self._evictable[block]
             self.ref[block] += 1
-        self.queries += query_tokens
-        self.hits += len(blocks) * self.block_size
+        if query_tokens is not None:
+            self.queries += query_tokens
+            self.hits += len(blocks) * self.block_size
 
     def register(self, block: int, h: bytes) -> None:
         """Record that `block` (full, held by a sequence) holds the content hashed `h`. A block with the same content
@@ -161,66 +163,119 @@ class BlockPool:
 
 
 class KVCacheManager:
-    """The paged scheduler's view of KV memory: which blocks each sequence holds (its `block_table`), the prefix
-    cache's hashes of its full blocks, and allocate/free on the `BlockPool`. Bookkeeping only: the model runner owns
-    the KV tensors and reads the block tables the scheduler hands it."""
+    """The paged scheduler's view of KV memory: which blocks each sequence holds, the prefix cache's hashes of its
+    full blocks, and allocate/free on the `BlockPool`. Bookkeeping only: the model runner owns the KV tensors and
+    reads the block tables the scheduler hands it.
 
-    def __init__(self, pool: BlockPool):
+    With `window` > 0 the model's layers form two equal groups, full attention and sliding window (gpt-oss), and a
+    block holds one group's keys and values for `block_size` positions. A sequence then has two tables:
+    `block_table` (the full layers: every position) and `window_table` (the sliding layers), whose blocks are freed
+    as they slide out of the window of the next query (their entries become the scratch block) and go back to the
+    pool for any sequence and either group. Both groups' full blocks are registered in the prefix cache (the sliding
+    group's under its own hashes); a prefix hit needs the full group's blocks of the whole prefix and the sliding
+    group's blocks of the prefix's last window."""
+
+    def __init__(self, pool: BlockPool, window: int = 0):
         self.pool = pool
         self.block_size = pool.block_size
+        self.window = window
 
     @property
     def num_free(self) -> int:
         return self.pool.num_free
 
-    def blocks_needed(self, block_table: Sequence[int], tokens: int) -> int:
-        """New blocks a sequence holding `block_table` needs for `tokens` positions."""
-        return max(0, -(-tokens // self.block_size) - len(block_table))
+    def tables(self, seq) -> list[list[int]]:
+        return [seq.block_table, seq.window_table] if self.window else [seq.block_table]
+
+    def blocks_needed(self, seq, tokens: int) -> int:
+        """New blocks `seq` needs for `tokens` positions (in both tables, with a window)."""
+        return sum(max(0, -(-tokens // self.block_size) - len(t)) for t in self.tables(seq))
+
+    def first_needed(self, position: int) -> int:
+        """The first block the sliding layers read for a query at `position`."""
+        return max(0, position - self.window + 1) // self.block_size
 
     def cached_prefix(self, tokens: list[int], adapter: str | None, known: list[bytes]) -> tuple[list[int], int]:
         """(cached blocks of the longest cached prefix of `tokens`, the most blocks a hit may cover): a prompt cached
-        in full still computes its last token, whose logits give the first output token. `known` caches hashes."""
+        in full still computes its last token, whose logits give the first output token. `known` caches hashes.
+        With a window, the hit is cut to the longest prefix whose last window is cached in the sliding group too."""
         max_hit = (len(tokens) - 1) // self.block_size
         if not max_hit:
             return [], 0
-        return self.pool.lookup(block_hashes(tokens, self.block_size, adapter, known), max_hit), max_hit
+        hashes = block_hashes(tokens, self.block_size, adapter, known)
+        hit = self.pool.lookup(hashes, max_hit)
+        while self.window and hit and len(self._window_hit(hashes, len(hit))) != len(hit) - self.first_needed(
+                len(hit) * self.block_size):
+            hit = hit[:-1]
+        return hit, max_hit
 
-    def admission_room(self, hit: list[int], need: int) -> int:
-        """Free blocks left once a sequence takes its cached prefix `hit` and `need` new blocks."""
-        return self.pool.num_free - self.pool.reclaimable(hit) - need
+    def _window_hit(self, hashes: list[bytes], n: int) -> list[int]:
+        """The sliding group's cached blocks of blocks [first needed, n) of a prefix of n blocks."""
+        first = self.first_needed(n * self.block_size)
+        found = []
+        for h in hashes[first:n]:
+            block = self.pool.lookup([_windowed(h)], 1)
+            if not block:
+                break
+            found += block
+        return found
 
-    def admit(self, hit: list[int], max_hit: int, need: int) -> list[int]:
-        """Take the cached blocks `hit` and `need` new ones: the new sequence's block table."""
+    def admission_room(self, hit: list[int], need: int, known: list[bytes] | None = None) -> int:
+        """Free blocks left once a sequence takes its cached prefix `hit` (with its window's blocks) and `need` new
+        ones."""
+        taken = hit + (self._window_hit(known, len(hit)) if self.window and hit else [])
+        return self.pool.num_free - self.pool.reclaimable(taken) - need
+
+    def admit(self, seq, hit: list[int], max_hit: int, tokens: int) -> None:
+        """Give `seq` its cached prefix `hit` and new blocks for `tokens` positions."""
         self.pool.acquire(hit, max_hit * self.block_size)
-        return hit + (self.pool.allocate(need) or [])
+        seq.block_table = list(hit)
+        if self.window:
+            window = self._window_hit(seq.block_hashes, len(hit)) if hit else []
+            self.pool.acquire(window, None)
+            seq.window_table = [SCRATCH_BLOCK] * (len(hit) - len(window)) + window
+        self.grow(seq, tokens)
 
-    def grow(self, block_table: list[int], want: int) -> None:
-        """Append as many of `want` new blocks to `block_table` as are free."""
-        if want:
-            block_table += self.pool.allocate(min(want, self.pool.num_free)) or []
+    def grow(self, seq, tokens: int) -> None:
+        """Give `seq` blocks for up to `tokens` positions, table by table, as far as blocks are free."""
+        for table in self.tables(seq):
+            want = max(0, -(-tokens // self.block_size) - len(table))
+            if want:
+                table += self.pool.allocate(min(want, self.pool.num_free)) or []
 
-    def allocate_one(self, block_table: list[int]) -> bool:
-        blocks = self.pool.allocate(1)
-        if blocks is None:
-            return False
-        block_table += blocks
-        return True
+    def room(self, seq) -> int:
+        """Positions `seq`'s tables hold room for (the shorter table's)."""
+        return min(len(t) for t in self.tables(seq)) * self.block_size
 
-    def register_full(self, tokens: list[int], adapter: str | None, block_table: list[int], known: list[bytes],
-                      registered: int, full: int) -> int:
-        """Register blocks [registered, full) of a sequence in the prefix cache; returns the new registered count."""
-        if full <= registered or not self.pool.enable_prefix_caching:
-            return registered
-        hashes = block_hashes(tokens[: full * self.block_size], self.block_size, adapter, known)
-        for j in range(registered, full):
-            self.pool.register(block_table[j], hashes[j])
-        return full
+    def register_full(self, seq, full: int) -> None:
+        """Register blocks [num_registered, full) of `seq` in the prefix cache (the sliding group's where it still
+        holds them), and free the sliding blocks the next query no longer reads."""
+        if full > seq.num_registered and self.pool.enable_prefix_caching:
+            hashes = block_hashes(seq.all_ids[: full * self.block_size], self.block_size, seq.adapter,
+                                  seq.block_hashes)
+            for j in range(seq.num_registered, full):
+                self.pool.register(seq.block_table[j], hashes[j])
+                if self.window and seq.window_table[j] != SCRATCH_BLOCK:
+                    self.pool.register(seq.window_table[j], _windowed(hashes[j]))
+        seq.num_registered = max(seq.num_registered, full)
+        if self.window:
+            for j in range(min(self.first_needed(seq.num_computed), len(seq.window_table))):
+                if seq.window_table[j] != SCRATCH_BLOCK:
+                    self.pool.free([seq.window_table[j]])
+                    seq.window_table[j] = SCRATCH_BLOCK
 
-    def free(self, block_table: list[int]) -> None:
+    def free(self, seq) -> None:
         """Give a sequence's blocks back, tail first (so its prefix stays cached longest)."""
-        self.pool.free(block_table[::-1])
+        for table in self.tables(seq):
+            self.pool.free([b for b in table[::-1] if b != SCRATCH_BLOCK])
+            table.clear()
 
     def stats(self) -> dict:
         pool = self.pool
         return {"kv_cache_usage": pool.usage(), "kv_cache_used": pool.num_used, "kv_cache_capacity": pool.num_usable,
                 "prefix_cache_queries": pool.queries, "prefix_cache_hits": pool.hits}
+
+
+def _windowed(h: bytes) -> bytes:
+    """The sliding group's key for a block of content hash `h` (its blocks hold other layers' keys and values)."""
+    return hashlib.blake2b(b"window" + h, digest_size=16).digest()

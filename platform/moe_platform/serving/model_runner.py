@@ -36,7 +36,7 @@ class ModelRunner:
         """The KV cache for one forward over `seqs`, after the scheduler's pending slot moves."""
         cache = self.cache
         if isinstance(cache, PagedKVCache):
-            return cache.bind([s.block_table for s in seqs], positions, self.dtype)
+            return cache.bind([s.block_table for s in seqs], positions, self.dtype, [s.window_table for s in seqs])
         for op in scheduler.take_kv_ops():
             if isinstance(op, SlotMove):
                 cache.move_slot(op.src, op.dst, op.length)

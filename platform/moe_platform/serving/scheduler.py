@@ -70,9 +70,11 @@ class SequenceState:
     finish_reason: str | None = None
     adapter: str | None = None  # the LoRA adapter it runs with (serving/adapters.py), None for the base model
     adapter_slot: int = -1
-    # Paged layout: the KV blocks of positions 0.. in order, the chained hashes of its full blocks, and how many of
-    # its blocks are registered in the prefix cache.
+    # Paged layout: the KV blocks of positions 0.. in order (with a sliding window, the full-attention layers'; the
+    # sliding layers' in window_table, the scratch block where they slid out), the chained hashes of its full
+    # blocks, and how many of its blocks are registered in the prefix cache.
     block_table: list[int] = field(default_factory=list)
+    window_table: list[int] = field(default_factory=list)
     block_hashes: list[bytes] = field(default_factory=list)
     num_registered: int = 0
 
@@ -360,7 +362,7 @@ class PagedScheduler:
 
     def _blocks_for(self, seq: SequenceState, tokens: int) -> int:
         """New blocks `seq` needs to hold `tokens` positions."""
-        return self.kv.blocks_needed(seq.block_table, tokens)
+        return self.kv.blocks_needed(seq, tokens)
 
     def _decode_reserve(self) -> int:
         """Blocks the decoding sequences need for their next token (admission leaves them free)."""
@@ -390,12 +392,12 @@ class PagedScheduler:
             hit, max_hit = self.kv.cached_prefix(tokens, seq.adapter, seq.block_hashes)
             start = len(hit) * self.block_size
             n = min(len(tokens) - start, budget)
-            need = -(-(start + n) // self.block_size) - len(hit)
-            if self.kv.admission_room(hit, need) < reserve:
+            need = (-(-(start + n) // self.block_size) - len(hit)) * len(self.kv.tables(seq))
+            if self.kv.admission_room(hit, need, seq.block_hashes) < reserve:
                 break  # wait for blocks; the queue keeps its order
             self.waiting.popleft()
-            seq.block_table = self.kv.admit(hit, max_hit, need)
             seq.num_computed, seq.num_registered = start, len(hit)
+            self.kv.admit(seq, hit, max_hit, start + n)
             seq.status = SeqStatus.PREFILL
             self.running.append(seq)
             budget -= n
@@ -404,14 +406,13 @@ class PagedScheduler:
 
     def _grow(self, seq: SequenceState, n: int) -> int:
         """Allocate blocks for up to `n` more tokens of `seq`; return how many tokens its blocks now hold room for."""
-        self.kv.grow(seq.block_table, self._blocks_for(seq, seq.num_computed + n))
-        return min(n, len(seq.block_table) * self.block_size - seq.num_computed)
+        self.kv.grow(seq, seq.num_computed + n)
+        return min(n, self.kv.room(seq) - seq.num_computed)
 
     def advance(self, seq: SequenceState, n: int) -> None:
         """`n` more of `seq`'s tokens are in the cache: register its newly full blocks in the prefix cache."""
         seq.num_computed += n
-        seq.num_registered = self.kv.register_full(seq.all_ids, seq.adapter, seq.block_table, seq.block_hashes,
-                                                   seq.num_registered, seq.num_computed // self.block_size)
+        self.kv.register_full(seq, seq.num_computed // self.block_size)
 
     def prefill_done(self, seq: SequenceState) -> None:
         """`seq` has all its tokens cached and its next token sampled: it decodes from the next step on."""
@@ -423,7 +424,9 @@ class PagedScheduler:
         sequence is preempted (possibly the one asking) until one is."""
         for seq in [s for s in self.running if s.status is SeqStatus.DECODE]:
             while seq.status is SeqStatus.DECODE and self._blocks_for(seq, seq.num_computed + 1):
-                if not self.kv.allocate_one(seq.block_table):
+                if self.kv.num_free:
+                    self.kv.grow(seq, seq.num_computed + 1)
+                else:
                     self.preempt(self.running[-1])
         return [s for s in self.running if s.status is SeqStatus.DECODE]
 
@@ -437,7 +440,7 @@ class PagedScheduler:
         self.waiting.appendleft(seq)
 
     def _release(self, seq: SequenceState) -> None:
-        self.kv.free(seq.block_table)
+        self.kv.free(seq)
         seq.block_table = []
         seq.num_registered = 0
 
@@ -477,6 +480,7 @@ def build_scheduler(args, config, max_seq_len: int, dtype, device) -> tuple[Serv
     paged = PagedLatentCache if args.mla and config.mla_kv_cache == "latent" else PagedKVCache
     per_token = (PagedKVCache if config.kv_cache_layout == "slots" else paged).bytes_per_token(
         args, dtype, config.kv_cache_dtype)
+    groups = kv_layer_groups(args) if config.windowed_kv_cache else [list(range(args.n_layers))]
     budget = config.kv_cache_memory_bytes
     if config.kv_cache_layout == "slots":
         cache_len = max_seq_len + config.prefill_token_budget  # right padding of a chunk writes past the prompt
@@ -493,12 +497,24 @@ def build_scheduler(args, config, max_seq_len: int, dtype, device) -> tuple[Serv
         else:
             budget = config.max_batch_size * max_seq_len * per_token
     bs = config.block_size
-    num_blocks = budget // (per_token * bs)
-    one_sequence = -(-max_seq_len // bs)
+    num_blocks = budget * len(groups) // (per_token * bs)  # a block holds one layer group's keys and values
+    # one full-length sequence (with a window: in both groups, as a prompt prefilled whole holds them at once)
+    one_sequence = -(-max_seq_len // bs) * len(groups)
     if num_blocks < one_sequence:
         raise ValueError(f"engine option kv_cache_memory_bytes={budget} holds {num_blocks} KV blocks of {bs} tokens "
-                         f"({per_token * bs} bytes each), but one sequence of max_seq_len {max_seq_len} needs "
-                         f"{one_sequence}; raise kv_cache_memory_bytes or lower max_seq_len")
-    cache = paged(args, num_blocks + 1, bs, dtype=dtype, device=device, kv_dtype=config.kv_cache_dtype)
+                         f"({per_token * bs // len(groups)} bytes each), but one sequence of max_seq_len "
+                         f"{max_seq_len} needs {one_sequence}; raise kv_cache_memory_bytes or lower max_seq_len")
+    cache = paged(args, num_blocks + 1, bs, dtype=dtype, device=device, kv_dtype=config.kv_cache_dtype,
+                  **({"layer_groups": groups} if len(groups) > 1 else {}))
     pool = BlockPool(num_blocks + 1, bs, config.enable_prefix_caching)
-    return cache, PagedScheduler(KVCacheManager(pool), config.max_batch_size, config.prefill_token_budget)
+    kv = KVCacheManager(pool, args.sliding_window if len(groups) > 1 else 0)
+    return cache, PagedScheduler(kv, config.max_batch_size, config.prefill_token_budget)
+
+
+def kv_layer_groups(args) -> list[list[int]]:
+    """The layer groups a paged KV block holds one of: the full-attention layers and the sliding-window layers when a
+    model has equally many of each (gpt-oss; the sliding group then keeps only its window's blocks), else all
+    layers in one group (sliding layers, if any, mask their window)."""
+    sliding = sorted(args.sliding_layer_ids)
+    full = [i for i in range(args.n_layers) if i not in args.sliding_layer_ids]
+    return [full, sliding] if sliding and len(sliding) == len(full) else [list(range(args.n_layers))]
