@@ -234,7 +234,21 @@ def kv_cache(d: dict) -> str:
             f"{'met' if d['ttft_ratio'] >= t['ttft_ratio'] else 'not met'}). {a['prefix_requests']} requests per "
             f"round at {a['prefix_rate']:g}/s, a {a['system_tokens']}-token system prompt, {a['turn_tokens'][0]}-"
             f"{a['turn_tokens'][1]}-token turns, {a['output_tokens']} output tokens, {a['rounds']} rounds."
-            + (f"\n\n{kv_cache_mla(d['mla'])}" if "mla" in d else ""))
+            + (f"\n\n{kv_cache_mla(d['mla'])}" if "mla" in d else "")
+            + (f"\n\n{kv_cache_window(d['window'])}" if "window" in d else ""))
+
+
+def kv_cache_window(d: dict) -> str:
+    """bench/kv_cache.py --part window: windowed KV memory against every position kept."""
+    table = _table(["sliding layers keep", "KV MiB", "peak sequences", "tokens/s", "preemptions"],
+                   [["their window" if r["windowed"] else "every position", f"{r['kv_cache_bytes'] / 2**20:.0f}",
+                     r["peak_running"], f"{r['tokens_per_s']:.0f}", r["preemptions"]] for r in d["concurrency"]])
+    a = d["args"]
+    return (f"{table}\n\nPeak sequences windowed ÷ every position kept: **{d['peak_ratio']:.2f}×**; tokens/s "
+            f"{d['tokens_per_s_ratio']:.2f}×. {a['requests']} requests at once, prompts of {a['window_prompt'][0]}-"
+            f"{a['window_prompt'][1]} tokens (a {a['window']}-token window on every other layer), "
+            f"{a['window_output'][0]}-{a['window_output'][1]} output tokens, a KV budget of {a['window_sequences']} "
+            f"full-length sequences kept whole.")
 
 
 def kv_cache_mla(d: dict) -> str:

@@ -19,9 +19,16 @@ context. Everything runs on the engine in-process (no HTTP), one torch thread, g
    fixed budget (what `--mla-sequences` full-length sequences take expanded), and decode tokens/s with
    `--decode-batch` sequences decoding together (in alternating rounds). Target: latent decode tokens/s >= expanded.
    It is recorded under "mla" in the same JSON, with its own plot.
+4. Windowed KV memory (`--part window`): a gpt-oss-shaped model (the same size, a `--window`-token sliding window on
+   every other layer, attention sinks) on the paged cache whose sliding layers keep only their window's blocks,
+   against the same engine with `windowed_kv_cache: false` (every layer keeps every position; the peer), at a fixed
+   KV budget (what `--window-sequences` full-length sequences take without windowing). Every request of a trace whose
+   prompts are longer than the window (`--window-prompt` tokens, `--window-output` more) is submitted at once.
+   Reported: the most sequences running at once and tokens/s. Recorded under "window", with its own plot.
 
-    python bench/kv_cache.py          # parts 1 and 2, ~4 minutes on 2 CPU cores
-    python bench/kv_cache.py --part mla  # part 3, ~3 minutes
+    python bench/kv_cache.py             # parts 1 and 2, ~4 minutes on 2 CPU cores
+    python bench/kv_cache.py --part mla     # part 3, ~3 minutes
+    python bench/kv_cache.py --part window  # part 4, ~2 minutes
 """
 
 from __future__ import annotations
@@ -68,8 +75,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--part", choices=("paged", "mla"), default="paged",
-                   help="paged: paged vs slots and prefix caching (parts 1 and 2); mla: latent vs expanded (part 3)")
+    p.add_argument("--part", choices=("paged", "mla", "window"), default="paged",
+                   help="paged: paged vs slots and prefix caching (parts 1 and 2); mla: latent vs expanded (part 3); "
+                        "window: windowed KV memory vs every position kept (part 4)")
+    p.add_argument("--window", type=int, default=128, help="part 4: the sliding window")
+    p.add_argument("--window-sequences", type=int, default=8, help="part 4's KV budget: this many full-length "
+                                                                   "sequences without windowing")
+    p.add_argument("--window-prompt", type=int, nargs=2, default=(384, 768), metavar=("MIN", "MAX"),
+                   help="part 4: prompt tokens (longer than the window)")
+    p.add_argument("--window-output", type=int, nargs=2, default=(32, 96), metavar=("MIN", "MAX"))
     p.add_argument("--mla-sequences", type=int, default=4, help="part 3's KV budget: this many full-length "
                                                                 "sequences of the expanded cache")
     p.add_argument("--decode-batch", type=int, default=64, help="part 3: sequences decoding together")
@@ -231,6 +245,73 @@ def plot_mla(recorded: dict):
     return fig
 
 
+def window_model(args) -> dict:
+    """A gpt-oss-shaped model at bench/serve.py's size: every other layer a `--window` sliding window, sinks, biases,
+    the clamped SwiGLU."""
+    return {"n_layers": 4, "head_dim": 64, "sliding_window": args.window, "sliding_layers": "0,2",
+            "attention_sinks": True, "attention_bias": True, "o_proj_bias": True, "router_bias": True,
+            "expert_bias": True, "expert_activation": "clamped_swiglu", "hf_architecture": "GptOssForCausalLM"}
+
+
+def window_concurrency(export: Path, args, budget: int, windowed: bool) -> dict:
+    """Every request of the long-prompt trace at once: the most sequences running together, tokens/s."""
+    from moe_platform.serving.engine import Engine, SamplingParams
+
+    trace = SERVE.make_trace(export, args.requests, 1.0, tuple(args.window_prompt), tuple(args.window_output),
+                             args.seed)
+    engine = Engine.from_pretrained(export, **engine_options(args, max_batch_size=512, kv_cache_memory_bytes=budget,
+                                                             windowed_kv_cache=windowed))
+    for r in trace:
+        engine.add_request(r.prompt, SamplingParams(max_tokens=r.max_tokens, temperature=0.0, ignore_eos=True))
+    peak, tokens, start = 0, 0, time.perf_counter()
+    while engine.has_unfinished():
+        tokens += sum(len(o.token_ids) for o in engine.step())
+        peak = max(peak, engine.scheduler.num_running)
+    seconds = time.perf_counter() - start
+    return {"windowed": windowed, "kv_cache_bytes": engine.cache.nbytes, "peak_running": peak, "tokens": tokens,
+            "seconds": seconds, "tokens_per_s": tokens / seconds, "preemptions": engine.stats()["num_preemptions"]}
+
+
+def window_part(args) -> int:
+    """Part 4: windowed KV memory against every position kept, on one gpt-oss-shaped model."""
+    from moe_platform.serving.cache import PagedKVCache
+    from moe_platform.serving.engine import Engine
+
+    model = window_model(args)
+    with tempfile.TemporaryDirectory(prefix="bench-kv-window-") as tmp:
+        export = SERVE.build_export(Path(tmp), args.seed, max_seq_len=args.max_seq_len, **model)
+        margs = Engine.from_pretrained(export, **engine_options(args, max_batch_size=1)).args
+        budget = args.window_sequences * args.max_seq_len * PagedKVCache.bytes_per_token(margs, torch.float32)
+        rows = [window_concurrency(export, args, budget, windowed) for windowed in (False, True)]
+    for row in rows:
+        print(f"windowed {row['windowed']}: peak {row['peak_running']} sequences at {budget / 2**20:.0f} MiB, "
+              f"{row['tokens_per_s']:.0f} tok/s, {row['preemptions']} preemptions", flush=True)
+    plain, windowed = rows
+    result = {"args": {k: v for k, v in vars(args).items() if not k.startswith("out_")}, "model": model,
+              "kv_budget_bytes": budget, "concurrency": rows,
+              "peak_ratio": windowed["peak_running"] / plain["peak_running"],
+              "tokens_per_s_ratio": windowed["tokens_per_s"] / plain["tokens_per_s"]}
+    print(f"peak sequences windowed ÷ every position kept: {result['peak_ratio']:.2f}x; tokens/s "
+          f"{result['tokens_per_s_ratio']:.2f}x")
+    out_png = str(Path(args.out_png).with_name(Path(args.out_png).stem + "_window.png")) if args.out_png else None
+    save_result(result, args.out_json, out_png, plot_window, dpi=110, merge_key="window")
+    return 0
+
+
+def plot_window(recorded: dict):
+    fig, (a, b) = subplots(1, 2, figsize=(8, 3.4))
+    names = ["every position", "windowed"]
+    rows = recorded["concurrency"]
+    a.bar(names, [r["peak_running"] for r in rows], color=["tab:gray", "tab:blue"])
+    a.set_title(f"peak sequences at {recorded['kv_budget_bytes'] / 2**20:.0f} MiB ({recorded['peak_ratio']:.2f}x)",
+                fontsize=9)
+    b.bar(names, [r["tokens_per_s"] for r in rows], color=["tab:gray", "tab:blue"])
+    b.set_ylabel("tokens/s")
+    b.set_title(f"whole trace ({recorded['tokens_per_s_ratio']:.2f}x)", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
 def main(argv=None) -> int:
     from moe_platform.serving.cache import PagedKVCache
     from moe_platform.serving.engine import Engine
@@ -239,6 +320,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     if args.part == "mla":
         return mla_part(args)
+    if args.part == "window":
+        return window_part(args)
     with tempfile.TemporaryDirectory(prefix="bench-kv-") as tmp:
         export = SERVE.build_export(Path(tmp), args.seed, max_seq_len=args.max_seq_len)
         probe = Engine.from_pretrained(export, **engine_options(args, max_batch_size=1))
@@ -278,7 +361,7 @@ def main(argv=None) -> int:
           f"{recorded['tokens_per_s_ratio']:.2f}x")
     print(f"mean TTFT without ÷ with prefix caching: {ttft_ratio:.2f}x (target 5x); hit rate "
           f"{prefix['with']['hit_rate']:.3f}")
-    save_result(recorded, args.out_json, args.out_png, plot, dpi=110, keep=("mla",))
+    save_result(recorded, args.out_json, args.out_png, plot, dpi=110, keep=("mla", "window"))
     return 0
 
 
