@@ -111,7 +111,7 @@ class ElasticConfig:
 @dataclass
 class InitConfig:
     from_hf: str = _f("", "Hugging Face model directory to start from (Mixtral, Qwen3-MoE, Qwen2-MoE, OLMoE, "
-                          "DeepSeek-V3/V2, GLM-4.5 MoE): its "
+                          "DeepSeek-V3/V2, GLM-4.5 MoE, gpt-oss): its "
                           "architecture replaces [model], its tokenizer is used as it is (none is trained) and its "
                           "weights are the starting point; empty trains from scratch")
 
