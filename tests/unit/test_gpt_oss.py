@@ -183,3 +183,26 @@ def test_the_clamp_of_the_swiglu_is_computed_as_transformers_does(tokenizer_dir_
 @pytest.fixture(scope="module")
 def tokenizer_dir_for_clamp(tmp_path_factory):
     return tiny_tokenizer(tmp_path_factory.mktemp("tok-clamp"))
+
+
+def test_a_gpt_oss_run_resumes_bit_for_bit(model, tiny_config):
+    """Sinks, biases and the clamped experts train and resume from a checkpoint with the same weights and losses as
+    a run that never stopped."""
+    from moe_platform.train.trainer import Trainer
+
+    _, src = model
+    common = {"init.from_hf": str(src), "train.steps": 4, "checkpoint.interval": 2, "checkpoint.async_save": "false"}
+
+    def run(name: str, stop_after: int | None = None) -> Trainer:
+        t = Trainer(tiny_config(**{**common, "run.name": name}), progress=False)
+        t.setup()
+        t.fit(stop_after=stop_after)
+        return t
+
+    straight = run("straight")
+    run("resumed", stop_after=2)
+    resumed = run("resumed")
+    assert resumed.resumed_from == 2
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert any(k.endswith("sinks") for k in a) and all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["loss"] for r in straight.metrics.read()] == [r["loss"] for r in resumed.metrics.read()]
