@@ -107,3 +107,30 @@ def test_preemption_and_prefix_caching_across_both_layer_groups(model):
     got = run(cached, follow)
     assert cached.stats()["prefix_cache_hits"] - before == 2 * (len(shared) // bs) * bs
     assert got == [hf_greedy(hf, p, GREEDY.max_tokens) for p in follow]
+
+
+def test_quantized_weights_and_expert_adapters_keep_gpt_oss_computing(model, tmp_path):
+    """int8 and int4 experts keep their biases and the clamped SwiGLU (held-out loss within 1% and 5%); adapters on
+    the attention and the experts (folded into biased, clamped experts) give each request the greedy tokens of its
+    adapter merged into the model, in one batch with base-model requests."""
+    from moe_platform.checkpoint.hf import load_hf
+    from tinyrun import corpus_text, random_adapter
+
+    _, out, prompts, want = model
+    texts = [corpus_text(300_000)[200_000 + i * 500:200_000 + i * 500 + 300] for i in range(6)]
+    full = Engine.from_pretrained(out).score(texts)
+    for method, bound in (("int8", 0.01), ("int4", 0.05)):
+        got = Engine.from_pretrained(out, quantization=method).score(texts)
+        assert got != full and abs(got - full) / full < bound, (method, got, full)
+    args, state = load_hf(out)
+    adapter, merged = random_adapter(args, state, ("attention", "experts"), 4, 1, tmp_path / "a", out)
+    engine = Engine.from_pretrained(out, batch_wait_timeout_s=0.0, max_loras=1, max_lora_rank=4, block_size=4)
+    engine.load_adapter("a", str(adapter))
+    ids = [engine.add_request(p, GREEDY, adapter=a) for p, a in zip(prompts[:2], ["a", None], strict=True)]
+    got: dict[str, list[int]] = {i: [] for i in ids}
+    while engine.has_unfinished():
+        for o in engine.step():
+            got[o.request_id].extend(o.token_ids)
+    assert got[ids[1]] == want[1]
+    alone = run(Engine.from_pretrained(merged, batch_wait_timeout_s=0.0), prompts[:1])[0]
+    assert got[ids[0]] == alone and alone != want[0]

@@ -15,7 +15,6 @@ row runs exactly the base model's code.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from moe_platform.model.grouped_mm import grouped_mm, row_groups
@@ -159,20 +158,19 @@ class MultiExpertLoRA(nn.Module):
         seg = Segments(torch.where(slots >= 0, slots * self.num_experts + experts, -1), self.gate_up_proj.shape[0])
         rows = x[token_index]  # (M, D)
         up, down = self.gate_up_proj, self.down_proj
-        h = lora_delta(rows, up.a_t, up.b_t, up.scale, seg)  # (M, 2I): the adapter terms first
+        # (M, 2I): the adapter terms first, and the experts' gate/up biases when they have them (gpt-oss)
+        h = weights.add_bias(lora_delta(rows, up.a_t, up.b_t, up.scale, seg), "gate_up_proj", counts)
         if x.device.type == "cpu":  # expert by expert, a group's activations stay in cache (as the fused path)
             inter = weights.down_proj.shape[-1]
             act = x.new_empty(rows.shape[0], inter)
             out = x.new_empty(rows.shape)
             for g, r in row_groups(counts.tolist()):
-                hg = torch.addmm(h[r], rows[r], weights.gate_up_proj[g].t())
-                torch.mul(F.silu(hg[:, :inter]), hg[:, inter:], out=act[r])
+                act[r] = weights.activate(torch.addmm(h[r], rows[r], weights.gate_up_proj[g].t()))
                 torch.mm(act[r], weights.down_proj[g].t(), out=out[r])
         else:
-            gate, lin = (h + grouped_mm(rows, weights.gate_up_proj, counts)).chunk(2, dim=-1)
-            act = F.silu(gate) * lin
+            act = weights.activate(h + grouped_mm(rows, weights.gate_up_proj, counts))
             out = grouped_mm(act, weights.down_proj, counts)
-        out += lora_delta(act, down.a_t, down.b_t, down.scale, seg)
+        out = weights.add_bias(out, "down_proj", counts) + lora_delta(act, down.a_t, down.b_t, down.scale, seg)
         if scores is not None:
             out = out * scores[:, None].to(out.dtype)
         return torch.zeros_like(x).index_add_(0, token_index, out)

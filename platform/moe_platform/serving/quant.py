@@ -93,6 +93,9 @@ class _QuantizedExperts(nn.Module):
             q, scale = quantize(getattr(experts, name))
             self.register_buffer(f"{name}_q", q)
             self.register_buffer(f"{name}_scale", scale)
+        # biases stay in the model's dtype; the activation is the experts' own (gpt-oss's clamped SwiGLU)
+        self.gate_up_proj_bias, self.down_proj_bias = experts.gate_up_proj_bias, experts.down_proj_bias
+        self.activate = experts.activate
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor, token_index: torch.Tensor | None = None,
                 scores: torch.Tensor | None = None) -> torch.Tensor:
@@ -101,8 +104,12 @@ class _QuantizedExperts(nn.Module):
         start = 0
         for e, n in enumerate(counts.tolist()):
             if n:
-                gate, up = self._mm(rows[start:start + n], "gate_up_proj", e).chunk(2, dim=-1)
-                out[start:start + n] = self._mm(F.silu(gate) * up, "down_proj", e)
+                h = self._mm(rows[start:start + n], "gate_up_proj", e)
+                if self.gate_up_proj_bias is not None:
+                    h = h + self.gate_up_proj_bias[e].to(h.dtype)
+                out[start:start + n] = self._mm(self.activate(h), "down_proj", e)
+                if self.down_proj_bias is not None:
+                    out[start:start + n] += self.down_proj_bias[e].to(out.dtype)
             start += n
         if scores is not None:
             out = out * scores[:, None].to(out.dtype)
