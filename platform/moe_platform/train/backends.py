@@ -33,6 +33,10 @@ ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 # over data parallelism, before clipping and the update. For tests and debugging, e.g. comparing layouts parameter by
 # parameter; not under pipeline parallelism (DeepSpeed's pipeline engine steps inside its own train_batch).
 GradientProbe = Callable[[dict[str, torch.Tensor]], None]
+# A backend's loss function: (logits of a micro-batch, its labels) -> the micro-batch's loss. TokenLoss unless the
+# trainer's objective brings its own (labels may then be a tuple of tensors: DeepSpeed's pipeline hands them over
+# to the last stage as they are).
+LossFn = Callable[[torch.Tensor, object], torch.Tensor]
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -205,7 +209,8 @@ def set_aux_grad_scale(moe_layers: Iterable[MoE], loss_scale: float) -> None:
 class LocalBackend:
     """One process, plain PyTorch: the single-process reference."""
 
-    def __init__(self, model: MoETransformer, cfg: Config, device: torch.device, autocast_dtype, accum: int):
+    def __init__(self, model: MoETransformer, cfg: Config, device: torch.device, autocast_dtype, accum: int,
+                 loss_fn: LossFn | None = None):
         if has_meta_tensors(model):  # built on meta for an import: its weights come from load_state
             materialize(model, device)
         self.model = model
@@ -215,7 +220,7 @@ class LocalBackend:
         self.grad_clip = cfg.train.grad_clip
         self.optimizer = build_optimizer(model, cfg.train)
         self.loss_scaler = LossScaler(cfg, device)
-        self.loss_fn = TokenLoss()
+        self.loss_fn = loss_fn or TokenLoss()
         self.moe_layers = model.moe_layers()
         for moe in self.moe_layers:
             moe.aux_loss_scale = 1.0 / accum
@@ -252,6 +257,13 @@ class LocalBackend:
     def eval_loss(self, micro_batches: list[tuple[torch.Tensor, ...]]) -> float:
         self.model.eval()
         return sum(float(self.forward_loss(batch)) for batch in micro_batches) / len(micro_batches)
+
+    @torch.no_grad()
+    def eval_outputs(self, micro_batches: list[tuple]) -> list[torch.Tensor]:
+        """The loss function's output for each micro-batch, in eval mode and without gradients, as it is (no
+        averaging): what an objective whose loss function returns per-sequence numbers needs."""
+        self.model.eval()
+        return [self.forward_loss(batch).detach() for batch in micro_batches]
 
     def local_state(self) -> LocalState:
         """A host copy of the state in reused staging buffers: after the first checkpoint a snapshot is a memcpy
@@ -396,7 +408,8 @@ class DeepSpeedBackend:
     """A layout (dp, tp, pp, ep) of the same model on DeepSpeed."""
 
     def __init__(self, model: MoETransformer, cfg: Config, groups: ProcessGroups, device: torch.device,
-                 full_shapes: dict[str, tuple[int, ...]], reader: ShardedReader | None = None):
+                 full_shapes: dict[str, tuple[int, ...]], reader: ShardedReader | None = None,
+                 loss_fn: LossFn | None = None):
         """`model` is already parallelized (`train.trainer.prepare_model`); `full_shapes` are its tensors' shapes
         before sharding, which map this rank's shards onto the full checkpoint tensors."""
         import deepspeed
@@ -416,7 +429,7 @@ class DeepSpeedBackend:
         # Full names by tensor identity, fixed before the model is cut into stages.
         self.names = {id(t): n for n, t in model.state_dict(keep_vars=True).items()}
         self.model = model  # this rank's (tensor/expert-sharded) copy; stages hold parts of it when pp > 1
-        self.loss_fn = TokenLoss()
+        self.loss_fn = loss_fn or TokenLoss()
         # Built on meta for an import: only this rank's share gets memory, and its weights are read below.
         on_meta = has_meta_tensors(model)
         if layout.pp_enabled:
@@ -522,6 +535,19 @@ class DeepSpeedBackend:
             dist.all_reduce(loss, group=self.groups.dp)
             loss /= self.groups.dp_size
         return float(loss)
+
+    @torch.no_grad()
+    def eval_outputs(self, micro_batches: list[tuple]) -> list[torch.Tensor] | None:
+        """The loss function's output for each of this rank's micro-batches, in eval mode and without gradients, as
+        it is (no averaging over micro-batches or ranks). Under pipeline parallelism only the last stage computes
+        the loss: the other stages get None."""
+        if self.is_pipeline:
+            outputs = self.engine.eval_batch(data_iter=iter([pipeline_batch(b) for b in micro_batches]),
+                                             num_micro_batches=len(micro_batches), reduce_output=None,
+                                             bcast_loss=False)
+            return [o.detach() for o in outputs] if self.groups.pp_rank == self.groups.layout.pp - 1 else None
+        self.engine.eval()
+        return [self.loss_fn(_forward(self.engine, b), b[1]).detach() for b in micro_batches]
 
     # -- state ---------------------------------------------------------------------------------------------------
 
