@@ -542,9 +542,10 @@ class DeepSpeedBackend:
         it is (no averaging over micro-batches or ranks). Under pipeline parallelism only the last stage computes
         the loss: the other stages get None."""
         if self.is_pipeline:
-            outputs = self.engine.eval_batch(data_iter=iter([pipeline_batch(b) for b in micro_batches]),
-                                             num_micro_batches=len(micro_batches), reduce_output=None,
-                                             bcast_loss=False)
+            from moe_platform import deepspeed_compat
+
+            outputs = deepspeed_compat.pipeline_eval_outputs(self.engine, iter([pipeline_batch(b) for b in
+                                                                                micro_batches]), len(micro_batches))
             return [o.detach() for o in outputs] if self.groups.pp_rank == self.groups.layout.pp - 1 else None
         self.engine.eval()
         return [self.loss_fn(_forward(self.engine, b), b[1]).detach() for b in micro_batches]
