@@ -325,6 +325,12 @@ def test_the_lm_trainer_refuses_a_dpo_config_and_the_cli_picks_dpo(models, tmp_p
     cfg = dpo_config(models, tmp_path, rows, **{"train.steps": 2})
     with pytest.raises(ValueError, match=r"train.objective = 'dpo' is not trained by Trainer \('lm'\).*trainer_cls"):
         Trainer(cfg, progress=False)
+    from moe_platform.train.launch import launch_local
+
+    scratch = dpo_config(models, tmp_path, rows, **{"init.from_hf": "", "parallel.dp": 2, "run.name": "scratch"})
+    with pytest.raises(ValueError, match=r"'dpo' fine-tunes a trained model: set init.from_hf"):
+        launch_local(scratch, progress=False, trainer_cls=DPOTrainer)
+    assert not (tmp_path / "runs" / "scratch").exists(), "refused before any process starts"
     config = tmp_path / "dpo.toml"
     config.write_text("[train]\nobjective = 'dpo'\nsteps = 2\nwarmup = 1\n[data]\nformat = 'preference'\n")
     overrides = [f"--{k}={v}" for k, v in {

@@ -277,8 +277,6 @@ def _validate_objective(cfg: Config, need) -> None:
     if t.objective == "dpo":
         need(d.format == "preference", f"train.objective = 'dpo' reads preference pairs: set data.format = "
                                        f"'preference' (got {d.format!r})")
-        need(bool(cfg.init.from_hf), "train.objective = 'dpo' fine-tunes a trained model: set init.from_hf to its "
-                                     "directory (a Hugging Face model or a moe-platform export)")
     else:
         need(d.format != "preference", "data.format = 'preference' is read by train.objective = 'dpo' only")
     need(dpo.beta > 0 and math.isfinite(dpo.beta), f"dpo.beta must be a positive number, got {dpo.beta}")

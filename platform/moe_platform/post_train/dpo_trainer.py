@@ -54,6 +54,13 @@ class DPOTrainer(Trainer):
 
     # -- set-up --------------------------------------------------------------------------------------------------
 
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        super().check_config(cfg)
+        if not cfg.init.from_hf:
+            raise ValueError("invalid config: train.objective = 'dpo' fine-tunes a trained model: set init.from_hf to "
+                             "its directory (a Hugging Face model or a moe-platform export)")
+
     def build_dataset(self, cache: Path | None):
         cfg = self.cfg
         return build_preference_dataset(cfg.data, self.tokenizer, ChatTemplate.from_dir(self.tokenizer_dir),

@@ -107,7 +107,8 @@ def launch_local(cfg: Config, world_size: int | None = None, progress: bool = Tr
     `on_export(export_dir, step)` after the final export (`moe_platform.cluster.registry.export_publisher`).
     `trainer_cls` runs the config's objective (`moe_platform.post_train.trainer_class(cfg)`; Trainer: lm)."""
     world_size = world_size or world_size_for(cfg)
-    # Refuse an impossible layout here, before any process or process group exists.
+    # Refuse an impossible layout (or objective set-up) here, before any process or process group exists.
+    trainer_cls.check_config(cfg)
     resolve_layout(cfg, world_size, model_args_for(cfg))
     check_precision(cfg, world_size)
     if world_size == 1:  # in this process, pinned to local rank 0's cores if elastic.rank_cpus says so

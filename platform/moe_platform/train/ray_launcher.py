@@ -63,6 +63,7 @@ def launch_ray(cfg: Config, address: str | None = None, progress: bool = True,
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    trainer_cls.check_config(cfg)
     cfg = with_absolute_paths(cfg)
     num_workers = num_workers_for(cfg)
     lo, hi = worker_range(num_workers)

@@ -207,13 +207,19 @@ class Trainer:
     # Extra Prometheus gauges a launcher exports from each step's metrics: metrics key -> (metric name, description).
     metric_gauges: dict[str, tuple[str, str]] = {}
 
-    def __init__(self, cfg: Config, progress: bool = True, dist: DistContext | None = None,
-                 hooks: TrainerHooks | None = None):
-        if cfg.train.objective != self.objective:
-            raise ValueError(f"train.objective = {cfg.train.objective!r} is not trained by {type(self).__name__} "
-                             f"({self.objective!r}); `moe-platform train` and jobs/train.py pick the trainer of the "
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        """What this objective needs of a config beyond its own validation; launchers call it before any process
+        starts."""
+        if cfg.train.objective != cls.objective:
+            raise ValueError(f"train.objective = {cfg.train.objective!r} is not trained by {cls.__name__} "
+                             f"({cls.objective!r}); `moe-platform train` and jobs/train.py pick the trainer of the "
                              f"objective (moe_platform.post_train.trainer_class), and launch_local/launch_ray take it "
                              f"as trainer_cls")
+
+    def __init__(self, cfg: Config, progress: bool = True, dist: DistContext | None = None,
+                 hooks: TrainerHooks | None = None):
+        self.check_config(cfg)
         self.cfg = cfg
         self.dist = dist or DistContext()
         self.hooks = hooks or TrainerHooks()
