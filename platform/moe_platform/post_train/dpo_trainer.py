@@ -77,10 +77,15 @@ class DPOTrainer(Trainer):
                                          backend.specs, self.model_args)
 
     def _restore(self, ckpt: Path | None) -> None:
+        """After the resume: the reference's set-up in events.jsonl, and for a fresh run that evaluates, the held-out
+        numbers of the starting point (event "start_eval"), from which the eval steps' preference accuracy rises."""
         super()._restore(ckpt)
+        start = self.eval_record() if ckpt is None and self.cfg.train.eval_interval else None
         if self.dist.rank == 0:
             self.log_event("reference", source=self.cfg.dpo.reference, adapters_off=self.reference.adapters_off,
                            rank0_reference_bytes=self.reference.copied_bytes)
+            if start is not None:
+                self.log_event("start_eval", **start)
 
     # -- batches -------------------------------------------------------------------------------------------------
 
