@@ -108,14 +108,14 @@ def partition_balanced(weights: list[int], num_parts: int) -> list[int]:
     return list(balanced(weights=weights, num_parts=num_parts))
 
 
-def pipeline_eval_outputs(engine, data_iter, num_micro_batches: int) -> list | None:
+def pipeline_eval_outputs(engine, micro_batches: list) -> list | None:
     """`PipelineEngine.eval_batch` giving the loss function's output of each micro-batch as it is (a list on the
     last stage, None on the others), whatever its shape: the engine's running loss total (`total_loss`, which every
     forward on the last stage adds to) is cleared before and after, so that outputs of another shape than the
     training loss neither fail that sum nor stay in it."""
     engine.total_loss = None
     try:
-        return engine.eval_batch(data_iter=data_iter, num_micro_batches=num_micro_batches, reduce_output=None,
-                                 bcast_loss=False)
+        return engine.eval_batch(data_iter=iter(micro_batches), num_micro_batches=len(micro_batches),
+                                 reduce_output=None, bcast_loss=False)
     finally:
         engine.total_loss = None

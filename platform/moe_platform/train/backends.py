@@ -33,10 +33,6 @@ ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 # over data parallelism, before clipping and the update. For tests and debugging, e.g. comparing layouts parameter by
 # parameter; not under pipeline parallelism (DeepSpeed's pipeline engine steps inside its own train_batch).
 GradientProbe = Callable[[dict[str, torch.Tensor]], None]
-# A backend's loss function: (logits of a micro-batch, its labels) -> the micro-batch's loss. TokenLoss unless the
-# trainer's objective brings its own (labels may then be a tuple of tensors: DeepSpeed's pipeline hands them over
-# to the last stage as they are).
-LossFn = Callable[[torch.Tensor, object], torch.Tensor]
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -210,7 +206,7 @@ class LocalBackend:
     """One process, plain PyTorch: the single-process reference."""
 
     def __init__(self, model: MoETransformer, cfg: Config, device: torch.device, autocast_dtype, accum: int,
-                 loss_fn: LossFn | None = None):
+                 loss_fn: Callable | None = None):
         if has_meta_tensors(model):  # built on meta for an import: its weights come from load_state
             materialize(model, device)
         self.model = model
@@ -253,15 +249,13 @@ class LocalBackend:
         self.optimizer.zero_grad(set_to_none=True)
         return float(total), float(norm)
 
-    @torch.no_grad()
     def eval_loss(self, micro_batches: list[tuple[torch.Tensor, ...]]) -> float:
-        self.model.eval()
-        return sum(float(self.forward_loss(batch)) for batch in micro_batches) / len(micro_batches)
+        return sum(float(loss) for loss in self.eval_outputs(micro_batches)) / len(micro_batches)
 
     @torch.no_grad()
     def eval_outputs(self, micro_batches: list[tuple]) -> list[torch.Tensor]:
-        """The loss function's output for each micro-batch, in eval mode and without gradients, as it is (no
-        averaging): what an objective whose loss function returns per-sequence numbers needs."""
+        """The loss function's output for each micro-batch, in eval mode and without gradients, as it is (labels
+        may be a tuple of tensors, as any backend's loss function takes them)."""
         self.model.eval()
         return [self.forward_loss(batch).detach() for batch in micro_batches]
 
@@ -409,7 +403,7 @@ class DeepSpeedBackend:
 
     def __init__(self, model: MoETransformer, cfg: Config, groups: ProcessGroups, device: torch.device,
                  full_shapes: dict[str, tuple[int, ...]], reader: ShardedReader | None = None,
-                 loss_fn: LossFn | None = None):
+                 loss_fn: Callable | None = None):
         """`model` is already parallelized (`train.trainer.prepare_model`); `full_shapes` are its tensors' shapes
         before sharding, which map this rank's shards onto the full checkpoint tensors."""
         import deepspeed
@@ -528,9 +522,7 @@ class DeepSpeedBackend:
             loss = self.engine.eval_batch(data_iter=iter([pipeline_batch(b) for b in micro_batches]),
                                           num_micro_batches=len(micro_batches))
             return float(loss)
-        self.engine.eval()
-        loss = sum(self.loss_fn(_forward(self.engine, b), b[1]).detach().float() for b in micro_batches)
-        loss = loss / len(micro_batches)
+        loss = sum(out.float() for out in self.eval_outputs(micro_batches)) / len(micro_batches)
         if self.groups.dp is not None:
             dist.all_reduce(loss, group=self.groups.dp)
             loss /= self.groups.dp_size
@@ -539,14 +531,11 @@ class DeepSpeedBackend:
     @torch.no_grad()
     def eval_outputs(self, micro_batches: list[tuple]) -> list[torch.Tensor] | None:
         """The loss function's output for each of this rank's micro-batches, in eval mode and without gradients, as
-        it is (no averaging over micro-batches or ranks). Under pipeline parallelism only the last stage computes
-        the loss: the other stages get None."""
+        it is (not averaged); None on pipeline stages before the last, which compute no loss."""
         if self.is_pipeline:
             from moe_platform import deepspeed_compat
 
-            outputs = deepspeed_compat.pipeline_eval_outputs(self.engine, iter([pipeline_batch(b) for b in
-                                                                                micro_batches]), len(micro_batches))
-            return [o.detach() for o in outputs] if self.groups.pp_rank == self.groups.layout.pp - 1 else None
+            return deepspeed_compat.pipeline_eval_outputs(self.engine, [pipeline_batch(b) for b in micro_batches])
         self.engine.eval()
         return [self.loss_fn(_forward(self.engine, b), b[1]).detach() for b in micro_batches]
 

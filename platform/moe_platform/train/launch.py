@@ -105,7 +105,8 @@ def launch_local(cfg: Config, world_size: int | None = None, progress: bool = Tr
                  trainer_cls: type[Trainer] = Trainer) -> TrainResult:
     """Train with `world_size` ranks on this machine (default: what the config's layout needs); rank 0 calls
     `on_export(export_dir, step)` after the final export (`moe_platform.cluster.registry.export_publisher`).
-    `trainer_cls` runs the config's objective (`moe_platform.post_train.trainer_class(cfg)`; Trainer: lm)."""
+    `trainer_cls` runs the config's objective: `moe_platform.post_train.trainer_class(cfg.train.objective)` (the
+    default, Trainer, runs lm)."""
     world_size = world_size or world_size_for(cfg)
     # Refuse an impossible layout (or objective set-up) here, before any process or process group exists.
     trainer_cls.check_config(cfg)

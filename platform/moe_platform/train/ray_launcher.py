@@ -58,7 +58,8 @@ def launch_ray(cfg: Config, address: str | None = None, progress: bool = True,
     """Train on Ray Train workers; returns rank 0's result (run_dir, final_step, final_loss, export_dir,
     resumed_from, layout, world_size) plus Ray's view of it (ray_checkpoint, ray_run_path). Rank 0's worker calls
     `on_export(export_dir, step)` after the final export (`moe_platform.cluster.registry.export_publisher`).
-    `trainer_cls` runs the config's objective (`moe_platform.post_train.trainer_class(cfg)`; Trainer: lm)."""
+    `trainer_cls` runs the config's objective: `moe_platform.post_train.trainer_class(cfg.train.objective)` (the
+    default, Trainer, runs lm)."""
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
