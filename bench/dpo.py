@@ -205,16 +205,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def plot(result: dict):
     results, a = result["results"], result["args"]
-    fig, axes = subplots(1, 2, figsize=(10, 3.8))
-    labels = [f"{r['impl']}\nreference: {'base, adapters off' if r['reference'] == 'base' else 'separate copy'}"
-              for r in results]
+    fig, axes = subplots(1, 2, figsize=(11, 4))
+    labels = [f"{r['impl']}\n{'base as ref.' if r['reference'] == 'base' else 'ref. copy'}" for r in results]
     colors = ["tab:green" if r["impl"] == "ours" else "tab:gray" for r in results]
     axes[0].bar(labels, [r["step_s"] for r in results], color=colors)
     axes[0].set_ylabel(f"step time, s ({a['device']})")
     axes[1].bar(labels, [r["peak_bytes"] / 2**20 for r in results], color=colors)
     axes[1].set_ylabel(f"peak memory, MiB ({a['device']})")
-    for ax in axes:
-        ax.tick_params(axis="x", labelsize=8)
     fig.suptitle(f"LoRA DPO (rank {a['rank']}) vs TRL + peft, d={a['dim']} L={a['layers']} E={a['experts']}, "
                  f"{a['pairs']} pairs x {a['seq']} tokens a step")
     fig.tight_layout()
