@@ -39,11 +39,13 @@ def peak_bytes(device) -> int:
     return _status_bytes("VmHWM")
 
 
-def run_case(script: str, argv: list[str], what: str) -> dict:
-    """Run `script argv` in a fresh process and return the JSON of its last output line."""
+def run_case(script: str, argv: list[str], what: str, for_memory: bool = True) -> dict:
+    """Run `script argv` in a fresh process and return the JSON of its last output line. `for_memory`: with glibc
+    mapping every large block on its own (see below), which makes the resident set exact but every step slower (page
+    faults on each fresh block; measured up to 10x on a small model): time steps in a run without it."""
     # A fixed mmap threshold makes glibc map every large block and unmap it when freed, so the resident set follows
     # the live tensors instead of keeping freed heap memory (which would hide a step's peak).
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    env = {**os.environ, **({"MALLOC_MMAP_THRESHOLD_": "131072"} if for_memory else {})}
     out = subprocess.run([sys.executable, script, *argv], capture_output=True, text=True, check=False, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"{what} failed:\n{out.stderr[-3000:]}")

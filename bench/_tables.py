@@ -170,6 +170,23 @@ def lora(d: dict) -> str:
             f"{d['lora_state_vs_peft']:.2f}")
 
 
+def dpo(d: dict) -> str:
+    a = d["args"]
+    rows = []
+    for r in d["results"]:
+        reference = "the base, adapters off" if r["reference"] == "base" else "a separate copy"
+        rows.append([r["impl"], reference, f"{r['reference_copy_params']:,}", f"{r['peak_bytes'] / 2**20:.1f}",
+                     f"{r['step_s']:.3f}", f"{r['step_median_s']:.3f}", f"{r['load_1m'][0]:.1f}–{r['load_1m'][1]:.1f}"])
+    table = _table(["implementation", "reference", "reference copy params", f"peak MiB ({a['device']})",
+                    "step s (fastest)", "step s (median)", "load avg"], rows)
+    return (f"{table}\n\nd={a['dim']}, {a['layers']} layers, {a['experts']} experts top-2 (I={a['moe_intermediate']}), "
+            f"vocab {a['vocab']}, LoRA rank {a['rank']} on the attention projections, {a['pairs']} pairs × 2 × "
+            f"{a['seq']} tokens per step. Ours ÷ TRL, the base as reference: step time "
+            f"**{d['step_ours_vs_trl']:.2f}**, peak memory **{d['peak_ours_vs_trl']:.2f}** (with a separate copy: "
+            f"{d['copy_step_ours_vs_trl']:.2f}, {d['copy_peak_ours_vs_trl']:.2f}). Peak with the base as reference ÷ "
+            f"with a separate copy: ours **{d['ours_base_vs_copy_peak']:.3f}**, TRL {d['trl_base_vs_copy_peak']:.3f}")
+
+
 def rollout(d: dict) -> str:
     rows = [[r["system"], r["switches"], f"{r['steady_p99_ms']:.1f}", f"{r['across_p99_ms']:.1f}",
              f"{r['after_p99_ms']:.1f}",
@@ -271,7 +288,7 @@ def kv_cache_mla(d: dict) -> str:
 
 RENDER = {"moe_layer": moe_layer, "memory": memory, "lora": lora, "layouts": layouts, "checkpoint": checkpoint,
           "ray_overhead": ray_overhead, "goodput": goodput, "serve": serve, "rollout": rollout,
-          "quant": quant, "guidellm": guidellm, "kv_cache": kv_cache}
+          "quant": quant, "guidellm": guidellm, "kv_cache": kv_cache, "dpo": dpo}
 
 
 def render(name: str, docs: Path = DOCS) -> str:

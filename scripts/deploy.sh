@@ -12,15 +12,18 @@ export_dir=$(cd "$2" && pwd)
 export PATH="$repo/.venv/bin:$PATH"
 port=${3:-$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
 
-# serve/config.yaml with absolute model paths (the cluster does not run in this directory) and our port.
-python - "$repo/serve/config.yaml" "$state/serve-config.yaml" "$export_dir" "$port" <<'PY'
+# serve/config.yaml with absolute model paths (the cluster does not run in this directory), our port, and the
+# rollout audit log in STATE_DIR (a rollout controller resumes from its log: one left in the checkout would carry a
+# finished rollout's state over to the next cluster).
+python - "$repo/serve/config.yaml" "$state/serve-config.yaml" "$export_dir" "$port" "$(cd "$state" && pwd)" <<'PY'
 import sys
 import yaml
-src, dst, model, port = sys.argv[1:]
+src, dst, model, port, state = sys.argv[1:]
 cfg = yaml.safe_load(open(src))
 cfg["http_options"]["port"] = int(port)
 for app in cfg["applications"]:
     app["args"]["model"] = model
+    app["args"]["audit_log"] = f"{state}/rollouts/{app['name']}.audit.jsonl"
     for d in app.get("deployments", []):
         d.setdefault("user_config", {})["model"] = model
 yaml.safe_dump(cfg, open(dst, "w"), sort_keys=False)

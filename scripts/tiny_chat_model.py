@@ -1,9 +1,11 @@
 """Inputs of the fine-tuning example (scripts/finetune-example.sh), made here instead of downloaded: a tiny random
 Qwen3-MoE saved by transformers as a Hugging Face model directory (sharded safetensors, a byte-level BPE tokenizer
 with ChatML turn markers and chat template, as Qwen models ship them), and a chat JSONL of OpenAI-style messages;
-and random LoRA adapters (`random_adapter`) for the adapter-serving tests and benchmark.
+with --preference, preference pairs for DPO (TRL's conversational format: the right answer chosen, an unhelpful one
+rejected) and held-out texts for a rollout's quality probe; and random LoRA adapters (`random_adapter`) for the
+adapter-serving tests and benchmark.
 
-usage: python scripts/tiny_chat_model.py MODEL_DIR CHAT_JSONL [--rows N]
+usage: python scripts/tiny_chat_model.py MODEL_DIR CHAT_JSONL [--rows N] [--preference PAIRS_JSONL PROBE_TXT]
 """
 
 from __future__ import annotations
@@ -51,11 +53,40 @@ def chat_rows(n: int) -> list[dict]:
     rows = []
     for i in range(n):
         a, b = i % 10, (i * 7 + 3) % 10
-        total = a + b
-        answer = NUMBERS[total] if total < 10 else f"one {NUMBERS[total - 10]}"
+        answer = spelled(a + b)
         rows.append({"messages": [{"role": "user", "content": f"What is {a} plus {b}? Answer in words."},
                                   {"role": "assistant", "content": f"{a} plus {b} is {answer}."}]})
     return rows
+
+
+def spelled(total: int) -> str:
+    return NUMBERS[total] if total < 10 else f"one {NUMBERS[total - 10]}"
+
+
+REFUSALS = ["I do not know.", "Ask someone else.", "That is not something I can answer.", "No idea."]
+
+
+def preference_rows(n: int) -> list[dict]:
+    """`n` DPO pairs on the chat task's questions, one question each (so the last ones, which a run's
+    data.val_fraction holds out, are questions no training pair asks): the answer in words chosen, a refusal
+    rejected."""
+    rows = []
+    for i in range(n):
+        a, b = i % 10, (i // 10) % 10
+        prompt = [{"role": "user", "content": f"What is {a} plus {b}? Answer in words."}]
+        rows.append({"prompt": prompt, "chosen": [{"role": "assistant", "content": f"{a} plus {b} is "
+                                                                                   f"{spelled(a + b)}."}],
+                     "rejected": [{"role": "assistant", "content": REFUSALS[i % len(REFUSALS)]}]})
+    return rows
+
+
+def probe_texts(n: int = 12) -> str:
+    """Held-out question-and-answer texts (blank-line separated) for a rollout's quality probe."""
+    texts = []
+    for i in range(n):
+        a, b = (i * 7 + 5) % 10, (i * 3 + 4) % 10
+        texts.append(f"What is {a} plus {b}? Answer in words.\n{a} plus {b} is {spelled(a + b)}.")
+    return "\n\n".join(texts) + "\n"
 
 
 def build(model_dir: Path, chat_file: Path, rows: int, hidden: int = 64, layers: int = 2, heads: int = 4,
@@ -123,8 +154,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("model_dir", type=Path)
     parser.add_argument("chat_jsonl", type=Path)
     parser.add_argument("--rows", type=int, default=400, help="conversations to write (default 400)")
+    parser.add_argument("--preference", nargs=2, type=Path, metavar=("PAIRS_JSONL", "PROBE_TXT"),
+                        help="also write DPO preference pairs and a quality-probe text file")
+    parser.add_argument("--pairs", type=int, default=100, help="preference pairs to write (default 100)")
     args = parser.parse_args(argv)
     build(args.model_dir, args.chat_jsonl, args.rows)
+    if args.preference:
+        pairs, probe = args.preference
+        pairs.write_text("".join(json.dumps(r) + "\n" for r in preference_rows(args.pairs)))
+        probe.write_text(probe_texts())
+        print(f"{args.pairs} preference pairs in {pairs}; quality-probe texts in {probe}")
     return 0
 
 

@@ -309,10 +309,11 @@ def tiny_tokenizer(out: Path) -> Path:
     return save_tokenizer(tok, out, model_max_length=128)
 
 
-def save_tiny_hf_model(arch: str, out: Path, tokenizer_dir: Path):
+def save_tiny_hf_model(arch: str, out: Path, tokenizer_dir: Path, seed: int = 0, **config):
     """A random `arch` model saved by transformers in shards of ~100 KB (model.safetensors.index.json), with the
     tokenizer's files beside it, as a model directory from a hub looks. Every weight is random, norms and routers
-    included, so a misplaced tensor shows. Returns (the transformers model, the directory)."""
+    included, so a misplaced tensor shows; `seed` picks other weights, `config` overrides config fields. Returns
+    (the transformers model, the directory)."""
     import torch
     import transformers
 
@@ -320,8 +321,11 @@ def save_tiny_hf_model(arch: str, out: Path, tokenizer_dir: Path):
 
     vocab = load_tokenizer(tokenizer_dir).get_vocab_size()
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(hf_config(arch, vocab), dtype=torch.float32)
-    gen = torch.Generator().manual_seed(1)
+    hf = hf_config(arch, vocab)
+    for key, value in config.items():
+        setattr(hf, key, value)
+    model = transformers.AutoModelForCausalLM.from_config(hf, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(1 + seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             base = 1.0 if name.endswith("norm.weight") else 0.0
@@ -363,6 +367,34 @@ def write_chat_jsonl(path: Path, rows: int = 60) -> Path:
             f.write(json.dumps({"messages": messages}) + "\n")
     return path
 
+
+NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
+                "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen"]
+
+
+def preference_rows(n: int = 24, implicit_every: int = 0) -> list[dict]:
+    """`n` preference pairs in TRL's conversational format: a sum asked, the right answer in words chosen and a
+    refusal rejected; every `implicit_every`-th row (0: none) in the implicit-prompt form (whole chosen and rejected
+    conversations sharing their first messages)."""
+    rows = []
+    for i in range(n):
+        a, b = i % 10, (i * 7 + 3) % 9
+        prompt = [{"role": "user", "content": f"What is {a} plus {b}?"}]
+        if i % 4 == 1:
+            prompt = [{"role": "system", "content": "Answer in words."}, *prompt]
+        chosen = [{"role": "assistant", "content": f"{a} plus {b} is {NUMBER_WORDS[a + b]}."}]
+        rejected = [{"role": "assistant", "content": "I cannot say." if i % 2 else "No idea, sorry."}]
+        if implicit_every and i % implicit_every == implicit_every - 1:
+            rows.append({"chosen": prompt + chosen, "rejected": prompt + rejected})
+        else:
+            rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return rows
+
+
+def write_preference_jsonl(path: Path, rows: int = 24, implicit_every: int = 0) -> Path:
+    """`preference_rows(rows, implicit_every)` as JSONL."""
+    path.write_text("".join(json.dumps(r) + "\n" for r in preference_rows(rows, implicit_every)))
+    return path
 
 
 def _example_inputs():

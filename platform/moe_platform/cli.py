@@ -21,9 +21,11 @@ DEMO_PROMPT = "def main():\n"
 
 def _cmd_train(ns: argparse.Namespace, rest: list[str]) -> int:
     from moe_platform.config import load_config
+    from moe_platform.post_train import trainer_class
     from moe_platform.train.launch import launch_local
 
     cfg = load_config(ns.config, rest)
+    trainer_cls = trainer_class(cfg.train.objective)  # lm: the Trainer; dpo: post_train's DPOTrainer
     on_export = None
     if cfg.checkpoint.publish_to:  # promote through the object-store model registry (logged, never fatal)
         from moe_platform.cluster.registry import export_publisher
@@ -36,9 +38,10 @@ def _cmd_train(ns: argparse.Namespace, rest: list[str]) -> int:
     if ns.ray:
         from moe_platform.train.ray_launcher import launch_ray
 
-        print(json.dumps(launch_ray(cfg, address=ns.address, progress=not ns.no_progress, on_export=on_export)))
+        print(json.dumps(launch_ray(cfg, address=ns.address, progress=not ns.no_progress, on_export=on_export,
+                                    trainer_cls=trainer_cls)))
         return 0
-    result = launch_local(cfg, progress=not ns.no_progress, on_export=on_export)
+    result = launch_local(cfg, progress=not ns.no_progress, on_export=on_export, trainer_cls=trainer_cls)
     print(json.dumps({"run_dir": str(result.run_dir), "layout": result.layout, "final_step": result.final_step,
                       "final_loss": result.final_loss, "export": str(result.export_dir) if result.export_dir else None,
                       "resumed_from": result.resumed_from}, ensure_ascii=False))
@@ -375,7 +378,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train (resuming from the run's latest committed checkpoint if there is one, "
                                    "whatever layout wrote it). The layout's ranks (parallel.dp x tp x pp, or "
                                    "elastic.max_workers when a degree is 0/auto) run as processes on this machine. "
-                                   "Any --section.key=value after the options overrides the config file.")
+                                   "train.objective picks the objective: lm (next-token prediction) or dpo "
+                                   "(preference pairs, data.format = preference, set up in [dpo]; see "
+                                   "jobs/configs/dpo.toml). Any --section.key=value after the options overrides the "
+                                   "config file.")
     t.add_argument("--config", required=True, help="TOML config file, e.g. jobs/configs/tiny.toml")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("--ray", action="store_true", help="run the ranks as Ray Train workers (elastic, restarted on "

@@ -13,6 +13,9 @@ and a newer one than tested logs a warning (MOE_PLATFORM_ALLOW_UNTESTED_DEEPSPEE
   computed with DeepSpeed's own balancing function (`partition_balanced`) and checked against the module's split.
 - Restoring optimizer state into ZeRO's flat fp32 partitions re-links DeepSpeed's per-parameter views
   (`link_optimizer_fragments`), which it otherwise does only once after its first step.
+- The pipeline engine's `eval_batch` adds each micro-batch's loss into the running total of the training loss,
+  which only `train_batch` resets: a loss function that returns per-sequence numbers in eval (DPO's reference pass)
+  resets that total around the call (`pipeline_eval_outputs`).
 """
 
 from __future__ import annotations
@@ -104,3 +107,16 @@ def partition_balanced(weights: list[int], num_parts: int) -> list[int]:
     from deepspeed.runtime.utils import partition_balanced as balanced
 
     return list(balanced(weights=weights, num_parts=num_parts))
+
+
+def pipeline_eval_outputs(engine, micro_batches: list) -> list | None:
+    """`PipelineEngine.eval_batch` giving the loss function's output of each micro-batch as it is (a list on the
+    last stage, None on the others), whatever its shape: the engine's running loss total (`total_loss`, which every
+    forward on the last stage adds to) is cleared before and after, so that outputs of another shape than the
+    training loss neither fail that sum nor stay in it."""
+    engine.total_loss = None
+    try:
+        return engine.eval_batch(data_iter=iter(micro_batches), num_micro_batches=len(micro_batches),
+                                 reduce_output=None, bcast_loss=False)
+    finally:
+        engine.total_loss = None

@@ -134,3 +134,21 @@ def test_training_metrics_reach_prometheus(two_nodes):
     want = {"ray_moe_train_step": 8.0, "ray_moe_train_target_steps": 120.0, "ray_moe_train_steps_total": 2.0,
             "ray_moe_train_step_seconds": 0.25, "ray_moe_train_last_checkpoint_timestamp_seconds": 1.7e9}
     assert scrape_ray_metrics(set(want), 'run="metrics-check"') == want
+
+
+def test_dpo_metrics_reach_prometheus(two_nodes):
+    """A DPO run's step metrics (rewards, log-probabilities, the held-out preference accuracy at eval steps) as
+    Prometheus scrapes them: the gauges the worker adds for the run's objective (`Trainer.metric_gauges`)."""
+    from moe_platform.post_train import DPOTrainer
+    from moe_platform.train.ray_worker import TrainMetrics
+
+    metrics = TrainMetrics("dpo-metrics-check", 40)
+    metrics.add_gauges(DPOTrainer.metric_gauges)
+    step = {"step": 20, "loss": 0.4, "tokens_per_s": 900.0, "mfu": 0.1, "expert_imbalance": 1.1, "step_time_s": 0.5,
+            "rewards/chosen": 0.25, "rewards/rejected": -0.5, "rewards/margin": 0.75, "rewards/accuracy": 0.875,
+            "logps/chosen": -40.0, "logps/rejected": -55.0, "ref_logps/chosen": -42.5, "ref_logps/rejected": -50.0,
+            "val_loss": 0.375, "val_rewards/accuracy": 0.8125, "val_rewards/margin": 0.625}
+    metrics.record_step(step)
+    metrics.record_step({**step, "step": 21, "val_loss": None})  # a step without an evaluation keeps the last one
+    want = {f"ray_{name}": step[key] for key, (name, _) in DPOTrainer.metric_gauges.items()}
+    assert scrape_ray_metrics(set(want), 'run="dpo-metrics-check"') == want

@@ -26,6 +26,9 @@ SHIPPED = {
                       "lora.enabled": False, "train.lr": 1e-5, "train.micro_batch_size": 1,
                       "parallel.dp": 0, "parallel.tp": 0, "parallel.pp": 0, "parallel.ep": 0,
                       "elastic.min_workers": 1, "elastic.max_workers": 8},
+    "dpo.toml": {"train.objective": "dpo", "data.format": "preference", "init.from_hf": "", "lora.enabled": True,
+                 "dpo.beta": 0.1, "dpo.loss_type": "sigmoid", "dpo.reference": "base", "train.micro_batch_size": 1,
+                 "parallel.dp": 0, "parallel.ep": 0, "elastic.min_workers": 1, "elastic.max_workers": 8},
 }
 
 
@@ -97,7 +100,18 @@ def test_every_field_has_a_doc():
         (["--model.n_heads=6", "--model.n_kv_heads=4"], r"n_heads \(6\) must be divisible by model\.n_kv_heads"),
         (["--model.top_k=20"], r"top_k \(20\) must be <= model\.num_experts"),
         (["--model.balancing=magic"], r"model\.balancing must be one of"),
-        (["--data.format=sharegpt"], r"data\.format must be text or chat, got 'sharegpt'"),
+        (["--data.format=sharegpt"], r"data\.format must be text, chat or preference, got 'sharegpt'"),
+        (["--train.objective=ppo"], r"train\.objective must be lm or dpo, got 'ppo'"),
+        (["--train.objective=dpo", "--init.from_hf=/m"], r"train\.objective = 'dpo' reads preference pairs: set "
+                                                         r"data\.format = 'preference' \(got 'text'\)"),
+        (["--data.format=preference"], r"data\.format = 'preference' is read by train\.objective = 'dpo' only"),
+        (["--dpo.beta=0"], r"dpo\.beta must be a positive number, got 0\.0"),
+        (["--dpo.loss_type=kto"], r"dpo\.loss_type must be one of sigmoid, ipo, hinge, got 'kto'"),
+        (["--dpo.label_smoothing=0.5"], r"dpo\.label_smoothing must be in \[0, 0\.5\), got 0\.5"),
+        (["--dpo.label_smoothing=0.1", "--dpo.loss_type=ipo"], r"dpo\.label_smoothing applies to loss_type = "
+                                                               r"'sigmoid' only"),
+        (["--dpo.reference="], r"dpo\.reference must be 'base' or a model directory"),
+        (["--dpo.beta=sharp"], r"dpo\.beta must be a number"),
         (["--data.truncation=drop"], r"data\.truncation must be error or truncate"),
         (["--data.on_bad_row=ignore"], r"data\.on_bad_row must be error or skip"),
         (["--train.activation_checkpointing=some"], r"train\.activation_checkpointing must be none, full or selective"),

@@ -13,6 +13,7 @@ from moe_platform.config.schema import (
     CheckpointConfig,
     Config,
     DataConfig,
+    DPOConfig,
     ElasticConfig,
     FailureConfig,
     ParallelConfig,
@@ -21,7 +22,7 @@ from moe_platform.config.schema import (
 )
 
 __all__ = [
-    "CheckpointConfig", "Config", "DataConfig", "ElasticConfig", "FailureConfig", "ParallelConfig", "RunConfig",
-    "TrainConfig", "config_from_dict", "config_to_dict", "config_to_toml", "load_config", "parse_overrides",
-    "rank_cpu_sets", "validate_config",
+    "CheckpointConfig", "Config", "DataConfig", "DPOConfig", "ElasticConfig", "FailureConfig", "ParallelConfig",
+    "RunConfig", "TrainConfig", "config_from_dict", "config_to_dict", "config_to_toml", "load_config",
+    "parse_overrides", "rank_cpu_sets", "validate_config",
 ]

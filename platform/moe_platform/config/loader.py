@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import math
 import typing
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from moe_platform.config.schema import Config
 from moe_platform.model.lora import parse_targets
 
 log = logging.getLogger("moe_platform.config")
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 _BOOL_WORDS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
 
 
@@ -228,10 +230,12 @@ def validate_config(cfg: Config) -> None:
          f"model.vocab_size ({cfg.model.vocab_size}) must be 0 or equal data.vocab_size ({d.vocab_size})")
     need(d.max_bytes >= 0, f"data.max_bytes must be >= 0, got {d.max_bytes}")
     need(0 <= d.val_fraction < 0.5, f"data.val_fraction must be in [0, 0.5), got {d.val_fraction}")
-    need(d.format in ("text", "chat"), f"data.format must be text or chat, got {d.format!r}")
+    need(d.format in ("text", "chat", "preference"), f"data.format must be text, chat or preference, got "
+                                                      f"{d.format!r}")
     need(d.truncation in ("error", "truncate"), f"data.truncation must be error or truncate, got {d.truncation!r}")
     need(d.on_bad_row in ("error", "skip"), f"data.on_bad_row must be error or skip, got {d.on_bad_row!r}")
     need(bool(d.messages_column), "data.messages_column must not be empty")
+    _validate_objective(cfg, need)
     p = cfg.parallel
     for name in ("dp", "tp", "pp", "ep"):
         need(getattr(p, name) >= 0, f"parallel.{name} must be >= 0 (0 = auto), got {getattr(p, name)}")
@@ -264,3 +268,22 @@ def validate_config(cfg: Config) -> None:
     need(e.resize_interval_s >= 0, f"elastic.resize_interval_s must be >= 0, got {e.resize_interval_s}")
     need(e.resize_checkpoint_timeout_s > 0,
          f"elastic.resize_checkpoint_timeout_s must be > 0, got {e.resize_checkpoint_timeout_s}")
+
+
+def _validate_objective(cfg: Config, need) -> None:
+    """train.objective, the data it reads and, for dpo, the [dpo] section."""
+    t, d, dpo = cfg.train, cfg.data, cfg.dpo
+    need(t.objective in ("lm", "dpo"), f"train.objective must be lm or dpo, got {t.objective!r}")
+    if t.objective == "dpo":
+        need(d.format == "preference", f"train.objective = 'dpo' reads preference pairs: set data.format = "
+                                       f"'preference' (got {d.format!r})")
+    else:
+        need(d.format != "preference", "data.format = 'preference' is read by train.objective = 'dpo' only")
+    need(dpo.beta > 0 and math.isfinite(dpo.beta), f"dpo.beta must be a positive number, got {dpo.beta}")
+    need(dpo.loss_type in DPO_LOSS_TYPES, f"dpo.loss_type must be one of {', '.join(DPO_LOSS_TYPES)}, got "
+                                          f"{dpo.loss_type!r}")
+    need(0 <= dpo.label_smoothing < 0.5, f"dpo.label_smoothing must be in [0, 0.5), got {dpo.label_smoothing}")
+    need(dpo.label_smoothing == 0 or dpo.loss_type == "sigmoid",
+         f"dpo.label_smoothing applies to loss_type = 'sigmoid' only (conservative DPO), got "
+         f"{dpo.label_smoothing} with loss_type = {dpo.loss_type!r}")
+    need(bool(dpo.reference.strip()), "dpo.reference must be 'base' or a model directory, got an empty string")

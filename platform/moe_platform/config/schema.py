@@ -27,23 +27,31 @@ class DataConfig:
     max_bytes: int = _f(8_000_000, "text data: read at most this many bytes of corpus text (0 = no limit)")
     cache_dir: str = _f("", "where tokenized corpora are cached; empty means ~/.cache/moe-platform")
     val_fraction: float = _f(0.01, "fraction of samples held out for validation loss")
-    format: str = _f("text", "text (raw text: pretraining or continued pretraining) or chat (JSONL or parquet rows of "
+    format: str = _f("text", "text (raw text: pretraining or continued pretraining), chat (JSONL or parquet rows of "
                              "OpenAI-style messages, rendered with the model's chat template; loss on assistant "
-                             "tokens only)")
+                             "tokens only) or preference (rows of {prompt, chosen, rejected} messages, or chosen and "
+                             "rejected conversations sharing their prompt, for train.objective = 'dpo'; one sequence "
+                             "per row, only response tokens count)")
     messages_column: str = _f("messages", "chat data: the key (JSONL) or column (parquet) holding a row's messages")
     packing: bool = _f(True, "chat data: pack whole conversations into each sequence, each attending only to itself "
                              "(false: one conversation per sequence, padded)")
-    truncation: str = _f("error", "chat data: a conversation longer than train.seq_len+1 tokens is a bad row "
-                                  "(error) or is cut to fit (truncate)")
-    on_bad_row: str = _f("error", "chat data: a bad row (not JSON, no messages, an unknown role, too long) stops "
-                                  "with its file and line (error) or is skipped and counted (skip)")
+    truncation: str = _f("error", "chat and preference data: a conversation longer than train.seq_len+1 tokens is "
+                                  "a bad row (error) or is cut to fit (truncate; a preference pair whose prompt "
+                                  "leaves no response token is still a bad row)")
+    on_bad_row: str = _f("error", "chat and preference data: a bad row (not JSON, no messages, an unknown role, no "
+                                  "chosen or rejected response, an empty response, too long) stops with its file and "
+                                  "line (error) or is skipped and counted (skip)")
 
 
 @dataclass
 class TrainConfig:
     steps: int = _f(200, "optimizer steps to run")
-    global_batch_size: int = _f(16, "sequences per optimizer step, across all data-parallel ranks")
-    micro_batch_size: int = _f(4, "sequences per forward/backward pass on one rank")
+    objective: str = _f("lm", "lm (next-token prediction) or dpo (direct preference optimisation of an imported model "
+                              "on data.format = 'preference' rows, set up in [dpo])")
+    global_batch_size: int = _f(16, "sequences per optimizer step, across all data-parallel ranks (dpo: preference "
+                                    "pairs, two sequences each)")
+    micro_batch_size: int = _f(4, "sequences per forward/backward pass on one rank (dpo: preference pairs; a pair's "
+                                  "chosen and rejected sequences are always in the same micro-batch)")
     seq_len: int = _f(128, "tokens per training sequence")
     lr: float = _f(3e-3, "peak learning rate; 0: a frozen run (the weights stay as loaded: an import/export check)")
     min_lr_ratio: float = _f(0.1, "final learning rate as a fraction of lr (cosine decay)")
@@ -131,6 +139,20 @@ class LoRAConfig:
 
 
 @dataclass
+class DPOConfig:
+    beta: float = _f(0.1, "how far the policy may move from the reference: the implicit reward of a response is beta "
+                          "times its log-probability ratio, policy over reference")
+    loss_type: str = _f("sigmoid", "sigmoid (the DPO paper's -log sigmoid of the reward margin), ipo (squared "
+                                   "distance of the per-token log-ratio margin from 1/(2 beta)) or hinge (relu(1 - "
+                                   "margin)), as TRL's DPOTrainer defines them")
+    label_smoothing: float = _f(0.0, "sigmoid only: the assumed probability in [0, 0.5) that a pair's preference is "
+                                     "flipped (conservative DPO: (1 - p) * loss(pair) + p * loss(reversed pair))")
+    reference: str = _f("base", "the reference policy: base (the starting model, init.from_hf: with LoRA the same "
+                                "weights with the adapters switched off, no second copy; without LoRA a frozen copy "
+                                "sharded like the policy) or a model directory of the same architecture")
+
+
+@dataclass
 class RolloutConfig:
     auto: bool = _f(False, "when the run ends, roll its published version (checkpoint.publish_to) out to a running "
                            "Serve app as a canary: it loads from the registry and takes traffic step by step while "
@@ -149,6 +171,8 @@ class Config:
     init: InitConfig = field(default_factory=InitConfig, metadata={"doc": "where the weights start"})
     model: ModelArgs = field(default_factory=ModelArgs, metadata={"doc": "model architecture"})
     lora: LoRAConfig = field(default_factory=LoRAConfig, metadata={"doc": "low-rank adapters (LoRA)"})
+    dpo: DPOConfig = field(default_factory=DPOConfig, metadata={"doc": "preference optimisation (train.objective = "
+                                                                       "'dpo')"})
     data: DataConfig = field(default_factory=DataConfig, metadata={"doc": "corpus and tokenizer"})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"doc": "optimisation"})
     parallel: ParallelConfig = field(default_factory=ParallelConfig, metadata={"doc": "parallel layout"})

@@ -205,7 +205,8 @@ def set_aux_grad_scale(moe_layers: Iterable[MoE], loss_scale: float) -> None:
 class LocalBackend:
     """One process, plain PyTorch: the single-process reference."""
 
-    def __init__(self, model: MoETransformer, cfg: Config, device: torch.device, autocast_dtype, accum: int):
+    def __init__(self, model: MoETransformer, cfg: Config, device: torch.device, autocast_dtype, accum: int,
+                 loss_fn: Callable | None = None):
         if has_meta_tensors(model):  # built on meta for an import: its weights come from load_state
             materialize(model, device)
         self.model = model
@@ -215,7 +216,7 @@ class LocalBackend:
         self.grad_clip = cfg.train.grad_clip
         self.optimizer = build_optimizer(model, cfg.train)
         self.loss_scaler = LossScaler(cfg, device)
-        self.loss_fn = TokenLoss()
+        self.loss_fn = loss_fn or TokenLoss()
         self.moe_layers = model.moe_layers()
         for moe in self.moe_layers:
             moe.aux_loss_scale = 1.0 / accum
@@ -248,10 +249,15 @@ class LocalBackend:
         self.optimizer.zero_grad(set_to_none=True)
         return float(total), float(norm)
 
-    @torch.no_grad()
     def eval_loss(self, micro_batches: list[tuple[torch.Tensor, ...]]) -> float:
+        return sum(float(loss) for loss in self.eval_outputs(micro_batches)) / len(micro_batches)
+
+    @torch.no_grad()
+    def eval_outputs(self, micro_batches: list[tuple]) -> list[torch.Tensor]:
+        """The loss function's output for each micro-batch, in eval mode and without gradients, as it is (labels
+        may be a tuple of tensors, as any backend's loss function takes them)."""
         self.model.eval()
-        return sum(float(self.forward_loss(batch)) for batch in micro_batches) / len(micro_batches)
+        return [self.forward_loss(batch).detach() for batch in micro_batches]
 
     def local_state(self) -> LocalState:
         """A host copy of the state in reused staging buffers: after the first checkpoint a snapshot is a memcpy
@@ -402,7 +408,8 @@ class DeepSpeedBackend:
     """A layout (dp, tp, pp, ep) of the same model on DeepSpeed."""
 
     def __init__(self, model: MoETransformer, cfg: Config, groups: ProcessGroups, device: torch.device,
-                 full_shapes: dict[str, tuple[int, ...]], reader: ShardedReader | None = None):
+                 full_shapes: dict[str, tuple[int, ...]], reader: ShardedReader | None = None,
+                 loss_fn: Callable | None = None):
         """`model` is already parallelized (`train.trainer.prepare_model`); `full_shapes` are its tensors' shapes
         before sharding, which map this rank's shards onto the full checkpoint tensors."""
         import deepspeed
@@ -422,7 +429,7 @@ class DeepSpeedBackend:
         # Full names by tensor identity, fixed before the model is cut into stages.
         self.names = {id(t): n for n, t in model.state_dict(keep_vars=True).items()}
         self.model = model  # this rank's (tensor/expert-sharded) copy; stages hold parts of it when pp > 1
-        self.loss_fn = TokenLoss()
+        self.loss_fn = loss_fn or TokenLoss()
         # Built on meta for an import: only this rank's share gets memory, and its weights are read below.
         on_meta = has_meta_tensors(model)
         if layout.pp_enabled:
@@ -526,13 +533,22 @@ class DeepSpeedBackend:
             loss = self.engine.eval_batch(data_iter=iter([pipeline_batch(b) for b in micro_batches]),
                                           num_micro_batches=len(micro_batches))
             return float(loss)
-        self.engine.eval()
-        loss = sum(self.loss_fn(_forward(self.engine, b), b[1]).detach().float() for b in micro_batches)
-        loss = loss / len(micro_batches)
+        loss = sum(out.float() for out in self.eval_outputs(micro_batches)) / len(micro_batches)
         if self.groups.dp is not None:
             dist.all_reduce(loss, group=self.groups.dp)
             loss /= self.groups.dp_size
         return float(loss)
+
+    @torch.no_grad()
+    def eval_outputs(self, micro_batches: list[tuple]) -> list[torch.Tensor] | None:
+        """The loss function's output for each of this rank's micro-batches, in eval mode and without gradients, as
+        it is (not averaged); None on pipeline stages before the last, which compute no loss."""
+        if self.is_pipeline:
+            from moe_platform import deepspeed_compat
+
+            return deepspeed_compat.pipeline_eval_outputs(self.engine, [pipeline_batch(b) for b in micro_batches])
+        self.engine.eval()
+        return [self.loss_fn(_forward(self.engine, b), b[1]).detach() for b in micro_batches]
 
     # -- state ---------------------------------------------------------------------------------------------------
 

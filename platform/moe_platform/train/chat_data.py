@@ -85,9 +85,23 @@ def chat_files(path: str) -> list[Path]:
 
 def iter_rows(path: str, column: str) -> Iterator[tuple[str, object]]:
     """(FILE:LINE, the row's messages value) for every row; a row that cannot be read yields a BadRow as value."""
+    for where, obj in iter_records(path, (column,), hint="set data.messages_column"):
+        if isinstance(obj, BadRow) or column in obj:
+            yield where, obj if isinstance(obj, BadRow) else obj[column]
+        else:
+            yield where, BadRow(where, f"no {column!r} key (set data.messages_column if the messages are under "
+                                       f"another key)")
+
+
+def iter_records(path: str, columns: tuple[str, ...], required: tuple[str, ...] | None = None,
+                 hint: str = "") -> Iterator[tuple[str, dict | BadRow]]:
+    """(FILE:LINE, {column: value} of the columns a row has) for every row of the JSONL/parquet files at `path`; a
+    JSONL line that is not a JSON object yields a BadRow. A parquet file lacking a `required` column (default: all of
+    `columns`) is an error naming its columns, and `hint`."""
+    required = columns if required is None else required
     for file in chat_files(path):
         if file.suffix == ".parquet":
-            yield from _parquet_rows(file, column)
+            yield from _parquet_rows(file, columns, required, hint)
             continue
         with open(file, "rb") as f:
             for lineno, raw in enumerate(f, 1):
@@ -102,14 +116,15 @@ def iter_rows(path: str, column: str) -> Iterator[tuple[str, object]]:
                 except json.JSONDecodeError as e:
                     yield where, BadRow(where, f"not valid JSON ({e.msg} at column {e.colno})")
                     continue
-                if not isinstance(obj, dict) or column not in obj:
-                    yield where, BadRow(where, f"no {column!r} key (set data.messages_column if the messages "
-                                               f"are under another key)")
+                if not isinstance(obj, dict):
+                    yield where, BadRow(where, f"a row must be a JSON object with {' and '.join(map(repr, required))}"
+                                               f", got {type(obj).__name__}")
                     continue
-                yield where, obj[column]
+                yield where, {k: obj[k] for k in columns if k in obj}
 
 
-def _parquet_rows(file: Path, column: str) -> Iterator[tuple[str, object]]:
+def _parquet_rows(file: Path, columns: tuple[str, ...], required: tuple[str, ...],
+                  hint: str) -> Iterator[tuple[str, dict]]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -117,13 +132,16 @@ def _parquet_rows(file: Path, column: str) -> Iterator[tuple[str, object]]:
         pf = pq.ParquetFile(file)
     except (pa.ArrowException, OSError) as e:
         raise ValueError(f"cannot read parquet file {file}: {e}") from e
-    if column not in pf.schema_arrow.names:
-        raise ValueError(f"parquet file {file} has no column {column!r}; available columns: "
-                         f"{', '.join(pf.schema_arrow.names)} (set data.messages_column)")
+    names = pf.schema_arrow.names
+    missing = [c for c in required if c not in names]
+    if missing:
+        raise ValueError(f"parquet file {file} has no column {missing[0]!r}; available columns: {', '.join(names)}"
+                         + (f" ({hint})" if hint else ""))
+    present = [c for c in columns if c in names]
     row = 0
     try:
-        for batch in pf.iter_batches(batch_size=1024, columns=[column]):
-            for value in batch.column(0).to_pylist():
+        for batch in pf.iter_batches(batch_size=1024, columns=present):
+            for value in batch.to_pylist():
                 row += 1
                 yield f"{file}:{row}", value
     except (pa.ArrowException, OSError) as e:
@@ -170,6 +188,27 @@ def encode_conversation(messages: list[dict], template: ChatTemplate, tokenizer:
             spans.append((len(before), len(through)))
     except (TypeError, ValueError) as e:
         raise e if isinstance(e, BadRow) else BadRow(where, str(e)) from None
+    return _tokens_in_spans(text, spans, tokenizer)
+
+
+def encode_response(prompt: list[dict], response: list[dict], template: ChatTemplate, tokenizer: Tokenizer,
+                    where: str = "conversation") -> tuple[np.ndarray, np.ndarray]:
+    """(token ids, counted) of `prompt + response` rendered as one conversation (the ids `apply_chat_template` gives),
+    with True for each token of the response: everything after render(prompt, add_generation_prompt=True), its
+    end-of-turn marker included (preference data: only the response is scored)."""
+    try:
+        before = template.render(prompt, add_generation_prompt=True)
+        text = template.render(prompt + response, add_generation_prompt=False)
+    except (TypeError, ValueError) as e:
+        raise BadRow(where, str(e)) from None
+    if not text.startswith(before):
+        raise BadRow(where, "the chat template does not render the prompt (with its generation prompt) as a prefix of "
+                            "the whole conversation, so the response tokens cannot be told apart")
+    return _tokens_in_spans(text, [(len(before), len(text))], tokenizer)
+
+
+def _tokens_in_spans(text: str, spans: list[tuple[int, int]], tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    """The ids of `text`, tokenized once, and True for each token whose first character lies in one of `spans`."""
     enc = tokenizer.encode(text, add_special_tokens=False)
     starts = np.fromiter((o[0] for o in enc.offsets), dtype=np.int64, count=len(enc.ids))
     counted = np.zeros(len(enc.ids), dtype=bool)

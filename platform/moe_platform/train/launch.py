@@ -76,21 +76,21 @@ def init_process_group(rank: int, world_size: int, local_rank: int, master: str,
 
 
 def run_rank(cfg: Config, dist: DistContext, progress: bool, stop_after: int | None = None,
-             on_export: Callable[[Path, int], None] | None = None) -> TrainResult:
-    trainer = Trainer(cfg, progress=progress, dist=dist, hooks=TrainerHooks(on_export=on_export))
+             on_export: Callable[[Path, int], None] | None = None,
+             trainer_cls: type[Trainer] = Trainer) -> TrainResult:
+    trainer = trainer_cls(cfg, progress=progress, dist=dist, hooks=TrainerHooks(on_export=on_export))
     trainer.setup()
     return trainer.fit(stop_after=stop_after)
 
 
 def _worker(rank: int, world_size: int, port: int, cfg_dict: dict, progress: bool, stop_after, out: str,
-            on_export) -> None:
+            on_export, trainer_cls: type[Trainer]) -> None:
     # Each rank gets its share of the cores (or the cores elastic.rank_cpus pins it to), so ranks do not fight.
     cfg = config_from_dict(cfg_dict)
     place_rank(cfg, rank, (os.cpu_count() or 1) // world_size)
     init_process_group(rank, world_size, rank, "127.0.0.1", port)
     try:
-        result = run_rank(cfg, DistContext(rank, world_size, rank), progress, stop_after,
-                          on_export)
+        result = run_rank(cfg, DistContext(rank, world_size, rank), progress, stop_after, on_export, trainer_cls)
         if rank == 0:
             Path(out).write_text(json.dumps({
                 "run_dir": str(result.run_dir), "final_step": result.final_step, "final_loss": result.final_loss,
@@ -101,21 +101,25 @@ def _worker(rank: int, world_size: int, port: int, cfg_dict: dict, progress: boo
 
 
 def launch_local(cfg: Config, world_size: int | None = None, progress: bool = True,
-                 stop_after: int | None = None, on_export: Callable[[Path, int], None] | None = None) -> TrainResult:
+                 stop_after: int | None = None, on_export: Callable[[Path, int], None] | None = None,
+                 trainer_cls: type[Trainer] = Trainer) -> TrainResult:
     """Train with `world_size` ranks on this machine (default: what the config's layout needs); rank 0 calls
-    `on_export(export_dir, step)` after the final export (`moe_platform.cluster.registry.export_publisher`)."""
+    `on_export(export_dir, step)` after the final export (`moe_platform.cluster.registry.export_publisher`).
+    `trainer_cls` runs the config's objective: `moe_platform.post_train.trainer_class(cfg.train.objective)` (the
+    default, Trainer, runs lm)."""
     world_size = world_size or world_size_for(cfg)
-    # Refuse an impossible layout here, before any process or process group exists.
+    # Refuse an impossible layout (or objective set-up) here, before any process or process group exists.
+    trainer_cls.check_config(cfg)
     resolve_layout(cfg, world_size, model_args_for(cfg))
     check_precision(cfg, world_size)
     if world_size == 1:  # in this process, pinned to local rank 0's cores if elastic.rank_cpus says so
         place_rank(cfg, 0, torch.get_num_threads())
-        return run_rank(cfg, DistContext(), progress, stop_after, on_export)
+        return run_rank(cfg, DistContext(), progress, stop_after, on_export, trainer_cls)
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
-        args = (world_size, free_port(), config_to_dict(cfg), progress, stop_after, str(out), on_export)
+        args = (world_size, free_port(), config_to_dict(cfg), progress, stop_after, str(out), on_export, trainer_cls)
         mp.spawn(_worker, args=args, nprocs=world_size, join=True)
         r = json.loads(out.read_text())
     return TrainResult(Path(r["run_dir"]), r["final_step"], r["final_loss"],

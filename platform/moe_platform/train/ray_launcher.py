@@ -33,6 +33,7 @@ from moe_platform.train.ray_preflight import (
     worker_range,
 )
 from moe_platform.train.ray_worker import train_loop_per_worker
+from moe_platform.train.trainer import Trainer
 
 log = logging.getLogger("moe_platform.train.ray")
 
@@ -52,14 +53,18 @@ def _worker_runtime_env() -> dict | None:
 
 
 def launch_ray(cfg: Config, address: str | None = None, progress: bool = True,
-               on_export: Callable[[Path, int], None] | None = None) -> dict[str, Any]:
+               on_export: Callable[[Path, int], None] | None = None,
+               trainer_cls: type[Trainer] = Trainer) -> dict[str, Any]:
     """Train on Ray Train workers; returns rank 0's result (run_dir, final_step, final_loss, export_dir,
     resumed_from, layout, world_size) plus Ray's view of it (ray_checkpoint, ray_run_path). Rank 0's worker calls
-    `on_export(export_dir, step)` after the final export (`moe_platform.cluster.registry.export_publisher`)."""
+    `on_export(export_dir, step)` after the final export (`moe_platform.cluster.registry.export_publisher`).
+    `trainer_cls` runs the config's objective: `moe_platform.post_train.trainer_class(cfg.train.objective)` (the
+    default, Trainer, runs lm)."""
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    trainer_cls.check_config(cfg)
     cfg = with_absolute_paths(cfg)
     num_workers = num_workers_for(cfg)
     lo, hi = worker_range(num_workers)
@@ -73,7 +78,8 @@ def launch_ray(cfg: Config, address: str | None = None, progress: bool = True,
         ray_compat.prune_ray_index(store)
         trainer = TorchTrainer(
             train_loop_per_worker,
-            train_loop_config={"cfg": config_to_dict(cfg), "progress": progress, "on_export": on_export},
+            train_loop_config={"cfg": config_to_dict(cfg), "progress": progress, "on_export": on_export,
+                               "trainer_cls": trainer_cls},
             scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=e.use_gpu,
                                          resources_per_worker={"CPU": e.cpus_per_worker},
                                          elastic_resize_monitor_interval_s=e.resize_interval_s),

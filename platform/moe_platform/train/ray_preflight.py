@@ -60,6 +60,8 @@ def with_absolute_paths(cfg: Config) -> Config:
         data["data"]["path"] = str(Path(data["data"]["path"]).expanduser().resolve())
     if data["init"]["from_hf"]:
         data["init"]["from_hf"] = str(Path(data["init"]["from_hf"]).expanduser().resolve())
+    if data["dpo"]["reference"] != "base":  # a model directory
+        data["dpo"]["reference"] = str(Path(data["dpo"]["reference"]).expanduser().resolve())
     if data["data"]["cache_dir"]:
         data["data"]["cache_dir"] = str(Path(data["data"]["cache_dir"]).expanduser().resolve())
     return config_from_dict(data)

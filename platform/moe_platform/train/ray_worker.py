@@ -44,6 +44,10 @@ Metrics (ray.util.metrics from rank 0, tag `run`; Prometheus shows them with Ray
     moe_train_restarts            counter: worker-group starts that resumed from a checkpoint
     moe_train_preemptions         counter: preemption notices answered with a just-in-time checkpoint
     moe_train_lost_steps          counter: steps computed again after a restart (done after the checkpoint resumed)
+plus the gauges of the run's objective (`Trainer.metric_gauges`), set from the step metrics that carry them; DPO's
+(moe_platform.post_train): moe_train_rewards_{chosen,rejected,margin,accuracy}, moe_train_logps_{chosen,rejected},
+moe_train_ref_logps_{chosen,rejected}, and at eval steps moe_train_val_rewards_{accuracy,margin} and
+moe_train_val_loss.
 """
 
 from __future__ import annotations
@@ -105,6 +109,17 @@ class TrainMetrics:
                   self.lost_steps):
             m.set_default_tags({"run": run_name})
         self.target_steps.set(target_steps)
+        self.run_name = run_name
+        self.extra: dict[str, Any] = {}  # step-metrics key -> its gauge (the objective's, `add_gauges`)
+
+    def add_gauges(self, gauges: dict[str, tuple[str, str]]) -> None:
+        """Gauges set from the step metrics' `key`s: {key: (metric name, description)}."""
+        from ray.util.metrics import Gauge
+
+        for key, (name, doc) in gauges.items():
+            if key not in self.extra:
+                self.extra[key] = Gauge(name, doc, tag_keys=("run",))
+                self.extra[key].set_default_tags({"run": self.run_name})
 
     def record_step(self, rec: dict[str, Any]) -> None:
         self.step.set(rec["step"])
@@ -114,6 +129,9 @@ class TrainMetrics:
         self.imbalance.set(rec["expert_imbalance"])
         self.step_s.set(rec["step_time_s"])
         self.steps.inc()
+        for key, gauge in self.extra.items():
+            if isinstance(rec.get(key), (int, float)):
+                gauge.set(rec[key])
 
 
 class RayBridge:
@@ -139,6 +157,8 @@ class RayBridge:
 
     def on_setup(self, trainer: Trainer) -> None:
         self.trainer = trainer
+        if self.metrics is not None:
+            self.metrics.add_gauges(trainer.metric_gauges)
         if self.metrics is not None and trainer.resumed_from is not None:
             self.metrics.restarts.inc()
             if trainer.lost_steps:
@@ -281,7 +301,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     cfg = config_from_dict(config["cfg"])
     place_rank(cfg, dist.local_rank, int(cfg.elastic.cpus_per_worker))  # pinned, or as many as Ray reserved
     bridge = RayBridge(cfg, dist, config["progress"])
-    trainer = Trainer(cfg, progress=False, dist=dist, hooks=bridge.hooks(config.get("on_export")))
+    trainer_cls = config.get("trainer_cls") or Trainer
+    trainer = trainer_cls(cfg, progress=False, dist=dist, hooks=bridge.hooks(config.get("on_export")))
     trainer.setup()
     bridge.on_setup(trainer)
     try:

@@ -43,7 +43,7 @@ from moe_platform.tokenizer import (
     save_tokenizer,
     train_tokenizer,
 )
-from moe_platform.train.backends import DeepSpeedBackend, LocalBackend
+from moe_platform.train.backends import DeepSpeedBackend, LocalBackend, TokenLoss
 from moe_platform.train.chat_data import build_chat_dataset, iter_chat_texts
 from moe_platform.train.checkpointing import (
     AsyncCheckpointer,
@@ -199,8 +199,27 @@ def prepare_model(model, cfg: Config, groups: ProcessGroups | None,
 
 
 class Trainer:
+    """The next-token objective (train.objective = "lm"). Another objective subclasses it (moe_platform.post_train)
+    and replaces the data (`build_dataset`), the loss (`build_loss_fn`), the micro-batches (`_micro_batches`) and
+    what an evaluation reports (`eval_record`); launchers take the class to run (`trainer_cls`)."""
+
+    objective = "lm"
+    # Extra Prometheus gauges a launcher exports from each step's metrics: metrics key -> (metric name, description).
+    metric_gauges: dict[str, tuple[str, str]] = {}
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        """What this objective needs of a config beyond its own validation; launchers call it before any process
+        starts."""
+        if cfg.train.objective != cls.objective:
+            raise ValueError(f"train.objective = {cfg.train.objective!r} is not trained by {cls.__name__} "
+                             f"({cls.objective!r}); `moe-platform train` and jobs/train.py pick the trainer of the "
+                             f"objective (moe_platform.post_train.trainer_class), and launch_local/launch_ray take it "
+                             f"as trainer_cls")
+
     def __init__(self, cfg: Config, progress: bool = True, dist: DistContext | None = None,
                  hooks: TrainerHooks | None = None):
+        self.check_config(cfg)
         self.cfg = cfg
         self.dist = dist or DistContext()
         self.hooks = hooks or TrainerHooks()
@@ -260,7 +279,15 @@ class Trainer:
             self.remote.put_dir(self.tokenizer_dir, "tokenizer", last="tokenizer.json")
         self.eos_id = model_stop_ids(self.tokenizer, self.tokenizer_dir)[0]
         cache = Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else None
-        self.dataset = build_dataset(cfg, self.tokenizer, self.tokenizer_dir, self.eos_id, cache)
+        self.dataset = self.build_dataset(cache)
+
+    def build_dataset(self, cache: Path | None):
+        """The run's samples (see the module function `build_dataset`)."""
+        return build_dataset(self.cfg, self.tokenizer, self.tokenizer_dir, self.eos_id, cache)
+
+    def build_loss_fn(self):
+        """The backend's loss function: the mean cross-entropy over the global batch's counted tokens."""
+        return TokenLoss()
 
     def _setup_layout(self) -> None:
         cfg = self.cfg
@@ -290,10 +317,12 @@ class Trainer:
         if cfg.lora.enabled and imported is not None:
             reader = FreshAdapters(imported, cfg.train.seed)
         if self.dist.distributed:
-            self.backend = DeepSpeedBackend(model, cfg, self.groups, self.device, full_shapes, reader)
+            self.backend = DeepSpeedBackend(model, cfg, self.groups, self.device, full_shapes, reader,
+                                            loss_fn=self.build_loss_fn())
         else:
             self.backend = LocalBackend(model, cfg, self.device, self.autocast_dtype,
-                                        cfg.train.global_batch_size // cfg.train.micro_batch_size)
+                                        cfg.train.global_batch_size // cfg.train.micro_batch_size,
+                                        loss_fn=self.build_loss_fn())
             if reader is not None:
                 self.backend.load_state(reader)
         self.import_read = self._import_read(imported) if imported is not None else None
@@ -433,6 +462,10 @@ class Trainer:
             return None
         return self.backend.eval_loss(self._micro_batches(val[: per_rank * dp_size]))
 
+    def eval_record(self) -> dict[str, Any]:
+        """What an evaluation adds to its step's metrics line (and to summary.json at the end of the run)."""
+        return {"val_loss": self.evaluate()}
+
     def save_checkpoint(self, blocking: bool = False) -> None:
         rank = self.dist.rank
         meta = {"layout": self.layout.to_dict(), "world_size": self.dist.world_size}
@@ -465,7 +498,7 @@ class Trainer:
         while self.step < total:
             rec = self.train_step()
             if cfg.train.eval_interval and self.step % cfg.train.eval_interval == 0:
-                rec["val_loss"] = self.evaluate()
+                rec.update(self.eval_record())
             if self.dist.rank == 0 and (self.step % cfg.train.log_interval == 0 or self.step == total):
                 self.metrics.append(rec)
             bar.update(1)
@@ -489,7 +522,7 @@ class Trainer:
         self._announce_commits(self.checkpointer.wait(), blocking=False)
         if self.step < cfg.train.steps:
             return TrainResult(self.run_dir, self.step, rec["loss"], None, self.resumed_from, str(self.layout))
-        val = self.evaluate()
+        final_eval = self.eval_record()
         export_dir = None
         if self.dist.rank == 0:
             if cfg.checkpoint.export:
@@ -504,7 +537,7 @@ class Trainer:
                     log.warning("checkpoint.publish_to = %r, but this launcher was given no publisher: nothing was "
                                 "published (`moe-platform train` and jobs/train.py publish)", cfg.checkpoint.publish_to)
             write_loss_curve(self.metrics.path, self.run_dir / "loss.png", title=cfg.run.name)
-            summary = {"final_step": self.step, "final_loss": rec["loss"], "val_loss": val,
+            summary = {"final_step": self.step, "final_loss": rec["loss"], **final_eval,
                        "resumed_from": self.resumed_from, "layout": str(self.layout),
                        "export": str(export_dir) if export_dir else None}
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
