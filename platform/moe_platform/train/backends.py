@@ -24,7 +24,13 @@ from moe_platform.parallel.layout import Layout, ProcessGroups
 from moe_platform.parallel.pipeline import ExpertPlaceholder, build_pipeline_module
 from moe_platform.parallel.placement import is_expert_tensor, local_shard_spec
 from moe_platform.train.data import IGNORE_INDEX
-from moe_platform.train.optim import build_optimizer, clip_grad_norm, set_lr
+from moe_platform.train.optim import (
+    EXPERT_PLACEHOLDER,
+    build_optimizer,
+    clip_grad_norm,
+    deepspeed_param_groups,
+    set_lr,
+)
 
 log = logging.getLogger("moe_platform.train")
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
@@ -355,30 +361,6 @@ def _single_rank_group(rank: int):
     return _SINGLE_GROUPS[rank]
 
 
-_PLACEHOLDER = "expert_placeholder"  # the name a pipeline stage's ExpertPlaceholder goes by in the optimizer groups
-
-
-def _optimizer_param_groups(named: list[tuple[str, nn.Parameter]], cfg: Config, expert_parallel: bool) -> list[dict]:
-    """decay/no-decay groups; under expert parallelism each split again into dense and expert parameters (DeepSpeed's
-    'moe' groups, reduced over the expert-data-parallel group). Every pipeline stage must end up with the same groups
-    (ZeRO reduces each group's gradient norm over the stages): without expert parallelism the experts share the dense
-    groups, so a stage of dense layers only has the same groups as the others."""
-    groups = []
-    for is_expert in (False, True) if expert_parallel else (False,):
-        for decay in (True, False):
-            params = [p for n, p in named if p.requires_grad and (p.dim() >= 2) == decay and
-                      (not expert_parallel or (is_expert_tensor(n) or n == _PLACEHOLDER) == is_expert)]
-            if not params:
-                continue
-            group = {"params": params, "weight_decay": cfg.train.weight_decay if decay else 0.0,
-                     "name": f"{'expert' if is_expert else 'dense'}-{'decay' if decay else 'no_decay'}"}
-            if is_expert and getattr(params[0], "allreduce", True) is False:
-                # DeepSpeed finds an expert group's reduction group by the group's name.
-                group.update(moe=True, name=params[0].group_name)
-            groups.append(group)
-    return groups
-
-
 def build_deepspeed_config(cfg: Config, layout: Layout, device_type: str, local_numel: int) -> dict:
     """DeepSpeed's config for `cfg` on `layout`: batch split, ZeRO stage, clipping and precision. Pure: no process
     group or device is touched. `local_numel` (this rank's parameter count) sizes the ZeRO buckets, which DeepSpeed
@@ -459,9 +441,10 @@ class DeepSpeedBackend:
         check_precision(cfg, layout.world_size)
         ds_config = build_deepspeed_config(cfg, layout, device.type, sum(p.numel() for _, p in self.local_params))
         fp16 = ds_config["fp16"]["enabled"]
-        group_params = self.local_params + [(_PLACEHOLDER, t) for t in placeholders]
-        optimizer = torch.optim.AdamW(_optimizer_param_groups(group_params, cfg, layout.ep_enabled), lr=cfg.train.lr,
-                                      betas=(cfg.train.beta1, cfg.train.beta2), eps=1e-8, foreach=False)
+        group_params = self.local_params + [(EXPERT_PLACEHOLDER, t) for t in placeholders]
+        optimizer = torch.optim.AdamW(deepspeed_param_groups(group_params, cfg.train, layout.ep_enabled),
+                                      lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2), eps=1e-8,
+                                      foreach=False)
         mpu = DeepSpeedMPU(groups) if layout.tp_enabled and not layout.pp_enabled else None
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config,
                                                                  mpu=mpu)

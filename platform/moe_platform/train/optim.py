@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from moe_platform.config import TrainConfig
+from moe_platform.parallel.placement import is_expert_tensor
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, fused: bool | None = None) -> torch.optim.AdamW:
@@ -63,3 +64,28 @@ def clip_grad_norm(params: Iterable[nn.Parameter], max_norm: float) -> torch.Ten
         for g in grads:
             g.mul_(coef.to(g.dtype))
     return norm
+
+
+EXPERT_PLACEHOLDER = "expert_placeholder"  # the name a pipeline stage's ExpertPlaceholder goes by in the groups
+
+
+def deepspeed_param_groups(named: list[tuple[str, nn.Parameter]], cfg: TrainConfig,
+                           expert_parallel: bool) -> list[dict]:
+    """decay/no-decay groups; under expert parallelism each split again into dense and expert parameters (DeepSpeed's
+    'moe' groups, reduced over the expert-data-parallel group). Every pipeline stage must end up with the same groups
+    (ZeRO reduces each group's gradient norm over the stages): without expert parallelism the experts share the dense
+    groups, so a stage of dense layers only has the same groups as the others."""
+    groups = []
+    for is_expert in (False, True) if expert_parallel else (False,):
+        for decay in (True, False):
+            params = [p for n, p in named if p.requires_grad and (p.dim() >= 2) == decay and
+                      (not expert_parallel or (is_expert_tensor(n) or n == EXPERT_PLACEHOLDER) == is_expert)]
+            if not params:
+                continue
+            group = {"params": params, "weight_decay": cfg.weight_decay if decay else 0.0,
+                     "name": f"{'expert' if is_expert else 'dense'}-{'decay' if decay else 'no_decay'}"}
+            if is_expert and getattr(params[0], "allreduce", True) is False:
+                # DeepSpeed finds an expert group's reduction group by the group's name.
+                group.update(moe=True, name=params[0].group_name)
+            groups.append(group)
+    return groups
