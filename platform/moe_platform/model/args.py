@@ -151,12 +151,12 @@ class ModelArgs:
     @property
     def dense_layer_ids(self) -> frozenset[int]:
         """The layers with a dense MLP (`dense_layers`); every other layer is an MoE layer."""
-        return frozenset(int(i) for i in self.dense_layers.replace(" ", "").split(",") if i)
+        return _layer_ids(self.dense_layers)
 
     @property
     def sliding_layer_ids(self) -> frozenset[int]:
         """The sliding-window layers (`sliding_layers`); the others attend every earlier key."""
-        return frozenset(int(i) for i in self.sliding_layers.replace(" ", "").split(",") if i)
+        return _layer_ids(self.sliding_layers)
 
     def window_of(self, layer: int) -> int:
         """Keys a query of `layer` may see (0: all of them)."""
@@ -235,12 +235,17 @@ class ModelArgs:
             need(self.topk_method != "noaux_tc" or per_group >= 2,
                  f"model.topk_method = 'noaux_tc' ranks groups by their two best experts: groups need >= 2 experts, "
                  f"got {per_group}")
+        self._validate_layer_list(need, "dense_layers")
+
+    def _validate_layer_list(self, need, name: str) -> frozenset[int]:
+        """A comma-separated list of layer indices (`dense_layers`, `sliding_layers`), each in [0, n_layers)."""
         try:
-            dense = self.dense_layer_ids
+            layers = _layer_ids(getattr(self, name))
         except ValueError:
-            need(False, f"model.dense_layers must be comma-separated layer indices, got {self.dense_layers!r}")
-        need(all(0 <= i < self.n_layers for i in dense),
-             f"model.dense_layers {sorted(dense)} must lie in [0, n_layers = {self.n_layers})")
+            need(False, f"model.{name} must be comma-separated layer indices, got {getattr(self, name)!r}")
+        need(all(0 <= i < self.n_layers for i in layers),
+             f"model.{name} {sorted(layers)} must lie in [0, n_layers = {self.n_layers})")
+        return layers
 
     def _validate_attention(self, need) -> None:
         need(self.rope_type in ROPE_TYPES, f"model.rope_type must be one of {ROPE_TYPES}, got {self.rope_type!r}")
@@ -252,12 +257,7 @@ class ModelArgs:
                                         f"{self.rope_factor}")
         if self.rope_type == "yarn":
             need(self.rope_original_max_seq_len > 0, "model.rope_type = 'yarn' needs model.rope_original_max_seq_len")
-        try:
-            sliding = self.sliding_layer_ids
-        except ValueError:
-            need(False, f"model.sliding_layers must be comma-separated layer indices, got {self.sliding_layers!r}")
-        need(all(0 <= i < self.n_layers for i in sliding),
-             f"model.sliding_layers {sorted(sliding)} must lie in [0, n_layers = {self.n_layers})")
+        sliding = self._validate_layer_list(need, "sliding_layers")
         need(self.sliding_window >= 0, f"model.sliding_window must be >= 0, got {self.sliding_window}")
         need(not sliding or self.sliding_window > 0, "model.sliding_layers needs model.sliding_window > 0")
         need(not (self.mla and (sliding or self.attention_sinks or self.o_proj_bias)),
@@ -326,3 +326,8 @@ class ModelArgs:
         # scores (q.k) and the weighted sum (p.v), forward and backward; causal: half the scores
         attn = 6 * self.n_layers * self.n_heads * (self.qk_head_dim + self.value_head_dim) * seq_len / 2
         return 6 * non_emb_active + attn
+
+
+def _layer_ids(text: str) -> frozenset[int]:
+    """'0, 2,4' -> {0, 2, 4}; ValueError for anything but comma-separated integers."""
+    return frozenset(int(i) for i in text.replace(" ", "").split(",") if i)

@@ -38,8 +38,15 @@ from tqdm import tqdm
 from moe_platform.checkpoint.files import atomic_output
 from moe_platform.config.schema import DataConfig
 from moe_platform.tokenizer import ChatTemplate
-from moe_platform.train.chat_data import BadRow, chat_files, check_messages, encode_response, iter_records
-from moe_platform.train.data import IGNORE_INDEX, HeldOutSplit, default_cache_dir, held_out_count, write_json_atomic
+from moe_platform.train.chat_data import (
+    BadRow,
+    cached_encoding,
+    chat_files,
+    check_messages,
+    encode_response,
+    iter_records,
+)
+from moe_platform.train.data import IGNORE_INDEX, HeldOutSplit, held_out_count
 
 log = logging.getLogger("moe_platform.post_train")
 
@@ -175,29 +182,10 @@ def build_preference_dataset(cfg_data: DataConfig, tokenizer: Tokenizer, templat
     """Encode and check the pairs once (or reuse the cache): see the module docstring."""
     if seq_len < 1:
         raise ValueError(f"seq_len must be >= 1, got {seq_len}")
-    directory = Path(cache_dir or cfg_data.cache_dir or default_cache_dir()).expanduser()
-    directory.mkdir(parents=True, exist_ok=True)
     key = preference_cache_key(cfg_data, tokenizer, template, seq_len, pad_id)
-    stem = directory / f"preference-{key[:24]}"
-    parts = {name: stem.with_name(f"{stem.name}.{name}.npy") for name in ("tokens", "counted", "lengths")}
-    meta_path = stem.with_suffix(".json")
-    meta = None
-    if meta_path.is_file() and all(p.is_file() for p in parts.values()):
-        try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            meta = None
-        if meta is not None and meta.get("key") != key:
-            meta = None
-    from_cache = meta is not None
-    if meta is None:
-        meta = _encode_pairs(cfg_data, tokenizer, template, seq_len, pad_id, parts)
-        meta["key"] = key
-        write_json_atomic(meta_path, meta)  # last: the cache counts only once every array is complete
-    arrays = {name: np.load(p, mmap_mode="r") for name, p in parts.items()}
-    if meta["skipped_rows"]:
-        log.warning("preference data %s: skipped %d bad rows (data.on_bad_row = 'skip'), e.g. %s", cfg_data.path,
-                    meta["skipped_rows"], "; ".join(meta["skipped_examples"]))
+    arrays, meta, meta_path, from_cache = cached_encoding(
+        cfg_data, "preference", key, ("tokens", "counted", "lengths"),
+        lambda parts: _encode_pairs(cfg_data, tokenizer, template, seq_len, pad_id, parts), cache_dir)
     return PreferenceDataset(arrays["tokens"], arrays["counted"], arrays["lengths"], seq_len, cfg_data.val_fraction,
                              meta_path, from_cache=from_cache, meta=meta)
 

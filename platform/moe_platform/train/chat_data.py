@@ -331,16 +331,16 @@ class _Packer:
         return tuple(np.stack(parts) for parts in zip(*self.rows, strict=True))
 
 
-def build_chat_dataset(cfg_data: DataConfig, tokenizer: Tokenizer, template: ChatTemplate, seq_len: int,
-                       cache_dir: Path | None = None, pad_id: int = 0) -> ChatDataset:
-    """Encode, check and pack the chat rows once (or reuse the cache): see the module docstring."""
-    if seq_len < 1:
-        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+def cached_encoding(cfg_data: DataConfig, kind: str, key: str, names: tuple[str, ...], encode,
+                    cache_dir: Path | None = None) -> tuple[dict[str, np.ndarray], dict, Path, bool]:
+    """The arrays `names` of a data set encoded once under cache `key` ({kind}-{key}.{name}.npy beside a .json of
+    its metadata, written last so that the cache counts only once every array is complete), memory-mapped: `encode
+    (parts)` writes them when they are missing and returns the metadata. Returns (arrays, metadata, its path,
+    whether it came from the cache); bad rows that were skipped are logged."""
     directory = Path(cache_dir or cfg_data.cache_dir or default_cache_dir()).expanduser()
     directory.mkdir(parents=True, exist_ok=True)
-    key = chat_cache_key(cfg_data, tokenizer, template, seq_len, pad_id)
-    stem = directory / f"chat-{key[:24]}"
-    parts = {name: stem.with_name(f"{stem.name}.{name}.npy") for name in ("tokens", "counted", "segments")}
+    stem = directory / f"{kind}-{key[:24]}"
+    parts = {name: stem.with_name(f"{stem.name}.{name}.npy") for name in names}
     meta_path = stem.with_suffix(".json")
     meta = None
     if meta_path.is_file() and all(p.is_file() for p in parts.values()):
@@ -352,13 +352,25 @@ def build_chat_dataset(cfg_data: DataConfig, tokenizer: Tokenizer, template: Cha
             meta = None
     from_cache = meta is not None
     if meta is None:
-        meta = _encode_rows(cfg_data, tokenizer, template, seq_len, pad_id, parts)
+        meta = encode(parts)
         meta["key"] = key
-        write_json_atomic(meta_path, meta)  # last: the cache counts only once every array is complete
+        write_json_atomic(meta_path, meta)
     arrays = {name: np.load(p, mmap_mode="r") for name, p in parts.items()}
     if meta["skipped_rows"]:
-        log.warning("chat data %s: skipped %d bad rows (data.on_bad_row = 'skip'), e.g. %s", cfg_data.path,
+        log.warning("%s data %s: skipped %d bad rows (data.on_bad_row = 'skip'), e.g. %s", kind, cfg_data.path,
                     meta["skipped_rows"], "; ".join(meta["skipped_examples"]))
+    return arrays, meta, meta_path, from_cache
+
+
+def build_chat_dataset(cfg_data: DataConfig, tokenizer: Tokenizer, template: ChatTemplate, seq_len: int,
+                       cache_dir: Path | None = None, pad_id: int = 0) -> ChatDataset:
+    """Encode, check and pack the chat rows once (or reuse the cache): see the module docstring."""
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    key = chat_cache_key(cfg_data, tokenizer, template, seq_len, pad_id)
+    arrays, meta, meta_path, from_cache = cached_encoding(
+        cfg_data, "chat", key, ("tokens", "counted", "segments"),
+        lambda parts: _encode_rows(cfg_data, tokenizer, template, seq_len, pad_id, parts), cache_dir)
     return ChatDataset(arrays["tokens"], arrays["counted"], arrays["segments"], seq_len, cfg_data.val_fraction,
                        cfg_data.packing, meta_path, from_cache=from_cache, meta=meta)
 
