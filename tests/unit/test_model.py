@@ -121,10 +121,36 @@ def test_bad_model_args(bad, match):
         ModelArgs(**{**BASE, **bad})
 
 
-def test_param_count_matches_module():
-    args = ModelArgs(**{**BASE, "n_shared_experts": 1})
+MLA = {"kv_lora_rank": 16, "q_lora_rank": 12, "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 6}
+OSS = {"attention_bias": True, "o_proj_bias": True, "attention_sinks": True, "router_bias": True, "expert_bias": True,
+       "expert_activation": "clamped_swiglu", "sliding_window": 4, "sliding_layers": "0"}
+
+
+@pytest.mark.parametrize("opt", [{"n_shared_experts": 1}, {**MLA, "attention_bias": True, "dense_layers": "0",
+                                                           "dense_intermediate_size": 40},
+                                 {**MLA, "q_lora_rank": 0}, OSS])
+def test_param_count_matches_module(opt):
+    args = ModelArgs(**{**BASE, **opt})
     model = build_model(args)
     assert args.num_params()["total"] == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({**MLA, "v_head_dim": 0}, "needs model.v_head_dim > 0"),
+    ({"q_lora_rank": 8}, "q_lora_rank needs multi-head latent attention"),
+    ({**MLA, "sliding_layers": "0", "sliding_window": 4}, "not of multi-head latent attention"),
+    ({"topk_method": "noaux_tc", "n_group": 3}, r"n_group \(3\) must be >= 1 and divide model.num_experts"),
+    ({"topk_method": "group_limited_greedy", "n_group": 4, "topk_group": 5}, "topk_group"),
+    ({"scoring_func": "tanh"}, "scoring_func must be one of"),
+    ({"rope_type": "dynamic"}, "rope_type must be one of"),
+    ({"rope_type": "yarn", "rope_factor": 4.0}, "needs model.rope_original_max_seq_len"),
+    ({"partial_rotary_factor": 0.0}, r"partial_rotary_factor must be in \(0, 1\]"),
+    ({"sliding_layers": "1"}, "needs model.sliding_window > 0"),
+    ({"expert_activation": "gelu"}, "expert_activation must be one of"),
+])
+def test_bad_deepseek_and_gpt_oss_options(bad, match):
+    with pytest.raises(ValueError, match=match):
+        ModelArgs(**{**BASE, **bad})
 
 
 @pytest.mark.parametrize("mode", ["full", "selective"])
