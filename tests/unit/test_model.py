@@ -21,6 +21,14 @@ OPTIONS = {
     "fine_grained": {"num_experts": 8, "top_k": 4, "intermediate_size": 16},
     "tied": {"tie_word_embeddings": True},
     "z_loss": {"z_loss_coef": 1e-3},
+    "deepseek": {"kv_lora_rank": 16, "q_lora_rank": 12, "qk_nope_head_dim": 8, "qk_rope_head_dim": 4,
+                 "v_head_dim": 6, "rope_interleave": True, "scoring_func": "sigmoid", "topk_method": "noaux_tc",
+                 "n_group": 2, "balancing": "bias", "routed_scaling_factor": 2.5, "dense_layers": "0",
+                 "n_shared_experts": 1, "rope_type": "yarn", "rope_factor": 4.0, "rope_original_max_seq_len": 16,
+                 "rope_mscale_all_dim": 1.0},
+    "gpt_oss": {"attention_bias": True, "o_proj_bias": True, "attention_sinks": True, "router_bias": True,
+                "expert_bias": True, "expert_activation": "clamped_swiglu", "sliding_window": 8,
+                "sliding_layers": "0"},
 }
 
 
@@ -154,7 +162,8 @@ def test_bad_deepseek_and_gpt_oss_options(bad, match):
 
 
 @pytest.mark.parametrize("mode", ["full", "selective"])
-@pytest.mark.parametrize("opt", [{}, {"n_shared_experts": 1, "shared_expert_gate": True, "qk_norm": "head"}])
+@pytest.mark.parametrize("opt", [{}, {"n_shared_experts": 1, "shared_expert_gate": True, "qk_norm": "head"},
+                                 {**MLA, "dense_layers": "0"}, {**OSS, "sliding_window": 6}])
 def test_activation_checkpointing_is_bitwise_the_same_step(mode, opt):
     """Recomputing layers (full) or attention and experts (selective) in backward gives the losses, gradients and
     routing statistics of keeping every activation, bit for bit, and saves fewer tensors for backward."""
