@@ -225,3 +225,29 @@ def test_place_rank_pins_every_thread_of_the_rank(tmp_path):
     assert run(1).stdout.split("\n")[0] == f"[{cores[1]}] 1"  # every thread, the early one too, on rank 1's core
     out = run(2)
     assert out.returncode != 0 and "names cores for 2 local rank(s); local rank 2 has none" in out.stderr
+
+
+def test_grpo_lists_and_tables_take_toml_arrays_or_commas(tmp_path):
+    """grpo.reward, reward_weights and rollout_resources: a TOML array (or inline table) or the same comma-separated
+    on the command line; config_to_toml writes them back in their string form."""
+    from moe_platform.config import resource_amounts, reward_specs
+
+    f = tmp_path / "g.toml"
+    f.write_text('[train]\nobjective = "grpo"\n[data]\nformat = "prompts"\n[grpo]\n'
+                 'reward = ["moe_platform.rewards:exact_match", "moe_platform.rewards:regex"]\n'
+                 'reward_weights = [1.0, 0.5]\nrollout_resources = {CPU = 2, GPU = 0.5}\n')
+    cfg = load_config(f)
+    assert reward_specs(cfg.grpo.reward, cfg.grpo.reward_weights) == [("moe_platform.rewards:exact_match", 1.0),
+                                                                      ("moe_platform.rewards:regex", 0.5)]
+    assert resource_amounts(cfg.grpo.rollout_resources) == {"CPU": 2.0, "GPU": 0.5}
+    same = load_config(None, ["--train.objective=grpo", "--data.format=prompts",
+                              "--grpo.reward=moe_platform.rewards:exact_match, moe_platform.rewards:regex",
+                              "--grpo.reward_weights=1.0,0.5", "--grpo.rollout_resources=CPU=2,GPU=0.5"])
+    assert reward_specs(same.grpo.reward, same.grpo.reward_weights) == reward_specs(cfg.grpo.reward,
+                                                                                    cfg.grpo.reward_weights)
+    rt = tmp_path / "rt.toml"
+    rt.write_text(config_to_toml(cfg))
+    assert load_config(rt) == cfg
+    f.write_text("[grpo]\nreward = [[1]]\n")
+    with pytest.raises(ValueError, match=r"grpo.reward must be a string, a list of strings or numbers"):
+        load_config(f)
