@@ -22,8 +22,9 @@ Metrics (metrics.jsonl, and Prometheus through a launcher's `metric_gauges`): `r
 within-group std), `rewards/<module:function>` (each function's mean), `response_length` (mean completion tokens),
 `truncated_fraction` (completions that hit max_new_tokens), `kl` (with a reference), `clip_fraction`, `logps`,
 `logp_gap`, the step's breakdown `generate_seconds`, `score_seconds`, `learn_seconds`, `sync_seconds`, and
-`sync_bytes`, `rollout_tokens_per_s`, `learner_tokens_per_s`, `rollout_restarts`; at eval steps `val_reward`, the
-mean reward of greedy completions of held-out prompts.
+`sync_bytes`, `rollout_tokens_per_s`, `learner_tokens_per_s`, `rollout_restarts` (rollout workers replaced so far)
+and `rollout_seed` (the round's first sampling seed: a resumed run's match the straight run's); at eval steps
+`val_reward`, the mean reward of greedy completions of held-out prompts.
 """
 
 from __future__ import annotations
@@ -313,7 +314,7 @@ class GRPOTrainer(Trainer):
             "rollout_tokens_per_s": float(rnd["lens"].sum()) / max(generate, 1e-9),
             "learner_tokens_per_s": learner_tokens / max(learn, 1e-9), "tokens_per_s": learner_tokens / step_time,
             "mfu": learner_tokens / step_time * self.flops_per_token / self.peak_flops,
-            "completions": len(rewards), "rollout_restarts": rnd["restarts"],
+            "completions": len(rewards), "rollout_restarts": rnd["restarts"], "rollout_seed": int(rnd["seeds"][0]),
         })
         if self.dist.rank == 0 and rnd["restarts"] > self._seen_restarts:
             self.log_event("rollout_worker_replaced", replaced=rnd["restarts"] - self._seen_restarts,
