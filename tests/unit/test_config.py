@@ -29,6 +29,11 @@ SHIPPED = {
     "dpo.toml": {"train.objective": "dpo", "data.format": "preference", "init.from_hf": "", "lora.enabled": True,
                  "dpo.beta": 0.1, "dpo.loss_type": "sigmoid", "dpo.reference": "base", "train.micro_batch_size": 1,
                  "parallel.dp": 0, "parallel.ep": 0, "elastic.min_workers": 1, "elastic.max_workers": 8},
+    "grpo.toml": {"train.objective": "grpo", "data.format": "prompts", "init.from_hf": "", "lora.enabled": True,
+                  "grpo.group_size": 8, "grpo.clip_eps": 0.2, "grpo.kl_coef": 0.0, "grpo.loss_agg": "token_mean",
+                  "grpo.reward": "moe_platform.rewards:exact_match", "grpo.rollout_workers": 1,
+                  "train.global_batch_size": 64, "parallel.dp": 0, "elastic.min_workers": 1,
+                  "elastic.max_workers": 8},
 }
 
 
