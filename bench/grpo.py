@@ -163,9 +163,7 @@ def _sync(args) -> dict:
     from moe_platform.model.transformer import build_model
     from moe_platform.post_train.rollout import EngineSpec
     from moe_platform.post_train.rollout_workers import RayRollouts
-    from moe_platform.tokenizer import TOKENIZER_FILES
-
-    from moe_platform.tokenizer import load_tokenizer
+    from moe_platform.tokenizer import TOKENIZER_FILES, load_tokenizer
 
     work = Path(args.work)
     vocab = load_tokenizer(work / "model").get_vocab_size()
