@@ -14,7 +14,7 @@ pytestmark = [pytest.mark.timeout(600)]
 
 from moe_platform.config import load_config  # noqa: E402
 from moe_platform.post_train import GRPOTrainer  # noqa: E402
-from tinyrun import chatml_tokenizer, local_ray, run_events, save_tiny_hf_model  # noqa: E402
+from tinyrun import chatml_tokenizer, local_ray, run_events, save_tiny_hf_model, scrape_ray_metrics  # noqa: E402
 
 GROUP = 4
 
@@ -92,3 +92,20 @@ def test_a_dying_rollout_worker_is_replaced_and_its_prompts_regenerate(ray_clust
     assert all(r["logp_gap"] <= 1e-5 for r in recs)
     replaced = [e for e in run_events(hit.run_dir) if e["event"] == "rollout_worker_replaced"]
     assert [(e["step"], e["total"]) for e in replaced] == [(2, 1)]
+
+
+def test_grpo_metrics_reach_prometheus(ray_cluster):
+    """A GRPO run's step metrics as Prometheus scrapes them: the gauges the Ray Train worker adds for the objective
+    (`GRPOTrainer.metric_gauges`: reward, KL, clip fraction, response length, the sync and the step's breakdown)."""
+    from moe_platform.train.ray_worker import TrainMetrics
+
+    metrics = TrainMetrics("grpo-metrics-check", 40)
+    metrics.add_gauges(GRPOTrainer.metric_gauges)
+    step = {"step": 7, "loss": 0.01, "tokens_per_s": 900.0, "mfu": 0.1, "expert_imbalance": 1.1, "step_time_s": 0.5,
+            "reward": 0.625, "reward_std": 0.25, "kl": 0.0125, "clip_fraction": 0.125, "response_length": 24.0,
+            "logp_gap": 2e-06, "sync_seconds": 0.03125, "sync_bytes": 143360, "rollout_tokens_per_s": 1500.0,
+            "learner_tokens_per_s": 4000.0, "generate_seconds": 0.25, "score_seconds": 0.0009765625,
+            "learn_seconds": 0.1875, "val_reward": 0.5}
+    metrics.record_step(step)
+    want = {f"ray_{name}": step[key] for key, (name, _) in GRPOTrainer.metric_gauges.items()}
+    assert scrape_ray_metrics(set(want), 'run="grpo-metrics-check"') == want

@@ -56,26 +56,32 @@ EVAL_PROMPTS = 32  # held-out prompts an eval step completes (greedily) at most
 _ROLLOUT_STREAM = 0x47525030  # the rollout generator's stream beside train.seed
 
 
-def _gauge(key: str, doc: str) -> tuple[str, str]:
-    return f"moe_train_grpo_{key.replace('/', '_')}", f"GRPO: {doc}"
-
-
 class GRPOTrainer(Trainer):
     """See the module docstring."""
 
     objective = "grpo"
-    metric_gauges = {k: _gauge(k, doc) for k, doc in {
-        "reward": "mean reward of the step's completions", "reward_std": "mean standard deviation of rewards within "
-        "a prompt's group", "kl": "mean per-token KL (k3) of the policy from the reference",
-        "clip_fraction": "fraction of completion tokens whose probability ratio was clipped",
-        "response_length": "mean completion length in tokens", "logp_gap": "largest |engine - learner| "
-        "log-probability of a sampled token (a stale sync shows here)", "sync_seconds": "seconds to bring the "
-        "new weights to every rollout engine", "sync_bytes": "bytes published to the rollout engines in the "
-        "last sync", "rollout_tokens_per_s": "completion tokens generated per second", "learner_tokens_per_s":
-        "tokens per second of the learner's forward, backward and update", "generate_seconds": "seconds of the "
-        "step spent generating", "score_seconds": "seconds of the step spent on rewards and advantages",
-        "learn_seconds": "seconds of the step spent learning", "val_reward": "mean reward of greedy completions "
-        "of held-out prompts"}.items()}
+    metric_gauges = {
+        "reward": ("moe_train_grpo_reward", "GRPO: mean reward of the step's completions"),
+        "reward_std": ("moe_train_grpo_reward_std", "GRPO: mean standard deviation of rewards within a prompt's group"),
+        "kl": ("moe_train_grpo_kl", "GRPO: mean per-token KL (k3) of the policy from the reference"),
+        "clip_fraction": ("moe_train_grpo_clip_fraction", "GRPO: completion tokens whose probability ratio was "
+                                                          "clipped, as a fraction"),
+        "response_length": ("moe_train_grpo_response_length", "GRPO: mean completion length in tokens"),
+        "logp_gap": ("moe_train_grpo_logp_gap", "GRPO: largest |engine - learner| log-probability of a sampled "
+                                                "token (a stale sync shows here)"),
+        "sync_seconds": ("moe_train_grpo_sync_seconds", "GRPO: seconds to bring the new weights to every rollout "
+                                                        "engine"),
+        "sync_bytes": ("moe_train_grpo_sync_bytes", "GRPO: bytes published to the rollout engines in the last sync"),
+        "rollout_tokens_per_s": ("moe_train_grpo_rollout_tokens_per_s", "GRPO: completion tokens generated per "
+                                                                        "second"),
+        "learner_tokens_per_s": ("moe_train_grpo_learner_tokens_per_s", "GRPO: tokens per second of the learner's "
+                                                                        "passes and update"),
+        "generate_seconds": ("moe_train_grpo_generate_seconds", "GRPO: seconds of the step spent generating"),
+        "score_seconds": ("moe_train_grpo_score_seconds", "GRPO: seconds of the step spent on rewards and "
+                                                          "advantages"),
+        "learn_seconds": ("moe_train_grpo_learn_seconds", "GRPO: seconds of the step spent learning"),
+        "val_reward": ("moe_train_grpo_val_reward", "GRPO: mean reward of greedy completions of held-out prompts"),
+    }
 
     # -- set-up --------------------------------------------------------------------------------------------------
 
