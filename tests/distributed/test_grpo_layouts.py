@@ -32,7 +32,7 @@ LORA = {"lora.enabled": "true", "lora.targets": "q_proj,k_proj,v_proj,o_proj,exp
 # What each step logs that comes from the layout's own computation, compared like the loss; what comes from the
 # rollouts (rewards, lengths) must be equal outright: the same weights make the same completions.
 LEARNER = ("loss", "kl", "logps")
-ROLLOUTS = ("reward", "reward_std", "response_length", "rollout_seed")
+ROLLOUTS = ("reward", "reward_std", "response_length", "rollout_seed", "row_width")
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,8 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("grpo-layouts")
     model = save_tiny_hf_model("Qwen3MoeForCausalLM", root / "qwen3", chatml_tokenizer(root / "tok"))[1]
     rows = root / "prompts.jsonl"
-    rows.write_text("".join(json.dumps({"prompt": f"Count: {i}"}) + "\n" for i in range(24)))
+    # prompts of several lengths: the learner's rows (the round's longest sequence) change width from step to step
+    rows.write_text("".join(json.dumps({"prompt": f"Count: {i}" + " and more" * (i % 4)}) + "\n" for i in range(24)))
     return {"model": model, "rows": rows, "storage": root / "runs"}
 
 
@@ -84,6 +85,7 @@ PARAM_ATOL = 1e-4
 def reference(inputs):
     got = outcome(run(config(inputs, "single")).run_dir)
     assert len({r["reward"] for r in got[0]}) > 1 and all(r["logp_gap"] <= 1e-5 for r in got[0])
+    assert len({r["row_width"] for r in got[0]}) > 1, "the rows' width must change for the pipeline to be tested"
     return got
 
 

@@ -22,8 +22,9 @@ Metrics (metrics.jsonl, and Prometheus through a launcher's `metric_gauges`): `r
 within-group std), `rewards/<module:function>` (each function's mean), `response_length` (mean completion tokens),
 `truncated_fraction` (completions that hit max_new_tokens), `kl` (with a reference), `clip_fraction`, `logps`,
 `logp_gap`, the step's breakdown `generate_seconds`, `score_seconds`, `learn_seconds`, `sync_seconds`, and
-`sync_bytes`, `rollout_tokens_per_s`, `learner_tokens_per_s`, `rollout_restarts` (rollout workers replaced so far)
-and `rollout_seed` (the round's first sampling seed: a resumed run's match the straight run's); at eval steps
+`sync_bytes`, `rollout_tokens_per_s`, `learner_tokens_per_s`, `rollout_restarts` (rollout workers replaced so far),
+`rollout_seed` (the round's first sampling seed: a resumed run's match the straight run's) and `row_width` (the
+positions of the learner's rows: the round's longest sequence, in steps of 8, at most train.seq_len); at eval steps
 `val_reward`, the mean reward of greedy completions of held-out prompts.
 """
 
@@ -103,6 +104,7 @@ class GRPOTrainer(Trainer):
         self.reference: ReferencePolicy | None = None
         self.last_round: dict[str, Any] | None = None  # rank 0: the last round's rollouts, rewards and timings
         self._seen_restarts = 0
+        self._width: int | None = None  # the last step's row width
         self.reward_specs = reward_specs(self.cfg.grpo.reward, self.cfg.grpo.reward_weights)
 
     def build_dataset(self, cache: Path | None):
@@ -237,22 +239,30 @@ class GRPOTrainer(Trainer):
         counted = int(rnd["lens"].sum())
         self.counted_targets = counted
         self.backend.loss_fn.scale = (n // mbs) / (counted if cfg.grpo.loss_agg == "token_mean" else n)
+        # Rows as long as the round's longest sequence (in steps of 8 positions), not train.seq_len: the same on every
+        # layout. A pipeline is told when that changes (DeepSpeed keeps its activation buffers' shapes otherwise).
+        width = min(cfg.train.seq_len, -(-int((rnd["prompt_lens"] + rnd["lens"]).max() - 1) // 8) * 8)
+        if self.layout.pp_enabled and width != self._width:
+            self.backend.engine.reset_activation_shape()
+        self._width = width
         local = self.sampler.shard(np.arange(n), *self.dp)
-        batches = [self._micro_batch(rnd, m) for m in self.sampler.micro_batches(local, mbs)]
+        batches = [self._micro_batch(rnd, m, width) for m in self.sampler.micro_batches(local, mbs)]
         if self.reference is not None:
             for (_, (_, _, side)), ref in zip(batches, self._reference_logps(batches), strict=True):
                 side[..., REF] = ref.to(side.device, side.dtype)
         return batches
 
-    def _micro_batch(self, rnd: dict[str, Any], rows: np.ndarray) -> tuple:
-        tokens = torch.from_numpy(rnd["tokens"][rows])
+    def _micro_batch(self, rnd: dict[str, Any], rows: np.ndarray, width: int | None = None) -> tuple:
+        """Completions `rows` of the round as (inputs, (targets, advantages, side)), `width` positions (all of
+        train.seq_len by default)."""
+        tokens = torch.from_numpy(rnd["tokens"][rows][:, :(width or self.cfg.train.seq_len) + 1])
         targets = tokens[:, 1:].clone()
         positions = torch.arange(targets.shape[1])[None, :]
         start = torch.from_numpy(rnd["prompt_lens"][rows])[:, None] - 1
         scored = (positions >= start) & (positions < start + torch.from_numpy(rnd["lens"][rows])[:, None])
         targets[~scored] = IGNORE_INDEX
         side = torch.full((*targets.shape, 3), float("nan"))
-        side[..., ENGINE] = torch.from_numpy(rnd["engine_logps"][rows])
+        side[..., ENGINE] = torch.from_numpy(rnd["engine_logps"][rows][:, :targets.shape[1]])
         advantages = torch.from_numpy(rnd["advantages"][rows]).float()
         to = self.device
         return tokens[:, :-1].to(to), (targets.to(to), advantages.to(to), side.to(to))
@@ -321,6 +331,7 @@ class GRPOTrainer(Trainer):
             "learner_tokens_per_s": learner_tokens / max(learn, 1e-9), "tokens_per_s": learner_tokens / step_time,
             "mfu": learner_tokens / step_time * self.flops_per_token / self.peak_flops,
             "completions": len(rewards), "rollout_restarts": rnd["restarts"], "rollout_seed": int(rnd["seeds"][0]),
+            "row_width": self._width,
         })
         if self.dist.rank == 0 and rnd["restarts"] > self._seen_restarts:
             self.log_event("rollout_worker_replaced", replaced=rnd["restarts"] - self._seen_restarts,
