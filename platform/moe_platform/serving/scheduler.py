@@ -440,8 +440,7 @@ class PagedScheduler:
         self.waiting.appendleft(seq)
 
     def _release(self, seq: SequenceState) -> None:
-        self.kv.free(seq)
-        seq.block_table = []
+        self.kv.free(seq)  # empties its block tables
         seq.num_registered = 0
 
     def finish(self, seq: SequenceState, reason: str) -> None:
