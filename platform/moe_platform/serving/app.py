@@ -56,6 +56,7 @@ from moe_platform.serving.openai_api import (
 from moe_platform.serving.replica_metrics import RayMetrics, RequestLog
 from moe_platform.serving.rollout import RolloutError, read_probe_file
 from moe_platform.serving.rollout_follower import RolloutFollower
+from moe_platform.serving.tokenizer_api import TokenizerRoutes
 from moe_platform.serving.traffic import PERCENT, TrafficSplit
 from moe_platform.serving.versions import VersionSet
 
@@ -198,6 +199,7 @@ class MoEServer:
         self.frontend = OpenAIFrontend(lambda: self.versions.engine, model_name, api_key, max_body_bytes,
                                        admin_api_key, pick=self.versions.pick, observe=requests.observe,
                                        rollout=self.follower.admin)
+        self.tokenizer_routes = TokenizerRoutes(self.frontend)
 
     async def reconfigure(self, user_config: dict) -> None:
         """`user_config: {model: DIR or registry://NAME[@VERSION], adapters: {NAME: DIR or registry://...},
@@ -273,6 +275,18 @@ class MoEServer:
     @fastapi_app.get("/v1/models")
     async def models(self, request: Request):
         return await self.frontend.models(request)
+
+    @fastapi_app.post("/tokenize")
+    async def tokenize(self, request: Request):
+        return await self.tokenizer_routes.tokenize(request)
+
+    @fastapi_app.post("/detokenize")
+    async def detokenize(self, request: Request):
+        return await self.tokenizer_routes.detokenize(request)
+
+    @fastapi_app.get("/tokenizer_info")
+    async def tokenizer_info(self, request: Request):
+        return await self.tokenizer_routes.tokenizer_info(request)
 
     @fastapi_app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(self, request: Request):
