@@ -23,6 +23,8 @@ Operations:
   user_config to move it without a restart) splits requests between them (moe_platform.serving.traffic);
   `MODEL_NAME@VERSION` pins one, an `X-Session-Id` header keeps a conversation on one version, adapter requests
   stay on `model`, and every answer names its version in the `X-Model-Version` header;
+- tokenizer routes: `POST /tokenize`, `POST /detokenize` and `GET /tokenizer_info` in vLLM's shapes
+  (moe_platform.serving.tokenizer_api), which lm-evaluation-harness uses to tokenize with the server's tokenizer;
 - metrics: time to first token, inter-token latency, queue depth, batch size, tokens/s and per-expert load go to
   `ray.util.metrics` (Prometheus via Ray's metrics export).
 """
