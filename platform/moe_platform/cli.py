@@ -511,9 +511,10 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("rollout", help="canary or blue-green rollout of a model version in a running Serve app",
                        description="Move an app's traffic to another model version step by step (canary) or at once "
                        "(blue-green), holding each step for the dwell while the new version's error rate, p99 time "
-                       "to first token, p99 latency and (with --probe-file) quality stay within bounds against the "
-                       "stable version's; a failed gate rolls back to 0%% at once. Every event goes to the app's "
-                       "audit log. Prints the rollout's status as JSON.")
+                       "to first token, p99 latency, (with --probe-file) quality and (with --eval-task) an "
+                       "lm-evaluation-harness score stay within bounds against the stable version's; a failed "
+                       "gate rolls back to 0%% at once. Every event goes to the app's audit log. Prints the "
+                       "rollout's status as JSON.")
     r.add_argument("action", choices=("start", "status", "promote", "abort"),
                    help="start a rollout; show it; promote the new version now; abort (back to the stable one)")
     r.add_argument("--app", default="moe-platform", help="the Serve application (default moe-platform)")
@@ -565,7 +566,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--concurrency", type=int, default=8, help="URL: requests in flight at once (default 8)")
     ev.add_argument("--bootstrap-iters", type=int, default=100_000, help="bootstrap resamples for the standard "
                                                                          "errors of some metrics; 0 skips them")
-    _address_arg(ev)
+    ev.add_argument("--address", default=None, help="registry://: the Ray cluster whose registry holds the model "
+                                                    "(default RAY_ADDRESS, else the running local one)")
     ev.set_defaults(fn=_cmd_eval)
 
     b = sub.add_parser("bench", help="run a benchmark from bench/ (extra arguments go to it)")

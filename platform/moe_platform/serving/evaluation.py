@@ -84,15 +84,18 @@ def _served_model(url: str, headers: dict) -> tuple[str, int]:
     """The model id a server serves (the first of /v1/models) and its context window (from /tokenize)."""
     import httpx
 
-    with httpx.Client(base_url=url, headers=headers, timeout=60) as http:
-        models = http.get("/v1/models")
-        if models.status_code != 200:
-            raise ValueError(f"{url}/v1/models answered {models.status_code}: {models.text[:200]}")
-        name = models.json()["data"][0]["id"]
-        probe = http.post("/tokenize", json={"model": name, "prompt": "a"})
-        if probe.status_code != 200:
-            raise ValueError(f"{url}/tokenize answered {probe.status_code}: is this a moe-platform (or vLLM) server?")
-        return name, int(probe.json()["max_model_len"])
+    try:
+        with httpx.Client(base_url=url, headers=headers, timeout=60) as http:
+            models = http.get("/v1/models")
+            if models.status_code != 200:
+                raise ValueError(f"{url}/v1/models answered {models.status_code}: {models.text[:200]}")
+            name = models.json()["data"][0]["id"]
+            probe = http.post("/tokenize", json={"model": name, "prompt": "a"})
+    except httpx.HTTPError as e:
+        raise ValueError(f"cannot reach the server at {url}: {e}") from None
+    if probe.status_code != 200:
+        raise ValueError(f"{url}/tokenize answered {probe.status_code}: is this a moe-platform (or vLLM) server?")
+    return name, int(probe.json()["max_model_len"])
 
 
 def run_eval(model: str, tasks: list[str], include_path: str | None = None, limit: int | None = None,
@@ -101,6 +104,8 @@ def run_eval(model: str, tasks: list[str], include_path: str | None = None, limi
     """Evaluate `model` (an http(s):// URL of a running server, registry://NAME[@VERSION], or an export directory)
     on `tasks`; write lm-eval's results JSON to `output` and return the summary line."""
     _lm_eval()
+    if include_path is not None and not Path(include_path).is_dir():
+        raise ValueError(f"--include-path {include_path}: not a directory of YAML tasks")
     if model.startswith(("http://", "https://")):
         url = model.rstrip("/").removesuffix("/v1")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
