@@ -461,7 +461,7 @@ def _completion_choices(engine: Engine, req, jobs: list[Job], results: list[Requ
     for i, (job, out) in enumerate(zip(jobs, results, strict=True)):
         prompt = out.prompt_logprobs
         logprobs = None
-        if req.logprobs is not None:
+        if req.logprobs is not None and (generated or (job.echo and prompt)):
             pieces, values, tops = [], [], []
             if job.echo and prompt:
                 pieces = engine.token_texts(job.ids)
