@@ -110,6 +110,10 @@ def test_prompt_logprobs_equal_transformers_at_every_position(setup, prompts, op
         assert_matches(out.prompt_logprobs, prompt, reference(setup["base"], prompt), sp.prompt_logprobs)
     asked = sum(len(p) - 1 for p, k in zip(prompts, tops, strict=True) if k is not None)
     assert engine.stats()["prompt_logprob_tokens"] == asked  # only the requests that ask are scored
+    plain = Engine.from_pretrained(setup["base"], max_batch_size=8, batch_wait_timeout_s=0.0, **options)
+    run(plain, [(p, SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True), None) for p, _, _ in requests])
+    for key in ("prefill_forwards", "decode_forwards", "steps"):  # scored in the same forwards: batched, not serial
+        assert engine.stats()[key] == plain.stats()[key], key
     if options["prefill_token_budget"] < 512:
         assert engine.stats()["prefill_forwards"] > len(prompts)  # the prompts really were chunked
 
