@@ -401,7 +401,8 @@ class Engine:
         """Run several requests together (continuous batching), prompt i with `params[i]` (or one `params` for all)
         and adapter `adapters[i]` (None: the base model); return each one's whole output (text, tokens, log-
         probabilities) in order. With `max_in_flight`, at most that many are queued or running at once, and a full
-        queue (other callers' requests) waits for room rather than failing: an evaluation beside live traffic."""
+        queue (other callers' requests) waits for room rather than failing: an evaluation beside live traffic;
+        without it, a full queue raises EngineOverloadedError (the requests already queued are aborted)."""
         each = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
         adapters = adapters or [None] * len(prompts)
         limit = max_in_flight or len(prompts) or 1
@@ -417,7 +418,7 @@ class Engine:
                     try:
                         rid = self.add_request(prompts[i], each[i], sink=results.put, adapter=adapters[i])
                     except EngineOverloadedError:
-                        if not pending and max_in_flight is None:
+                        if max_in_flight is None:
                             raise
                         break  # room comes as requests finish (ours, or the other callers')
                     ids.append(rid)
