@@ -259,10 +259,11 @@ def eval_(d: dict) -> str:
     ours = next(r["best_s"] for r in d["results"] if r["system"] == "ours")
     names = {"ours": "ours (Serve app, HTTP)", "vllm": f"vLLM {d['vllm_version']} OpenAI server (HTTP)",
              "hf": "lm-eval `hf` (transformers, in-process)"}
-    table = _table(["system", "best s", "requests/s", "time ÷ ours", "acc", "largest |Δ log-likelihood| vs hf"],
+    table = _table(["system", "best s", "requests/s", "time ÷ ours", "acc", "largest Δ vs hf", "median Δ",
+                    "choices with Δ > 1e-4"],
                    [[names[r["system"]], f"{r['best_s']:.2f}", f"{r['requests_per_s']:.1f}",
-                     f"{r['best_s'] / ours:.2f}", f"{r['acc']:.3f}", f"{r['max_abs_diff_vs_hf']:.1e}"]
-                    for r in d["results"]])
+                     f"{r['best_s'] / ours:.2f}", f"{r['acc']:.3f}", f"{r['max_abs_diff_vs_hf']:.1e}",
+                     f"{r['median_abs_diff_vs_hf']:.1e}", r["choices_over_1e-4_vs_hf"]] for r in d["results"]])
     cost = _table(["server", "1-token completions s", "unique prompts s", "+ echo + logprobs s", "scored ÷ plain",
                    "scored ÷ unique"],
                   [[name, f"{c['plain_s']:.2f}", f"{c['plain_unique_s']:.2f}", f"{c['scored_s']:.2f}",
