@@ -1,9 +1,10 @@
 """lm-evaluation-harness against the Serve app over HTTP, and the eval gate of rollouts. lm-eval itself runs a local
 multiple-choice task and a perplexity task through `local-completions` (tokenizing with the server's /tokenize):
 every per-choice log-likelihood, and the perplexities, equal lm-eval's own transformers (`hf`) backend on the same
-export within 1e-4, so the accuracies are equal; `moe-platform eval` gives the same scores against the URL and on the
-export in-process; a rollout of a version that is worse on the task is rolled back by the eval gate with the scores
-in the audit log, and one that is as good passes the gate at every step. One Ray/Serve instance for the module."""
+export within 1e-4, so the accuracies are equal; `moe-platform eval` gives the same scores against the URL, on the
+export and on its registry version in-process; a rollout of a version that is worse on the task is rolled back by
+the eval gate with the scores in the audit log, and one that is as good passes the gate at every step. One
+Ray/Serve instance for the module."""
 
 from __future__ import annotations
 
@@ -63,7 +64,7 @@ def server(serving_export, serving_export_b, serving_port, tmp_path_factory):
     same = tmp_path_factory.mktemp("same") / "export"
     shutil.copytree(serving_export, same)
     audit = tmp_path_factory.mktemp("audit") / "audit.jsonl"
-    with local_ray(num_cpus=3):
+    with local_ray(num_cpus=3) as address:
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": serving_port})
             serve.run(build_app({"model": str(serving_export), "version": "stable",
@@ -72,7 +73,7 @@ def server(serving_export, serving_export_b, serving_port, tmp_path_factory):
                                  "engine": {"max_batch_size": 16, "batch_wait_timeout_s": 0.0}}),
                       name="moe-platform", route_prefix="/")
             url = f"http://127.0.0.1:{serving_port}"
-            yield {"url": url, "http": httpx.Client(base_url=url, timeout=120), "audit": audit}
+            yield {"url": url, "http": httpx.Client(base_url=url, timeout=120), "audit": audit, "address": address}
         finally:
             serve.shutdown()
 
@@ -117,23 +118,28 @@ def test_lm_eval_over_http_equals_its_transformers_backend(server, tasks, hf_res
         assert abs(a - b) <= TOL * abs(b), (metric, a, b)
 
 
-def test_eval_cli_scores_the_url_and_the_export_alike(server, tasks, serving_export, tmp_path):
+def test_eval_cli_scores_the_url_the_export_and_the_registry_version_alike(server, tasks, serving_export, tmp_path):
+    from moe_platform.cluster.registry import publish_export
+
+    version = publish_export(serving_export, "evaltest")
     cli = [sys.executable, "-m", "moe_platform.cli", "eval", "--tasks", "tiny_mc,tiny_ppl", "--include-path",
            str(tasks), "--limit", "12", "--bootstrap-iters", "0"]
+    env = {**os.environ, "RAY_ADDRESS": server["address"]}
     scores = {}
-    for name, model in (("url", server["url"]), ("export", str(serving_export))):
+    for name, model in (("url", server["url"]), ("export", str(serving_export)),
+                        ("registry", f"registry://evaltest@{version}")):
         out = tmp_path / f"{name}.json"
         done = subprocess.run([*cli, "--model", model, "--output", str(out)], cwd=REPO, capture_output=True,
-                              text=True, timeout=600)
+                              text=True, timeout=600, env=env)
         assert done.returncode == 0, done.stderr[-3000:]
         summary = done.stdout.strip().splitlines()[-1]
         assert summary.startswith("tiny_mc: ") and "acc=1.0000" in summary and f"results {out}" in summary
         scores[name] = json.loads(out.read_text())["results"]
         assert scores[name]["tiny_mc"]["acc,none"] == 1.0
-    a, b = scores["url"]["tiny_ppl"]["word_perplexity,none"], scores["export"]["tiny_ppl"]["word_perplexity,none"]
-    assert abs(a - b) <= TOL * b
+    ppl = [scores[name]["tiny_ppl"]["word_perplexity,none"] for name in ("url", "export", "registry")]
+    assert max(ppl) - min(ppl) <= TOL * min(ppl), ppl
     bad = subprocess.run([*cli[:-4], "--model", str(tmp_path)], cwd=REPO, capture_output=True, text=True,
-                         timeout=300)
+                         timeout=300, env=env)
     assert bad.returncode == 2 and "not an export directory" in bad.stderr
 
 
