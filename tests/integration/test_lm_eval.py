@@ -21,7 +21,6 @@ import pytest
 from evaltasks import MULTIPLE_CHOICE, OFFLINE_ENV, PERPLEXITY, choice_docs, contexts, label_with, write_task
 from tinyrun import REPO, corpus_text, local_ray, poll
 
-pytest.importorskip("lm_eval")
 MODEL = "moe-platform"
 ADMIN = "eval-admin-key"
 TOL = 1e-4
