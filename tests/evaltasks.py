@@ -44,6 +44,19 @@ metric_list:
   - metric: bits_per_byte
 """
 
+GENERATION = """output_type: generate_until
+doc_to_text: "{{context}}"
+doc_to_target: "{{target}}"
+generation_kwargs:
+  until: ["\\n\\n"]
+  max_gen_toks: 12
+  do_sample: false
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+"""
+
 
 def choice_docs(engine, texts: list[str], corpus: str, n_choices: int = 4, tokens: int = 4, seed: int = 0
                 ) -> list[dict]:

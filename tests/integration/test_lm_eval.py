@@ -18,7 +18,16 @@ import threading
 import httpx
 import pytest
 
-from evaltasks import MULTIPLE_CHOICE, OFFLINE_ENV, PERPLEXITY, choice_docs, contexts, label_with, write_task
+from evaltasks import (
+    GENERATION,
+    MULTIPLE_CHOICE,
+    OFFLINE_ENV,
+    PERPLEXITY,
+    choice_docs,
+    contexts,
+    label_with,
+    write_task,
+)
 from tinyrun import REPO, corpus_text, local_ray, poll
 
 MODEL = "moe-platform"
@@ -51,6 +60,7 @@ def tasks(serving_export, tmp_path_factory):
     write_task(root, "tiny_mc", choice_docs(engine, contexts(text, 24), text), MULTIPLE_CHOICE)
     label_with(engine, root, "tiny_mc")
     write_task(root, "tiny_ppl", [{"text": t} for t in contexts(text, 6, chars=400, seed=1)], PERPLEXITY)
+    write_task(root, "tiny_gen", [{"context": t, "target": ""} for t in contexts(text, 6, seed=2)], GENERATION)
     return root
 
 
@@ -115,6 +125,27 @@ def test_lm_eval_over_http_equals_its_transformers_backend(server, tasks, hf_res
     for metric in ("word_perplexity,none", "byte_perplexity,none", "bits_per_byte,none"):
         a, b = ours["results"]["tiny_ppl"][metric], hf_results["results"]["tiny_ppl"][metric]
         assert abs(a - b) <= TOL * abs(b), (metric, a, b)
+
+
+def test_generation_in_process_equals_generation_over_http(server, tasks, serving_export):
+    """A generate_until task: lm-eval in-process on the engine (`EngineLM`) writes exactly what it gets from the
+    server."""
+    from moe_platform.serving.engine import Engine
+    from moe_platform.serving.evaluation import simple_evaluate
+    from moe_platform.serving.lm_eval_backend import EngineLM
+
+    def generated(results: dict) -> list[str]:
+        return [s["resps"][0][0] for s in sorted(results["samples"]["tiny_gen"], key=lambda s: s["doc_id"])]
+
+    engine = Engine.from_pretrained(serving_export, batch_wait_timeout_s=0.0).start()
+    try:
+        here = simple_evaluate(EngineLM(engine), ["tiny_gen"], str(tasks), None, log_samples=True, bootstrap_iters=0)
+    finally:
+        engine.shutdown()
+    there = simple_evaluate(local_completions(server["url"], batch_size=3), ["tiny_gen"], str(tasks), None,
+                            log_samples=True, bootstrap_iters=0)
+    assert generated(here) == generated(there)
+    assert len(generated(here)) == 6 and all(generated(here)), generated(here)
 
 
 def test_eval_cli_scores_the_url_the_export_and_the_registry_version_alike(server, tasks, serving_export, tmp_path):
