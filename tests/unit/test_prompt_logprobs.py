@@ -175,3 +175,20 @@ def test_prompt_logprobs_are_validated():
         SamplingParams(prompt_logprobs=21)
     with pytest.raises(ValueError, match=r"prompt_logprobs must be an integer in \[0, 20\]"):
         SamplingParams(prompt_logprobs=True)
+
+
+@pytest.mark.parametrize("arch", ["DeepseekV3ForCausalLM", "GptOssForCausalLM"])
+def test_prompt_logprobs_on_the_latent_and_the_windowed_caches(arch, tmp_path_factory):
+    """Chunked scoring on a DeepSeek-V3 model (attention on its latent cache) and on gpt-oss (sliding layers holding
+    only their window's blocks, sinks): transformers' log-softmax at every position of a prompt longer than the
+    window."""
+    from tinyrun import save_tiny_hf_model
+
+    hf, out = save_tiny_hf_model(arch, tmp_path_factory.mktemp(arch), tiny_tokenizer(tmp_path_factory.mktemp("t")))
+    engine = Engine.from_pretrained(out, prefill_token_budget=7, block_size=4, batch_wait_timeout_s=0.0)
+    prompt = list(range(20, 60))
+    got = run(engine, [(prompt, SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True, prompt_logprobs=2),
+                        None)])[0]
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([prompt])).logits[0].float(), -1)
+    assert_matches(got.prompt_logprobs, prompt, ref, 2)
