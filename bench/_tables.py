@@ -286,9 +286,31 @@ def kv_cache_mla(d: dict) -> str:
             f"{a['decode_prompt']}-token prompts, {a['decode_tokens']} tokens each, {a['rounds']} rounds.")
 
 
+def eval_(d: dict) -> str:
+    ours = next(r["best_s"] for r in d["results"] if r["system"] == "ours")
+    names = {"ours": "ours (Serve app, HTTP)", "vllm": f"vLLM {d['vllm_version']} OpenAI server (HTTP)",
+             "hf": "lm-eval `hf` (transformers, in-process)"}
+    table = _table(["system", "best s", "requests/s", "time ÷ ours", "acc", "largest Δ vs hf", "median Δ",
+                    "choices with Δ > 1e-4"],
+                   [[names[r["system"]], f"{r['best_s']:.2f}", f"{r['requests_per_s']:.1f}",
+                     f"{r['best_s'] / ours:.2f}", f"{r['acc']:.3f}", f"{r['max_abs_diff_vs_hf']:.1e}",
+                     f"{r['median_abs_diff_vs_hf']:.1e}", r["choices_over_1e-4_vs_hf"]] for r in d["results"]])
+    cost = _table(["server", "1-token completions s", "unique prompts s", "+ echo + logprobs s", "scored ÷ plain",
+                   "scored ÷ unique"],
+                  [[name, f"{c['plain_s']:.2f}", f"{c['plain_unique_s']:.2f}", f"{c['scored_s']:.2f}",
+                    f"{c['scored_over_plain']:.2f}", f"{c['scored_over_plain_unique']:.2f}"]
+                   for name, c in d["prompt_logprob_cost"].items()])
+    a = d["args"]
+    return (f"{table}\n\n{d['requests']} log-likelihood requests ({a['docs']} documents × {a['choices']} choices, "
+            f"{a['context_tokens']}-token contexts, {a['choice_tokens']}-token choices); lm-eval batch size "
+            f"{a['batch_size']}, {a['concurrency']} HTTP requests in flight, {a['threads']} compute threads each; best "
+            f"of {a['rounds']} rounds. Time vLLM ÷ ours: **{d['ratios']['vllm_over_ours']:.2f}×**, hf ÷ ours: "
+            f"**{d['ratios']['hf_over_ours']:.2f}×**.\n\n{cost}")
+
+
 RENDER = {"moe_layer": moe_layer, "memory": memory, "lora": lora, "layouts": layouts, "checkpoint": checkpoint,
           "ray_overhead": ray_overhead, "goodput": goodput, "serve": serve, "rollout": rollout,
-          "quant": quant, "guidellm": guidellm, "kv_cache": kv_cache, "dpo": dpo}
+          "quant": quant, "guidellm": guidellm, "kv_cache": kv_cache, "dpo": dpo, "eval": eval_}
 
 
 def render(name: str, docs: Path = DOCS) -> str:

@@ -1,4 +1,4 @@
-"""`moe-platform` command line: train, export, publish, arbiter, generate, serve, demo, spot-agent, rollout,
+"""`moe-platform` command line: train, export, publish, arbiter, generate, serve, demo, spot-agent, rollout, eval,
 bench."""
 
 from __future__ import annotations
@@ -327,6 +327,11 @@ def _cmd_rollout(ns: argparse.Namespace, rest: list[str]) -> int:
             section["gates"]["quality"] = {"file": str(Path(ns.probe_file).resolve())}
             if ns.max_loss_increase is not None:
                 section["gates"]["quality"]["max_loss_increase"] = ns.max_loss_increase
+        if ns.eval_task:
+            section["gates"]["eval"] = {k: v for k, v in (("task", ns.eval_task), ("limit", ns.eval_limit),
+                                                          ("include_path", ns.eval_include_path),
+                                                          ("metric", ns.eval_metric), ("max_drop", ns.max_eval_drop))
+                                        if v is not None}
         spec = read_probe_file(section)
         RolloutSpec.parse(spec)
     connect(ns.address)
@@ -339,6 +344,16 @@ def _cmd_rollout(ns: argparse.Namespace, rest: list[str]) -> int:
     else:
         call = getattr(controller, ns.action).remote(by, ns.reason or f"{ns.action}d from the command line")
     print(json.dumps(rc.result(call), indent=2))
+    return 0
+
+
+def _cmd_eval(ns: argparse.Namespace, rest: list[str]) -> int:
+    from moe_platform.serving.evaluation import run_eval
+
+    tasks = [t for t in ns.tasks.split(",") if t]
+    key = _read_key(ns.api_key_file, API_KEY_ENV, "--api-key-file")
+    print(run_eval(ns.model, tasks, ns.include_path, ns.limit, ns.output, ns.model_name, key, ns.concurrency,
+                   ns.address, ns.bootstrap_iters), flush=True)
     return 0
 
 
@@ -503,9 +518,10 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("rollout", help="canary or blue-green rollout of a model version in a running Serve app",
                        description="Move an app's traffic to another model version step by step (canary) or at once "
                        "(blue-green), holding each step for the dwell while the new version's error rate, p99 time "
-                       "to first token, p99 latency and (with --probe-file) quality stay within bounds against the "
-                       "stable version's; a failed gate rolls back to 0%% at once. Every event goes to the app's "
-                       "audit log. Prints the rollout's status as JSON.")
+                       "to first token, p99 latency, (with --probe-file) quality and (with --eval-task) an "
+                       "lm-evaluation-harness score stay within bounds against the stable version's; a failed "
+                       "gate rolls back to 0%% at once. Every event goes to the app's audit log. Prints the "
+                       "rollout's status as JSON.")
     r.add_argument("action", choices=("start", "status", "promote", "abort"),
                    help="start a rollout; show it; promote the new version now; abort (back to the stable one)")
     r.add_argument("--app", default="moe-platform", help="the Serve application (default moe-platform)")
@@ -526,8 +542,40 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--probe-file", help="start: held-out texts (blank-line separated) both versions are scored on "
                                         "at every step")
     r.add_argument("--max-loss-increase", type=float, help="start: quality gate, nats per token (default 0.1)")
+    r.add_argument("--eval-task", help="start: an lm-eval task both versions are scored on at every step (a YAML "
+                                       "task under --eval-include-path on the replicas' machines)")
+    r.add_argument("--eval-include-path", help="start: the eval task's directory on the replicas' machines")
+    r.add_argument("--eval-limit", type=int, help="start: documents of the eval task scored per version")
+    r.add_argument("--eval-metric", help="start: the eval task's metric compared (default: its first)")
+    r.add_argument("--max-eval-drop", type=float, help="start: eval gate, how much worse the canary may score "
+                                                       "(default 0.02)")
     r.add_argument("--reason", help="promote/abort: why, for the audit log")
     r.set_defaults(fn=_cmd_rollout)
+
+    ev = sub.add_parser("eval", help="run lm-evaluation-harness tasks against a served model or a local export",
+                        description="Score a model on lm-evaluation-harness tasks (multiple choice, perplexity, "
+                        "generation) with lm-eval itself: against a running server (a URL: lm-eval's "
+                        "local-completions over the OpenAI API, tokenizing with the server's /tokenize), or "
+                        "in-process on an export directory or a registry://NAME@VERSION. Writes lm-eval's results "
+                        "JSON to --output and prints one summary line. Needs lm-eval (pip install "
+                        "'moe-platform[eval]').")
+    ev.add_argument("--model", required=True, help="an export directory, registry://NAME@VERSION, or the URL of a "
+                                                   "running server (e.g. http://127.0.0.1:8000)")
+    ev.add_argument("--tasks", required=True, help="task names, comma-separated")
+    ev.add_argument("--include-path", help="a directory of YAML tasks with local data (nothing is downloaded); "
+                                           "without it, lm-eval's own task registry")
+    ev.add_argument("--limit", type=int, help="documents per task at most")
+    ev.add_argument("--output", default="eval_results.json", help="lm-eval's results JSON (default "
+                                                                  "eval_results.json)")
+    ev.add_argument("--model-name", help="URL: the model id to send, e.g. NAME@VERSION to pin a version (default: "
+                                         "the first of /v1/models)")
+    ev.add_argument("--api-key-file", help=f"URL: a file holding the server's API key (or {API_KEY_ENV})")
+    ev.add_argument("--concurrency", type=int, default=8, help="URL: requests in flight at once (default 8)")
+    ev.add_argument("--bootstrap-iters", type=int, default=100_000, help="bootstrap resamples for the standard "
+                                                                         "errors of some metrics; 0 skips them")
+    ev.add_argument("--address", default=None, help="registry://: the Ray cluster whose registry holds the model "
+                                                    "(default RAY_ADDRESS, else the running local one)")
+    ev.set_defaults(fn=_cmd_eval)
 
     b = sub.add_parser("bench", help="run a benchmark from bench/ (extra arguments go to it)")
     b.add_argument("name", help="benchmark name, e.g. moe_layer")

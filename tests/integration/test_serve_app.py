@@ -143,7 +143,16 @@ BAD_INPUTS = [
     ("completions", {**M, "prompt": "hi", "seed": -1}, 400, "seed"),
     ("completions", {**M, "prompt": "hi", "stream": "yes"}, 400, "stream"),
     ("completions", {**M, "prompt": "hi", "logprobs": 21}, 400, "logprobs"),
-    ("completions", {**M, "prompt": "hi", "logprobs": 2, "echo": True}, 400, "logprobs"),
+    ("completions", {**M, "prompt": "hi", "prompt_logprobs": 21}, 400, "prompt_logprobs"),
+    ("completions", {**M, "prompt": "hi", "max_tokens": 0, "logprobs": 1}, 400, "max_tokens"),  # 0 needs echo
+    # parameters this server does not know are refused by name, never silently dropped
+    ("completions", {**M, "prompt": "hi", "frequency_penalty_x": 1}, 400, "frequency_penalty_x"),
+    ("completions", {**M, "prompt": "hi", "stream": True, "stream_options": {"include_usage": True, "x": 1}}, 400,
+     "stream_options.x"),
+    ("chat/completions", {**M, "messages": [{"role": "user", "content": "hi", "audio": {}}]}, 400,
+     "messages[0].audio"),
+    ("chat/completions", {**M, "messages": [{"role": "user", "content": "hi"}], "prompt_logprobs": 1}, 400,
+     "prompt_logprobs"),
     ("chat/completions", {**M, "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, 400,
      "top_logprobs"),
     ("chat/completions", {**M, "messages": [{"role": "user", "content": "hi"}], "logprobs": True,
@@ -358,6 +367,41 @@ def test_a_client_that_goes_away_stops_its_request(server, stream):
 
     generated = poll(ended, 30, "the request to be aborted")
     assert 1 <= generated < 240, generated
+
+
+def test_prompt_logprobs_through_the_openai_client(server, client, local):
+    """Completions with echo and logprobs, as lm-eval sends them: the prompt's tokens and log-probabilities (none
+    for its first token) come before the generated one's, equal to the engine's own prompt log-probabilities (checked
+    against transformers in the engine tests), each top_logprobs entry holding the token itself and the top N;
+    max_tokens 0 returns the prompt alone; streamed, the echo chunk carries the prompt's."""
+    ids = local.encode("ROMEO: hark, what light")
+    n = len(ids)
+    rid = local.add_request(ids, SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=2))
+    want = None
+    while local.has_unfinished():
+        want = next((o.prompt_logprobs for o in local.step() if o.request_id == rid and o.prompt_logprobs), want)
+    r = client.completions.create(model=MODEL, prompt=[ids], max_tokens=1, logprobs=2, echo=True, temperature=0,
+                                  seed=1234)
+    lp = r.choices[0].logprobs
+    assert r.choices[0].text.startswith("ROMEO: hark, what light") and len(lp.tokens) == n + 1
+    assert lp.tokens[:n] == local.token_texts(ids) and lp.text_offset[:2] == [0, len(lp.tokens[0])]
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.token_logprobs[1:n] == pytest.approx([v for v, _, _ in want[1:]], abs=1e-6)
+    for piece, value, top, (_, rank, alts) in zip(lp.tokens[1:n], lp.token_logprobs[1:n], lp.top_logprobs[1:n],
+                                                  want[1:], strict=True):
+        assert top[piece] == value and len(top) <= 3  # the token itself, and the top 2
+        assert max(top.values()) == pytest.approx(alts[0][1], abs=1e-6)
+        assert (value == max(top.values())) == (rank == 1)  # lm-eval's greedy check
+    assert r.usage.prompt_tokens == n and r.usage.completion_tokens == 1
+    alone = client.completions.create(model=MODEL, prompt=[ids], max_tokens=0, logprobs=2, echo=True)
+    assert alone.choices[0].text == "ROMEO: hark, what light" and alone.usage.completion_tokens == 0
+    assert alone.choices[0].logprobs.token_logprobs == lp.token_logprobs[:n]
+    body = {**M, "prompt": [ids], "max_tokens": 2, "logprobs": 2, "echo": True, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    chunks = [json.loads(e) for e in sse_events(server.http.post("/v1/completions", json=body).text)[:-1]]
+    first = chunks[0]["choices"][0]
+    assert first["text"] == "ROMEO: hark, what light" and first["logprobs"]["token_logprobs"] == lp.token_logprobs[:n]
+    assert all("usage" in c for c in chunks) and chunks[-1]["usage"]["completion_tokens"] == 2
 
 
 def test_logprobs_through_the_openai_client(server, client, local):

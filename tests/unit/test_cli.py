@@ -25,7 +25,7 @@ def cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 def test_help_lists_every_subcommand():
     out = cli("--help")
     assert out.returncode == 0
-    for sub in ("train", "export", "publish", "arbiter", "generate", "serve", "demo", "rollout", "bench"):
+    for sub in ("train", "export", "publish", "arbiter", "generate", "serve", "demo", "rollout", "eval", "bench"):
         assert sub in out.stdout
     train_help = cli("train", "--help").stdout
     assert "--config" in train_help and "--section.key=value" in train_help
@@ -92,6 +92,11 @@ def test_generate_takes_a_deepseek_directory_as_it_is(tmp_path):
     (["rollout", "start", "--to", "v2", "--steps", "50,25,100"], "steps must be increasing whole percentages"),
     (["rollout", "start", "--to", "v2", "--dwell", "soon"], "not a duration: 'soon'"),
     (["rollout", "start", "--to", "v2", "--probe-file", "/nonexistent.txt"], "cannot read the probe prompts"),
+    (["rollout", "start", "--to", "v2", "--eval-task", "mc", "--max-eval-drop", "-1"], "gates.eval.max_drop"),
+    (["eval", "--model", "/nonexistent", "--tasks", "mc"], "not an export directory"),
+    (["eval", "--model", "http://127.0.0.1:9", "--tasks", "mc", "--include-path", "/nonexistent"],
+     "--include-path /nonexistent: not a directory"),
+    (["eval", "--model", "http://127.0.0.1:9", "--tasks", "mc"], "cannot reach the server at http://127.0.0.1:9"),
     (["train", "--config", "jobs/configs/tiny.toml", "--rollout.auto=true"], "rollout.auto needs "
                                                                               "checkpoint.publish_to"),
 ])

@@ -119,6 +119,56 @@ def test_the_quality_probe_gates_every_step_before_traffic_moves(setup):
     assert events[-2]["gate"] == "quality" and events[-2]["losses"] == {"v1": 2.0, "v2": 7.5}
 
 
+def test_the_eval_gate_scores_both_versions_on_one_replica_before_every_step(setup):
+    """One replica at a time gets the evaluation (another when it goes away); a stale result is ignored; a pass
+    moves traffic, the next step evaluates again, and a drop beyond max_drop rolls back with the scores."""
+    rollout, clock, events = setup
+    gate = {"task": "mc", "include_path": "tasks", "limit": 20, "max_drop": 0.05}
+    rollout.start(spec(gates={"min_requests": 10, "eval": gate}), "cli:ops")
+    first = rollout.sync("r1", "v1", versions(), {})
+    assert rollout.phase == "evaluating" and first["weights"] is None
+    job = first["evaluation"]
+    assert job == {"id": job["id"], "versions": ["v1", "v2"], "task": "mc", "include_path": "tasks", "limit": 20,
+                   "metric": None}
+    assert "evaluation" not in rollout.sync("r2", "v1", versions(), {})  # one replica runs it
+    clock.now += 11  # r1 went away: r2 takes the evaluation over
+    assert rollout.sync("r2", "v1", versions(), {})["evaluation"] == job
+    result = {"metric": "acc,none", "higher_is_better": True, "documents": 20}
+    rollout.sync("r2", "v1", versions(), {}, evaluation={"id": "stale", "scores": {"v1": 0.9, "v2": 0.1}, **result})
+    assert rollout.phase == "evaluating"
+    answer = rollout.sync("r2", "v1", versions(), {},
+                          evaluation={"id": job["id"], "scores": {"v1": 0.80, "v2": 0.78}, **result})
+    assert answer["weights"] == {"v1": 95, "v2": 5} and "evaluation" not in answer
+    assert events[-2]["gate"] == "eval" and events[-2]["passed"] and events[-2]["scores"] == {"v1": 0.8, "v2": 0.78}
+    clock.now += 31
+    rollout.sync("r2", "v1", versions(), {"v1": traffic(50, 0.1), "v2": traffic(10, 0.1)})
+    answer = rollout.sync("r2", "v1", versions(), {})
+    assert rollout.phase == "evaluating" and answer["weights"] == {"v1": 95, "v2": 5}  # the next step scores first
+    again = answer["evaluation"]
+    assert again["id"] != job["id"]
+    rollout.sync("r2", "v1", versions(), {}, evaluation={"id": again["id"], "scores": {"v1": 0.8, "v2": 0.7},
+                                                         **result})
+    assert rollout.state == "rolled_back" and rollout.weights == {"v1": 100} and rollout.eval_job is None
+    assert rollout.reason == ("eval gate: mc acc,none 0.7000 against the stable version's 0.8000 is 0.1000 worse "
+                              "(bound 0.05)")
+    assert events[-2]["passed"] is False and events[-2]["scores"] == {"v1": 0.8, "v2": 0.7}
+    assert rollout.status()["evaluation"]["scores"] == {"v1": 0.8, "v2": 0.7}
+
+
+@pytest.mark.parametrize("result, reason", [
+    ({"scores": {"v1": 10.0, "v2": 10.5}, "metric": "word_perplexity,none", "higher_is_better": False},
+     "word_perplexity,none 10.5000 against the stable version's 10.0000 is 0.5000 worse"),
+    ({"error": "ValueError; the replica log says why"}, "could not be scored: ValueError"),
+    ({"scores": {"v1": 0.5}, "metric": "acc,none"}, "no score for ['v2']"),
+])
+def test_the_eval_gate_fails_on_a_worse_lower_is_better_score_an_error_or_a_missing_score(setup, result, reason):
+    rollout, _, _ = setup
+    rollout.start(spec(gates={"eval": {"task": "ppl", "max_drop": 0.1}}), "cli:ops")
+    job = rollout.sync("r1", "v1", versions(), {})["evaluation"]
+    rollout.sync("r1", "v1", versions(), {}, evaluation={"id": job["id"], **result})
+    assert rollout.state == "rolled_back" and reason in rollout.reason, rollout.reason
+
+
 def test_traffic_waits_until_every_replica_has_the_version_ready(setup):
     rollout, clock, _ = setup
     rollout.sync("r2", "v1", {"v1": {"ready": True, "base": BASE}}, {})  # r2 does not serve v2 yet
@@ -209,6 +259,8 @@ def test_a_declared_section_starts_once_and_a_restart_resumes_from_the_audit_log
     ({"to": "v 2"}, "to: String should match"),
     ({"gates": {"max_p99_latency_ratio": 0}}, "gates.max_p99_latency_ratio"),
     ({"gates": {"quality": {"prompts": []}}}, "gates.quality.prompts"),
+    ({"gates": {"eval": {"task": "mc", "max_drop": -1}}}, "gates.eval.max_drop"),
+    ({"gates": {"eval": {"task": "../x"}}}, "gates.eval.task"),
     ({"gate": {}}, "gate: Extra inputs are not permitted"),
 ])
 def test_invalid_rollouts_name_what_is_wrong(bad, match):

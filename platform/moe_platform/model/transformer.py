@@ -101,8 +101,9 @@ class MoETransformer(nn.Module):
         """tokens (B, T) -> logits (B, T, vocab). With a bound KVCache, positions (B, T) say where each token sits.
 
         logits_at (B,) computes the vocabulary head only at that index of each row -> (B, vocab), which is all a
-        prefill needs and saves a (B, T, vocab) matmul. segments (B, T) marks packed documents (training): each
-        attends only within itself, with positions restarting at its start (`document_layout`).
+        prefill needs and saves a (B, T, vocab) matmul; a pair (rows, indices) of (N,) tensors computes it at those N
+        places -> (N, vocab). segments (B, T) marks packed documents (training): each attends only within itself,
+        with positions restarting at its start (`document_layout`).
         """
         mask = None
         if segments is not None:
@@ -114,7 +115,9 @@ class MoETransformer(nn.Module):
         for layer in self.model.layers:
             h = layer(h, rope, cache, mask)
         if logits_at is not None:
-            h = h[torch.arange(h.shape[0], device=h.device), logits_at]  # (B, T, dim) -> (B, dim)
+            rows, at = logits_at if isinstance(logits_at, tuple) else (torch.arange(h.shape[0], device=h.device),
+                                                                       logits_at)
+            h = h[rows, at]  # (B, T, dim) -> (N, dim)
         return self.lm_head(self.model.norm(h)).float()
 
 

@@ -23,6 +23,8 @@ Operations:
   user_config to move it without a restart) splits requests between them (moe_platform.serving.traffic);
   `MODEL_NAME@VERSION` pins one, an `X-Session-Id` header keeps a conversation on one version, adapter requests
   stay on `model`, and every answer names its version in the `X-Model-Version` header;
+- tokenizer routes: `POST /tokenize`, `POST /detokenize` and `GET /tokenizer_info` in vLLM's shapes
+  (moe_platform.serving.tokenizer_api), which lm-evaluation-harness uses to tokenize with the server's tokenizer;
 - metrics: time to first token, inter-token latency, queue depth, batch size, tokens/s and per-expert load go to
   `ray.util.metrics` (Prometheus via Ray's metrics export).
 """
@@ -56,6 +58,7 @@ from moe_platform.serving.openai_api import (
 from moe_platform.serving.replica_metrics import RayMetrics, RequestLog
 from moe_platform.serving.rollout import RolloutError, read_probe_file
 from moe_platform.serving.rollout_follower import RolloutFollower
+from moe_platform.serving.tokenizer_api import TokenizerRoutes
 from moe_platform.serving.traffic import PERCENT, TrafficSplit
 from moe_platform.serving.versions import VersionSet
 
@@ -198,6 +201,7 @@ class MoEServer:
         self.frontend = OpenAIFrontend(lambda: self.versions.engine, model_name, api_key, max_body_bytes,
                                        admin_api_key, pick=self.versions.pick, observe=requests.observe,
                                        rollout=self.follower.admin)
+        self.tokenizer_routes = TokenizerRoutes(self.frontend)
 
     async def reconfigure(self, user_config: dict) -> None:
         """`user_config: {model: DIR or registry://NAME[@VERSION], adapters: {NAME: DIR or registry://...},
@@ -273,6 +277,18 @@ class MoEServer:
     @fastapi_app.get("/v1/models")
     async def models(self, request: Request):
         return await self.frontend.models(request)
+
+    @fastapi_app.post("/tokenize")
+    async def tokenize(self, request: Request):
+        return await self.tokenizer_routes.tokenize(request)
+
+    @fastapi_app.post("/detokenize")
+    async def detokenize(self, request: Request):
+        return await self.tokenizer_routes.detokenize(request)
+
+    @fastapi_app.get("/tokenizer_info")
+    async def tokenizer_info(self, request: Request):
+        return await self.tokenizer_routes.tokenizer_info(request)
 
     @fastapi_app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(self, request: Request):

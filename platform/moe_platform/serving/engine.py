@@ -54,7 +54,7 @@ from moe_platform.serving.adapters import LoadedAdapter
 from moe_platform.serving.cache import KV_CACHE_DTYPES
 from moe_platform.serving.chat import ChatTemplate
 from moe_platform.serving.engine_core import EngineCore
-from moe_platform.serving.errors import EngineUnavailableError
+from moe_platform.serving.errors import EngineOverloadedError, EngineUnavailableError
 from moe_platform.serving.input_processor import InputProcessor
 from moe_platform.serving.lora_manager import LoRAManager
 from moe_platform.serving.model_loader import load_export, load_parts
@@ -439,23 +439,58 @@ class Engine:
                        timeout: float | None = None, adapters: Sequence[str | None] | None = None) -> list[str]:
         """Generate completions for several prompts together (continuous batching), prompt i with adapter
         `adapters[i]` (None: the base model); return their texts in order."""
-        results: queue.SimpleQueue[RequestOutput] = queue.SimpleQueue()
+        return [out.text for out in self.complete_batch(prompts, params, timeout, adapters)]
+
+    def complete_batch(self, prompts: Sequence[str | Sequence[int]],
+                       params: SamplingParams | Sequence[SamplingParams] | None = None, timeout: float | None = None,
+                       adapters: Sequence[str | None] | None = None,
+                       max_in_flight: int | None = None) -> list[RequestOutput]:
+        """Run several requests together (continuous batching), prompt i with `params[i]` (or one `params` for all)
+        and adapter `adapters[i]` (None: the base model); return each one's whole output (text, tokens, log-
+        probabilities) in order. With `max_in_flight`, at most that many are queued or running at once, and a full
+        queue (other callers' requests) waits for room rather than failing: an evaluation beside live traffic;
+        without it, a full queue raises EngineOverloadedError (the requests already queued are aborted)."""
+        each = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
         adapters = adapters or [None] * len(prompts)
-        ids = [self.add_request(p, params, sink=results.put, adapter=a) for p, a in zip(prompts, adapters, strict=True)]
-        texts = {rid: "" for rid in ids}
-        pending = set(ids)
+        limit = max_in_flight or len(prompts) or 1
+        results: queue.SimpleQueue[RequestOutput] = queue.SimpleQueue()
+        outs: dict[str, RequestOutput] = {}
+        ids: list[str] = []
+        pending: set[str] = set()
         background = self.running
-        while pending:
-            if not background:
-                self.step()
-            while pending and (background or not results.empty()):
-                out = results.get(timeout=timeout)
-                if out.error is not None:
-                    raise out.failure()
-                texts[out.request_id] += out.text
-                if out.finished:
-                    pending.discard(out.request_id)
-        return [texts[rid] for rid in ids]
+        try:
+            while len(ids) < len(prompts) or pending:
+                while len(ids) < len(prompts) and len(pending) < limit:
+                    i = len(ids)
+                    try:
+                        rid = self.add_request(prompts[i], each[i], sink=results.put, adapter=adapters[i])
+                    except EngineOverloadedError:
+                        if max_in_flight is None:
+                            raise
+                        break  # room comes as requests finish (ours, or the other callers')
+                    ids.append(rid)
+                    pending.add(rid)
+                if not background:
+                    self.step()
+                got = []
+                if background:  # wait for the next output (or, with nothing of ours queued, for room)
+                    try:
+                        got.append(results.get(timeout=timeout if pending else 0.05))
+                    except queue.Empty:
+                        if pending:
+                            raise TimeoutError(f"no output within {timeout} s") from None
+                while not results.empty():
+                    got.append(results.get_nowait())
+                for out in got:
+                    if out.error is not None:
+                        raise out.failure()
+                    outs[out.request_id] = outs[out.request_id].merge(out) if out.request_id in outs else out
+                    if out.finished:
+                        pending.discard(out.request_id)
+        finally:
+            for rid in pending:
+                self.abort(rid)
+        return [outs[rid] for rid in ids]
 
     @torch.inference_mode()
     def score(self, texts: Sequence[str]) -> float:

@@ -21,8 +21,8 @@ from moe_platform.serving.errors import EngineOverloadedError, EngineUnavailable
 from moe_platform.serving.model_runner import ModelRunner
 from moe_platform.serving.output_processor import OutputProcessor
 from moe_platform.serving.outputs import RequestOutput
-from moe_platform.serving.sampling import draw_uniforms, sample_tokens, token_logprobs
-from moe_platform.serving.scheduler import PrefillGroup, Scheduler, SeqStatus
+from moe_platform.serving.sampling import draw_uniforms, prompt_token_logprobs, sample_tokens, token_logprobs
+from moe_platform.serving.scheduler import PrefillChunk, PrefillGroup, Scheduler, SeqStatus
 from moe_platform.serving.scheduler import SequenceState as Seq
 
 THROUGHPUT_WINDOW_S = 10.0
@@ -134,10 +134,12 @@ class EngineCore:
 
     def _run_prefill(self, group: PrefillGroup, outputs: list[RequestOutput]) -> None:
         chunks = group.chunks
-        logits = self.runner.prefill(group, self.scheduler)  # (rows, vocab) on the CPU, sampled here
+        # (rows, vocab) on the CPU, sampled here; (M, vocab) at the prompt positions of the requests that score theirs
+        logits, prompt_logits = self.runner.prefill(group, self.scheduler)
         for c in chunks:
             self.scheduler.advance(c.seq, c.length)
-        done = [i for i, c in enumerate(chunks) if c.completes_prompt]
+        failed = self._score_prompts(chunks, prompt_logits, outputs) if prompt_logits is not None else ()
+        done = [i for i, c in enumerate(chunks) if c.completes_prompt and c.seq not in failed]
         if not done:
             return
         now = time.monotonic()
@@ -146,6 +148,41 @@ class EngineCore:
                 self.counters["prompt_tokens"] += seq.prompt_len
             if self.outputs.append_token(seq, token, now, outputs, lp) is False:
                 self.scheduler.prefill_done(seq)
+
+    def _score_prompts(self, chunks: list[PrefillChunk], logits: torch.Tensor, outputs: list[RequestOutput]
+                       ) -> set[Seq]:
+        """Record the prompt log-probabilities of this step's chunks (logits: their scored positions in chunk order,
+        all rows at once); when the batch fails, chunk by chunk, and a chunk that fails alone fails its request.
+        Returns the requests that failed."""
+        parts, row = [], 0
+        for c in chunks:
+            positions = c.prompt_logprob_positions
+            parts.append((c, positions, row))
+            row += len(positions)
+
+        def record(part_list) -> None:
+            tokens = [c.seq.prompt_ids[p + 1] for c, positions, _ in part_list for p in positions]
+            tops = [c.seq.params.prompt_logprobs for c, positions, _ in part_list for _ in positions]
+            rows = [r + j for _, positions, r in part_list for j in range(len(positions))]
+            entries = iter(prompt_token_logprobs(logits[rows], tokens, tops))
+            for c, positions, _ in part_list:
+                for p in positions:
+                    c.seq.prompt_logprobs[p + 1] = next(entries)
+
+        parts = [part for part in parts if part[1]]
+        try:
+            record(parts)
+            return set()
+        except Exception:  # noqa: BLE001 - the chunks at fault are found below
+            pass
+        failed = set()
+        for part in parts:
+            try:
+                record([part])
+            except Exception as e:  # noqa: BLE001 - this request's own failure
+                failed.add(part[0].seq)
+                self.outputs.fail_request(part[0].seq, outputs, e)
+        return failed
 
     def _run_decode(self, batch: list[Seq], outputs: list[RequestOutput]) -> None:
         logits = self.runner.decode(batch, self.scheduler)  # (D, vocab) on the CPU
@@ -208,5 +245,6 @@ class EngineCore:
             "steps": self.counters["steps"],
             "prefill_forwards": self.runner.forwards["prefill"],
             "decode_forwards": self.runner.forwards["decode"],
+            "prompt_logprob_tokens": self.runner.prompt_logprob_tokens,
             **self.scheduler.kv_stats(),
         }

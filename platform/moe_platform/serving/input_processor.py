@@ -85,6 +85,8 @@ class InputProcessor:
         seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
         seq = SequenceState(request_id, ids, params, max_tokens, time.monotonic(), sink=sink,
                             generator=None if params.greedy else make_generator(seed))
+        if params.prompt_logprobs is not None:
+            seq.prompt_logprobs = [None] * len(ids)  # position 0 has no tokens before it to be scored on
         seq.detokenizer = IncrementalDetokenizer(self.tokenizer)
         seq.stopper = StopStringMatcher(params.stop)
         return seq

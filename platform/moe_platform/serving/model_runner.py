@@ -30,6 +30,7 @@ class ModelRunner:
         # (MoE layers, E): tokens each routed expert received (dense layers route nothing)
         self.expert_load = torch.zeros(len(self._moe_layers), self.args.num_experts, dtype=torch.long)
         self.forwards = {"prefill": 0, "decode": 0}
+        self.prompt_logprob_tokens = 0  # prompt positions scored (logits computed) for requests that asked
         self.cache: ServingKVCache | PagedKVCache | None = None  # the KV tensors (engine.build_scheduler)
 
     def _bind(self, seqs: list[Seq], positions: torch.Tensor, scheduler: Scheduler):
@@ -44,9 +45,10 @@ class ModelRunner:
                 cache.swap_slots(op.a, op.b, op.length_a, op.length_b)
         return cache.bind_rows([s.slot for s in seqs], positions, self.dtype)
 
-    def prefill(self, group: PrefillGroup, scheduler: Scheduler) -> torch.Tensor:
+    def prefill(self, group: PrefillGroup, scheduler: Scheduler) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One right-padded forward over a group's chunks -> (rows, vocab) float32 logits at each chunk's last
-        token, on the CPU."""
+        token, and (M, vocab) at the M positions whose logits score a prompt (`prompt_logprob_positions`, chunk by
+        chunk; None when no chunk asks), on the CPU."""
         chunks = group.chunks
         width = group.padded_len
         tokens = torch.full((len(chunks), width), self.pad_token_id, dtype=torch.long)
@@ -54,14 +56,23 @@ class ModelRunner:
         for i, c in enumerate(chunks):
             tokens[i, : c.length] = torch.tensor(c.seq.all_ids[c.start:c.start + c.length])
             positions[i] = torch.arange(c.start, c.start + width)
-        last = torch.tensor([c.length - 1 for c in chunks])
+        at = [c.length - 1 for c in chunks]
+        rows = list(range(len(chunks)))
+        for i, c in enumerate(chunks):  # the prompt-scoring positions, only of the requests that ask
+            rows += [i] * len(c.prompt_logprob_positions)
+            at += [p - c.start for p in c.prompt_logprob_positions]
+        scored = len(at) - len(chunks)
         if self.adapters is not None:
             self.adapters.batch.set([c.seq.adapter_slot for c in chunks], width)
         cache = self._bind([c.seq for c in chunks], positions, scheduler)
-        logits = self.model(tokens.to(self.device), positions.to(self.device), cache, logits_at=last.to(self.device))
+        where = torch.tensor(at, device=self.device)
+        if scored:
+            where = (torch.tensor(rows, device=self.device), where)
+        logits = self.model(tokens.to(self.device), positions.to(self.device), cache, logits_at=where).float().cpu()
         self._count_expert_load()
         self.forwards["prefill"] += 1
-        return logits.float().cpu()
+        self.prompt_logprob_tokens += scored
+        return logits[: len(chunks)], logits[len(chunks):] if scored else None
 
     def decode(self, batch: list[Seq], scheduler: Scheduler) -> torch.Tensor:
         """One forward of every decoding sequence's last token -> (D, vocab) float32 logits on the CPU."""

@@ -10,10 +10,12 @@ characters that costs nothing. The Serve deployment (`app.py`) only routes to th
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -33,7 +35,7 @@ from moe_platform.serving.errors import (
 from moe_platform.serving.traffic import MAX_SESSION_ID_CHARS
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20
-_INLINE_PROMPT_CHARS = 4096  # prompts up to this are tokenized on the event loop (sub-millisecond), longer in a thread
+INLINE_PROMPT_CHARS = 4096  # prompts up to this are tokenized on the event loop (sub-millisecond), longer in a thread
 logger = logging.getLogger(__name__)
 
 
@@ -119,7 +121,7 @@ class OpenAIFrontend:
 
     async def models(self, request: Request) -> Response:
         try:
-            self._authorize(request)
+            self.authorize(request)
         except ServingError as e:
             return error_response(e)
         adapters = self.engine_ref().loaded_adapters()
@@ -177,11 +179,11 @@ class OpenAIFrontend:
             raise ForbiddenError("admin routes are disabled because no admin key is configured: start the server "
                                  "with admin_api_key (moe-platform serve: --admin-key-file or "
                                  "MOE_PLATFORM_ADMIN_KEY); the API key does not open them", code="admin_disabled")
-        self._authorize(request, self.admin_key)
+        self.authorize(request, self.admin_key)
 
     async def _admin_json(self, request: Request) -> dict:
         self._admin_allowed(request)
-        data = P.parse_json_body(await self._read_body(request))
+        data = P.parse_json_body(await self.read_body(request))
         if not isinstance(data, dict):
             raise InvalidRequestError("the request body must be a JSON object")
         return data
@@ -213,13 +215,13 @@ class OpenAIFrontend:
     async def _answer(self, request: Request, chat: bool, start: float) -> Response:
         version = None
         try:
-            self._authorize(request)
-            body = await self._read_body(request)
+            self.authorize(request)
+            body = await self.read_body(request)
             req = P.parse_request(P.ChatCompletionRequest if chat else P.CompletionRequest, body)
             model, at, pinned = req.model.partition("@")  # NAME@VERSION pins a version
-            adapter = self._adapter_of(model)
+            adapter = self.adapter_of(model)
             engine, version = self.pick(pinned if at else None, _session_id(request), adapter)
-            if _prompt_chars(req, chat) <= _INLINE_PROMPT_CHARS:
+            if _prompt_chars(req, chat) <= INLINE_PROMPT_CHARS:
                 jobs = self._jobs(engine, req, chat)
             else:  # tokenizing a long prompt would hold up every other request on this event loop
                 jobs = await asyncio.to_thread(self._jobs, engine, req, chat)
@@ -228,11 +230,9 @@ class OpenAIFrontend:
             return _served_by(error_response(e), version)
         rid = P.new_id("chatcmpl" if chat else "cmpl")
         created = P.now_s()
-        echoes = [echo for _, _, echo in jobs]
         served = {"X-Model-Version": version} if version else {}
         if req.stream:
-            gen = self._sse(streams, rid, created, chat, req.include_usage, echoes, req.model, version, start,
-                            engine)
+            gen = self._sse(streams, rid, created, chat, req, jobs, version, start, engine)
             return StreamingResponse(gen, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **served})
         try:
@@ -242,6 +242,8 @@ class OpenAIFrontend:
         finally:
             for s in streams:
                 s.abort()
+        if not chat and req.prompt_only:
+            results = [_prompt_alone(r) for r in results]
         prompt_tokens = sum(r.prompt_tokens for r in results)
         completion_tokens = sum(r.completion_tokens for r in results)
         use = P.usage(prompt_tokens, completion_tokens)
@@ -249,8 +251,10 @@ class OpenAIFrontend:
             choices = [P.chat_choice(i, r.text, r.finish_reason, _logprobs(engine, r, chat))
                        for i, r in enumerate(results)]
             return JSONResponse(P.chat_response(rid, req.model, created, choices, use), headers=served)
-        choices = [P.completion_choice(i, echoes[i] + r.text, r.finish_reason, _logprobs(engine, r, chat))
-                   for i, r in enumerate(results)]
+        if len(results) > 1 or results[0].prompt_logprobs:  # prompt log-probabilities to render: off the event loop
+            choices = await asyncio.to_thread(_completion_choices, engine, req, jobs, results)
+        else:
+            choices = _completion_choices(engine, req, jobs, results)
         return JSONResponse(P.completion_response(rid, req.model, created, choices, use), headers=served)
 
     def _one_version(self, pinned: str | None, session: str | None, adapter: str | None) -> tuple[Engine, None]:
@@ -259,7 +263,7 @@ class OpenAIFrontend:
                                 f"version of '{self.model_name}'", param="model", code="model_not_found")
         return self.engine_ref(), None
 
-    def _adapter_of(self, model: str) -> str | None:
+    def adapter_of(self, model: str) -> str | None:
         """The adapter a request's model id names: 'BASE' -> None (the base model), 'BASE:ADAPTER' -> ADAPTER."""
         if model == self.model_name:
             return None
@@ -270,7 +274,7 @@ class OpenAIFrontend:
                                 code="model_not_found")
         return adapter
 
-    def _authorize(self, request: Request, key: str | None = None) -> None:
+    def authorize(self, request: Request, key: str | None = None) -> None:
         key = key or self.api_key
         if key is None:
             return
@@ -280,7 +284,7 @@ class OpenAIFrontend:
             raise AuthenticationError("invalid or missing API key: send the header 'Authorization: Bearer <key>'",
                                       code="invalid_api_key")
 
-    async def _read_body(self, request: Request) -> bytes:
+    async def read_body(self, request: Request) -> bytes:
         limit = self.max_body_bytes
         declared = request.headers.get("content-length")
         if declared is not None:
@@ -298,7 +302,7 @@ class OpenAIFrontend:
             chunks.append(part)
         return b"".join(chunks)
 
-    def _jobs(self, engine: Engine, req, chat: bool) -> list[tuple[list[int], object, str]]:
+    def _jobs(self, engine: Engine, req, chat: bool) -> list[Job]:
         """(prompt ids, sampling params, echo text) for every choice; validates lengths against the context."""
         if chat:
             prompts = [engine.render_chat(req.template_messages())]
@@ -321,14 +325,14 @@ class OpenAIFrontend:
                     # OpenAI's completions default is 16 tokens; without an explicit value, fit what room is left.
                     params.max_tokens = min(16, engine.max_seq_len - len(ids))
                 engine.resolve_max_tokens(len(ids), params, limit)
-                jobs.append((ids, params, echo))
+                jobs.append(Job(ids, params, echo))
         return jobs
 
     def _submit_all(self, engine: Engine, jobs, adapter: str | None) -> list[RequestStream]:
         streams: list[RequestStream] = []
         try:
-            for ids, params, _ in jobs:
-                streams.append(self._submit(engine, ids, params, adapter))
+            for job in jobs:
+                streams.append(self._submit(engine, job.ids, job.params, adapter))
         except ServingError:
             for s in streams:
                 s.abort()
@@ -345,31 +349,41 @@ class OpenAIFrontend:
                 raise
             return current.submit(ids, params, adapter=adapter)
 
-    async def _sse(self, streams: list[RequestStream], rid: str, created: int, chat: bool, include_usage: bool,
-                   echoes: list[str], model: str, version: str | None, start: float,
-                   engine: Engine) -> AsyncIterator[str]:
-        obj = "chat.completion.chunk" if chat else "text_completion"
+    async def _sse(self, streams: list[RequestStream], rid: str, created: int, chat: bool, req, jobs: list[Job],
+                   version: str | None, start: float, engine: Engine) -> AsyncIterator[str]:
+        obj, model = "chat.completion.chunk" if chat else "text_completion", req.model
+        include_usage = req.include_usage
+        every_chunk = include_usage and req.stream_options.continuous_usage_stats
+        prompt_only = not chat and req.prompt_only
         # One choice (the common case) reads its stream directly; several are merged through a queue.
         outputs = _indexed(streams[0]) if len(streams) == 1 else _merged(streams)
-        prompt_tokens = completion_tokens = 0
+        counts = [(0, 0)] * len(streams)  # (prompt, completion) tokens of each choice so far
         remaining = len(streams)
         status = 200
+        # An echo with log-probabilities goes out with the first output, which brings the prompt's.
+        deferred = {i for i, job in enumerate(jobs) if job.echo and not chat and req.logprobs is not None}
         try:
             for i in range(len(streams)):
                 if chat:
                     yield P.sse(P.chunk(rid, obj, model, created, [P.chat_chunk_choice(
                         i, {"role": "assistant", "content": ""}, None)]))
-                elif echoes[i]:
-                    yield P.sse(P.chunk(rid, obj, model, created, [P.completion_choice(i, echoes[i], None)]))
+                elif jobs[i].echo and i not in deferred:
+                    yield P.sse(P.chunk(rid, obj, model, created, [P.completion_choice(i, jobs[i].echo, None)]))
             async for index, out in outputs:
                 if isinstance(out, ServingError):
                     status = out.status
                     yield P.sse(out.to_dict())
                     break
+                if prompt_only:
+                    out = _prompt_alone(out)
+                counts[index] = (out.prompt_tokens, out.completion_tokens)
+                use = P.usage(*map(sum, zip(*counts, strict=True))) if every_chunk else None
+                if index in deferred or (not chat and out.prompt_logprobs and req.prompt_logprobs is not None):
+                    deferred.discard(index)
+                    echo = _completion_choices(engine, req, [jobs[index]], [out], generated=False)[0]
+                    yield P.sse(P.chunk(rid, obj, model, created, [{**echo, "index": index}], use))
                 if out.finished:
                     remaining -= 1
-                    prompt_tokens += out.prompt_tokens
-                    completion_tokens += out.completion_tokens
                 elif not out.text and not out.logprobs:
                     continue
                 reason = out.finish_reason if out.finished else None
@@ -377,12 +391,13 @@ class OpenAIFrontend:
                 choice = (P.chat_chunk_choice(index, {"content": out.text} if out.text else {}, reason, logprobs)
                           if chat else P.completion_choice(index, out.text, reason, logprobs))
                 # Without stream_options.include_usage the usage rides on the last chunk (clients may ignore it).
-                use = P.usage(prompt_tokens, completion_tokens) if remaining == 0 and not include_usage else None
+                if remaining == 0 and not include_usage:
+                    use = P.usage(*map(sum, zip(*counts, strict=True)))
                 yield P.sse(P.chunk(rid, obj, model, created, [choice], use))
                 if remaining == 0:
                     break
             if remaining == 0 and include_usage:
-                yield P.sse(P.chunk(rid, obj, model, created, [], P.usage(prompt_tokens, completion_tokens)))
+                yield P.sse(P.chunk(rid, obj, model, created, [], P.usage(*map(sum, zip(*counts, strict=True)))))
             yield P.sse("[DONE]")
         finally:
             await outputs.aclose()
@@ -409,13 +424,66 @@ def _prompt_chars(req, chat: bool) -> int:
     return sum(len(p) for p in req.prompts() if isinstance(p, str))
 
 
+@dataclass
+class Job:
+    """One choice of a request: its prompt's token ids, its sampling parameters and the text it echoes."""
+
+    ids: list[int]
+    params: object
+    echo: str
+
+
+def _prompt_alone(out: RequestOutput) -> RequestOutput:
+    """A max_tokens 0 echo's output: the one token its prompt's last position sampled is not part of the answer."""
+    return dataclasses.replace(out, text="", token_ids=[], logprobs=[] if out.logprobs is not None else None,
+                               completion_tokens=0, finish_reason="length" if out.finished else None)
+
+
 def _logprobs(engine: Engine, out: RequestOutput, chat: bool) -> dict | None:
     """The OpenAI `logprobs` object of an output's tokens (None when the request asked for none)."""
     if out.logprobs is None:
         return None
     pieces = engine.token_texts(out.token_ids)
     tops = [engine.token_texts([t for t, _ in top]) for _, top in out.logprobs]
-    return (P.chat_logprobs if chat else P.completion_logprobs)(pieces, out.logprobs, tops)
+    if chat:
+        return P.chat_logprobs(pieces, out.logprobs, tops)
+    return P.completion_logprobs(pieces, [lp for lp, _ in out.logprobs],
+                                 [P.top_entry(piece, lp, names, [v for _, v in top])
+                                  for piece, (lp, top), names in zip(pieces, out.logprobs, tops, strict=True)])
+
+
+def _completion_choices(engine: Engine, req, jobs: list[Job], results: list[RequestOutput],
+                        generated: bool = True) -> list[dict]:
+    """The completion choices of finished outputs (or, `generated` False, the echo chunk of a stream: the prompt
+    alone): text with the echoed prompt, and `logprobs` over the echoed prompt and the generated tokens together
+    (the prompt's first token has none); with vLLM's `prompt_logprobs`, that field too."""
+    choices = []
+    for i, (job, out) in enumerate(zip(jobs, results, strict=True)):
+        prompt = out.prompt_logprobs
+        logprobs = None
+        if req.logprobs is not None and (generated or (job.echo and prompt)):
+            pieces, values, tops = [], [], []
+            if job.echo and prompt:
+                pieces = engine.token_texts(job.ids)
+                values, tops = [None], [None]
+                for piece, (lp, _, alts) in zip(pieces[1:], prompt[1:], strict=True):
+                    alts = alts[: req.logprobs]
+                    values.append(lp)
+                    tops.append(P.top_entry(piece, lp, engine.token_texts([t for t, _ in alts]), [v for _, v in alts]))
+            if generated and out.logprobs:
+                more = _logprobs(engine, out, chat=False)
+                pieces, values, tops = (pieces + more["tokens"], values + more["token_logprobs"],
+                                        tops + more["top_logprobs"])
+            logprobs = P.completion_logprobs(pieces, values, tops)
+        text = job.echo + (out.text if generated else "")
+        choice = P.completion_choice(i, text, out.finish_reason if generated else None, logprobs)
+        if req.prompt_logprobs is not None and prompt:
+            k = req.prompt_logprobs
+            choice["prompt_logprobs"] = P.prompt_logprobs_field(
+                job.ids, prompt, engine.token_texts(job.ids), [engine.token_texts([t for t, _ in e[2][:k]]) if e
+                                                               else [] for e in prompt], k)
+        choices.append(choice)
+    return choices
 
 
 def _served_by(response: Response, version: str | None) -> Response:

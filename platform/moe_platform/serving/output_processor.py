@@ -54,7 +54,8 @@ class OutputProcessor:
             if reason is not None:
                 self._finish(seq, reason)
                 self.counters["requests_finished"] += 1
-            self.emit(seq, outputs, [token], logprobs=None if logprob is None else [logprob])
+            prompt, seq.prompt_logprobs = seq.prompt_logprobs, None  # handed out once, with the first token
+            self.emit(seq, outputs, [token], logprobs=None if logprob is None else [logprob], prompt_logprobs=prompt)
         except Exception as e:  # noqa: BLE001 - detokenizing and stop strings are this request's own
             self.fail_request(seq, outputs, e)
             return None
@@ -69,11 +70,12 @@ class OutputProcessor:
                                       f"({type(error).__name__}); retry it", request_failed=True)
 
     def emit(self, seq: Seq, outputs: list[RequestOutput], new_ids: list[int] | None = None,
-             error: str | None = None, logprobs: list | None = None, request_failed: bool = False) -> None:
+             error: str | None = None, logprobs: list | None = None, request_failed: bool = False,
+             prompt_logprobs: list | None = None) -> None:
         finished = seq.status is SeqStatus.FINISHED
         text = seq.stopper.take(finished) if error is None else ""
         out = RequestOutput(seq.request_id, text, new_ids or [], finished, seq.finish_reason, seq.prompt_len,
-                            len(seq.output_ids), error, request_failed, logprobs)
+                            len(seq.output_ids), error, request_failed, logprobs, prompt_logprobs)
         if finished:
             self._on_finished(seq)
         outputs.append(out)

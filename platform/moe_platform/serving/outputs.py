@@ -30,13 +30,16 @@ class RequestOutput:
     # With SamplingParams.logprobs: per token of token_ids, (its log-probability, [(token, log-probability)] of the
     # most likely ones).
     logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
+    # With SamplingParams.prompt_logprobs, on the output of the first generated token: per prompt token, None for the
+    # first, then (its log-probability, its rank, [(token, log-probability)] of the most likely ones).
+    prompt_logprobs: list[tuple[float, int, list[tuple[int, float]]] | None] | None = None
 
     def merge(self, later: RequestOutput) -> RequestOutput:
         """This output followed by `later` (of the same request) as one output."""
         logprobs = None if self.logprobs is None and later.logprobs is None else \
             (self.logprobs or []) + (later.logprobs or [])
         return dataclasses.replace(later, text=self.text + later.text, token_ids=self.token_ids + later.token_ids,
-                                   logprobs=logprobs)
+                                   logprobs=logprobs, prompt_logprobs=self.prompt_logprobs or later.prompt_logprobs)
 
     def failure(self) -> RequestFailedError | EngineUnavailableError:
         """The error a failed output (`error` set) raises for its client."""

@@ -1,10 +1,13 @@
 """OpenAI request validation and response shapes (completions, chat completions, models, errors).
 
 Requests are validated strictly: a wrong JSON type is a 400, never coerced (true is not 1, 1.0 is not 1), and a
-parameter we cannot honour (penalties, min_p, logit_bias, tools) is a 400 that says so instead of being silently
-ignored. Every number has a range (the table in docs/operations.md, "Request limits"): NaN and infinities (also
-1e400, which JSON parsers read as infinity) and integers past it are refused before anything reaches the engine.
-Every failure becomes an `InvalidRequestError` carrying the OpenAI `param` it is about.
+parameter we cannot honour (penalties, min_p, logit_bias, tools, or any parameter this module does not know) is a
+400 that names it instead of being silently ignored. The only parameters accepted without an effect are `user`
+(an end-user id for the provider's abuse monitoring) and a chat message's `name` (a participant label our chat
+templates do not render): neither changes what the model computes. Every number has a range (the table in
+docs/operations.md, "Request limits"): NaN and infinities (also 1e400, which JSON parsers read as infinity) and
+integers past it are refused before anything reaches the engine. Every failure becomes an `InvalidRequestError`
+carrying the OpenAI `param` it is about.
 """
 
 from __future__ import annotations
@@ -33,13 +36,14 @@ _Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 
 
 class _Strict(BaseModel):
-    # Unknown fields are ignored (clients send vendor extras); known ones must have exactly the right JSON type, and
-    # no float is NaN or infinite.
-    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
+    # Unknown fields are refused by name (see the module's docstring); known ones must have exactly the right JSON
+    # type, and no float is NaN or infinite.
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
 
 
 class StreamOptions(_Strict):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: with include_usage, every chunk carries the usage so far
 
 
 class _SamplingFields(_Strict):
@@ -91,11 +95,17 @@ class _SamplingFields(_Strict):
             stop=[self.stop] if isinstance(self.stop, str) else (self.stop or []),
             ignore_eos=self.ignore_eos,
             logprobs=self.logprobs_requested,
+            prompt_logprobs=self.prompt_logprobs_requested,
         )
 
     @property
     def logprobs_requested(self) -> int | None:
         """How many alternatives each token's log-probability comes with (None: no log-probabilities)."""
+        return None
+
+    @property
+    def prompt_logprobs_requested(self) -> int | None:
+        """How many alternatives each prompt token's log-probability comes with (None: the prompt is not scored)."""
         return None
 
     @property
@@ -108,9 +118,10 @@ class CompletionRequest(_SamplingFields):
              | Annotated[list[_TokenId], Field(min_length=1)]
              | Annotated[list[Annotated[list[_TokenId], Field(min_length=1)]],
                          Field(min_length=1, max_length=MAX_PROMPTS)])
-    max_tokens: _Tokens | None = 16
+    max_tokens: Annotated[int, Field(ge=0, le=INT32_MAX)] | None = 16  # 0: with echo, the prompt alone
     echo: bool = False
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    prompt_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None  # vLLM's extension
     best_of: Annotated[int, Field(ge=1, le=MAX_N)] | None = None
     suffix: str | None = None
 
@@ -118,11 +129,27 @@ class CompletionRequest(_SamplingFields):
     def logprobs_requested(self) -> int | None:
         return self.logprobs
 
+    @property
+    def prompt_only(self) -> bool:
+        """max_tokens 0 with echo: the answer is the prompt (with its log-probabilities), nothing generated."""
+        return self.max_tokens == 0
+
+    @property
+    def prompt_logprobs_requested(self) -> int | None:
+        """How many alternatives each prompt token's log-probability comes with: `prompt_logprobs`, and with echo
+        the `logprobs` of the echoed prompt (None: the prompt is not scored)."""
+        wanted = [n for n in (self.prompt_logprobs, self.logprobs if self.echo else None) if n is not None]
+        return max(wanted) if wanted else None
+
+    def sampling_params(self, max_tokens: int | None, choice: int) -> SamplingParams:
+        # The prompt alone still runs the prompt's last position, which samples one token: it is not returned.
+        return super().sampling_params(1 if self.prompt_only else max_tokens, choice)
+
     def check(self) -> CompletionRequest:
         self._check_unsupported()
-        if self.logprobs is not None and self.echo:
-            raise InvalidRequestError("logprobs of the prompt (echo with logprobs) are not supported by this server; "
-                                      "drop echo or logprobs", param="logprobs")
+        if self.max_tokens == 0 and not self.echo:
+            raise InvalidRequestError("max_tokens 0 returns the prompt alone and needs echo: true; otherwise ask for "
+                                      "at least 1 token", param="max_tokens")
         if self.best_of not in (None, 1):
             raise InvalidRequestError("best_of > 1 is not supported by this server", param="best_of")
         if self.suffix:
@@ -197,6 +224,33 @@ class ChatCompletionRequest(_SamplingFields):
         return [m.as_template_message() for m in self.messages]
 
 
+class TokenizeRequest(_Strict):
+    """vLLM's POST /tokenize: a prompt, or chat messages rendered with the model's chat template."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
+    add_special_tokens: bool | None = None  # default: true for a prompt, false for messages (the template has them)
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+    def check(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise InvalidRequestError("send either prompt (text) or messages (a chat), not both and not neither",
+                                      param="prompt" if self.prompt is None else "messages")
+        return self
+
+
+class DetokenizeRequest(_Strict):
+    """vLLM's POST /detokenize: token ids -> text."""
+
+    model: str | None = None
+    tokens: list[_TokenId]
+
+    def check(self) -> DetokenizeRequest:
+        return self
+
+
 def _sampling_params(**values) -> SamplingParams:
     """SamplingParams from validated fields; anything it still refuses is the client's 400, never a 500."""
     try:
@@ -256,7 +310,7 @@ def _first_bad(value: Any, path: str) -> tuple[str, str, str] | None:
     return None
 
 
-def parse_request(model_cls: type[_SamplingFields], body: bytes):
+def parse_request(model_cls: type[_Strict], body: bytes):
     """Validate a JSON body as `model_cls`; the first failures become one InvalidRequestError naming the param."""
     data = parse_json_body(body)
     if not isinstance(data, dict):
@@ -273,6 +327,9 @@ def _validation_error(e: ValidationError) -> InvalidRequestError:
     param = _loc_to_param(first["loc"])
     if first["type"] == "missing":
         return InvalidRequestError(f"missing required parameter: '{param}'", param=param, code="missing_required")
+    if first["type"] == "extra_forbidden":
+        return InvalidRequestError(f"unknown parameter '{param}': this server does not support it (it would be "
+                                   f"ignored, so it is refused); remove it", param=param, code="unknown_parameter")
     # A union reports one error per branch: group them by parameter ("a valid string or a valid list").
     by_param: dict[str, list[str]] = {}
     for err in errors:
@@ -323,31 +380,55 @@ def completion_choice(index: int, text: str, finish_reason: str | None, logprobs
     return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
-def completion_logprobs(pieces: list[str], entries: list, top_pieces: list[list[str]], offset: int = 0) -> dict:
-    """The legacy completions `logprobs` object: token strings, their log-probabilities, the most likely
-    alternatives of each (token string -> log-probability) and where each token starts in the text."""
+MIN_LOGPROB = -9999.0  # what JSON carries for a log-probability of -inf (JSON has no infinity; vLLM's value)
+
+
+def logprob_value(value: float) -> float:
+    return max(value, MIN_LOGPROB)
+
+
+def completion_logprobs(pieces: list[str], values: list[float | None], tops: list[dict[str, float] | None],
+                        offset: int = 0) -> dict:
+    """The legacy completions `logprobs` object: token strings, their log-probabilities (None for an echoed
+    prompt's first token, which nothing before it predicts), each token's own entry and its most likely
+    alternatives (token string -> log-probability, see `top_entry`) and where each token starts in the text."""
     offsets = []
     for piece in pieces:
         offsets.append(offset)
         offset += len(piece)
-    return {"tokens": pieces, "token_logprobs": [lp for lp, _ in entries],
-            "top_logprobs": [_first_of_each(names, [v for _, v in top])
-                             for names, (_, top) in zip(top_pieces, entries, strict=True)],
-            "text_offset": offsets}
+    return {"tokens": pieces, "token_logprobs": [None if v is None else logprob_value(v) for v in values],
+            "top_logprobs": tops, "text_offset": offsets}
 
 
-def _first_of_each(names: list[str], values: list[float]) -> dict[str, float]:
-    """name -> value, the first (most likely) one where two tokens have the same text."""
-    out: dict[str, float] = {}
-    for name, value in zip(names, values, strict=True):
-        out.setdefault(name, value)
+def top_entry(piece: str, value: float, names: list[str], values: list[float]) -> dict[str, float]:
+    """One token's `top_logprobs` entry: the token itself and the most likely alternatives (as vLLM answers, so a
+    greedy check can compare the token's value with the largest one); where two tokens have the same text, the
+    larger value stays."""
+    out = {piece: logprob_value(value)}
+    for name, v in zip(names, values, strict=True):
+        if name not in out or v > out[name]:
+            out[name] = logprob_value(v)
+    return out
+
+
+def prompt_logprobs_field(prompt_ids: list[int], entries: list, pieces: list[str], top_pieces: list[list[str]],
+                          top: int) -> list:
+    """vLLM's `prompt_logprobs` of a completion choice: None for the first prompt token, then per token
+    {token id: {"logprob", "rank", "decoded_token"}} for the token itself and its `top` most likely alternatives."""
+    out: list = [None]
+    for token, piece, entry, names in zip(prompt_ids[1:], pieces[1:], entries[1:], top_pieces[1:], strict=True):
+        value, rank, alternatives = entry
+        item = {str(token): {"logprob": logprob_value(value), "rank": rank, "decoded_token": piece}}
+        for k, ((tid, v), name) in enumerate(zip(alternatives[:top], names, strict=False)):
+            item.setdefault(str(tid), {"logprob": logprob_value(v), "rank": k + 1, "decoded_token": name})
+        out.append(item)
     return out
 
 
 def chat_logprobs(pieces: list[str], entries: list, top_pieces: list[list[str]]) -> dict:
     """The chat `logprobs` object: per token its string, log-probability, UTF-8 bytes and top alternatives."""
     def item(piece: str, lp: float) -> dict:
-        return {"token": piece, "logprob": lp, "bytes": list(piece.encode("utf-8", "surrogatepass"))}
+        return {"token": piece, "logprob": logprob_value(lp), "bytes": list(piece.encode("utf-8", "surrogatepass"))}
 
     return {"content": [{**item(piece, lp), "top_logprobs": [item(n, v) for n, (_, v) in zip(names, top,
                                                                                                 strict=True)]}

@@ -8,13 +8,18 @@ apply. It moves the canary's weight through `steps` (e.g. 5, 25, 50, 100 percent
    given by `source` is loaded by the replicas on demand);
 2. probing (with a quality gate): the router scores a held-out prompt set on both versions; a mean loss more than
    `max_loss_increase` above the stable version's fails the gate;
-3. dwell: the canary's error rate, p99 time to first token and p99 latency over the step must stay within the
+3. evaluating (with an eval gate): one replica, picked by the controller (another if it goes away), runs an
+   lm-evaluation-harness task on both versions in the background; a score more than `max_drop` worse than the
+   stable version's fails the gate;
+4. dwell: the canary's error rate, p99 time to first token and p99 latency over the step must stay within the
    bounds against the stable version's (measured since the rollout started) - judged as soon as `min_requests`
    canary requests have finished, and again at the end of the dwell, which waits for `min_requests` if need be.
 
-Any failed gate rolls back to 0% canary at once and records why; passing the last step (100%) promotes the new
-version. Blue-green is one step of 100% after loading: the switch happens at a request boundary (each request reads
-the split once) and the old version finishes what it accepted. Every event goes to `audit` (the JSONL audit log).
+The probe and the evaluation run again at every step, before its traffic moves. Any failed gate rolls back to 0%
+canary at once and records why; passing the last step (100%) promotes the new version. Blue-green is one step of
+100% after loading: the switch happens at a request boundary (each request reads the split once) and the old version
+finishes what it accepted. Every event goes to `audit` (the JSONL audit log). The gates themselves:
+serving/rollout_gates.py.
 """
 
 from __future__ import annotations
@@ -25,17 +30,25 @@ import random
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from moe_platform.serving.rollout_gates import (
+    MAX_PROBE_PROMPTS,
+    EvalGate,
+    Gates,
+    QualityProbe,
+    Window,
+    judge,
+    judge_eval,
+    judge_probe,
+)
 from moe_platform.serving.traffic import PERCENT, TrafficSplit, UnknownVersionError
 
 DEFAULT_STEPS = (5, 25, 50, 100)
 STATES = ("idle", "running", "promoted", "rolled_back", "aborted")  # index = the value of the state metric
-MAX_PROBE_PROMPTS = 256
-_MAX_SAMPLES = 20_000  # latency samples kept per version and window (uniform reservoir)
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _UNITS = {"ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
@@ -70,32 +83,6 @@ def parse_duration(value: str | float | int) -> float:
     if not math.isfinite(seconds) or seconds < 0:
         raise ValueError(f"a duration must be >= 0 seconds, got {value!r}")
     return seconds
-
-
-class QualityProbe(BaseModel):
-    """Mean next-token loss of both versions on held-out prompts, scored by the router at every step."""
-
-    model_config = ConfigDict(extra="forbid")
-    prompts: list[str] = Field(min_length=1, max_length=MAX_PROBE_PROMPTS, description="held-out texts")
-    max_loss_increase: float = Field(0.1, ge=0, description="canary mean loss - stable mean loss allowed (nats)")
-
-    @field_validator("prompts")
-    @classmethod
-    def _texts(cls, value: list[str]) -> list[str]:
-        if not all(text.strip() for text in value):
-            raise ValueError("probe prompts must be non-empty texts")
-        return value
-
-
-class Gates(BaseModel):
-    """Bounds the canary must hold against the stable version at every step."""
-
-    model_config = ConfigDict(extra="forbid")
-    max_error_rate_increase: float = Field(0.01, ge=0, le=1, description="canary 5xx fraction - stable's")
-    max_p99_ttft_ratio: float | None = Field(2.0, gt=0, description="canary p99 time to first token / stable's")
-    max_p99_latency_ratio: float | None = Field(1.5, gt=0, description="canary p99 request latency / stable's")
-    min_requests: int = Field(20, ge=1, description="finished canary requests a step needs before it is judged")
-    quality: QualityProbe | None = Field(None, description="optional quality probe")
 
 
 class RolloutSpec(BaseModel):
@@ -142,77 +129,6 @@ def _errors(e: ValidationError) -> str:
 
 
 @dataclass
-class Window:
-    """Finished requests of one version over a time window: counts and (sampled) latencies."""
-
-    requests: int = 0
-    errors: int = 0
-    latency: list[float] = field(default_factory=list)
-    ttft: list[float] = field(default_factory=list)
-    _seen: dict[str, int] = field(default_factory=lambda: {"latency": 0, "ttft": 0})
-
-    def add(self, delta: Mapping, rng: random.Random) -> None:
-        self.requests += int(delta.get("requests", 0))
-        self.errors += int(delta.get("errors", 0))
-        for key in ("latency", "ttft"):
-            samples = getattr(self, key)
-            for value in delta.get(key, ()):
-                self._seen[key] += 1
-                if len(samples) < _MAX_SAMPLES:
-                    samples.append(float(value))
-                else:
-                    slot = rng.randrange(self._seen[key])
-                    if slot < _MAX_SAMPLES:
-                        samples[slot] = float(value)
-
-    @property
-    def error_rate(self) -> float:
-        return self.errors / self.requests if self.requests else 0.0
-
-    def p99(self, key: str) -> float | None:
-        samples = sorted(getattr(self, key))
-        return samples[min(len(samples) - 1, math.ceil(0.99 * len(samples)) - 1)] if samples else None
-
-    def summary(self) -> dict:
-        return {"requests": self.requests, "errors": self.errors, "error_rate": round(self.error_rate, 4),
-                "p99_latency_s": _round(self.p99("latency")), "p99_ttft_s": _round(self.p99("ttft"))}
-
-
-def _round(value: float | None) -> float | None:
-    return None if value is None else round(value, 4)
-
-
-def judge(gates: Gates, canary: Window, stable: Window) -> str | None:
-    """Why the canary fails its gates against the stable version, or None while it holds them (or cannot be judged
-    yet: fewer than `min_requests` canary requests)."""
-    if canary.requests < gates.min_requests:
-        return None
-    if canary.error_rate - stable.error_rate > gates.max_error_rate_increase:
-        return (f"error rate {canary.error_rate:.3f} over {canary.requests} requests exceeds the stable version's "
-                f"{stable.error_rate:.3f} by more than {gates.max_error_rate_increase}")
-    for key, bound, what in (("ttft", gates.max_p99_ttft_ratio, "time to first token"),
-                             ("latency", gates.max_p99_latency_ratio, "latency")):
-        ours, theirs = canary.p99(key), stable.p99(key)
-        if bound is None or ours is None or theirs is None or len(getattr(stable, key)) < gates.min_requests:
-            continue  # no baseline to compare with
-        if ours > bound * theirs:
-            return (f"p99 {what} {ours * 1e3:.1f} ms is {ours / theirs:.2f}x the stable version's "
-                    f"{theirs * 1e3:.1f} ms (bound {bound}x)")
-    return None
-
-
-def judge_probe(probe: QualityProbe, losses: Mapping[str, float], stable: str, canary: str) -> str | None:
-    """Why the quality probe fails (None when it passes)."""
-    ours, theirs = losses.get(canary), losses.get(stable)
-    if ours is None or theirs is None:
-        return f"the quality probe returned no loss for {sorted({stable, canary} - set(losses))}"
-    if not math.isfinite(ours) or ours - theirs > probe.max_loss_increase:
-        return (f"quality probe: mean loss {ours:.4f} on {len(probe.prompts)} held-out prompts is "
-                f"{ours - theirs:+.4f} against the stable version's {theirs:.4f} (bound +{probe.max_loss_increase})")
-    return None
-
-
-@dataclass
 class Replica:
     seen: float
     versions: dict[str, dict]  # version -> {"ready": bool, "base": fingerprint, "source": ...}
@@ -243,6 +159,10 @@ class Rollout:
         self.replicas: dict[str, Replica] = {}
         self.probe: dict | None = None  # {"id", "prompts", "versions"} while one is out; results land in `losses`
         self.losses: dict[str, float] | None = None
+        # {"id", "versions", "replica", task...} while an evaluation is out (one replica runs it); its result lands in
+        # `evaluation`
+        self.eval_job: dict | None = None
+        self.evaluation: dict | None = None
         self.canary = Window()
         self.baseline = Window()
         self.rollbacks = 0
@@ -264,9 +184,10 @@ class Rollout:
 
     # -- replicas ------------------------------------------------------------------------------------------------
     def sync(self, replica: str, version: str, versions: Mapping[str, dict], stats: Mapping[str, Mapping],
-             probe: Mapping | None = None) -> dict:
-        """A replica's report (its versions, per-version statistics since its last sync, a probe result) ->
-        what it should do: the split (None: its own), versions to load, a probe to run."""
+             probe: Mapping | None = None, evaluation: Mapping | None = None) -> dict:
+        """A replica's report (its versions, per-version statistics since its last sync, a probe result, an
+        evaluation result) -> what it should do: the split (None: its own), versions to load, a probe to run, an
+        evaluation to run (given to one replica at a time)."""
         now = self.clock()
         self.replicas = {k: r for k, r in self.replicas.items() if now - r.seen <= 10 * self.replica_ttl_s}
         self.replicas[replica] = Replica(now, {k: dict(v) for k, v in versions.items()}, version)
@@ -278,10 +199,19 @@ class Rollout:
                     self.baseline.add(delta, self._rng)
             if probe and self.probe and probe.get("id") == self.probe["id"]:
                 self.losses = {k: float(v) for k, v in probe.get("losses", {}).items()}
+            job = self.eval_job
+            if evaluation and job and evaluation.get("id") == job["id"] and self.evaluation is None:
+                self.evaluation = dict(evaluation)
         self.tick()
         answer = {"generation": self.generation, "weights": self.weights, "sources": dict(self.sources)}
         if self.probe is not None and self.losses is None:
             answer["probe"] = self.probe
+        job = self.eval_job
+        if job is not None and self.evaluation is None:
+            if job["replica"] not in self.live():  # not given out yet, or its replica went away: this one runs it
+                job["replica"] = replica
+            if job["replica"] == replica:
+                answer["evaluation"] = {k: v for k, v in job.items() if k != "replica"}
         return answer
 
     def live(self) -> dict[str, Replica]:
@@ -419,7 +349,6 @@ class Rollout:
                                       f"model than {self.stable!r}: {_difference(theirs, ours)}")
             if live and not not_ready:
                 self._event("ready", "controller", f"{spec.to} loaded and healthy on {len(live)} replica(s)")
-                self.phase = "probing" if spec.gates.quality else "dwell"
                 self._probe_or_move()
             return
         if self.phase == "probing":
@@ -431,6 +360,19 @@ class Rollout:
             if failure:
                 return self._rollback("rolled_back", "controller", failure)
             self.probe = None
+            self._evaluate_or_move()
+            return
+        if self.phase == "evaluating":
+            if self.evaluation is None:
+                return
+            gate, result = spec.gates.eval, self.evaluation
+            failure = judge_eval(gate, result, self.stable, spec.to)
+            self._event("gate", "controller", failure or f"eval gate passed ({gate.task} {result.get('metric')})",
+                        gate="eval", passed=not failure, task=gate.task, metric=result.get("metric"),
+                        scores=result.get("scores"), documents=result.get("documents"), error=result.get("error"))
+            if failure:
+                return self._rollback("rolled_back", "controller", failure)
+            self.eval_job = None
             self._move()
             return
         failure = judge(spec.gates, self.canary, self.baseline)
@@ -460,7 +402,15 @@ class Rollout:
                           self.spec.gates.quality.prompts, "versions": [self.stable, self.spec.to]}
             self.losses = None
         else:
-            self._move()
+            self._evaluate_or_move()
+
+    def _evaluate_or_move(self) -> None:
+        gate: EvalGate | None = self.spec.gates.eval
+        if gate is None:
+            return self._move()
+        self.phase, self.evaluation = "evaluating", None
+        self.eval_job = {"id": f"eval-{self.generation}-{self.step}-{self.clock()}", "replica": None,
+                         "versions": [self.stable, self.spec.to], **gate.model_dump(exclude={"max_drop"})}
 
     def _move(self) -> None:
         weight = self.spec.steps[self.step]
@@ -471,11 +421,12 @@ class Rollout:
     def _finish(self, state: str, by: str, reason: str) -> None:
         self._set_weights({self.spec.to: PERCENT})
         self.state, self.reason, self.stable, self.probe, self.phase = state, reason, self.spec.to, None, ""
+        self.eval_job = None
         self._event("promote", by, reason)
 
     def _rollback(self, state: str, by: str, reason: str) -> None:
         self._set_weights({self.stable: PERCENT})
-        self.state, self.reason, self.probe, self.phase = state, reason, None, ""
+        self.state, self.reason, self.probe, self.phase, self.eval_job = state, reason, None, "", None
         if state == "rolled_back":
             self.rollbacks += 1
         self._event("rollback" if state == "rolled_back" else "abort", by, reason)
@@ -504,7 +455,8 @@ class Rollout:
                 "steps": spec.steps if spec else [], "dwell_s": spec.dwell_s if spec else None,
                 "blue_green": spec.blue_green if spec else False, "weights": self.weights, "reason": self.reason,
                 "waiting": waiting, "canary": self.canary.summary(), "baseline": self.baseline.summary(),
-                "losses": self.losses, "replicas": len(self.live()), "versions": sorted(self.known_versions()),
+                "losses": self.losses, "evaluation": self.evaluation, "replicas": len(self.live()),
+                "versions": sorted(self.known_versions()),
                 "rollbacks": self.rollbacks, "generation": self.generation, "last_refusal": self.last_refusal}
 
 
@@ -542,6 +494,6 @@ def known_split(weights: Mapping[str, int] | None, served: Iterable[str]) -> Tra
         return None
 
 
-__all__ = ["DEFAULT_STEPS", "STATES", "Gates", "QualityProbe", "Rollout", "RolloutConflictError", "RolloutError",
-           "RolloutSpec", "VersionMismatchError", "Window", "judge", "judge_probe", "known_split", "parse_duration",
-           "read_probe_file"]
+__all__ = ["DEFAULT_STEPS", "STATES", "EvalGate", "Gates", "QualityProbe", "Rollout", "RolloutConflictError",
+           "RolloutError", "RolloutSpec", "VersionMismatchError", "Window", "judge", "judge_eval", "judge_probe",
+           "known_split", "parse_duration", "read_probe_file"]

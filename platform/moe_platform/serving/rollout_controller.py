@@ -78,9 +78,9 @@ class RolloutController:
 
     # Every method ticks the state machine (replicas sync every metrics interval, so time moves it on).
     def sync(self, replica: str, version: str, versions: dict, stats: dict, probe: dict | None = None,
-             engines: dict | None = None) -> dict:
+             engines: dict | None = None, evaluation: dict | None = None) -> dict:
         self.metrics.report(replica, time.time(), engines or {}, stats)
-        return self._after(self.rollout.sync(replica, version, versions, stats, probe))
+        return self._after(self.rollout.sync(replica, version, versions, stats, probe, evaluation))
 
     def metrics_text(self) -> str:
         return self.metrics.render(time.time())

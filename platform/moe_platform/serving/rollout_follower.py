@@ -1,7 +1,9 @@
 """A replica's side of rollouts: every interval, export the versions' metrics, report them with the versions' state
 to the app's rollout controller (moe_platform.serving.rollout_controller), and follow its answer: load the versions
-it names, run its quality probe, take its traffic split. Also carries the admin route's rollout commands to it. A
-controller that is away leaves the split as it is; nothing here can take the replica down."""
+it names, run its quality probe, start the evaluation it gives this replica (an lm-evaluation-harness task on two
+versions, on a thread of its own: it may take minutes, and neither the syncs nor the replica's requests wait for it;
+its result goes with the following syncs), take its traffic split. Also carries the admin route's rollout commands
+to it. A controller that is away leaves the split as it is; nothing here can take the replica down."""
 
 from __future__ import annotations
 
@@ -40,6 +42,8 @@ class RolloutFollower:
         self.metrics = metrics
         self.requests = requests
         self.probe_result: dict | None = None
+        self.eval_result: dict | None = None  # the last evaluation's result, reported until the next one starts
+        self._eval_id: str | None = None  # the evaluation started last (running or done)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(interval_s,), name="moe-metrics", daemon=True)
 
@@ -60,8 +64,8 @@ class RolloutFollower:
                 engines, stats = {}, {}
             try:
                 answer = ray.get(self.controller.sync.remote(
-                    self.replica, self.versions.version, self.versions.report(), stats, self.probe_result, engines),
-                    timeout=30)
+                    self.replica, self.versions.version, self.versions.report(), stats, self.probe_result, engines,
+                    self.eval_result), timeout=30)
                 warned = False
             except Exception as e:  # noqa: BLE001 - a controller that is away leaves the split as it is
                 if not warned:
@@ -96,8 +100,17 @@ class RolloutFollower:
         probe = answer.get("probe")
         if probe and (self.probe_result or {}).get("id") != probe["id"]:
             self.probe_result = {"id": probe["id"], "losses": versions.score(probe["versions"], probe["prompts"])}
+        job = answer.get("evaluation")
+        if job and job["id"] != self._eval_id:
+            self._eval_id, self.eval_result = job["id"], None
+            threading.Thread(target=self._evaluate, args=(job,), name="moe-eval", daemon=True).start()
         split = known_split(answer.get("weights"), versions.names())
         versions.split = split or versions.config_split
+
+    def _evaluate(self, job: dict) -> None:
+        result = {"id": job["id"], **self.versions.evaluate(job)}
+        if self._eval_id == job["id"]:  # not superseded by a newer evaluation meanwhile
+            self.eval_result = result
 
     async def admin(self, action: str, body: dict) -> dict:
         """The admin route's rollout commands, carried out by the app's controller (every replica follows)."""

@@ -34,6 +34,9 @@ class SamplingParams:
     ignore_eos: bool = field(default=False, metadata={"doc": "keep generating after the end-of-text token"})
     logprobs: int | None = field(default=None, metadata={"doc": "return each generated token's log-probability "
                                                                 "and the N most likely alternatives (None: none)"})
+    prompt_logprobs: int | None = field(default=None, metadata={"doc": "return each prompt token's log-probability "
+                                                                       "given the tokens before it, its rank and the "
+                                                                       "N most likely alternatives (None: none)"})
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -66,9 +69,11 @@ class SamplingParams:
                  f"stop strings must be non-empty strings of at most {MAX_STOP_CHARS} characters, got "
                  f"{s[:40] + '...' if isinstance(s, str) and len(s) > 40 else s!r}")
         need(isinstance(self.ignore_eos, bool), f"ignore_eos must be a bool, got {self.ignore_eos!r}")
-        if self.logprobs is not None:
-            need(_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS,
-                 f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None:
+                need(_is_int(value) and 0 <= value <= MAX_LOGPROBS,
+                     f"{name} must be an integer in [0, {MAX_LOGPROBS}], got {value!r}")
 
 
 def _is_int(x) -> bool:
@@ -158,3 +163,21 @@ def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], tops: Sequence[i
     for j, i in enumerate(rows):
         out[i] = (chosen[j], list(zip(ids[j][:tops[i]], values[j][:tops[i]], strict=True)))
     return out
+
+
+def prompt_token_logprobs(logits: torch.Tensor, tokens: Sequence[int], tops: Sequence[int]
+                          ) -> list[tuple[float, int, list[tuple[int, float]]]]:
+    """For each row of logits (M, V), the logits at one prompt position: the log-probability of the prompt's next
+    token `tokens[i]` (log-softmax of the raw logits), its rank among the vocabulary (1 = the most likely; ties
+    share the better rank, as vLLM counts) and the `tops[i]` most likely (token, log-probability) pairs. The token's
+    value and the top values come from one tensor, so a greedy token's log-probability equals the top one exactly."""
+    if not len(tokens):
+        return []
+    lp = torch.log_softmax(logits.float(), dim=-1)  # (M, V)
+    chosen = lp.gather(-1, torch.tensor(list(tokens))[:, None])  # (M, 1)
+    ranks = ((lp > chosen).sum(-1) + 1).tolist()
+    k = min(max(tops), lp.shape[-1])
+    values, ids = torch.topk(lp, k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())
+    values, ids, chosen = values.tolist(), ids.tolist(), chosen.squeeze(-1).tolist()
+    return [(chosen[i], ranks[i], list(zip(ids[i][:tops[i]], values[i][:tops[i]], strict=True)))
+            for i in range(len(tokens))]

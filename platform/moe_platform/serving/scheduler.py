@@ -77,6 +77,9 @@ class SequenceState:
     window_table: list[int] = field(default_factory=list)
     block_hashes: list[bytes] = field(default_factory=list)
     num_registered: int = 0
+    # With SamplingParams.prompt_logprobs: per prompt position, the log-probability entry of its token (None for
+    # position 0 and until computed), filled as the prompt's chunks run; None once handed out with the first token.
+    prompt_logprobs: list | None = None
 
     @property
     def prompt_len(self) -> int:
@@ -105,6 +108,14 @@ class PrefillChunk:
     @property
     def completes_prompt(self) -> bool:
         return self.start + self.length == self.seq.num_tokens
+
+    @property
+    def prompt_logprob_positions(self) -> range:
+        """The chunk's positions whose logits score the prompt's next token (none unless the request asks): every
+        position before the prompt's last, whose logits give the first generated token instead."""
+        if self.seq.prompt_logprobs is None:
+            return range(0)
+        return range(self.start, min(self.start + self.length, self.seq.prompt_len - 1))
 
 
 @dataclass
@@ -390,6 +401,10 @@ class PagedScheduler:
             seq = self.waiting[0]
             tokens = seq.all_ids
             hit, max_hit = self.kv.cached_prefix(tokens, seq.adapter, seq.block_hashes)
+            if seq.prompt_logprobs is not None:
+                # Scoring the prompt needs the logits of every position, so a cached prefix is computed again (as
+                # vLLM does); its blocks are still registered for the requests after it.
+                hit, max_hit = [], 0
             start = len(hit) * self.block_size
             n = min(len(tokens) - start, budget)
             need = (-(-(start + n) // self.block_size) - len(hit)) * len(self.kv.tables(seq))
@@ -440,8 +455,7 @@ class PagedScheduler:
         self.waiting.appendleft(seq)
 
     def _release(self, seq: SequenceState) -> None:
-        self.kv.free(seq)
-        seq.block_table = []
+        self.kv.free(seq)  # empties its block tables
         seq.num_registered = 0
 
     def finish(self, seq: SequenceState, reason: str) -> None:

@@ -116,6 +116,25 @@ class VersionSet:
                     losses[version] = float("inf")
         return losses
 
+    def evaluate(self, job: dict) -> dict:
+        """A rollout's eval gate on this replica: job["task"] (a YAML task under job["include_path"], relative to
+        the app's directory) scored on each of job["versions"] -> {"scores", "metric", "higher_is_better",
+        "documents"}, or {"error"} (what the rollout status shows: no server path)."""
+        engines = self.engines()
+        missing = sorted(set(job["versions"]) - set(engines))
+        if missing:
+            return {"error": f"versions {missing} are not served on this replica"}
+        include = job.get("include_path")
+        try:
+            from moe_platform.serving.evaluation import evaluate_engines
+
+            return evaluate_engines({v: engines[v] for v in job["versions"]}, job["task"],
+                                    str(self.base_dir / Path(include).expanduser()) if include else None,
+                                    job.get("limit"), job.get("metric"))
+        except Exception as e:  # noqa: BLE001 - reported to the controller, which rolls back
+            logger.exception("the eval gate's task %r failed", job.get("task"))
+            return {"error": f"{type(e).__name__}; the replica log says why"}
+
     def sync_adapters(self, engine: Engine, declared: dict[str, str]) -> None:
         """Make `engine`'s adapters exactly `declared`: unload the others (their requests finish), load the new."""
         for name in {a["name"] for a in engine.loaded_adapters()} - set(declared):
