@@ -393,11 +393,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train (resuming from the run's latest committed checkpoint if there is one, "
                                    "whatever layout wrote it). The layout's ranks (parallel.dp x tp x pp, or "
                                    "elastic.max_workers when a degree is 0/auto) run as processes on this machine. "
-                                   "train.objective picks the objective: lm (next-token prediction), dpo "
-                                   "(preference pairs, data.format = preference, set up in [dpo]; see "
-                                   "jobs/configs/dpo.toml) or grpo (online RL on prompts, data.format = prompts, "
-                                   "rollouts from the serving engine, set up in [grpo]; see jobs/configs/grpo.toml). "
-                                   "Any --section.key=value after the options overrides the config file.")
+                                   "train.objective picks the objective: lm (next-token prediction), dpo (pairs, "
+                                   "data.format = preference, [dpo]; jobs/configs/dpo.toml) or grpo (online RL on "
+                                   "prompts, data.format = prompts, rollouts from the serving engine, [grpo]; "
+                                   "jobs/configs/grpo.toml). Any --section.key=value after the options overrides the file.")
     t.add_argument("--config", required=True, help="TOML config file, e.g. jobs/configs/tiny.toml")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("--ray", action="store_true", help="run the ranks as Ray Train workers (elastic, restarted on "
