@@ -395,8 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "elastic.max_workers when a degree is 0/auto) run as processes on this machine. "
                                    "train.objective picks the objective: lm (next-token prediction), dpo (pairs, "
                                    "data.format = preference, [dpo]; jobs/configs/dpo.toml) or grpo (online RL on "
-                                   "prompts, data.format = prompts, rollouts from the serving engine, [grpo]; "
-                                   "jobs/configs/grpo.toml). Any --section.key=value after the options overrides the file.")
+                                   "prompts, data.format = prompts, engine rollouts, [grpo]; jobs/configs/grpo.toml). "
+                                   "Any --section.key=value after the options overrides the config file.")
     t.add_argument("--config", required=True, help="TOML config file, e.g. jobs/configs/tiny.toml")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("--ray", action="store_true", help="run the ranks as Ray Train workers (elastic, restarted on "
