@@ -25,7 +25,9 @@ fi
 # DeepSpeed compiles its CPU shared-memory communication op on first use (about a minute, cached per machine):
 # do it once here rather than inside the first multi-process test.
 if [ "${torch_req[0]}" != torch ]; then
-  .venv/bin/python -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load()" \
+  # (a build lock left by a killed process is removed first: torch would wait on it forever)
+  timeout 900 .venv/bin/python -c "from moe_platform.deepspeed_compat import clear_stale_build_locks as clear; clear(); \
+from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load()" \
     >/dev/null 2>&1 || echo "warning: could not pre-build DeepSpeed's CPU communication op" >&2
 fi
 # promtool checks and unit-tests the alert rules (platform/prometheus/alerts.yml) in the test suite. It comes from

@@ -16,12 +16,18 @@ and a newer one than tested logs a warning (MOE_PLATFORM_ALLOW_UNTESTED_DEEPSPEE
 - The pipeline engine's `eval_batch` adds each micro-batch's loss into the running total of the training loss,
   which only `train_batch` resets: a loss function that returns per-sequence numbers in eval (DPO's reference pass)
   resets that total around the call (`pipeline_eval_outputs`).
+- Every DeepSpeed process on a CPU loads the shared-memory communication op it compiled once per machine, holding
+  torch's build lock file for that moment; a process killed inside it (a preempted or killed rank) leaves the lock
+  behind and every later process waits on it forever. `clear_stale_build_locks` removes such a lock before
+  DeepSpeed's communication layer starts.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
+from pathlib import Path
 
 import deepspeed
 from packaging.version import Version
@@ -43,6 +49,29 @@ def check_deepspeed_version(version: str = deepspeed.__version__) -> None:
 
 
 check_deepspeed_version()
+
+STALE_LOCK_SECONDS = 300  # a build of the op takes about a minute on 2 cores, a load of the built op milliseconds
+
+
+def clear_stale_build_locks(root: Path | None = None, older_than: float = STALE_LOCK_SECONDS) -> list[Path]:
+    """Remove the build lock of each of DeepSpeed's compiled ops (under torch's extension root, `root`) that is older
+    than `older_than` seconds while its library is already built: no live process holds it that long. Returns the
+    locks removed."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = Path(root or get_default_build_root())
+    removed = []
+    for lock in root.glob("*/deepspeed_*/lock"):
+        try:
+            stale = time.time() - lock.stat().st_mtime > older_than and any(lock.parent.glob("*.so"))
+            if stale:
+                lock.unlink()
+                removed.append(lock)
+        except FileNotFoundError:  # released meanwhile
+            continue
+    for lock in removed:
+        log.warning("removed a stale build lock left by a killed process: %s", lock)
+    return removed
 
 
 def _groups_already_created(self, *args, **kwargs) -> None:

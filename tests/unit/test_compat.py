@@ -41,3 +41,32 @@ def test_deepspeed_compat_refuses_an_old_deepspeed_and_warns_on_a_newer(caplog):
         deepspeed_compat.check_deepspeed_version("0.15.4")
     deepspeed_compat.check_deepspeed_version("0.20.1+cu124")
     assert "newer than the versions moe-platform is tested with" in caplog.text
+
+
+def test_a_stale_deepspeed_build_lock_is_removed_and_a_live_one_kept(tmp_path):
+    """A rank killed while it loads DeepSpeed's compiled CPU op leaves torch's build lock, on which every later
+    DeepSpeed process would wait forever: an old lock beside a built library goes, a fresh one (a build or load in
+    progress) and one without a library (a first build) stay."""
+    import os
+    import time
+
+    from moe_platform.deepspeed_compat import STALE_LOCK_SECONDS, clear_stale_build_locks
+
+    def op(name: str, built: bool, age: float) -> Path:
+        d = tmp_path / "py312_cpu" / name
+        d.mkdir(parents=True)
+        if built:
+            (d / f"{name}.so").write_bytes(b"\0")
+        lock = d / "lock"
+        lock.touch()
+        then = time.time() - age
+        os.utime(lock, (then, then))
+        return lock
+
+    stale = op("deepspeed_shm_comm", built=True, age=STALE_LOCK_SECONDS + 60)
+    live = op("deepspeed_live", built=True, age=5)
+    first_build = op("deepspeed_first", built=False, age=STALE_LOCK_SECONDS + 60)
+    other = op("someone_elses_op", built=True, age=STALE_LOCK_SECONDS + 60)
+    assert clear_stale_build_locks(tmp_path) == [stale]
+    assert not stale.exists() and live.exists() and first_build.exists() and other.exists()
+    assert clear_stale_build_locks(tmp_path) == []

@@ -399,6 +399,7 @@ class DeepSpeedBackend:
         from moe_platform import deepspeed_compat
 
         # DeepSpeed's communication layer wraps the process group we already joined (pipeline modules need it).
+        deepspeed_compat.clear_stale_build_locks()
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
         self.cfg = cfg
         self.groups = groups
