@@ -74,11 +74,13 @@ def assert_matches(name: str, got: tuple, reference: tuple, param_atol: float) -
         torch.testing.assert_close(state[key], value, rtol=0, atol=param_atol, msg=lambda m, k=key: f"{name}: {k}: {m}")
 
 
-# The weights after 6 steps agree within 1e-4, not 1e-5 (measured at dp2·ep2: 1 of the output head's 19k elements
-# 1.3e-5 apart): most of the head's rows belong to tokens no completion holds, whose gradients are rounding-sized,
-# and Adam divides each gradient by its own running size, which turns the layouts' summation order in such a
-# near-zero gradient into an lr-sized difference (DPO's layouts see the same, tests/distributed/test_dpo_layouts.py).
-PARAM_ATOL = 1e-4
+# The weights after 6 steps agree within 1e-3 (a third of the learning rate), not 1e-5. Measured: at dp2·ep2 1 of the
+# output head's 19k elements 1.3e-5 apart, at tp2 1 of a q_proj's 6144 elements 2.6e-4 apart, every other element
+# within 1e-5. Such an element's gradient is rounding-sized (most of the head's rows belong to tokens no completion
+# holds), and Adam divides each gradient by its own running size, which turns the layouts' summation order in a
+# near-zero gradient into an lr-sized step (DPO's layouts see the same, tests/distributed/test_dpo_layouts.py). A
+# wrong shard or a missed gradient moves whole rows by several learning rates.
+PARAM_ATOL = 1e-3
 
 
 @pytest.fixture(scope="module")
