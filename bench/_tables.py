@@ -187,6 +187,33 @@ def dpo(d: dict) -> str:
             f"with a separate copy: ours **{d['ours_base_vs_copy_peak']:.3f}**, TRL {d['trl_base_vs_copy_peak']:.3f}")
 
 
+def grpo(d: dict) -> str:
+    a, s = d["args"], d["sync"]
+    rows = []
+    for impl, name in (("ours", "ours (our engine)"), ("trl", "TRL GRPOTrainer (transformers generate)")):
+        r = d[impl]
+        rows.append([name, f"{r['step_s']:.2f}", f"{r['generate_s']:.2f}", f"{r['score_s']:.4f}", f"{r['learn_s']:.2f}",
+                     f"{r['sync_s']:.4f}", f"{r['step_median_s']:.2f}", f"{r['tokens_per_step']:.0f}",
+                     f"{r['load_1m'][0]:.1f}–{r['load_1m'][1]:.1f}"])
+    steps = _table(["implementation", "step s (fastest)", "generate s", "score s", "learn s", "sync s",
+                     "step s (median)", "completion tokens a step", "load avg"], rows)
+    sync = _table(["what moves", "MiB", "seconds (median)", "seconds per GB", "load avg"], [
+        ["full weights, object store to a rollout worker", f"{s['bytes'] / 2**20:.0f}",
+         f"{statistics.median(s['full_s']):.3f}", f"{s['full_s_per_gb']:.3f}",
+         f"{s['load_1m'][0]:.1f}–{s['load_1m'][1]:.1f}"],
+        ["memcpy of the same bytes", f"{s['bytes'] / 2**20:.0f}", f"{statistics.median(s['memcpy_s']):.3f}",
+         f"{s['memcpy_s_per_gb']:.3f}", ""],
+        ["LoRA adapters only", f"{s['adapter_bytes'] / 2**20:.1f}", f"{s['adapter_sync_s']:.3f}",
+         f"{s['adapter_sync_s'] / (s['adapter_bytes'] / 2**30):.3f}", ""]])
+    return (f"{steps}\n\nd={a['dim']}, {a['layers']} layers, {a['experts']} experts (I={a['moe_intermediate']}), "
+            f"vocab {a['vocab']}; {a['prompts']} prompts × {a['group']} completions × at most {a['new_tokens']} "
+            f"tokens a step, {a['steps']} measured steps ({a['device']}). Ours ÷ TRL: step time "
+            f"**{d['step_ours_vs_trl']:.2f}** (generate {d['generate_ours_vs_trl']:.2f}, learn "
+            f"{d['learn_ours_vs_trl']:.2f}).\n\n{sync}\n\nWeight sync of d={a['sync_dim']}, {a['sync_layers']} layers, "
+            f"{a['sync_experts']} experts (LoRA rank {a['rank']}), median of {a['sync_repeats']}: object store ÷ memcpy "
+            f"per GB **{d['sync_vs_memcpy']:.2f}**")
+
+
 def rollout(d: dict) -> str:
     rows = [[r["system"], r["switches"], f"{r['steady_p99_ms']:.1f}", f"{r['across_p99_ms']:.1f}",
              f"{r['after_p99_ms']:.1f}",
@@ -310,7 +337,8 @@ def eval_(d: dict) -> str:
 
 RENDER = {"moe_layer": moe_layer, "memory": memory, "lora": lora, "layouts": layouts, "checkpoint": checkpoint,
           "ray_overhead": ray_overhead, "goodput": goodput, "serve": serve, "rollout": rollout,
-          "quant": quant, "guidellm": guidellm, "kv_cache": kv_cache, "dpo": dpo, "eval": eval_}
+          "quant": quant, "guidellm": guidellm, "kv_cache": kv_cache, "dpo": dpo, "eval": eval_,
+          "grpo": grpo}
 
 
 def render(name: str, docs: Path = DOCS) -> str:

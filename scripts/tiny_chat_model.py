@@ -2,10 +2,12 @@
 Qwen3-MoE saved by transformers as a Hugging Face model directory (sharded safetensors, a byte-level BPE tokenizer
 with ChatML turn markers and chat template, as Qwen models ship them), and a chat JSONL of OpenAI-style messages;
 with --preference, preference pairs for DPO (TRL's conversational format: the right answer chosen, an unhelpful one
-rejected) and held-out texts for a rollout's quality probe; and random LoRA adapters (`random_adapter`) for the
+rejected) and held-out texts for a rollout's quality probe; with --prompts, GRPO prompt rows (the sum asked for in
+digits, with its answer and the answer's format); and random LoRA adapters (`random_adapter`) for the
 adapter-serving tests and benchmark.
 
 usage: python scripts/tiny_chat_model.py MODEL_DIR CHAT_JSONL [--rows N] [--preference PAIRS_JSONL PROBE_TXT]
+       [--prompts PROMPTS_JSONL]
 """
 
 from __future__ import annotations
@@ -77,6 +79,17 @@ def preference_rows(n: int) -> list[dict]:
         rows.append({"prompt": prompt, "chosen": [{"role": "assistant", "content": f"{a} plus {b} is "
                                                                                    f"{spelled(a + b)}."}],
                      "rejected": [{"role": "assistant", "content": REFUSALS[i % len(REFUSALS)]}]})
+    return rows
+
+
+def prompt_rows(n: int) -> list[dict]:
+    """`n` GRPO prompts of the chat task, asking for the sum in digits: `answer` holds it (moe_platform.rewards:
+    exact_match), `pattern` the format asked for, an answer that starts with a number (moe_platform.rewards:regex)."""
+    rows = []
+    for i in range(n):
+        a, b = i % 10, (i * 3 + 1) % 10
+        rows.append({"prompt": [{"role": "user", "content": f"What is {a} plus {b}? Answer with the number."}],
+                     "answer": str(a + b), "pattern": r"\d+\b.*"})
     return rows
 
 
@@ -157,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preference", nargs=2, type=Path, metavar=("PAIRS_JSONL", "PROBE_TXT"),
                         help="also write DPO preference pairs and a quality-probe text file")
     parser.add_argument("--pairs", type=int, default=100, help="preference pairs to write (default 100)")
+    parser.add_argument("--prompts", type=Path, metavar="PROMPTS_JSONL",
+                        help="also write GRPO prompt rows (the sum asked for in digits, with its answer and format)")
     args = parser.parse_args(argv)
     build(args.model_dir, args.chat_jsonl, args.rows)
     if args.preference:
@@ -164,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
         pairs.write_text("".join(json.dumps(r) + "\n" for r in preference_rows(args.pairs)))
         probe.write_text(probe_texts())
         print(f"{args.pairs} preference pairs in {pairs}; quality-probe texts in {probe}")
+    if args.prompts:
+        args.prompts.write_text("".join(json.dumps(r) + "\n" for r in prompt_rows(100)))
+        print(f"100 GRPO prompts in {args.prompts}")
     return 0
 
 

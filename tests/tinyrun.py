@@ -520,3 +520,9 @@ class FakeCloud:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def checksum_reward(row, completion: str) -> float:
+    """A GRPO reward that differs between almost any two completions, for checks that need every group's advantages
+    to be non-zero: the sum of the completion's character codes, mod 7."""
+    return float(sum(map(ord, completion)) % 7)

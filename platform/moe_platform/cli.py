@@ -25,7 +25,7 @@ def _cmd_train(ns: argparse.Namespace, rest: list[str]) -> int:
     from moe_platform.train.launch import launch_local
 
     cfg = load_config(ns.config, rest)
-    trainer_cls = trainer_class(cfg.train.objective)  # lm: the Trainer; dpo: post_train's DPOTrainer
+    trainer_cls = trainer_class(cfg.train.objective)  # lm: the Trainer; dpo, grpo: post_train's trainers
     on_export = None
     if cfg.checkpoint.publish_to:  # promote through the object-store model registry (logged, never fatal)
         from moe_platform.cluster.registry import export_publisher
@@ -393,10 +393,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train (resuming from the run's latest committed checkpoint if there is one, "
                                    "whatever layout wrote it). The layout's ranks (parallel.dp x tp x pp, or "
                                    "elastic.max_workers when a degree is 0/auto) run as processes on this machine. "
-                                   "train.objective picks the objective: lm (next-token prediction) or dpo "
-                                   "(preference pairs, data.format = preference, set up in [dpo]; see "
-                                   "jobs/configs/dpo.toml). Any --section.key=value after the options overrides the "
-                                   "config file.")
+                                   "train.objective picks the objective: lm (next-token prediction), dpo (pairs, "
+                                   "data.format = preference, [dpo]; jobs/configs/dpo.toml) or grpo (online RL on "
+                                   "prompts, data.format = prompts, engine rollouts, [grpo]; jobs/configs/grpo.toml). "
+                                   "Any --section.key=value after the options overrides the config file.")
     t.add_argument("--config", required=True, help="TOML config file, e.g. jobs/configs/tiny.toml")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("--ray", action="store_true", help="run the ranks as Ray Train workers (elastic, restarted on "

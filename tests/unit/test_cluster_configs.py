@@ -356,7 +356,9 @@ def test_grafana_dashboard_queries_existing_metrics():
               "moe_serve_running_batch_size", "moe_serve_expert_tokens", "serve_deployment_replica_healthy",
               "moe_serve_rollout_weight", "moe_serve_rollout_state", "moe_serve_rollout_rollbacks",
               "moe_serve_requests", "moe_serve_request_latency_s", "moe_serve_kv_cache_usage_perc",
-              "moe_serve_prefix_cache_hit_rate", "moe_serve_preemptions"}
+              "moe_serve_prefix_cache_hit_rate", "moe_serve_preemptions", "moe_train_grpo_reward",
+              "moe_train_grpo_kl", "moe_train_grpo_clip_fraction", "moe_train_grpo_response_length",
+              "moe_train_grpo_sync_seconds"}
     assert wanted <= used, f"panels missing for {sorted(wanted - used)}"
     ids = [p["id"] for p in dash["panels"]]
     assert len(ids) == len(set(ids))

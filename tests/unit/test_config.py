@@ -29,6 +29,11 @@ SHIPPED = {
     "dpo.toml": {"train.objective": "dpo", "data.format": "preference", "init.from_hf": "", "lora.enabled": True,
                  "dpo.beta": 0.1, "dpo.loss_type": "sigmoid", "dpo.reference": "base", "train.micro_batch_size": 1,
                  "parallel.dp": 0, "parallel.ep": 0, "elastic.min_workers": 1, "elastic.max_workers": 8},
+    "grpo.toml": {"train.objective": "grpo", "data.format": "prompts", "init.from_hf": "", "lora.enabled": True,
+                  "grpo.group_size": 8, "grpo.clip_eps": 0.2, "grpo.kl_coef": 0.0, "grpo.loss_agg": "token_mean",
+                  "grpo.reward": "moe_platform.rewards:exact_match", "grpo.rollout_workers": 1,
+                  "train.global_batch_size": 64, "parallel.dp": 0, "elastic.min_workers": 1,
+                  "elastic.max_workers": 8},
 }
 
 
@@ -100,11 +105,31 @@ def test_every_field_has_a_doc():
         (["--model.n_heads=6", "--model.n_kv_heads=4"], r"n_heads \(6\) must be divisible by model\.n_kv_heads"),
         (["--model.top_k=20"], r"top_k \(20\) must be <= model\.num_experts"),
         (["--model.balancing=magic"], r"model\.balancing must be one of"),
-        (["--data.format=sharegpt"], r"data\.format must be text, chat or preference, got 'sharegpt'"),
-        (["--train.objective=ppo"], r"train\.objective must be lm or dpo, got 'ppo'"),
+        (["--data.format=sharegpt"], r"data\.format must be text, chat, preference or prompts, got 'sharegpt'"),
+        (["--train.objective=ppo"], r"train\.objective must be lm, dpo or grpo, got 'ppo'"),
         (["--train.objective=dpo", "--init.from_hf=/m"], r"train\.objective = 'dpo' reads preference pairs: set "
                                                          r"data\.format = 'preference' \(got 'text'\)"),
         (["--data.format=preference"], r"data\.format = 'preference' is read by train\.objective = 'dpo' only"),
+        (["--data.format=prompts"], r"data\.format = 'prompts' is read by train\.objective = 'grpo' only"),
+        (["--train.objective=grpo"], r"train\.objective = 'grpo' reads prompts: set data\.format = 'prompts' "
+                                     r"\(got 'text'\)"),
+        (["--train.objective=grpo", "--data.format=prompts", "--grpo.group_size=6"],
+         r"train\.global_batch_size \(16\) counts completions: it must be a multiple of grpo\.group_size \(6\)"),
+        (["--train.objective=grpo", "--data.format=prompts", "--grpo.max_new_tokens=128"],
+         r"grpo\.max_new_tokens \(128\) must be below train\.seq_len \(128\)"),
+        (["--grpo.group_size=1"], r"grpo\.group_size must be >= 2"),
+        (["--grpo.temperature=0"], r"grpo\.temperature must be a number > 0"),
+        (["--grpo.top_p=0"], r"grpo\.top_p must be in \(0, 1\], got 0\.0"),
+        (["--grpo.clip_eps=1.5"], r"grpo\.clip_eps must be in \(0, 1\), got 1\.5"),
+        (["--grpo.kl_coef=-0.1"], r"grpo\.kl_coef must be a number >= 0, got -0\.1"),
+        (["--grpo.loss_agg=sum"], r"grpo\.loss_agg must be token_mean or seq_mean, got 'sum'"),
+        (["--grpo.reward=rewards.py"], r"grpo\.reward: 'rewards\.py' is not 'module:function'"),
+        (["--grpo.reward=a:b,c:d", "--grpo.reward_weights=1"], r"grpo\.reward_weights has 1 weights for 2 reward"),
+        (["--grpo.reward_weights=inf"], r"grpo\.reward_weights: 'inf' \(the weight of moe_platform\.rewards:exact_"
+                                        r"match\) is not a finite number"),
+        (["--grpo.rollout_workers=-1"], r"grpo\.rollout_workers must be >= 0"),
+        (["--grpo.rollout_resources=CPU"], r"grpo\.rollout_resources: 'CPU' in 'CPU' is not NAME=amount"),
+        (["--grpo.rollout_dtype=float16"], r"grpo\.rollout_dtype must be float32 or bfloat16"),
         (["--dpo.beta=0"], r"dpo\.beta must be a positive number, got 0\.0"),
         (["--dpo.loss_type=kto"], r"dpo\.loss_type must be one of sigmoid, ipo, hinge, got 'kto'"),
         (["--dpo.label_smoothing=0.5"], r"dpo\.label_smoothing must be in \[0, 0\.5\), got 0\.5"),
@@ -205,3 +230,29 @@ def test_place_rank_pins_every_thread_of_the_rank(tmp_path):
     assert run(1).stdout.split("\n")[0] == f"[{cores[1]}] 1"  # every thread, the early one too, on rank 1's core
     out = run(2)
     assert out.returncode != 0 and "names cores for 2 local rank(s); local rank 2 has none" in out.stderr
+
+
+def test_grpo_lists_and_tables_take_toml_arrays_or_commas(tmp_path):
+    """grpo.reward, reward_weights and rollout_resources: a TOML array (or inline table) or the same comma-separated
+    on the command line; config_to_toml writes them back in their string form."""
+    from moe_platform.config import resource_amounts, reward_specs
+
+    f = tmp_path / "g.toml"
+    f.write_text('[train]\nobjective = "grpo"\n[data]\nformat = "prompts"\n[grpo]\n'
+                 'reward = ["moe_platform.rewards:exact_match", "moe_platform.rewards:regex"]\n'
+                 'reward_weights = [1.0, 0.5]\nrollout_resources = {CPU = 2, GPU = 0.5}\n')
+    cfg = load_config(f)
+    assert reward_specs(cfg.grpo.reward, cfg.grpo.reward_weights) == [("moe_platform.rewards:exact_match", 1.0),
+                                                                      ("moe_platform.rewards:regex", 0.5)]
+    assert resource_amounts(cfg.grpo.rollout_resources) == {"CPU": 2.0, "GPU": 0.5}
+    same = load_config(None, ["--train.objective=grpo", "--data.format=prompts",
+                              "--grpo.reward=moe_platform.rewards:exact_match, moe_platform.rewards:regex",
+                              "--grpo.reward_weights=1.0,0.5", "--grpo.rollout_resources=CPU=2,GPU=0.5"])
+    assert reward_specs(same.grpo.reward, same.grpo.reward_weights) == reward_specs(cfg.grpo.reward,
+                                                                                    cfg.grpo.reward_weights)
+    rt = tmp_path / "rt.toml"
+    rt.write_text(config_to_toml(cfg))
+    assert load_config(rt) == cfg
+    f.write_text("[grpo]\nreward = [[1]]\n")
+    with pytest.raises(ValueError, match=r"grpo.reward must be a string, a list of strings or numbers"):
+        load_config(f)

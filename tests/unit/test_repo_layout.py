@@ -22,10 +22,11 @@ def test_stdlib_platform_still_importable():
 
 # Imports flow one way (docs: shared design): a package may import only from packages on a lower level (and itself).
 # `checks` is the shared validation helper every level uses, and `ray_compat`/`deepspeed_compat` the one home of each
-# library's private APIs (they import no package of ours); `cli` sits on top. `post_train` (objectives beyond
-# next-token) sits beside train, just above it: it builds on the trainer, which never imports it.
-LEVELS = {"checks": 0, "ray_compat": 0, "deepspeed_compat": 0, "model": 1, "tokenizer": 2, "config": 2,
-          "checkpoint": 3, "parallel": 4, "train": 5, "post_train": 5.5, "cluster": 6, "serving": 7, "cli": 8}
+# library's private APIs (they import no package of ours); `rewards` (GRPO's built-in reward functions) imports
+# nothing of ours either; `cli` sits on top. `post_train` (objectives beyond next-token) builds on the trainer and, for
+# GRPO's rollouts, runs the serving engine: it sits above serving, just below cli, and nothing else imports it.
+LEVELS = {"checks": 0, "ray_compat": 0, "deepspeed_compat": 0, "rewards": 0, "model": 1, "tokenizer": 2, "config": 2,
+          "checkpoint": 3, "parallel": 4, "train": 5, "cluster": 6, "serving": 7, "post_train": 7.5, "cli": 8}
 
 
 def _imports(path: Path) -> list[tuple[int, str]]:

@@ -214,6 +214,25 @@ def read_export(export_dir: str | Path) -> tuple[ModelArgs | None, dict[str, np.
     return args, weights, dtypes, files
 
 
+def pack_weights(state: dict[str, torch.Tensor]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Tensors -> (numpy arrays, their torch dtypes), the form weights take in the object store: `ray.get` of them on
+    a node gives read-only views into its shared memory, which `unpack_weights` turns back into tensors unchanged."""
+    return _arrays(state)
+
+
+def unpack_weights(arrays: dict[str, np.ndarray], dtypes: dict[str, str]) -> dict[str, torch.Tensor]:
+    """`pack_weights`' arrays (e.g. as `ray.get` returns them) -> CPU tensors viewing the same memory (no copy)."""
+    out: dict[str, torch.Tensor] = {}
+    with warnings.catch_warnings():
+        # torch has no read-only tensors; nothing writes to weights at inference (see Engine.from_state_dict).
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        for name, array in arrays.items():
+            t = torch.from_numpy(array)
+            want = getattr(torch, dtypes[name])
+            out[name] = t if t.dtype == want else t.view(want)
+    return out
+
+
 def _arrays(state: dict[str, torch.Tensor]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     weights: dict[str, np.ndarray] = {}
     dtypes: dict[str, str] = {}
@@ -257,16 +276,7 @@ def list_models(address: str | None = None) -> dict[str, list[dict]]:
 
 def load_weights(model: ModelVersion) -> dict[str, torch.Tensor]:
     """The version's weights as CPU tensors that are read-only views into the object store (no copy on this node)."""
-    arrays = ray.get(model.weights)
-    out: dict[str, torch.Tensor] = {}
-    with warnings.catch_warnings():
-        # torch has no read-only tensors; nothing writes to weights at inference (see Engine.from_state_dict).
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        for name, array in arrays.items():
-            t = torch.from_numpy(array)
-            want = getattr(torch, model.dtypes[name])
-            out[name] = t if t.dtype == want else t.view(want)
-    return out
+    return unpack_weights(ray.get(model.weights), model.dtypes)
 
 
 def publish_training_export(export_dir: str | Path, name: str, *, keep: int = DEFAULT_KEEP,

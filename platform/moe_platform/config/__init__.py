@@ -7,6 +7,8 @@ from moe_platform.config.loader import (
     load_config,
     parse_overrides,
     rank_cpu_sets,
+    resource_amounts,
+    reward_specs,
     validate_config,
 )
 from moe_platform.config.schema import (
@@ -16,13 +18,14 @@ from moe_platform.config.schema import (
     DPOConfig,
     ElasticConfig,
     FailureConfig,
+    GRPOConfig,
     ParallelConfig,
     RunConfig,
     TrainConfig,
 )
 
 __all__ = [
-    "CheckpointConfig", "Config", "DataConfig", "DPOConfig", "ElasticConfig", "FailureConfig", "ParallelConfig",
-    "RunConfig", "TrainConfig", "config_from_dict", "config_to_dict", "config_to_toml", "load_config",
-    "parse_overrides", "rank_cpu_sets", "validate_config",
+    "CheckpointConfig", "Config", "DataConfig", "DPOConfig", "ElasticConfig", "FailureConfig", "GRPOConfig",
+    "ParallelConfig", "RunConfig", "TrainConfig", "config_from_dict", "config_to_dict", "config_to_toml",
+    "load_config", "parse_overrides", "rank_cpu_sets", "resource_amounts", "reward_specs", "validate_config",
 ]

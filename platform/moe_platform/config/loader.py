@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import logging
 import math
+import re
 import typing
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,9 @@ from moe_platform.model.lora import parse_targets
 
 log = logging.getLogger("moe_platform.config")
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+OBJECTIVES = {"lm": ("text", "chat"), "dpo": ("preference",), "grpo": ("prompts",)}  # objective -> data formats
+GRPO_LOSS_AGGS = ("token_mean", "seq_mean")
+_REWARD_SPEC = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")
 _BOOL_WORDS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
 
 
@@ -39,8 +43,66 @@ def rank_cpu_sets(spec: str) -> list[list[int]]:
     return sets
 
 
+def reward_specs(reward: str, weights: str) -> list[tuple[str, float]]:
+    """`grpo.reward` and `grpo.reward_weights` as [("module:function", weight), ...]; raises ValueError naming the
+    entry that is not a 'module:function' or not a finite weight, or a count that does not match."""
+    specs = [s.strip() for s in reward.split(",") if s.strip()]
+    if not specs:
+        raise ValueError("grpo.reward must name at least one reward function 'module:function'")
+    for spec in specs:
+        if not _REWARD_SPEC.match(spec):
+            raise ValueError(f"grpo.reward: {spec!r} is not 'module:function' (e.g. moe_platform.rewards:exact_match)")
+    texts = [w.strip() for w in weights.split(",")] if weights.strip() else ["1"] * len(specs)
+    if len(texts) != len(specs):
+        raise ValueError(f"grpo.reward_weights has {len(texts)} weights for {len(specs)} reward functions ({reward!r})")
+    out = []
+    for spec, text in zip(specs, texts, strict=True):
+        try:
+            weight = float(text)
+        except ValueError:
+            weight = math.nan
+        if not math.isfinite(weight):
+            raise ValueError(f"grpo.reward_weights: {text!r} (the weight of {spec}) is not a finite number")
+        out.append((spec, weight))
+    return out
+
+
+def resource_amounts(spec: str) -> dict[str, float]:
+    """`grpo.rollout_resources` "CPU=1, GPU=0.5, custom=1" -> {"CPU": 1.0, ...}; raises ValueError naming the entry."""
+    out: dict[str, float] = {}
+    for item in (x.strip() for x in spec.split(",")):
+        if not item:
+            continue
+        name, sep, value = item.partition("=")
+        try:
+            amount = float(value) if sep else math.nan
+        except ValueError:
+            amount = math.nan
+        if not name.strip() or not math.isfinite(amount) or amount < 0:
+            raise ValueError(f"grpo.rollout_resources: {item!r} in {spec!r} is not NAME=amount with an amount >= 0")
+        out[name.strip()] = amount
+    return out
+
+
 def _section_types(cls) -> dict[str, Any]:
     return typing.get_type_hints(cls)
+
+
+def _compound_keys(cls) -> set[str]:
+    """String keys that hold a list (or, for resources, a table): TOML may give them as arrays or inline tables."""
+    return {f.name for f in dataclasses.fields(cls) if f.metadata.get("compound")}
+
+
+def _join_compound(value: Any, where: str) -> Any:
+    """A TOML array or inline table of a compound key as its comma-separated string form."""
+    if isinstance(value, list) and all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in value):
+        return ", ".join(str(v) for v in value)
+    if isinstance(value, dict) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value.values()):
+        return ", ".join(f"{k}={v}" for k, v in value.items())
+    if isinstance(value, (list, dict)):
+        raise ValueError(f"{where} must be a string, a list of strings or numbers, or a table of numbers, got "
+                         f"{value!r}")
+    return value
 
 
 def _coerce(value: Any, typ: Any, where: str) -> Any:
@@ -95,10 +157,13 @@ def config_from_dict(data: dict[str, Any], base: Config | None = None, validate:
             raise ValueError(f"config section [{section}] must be a table, got {values!r}")
         section_obj = getattr(cfg, section)
         types = _section_types(type(section_obj))
+        compound = _compound_keys(type(section_obj))
         updates = {}
         for key, value in values.items():
             if key not in types:
                 raise ValueError(f"unknown config key '{section}.{key}'; known keys in [{section}]: {sorted(types)}")
+            if key in compound:
+                value = _join_compound(value, f"{section}.{key}")
             updates[key] = _coerce(value, types[key], f"{section}.{key}")
         setattr(cfg, section, _replace(section_obj, updates))
     if validate:
@@ -230,8 +295,8 @@ def validate_config(cfg: Config) -> None:
          f"model.vocab_size ({cfg.model.vocab_size}) must be 0 or equal data.vocab_size ({d.vocab_size})")
     need(d.max_bytes >= 0, f"data.max_bytes must be >= 0, got {d.max_bytes}")
     need(0 <= d.val_fraction < 0.5, f"data.val_fraction must be in [0, 0.5), got {d.val_fraction}")
-    need(d.format in ("text", "chat", "preference"), f"data.format must be text, chat or preference, got "
-                                                      f"{d.format!r}")
+    formats = [f for fs in OBJECTIVES.values() for f in fs]
+    need(d.format in formats, f"data.format must be {', '.join(formats[:-1])} or {formats[-1]}, got {d.format!r}")
     need(d.truncation in ("error", "truncate"), f"data.truncation must be error or truncate, got {d.truncation!r}")
     need(d.on_bad_row in ("error", "skip"), f"data.on_bad_row must be error or skip, got {d.on_bad_row!r}")
     need(bool(d.messages_column), "data.messages_column must not be empty")
@@ -271,14 +336,20 @@ def validate_config(cfg: Config) -> None:
 
 
 def _validate_objective(cfg: Config, need) -> None:
-    """train.objective, the data it reads and, for dpo, the [dpo] section."""
+    """train.objective, the data it reads and, for dpo and grpo, their sections."""
     t, d, dpo = cfg.train, cfg.data, cfg.dpo
-    need(t.objective in ("lm", "dpo"), f"train.objective must be lm or dpo, got {t.objective!r}")
+    need(t.objective in OBJECTIVES, f"train.objective must be lm, dpo or grpo, got {t.objective!r}")
     if t.objective == "dpo":
         need(d.format == "preference", f"train.objective = 'dpo' reads preference pairs: set data.format = "
                                        f"'preference' (got {d.format!r})")
+    elif t.objective == "grpo":
+        need(d.format == "prompts", f"train.objective = 'grpo' reads prompts: set data.format = 'prompts' (got "
+                                    f"{d.format!r})")
     else:
-        need(d.format != "preference", "data.format = 'preference' is read by train.objective = 'dpo' only")
+        for objective in ("dpo", "grpo"):
+            need(d.format not in OBJECTIVES[objective],
+                 f"data.format = {d.format!r} is read by train.objective = {objective!r} only")
+    _validate_grpo(cfg, need)
     need(dpo.beta > 0 and math.isfinite(dpo.beta), f"dpo.beta must be a positive number, got {dpo.beta}")
     need(dpo.loss_type in DPO_LOSS_TYPES, f"dpo.loss_type must be one of {', '.join(DPO_LOSS_TYPES)}, got "
                                           f"{dpo.loss_type!r}")
@@ -287,3 +358,36 @@ def _validate_objective(cfg: Config, need) -> None:
          f"dpo.label_smoothing applies to loss_type = 'sigmoid' only (conservative DPO), got "
          f"{dpo.label_smoothing} with loss_type = {dpo.loss_type!r}")
     need(bool(dpo.reference.strip()), "dpo.reference must be 'base' or a model directory, got an empty string")
+
+
+def _validate_grpo(cfg: Config, need) -> None:
+    g, t = cfg.grpo, cfg.train
+    need(g.group_size >= 2, f"grpo.group_size must be >= 2 (advantages compare completions of one prompt), got "
+                            f"{g.group_size}")
+    need(g.max_new_tokens >= 1, f"grpo.max_new_tokens must be >= 1, got {g.max_new_tokens}")
+    need(math.isfinite(g.temperature) and g.temperature > 0,
+         f"grpo.temperature must be a number > 0 (the completions of a group must differ), got {g.temperature}")
+    need(0 < g.top_p <= 1, f"grpo.top_p must be in (0, 1], got {g.top_p}")
+    need(math.isfinite(g.clip_eps) and 0 < g.clip_eps < 1, f"grpo.clip_eps must be in (0, 1), got {g.clip_eps}")
+    need(math.isfinite(g.kl_coef) and g.kl_coef >= 0, f"grpo.kl_coef must be a number >= 0, got {g.kl_coef}")
+    need(bool(g.reference.strip()), "grpo.reference must be 'base' or a model directory, got an empty string")
+    need(g.loss_agg in GRPO_LOSS_AGGS, f"grpo.loss_agg must be {' or '.join(GRPO_LOSS_AGGS)}, got {g.loss_agg!r}")
+    need(g.rollout_workers >= 0, f"grpo.rollout_workers must be >= 0 (0: an engine inside rank 0), got "
+                                 f"{g.rollout_workers}")
+    need(g.rollout_device in ("auto", "cpu", "cuda"), f"grpo.rollout_device must be auto, cpu or cuda, got "
+                                                      f"{g.rollout_device!r}")
+    need(g.rollout_dtype in ("float32", "bfloat16"), f"grpo.rollout_dtype must be float32 or bfloat16, got "
+                                                     f"{g.rollout_dtype!r}")
+    need(g.rollout_timeout_s > 0, f"grpo.rollout_timeout_s must be > 0, got {g.rollout_timeout_s}")
+    for check in (lambda: reward_specs(g.reward, g.reward_weights), lambda: resource_amounts(g.rollout_resources)):
+        try:
+            check()
+        except ValueError as e:
+            need(False, str(e))
+    if t.objective != "grpo":
+        return
+    need(t.global_batch_size % g.group_size == 0,
+         f"train.global_batch_size ({t.global_batch_size}) counts completions: it must be a multiple of "
+         f"grpo.group_size ({g.group_size})")
+    need(g.max_new_tokens < t.seq_len, f"grpo.max_new_tokens ({g.max_new_tokens}) must be below train.seq_len "
+                                       f"({t.seq_len}): a prompt and its completion share seq_len + 1 tokens")

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from moe_platform.model.args import ModelArgs
 
 
-def _f(default, doc: str):
-    return field(default=default, metadata={"doc": doc})
+def _f(default, doc: str, **meta):
+    return field(default=default, metadata={"doc": doc, **meta})
 
 
 @dataclass
@@ -31,7 +31,8 @@ class DataConfig:
                              "OpenAI-style messages, rendered with the model's chat template; loss on assistant "
                              "tokens only) or preference (rows of {prompt, chosen, rejected} messages, or chosen and "
                              "rejected conversations sharing their prompt, for train.objective = 'dpo'; one sequence "
-                             "per row, only response tokens count)")
+                             "per row, only response tokens count) or prompts (rows with a prompt, messages or text, "
+                             "plus the fields the reward functions read, for train.objective = 'grpo')")
     messages_column: str = _f("messages", "chat data: the key (JSONL) or column (parquet) holding a row's messages")
     packing: bool = _f(True, "chat data: pack whole conversations into each sequence, each attending only to itself "
                              "(false: one conversation per sequence, padded)")
@@ -46,12 +47,15 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     steps: int = _f(200, "optimizer steps to run")
-    objective: str = _f("lm", "lm (next-token prediction) or dpo (direct preference optimisation of an imported model "
-                              "on data.format = 'preference' rows, set up in [dpo])")
+    objective: str = _f("lm", "lm (next-token prediction), dpo (direct preference optimisation of an imported model "
+                              "on data.format = 'preference' rows, set up in [dpo]) or grpo (online RL of an imported "
+                              "model on data.format = 'prompts' rows: rollouts from the serving engine, set up in "
+                              "[grpo])")
     global_batch_size: int = _f(16, "sequences per optimizer step, across all data-parallel ranks (dpo: preference "
-                                    "pairs, two sequences each)")
+                                    "pairs, two sequences each; grpo: completions, grpo.group_size per prompt)")
     micro_batch_size: int = _f(4, "sequences per forward/backward pass on one rank (dpo: preference pairs; a pair's "
-                                  "chosen and rejected sequences are always in the same micro-batch)")
+                                  "chosen and rejected sequences are always in the same micro-batch; grpo: "
+                                  "completions)")
     seq_len: int = _f(128, "tokens per training sequence")
     lr: float = _f(3e-3, "peak learning rate; 0: a frozen run (the weights stay as loaded: an import/export check)")
     min_lr_ratio: float = _f(0.1, "final learning rate as a fraction of lr (cosine decay)")
@@ -153,6 +157,39 @@ class DPOConfig:
 
 
 @dataclass
+class GRPOConfig:
+    group_size: int = _f(8, "completions sampled per prompt; each one's advantage is its reward's distance from the "
+                            "group's mean in the group's standard deviations (0 where every reward is equal)")
+    max_new_tokens: int = _f(64, "tokens a completion may have at most (a prompt may have train.seq_len + 1 - "
+                                 "max_new_tokens)")
+    temperature: float = _f(1.0, "sampling temperature of the rollouts; the learner's log-probabilities are of the "
+                                 "same tempered distribution")
+    top_p: float = _f(1.0, "nucleus sampling of the rollouts: keep the smallest set of tokens with this mass")
+    clip_eps: float = _f(0.2, "the probability ratio, policy over the one that sampled, is clipped to [1 - clip_eps, "
+                              "1 + clip_eps] (PPO's clipped objective)")
+    kl_coef: float = _f(0.0, "weight of the KL penalty against the reference policy (k3 estimator per token); 0: no "
+                             "reference pass")
+    reference: str = _f("base", "the reference policy of the KL penalty, as dpo.reference: base (with LoRA the "
+                                "same weights with the adapters off; else a frozen copy) or a model directory")
+    loss_agg: str = _f("token_mean", "token_mean (every completion token of the step weighs the same) or seq_mean "
+                                     "(each completion's token mean, averaged over completions)")
+    reward: str = _f("moe_platform.rewards:exact_match", "reward function 'module:function' taking (row, completion "
+                                                         "text) and returning a number; several (a list, or "
+                                                         "comma-separated) are summed with reward_weights",
+                     compound=True)
+    reward_weights: str = _f("", "one weight per reward function (a list, or comma-separated); empty: all 1",
+                             compound=True)
+    rollout_workers: int = _f(1, "rollout engines, each a Ray actor holding our serving engine, placed beside the "
+                                 "learner's rank 0; 0: one engine inside rank 0's own process (no Ray needed)")
+    rollout_resources: str = _f("CPU=1", "Ray resources of each rollout worker, NAME=amount (a table, or "
+                                         "comma-separated): CPU, GPU, or a custom resource", compound=True)
+    rollout_device: str = _f("auto", "the rollout engines' device: auto (cuda when the worker sees one), cpu or cuda")
+    rollout_dtype: str = _f("float32", "the rollout engines' weights and KV cache: float32 or bfloat16")
+    rollout_timeout_s: float = _f(600.0, "longest a rollout worker may take to start or to answer a generation "
+                                         "round before it is replaced")
+
+
+@dataclass
 class RolloutConfig:
     auto: bool = _f(False, "when the run ends, roll its published version (checkpoint.publish_to) out to a running "
                            "Serve app as a canary: it loads from the registry and takes traffic step by step while "
@@ -173,6 +210,8 @@ class Config:
     lora: LoRAConfig = field(default_factory=LoRAConfig, metadata={"doc": "low-rank adapters (LoRA)"})
     dpo: DPOConfig = field(default_factory=DPOConfig, metadata={"doc": "preference optimisation (train.objective = "
                                                                        "'dpo')"})
+    grpo: GRPOConfig = field(default_factory=GRPOConfig, metadata={"doc": "online RL with group-relative advantages "
+                                                                          "(train.objective = 'grpo')"})
     data: DataConfig = field(default_factory=DataConfig, metadata={"doc": "corpus and tokenizer"})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"doc": "optimisation"})
     parallel: ParallelConfig = field(default_factory=ParallelConfig, metadata={"doc": "parallel layout"})

@@ -25,6 +25,7 @@ import torch
 
 from moe_platform.parallel.comm import collective_device
 from moe_platform.post_train.dpo import STATS, DPOLoss, stats_metrics
+from moe_platform.post_train.grpo_trainer import GRPOTrainer
 from moe_platform.post_train.preference_data import build_preference_dataset
 from moe_platform.post_train.reference import ReferencePolicy
 from moe_platform.tokenizer import ChatTemplate
@@ -164,7 +165,7 @@ class DPOTrainer(Trainer):
 
 def trainer_class(objective: str) -> type[Trainer]:
     """The trainer of `train.objective`."""
-    trainers = {"lm": Trainer, "dpo": DPOTrainer}
+    trainers = {"lm": Trainer, "dpo": DPOTrainer, "grpo": GRPOTrainer}
     if objective not in trainers:
         raise ValueError(f"train.objective must be one of {', '.join(trainers)}, got {objective!r}")
     return trainers[objective]

@@ -1,10 +1,11 @@
-"""The reference policy of DPO, computed by the policy's own modules on the policy's own layout.
+"""The reference policy of DPO (and of GRPO's KL penalty), computed by the policy's own modules on the policy's own
+layout.
 
 The reference is the policy's modules with, for the duration of a no-grad forward (`ReferencePolicy.active`):
 - the training adapters switched off (LoRA: every module's `lora` is detached and put back afterwards), and
 - the tensors that differ between policy and reference swapped for the reference's values.
 
-What differs depends on the set-up (`dpo.reference`):
+What differs depends on the set-up (`dpo.reference`, or `grpo.reference` for train.objective = grpo):
 - `base` with LoRA: only what training changes outside the adapters, which is nothing but the routing-bias buffers of
   aux-loss-free balancing. The frozen base weights are shared: no second copy of the weights.
 - `base` without LoRA: every trainable weight. The copy holds this rank's shard of each tensor only (tensor, expert
@@ -37,22 +38,30 @@ log = logging.getLogger("moe_platform.post_train")
 _NOT_COMPUTED = ("init_std", "max_seq_len")
 
 
+def reference_setting(cfg: Config) -> tuple[str, str]:
+    """(the reference setting of the config's objective, its key): grpo.reference for GRPO's KL penalty, else
+    dpo.reference."""
+    return (cfg.grpo.reference, "grpo.reference") if cfg.train.objective == "grpo" else (cfg.dpo.reference,
+                                                                                          "dpo.reference")
+
+
 def reference_dir(cfg: Config) -> Path:
-    """Where the reference's weights are read from: init.from_hf for `base`, else the dpo.reference directory."""
-    if cfg.dpo.reference == "base":
+    """Where the reference's weights are read from: init.from_hf for `base`, else the reference directory."""
+    value, key = reference_setting(cfg)
+    if value == "base":
         return Path(cfg.init.from_hf)
-    path = Path(cfg.dpo.reference).expanduser()
+    path = Path(value).expanduser()
     if not path.is_dir():
-        raise ValueError(f"dpo.reference = {cfg.dpo.reference!r} is neither 'base' nor a model directory")
+        raise ValueError(f"{key} = {value!r} is neither 'base' nor a model directory")
     return path
 
 
-def check_same_architecture(directory: Path, args: ModelArgs) -> None:
+def check_same_architecture(directory: Path, args: ModelArgs, key: str = "dpo.reference") -> None:
     """A clear error when the model in `directory` is not the policy's architecture."""
     theirs, ours = read_model_args(directory).to_dict(), args.to_dict()
     diff = {k: (theirs.get(k), v) for k, v in ours.items() if k not in _NOT_COMPUTED and theirs.get(k) != v}
     if diff:
-        raise ValueError(f"dpo.reference {directory} is not the policy's architecture (reference, policy): {diff}")
+        raise ValueError(f"{key} {directory} is not the policy's architecture (reference, policy): {diff}")
 
 
 class ReferencePolicy:
@@ -63,9 +72,10 @@ class ReferencePolicy:
         self.model = model
         self.adapters_off = cfg.lora.enabled
         source = reference_dir(cfg)
-        separate = cfg.dpo.reference != "base"
+        setting, key = reference_setting(cfg)
+        separate = setting != "base"
         if separate:
-            check_same_architecture(source, args)
+            check_same_architecture(source, args, key)
         wanted = []  # (name, live tensor): what the reference has its own values of
         seen: set[int] = set()
         for name, t in tensors.items():
@@ -84,7 +94,7 @@ class ReferencePolicy:
                     for name, t in wanted:
                         value = weights.read(name, specs[name])
                         if value.shape != t.shape:
-                            raise ValueError(f"dpo.reference {source}: {name} has shape {tuple(value.shape)} here, "
+                            raise ValueError(f"{key} {source}: {name} has shape {tuple(value.shape)} here, "
                                              f"the policy's is {tuple(t.shape)}")
                         self.pairs.append((t, value.to(t.device, t.dtype)))
             finally:

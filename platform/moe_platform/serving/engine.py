@@ -46,6 +46,7 @@ from pathlib import Path
 
 import torch
 
+from moe_platform.checkpoint.adapters import Adapters
 from moe_platform.checks import requirer
 from moe_platform.model.args import ModelArgs
 from moe_platform.model.transformer import MoETransformer
@@ -299,6 +300,46 @@ class Engine:
     def loaded_adapters(self) -> list[dict]:
         """The adapters requests can use now: name, source, rank and requests in flight."""
         return self.lora.loaded()
+
+    def put_adapter(self, name: str, adapter: Adapters, source: str = "memory") -> LoadedAdapter:
+        """Load an adapter held in memory as `name`, or write it over the adapter loaded under that name between two
+        engine steps (a live swap: RL weight sync). The prefix cache is dropped: its KV came from the old weights."""
+        loaded = self.lora.put(name, adapter, source)
+        self._reset_prefix_cache()
+        return loaded
+
+    # -- new weights in place --------------------------------------------------------------------------------------
+    def update_weights(self, state: Mapping[str, torch.Tensor], keepalive: object = None) -> int:
+        """Swap new values in for the model's weights between two engine steps (RL weight sync); returns the bytes
+        swapped in. `state` names tensors as `from_state_dict` takes them (a subset is fine); each becomes the
+        parameter or buffer it names, used in place when it has the engine's dtype and device (read-only views into
+        shared memory included, as `from_state_dict` uses them), else converted. `keepalive` replaces the engine's
+        (e.g. the object-store buffer the views belong to). The prefix cache is dropped: its KV came from the old
+        weights. Requests in flight go on with the new weights."""
+        if self.config.quantization != "none":
+            raise ValueError(f"update_weights: this engine serves {self.config.quantization} weights; new weights "
+                             f"need an unquantized engine (quantization: none)")
+        own = dict(self.model.named_parameters(remove_duplicate=False))
+        own.update(self.model.named_buffers(remove_duplicate=False))
+        unknown = sorted(n for n in state if n not in own or ".lora." in n)
+        bad = sorted(n for n in state if n in own and tuple(state[n].shape) != tuple(own[n].shape))
+        if unknown or bad:
+            raise ValueError(f"update_weights: {self.model_dir or 'model'} has no tensors {unknown[:5]}, and "
+                             f"{bad[:5]} have other shapes than the model's")
+        placed = {n: t if (t.dtype, t.device) == (own[n].dtype, own[n].device) else t.to(own[n].device, own[n].dtype)
+                  for n, t in state.items()}
+        with self.core.step_lock:
+            for name, t in placed.items():
+                own[name].data = t
+            self.keepalive = keepalive
+        self._reset_prefix_cache()
+        return sum(t.numel() * t.element_size() for t in placed.values())
+
+    def _reset_prefix_cache(self) -> None:
+        kv = getattr(self.scheduler, "kv", None)  # the paged scheduler's; the slot layout caches no prefix
+        if kv is not None:
+            with self.core.step_lock:
+                kv.pool.reset_prefix_cache()
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduling iteration (prefill chunks + one decode step); return the outputs it produced."""

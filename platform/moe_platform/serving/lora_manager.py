@@ -10,6 +10,7 @@ from pathlib import Path
 
 from torch import nn
 
+from moe_platform.checkpoint.adapters import Adapters
 from moe_platform.serving.adapters import AdapterBank, AdapterLoadError, LoadedAdapter, read_adapter_source
 from moe_platform.serving.errors import NotFoundError
 
@@ -27,18 +28,39 @@ class LoRAManager:
     def load(self, name: str, source: str, base_dir: Path | None = None) -> LoadedAdapter:
         """Load the LoRA adapter at `source` (a directory, or registry://NAME[@VERSION]) as `name` into a free slot
         (running requests go on). Loading the same source under the same name again is a no-op."""
+        self._check(name)
+        adapter, where = read_adapter_source(source, base_dir, name)
+        with self._lock:
+            known = self._loaded.get(name)
+        if known is not None and known.source == where and not known.unloading:
+            return known
+        return self._place(name, adapter, where, replace=False)
+
+    def put(self, name: str, adapter: Adapters, source: str) -> LoadedAdapter:
+        """Load an adapter held in memory as `name`; when an adapter of that name is loaded, write over its slot (a
+        live swap between engine steps: its requests in flight go on with the new weights). `source` names it."""
+        self._check(name)
+        return self._place(name, adapter, source, replace=True)
+
+    def _check(self, name: str) -> None:
         if self.bank is None:
             raise AdapterLoadError("this engine holds no adapters: set the engine option max_loras >= 1",
                                    param="lora_name")
         if not isinstance(name, str) or not ADAPTER_NAME.match(name):
             raise AdapterLoadError(f"invalid adapter name {name!r}: use letters, digits, '.', '_' and '-'",
                                    param="lora_name")
-        adapter, where = read_adapter_source(source, base_dir, name)
+
+    def _place(self, name: str, adapter: Adapters, where: str, replace: bool) -> LoadedAdapter:
+        modules = self.bank.check(adapter, name, where)
         with self._lock:
             known = self._loaded.get(name)
-        if known is not None and known.source == where and not known.unloading:
+            live = known is not None and not known.unloading and replace
+        if live:  # the step lock is never taken under self._lock: a finishing step takes self._lock under it
+            with self._step_lock:
+                self.bank.write(known.slot, adapter)
+            with self._lock:
+                known.source, known.rank, known.targets = where, adapter.rank, modules
             return known
-        modules = self.bank.check(adapter, name, where)
         with self._lock:
             known = self._loaded.get(name)
             if known is not None:

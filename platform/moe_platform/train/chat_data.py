@@ -93,12 +93,12 @@ def iter_rows(path: str, column: str) -> Iterator[tuple[str, object]]:
                                        f"another key)")
 
 
-def iter_records(path: str, columns: tuple[str, ...], required: tuple[str, ...] | None = None,
+def iter_records(path: str, columns: tuple[str, ...] | None, required: tuple[str, ...] | None = None,
                  hint: str = "") -> Iterator[tuple[str, dict | BadRow]]:
-    """(FILE:LINE, {column: value} of the columns a row has) for every row of the JSONL/parquet files at `path`; a
-    JSONL line that is not a JSON object yields a BadRow. A parquet file lacking a `required` column (default: all of
-    `columns`) is an error naming its columns, and `hint`."""
-    required = columns if required is None else required
+    """(FILE:LINE, {column: value} of the columns a row has; every column with `columns` None) for every row of the
+    JSONL/parquet files at `path`; a JSONL line that is not a JSON object yields a BadRow. A parquet file lacking a
+    `required` column (default: all of `columns`) is an error naming its columns, and `hint`."""
+    required = (columns or ()) if required is None else required
     for file in chat_files(path):
         if file.suffix == ".parquet":
             yield from _parquet_rows(file, columns, required, hint)
@@ -120,10 +120,10 @@ def iter_records(path: str, columns: tuple[str, ...], required: tuple[str, ...] 
                     yield where, BadRow(where, f"a row must be a JSON object with {' and '.join(map(repr, required))}"
                                                f", got {type(obj).__name__}")
                     continue
-                yield where, {k: obj[k] for k in columns if k in obj}
+                yield where, obj if columns is None else {k: obj[k] for k in columns if k in obj}
 
 
-def _parquet_rows(file: Path, columns: tuple[str, ...], required: tuple[str, ...],
+def _parquet_rows(file: Path, columns: tuple[str, ...] | None, required: tuple[str, ...],
                   hint: str) -> Iterator[tuple[str, dict]]:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -137,7 +137,7 @@ def _parquet_rows(file: Path, columns: tuple[str, ...], required: tuple[str, ...
     if missing:
         raise ValueError(f"parquet file {file} has no column {missing[0]!r}; available columns: {', '.join(names)}"
                          + (f" ({hint})" if hint else ""))
-    present = [c for c in columns if c in names]
+    present = names if columns is None else [c for c in columns if c in names]
     row = 0
     try:
         for batch in pf.iter_batches(batch_size=1024, columns=present):

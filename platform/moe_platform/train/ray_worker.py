@@ -47,7 +47,9 @@ Metrics (ray.util.metrics from rank 0, tag `run`; Prometheus shows them with Ray
 plus the gauges of the run's objective (`Trainer.metric_gauges`), set from the step metrics that carry them; DPO's
 (moe_platform.post_train): moe_train_rewards_{chosen,rejected,margin,accuracy}, moe_train_logps_{chosen,rejected},
 moe_train_ref_logps_{chosen,rejected}, and at eval steps moe_train_val_rewards_{accuracy,margin} and
-moe_train_val_loss.
+moe_train_val_loss; GRPO's: moe_train_grpo_{reward,reward_std,kl,clip_fraction,response_length,logp_gap,
+sync_seconds,sync_bytes,rollout_tokens_per_s,learner_tokens_per_s,generate_seconds,score_seconds,learn_seconds} and
+at eval steps moe_train_grpo_val_reward.
 """
 
 from __future__ import annotations
