@@ -198,20 +198,22 @@ def grpo(d: dict) -> str:
     steps = _table(["implementation", "step s (fastest)", "generate s", "score s", "learn s", "sync s",
                      "step s (median)", "completion tokens a step", "load avg"], rows)
     sync = _table(["what moves", "MiB", "seconds (median)", "seconds per GB", "load avg"], [
-        ["full weights, object store to a rollout worker", f"{s['bytes'] / 2**20:.0f}",
-         f"{statistics.median(s['full_s']):.3f}", f"{s['full_s_per_gb']:.3f}",
-         f"{s['load_1m'][0]:.1f}–{s['load_1m'][1]:.1f}"],
+        *([f"full weights, object store to a rollout worker ({store} object store)", f"{r['bytes'] / 2**20:.0f}",
+           f"{statistics.median(r['full_s']):.3f}", f"{r['full_s_per_gb']:.3f}",
+           f"{r['load_1m'][0]:.1f}–{r['load_1m'][1]:.1f}"]
+          for r, store in ((s, "preallocated"), (d["sync_default"], "Ray's default"))),
         ["memcpy of the same bytes", f"{s['bytes'] / 2**20:.0f}", f"{statistics.median(s['memcpy_s']):.3f}",
          f"{s['memcpy_s_per_gb']:.3f}", ""],
         ["LoRA adapters only", f"{s['adapter_bytes'] / 2**20:.1f}", f"{s['adapter_sync_s']:.3f}",
-         f"{s['adapter_sync_s'] / (s['adapter_bytes'] / 2**30):.3f}", ""]])
+         f"{s['adapter_sync_s'] / (s['adapter_bytes'] / 1e9):.3f}", ""]])
     return (f"{steps}\n\nd={a['dim']}, {a['layers']} layers, {a['experts']} experts (I={a['moe_intermediate']}), "
             f"vocab {a['vocab']}; {a['prompts']} prompts × {a['group']} completions × at most {a['new_tokens']} "
             f"tokens a step, {a['steps']} measured steps ({a['device']}). Ours ÷ TRL: step time "
             f"**{d['step_ours_vs_trl']:.2f}** (generate {d['generate_ours_vs_trl']:.2f}, learn "
             f"{d['learn_ours_vs_trl']:.2f}).\n\n{sync}\n\nWeight sync of d={a['sync_dim']}, {a['sync_layers']} layers, "
-            f"{a['sync_experts']} experts (LoRA rank {a['rank']}), median of {a['sync_repeats']}: object store ÷ memcpy "
-            f"per GB **{d['sync_vs_memcpy']:.2f}**")
+            f"{a['sync_experts']} experts (LoRA rank {a['rank']}), median of {a['sync_repeats']}: object store ÷ "
+            f"memcpy per GB **{d['sync_vs_memcpy']:.2f}** with the store preallocated, "
+            f"{d['sync_default_vs_memcpy']:.2f} with Ray's default store")
 
 
 def rollout(d: dict) -> str:
