@@ -337,10 +337,34 @@ def eval_(d: dict) -> str:
             f"**{d['ratios']['hf_over_ours']:.2f}×**.\n\n{cost}")
 
 
+def serve_vs_vllm(d: dict) -> str:
+    a = d["args"]
+    systems = a["systems"].split(",")
+    rows = []
+    for r in d["results"]:
+        for s in systems:
+            x = r[s]
+            ratio = r.get("ratios", {}).get(s)
+            meets = "" if ratio is None else ("yes" if ratio["output_tokens_per_s"] >= d["goal"]["output_tokens_per_s"]
+                                              and ratio["ttft_p50_ms"] <= d["goal"]["ttft_p50_ms"]
+                                              and ratio["itl_p50_ms"] <= d["goal"]["itl_p50_ms"] else "no")
+            rows.append([r["concurrency"], s, f"{x['output_tokens_per_s']:.1f}", f"{x['ttft_p50_ms']:.1f}",
+                         f"{x['itl_p50_ms']:.2f}", f"{x['requests']:g}",
+                         "–" if ratio is None else f"**{ratio['output_tokens_per_s']:.2f}**",
+                         "–" if ratio is None else f"{ratio['ttft_p50_ms']:.2f}",
+                         "–" if ratio is None else f"{ratio['itl_p50_ms']:.2f}", meets or "–"])
+    table = _table(["concurrency", "server", "output tok/s", "TTFT p50 ms", "ITL p50 ms", "requests",
+                    "tok/s ÷ vLLM (goal ≥ 1)", "TTFT ÷ vLLM (≤ 1)", "ITL ÷ vLLM (≤ 1)", "meets the goal"], rows)
+    return (f"{table}\n\nguidellm {d['guidellm_version']} ({a['guidellm_workers']} client process), "
+            f"{a['prompt_tokens']} prompt and {a['output_tokens']} output tokens, streamed, {a['requests_per_stream']} "
+            f"requests per stream (at least 16); each figure the median of {a['rounds']} rounds, the servers "
+            f"taking turns")
+
+
 RENDER = {"moe_layer": moe_layer, "memory": memory, "lora": lora, "layouts": layouts, "checkpoint": checkpoint,
           "ray_overhead": ray_overhead, "goodput": goodput, "serve": serve, "rollout": rollout,
           "quant": quant, "guidellm": guidellm, "kv_cache": kv_cache, "dpo": dpo, "eval": eval_,
-          "grpo": grpo}
+          "grpo": grpo, "serve_vs_vllm": serve_vs_vllm}
 
 
 def render(name: str, docs: Path = DOCS) -> str:

@@ -10,7 +10,8 @@ the run, which the server finishes), and mean end-to-end latency and time to fir
 client, so they include HTTP and Ray Serve's proxy; our latency starts in the replica's handler, our time to first
 token in the engine).
 
-guidellm is not a runtime dependency: `pip install -e '.[bench]'`, or `--guidellm PATH` to its executable.
+guidellm is not a runtime dependency: `bash scripts/setup-guidellm.sh` puts it in a venv of its own (its pins clash
+with the lock in constraints.txt), which this benchmark uses by default; or `--guidellm PATH` to its executable.
 
     python bench/guidellm.py                 # ~2 minutes
 """
@@ -42,7 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--requests", type=int, default=40, help="requests per rate")
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--output-tokens", type=int, default=32)
-    p.add_argument("--guidellm", default="guidellm", help="the guidellm executable")
+    p.add_argument("--guidellm", default=None, help="the guidellm executable (default: scripts/setup-guidellm.sh's)")
     p.add_argument("--port", type=int, default=0)
     add_output_args(p, "guidellm")
     p.add_argument("--out-report", default=str(REPO / "docs" / "guidellm_report.json"),
@@ -124,9 +125,12 @@ def main(argv=None) -> int:
     from moe_platform.train.launch import free_port
 
     args = parse_args(argv)
+    if args.guidellm is None:
+        args.guidellm = subprocess.run(["bash", str(REPO / "scripts" / "setup-guidellm.sh")], check=True,
+                                       capture_output=True, text=True).stdout.strip().splitlines()[-1]
     guidellm = shutil.which(args.guidellm) or (args.guidellm if Path(args.guidellm).is_file() else None)
     if guidellm is None:
-        raise SystemExit(f"{args.guidellm!r} not found: pip install -e '.[bench]' (or pass --guidellm PATH)")
+        raise SystemExit(f"{args.guidellm!r} not found: bash scripts/setup-guidellm.sh (or pass --guidellm PATH)")
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-guidellm-") as tmp:
         export = build_export(Path(tmp))

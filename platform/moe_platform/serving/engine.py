@@ -74,7 +74,8 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 class EngineConfig:
     max_batch_size: int = field(default=64, metadata={"doc": "sequences running at once at most (decoded together)"})
     batch_wait_timeout_s: float = field(
-        default=0.05, metadata={"doc": "an idle engine waits this long for more requests before its first prefill"})
+        default=0.0, metadata={"doc": "an idle engine waits this long for more requests before its first prefill "
+                                      "(0: none; requests arriving later join the running batch at the next step)"})
     prefill_token_budget: int = field(
         default=512, metadata={"doc": "prompt tokens prefilled per step at most (long prompts are chunked)"})
     max_waiting: int = field(default=256, metadata={"doc": "queued (not yet admitted) requests before rejecting"})
