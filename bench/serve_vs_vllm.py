@@ -222,7 +222,7 @@ def main(argv=None) -> int:
 
 def plot(recorded: dict):
     rows = recorded["results"]
-    systems = [s for s in recorded["args"]["systems"].split(",")]
+    systems = recorded["args"]["systems"].split(",")
     fig, axes = subplots(1, 3, figsize=(13, 3.8))
     for ax, key, label in zip(axes, ("output_tokens_per_s", "ttft_p50_ms", "itl_p50_ms"),
                               ("output tokens/s", "TTFT p50 (ms)", "inter-token latency p50 (ms)"), strict=True):
