@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -105,7 +106,7 @@ def start_vllm(python: str, export: Path, port: int, log: Path) -> subprocess.Po
 def start_ours(export: Path, port: int, log: Path, throughput_optimized: bool) -> subprocess.Popen:
     """Our server in its own process (`moe-platform serve`, its own local Ray), so that Ray Serve's settings from
     the environment apply to its proxy and replica."""
-    env = {**os.environ, **OFFLINE, "MOE_PLATFORM_API_KEY": API_KEY}
+    env = {**os.environ, **OFFLINE, "MOE_PLATFORM_API_KEY": API_KEY, "PYTHONPATH": str(REPO / "platform")}
     env.pop("RAY_ADDRESS", None)
     if throughput_optimized:
         env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
@@ -116,8 +117,6 @@ def start_ours(export: Path, port: int, log: Path, throughput_optimized: bool) -
 
 
 def stop(proc: subprocess.Popen) -> None:
-    import signal
-
     try:
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: serve shuts down, Ray stops
         proc.wait(120)
