@@ -7,7 +7,8 @@ and the plot of one run.
 
 `plot(result)` builds a matplotlib Figure from what the run recorded (`subplots` gives one on the Agg backend);
 `save_result` saves and closes it. Both files are written whole or not at all (a temp file renamed over the old one),
-so an interrupted run never leaves docs/ with half a JSON.
+so an interrupted run never leaves docs/ with half a JSON. `tool("setup-vllm.sh")` runs one of scripts/setup-*.sh
+(which create a peer tool's own venv, or do nothing once it is there) and returns the path it prints.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -25,6 +27,12 @@ if str(REPO / "platform") not in sys.path:
     sys.path.insert(0, str(REPO / "platform"))
 
 from moe_platform.checkpoint.files import atomic_output  # noqa: E402
+
+
+def tool(script: str) -> str:
+    """The path scripts/SCRIPT prints last: a peer tool in a venv of its own, set up if missing."""
+    out = subprocess.run(["bash", str(REPO / "scripts" / script)], check=True, capture_output=True, text=True).stdout
+    return out.strip().splitlines()[-1]
 
 
 def add_output_args(p: argparse.ArgumentParser, name: str) -> None:

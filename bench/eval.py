@@ -39,7 +39,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
-from _output import add_output_args, save_result, subplots  # noqa: E402
+from _output import add_output_args, save_result, subplots, tool  # noqa: E402
 
 MODEL = "moe-platform"
 CORPUS = Path(os.environ.get("MOE_BENCH_CORPUS", REPO.parent / "shared" / "data" / "tinyshakespeare.txt"))
@@ -175,8 +175,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.update(OFFLINE)
     torch.set_num_threads(args.threads)  # transformers, in this process
-    vllm_python = args.vllm_python or subprocess.run(["bash", str(REPO / "scripts" / "setup-vllm.sh")], check=True,
-                                                     capture_output=True, text=True).stdout.strip().splitlines()[-1]
+    vllm_python = args.vllm_python or tool("setup-vllm.sh")
     with tempfile.TemporaryDirectory(prefix="bench-eval-") as tmp:
         root = Path(tmp)
         os.environ["HF_DATASETS_CACHE"] = str(root / "hf_datasets")

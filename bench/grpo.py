@@ -178,7 +178,7 @@ def _sync(args) -> dict:
     nbytes = sum(t.numel() * t.element_size() for t in state.values())
     files = {n: (work / "model" / n).read_bytes() for n in TOKENIZER_FILES if (work / "model" / n).is_file()}
     store = {}
-    if args.store == "preallocated":
+    if args.impl == "sync":  # the preallocated store ("sync_default": Ray's default)
         os.environ["RAY_preallocate_plasma_memory"] = "1"  # read by the object store that ray.init starts below
         store = {"object_store_memory": 4 * nbytes}
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, **store)
@@ -226,7 +226,6 @@ def _worker(args) -> dict:
 
     torch.manual_seed(0)
     if args.impl in ("sync", "sync_default"):
-        args.store = "preallocated" if args.impl == "sync" else "default"
         return _sync(args)
     steps = (_ours if args.impl == "ours" else _trl)(args, Path(args.work))["steps"]
     fastest = min(steps, key=lambda s: s["step_s"])

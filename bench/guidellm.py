@@ -32,7 +32,7 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
-from _output import add_output_args, save_result, subplots  # noqa: E402
+from _output import add_output_args, save_result, subplots, tool  # noqa: E402
 
 MODEL = "moe-platform"
 
@@ -126,8 +126,7 @@ def main(argv=None) -> int:
 
     args = parse_args(argv)
     if args.guidellm is None:
-        args.guidellm = subprocess.run(["bash", str(REPO / "scripts" / "setup-guidellm.sh")], check=True,
-                                       capture_output=True, text=True).stdout.strip().splitlines()[-1]
+        args.guidellm = tool("setup-guidellm.sh")
     guidellm = shutil.which(args.guidellm) or (args.guidellm if Path(args.guidellm).is_file() else None)
     if guidellm is None:
         raise SystemExit(f"{args.guidellm!r} not found: bash scripts/setup-guidellm.sh (or pass --guidellm PATH)")

@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO / "platform"))
 
-from _output import add_output_args, save_result, subplots  # noqa: E402
+from _output import add_output_args, save_result, subplots, tool  # noqa: E402
 
 MODEL = "moe-platform"
 API_KEY = "bench-key"
@@ -160,12 +160,8 @@ def main(argv=None) -> int:
     systems = args.systems.split(",")
     concurrency = [int(c) for c in args.concurrency.split(",")]
 
-    def setup(script: str) -> str:
-        return subprocess.run(["bash", str(REPO / "scripts" / script)], check=True, capture_output=True,
-                              text=True).stdout.strip().splitlines()[-1]
-
-    guidellm = args.guidellm or setup("setup-guidellm.sh")
-    vllm_python = (args.vllm_python or setup("setup-vllm.sh")) if "vllm" in systems else None
+    guidellm = args.guidellm or tool("setup-guidellm.sh")
+    vllm_python = (args.vllm_python or tool("setup-vllm.sh")) if "vllm" in systems else None
     runs: dict[str, dict[int, list[dict]]] = {s: {c: [] for c in concurrency} for s in systems}
     with tempfile.TemporaryDirectory(prefix="bench-serve-vllm-") as tmp:
         root = Path(tmp)
