@@ -121,6 +121,8 @@ def _cmd_serve(ns: argparse.Namespace, rest: list[str]) -> int:
         print(f"moe-platform serve: WARNING: serving on {ns.host}:{ns.port} WITHOUT AUTHENTICATION "
               f"(--allow-unauthenticated): anyone who reaches this address can use /v1/*", file=sys.stderr, flush=True)
     options.update({"api_key": api_key, "admin_api_key": admin_key})
+    if ns.engine_backend != "native":
+        options.setdefault("engine", {})["backend"] = ns.engine_backend
     from moe_platform.serving.app import _model_ref
 
     _model_ref(ns.model)  # a wrong model directory fails here, before any Ray starts
@@ -454,6 +456,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "open. A non-loopback --host needs an API key or --allow-unauthenticated.")
     s.add_argument("--model", required=True, help="export directory, or registry://NAME[@VERSION] (a model published "
                                                   "to the running cluster's registry)")
+    s.add_argument("--engine-backend", choices=["native", "vllm"], default="native",
+                   help="native (our engine) or vllm (vLLM's async engine in the replica: the vllm extra, or on CPU "
+                        "the venv of scripts/setup-vllm.sh)")
     s.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only; any other needs an API "
                                                        "key or --allow-unauthenticated)")
     s.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")

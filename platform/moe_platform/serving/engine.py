@@ -65,13 +65,16 @@ from moe_platform.serving.sampling import SamplingParams
 from moe_platform.serving.scheduler import SequenceState as Seq
 from moe_platform.serving.scheduler import build_scheduler
 
-__all__ = ["Engine", "EngineConfig", "RequestOutput", "RequestStream", "SamplingParams"]
+__all__ = ["Engine", "EngineConfig", "EngineFront", "RequestOutput", "RequestStream", "SamplingParams"]
 
+BACKENDS = ("native", "vllm")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
 class EngineConfig:
+    backend: str = field(default="native", metadata={"doc": "native (this engine) or vllm (vLLM's async engine in the "
+                                                            "replica; serving/vllm_engine.py, the vllm extra)"})
     max_batch_size: int = field(default=64, metadata={"doc": "sequences running at once at most (decoded together)"})
     batch_wait_timeout_s: float = field(
         default=0.0, metadata={"doc": "an idle engine waits this long for more requests before its first prefill "
@@ -115,6 +118,7 @@ class EngineConfig:
     def __post_init__(self) -> None:
         need = requirer("engine option")
 
+        need(self.backend in BACKENDS, f"backend must be one of {list(BACKENDS)}, got {self.backend!r}")
         for name in ("max_batch_size", "prefill_token_budget", "max_waiting", "max_lora_rank", "block_size"):
             value = getattr(self, name)
             need(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
@@ -151,6 +155,14 @@ class EngineConfig:
              f"max_loras must be an integer >= 0, got {self.max_loras!r}")
         need(isinstance(self.num_threads, int) and self.num_threads >= 0,
              f"num_threads must be an integer >= 0, got {self.num_threads!r}")
+        if self.backend == "vllm":  # what vLLM's engine does not do as ours does (serving/vllm_engine.py)
+            need(self.quantization == "none", "backend vllm serves unquantized exports (quantization: none); use "
+                                              "backend native for int8/int4 weights")
+            need(self.kv_cache_layout == "paged", "backend vllm has a paged KV cache only (kv_cache_layout: paged)")
+            need(self.kv_cache_dtype in ("auto", "fp8"), f"backend vllm takes kv_cache_dtype auto or fp8, got "
+                                                         f"{self.kv_cache_dtype!r}")
+            need(not self.max_loras, "backend vllm does not serve LoRA adapters yet (vLLM's CPU build has no LoRA "
+                                     "kernel for MoE layers); serve adapters with backend native")
 
     def torch_device(self) -> torch.device:
         """The device the engine runs on (`auto`: the first visible CUDA device, else the CPU); a CUDA device that
@@ -178,7 +190,119 @@ class EngineConfig:
         return cls(**options)
 
 
-class Engine:
+class EngineFront:
+    """What every engine backend shares above its core: prompts in (`inputs`, an `InputProcessor`), the asyncio and
+    batch ways in, and the version fingerprint. A backend provides `tokenizer`, `args`, `inputs`, `add_request`,
+    `abort`, `step`, `start` and `running`."""
+
+    # -- requests ------------------------------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        return self.inputs.encode(text)
+
+    def token_texts(self, ids: Sequence[int]) -> list[str]:
+        return self.inputs.token_texts(ids)
+
+    def render_chat(self, messages: Sequence[Mapping[str, str]]) -> str:
+        return self.inputs.render_chat(messages)
+
+    def prepare_prompt(self, prompt: str | Sequence[int], param: str = "prompt") -> list[int]:
+        return self.inputs.prepare_prompt(prompt, param)
+
+    def resolve_max_tokens(self, prompt_len: int, params: SamplingParams, param: str = "max_tokens") -> int:
+        return self.inputs.resolve_max_tokens(prompt_len, params, param)
+
+    # -- convenience APIs ----------------------------------------------------------------------------------------
+    def submit(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
+               request_id: str | None = None, adapter: str | None = None) -> RequestStream:
+        """Queue a request from asyncio code (validation and overload errors raise here, not while iterating);
+        async-iterate the returned handle for its outputs."""
+        handle = RequestStream(self, asyncio.get_running_loop())
+        self.start()
+        handle.request_id = self.add_request(prompt, params, request_id, sink=handle, adapter=adapter)
+        return handle
+
+    async def stream(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
+                     request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Submit a request and yield its outputs as they come (consecutive ones merged). Cancelling aborts it."""
+        handle = self.submit(prompt, params, request_id)
+        try:
+            async for out in handle:
+                yield out
+        finally:
+            handle.abort()
+
+    def generate(self, prompt: str | Sequence[int], params: SamplingParams | None = None) -> str:
+        """Generate one completion synchronously and return its text (without the prompt)."""
+        return self.generate_batch([prompt], params)[0]
+
+    def generate_batch(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams | None = None,
+                       timeout: float | None = None, adapters: Sequence[str | None] | None = None) -> list[str]:
+        """Generate completions for several prompts together (continuous batching), prompt i with adapter
+        `adapters[i]` (None: the base model); return their texts in order."""
+        return [out.text for out in self.complete_batch(prompts, params, timeout, adapters)]
+
+    def complete_batch(self, prompts: Sequence[str | Sequence[int]],
+                       params: SamplingParams | Sequence[SamplingParams] | None = None, timeout: float | None = None,
+                       adapters: Sequence[str | None] | None = None,
+                       max_in_flight: int | None = None) -> list[RequestOutput]:
+        """Run several requests together (continuous batching), prompt i with `params[i]` (or one `params` for all)
+        and adapter `adapters[i]` (None: the base model); return each one's whole output (text, tokens, log-
+        probabilities) in order. With `max_in_flight`, at most that many are queued or running at once, and a full
+        queue (other callers' requests) waits for room rather than failing: an evaluation beside live traffic;
+        without it, a full queue raises EngineOverloadedError (the requests already queued are aborted)."""
+        each = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
+        adapters = adapters or [None] * len(prompts)
+        limit = max_in_flight or len(prompts) or 1
+        results: queue.SimpleQueue[RequestOutput] = queue.SimpleQueue()
+        outs: dict[str, RequestOutput] = {}
+        ids: list[str] = []
+        pending: set[str] = set()
+        background = self.running
+        try:
+            while len(ids) < len(prompts) or pending:
+                while len(ids) < len(prompts) and len(pending) < limit:
+                    i = len(ids)
+                    try:
+                        rid = self.add_request(prompts[i], each[i], sink=results.put, adapter=adapters[i])
+                    except EngineOverloadedError:
+                        if max_in_flight is None:
+                            raise
+                        break  # room comes as requests finish (ours, or the other callers')
+                    ids.append(rid)
+                    pending.add(rid)
+                if not background:
+                    self.step()
+                got = []
+                if background:  # wait for the next output (or, with nothing of ours queued, for room)
+                    try:
+                        got.append(results.get(timeout=timeout if pending else 0.05))
+                    except queue.Empty:
+                        if pending:
+                            raise TimeoutError(f"no output within {timeout} s") from None
+                while not results.empty():
+                    got.append(results.get_nowait())
+                for out in got:
+                    if out.error is not None:
+                        raise out.failure()
+                    outs[out.request_id] = outs[out.request_id].merge(out) if out.request_id in outs else out
+                    if out.finished:
+                        pending.discard(out.request_id)
+        finally:
+            for rid in pending:
+                self.abort(rid)
+        return [outs[rid] for rid in ids]
+
+    def base_fingerprint(self) -> dict:
+        """What must match between two versions that share traffic: the architecture and the tokenizer (hashed once
+        per engine: replicas report it every metrics interval)."""
+        if self._fingerprint is None:
+            vocab = json.dumps(sorted(self.tokenizer.get_vocab().items()))
+            self._fingerprint = {"architecture": self.args.hf_architecture, "vocab_size": self.args.vocab_size,
+                                 "tokenizer": hashlib.blake2b(vocab.encode(), digest_size=8).hexdigest()}
+        return dict(self._fingerprint)
+
+
+class Engine(EngineFront):
     """The engine's front (vLLM's LLMEngine/AsyncLLM): it wires an `InputProcessor`, a `LoRAManager` and an
     `EngineCore` (scheduler, model runner, output processor) together, runs the core's background loop, and gives
     the sync, callback and asyncio ways in."""
@@ -241,22 +365,6 @@ class Engine:
         engine = cls(loaded.model, loaded.tokenizer, loaded.eos_token_ids, config, loaded.chat_template, source)
         engine.keepalive = keepalive
         return engine
-
-    # -- requests ------------------------------------------------------------------------------------------------
-    def encode(self, text: str) -> list[int]:
-        return self.inputs.encode(text)
-
-    def token_texts(self, ids: Sequence[int]) -> list[str]:
-        return self.inputs.token_texts(ids)
-
-    def render_chat(self, messages: Sequence[Mapping[str, str]]) -> str:
-        return self.inputs.render_chat(messages)
-
-    def prepare_prompt(self, prompt: str | Sequence[int], param: str = "prompt") -> list[int]:
-        return self.inputs.prepare_prompt(prompt, param)
-
-    def resolve_max_tokens(self, prompt_len: int, params: SamplingParams, param: str = "max_tokens") -> int:
-        return self.inputs.resolve_max_tokens(prompt_len, params, param)
 
     def add_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
                     request_id: str | None = None,
@@ -412,87 +520,6 @@ class Engine:
         if self._thread is not None and not self._thread.is_alive():
             raise RuntimeError("engine loop thread died")
 
-    # -- convenience APIs ----------------------------------------------------------------------------------------
-    def submit(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
-               request_id: str | None = None, adapter: str | None = None) -> RequestStream:
-        """Queue a request from asyncio code (validation and overload errors raise here, not while iterating);
-        async-iterate the returned handle for its outputs."""
-        handle = RequestStream(self, asyncio.get_running_loop())
-        self.start()
-        handle.request_id = self.add_request(prompt, params, request_id, sink=handle, adapter=adapter)
-        return handle
-
-    async def stream(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
-                     request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Submit a request and yield its outputs as they come (consecutive ones merged). Cancelling aborts it."""
-        handle = self.submit(prompt, params, request_id)
-        try:
-            async for out in handle:
-                yield out
-        finally:
-            handle.abort()
-
-    def generate(self, prompt: str | Sequence[int], params: SamplingParams | None = None) -> str:
-        """Generate one completion synchronously and return its text (without the prompt)."""
-        return self.generate_batch([prompt], params)[0]
-
-    def generate_batch(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams | None = None,
-                       timeout: float | None = None, adapters: Sequence[str | None] | None = None) -> list[str]:
-        """Generate completions for several prompts together (continuous batching), prompt i with adapter
-        `adapters[i]` (None: the base model); return their texts in order."""
-        return [out.text for out in self.complete_batch(prompts, params, timeout, adapters)]
-
-    def complete_batch(self, prompts: Sequence[str | Sequence[int]],
-                       params: SamplingParams | Sequence[SamplingParams] | None = None, timeout: float | None = None,
-                       adapters: Sequence[str | None] | None = None,
-                       max_in_flight: int | None = None) -> list[RequestOutput]:
-        """Run several requests together (continuous batching), prompt i with `params[i]` (or one `params` for all)
-        and adapter `adapters[i]` (None: the base model); return each one's whole output (text, tokens, log-
-        probabilities) in order. With `max_in_flight`, at most that many are queued or running at once, and a full
-        queue (other callers' requests) waits for room rather than failing: an evaluation beside live traffic;
-        without it, a full queue raises EngineOverloadedError (the requests already queued are aborted)."""
-        each = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
-        adapters = adapters or [None] * len(prompts)
-        limit = max_in_flight or len(prompts) or 1
-        results: queue.SimpleQueue[RequestOutput] = queue.SimpleQueue()
-        outs: dict[str, RequestOutput] = {}
-        ids: list[str] = []
-        pending: set[str] = set()
-        background = self.running
-        try:
-            while len(ids) < len(prompts) or pending:
-                while len(ids) < len(prompts) and len(pending) < limit:
-                    i = len(ids)
-                    try:
-                        rid = self.add_request(prompts[i], each[i], sink=results.put, adapter=adapters[i])
-                    except EngineOverloadedError:
-                        if max_in_flight is None:
-                            raise
-                        break  # room comes as requests finish (ours, or the other callers')
-                    ids.append(rid)
-                    pending.add(rid)
-                if not background:
-                    self.step()
-                got = []
-                if background:  # wait for the next output (or, with nothing of ours queued, for room)
-                    try:
-                        got.append(results.get(timeout=timeout if pending else 0.05))
-                    except queue.Empty:
-                        if pending:
-                            raise TimeoutError(f"no output within {timeout} s") from None
-                while not results.empty():
-                    got.append(results.get_nowait())
-                for out in got:
-                    if out.error is not None:
-                        raise out.failure()
-                    outs[out.request_id] = outs[out.request_id].merge(out) if out.request_id in outs else out
-                    if out.finished:
-                        pending.discard(out.request_id)
-        finally:
-            for rid in pending:
-                self.abort(rid)
-        return [outs[rid] for rid in ids]
-
     @torch.inference_mode()
     def score(self, texts: Sequence[str]) -> float:
         """Mean next-token loss (nats per token) of the model on `texts` (each cut to the context window), computed
@@ -508,15 +535,6 @@ class Engine:
         if not count:
             raise ValueError("the probe texts hold no two tokens to score")
         return total / count
-
-    def base_fingerprint(self) -> dict:
-        """What must match between two versions that share traffic: the architecture and the tokenizer (hashed once
-        per engine: replicas report it every metrics interval)."""
-        if self._fingerprint is None:
-            vocab = json.dumps(sorted(self.tokenizer.get_vocab().items()))
-            self._fingerprint = {"architecture": self.args.hf_architecture, "vocab_size": self.args.vocab_size,
-                                 "tokenizer": hashlib.blake2b(vocab.encode(), digest_size=8).hexdigest()}
-        return dict(self._fingerprint)
 
     # -- statistics ----------------------------------------------------------------------------------------------
     def stats(self) -> dict:

@@ -12,15 +12,20 @@ from moe_platform.serving.engine import Engine
 
 
 def load_engine(model: str | Path | registry.ModelVersion, **options) -> Engine:
-    """An `Engine` (not started) on an export directory or a registry version; options: `EngineConfig`."""
+    """An engine (not started) on an export directory or a registry version; options: `EngineConfig`. With
+    `backend: vllm` it is a `VllmEngine` (vLLM's async engine, already running), else our `Engine`."""
+    if options.get("backend") == "vllm":
+        from moe_platform.serving.vllm_engine import VllmEngine as engine_cls
+    else:
+        engine_cls = Engine
     if isinstance(model, registry.ModelVersion) or registry.is_registry_uri(str(model)):
         mv = model if isinstance(model, registry.ModelVersion) else registry.resolve(str(model))
         if mv.kind != "model":
             raise ValueError(f"{mv.uri} is a LoRA adapter, not a model: serve its base model with engine.max_loras "
                              f"and load it as an adapter (adapters: {{NAME: {mv.uri}}})")
-        return Engine.from_state_dict(ModelArgs.from_dict(mv.model_args), registry.load_weights(mv), mv.files,
+        return engine_cls.from_state_dict(ModelArgs.from_dict(mv.model_args), registry.load_weights(mv), mv.files,
                                       mv.uri, keepalive=mv.weights, **options)
-    return Engine.from_pretrained(model, **options)
+    return engine_cls.from_pretrained(model, **options)
 
 
 __all__ = ["load_engine"]

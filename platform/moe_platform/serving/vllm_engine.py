@@ -1,0 +1,413 @@
+"""`engine.backend = "vllm"`: vLLM's async engine (`AsyncLLM`) inside our replica, behind our engine's interface.
+
+Everything above the engine stays ours: the OpenAI front and its validation, API keys, versions, traffic split,
+rollouts and their quality probe, registry:// models, metrics. So prompts are tokenized and checked by our
+`InputProcessor`, and vLLM gets token ids; vLLM returns token ids (and log-probabilities), which our
+`OutputProcessor` detokenizes and checks against EOS, stop strings and max_tokens, exactly as the native engine
+does. A request our side finishes (a stop string) is aborted in vLLM. Greedy tokens equal the native engine's.
+
+vLLM runs on its own asyncio loop in a background thread of the replica (its engine core is a child process, as in
+`vllm serve`). Registry versions are written to a local export directory first, since vLLM reads models from disk.
+
+Not (yet) on this backend, each refused with an error naming the option (`EngineConfig`): int8/int4 weights of
+ours, the slot KV layout, int8 KV, LoRA adapters (vLLM's CPU build has no LoRA kernel for MoE layers) and in-place
+weight updates (RL weight sync runs on the native backend; a model change still swaps in a second engine).
+
+vLLM pins other versions than our lock (transformers < 5.20), so on CPU machines it lives in a venv of its own
+(`scripts/setup-vllm.sh`, which also installs moe-platform there); the replica runs from that venv.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from moe_platform.model.args import ModelArgs
+from moe_platform.serving.chat import ChatTemplate
+from moe_platform.serving.engine import EngineConfig, EngineFront
+from moe_platform.serving.errors import EngineOverloadedError, EngineUnavailableError
+from moe_platform.serving.input_processor import InputProcessor
+from moe_platform.serving.output_processor import OutputProcessor
+from moe_platform.serving.outputs import RequestOutput
+from moe_platform.serving.sampling import SamplingParams
+from moe_platform.serving.scheduler import SeqStatus
+from moe_platform.serving.scheduler import SequenceState as Seq
+
+INSTALL_HINT = ("engine backend vllm needs vLLM in the replica's Python: `pip install 'moe-platform[vllm]'` (GPU "
+                "nodes), or on CPU machines `bash scripts/setup-vllm.sh` and run Ray from the venv it prints")
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+STARTUP_TIMEOUT_S = 600.0
+
+
+def _vllm():
+    try:
+        import vllm  # noqa: F401
+    except ImportError as e:
+        raise RuntimeError(f"{INSTALL_HINT} ({e})") from None
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.inputs import TokensPrompt
+    from vllm.sampling_params import RequestOutputKind
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    from vllm import SamplingParams as VSamplingParams
+
+    return AsyncLLM, AsyncEngineArgs, VSamplingParams, TokensPrompt, RequestOutputKind
+
+
+def kv_cache_bytes(args: ModelArgs, config: EngineConfig, max_seq_len: int) -> int:
+    """The KV cache vLLM gets: `kv_cache_memory_bytes`, else (0) as the native engine sizes it on the CPU,
+    max_batch_size x max_seq_len tokens of every layer's keys and values (MLA: its latent and rotary key)."""
+    if config.kv_cache_memory_bytes:
+        return config.kv_cache_memory_bytes
+    return config.max_batch_size * max_seq_len * _token_bytes(args, config)
+
+
+def _token_bytes(args: ModelArgs, config: EngineConfig) -> int:
+    per_layer = (args.kv_lora_rank + args.qk_rope_head_dim if args.mla
+                 else 2 * args.n_kv_heads * args.resolved_head_dim)
+    return args.n_layers * per_layer * _DTYPE_BYTES[config.dtype]
+
+
+def _stat_logger(sink: dict):
+    """A factory of vLLM stat loggers that keep its scheduler's numbers in `sink` under the native engine's names."""
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class SchedulerNumbers(StatLoggerBase):
+        def __init__(self, vllm_config, engine_index: int = 0):
+            pass
+
+        def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
+            if scheduler_stats is not None:
+                cache = scheduler_stats.prefix_cache_stats
+                sink.update(vllm_running=scheduler_stats.num_running_reqs,
+                            vllm_waiting=scheduler_stats.num_waiting_reqs,
+                            kv_cache_usage=scheduler_stats.kv_cache_usage,
+                            steps=scheduler_stats.step_counter or sink["steps"] + 1)
+                sink["prefix_cache_queries"] += cache.queries
+                sink["prefix_cache_hits"] += cache.hits
+            if iteration_stats is not None:
+                sink["num_preemptions"] += iteration_stats.num_preempted_reqs
+
+        def log_engine_initialized(self):
+            pass
+
+    return SchedulerNumbers
+
+
+def _logprob_entry(token: int, entry: Mapping | None, k: int) -> tuple[float, list[tuple[int, float]]]:
+    """vLLM's {token: Logprob} of one position as ours: (the token's log-probability, [(token, lp)] top k)."""
+    entry = entry or {}
+    tops = sorted(((t, lp) for t, lp in entry.items() if lp.rank is not None and lp.rank <= k),
+                  key=lambda item: item[1].rank)
+    return entry[token].logprob, [(t, lp.logprob) for t, lp in tops[:k]]
+
+
+class VllmEngine(EngineFront):
+    """vLLM's `AsyncLLM` as a serving engine: the native `Engine`'s interface (`submit`, `complete_batch`, `score`,
+    `stats`, health, shutdown) with our input and output processing around vLLM's scheduler and model runner."""
+
+    def __init__(self, model_dir: str | Path, config: EngineConfig, source: str | None = None,
+                 owned_dir: Path | None = None):
+        from moe_platform.checkpoint.hf import read_model_args
+        from moe_platform.tokenizer import load_tokenizer, model_stop_ids
+
+        AsyncLLM, AsyncEngineArgs, *_ = _vllm()
+        self.config = config
+        self.model_dir = source or str(model_dir)
+        self._owned_dir = owned_dir  # a registry version written out for vLLM: removed at shutdown
+        self.args = read_model_args(model_dir)
+        self.tokenizer = load_tokenizer(model_dir)
+        stops = model_stop_ids(self.tokenizer, model_dir)
+        self.eos_token_id = stops[0]
+        self.stop_token_ids = frozenset(stops)
+        self.chat_template = ChatTemplate.from_dir(model_dir)
+        self.keepalive: object = None
+        self._fingerprint: dict | None = None
+        self.max_seq_len = min(config.max_seq_len or self.args.max_seq_len, self.args.max_seq_len)
+        self.inputs = InputProcessor(self.tokenizer, self.chat_template, self.args.vocab_size, self.max_seq_len,
+                                     self.eos_token_id, config.seed)
+        self.max_prompt_chars = self.inputs.max_prompt_chars
+        self.outputs = OutputProcessor(self.stop_token_ids, self.max_seq_len, self._finish, lambda seq: None)
+        self._seqs: dict[str, Seq] = {}
+        self._tasks: dict[str, asyncio.Task] = {}
+        self._ids = 0
+        self._lock = threading.Lock()
+        self.counters = {"prompt_tokens": 0, "prompt_logprob_tokens": 0}
+        self._scheduler = {"vllm_running": 0, "vllm_waiting": 0, "kv_cache_usage": 0.0, "steps": 0,
+                           "prefix_cache_queries": 0, "prefix_cache_hits": 0, "num_preemptions": 0}
+        self._recent: list[tuple[float, int]] = []  # (time, tokens) of recent outputs: tokens_per_s
+        self.failure: BaseException | None = None
+        self.closed = False
+        engine_args = AsyncEngineArgs(
+            model=str(model_dir), tokenizer=str(model_dir), dtype=config.dtype, seed=config.seed,
+            max_model_len=self.max_seq_len, max_num_seqs=config.max_batch_size,
+            max_num_batched_tokens=max(config.prefill_token_budget, config.max_batch_size),
+            enable_prefix_caching=config.enable_prefix_caching,  # block size: vLLM picks its attention backend's
+            kv_cache_memory_bytes=kv_cache_bytes(self.args, config, self.max_seq_len),
+            kv_cache_dtype=config.kv_cache_dtype, enforce_eager=True, trust_remote_code=False,
+            disable_log_stats=False)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="moe-vllm-engine", daemon=True)
+        self._thread.start()
+
+        async def build():
+            return AsyncLLM.from_engine_args(engine_args, stat_loggers=[_stat_logger(self._scheduler)])
+
+        try:
+            self.llm = asyncio.run_coroutine_threadsafe(build(), self._loop).result(STARTUP_TIMEOUT_S)
+        except BaseException:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            raise
+
+    # -- loading -------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, **options) -> VllmEngine:
+        config = EngineConfig.from_options(**options)
+        d = Path(model_dir)
+        if not (d / "config.json").is_file() or not (d / "tokenizer.json").is_file():
+            raise ValueError(f"{d} is not an export directory vLLM can read (config.json and tokenizer.json)")
+        return cls(d, config)
+
+    @classmethod
+    def from_state_dict(cls, args: ModelArgs, state: Mapping[str, torch.Tensor], files: Mapping[str, bytes | str],
+                        source: str, keepalive: object = None, **options) -> VllmEngine:
+        """A registry version (our state dict and the export's small files), written out as an export directory
+        for vLLM to read; the directory goes when the engine shuts down."""
+        from moe_platform.checkpoint.hf import export_hf
+
+        config = EngineConfig.from_options(**options)
+        if "tokenizer.json" not in files:
+            raise ValueError(f"{source}: no tokenizer.json among the model files {sorted(files)}")
+        out = Path(tempfile.mkdtemp(prefix="moe-vllm-model-"))
+        try:
+            export_hf(dict(state), args, out)
+            for name, data in files.items():  # the export's own config, tokenizer and generation files
+                (out / Path(name).name).write_bytes(data.encode() if isinstance(data, str) else data)
+            return cls(out, config, source=source, owned_dir=out)
+        except BaseException:
+            shutil.rmtree(out, ignore_errors=True)
+            raise
+
+    # -- requests ------------------------------------------------------------------------------------------------
+    def add_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
+                    request_id: str | None = None, sink=None, adapter: str | None = None) -> str:
+        if adapter is not None:
+            raise ValueError("backend vllm serves no LoRA adapters (engine.max_loras)")
+        self._check_open()
+        with self._lock:
+            self._ids += 1
+            rid = request_id or f"req-{self._ids}"
+            if len(self._seqs) >= self.config.max_batch_size + self.config.max_waiting:
+                raise EngineOverloadedError(f"the engine holds {len(self._seqs)} requests (max_batch_size + "
+                                            f"max_waiting); retry later")
+            if rid in self._seqs:
+                raise ValueError(f"request id {rid!r} is in use")
+            seq = self.inputs.make_sequence(prompt, params, rid, sink)
+            seq.status = SeqStatus.DECODE  # vLLM schedules it; ours only tracks finished or not
+            self._seqs[rid] = seq
+            self.counters["prompt_tokens"] += seq.prompt_len
+        self._loop.call_soon_threadsafe(self._launch, seq)
+        return rid
+
+    def _launch(self, seq: Seq) -> None:
+        if seq.request_id in self._seqs:  # not aborted meanwhile
+            self._tasks[seq.request_id] = self._loop.create_task(self._run(seq))
+
+    def _vllm_params(self, seq: Seq):
+        _, _, VSamplingParams, _, RequestOutputKind = _vllm()
+        p = seq.params
+        return VSamplingParams(
+            n=1, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k if p.top_k > 0 else 0,
+            seed=None if p.greedy else (p.seed if p.seed is not None else hash(seq.request_id) & (2 ** 63 - 1)),
+            max_tokens=seq.max_tokens, stop_token_ids=sorted(self.stop_token_ids), ignore_eos=p.ignore_eos,
+            logprobs=p.logprobs, prompt_logprobs=p.prompt_logprobs, detokenize=False, skip_special_tokens=False,
+            output_kind=RequestOutputKind.DELTA)
+
+    async def _run(self, seq: Seq) -> None:
+        """One request through vLLM, on the engine loop: each delta of tokens goes through our output processor;
+        when it finishes the request (a stop string), leaving the loop aborts the request in vLLM."""
+        _, _, _, TokensPrompt, _ = _vllm()
+        outputs: list[RequestOutput] = []
+        try:
+            stream = self.llm.generate(TokensPrompt(prompt_token_ids=seq.prompt_ids), self._vllm_params(seq),
+                                       seq.request_id)
+            async for out in stream:
+                if out.prompt_logprobs is not None and seq.prompt_logprobs is not None:
+                    k = seq.params.prompt_logprobs
+                    for i in range(1, seq.prompt_len):
+                        entry = out.prompt_logprobs[i]
+                        lp, tops = _logprob_entry(seq.prompt_ids[i], entry, k)
+                        seq.prompt_logprobs[i] = (lp, entry[seq.prompt_ids[i]].rank, tops)
+                    self.counters["prompt_logprob_tokens"] += seq.prompt_len - 1
+                done = False
+                now = time.monotonic()
+                completion = out.outputs[0]
+                for i, token in enumerate(completion.token_ids):
+                    lp = (None if seq.params.logprobs is None
+                          else _logprob_entry(token, completion.logprobs[i], seq.params.logprobs))
+                    done = self.outputs.append_token(seq, token, now, outputs, lp) is not False
+                    if done:
+                        break
+                self._recent.append((now, len(completion.token_ids)))
+                self.outputs.deliver()
+                if done:
+                    break
+            else:
+                if seq.status is not SeqStatus.FINISHED:  # vLLM ended it first (it should not: same limits)
+                    self._finish(seq, "length")
+                    self.outputs.emit(seq, outputs)
+                    self.outputs.deliver()
+        except asyncio.CancelledError:
+            self._finish(seq, "abort")
+            self.outputs.emit(seq, outputs)
+            self.outputs.deliver()
+        except Exception as e:  # noqa: BLE001 - this request's failure, or vLLM's engine died (then all fail)
+            if self.llm.errored:
+                self.failure = self.failure or e
+                seq.status = SeqStatus.FINISHED
+                seq.finish_reason = "error"
+                self.outputs.emit(seq, outputs, error=f"the engine failed: {e!r}")
+            else:
+                self.outputs.fail_request(seq, outputs, e)
+            self.outputs.deliver()
+        finally:
+            self._tasks.pop(seq.request_id, None)
+            with self._lock:
+                self._seqs.pop(seq.request_id, None)
+
+    def _finish(self, seq: Seq, reason: str) -> None:
+        if seq.status is not SeqStatus.FINISHED:
+            seq.status = SeqStatus.FINISHED
+            seq.finish_reason = reason
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request (thread-safe); it finishes with reason "abort"."""
+        def cancel():
+            task = self._tasks.get(request_id)
+            if task is not None:
+                task.cancel()
+            else:  # not launched yet
+                with self._lock:
+                    seq = self._seqs.pop(request_id, None)
+                if seq is not None:
+                    self._finish(seq, "abort")
+                    self.outputs.emit(seq, [])
+                    self.outputs.deliver()
+        if not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(cancel)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._seqs)
+
+    def step(self) -> list[RequestOutput]:
+        raise RuntimeError("backend vllm runs its own loop: use submit, stream or complete_batch")
+
+    # -- what this backend does not do -----------------------------------------------------------------------------
+    def load_adapter(self, name: str, source: str, base_dir: Path | None = None):
+        from moe_platform.serving.errors import AdapterLoadError
+
+        raise AdapterLoadError("backend vllm serves no LoRA adapters yet; serve them with engine.backend native",
+                               param="lora_name")
+
+    def unload_adapter(self, name: str) -> None:
+        self.load_adapter(name, "")
+
+    put_adapter = load_adapter
+
+    def loaded_adapters(self) -> list[dict]:
+        return []
+
+    def update_weights(self, state: Mapping[str, torch.Tensor], keepalive: object = None) -> int:
+        raise ValueError("update_weights: backend vllm takes new weights as a new model (user_config.model, a "
+                         "second engine); in-place weight sync (RL) runs on engine.backend native")
+
+    # -- loop, health, shutdown ----------------------------------------------------------------------------------
+    def start(self) -> VllmEngine:
+        self._check_open()
+        return self
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive() and not self.closed
+
+    def _check_open(self) -> None:
+        if self.closed or self.failure is not None:
+            raise EngineUnavailableError("the engine is shut down" if self.failure is None else
+                                         f"the engine failed: {self.failure!r}")
+
+    def check_health(self) -> None:
+        if self.failure is not None or self.llm.errored:
+            raise RuntimeError(f"vLLM's engine failed: {self.failure or self.llm.dead_error!r}")
+        if self.closed:
+            raise RuntimeError("engine is shut down")
+        if not self._thread.is_alive():
+            raise RuntimeError("engine loop thread died")
+
+    def shutdown(self, drain: bool = False, timeout: float | None = 60.0) -> None:
+        """Stop vLLM's engine (its core process goes too); with `drain`, first let the requests in flight finish."""
+        if self.closed:
+            return
+        if drain:
+            end = time.monotonic() + (timeout or 0)
+            while self._seqs and time.monotonic() < end:
+                time.sleep(0.05)
+        self.closed = True
+        for rid in list(self._seqs):
+            self.abort(rid)
+        try:
+            self.llm.shutdown()
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout)
+            if self._owned_dir is not None:
+                shutil.rmtree(self._owned_dir, ignore_errors=True)
+
+    # -- quality probe and statistics ----------------------------------------------------------------------------
+    def score(self, texts: Sequence[str]) -> float:
+        """Mean next-token loss (nats per token) on `texts`, from vLLM's prompt log-probabilities."""
+        total, count = 0.0, 0
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+        prompts = [ids for ids in (self.encode(t)[: self.max_seq_len - 1] for t in texts) if len(ids) >= 2]
+        if not prompts:
+            raise ValueError("the probe texts hold no two tokens to score")
+        for out in self.complete_batch(prompts, params):
+            lps = [entry[0] for entry in out.prompt_logprobs[1:]]
+            total, count = total - sum(lps), count + len(lps)
+        return total / count
+
+    def stats(self) -> dict:
+        """The native engine's numbers, as far as vLLM's front shows them (the same names reach the metrics)."""
+        now = time.monotonic()
+        self._recent = [(t, n) for t, n in self._recent if now - t <= 5.0]
+        vllm = dict(self._scheduler)
+        kv_bytes = kv_cache_bytes(self.args, self.config, self.max_seq_len)
+        capacity = kv_bytes // _token_bytes(self.args, self.config)  # in tokens (vLLM reports the used fraction)
+        return {
+            "waiting": vllm["vllm_waiting"], "running": vllm["vllm_running"],
+            "decode_batch_size": vllm["vllm_running"], "prefilling": 0, "max_batch_size": self.config.max_batch_size,
+            "tokens_per_s": sum(n for _, n in self._recent) / 5.0,
+            "expert_load": [],  # vLLM does not count tokens per expert
+            "kv_cache_bytes": kv_bytes, "kv_cache_capacity": capacity,
+            "kv_cache_used": round(vllm["kv_cache_usage"] * capacity),
+            "requests_finished": self.outputs.counters["requests_finished"],
+            "prompt_tokens": self.counters["prompt_tokens"],
+            "generated_tokens": self.outputs.counters["generated_tokens"],
+            "steps": vllm["steps"], "prefill_forwards": 0, "decode_forwards": 0,
+            "prompt_logprob_tokens": self.counters["prompt_logprob_tokens"],
+            "kv_cache_usage": vllm["kv_cache_usage"], "num_preemptions": vllm["num_preemptions"],
+            "prefix_cache_queries": vllm["prefix_cache_queries"], "prefix_cache_hits": vllm["prefix_cache_hits"],
+            "in_flight": len(self._seqs),
+        }
+
+    def drain_latency_samples(self) -> tuple[list[float], list[float]]:
+        return self.outputs.drain_latency_samples()
+
+
+__all__ = ["VllmEngine", "kv_cache_bytes"]
