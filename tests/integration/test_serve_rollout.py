@@ -10,12 +10,10 @@ Every event lands in the audit log and the rollout metrics. One Ray/Serve instan
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import subprocess
 import sys
-import threading
 from collections import Counter
 from pathlib import Path
 
@@ -23,7 +21,7 @@ import httpx
 import pytest
 from safetensors.torch import load_file, save_file
 
-from hotswap import serve_config  # noqa: E402
+from hotswap import Load, serve_config  # noqa: E402
 from moe_platform.checkpoint.hf import export_hf  # noqa: E402
 from moe_platform.model.args import ModelArgs  # noqa: E402
 from moe_platform.model.transformer import build_model  # noqa: E402
@@ -96,38 +94,6 @@ def app(versions, serving_port, tmp_path_factory):
 
 def auth(key: str = ADMIN) -> dict:
     return {"Authorization": f"Bearer {key}"}
-
-
-class Load:
-    """Clients sending completions until stopped (every third one streamed); counts statuses and versions."""
-
-    def __init__(self, base_url: str, clients: int = 4):
-        self.base_url, self.clients = base_url, clients
-        self.statuses: Counter = Counter()
-        self.versions: Counter = Counter()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
-
-    async def _run(self) -> None:
-        async with httpx.AsyncClient(base_url=self.base_url, timeout=120) as http:
-            async def client(k: int) -> None:
-                n = 0
-                while not self._stop.is_set():
-                    n += 1
-                    body = {"model": MODEL, "prompt": "ROMEO:", "max_tokens": 8, "stream": n % 3 == k % 3}
-                    r = await http.post("/v1/completions", json=body)
-                    ok = r.status_code == 200 and (not body["stream"] or r.text.rstrip().endswith("data: [DONE]"))
-                    self.statuses[r.status_code if ok else f"broken {r.status_code}"] += 1
-                    self.versions[r.headers.get("x-model-version")] += 1
-            await asyncio.gather(*(client(k) for k in range(self.clients)))
-
-    def __enter__(self) -> Load:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(120)
 
 
 def status(http: httpx.Client) -> dict:

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
-from collections import Counter
 
 import httpx
 import pytest
 
+from hotswap import Load
 from moe_platform.serving.engine import Engine, EngineConfig, SamplingParams
 from moe_platform.serving.vllm_engine import VllmEngine
 from tinyrun import corpus_text, free_port, local_ray, poll, scrape_ray_metrics
@@ -127,39 +126,6 @@ def admin() -> dict:
     return {"Authorization": f"Bearer {ADMIN}"}
 
 
-class Load:
-    """Clients sending completions until stopped (every other one streamed); counts statuses and versions."""
-
-    def __init__(self, base_url: str, clients: int = 3):
-        self.base_url, self.clients = base_url, clients
-        self.statuses: Counter = Counter()
-        self.versions: Counter = Counter()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
-
-    async def _run(self) -> None:
-        headers = {"Authorization": f"Bearer {API_KEY}"}
-        async with httpx.AsyncClient(base_url=self.base_url, timeout=120, headers=headers) as http:
-            async def client(k: int) -> None:
-                n = 0
-                while not self._stop.is_set():
-                    n += 1
-                    body = {"model": MODEL, "prompt": "ROMEO:", "max_tokens": 8, "stream": n % 2 == k % 2}
-                    r = await http.post("/v1/completions", json=body)
-                    ok = r.status_code == 200 and (not body["stream"] or r.text.rstrip().endswith("data: [DONE]"))
-                    self.statuses[r.status_code if ok else f"broken {r.status_code}"] += 1
-                    self.versions[r.headers.get("x-model-version")] += 1
-            await asyncio.gather(*(client(k) for k in range(self.clients)))
-
-    def __enter__(self) -> Load:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(120)
-
-
 def test_openai_requests_through_the_vllm_backend(app, export_a):
     http = app["http"]
     assert httpx.post(f"http://127.0.0.1:{app['port']}/v1/completions", json={"model": MODEL, "prompt": "x"}
@@ -195,7 +161,7 @@ def test_openai_requests_through_the_vllm_backend(app, export_a):
 def test_a_quality_rollback_then_a_blue_green_switch_to_a_registry_version(app):
     http = app["http"]
     quality = {"quality": {"file": str(app["probe"]), "max_loss_increase": 0.5}}
-    with Load(str(http.base_url)) as load:
+    with Load(str(http.base_url), clients=3, headers={"Authorization": f"Bearer {API_KEY}"}) as load:
         poll(lambda: load.statuses[200] >= 10, 120, "load")
         r = http.post("/admin/rollout", headers=admin(), json={"action": "start", "to": "corrupt", "steps": [10, 100],
                                                                 "dwell_s": 60, "gates": quality})
