@@ -300,13 +300,14 @@ def engine_outputs(engine, prompts, max_tokens: int = 16) -> list[tuple[list[int
     return [got[i] for i in ids]
 
 
-def tiny_tokenizer(out: Path) -> Path:
-    """A byte-level BPE tokenizer (vocab 300) trained on a slice of the test corpus, saved in `out`."""
+def tiny_tokenizer(out: Path, vocab: int = 300, max_len: int = 128, chars: int = 60_000) -> Path:
+    """A byte-level BPE tokenizer (`vocab` tokens) trained on the first `chars` characters of the test corpus,
+    saved in `out` with `max_len` as its model_max_length."""
     from moe_platform.tokenizer import save_tokenizer, train_tokenizer
 
-    text = corpus_text(60_000)
-    tok = train_tokenizer([text[i:i + 2000] for i in range(0, len(text), 2000)], 300)
-    return save_tokenizer(tok, out, model_max_length=128)
+    text = corpus_text(chars)
+    tok = train_tokenizer([text[i:i + 2000] for i in range(0, len(text), 2000)], vocab)
+    return save_tokenizer(tok, out, model_max_length=max_len)
 
 
 def save_tiny_hf_model(arch: str, out: Path, tokenizer_dir: Path, seed: int = 0, **config):

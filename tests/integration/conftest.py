@@ -10,8 +10,7 @@ import tinyrun
 from moe_platform.checkpoint.hf import export_hf
 from moe_platform.model.args import ModelArgs
 from moe_platform.model.transformer import build_model
-from moe_platform.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
-from tinyrun import corpus_text
+from moe_platform.tokenizer import load_tokenizer
 
 SERVING_MAX_SEQ_LEN = 256
 
@@ -25,9 +24,7 @@ def serving_port() -> int:
 @pytest.fixture(scope="session")
 def serving_tokenizer_dir(tmp_path_factory) -> Path:
     """A byte-level BPE tokenizer (vocab 512) trained on a slice of tinyshakespeare."""
-    text = corpus_text(200_000)
-    tok = train_tokenizer([text[i:i + 2000] for i in range(0, len(text), 2000)], 512)
-    return save_tokenizer(tok, tmp_path_factory.mktemp("serving_tok"), model_max_length=SERVING_MAX_SEQ_LEN)
+    return tinyrun.tiny_tokenizer(tmp_path_factory.mktemp("serving_tok"), 512, SERVING_MAX_SEQ_LEN, 200_000)
 
 
 def _tiny_export(tokenizer_dir: Path, out_dir: Path, seed: int) -> Path:

@@ -12,17 +12,14 @@ from safetensors.torch import load_file, save_file
 from moe_platform.checkpoint.hf import export_hf
 from moe_platform.model.args import ModelArgs
 from moe_platform.model.transformer import build_model
-from moe_platform.tokenizer import save_tokenizer, train_tokenizer
-from tinyrun import corpus_text
+from tinyrun import tiny_tokenizer
 
 MAX_SEQ_LEN = 256
 
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
-    text = corpus_text(200_000)
-    tok = train_tokenizer([text[i:i + 2000] for i in range(0, len(text), 2000)], 512)
-    return save_tokenizer(tok, tmp_path_factory.mktemp("vllm_tok"), model_max_length=MAX_SEQ_LEN)
+    return tiny_tokenizer(tmp_path_factory.mktemp("vllm_tok"), 512, MAX_SEQ_LEN, 200_000)
 
 
 def tiny_export(tokenizer_dir: Path, out: Path, seed: int) -> Path:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import queue
 
 import httpx
 import pytest
@@ -69,6 +70,16 @@ def test_stop_strings_aborts_and_the_async_front(engines):
     first, last = asyncio.run(stream_then_abort())
     assert first.token_ids and last.finished and last.finish_reason == "abort" and last.completion_tokens < 200
     poll(lambda: not vllm.has_unfinished(), 30, "the aborted request to leave the engine")
+    # aborted as soon as added (before vLLM saw them): each still finishes, and leaves the engine
+    got: queue.SimpleQueue = queue.SimpleQueue()
+    for _ in range(8):
+        vllm.abort(vllm.add_request(PROMPTS[0], SamplingParams(max_tokens=50, temperature=0), sink=got.put))
+    ends = []
+    while len(ends) < 8:
+        out = got.get(timeout=60)
+        if out.finished:
+            ends.append(out.finish_reason)
+    assert ends == ["abort"] * 8 and not vllm.has_unfinished()
     vllm.check_health()
     stats = vllm.stats()
     assert set(native.stats()) <= set(stats)  # the replica's metrics and gauges read the same names
@@ -144,6 +155,8 @@ def test_openai_requests_through_the_vllm_backend(app, export_a):
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["role"] == "assistant", r.text
     r = http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 10_000})
     assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens", r.text  # our validation, first
+    r = http.post("/v1/completions", json={"model": f"{MODEL}:some-adapter", "prompt": "x", "max_tokens": 4})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found", r.text
     # sampled requests, many at once: vLLM's CPU sampler would fail its whole engine on a seeded one (refused)
     r = http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 4, "seed": 7})
     assert r.status_code == 400 and r.json()["error"]["param"] == "seed", r.text

@@ -24,6 +24,7 @@ import shutil
 import tempfile
 import threading
 import time
+from collections import deque
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -32,7 +33,12 @@ import torch
 from moe_platform.model.args import ModelArgs
 from moe_platform.serving.chat import ChatTemplate
 from moe_platform.serving.engine import EngineConfig, EngineFront
-from moe_platform.serving.errors import EngineOverloadedError, EngineUnavailableError, InvalidRequestError
+from moe_platform.serving.errors import (
+    EngineOverloadedError,
+    EngineUnavailableError,
+    InvalidRequestError,
+    NotFoundError,
+)
 from moe_platform.serving.input_processor import InputProcessor
 from moe_platform.serving.output_processor import OutputProcessor
 from moe_platform.serving.outputs import RequestOutput
@@ -142,7 +148,8 @@ class VllmEngine(EngineFront):
         self.counters = {"prompt_tokens": 0, "prompt_logprob_tokens": 0}
         self._scheduler = {"vllm_running": 0, "vllm_waiting": 0, "kv_cache_usage": 0.0, "steps": 0,
                            "prefix_cache_queries": 0, "prefix_cache_hits": 0, "num_preemptions": 0}
-        self._recent: list[tuple[float, int]] = []  # (time, tokens) of recent outputs: tokens_per_s
+        self._recent: deque[tuple[float, int]] = deque(maxlen=4096)  # (time, tokens) of outputs: tokens_per_s
+        self._chores: set[asyncio.Task] = set()
         self.failure: BaseException | None = None
         self.closed = False
         engine_args = AsyncEngineArgs(
@@ -203,29 +210,53 @@ class VllmEngine(EngineFront):
     def add_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
                     request_id: str | None = None, sink=None, adapter: str | None = None) -> str:
         if adapter is not None:
-            raise ValueError("backend vllm serves no LoRA adapters (engine.max_loras)")
-        self._check_open()
+            raise NotFoundError(f"adapter {adapter!r} is not loaded: this server's engine (backend vllm) serves no "
+                                f"LoRA adapters", param="model", code="model_not_found")
+        if params is not None and params.seed is not None and not params.greedy and self._cpu:
+            raise InvalidRequestError("this server's engine (vLLM's CPU build) does not take per-request seeds; "
+                                      "leave seed out", param="seed")
         with self._lock:
             self._ids += 1
             rid = request_id or f"req-{self._ids}"
+        seq = self.inputs.make_sequence(prompt, params, rid, sink)  # validates (400s name the parameter)
+        seq.status = SeqStatus.DECODE  # vLLM schedules it; ours only tracks whether it finished
+        with self._lock:
+            self._check_open()
             if len(self._seqs) >= self.config.max_batch_size + self.config.max_waiting:
                 raise EngineOverloadedError(f"the engine holds {len(self._seqs)} requests (max_batch_size + "
                                             f"max_waiting); retry later")
             if rid in self._seqs:
-                raise ValueError(f"request id {rid!r} is in use")
-            if params is not None and params.seed is not None and self._cpu:
-                raise InvalidRequestError("this server's engine (vLLM's CPU build) does not take per-request seeds; "
-                                          "leave seed out", param="seed")
-            seq = self.inputs.make_sequence(prompt, params, rid, sink)
-            seq.status = SeqStatus.DECODE  # vLLM schedules it; ours only tracks finished or not
+                raise InvalidRequestError(f"request id {rid!r} is in use", param="request_id")
             self._seqs[rid] = seq
             self.counters["prompt_tokens"] += seq.prompt_len
-        self._loop.call_soon_threadsafe(self._launch, seq)
+            self._loop.call_soon_threadsafe(self._launch, seq)  # under the lock: shutdown stops the loop after
         return rid
 
     def _launch(self, seq: Seq) -> None:
-        if seq.request_id in self._seqs:  # not aborted meanwhile
-            self._tasks[seq.request_id] = self._loop.create_task(self._run(seq))
+        if seq.request_id not in self._seqs:  # aborted before it started
+            return
+        task = self._loop.create_task(self._run(seq))
+        self._tasks[seq.request_id] = task
+        # whatever ends the task (even a cancel before its first step), the request finishes and leaves the engine
+        task.add_done_callback(lambda _, seq=seq: self._retire(seq))
+
+    def _retire(self, seq: Seq) -> None:
+        self._tasks.pop(seq.request_id, None)
+        with self._lock:
+            self._seqs.pop(seq.request_id, None)
+        self._end(seq)
+
+    def _end(self, seq: Seq) -> None:
+        """Finish `seq` if nothing else did: "abort" while the engine runs, an error (503) once it is shut down."""
+        if seq.status is SeqStatus.FINISHED:
+            return
+        if self.closed:
+            self._finish(seq, "error")
+            self.outputs.emit(seq, [], error="the engine stopped")
+        else:
+            self._finish(seq, "abort")
+            self.outputs.emit(seq, [])
+        self.outputs.deliver()
 
     def _vllm_params(self, seq: Seq):
         _, _, VSamplingParams, _, RequestOutputKind = _vllm()
@@ -234,18 +265,18 @@ class VllmEngine(EngineFront):
             n=1, temperature=p.temperature, top_p=p.top_p,
             top_k=min(p.top_k, self.args.vocab_size) if p.top_k > 0 else 0,  # a huge top_k keeps every token
             seed=None if p.greedy else p.seed,  # vLLM draws one for requests without
-            max_tokens=seq.max_tokens, stop_token_ids=sorted(self.stop_token_ids), ignore_eos=p.ignore_eos,
-            logprobs=p.logprobs, prompt_logprobs=p.prompt_logprobs, detokenize=False, skip_special_tokens=False,
-            output_kind=RequestOutputKind.DELTA)
+            max_tokens=seq.max_tokens, stop_token_ids=[] if p.ignore_eos else sorted(self.stop_token_ids),
+            ignore_eos=p.ignore_eos, logprobs=p.logprobs, prompt_logprobs=p.prompt_logprobs, detokenize=False,
+            skip_special_tokens=False, output_kind=RequestOutputKind.DELTA)
 
     async def _run(self, seq: Seq) -> None:
         """One request through vLLM, on the engine loop: each delta of tokens goes through our output processor;
-        when it finishes the request (a stop string), leaving the loop aborts the request in vLLM."""
+        when that finishes the request (a stop string), the stream is closed, which aborts it in vLLM."""
         _, _, _, TokensPrompt, _ = _vllm()
         outputs: list[RequestOutput] = []
+        stream = self.llm.generate(TokensPrompt(prompt_token_ids=seq.prompt_ids), self._vllm_params(seq),
+                                   seq.request_id)
         try:
-            stream = self.llm.generate(TokensPrompt(prompt_token_ids=seq.prompt_ids), self._vllm_params(seq),
-                                       seq.request_id)
             async for out in stream:
                 if out.prompt_logprobs is not None and seq.prompt_logprobs is not None:
                     k = seq.params.prompt_logprobs
@@ -264,31 +295,34 @@ class VllmEngine(EngineFront):
                     if done:
                         break
                 self._recent.append((now, len(completion.token_ids)))
+                if not done and out.finished:  # vLLM ended it first (it should not: the same limits)
+                    seq.stopper.append(seq.detokenizer.flush())
+                    self._finish(seq, "stop" if completion.finish_reason == "stop" else "length")
+                    self.outputs.emit(seq, outputs)
+                    done = True
                 self.outputs.deliver()
                 if done:
                     break
-            else:
-                if seq.status is not SeqStatus.FINISHED:  # vLLM ended it first (it should not: same limits)
-                    self._finish(seq, "length")
-                    self.outputs.emit(seq, outputs)
-                    self.outputs.deliver()
         except asyncio.CancelledError:
-            self._finish(seq, "abort")
-            self.outputs.emit(seq, outputs)
-            self.outputs.deliver()
+            self._end(seq)
+            # a cancel can land while vLLM registers the request, before its stream can abort it: abort it here
+            self._background(self.llm.abort(seq.request_id))
+            raise
         except Exception as e:  # noqa: BLE001 - this request's failure, or vLLM's engine died (then all fail)
             if self.llm.errored:
                 self.failure = self.failure or e
-                seq.status = SeqStatus.FINISHED
-                seq.finish_reason = "error"
+                self._finish(seq, "error")
                 self.outputs.emit(seq, outputs, error=f"the engine failed: {e!r}")
             else:
                 self.outputs.fail_request(seq, outputs, e)
             self.outputs.deliver()
         finally:
-            self._tasks.pop(seq.request_id, None)
-            with self._lock:
-                self._seqs.pop(seq.request_id, None)
+            await stream.aclose()  # a request we finished first is aborted in vLLM now, not when collected
+
+    def _background(self, coro) -> None:
+        task = self._loop.create_task(coro)
+        self._chores.add(task)
+        task.add_done_callback(self._chores.discard)
 
     def _finish(self, seq: Seq, reason: str) -> None:
         if seq.status is not SeqStatus.FINISHED:
@@ -301,15 +335,15 @@ class VllmEngine(EngineFront):
             task = self._tasks.get(request_id)
             if task is not None:
                 task.cancel()
-            else:  # not launched yet
-                with self._lock:
-                    seq = self._seqs.pop(request_id, None)
-                if seq is not None:
-                    self._finish(seq, "abort")
-                    self.outputs.emit(seq, [])
-                    self.outputs.deliver()
-        if not self._loop.is_closed():
+                return
+            with self._lock:  # not launched yet
+                seq = self._seqs.pop(request_id, None)
+            if seq is not None:
+                self._end(seq)
+        try:
             self._loop.call_soon_threadsafe(cancel)
+        except RuntimeError:  # the loop is closed: the engine is shut down and its requests are finished
+            pass
 
     def has_unfinished(self) -> bool:
         return bool(self._seqs)
@@ -319,13 +353,14 @@ class VllmEngine(EngineFront):
 
     # -- what this backend does not do -----------------------------------------------------------------------------
     def load_adapter(self, name: str, source: str, base_dir: Path | None = None):
-        from moe_platform.serving.errors import AdapterLoadError
+        from moe_platform.serving.adapters import AdapterLoadError
 
         raise AdapterLoadError("backend vllm serves no LoRA adapters yet; serve them with engine.backend native",
                                param="lora_name")
 
     def unload_adapter(self, name: str) -> None:
-        self.load_adapter(name, "")
+        raise NotFoundError(f"adapter {name!r} is not loaded: backend vllm serves no LoRA adapters",
+                            param="lora_name")
 
     put_adapter = load_adapter
 
@@ -359,21 +394,36 @@ class VllmEngine(EngineFront):
             raise RuntimeError("engine loop thread died")
 
     def shutdown(self, drain: bool = False, timeout: float | None = 60.0) -> None:
-        """Stop vLLM's engine (its core process goes too); with `drain`, first let the requests in flight finish."""
-        if self.closed:
-            return
+        """Stop vLLM's engine (its core process goes too); with `drain`, first let the requests in flight finish
+        (new ones are still accepted meanwhile). Requests left get an error (503), as from the native engine."""
         if drain:
-            end = time.monotonic() + (timeout or 0)
-            while self._seqs and time.monotonic() < end:
+            end = None if timeout is None else time.monotonic() + timeout
+            while self._seqs and (end is None or time.monotonic() < end):
                 time.sleep(0.05)
-        self.closed = True
-        for rid in list(self._seqs):
-            self.abort(rid)
-        try:
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+
+        async def stop() -> None:
+            tasks = list(self._tasks.values())
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, *self._chores, return_exceptions=True)
+            with self._lock:
+                left, self._seqs = list(self._seqs.values()), {}
+            for seq in left:  # accepted, never launched
+                self._end(seq)
             self.llm.shutdown()
+
+        try:
+            if self._thread.is_alive():
+                asyncio.run_coroutine_threadsafe(stop(), self._loop).result(timeout)
         finally:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout)
+            if not self._thread.is_alive():
+                self._loop.close()
             if self._owned_dir is not None:
                 shutil.rmtree(self._owned_dir, ignore_errors=True)
 
@@ -393,14 +443,14 @@ class VllmEngine(EngineFront):
     def stats(self) -> dict:
         """The native engine's numbers, as far as vLLM's front shows them (the same names reach the metrics)."""
         now = time.monotonic()
-        self._recent = [(t, n) for t, n in self._recent if now - t <= 5.0]
+        recent = sum(n for t, n in list(self._recent) if now - t <= 5.0)
         vllm = dict(self._scheduler)
         kv_bytes = kv_cache_bytes(self.args, self.config, self.max_seq_len)
         capacity = kv_bytes // _token_bytes(self.args, self.config)  # in tokens (vLLM reports the used fraction)
         return {
             "waiting": vllm["vllm_waiting"], "running": vllm["vllm_running"],
             "decode_batch_size": vllm["vllm_running"], "prefilling": 0, "max_batch_size": self.config.max_batch_size,
-            "tokens_per_s": sum(n for _, n in self._recent) / 5.0,
+            "tokens_per_s": recent / 5.0,
             "expert_load": [],  # vLLM does not count tokens per expert
             "kv_cache_bytes": kv_bytes, "kv_cache_capacity": capacity,
             "kv_cache_used": round(vllm["kv_cache_usage"] * capacity),
