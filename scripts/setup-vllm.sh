@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv-vllm (if missing or out of date) holding vLLM's CPU build, for what runs vLLM: the peer server of
 # bench/eval.py and bench/serve_vs_vllm.py, and `engine.backend = "vllm"` (a Ray cluster started from this venv
-# serves with vLLM in our replicas; tests/vllm run here). It is a venv of its own because vLLM pins other versions
+# serves with vLLM in our replicas; tests/vllm_backend run here). It is a venv of its own because vLLM pins other versions
 # (transformers < 5.20) than moe-platform's lock. moe-platform is installed in it editable without its
 # dependencies; what serving and its tests need besides vLLM's own (Ray Serve, pyarrow, pytest) is pinned from
 # constraints.txt.

