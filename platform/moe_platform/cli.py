@@ -82,11 +82,9 @@ def _cmd_arbiter(ns: argparse.Namespace, rest: list[str]) -> int:
 def _cmd_generate(ns: argparse.Namespace, rest: list[str]) -> int:
     from moe_platform.serving.engine import Engine, SamplingParams
 
-    engine = Engine.from_pretrained(ns.model)
     params = SamplingParams(max_tokens=ns.max_tokens, temperature=ns.temperature, top_p=ns.top_p, top_k=ns.top_k,
                             seed=ns.seed)
-    sys.stdout.write(engine.generate(ns.prompt, params))
-    sys.stdout.write("\n")
+    print(Engine.from_pretrained(ns.model).generate(ns.prompt, params))
     return 0
 
 
@@ -104,10 +102,10 @@ def _cmd_serve(ns: argparse.Namespace, rest: list[str]) -> int:
         if not sep or not name or not source:
             raise ValueError(f"--adapter {item!r}: expected NAME=DIR or NAME=registry://NAME[@VERSION]")
         adapters[name] = source
-    options: dict = {}
+    engine: dict = {"backend": ns.engine_backend}
     if adapters or ns.max_loras:  # slots for these adapters, and for more loaded later over the admin route
-        options = {"adapters": adapters, "engine": {"max_loras": max(ns.max_loras, len(adapters)),
-                                                    "max_lora_rank": ns.max_lora_rank}}
+        engine.update(max_loras=max(ns.max_loras, len(adapters)), max_lora_rank=ns.max_lora_rank)
+    options: dict = {"adapters": adapters, "engine": engine}
     api_key = _read_key(ns.api_key_file, API_KEY_ENV, "--api-key-file")
     admin_key = _read_key(ns.admin_key_file, ADMIN_KEY_ENV, "--admin-key-file")
     if api_key and admin_key == api_key:
@@ -121,8 +119,6 @@ def _cmd_serve(ns: argparse.Namespace, rest: list[str]) -> int:
         print(f"moe-platform serve: WARNING: serving on {ns.host}:{ns.port} WITHOUT AUTHENTICATION "
               f"(--allow-unauthenticated): anyone who reaches this address can use /v1/*", file=sys.stderr, flush=True)
     options.update({"api_key": api_key, "admin_api_key": admin_key})
-    if ns.engine_backend != "native":
-        options.setdefault("engine", {})["backend"] = ns.engine_backend
     from moe_platform.serving.app import _model_ref
 
     _model_ref(ns.model)  # a wrong model directory fails here, before any Ray starts
@@ -457,8 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", required=True, help="export directory, or registry://NAME[@VERSION] (a model published "
                                                   "to the running cluster's registry)")
     s.add_argument("--engine-backend", choices=["native", "vllm"], default="native",
-                   help="native (our engine) or vllm (vLLM's async engine in the replica: the vllm extra, or on CPU "
-                        "the venv of scripts/setup-vllm.sh)")
+                   help="native, or vllm: vLLM's engine in the replica (docs/operations.md, \"Serving\")")
     s.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only; any other needs an API "
                                                        "key or --allow-unauthenticated)")
     s.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
