@@ -195,6 +195,27 @@ class EngineFront:
     batch ways in, and the version fingerprint. A backend provides `tokenizer`, `args`, `inputs`, `add_request`,
     `abort`, `step`, `start` and `running`."""
 
+    def _init_front(self, args: ModelArgs, tokenizer, eos_token_id: int | Sequence[int], config: EngineConfig,
+                    chat_template: ChatTemplate | None, model_dir: str | None) -> None:
+        """The state every backend keeps above its core: the model's args and tokenizer, its end-of-text ids
+        (checked against the vocabulary; the first one also pads), the context window and the input processor."""
+        self.args = args
+        self.tokenizer = tokenizer
+        stops = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        if not stops or not all(0 <= i < args.vocab_size for i in stops):
+            raise ValueError(f"{model_dir or 'model'}: end-of-text ids {stops} must lie within the vocabulary "
+                             f"(0..{args.vocab_size - 1}); check eos_token_id in generation_config.json")
+        self.eos_token_id = stops[0]
+        self.stop_token_ids = frozenset(stops)
+        self.chat_template = chat_template or ChatTemplate()
+        self.model_dir = model_dir  # where the model came from: an export directory or e.g. registry://NAME@VERSION
+        self.keepalive: object = None  # whatever owns the memory the weights live in (see from_state_dict)
+        self._fingerprint: dict | None = None
+        self.max_seq_len = min(config.max_seq_len or args.max_seq_len, args.max_seq_len)
+        self.inputs = InputProcessor(tokenizer, self.chat_template, args.vocab_size, self.max_seq_len,
+                                     self.eos_token_id, config.seed)
+        self.max_prompt_chars = self.inputs.max_prompt_chars
+
     # -- requests ------------------------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
         return self.inputs.encode(text)
@@ -314,23 +335,7 @@ class Engine(EngineFront):
         if self.config.num_threads:
             torch.set_num_threads(self.config.num_threads)
         self.model = model.eval()
-        self.args = model.args
-        self.tokenizer = tokenizer
-        # Generation stops at any end-of-text id; the first one also pads.
-        stops = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-        if not stops or not all(0 <= i < self.args.vocab_size for i in stops):
-            raise ValueError(f"{model_dir or 'model'}: end-of-text ids {stops} must lie within the vocabulary "
-                             f"(0..{self.args.vocab_size - 1}); check eos_token_id in generation_config.json")
-        self.eos_token_id = stops[0]
-        self.stop_token_ids = frozenset(stops)
-        self.chat_template = chat_template or ChatTemplate()
-        self.model_dir = model_dir  # where the model came from: an export directory or e.g. registry://NAME@VERSION
-        self.keepalive: object = None  # whatever owns the memory the weights live in (see from_state_dict)
-        self._fingerprint: dict | None = None
-        self.max_seq_len = min(self.config.max_seq_len or self.args.max_seq_len, self.args.max_seq_len)
-        self.inputs = InputProcessor(tokenizer, self.chat_template, self.args.vocab_size, self.max_seq_len,
-                                     self.eos_token_id, self.config.seed)
-        self.max_prompt_chars = self.inputs.max_prompt_chars
+        self._init_front(model.args, tokenizer, eos_token_id, self.config, chat_template, model_dir)
         step_lock = threading.Lock()
         self.lora = LoRAManager(model, self.config.max_loras, self.config.max_lora_rank, step_lock)
         self.adapters = self.lora.bank  # LoRA slots on the model (serving/adapters.py), None without max_loras

@@ -39,7 +39,6 @@ from moe_platform.serving.errors import (
     InvalidRequestError,
     NotFoundError,
 )
-from moe_platform.serving.input_processor import InputProcessor
 from moe_platform.serving.output_processor import OutputProcessor
 from moe_platform.serving.outputs import RequestOutput
 from moe_platform.serving.sampling import SamplingParams
@@ -57,12 +56,11 @@ def _vllm():
         import vllm  # noqa: F401
     except ImportError as e:
         raise RuntimeError(f"{INSTALL_HINT} ({e})") from None
+    from vllm import SamplingParams as VSamplingParams
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.inputs import TokensPrompt
     from vllm.sampling_params import RequestOutputKind
     from vllm.v1.engine.async_llm import AsyncLLM
-
-    from vllm import SamplingParams as VSamplingParams
 
     return AsyncLLM, AsyncEngineArgs, VSamplingParams, TokensPrompt, RequestOutputKind
 
@@ -124,22 +122,12 @@ class VllmEngine(EngineFront):
         from moe_platform.checkpoint.hf import read_model_args
         from moe_platform.tokenizer import load_tokenizer, model_stop_ids
 
-        AsyncLLM, AsyncEngineArgs, *_ = _vllm()
+        AsyncLLM, AsyncEngineArgs, self._VSamplingParams, self._TokensPrompt, self._OutputKind = _vllm()
         self.config = config
-        self.model_dir = source or str(model_dir)
         self._owned_dir = owned_dir  # a registry version written out for vLLM: removed at shutdown
-        self.args = read_model_args(model_dir)
-        self.tokenizer = load_tokenizer(model_dir)
-        stops = model_stop_ids(self.tokenizer, model_dir)
-        self.eos_token_id = stops[0]
-        self.stop_token_ids = frozenset(stops)
-        self.chat_template = ChatTemplate.from_dir(model_dir)
-        self.keepalive: object = None
-        self._fingerprint: dict | None = None
-        self.max_seq_len = min(config.max_seq_len or self.args.max_seq_len, self.args.max_seq_len)
-        self.inputs = InputProcessor(self.tokenizer, self.chat_template, self.args.vocab_size, self.max_seq_len,
-                                     self.eos_token_id, config.seed)
-        self.max_prompt_chars = self.inputs.max_prompt_chars
+        tokenizer = load_tokenizer(model_dir)
+        self._init_front(read_model_args(model_dir), tokenizer, model_stop_ids(tokenizer, model_dir), config,
+                         ChatTemplate.from_dir(model_dir), source or str(model_dir))
         self.outputs = OutputProcessor(self.stop_token_ids, self.max_seq_len, self._finish, lambda seq: None)
         self._seqs: dict[str, Seq] = {}
         self._tasks: dict[str, asyncio.Task] = {}
@@ -152,12 +140,14 @@ class VllmEngine(EngineFront):
         self._chores: set[asyncio.Task] = set()
         self.failure: BaseException | None = None
         self.closed = False
+        self._kv_bytes = kv_cache_bytes(self.args, config, self.max_seq_len)
+        self._kv_tokens = self._kv_bytes // _token_bytes(self.args, config)  # vLLM reports the used fraction
         engine_args = AsyncEngineArgs(
             model=str(model_dir), tokenizer=str(model_dir), dtype=config.dtype, seed=config.seed,
             max_model_len=self.max_seq_len, max_num_seqs=config.max_batch_size,
             max_num_batched_tokens=max(config.prefill_token_budget, config.max_batch_size),
             enable_prefix_caching=config.enable_prefix_caching,  # block size: vLLM picks its attention backend's
-            kv_cache_memory_bytes=kv_cache_bytes(self.args, config, self.max_seq_len),
+            kv_cache_memory_bytes=self._kv_bytes,
             kv_cache_dtype=config.kv_cache_dtype, enforce_eager=True, trust_remote_code=False,
             disable_log_stats=False)
         from vllm.platforms import current_platform
@@ -259,22 +249,20 @@ class VllmEngine(EngineFront):
         self.outputs.deliver()
 
     def _vllm_params(self, seq: Seq):
-        _, _, VSamplingParams, _, RequestOutputKind = _vllm()
         p = seq.params
-        return VSamplingParams(
+        return self._VSamplingParams(
             n=1, temperature=p.temperature, top_p=p.top_p,
             top_k=min(p.top_k, self.args.vocab_size) if p.top_k > 0 else 0,  # a huge top_k keeps every token
             seed=None if p.greedy else p.seed,  # vLLM draws one for requests without
             max_tokens=seq.max_tokens, stop_token_ids=[] if p.ignore_eos else sorted(self.stop_token_ids),
             ignore_eos=p.ignore_eos, logprobs=p.logprobs, prompt_logprobs=p.prompt_logprobs, detokenize=False,
-            skip_special_tokens=False, output_kind=RequestOutputKind.DELTA)
+            skip_special_tokens=False, output_kind=self._OutputKind.DELTA)
 
     async def _run(self, seq: Seq) -> None:
         """One request through vLLM, on the engine loop: each delta of tokens goes through our output processor;
         when that finishes the request (a stop string), the stream is closed, which aborts it in vLLM."""
-        _, _, _, TokensPrompt, _ = _vllm()
         outputs: list[RequestOutput] = []
-        stream = self.llm.generate(TokensPrompt(prompt_token_ids=seq.prompt_ids), self._vllm_params(seq),
+        stream = self.llm.generate(self._TokensPrompt(prompt_token_ids=seq.prompt_ids), self._vllm_params(seq),
                                    seq.request_id)
         try:
             async for out in stream:
@@ -445,15 +433,13 @@ class VllmEngine(EngineFront):
         now = time.monotonic()
         recent = sum(n for t, n in list(self._recent) if now - t <= 5.0)
         vllm = dict(self._scheduler)
-        kv_bytes = kv_cache_bytes(self.args, self.config, self.max_seq_len)
-        capacity = kv_bytes // _token_bytes(self.args, self.config)  # in tokens (vLLM reports the used fraction)
         return {
             "waiting": vllm["vllm_waiting"], "running": vllm["vllm_running"],
             "decode_batch_size": vllm["vllm_running"], "prefilling": 0, "max_batch_size": self.config.max_batch_size,
             "tokens_per_s": recent / 5.0,
             "expert_load": [],  # vLLM does not count tokens per expert
-            "kv_cache_bytes": kv_bytes, "kv_cache_capacity": capacity,
-            "kv_cache_used": round(vllm["kv_cache_usage"] * capacity),
+            "kv_cache_bytes": self._kv_bytes, "kv_cache_capacity": self._kv_tokens,  # in tokens
+            "kv_cache_used": round(vllm["kv_cache_usage"] * self._kv_tokens),
             "requests_finished": self.outputs.counters["requests_finished"],
             "prompt_tokens": self.counters["prompt_tokens"],
             "generated_tokens": self.outputs.counters["generated_tokens"],
