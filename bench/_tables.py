@@ -361,10 +361,35 @@ def serve_vs_vllm(d: dict) -> str:
             f"taking turns")
 
 
+def serve_path(d: dict) -> str:
+    a, probe = d["args"], d["gil_probe"]
+    names = {"engine": "engine alone (in-process)", "frontend": "frontend + engine, plain uvicorn",
+             "ours": "ours (Serve app)", "vllm": "vLLM's server"}
+    rows = []
+    for r in d["results"]:
+        for s, name in names.items():
+            x = r[s]
+            rows.append([r["concurrency"], name, f"{x['output_tokens_per_s']:.1f}",
+                         f"{x['ttft_p50_ms']:.1f}" if "ttft_p50_ms" in x else "–",
+                         f"{x['itl_p50_ms']:.2f}" if "itl_p50_ms" in x else "–",
+                         f"**{r['ratios'][s]:.2f}**" if s in r["ratios"] else "–",
+                         f"{x['output_tokens_per_s'] / r['engine']['output_tokens_per_s']:.2f}"])
+    table = _table(["concurrency", "system", "output tok/s", "TTFT p50 ms", "ITL p50 ms", "tok/s ÷ vLLM's server",
+                    "tok/s ÷ engine alone"], rows)
+    gil = _table(["engine at concurrency " + str(probe["streams"]), "output tok/s", "÷ alone"],
+                 [[b, f"{probe[b]['output_tokens_per_s']:.1f}",
+                   "–" if b == "alone" else f"**{probe['ratios'][b]:.2f}**"] for b in ("alone", "thread", "process")])
+    return (f"{table}\n\nguidellm {d['guidellm_version']} ({a['guidellm_workers']} client process) drives the three "
+            f"servers; {a['prompt_tokens']} prompt and {a['output_tokens']} output tokens, {a['requests_per_stream']} "
+            f"requests per stream (at least 16); each figure the median of {a['rounds']} rounds.\n\n{gil}\n\n"
+            f"The probe holds the GIL for {a['probe_duty']:.0%} of every 10 ms, in a thread of the engine's process "
+            f"(`thread`) or in a process of its own (`process`).")
+
+
 RENDER = {"moe_layer": moe_layer, "memory": memory, "lora": lora, "layouts": layouts, "checkpoint": checkpoint,
           "ray_overhead": ray_overhead, "goodput": goodput, "serve": serve, "rollout": rollout,
           "quant": quant, "guidellm": guidellm, "kv_cache": kv_cache, "dpo": dpo, "eval": eval_,
-          "grpo": grpo, "serve_vs_vllm": serve_vs_vllm}
+          "grpo": grpo, "serve_vs_vllm": serve_vs_vllm, "serve_path": serve_path}
 
 
 def render(name: str, docs: Path = DOCS) -> str:
