@@ -40,10 +40,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
 from _output import add_output_args, save_result, subplots, tool  # noqa: E402
+from _vllm import OFFLINE, start_vllm  # noqa: E402
 
 MODEL = "moe-platform"
 CORPUS = Path(os.environ.get("MOE_BENCH_CORPUS", REPO.parent / "shared" / "data" / "tinyshakespeare.txt"))
-OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 TASK = """task: bench_mc
 dataset_path: json
 dataset_kwargs:
@@ -110,27 +110,6 @@ def build(root: Path, args) -> tuple[Path, Path]:
     return export, tasks
 
 
-def start_vllm(python: str, export: Path, port: int, log: Path, threads: int) -> subprocess.Popen:
-    cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(export), "--host", "127.0.0.1",
-           "--port", str(port), "--dtype", "float32", "--max-model-len", "512", "--served-model-name", MODEL]
-    # its engine's OpenMP threads bound to `threads` cores (by default it takes one core and keeps the other for its
-    # HTTP process)
-    env = {**os.environ, **OFFLINE, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}"}
-    env.pop("PYTHONPATH", None)  # nothing of ours in vLLM's process
-    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    end = time.monotonic() + 600
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise RuntimeError(f"vLLM's server exited ({proc.returncode}): {log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise RuntimeError("vLLM's server did not come up within 10 minutes")
-
-
 def score(lm, tasks: Path) -> tuple[float, dict]:
     """(seconds, lm-eval's results with samples) of one whole run of the task."""
     from moe_platform.serving.evaluation import simple_evaluate
@@ -181,7 +160,7 @@ def main(argv=None) -> int:
         os.environ["HF_DATASETS_CACHE"] = str(root / "hf_datasets")
         export, tasks = build(root, args)
         vllm_port, our_port = free_port(), free_port()
-        vllm = start_vllm(vllm_python, export, vllm_port, root / "vllm.log", args.threads)
+        vllm = start_vllm(vllm_python, export, vllm_port, root / "vllm.log", MODEL, 512, threads=args.threads)
         ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
         try:
             ours_url = start_server(export, port=our_port, num_replicas=1, priority_over_training=False,

@@ -40,17 +40,8 @@ sys.path.insert(0, str(REPO / "platform"))
 from fastapi import Request  # noqa: E402 - at module level: the routes' annotations are resolved here
 
 from _output import add_output_args, save_result, subplots, tool  # noqa: E402
-from serve_vs_vllm import (  # noqa: E402
-    API_KEY,
-    MODEL,
-    OFFLINE,
-    build_export,
-    run_guidellm,
-    start_ours,
-    start_vllm,
-    stop,
-    wait_healthy,
-)
+from _vllm import OFFLINE, wait_healthy  # noqa: E402
+from serve_vs_vllm import API_KEY, MODEL, add_load_args, build_export, run_guidellm, start_ours, start_vllm, stop  # noqa: E402
 
 SYSTEMS = ("engine", "frontend", "ours", "vllm")
 BURDENS = ("alone", "thread", "process")
@@ -58,15 +49,8 @@ BURDENS = ("alone", "thread", "process")
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--concurrency", default="1,64", help="concurrent streams, comma-separated")
-    p.add_argument("--requests-per-stream", type=int, default=4, help="requests per stream (at least 16 in all)")
-    p.add_argument("--prompt-tokens", type=int, default=128)
-    p.add_argument("--output-tokens", type=int, default=64)
-    p.add_argument("--rounds", type=int, default=2, help="rounds; a cell's figures are their medians over them")
-    p.add_argument("--guidellm-workers", type=int, default=1, help="guidellm's worker processes")
+    add_load_args(p, "1,64")
     p.add_argument("--probe-duty", type=float, default=0.4, help="the GIL probe's busy share of every 10 ms")
-    p.add_argument("--guidellm", default=None, help="the guidellm executable (default: scripts/setup-guidellm.sh)")
-    p.add_argument("--vllm-python", default=None, help="python of the vLLM venv (default: scripts/setup-vllm.sh)")
     # the child processes this script starts
     p.add_argument("--engine-probe", metavar="EXPORT", help=argparse.SUPPRESS)
     p.add_argument("--streams", type=int, default=1, help=argparse.SUPPRESS)

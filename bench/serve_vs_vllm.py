@@ -31,36 +31,40 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
-
-import httpx
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO / "platform"))
 
+import _vllm  # noqa: E402
 from _output import add_output_args, save_result, subplots, tool  # noqa: E402
+from _vllm import OFFLINE, wait_healthy  # noqa: E402
 
 MODEL = "moe-platform"
 API_KEY = "bench-key"
 CORPUS = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
-OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 GOAL = {"output_tokens_per_s": 1.0, "ttft_p50_ms": 1.0, "itl_p50_ms": 1.0}  # ours ÷ vLLM: >= 1, <= 1, <= 1
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--concurrency", default="1,16,64", help="concurrent streams, comma-separated")
+def add_load_args(p: argparse.ArgumentParser, concurrency: str) -> None:
+    """The load guidellm puts on each server, the rounds, and where guidellm and vLLM's python are (shared with
+    bench/serve_path.py)."""
+    p.add_argument("--concurrency", default=concurrency, help="concurrent streams, comma-separated")
     p.add_argument("--requests-per-stream", type=int, default=4, help="requests per stream (at least 16 in all)")
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--output-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=2, help="rounds; a cell's figures are their medians over them")
     p.add_argument("--guidellm-workers", type=int, default=1,
                    help="guidellm's worker processes (its default, 10, takes CPU the servers need on a small machine)")
-    p.add_argument("--systems", default="ours,ours_throughput,ours_vllm,vllm", help="which systems, comma-separated")
     p.add_argument("--guidellm", default=None, help="the guidellm executable (default: scripts/setup-guidellm.sh)")
     p.add_argument("--vllm-python", default=None, help="python of the vLLM venv (default: scripts/setup-vllm.sh)")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_load_args(p, "1,16,64")
+    p.add_argument("--systems", default="ours,ours_throughput,ours_vllm,vllm", help="which systems, comma-separated")
     add_output_args(p, "serve_vs_vllm")
     return p.parse_args(argv)
 
@@ -79,29 +83,8 @@ def build_export(root: Path) -> Path:
     return export_hf(build_model(margs, seed=0).state_dict(), margs, root / "export", tokenizer_dir=tok_dir)
 
 
-def wait_healthy(url: str, proc: subprocess.Popen | None, log: Path | None, what: str) -> None:
-    end = time.monotonic() + 600
-    while time.monotonic() < end:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{what} exited ({proc.returncode}): {log.read_text()[-3000:] if log else ''}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise RuntimeError(f"{what} did not come up within 10 minutes")
-
-
 def start_vllm(python: str, export: Path, port: int, log: Path) -> subprocess.Popen:
-    cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(export), "--host", "127.0.0.1",
-           "--port", str(port), "--dtype", "float32", "--max-model-len", "1024", "--served-model-name", MODEL,
-           "--api-key", API_KEY]
-    env = {**os.environ, **OFFLINE, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    env.pop("PYTHONPATH", None)  # nothing of ours in vLLM's process
-    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    wait_healthy(f"http://127.0.0.1:{port}", proc, log, "vLLM's server")
-    return proc
+    return _vllm.start_vllm(python, export, port, log, MODEL, 1024, api_key=API_KEY)
 
 
 def start_ours(export: Path, port: int, log: Path, throughput_optimized: bool, vllm_python: str | None = None
