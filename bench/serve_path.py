@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import random
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -41,7 +40,17 @@ from fastapi import Request  # noqa: E402 - at module level: the routes' annotat
 
 from _output import add_output_args, save_result, subplots, tool  # noqa: E402
 from _vllm import OFFLINE, wait_healthy  # noqa: E402
-from serve_vs_vllm import API_KEY, MODEL, add_load_args, build_export, run_guidellm, start_ours, start_vllm, stop  # noqa: E402
+from serve_vs_vllm import (  # noqa: E402
+    API_KEY,
+    MODEL,
+    add_load_args,
+    build_export,
+    median_of,
+    run_guidellm,
+    start_ours,
+    start_vllm,
+    stop,
+)
 
 SYSTEMS = ("engine", "frontend", "ours", "vllm")
 BURDENS = ("alone", "thread", "process")
@@ -169,12 +178,6 @@ def serve_and_drive(system: str, export: Path, concurrency: list[int], args, roo
             yield c, run_guidellm(guidellm, url, export, c, args, root / f"{system}.json")
     finally:
         stop(proc)
-
-
-def median_of(runs: list[dict]) -> dict:
-    """Each figure's median over the rounds, and the rounds themselves."""
-    keys = [k for k in runs[0] if isinstance(runs[0][k], int | float)]
-    return {**{k: statistics.median(run[k] for run in runs) for k in keys}, "runs": runs}
 
 
 def main(argv=None) -> int:

@@ -138,6 +138,12 @@ def run_guidellm(guidellm: str, url: str, export: Path, streams: int, args, repo
             "duration_s": bench["duration"], "load_1m": os.getloadavg()[0]}
 
 
+def median_of(runs: list[dict]) -> dict:
+    """Each figure's median over the rounds, and the rounds themselves."""
+    keys = [k for k in runs[0] if isinstance(runs[0][k], int | float)]
+    return {**{k: statistics.median(run[k] for run in runs) for k in keys}, "runs": runs}
+
+
 def main(argv=None) -> int:
     from moe_platform.train.launch import free_port
 
@@ -184,9 +190,8 @@ def main(argv=None) -> int:
     version = subprocess.run([guidellm, "--version"], capture_output=True, text=True).stdout.strip().split()[-1]
     rows = []
     for c in concurrency:
-        medians = {s: {k: statistics.median(run[k] for run in runs[s][c]) for k in (*GOAL, "requests", "load_1m")}
-                for s in systems}
-        row = {"concurrency": c, **{s: {**medians[s], "runs": runs[s][c]} for s in systems}}
+        medians = {s: median_of(runs[s][c]) for s in systems}
+        row = {"concurrency": c, **medians}
         if "vllm" in systems:
             row["ratios"] = {s: {k: medians[s][k] / medians["vllm"][k] for k in GOAL} for s in systems if s != "vllm"}
         rows.append(row)
