@@ -3,7 +3,9 @@
 One tiny Mixtral-style export (dim 256, 4 layers, 16 experts top-2, head dim 64 as vLLM's CPU attention needs, vocab
 1024, float32, random weights) is served on loopback by:
 - `ours`: our Serve app (`moe-platform serve`'s defaults: one replica, Ray Serve's proxy, rollout routing, metrics,
-  an API key), on a local Ray;
+  an API key, the engine stepping in a process of its own beside the replica), on a local Ray;
+- `ours_thread`: the same with the engine on a thread of the replica (`--engine-core thread`) rather than in a
+  process of its own (the default for an export directory);
 - `ours_throughput`: the same with Ray Serve's `RAY_SERVE_THROUGHPUT_OPTIMIZED=1` (one of the levers of the serving
   data path: the replica serves HTTP itself, without the proxy; Ray Serve's HAProxy ingress is not measured);
 - `ours_vllm`: our Serve app as `ours`, with vLLM's engine inside the replica (`--engine-backend vllm`, run from
@@ -64,7 +66,8 @@ def add_load_args(p: argparse.ArgumentParser, concurrency: str) -> None:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_load_args(p, "1,16,64")
-    p.add_argument("--systems", default="ours,ours_throughput,ours_vllm,vllm", help="which systems, comma-separated")
+    p.add_argument("--systems", default="ours,ours_thread,ours_throughput,ours_vllm,vllm",
+                   help="which systems, comma-separated")
     add_output_args(p, "serve_vs_vllm")
     return p.parse_args(argv)
 
@@ -87,8 +90,8 @@ def start_vllm(python: str, export: Path, port: int, log: Path) -> subprocess.Po
     return _vllm.start_vllm(python, export, port, log, MODEL, 1024, api_key=API_KEY)
 
 
-def start_ours(export: Path, port: int, log: Path, throughput_optimized: bool, vllm_python: str | None = None
-               ) -> subprocess.Popen:
+def start_ours(export: Path, port: int, log: Path, throughput_optimized: bool, vllm_python: str | None = None,
+               engine_core: str = "auto") -> subprocess.Popen:
     """Our server in its own process (`moe-platform serve`, its own local Ray), so that Ray Serve's settings from
     the environment apply to its proxy and replica; with `vllm_python`, run from that venv with vLLM's engine."""
     env = {**os.environ, **OFFLINE, "MOE_PLATFORM_API_KEY": API_KEY, "PYTHONPATH": str(REPO / "platform")}
@@ -96,7 +99,7 @@ def start_ours(export: Path, port: int, log: Path, throughput_optimized: bool, v
     if throughput_optimized:
         env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
     cmd = [vllm_python or sys.executable, "-m", "moe_platform.cli", "serve", "--model", str(export), "--port",
-           str(port), *(["--engine-backend", "vllm"] if vllm_python else [])]
+           str(port), "--engine-core", engine_core, *(["--engine-backend", "vllm"] if vllm_python else [])]
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
     wait_healthy(f"http://127.0.0.1:{port}", proc, log, "our server")
     return proc
@@ -171,7 +174,8 @@ def main(argv=None) -> int:
                     else:
                         port = free_port()
                         proc = start_ours(export, port, root / f"{system}.log", system == "ours_throughput",
-                                          vllm_python if system == "ours_vllm" else None)
+                                          vllm_python if system == "ours_vllm" else None,
+                                          "thread" if system == "ours_thread" else "auto")
                         url = f"http://127.0.0.1:{port}"
                     try:
                         run_guidellm(guidellm, url, export, 1, args, root / "warmup.json")  # first-request costs

@@ -12,10 +12,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-DEMO_OVERRIDES = [
-    "--run.name=demo", "--train.steps=120", "--train.eval_interval=40", "--checkpoint.interval=40",
-    "--data.max_bytes=3000000",
-]
+DEMO_OVERRIDES = ["--run.name=demo", "--train.steps=120", "--train.eval_interval=40", "--checkpoint.interval=40",
+                  "--data.max_bytes=3000000"]
 DEMO_PROMPT = "def main():\n"
 
 
@@ -102,7 +100,7 @@ def _cmd_serve(ns: argparse.Namespace, rest: list[str]) -> int:
         if not sep or not name or not source:
             raise ValueError(f"--adapter {item!r}: expected NAME=DIR or NAME=registry://NAME[@VERSION]")
         adapters[name] = source
-    engine: dict = {"backend": ns.engine_backend}
+    engine: dict = {"backend": ns.engine_backend, "core": ns.engine_core}
     if adapters or ns.max_loras:  # slots for these adapters, and for more loaded later over the admin route
         engine.update(max_loras=max(ns.max_loras, len(adapters)), max_lora_rank=ns.max_lora_rank)
     options: dict = {"adapters": adapters, "engine": engine}
@@ -454,6 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "to the running cluster's registry)")
     s.add_argument("--engine-backend", choices=["native", "vllm"], default="native",
                    help="native, or vllm: vLLM's engine in the replica (docs/operations.md, \"Serving\")")
+    s.add_argument("--engine-core", choices=["auto", "process", "thread"], default="auto", help="native engine: "
+                   "in a process of its own, on a thread of the replica, or auto (engine.core in docs/operations.md)")
     s.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only; any other needs an API "
                                                        "key or --allow-unauthenticated)")
     s.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")

@@ -77,6 +77,12 @@ def test_publish_list_resolve(cluster, serving_export, serving_export_b, greedy_
     # The registry's weights answer exactly like the export directories they came from.
     for uri, text in (("registry://basic@1", greedy_texts[0]), ("registry://basic", greedy_texts[1])):
         assert load_engine(uri).generate(PROMPT, GREEDY) == text
+    # In an engine process of its own, from the local export directory it is written to (removed at shutdown).
+    engine = load_engine("registry://basic@1", core="process")
+    written = engine.model_dir_on_disk
+    assert engine.generate(PROMPT, GREEDY) == greedy_texts[0] and (written / "model.safetensors").is_file()
+    engine.shutdown()
+    assert not written.exists()
 
 
 def test_old_versions_are_pruned_but_a_holder_keeps_its_copy(cluster, serving_export, serving_export_b,

@@ -68,6 +68,7 @@ from moe_platform.serving.scheduler import build_scheduler
 __all__ = ["Engine", "EngineConfig", "EngineFront", "RequestOutput", "RequestStream", "SamplingParams"]
 
 BACKENDS = ("native", "vllm")
+CORES = ("auto", "process", "thread")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -75,6 +76,14 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 class EngineConfig:
     backend: str = field(default="native", metadata={"doc": "native (this engine) or vllm (vLLM's async engine in the "
                                                             "replica; serving/vllm_engine.py, the vllm extra)"})
+    core: str = field(default="auto", metadata={"doc": "where a served native engine steps (load_engine: Serve "
+                                                       "replicas, eval gates): process (a child process of its own, "
+                                                       "as vLLM's engine core, so the replica's HTTP and streaming "
+                                                       "threads do not share its GIL; a registry version is written "
+                                                       "to a local directory for it), thread (a thread of the "
+                                                       "replica; registry weights zero-copy) or auto (process for an "
+                                                       "export directory, thread for a registry version). The vllm "
+                                                       "backend always runs vLLM's core in a process"})
     max_batch_size: int = field(default=64, metadata={"doc": "sequences running at once at most (decoded together)"})
     batch_wait_timeout_s: float = field(
         default=0.0, metadata={"doc": "an idle engine waits this long for more requests before its first prefill "
@@ -119,6 +128,7 @@ class EngineConfig:
         need = requirer("engine option")
 
         need(self.backend in BACKENDS, f"backend must be one of {list(BACKENDS)}, got {self.backend!r}")
+        need(self.core in CORES, f"core must be one of {list(CORES)}, got {self.core!r}")
         for name in ("max_batch_size", "prefill_token_budget", "max_waiting", "max_lora_rank", "block_size"):
             value = getattr(self, name)
             need(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
@@ -215,6 +225,16 @@ class EngineFront:
         self.inputs = InputProcessor(tokenizer, self.chat_template, args.vocab_size, self.max_seq_len,
                                      self.eos_token_id, config.seed)
         self.max_prompt_chars = self.inputs.max_prompt_chars
+
+    def _init_front_from_dir(self, model_dir: str | Path, config: EngineConfig, source: str | None) -> None:
+        """`_init_front` from an export directory's config, tokenizer and generation files, without its weights (a
+        backend whose core loads them elsewhere)."""
+        from moe_platform.checkpoint.hf import read_model_args
+        from moe_platform.tokenizer import load_tokenizer, model_stop_ids
+
+        tokenizer = load_tokenizer(model_dir)
+        self._init_front(read_model_args(model_dir), tokenizer, model_stop_ids(tokenizer, model_dir), config,
+                         ChatTemplate.from_dir(model_dir), source or str(model_dir))
 
     # -- requests ------------------------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:

@@ -30,6 +30,11 @@ class LoRAManager:
         (running requests go on). Loading the same source under the same name again is a no-op."""
         self._check(name)
         adapter, where = read_adapter_source(source, base_dir, name)
+        return self.load_read(name, adapter, where)
+
+    def load_read(self, name: str, adapter: Adapters, where: str) -> LoadedAdapter:
+        """`load` of an adapter already read (`read_adapter_source`: the adapter and its canonical source)."""
+        self._check(name)
         with self._lock:
             known = self._loaded.get(name)
         if known is not None and known.source == where and not known.unloading:

@@ -5,6 +5,8 @@ dtype and quantized. No Ray here (`loader.load_engine` resolves registry version
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,8 +85,27 @@ def load_parts(args: ModelArgs, state: Mapping[str, torch.Tensor], files: Mappin
     return LoadedModel(model, tokenizer, eos, ChatTemplate.from_config(tok_config), source)
 
 
+def write_export(args: ModelArgs, state: Mapping[str, torch.Tensor], files: Mapping[str, bytes | str], source: str,
+                 prefix: str) -> Path:
+    """In-memory parts (as `load_parts` takes them) written out as an export directory, in a new temporary directory
+    named `prefix`...: for an engine core that reads its model from disk. The caller removes it when done."""
+    from moe_platform.checkpoint.hf import export_hf
+
+    if "tokenizer.json" not in files:
+        raise ValueError(f"{source}: no tokenizer.json among the model files {sorted(files)}")
+    out = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        export_hf(dict(state), args, out)
+        for name, data in files.items():  # the export's own config, tokenizer and generation files
+            (out / Path(name).name).write_bytes(data.encode() if isinstance(data, str) else data)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    return out
+
+
 def _text(data: bytes | str) -> str:
     return data.decode("utf-8") if isinstance(data, bytes) else data
 
 
-__all__ = ["LoadedModel", "load_export", "load_parts"]
+__all__ = ["LoadedModel", "load_export", "load_parts", "write_export"]

@@ -10,7 +10,7 @@ import logging
 from collections import deque
 from collections.abc import Callable
 
-from moe_platform.serving.outputs import RequestOutput, RequestStream
+from moe_platform.serving.outputs import RequestOutput, RequestStream, StepSink
 from moe_platform.serving.scheduler import SeqStatus
 from moe_platform.serving.scheduler import SequenceState as Seq
 
@@ -84,21 +84,35 @@ class OutputProcessor:
 
     def deliver(self) -> None:
         """Hand this step's outputs to their sinks: one wake-up per event loop per step, not one per token."""
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, RequestOutput]]] = {}
-        for sink, out in self._deliveries:
-            if isinstance(sink, RequestStream):
-                by_loop.setdefault(sink._loop, []).append((sink, out))
-            else:
-                try:
-                    sink(out)
-                except Exception:  # noqa: BLE001 - a caller's callback fails its own request's delivery only
-                    logger.exception("the output sink of request %s failed", out.request_id)
-        self._deliveries.clear()
-        for loop, items in by_loop.items():
-            loop.call_soon_threadsafe(RequestStream.deliver, items)
+        deliveries, self._deliveries = self._deliveries, []
+        deliver_outputs(deliveries)
 
     def drain_latency_samples(self) -> tuple[list[float], list[float]]:
         """Time-to-first-token and inter-token latency samples (seconds) recorded since the previous call."""
         ttft = [self._ttft.popleft() for _ in range(len(self._ttft))]
         itl = [self._itl.popleft() for _ in range(len(self._itl))]
         return ttft, itl
+
+
+def deliver_outputs(deliveries: list[tuple[object, RequestOutput]]) -> None:
+    """Hand (sink, output) pairs to their sinks: a `RequestStream` gets its outputs on its event loop (one wake-up per
+    loop), a `StepSink` all of its outputs at once, a callable each output."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, RequestOutput]]] = {}
+    by_sink: dict[StepSink, list[RequestOutput]] = {}
+    for sink, out in deliveries:
+        if isinstance(sink, RequestStream):
+            by_loop.setdefault(sink._loop, []).append((sink, out))
+        elif isinstance(sink, StepSink):
+            by_sink.setdefault(sink, []).append(out)
+        else:
+            try:
+                sink(out)
+            except Exception:  # noqa: BLE001 - a caller's callback fails its own request's delivery only
+                logger.exception("the output sink of request %s failed", out.request_id)
+    for step_sink, outs in by_sink.items():
+        try:
+            step_sink.put_many(outs)
+        except Exception:  # noqa: BLE001 - as a callback's: those requests' delivery only
+            logger.exception("the step sink of requests %s failed", [o.request_id for o in outs][:5])
+    for loop, items in by_loop.items():
+        loop.call_soon_threadsafe(RequestStream.deliver, items)

@@ -1,4 +1,5 @@
-"""What the engine hands back for a request: `RequestOutput` per step, and `RequestStream`, its asyncio view."""
+"""What the engine hands back for a request: `RequestOutput` per step, `RequestStream`, its asyncio view, and
+`StepSink`, a sink that takes a whole step's outputs at once."""
 
 from __future__ import annotations
 
@@ -44,6 +45,14 @@ class RequestOutput:
     def failure(self) -> RequestFailedError | EngineUnavailableError:
         """The error a failed output (`error` set) raises for its client."""
         return (RequestFailedError if self.request_failed else EngineUnavailableError)(self.error)
+
+
+class StepSink:
+    """A sink that takes all the outputs of one engine step for its requests at once, in one call of `put_many`
+    (e.g. to send them to another process in one message); subclasses say where they go."""
+
+    def put_many(self, outputs: list[RequestOutput]) -> None:
+        raise NotImplementedError(f"{type(self).__name__} must say where its outputs go (put_many)")
 
 
 class RequestStream:

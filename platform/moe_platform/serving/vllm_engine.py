@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import tempfile
 import threading
 import time
 from collections import deque
@@ -31,7 +30,6 @@ from pathlib import Path
 import torch
 
 from moe_platform.model.args import ModelArgs
-from moe_platform.serving.chat import ChatTemplate
 from moe_platform.serving.engine import EngineConfig, EngineFront
 from moe_platform.serving.errors import (
     EngineOverloadedError,
@@ -39,6 +37,7 @@ from moe_platform.serving.errors import (
     InvalidRequestError,
     NotFoundError,
 )
+from moe_platform.serving.model_loader import write_export
 from moe_platform.serving.output_processor import OutputProcessor
 from moe_platform.serving.outputs import RequestOutput
 from moe_platform.serving.sampling import SamplingParams
@@ -119,15 +118,10 @@ class VllmEngine(EngineFront):
 
     def __init__(self, model_dir: str | Path, config: EngineConfig, source: str | None = None,
                  owned_dir: Path | None = None):
-        from moe_platform.checkpoint.hf import read_model_args
-        from moe_platform.tokenizer import load_tokenizer, model_stop_ids
-
         AsyncLLM, AsyncEngineArgs, self._VSamplingParams, self._TokensPrompt, self._OutputKind = _vllm()
         self.config = config
         self._owned_dir = owned_dir  # a registry version written out for vLLM: removed at shutdown
-        tokenizer = load_tokenizer(model_dir)
-        self._init_front(read_model_args(model_dir), tokenizer, model_stop_ids(tokenizer, model_dir), config,
-                         ChatTemplate.from_dir(model_dir), source or str(model_dir))
+        self._init_front_from_dir(model_dir, config, source)
         self.outputs = OutputProcessor(self.stop_token_ids, self.max_seq_len, self._finish, lambda seq: None)
         self._seqs: dict[str, Seq] = {}
         self._tasks: dict[str, asyncio.Task] = {}
@@ -181,16 +175,9 @@ class VllmEngine(EngineFront):
                         source: str, keepalive: object = None, **options) -> VllmEngine:
         """A registry version (our state dict and the export's small files), written out as an export directory
         for vLLM to read; the directory goes when the engine shuts down."""
-        from moe_platform.checkpoint.hf import export_hf
-
         config = EngineConfig.from_options(**options)
-        if "tokenizer.json" not in files:
-            raise ValueError(f"{source}: no tokenizer.json among the model files {sorted(files)}")
-        out = Path(tempfile.mkdtemp(prefix="moe-vllm-model-"))
+        out = write_export(args, state, files, source, "moe-vllm-model-")
         try:
-            export_hf(dict(state), args, out)
-            for name, data in files.items():  # the export's own config, tokenizer and generation files
-                (out / Path(name).name).write_bytes(data.encode() if isinstance(data, str) else data)
             return cls(out, config, source=source, owned_dir=out)
         except BaseException:
             shutil.rmtree(out, ignore_errors=True)
