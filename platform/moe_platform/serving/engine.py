@@ -68,6 +68,7 @@ from moe_platform.serving.scheduler import build_scheduler
 __all__ = ["Engine", "EngineConfig", "EngineFront", "RequestOutput", "RequestStream", "SamplingParams"]
 
 BACKENDS = ("native", "vllm")
+AUTO_OUTPUTS_PER_STEP = 16  # stream_interval 0: about this many stream outputs per engine step, beyond one per token
 CORES = ("auto", "process", "thread")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -84,6 +85,11 @@ class EngineConfig:
                                                        "replica; registry weights zero-copy) or auto (process for an "
                                                        "export directory, thread for a registry version). The vllm "
                                                        "backend always runs vLLM's core in a process"})
+    stream_interval: int = field(
+        default=0, metadata={"doc": "new tokens a stream gathers per output after its first (the first is never "
+                                    "held): N, or 0 for auto (one output per token while at most "
+                                    "16 requests are in flight; beyond that the streams share about 16 outputs per "
+                                    "engine step, so each SSE event through Serve carries more tokens under load)"})
     max_batch_size: int = field(default=64, metadata={"doc": "sequences running at once at most (decoded together)"})
     batch_wait_timeout_s: float = field(
         default=0.0, metadata={"doc": "an idle engine waits this long for more requests before its first prefill "
@@ -129,6 +135,8 @@ class EngineConfig:
 
         need(self.backend in BACKENDS, f"backend must be one of {list(BACKENDS)}, got {self.backend!r}")
         need(self.core in CORES, f"core must be one of {list(CORES)}, got {self.core!r}")
+        need(isinstance(self.stream_interval, int) and not isinstance(self.stream_interval, bool)
+             and self.stream_interval >= 0, f"stream_interval must be an integer >= 0, got {self.stream_interval!r}")
         for name in ("max_batch_size", "prefill_token_budget", "max_waiting", "max_lora_rank", "block_size"):
             value = getattr(self, name)
             need(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
@@ -202,8 +210,8 @@ class EngineConfig:
 
 class EngineFront:
     """What every engine backend shares above its core: prompts in (`inputs`, an `InputProcessor`), the asyncio and
-    batch ways in, and the version fingerprint. A backend provides `tokenizer`, `args`, `inputs`, `add_request`,
-    `abort`, `step`, `start` and `running`."""
+    batch ways in, and the version fingerprint. A backend provides `config`, `add_request`, `abort`, `step`, `start`,
+    `running` and `num_in_flight`, and calls `_init_front` (tokenizer, args, inputs)."""
 
     def _init_front(self, args: ModelArgs, tokenizer, eos_token_id: int | Sequence[int], config: EngineConfig,
                     chat_template: ChatTemplate | None, model_dir: str | None) -> None:
@@ -251,6 +259,11 @@ class EngineFront:
 
     def resolve_max_tokens(self, prompt_len: int, params: SamplingParams, param: str = "max_tokens") -> int:
         return self.inputs.resolve_max_tokens(prompt_len, params, param)
+
+    def tokens_per_output(self) -> int:
+        """How many new tokens a stream gathers per output after its first (`stream_interval`; 0: by the requests in
+        flight, one per token up to AUTO_OUTPUTS_PER_STEP of them)."""
+        return self.config.stream_interval or max(1, -(-self.num_in_flight() // AUTO_OUTPUTS_PER_STEP))
 
     # -- convenience APIs ----------------------------------------------------------------------------------------
     def submit(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
@@ -420,6 +433,9 @@ class Engine(EngineFront):
 
     def has_unfinished(self) -> bool:
         return self.core.has_unfinished()
+
+    def num_in_flight(self) -> int:
+        return self.core.num_active()
 
     # -- LoRA adapters -------------------------------------------------------------------------------------------
     def load_adapter(self, name: str, source: str, base_dir: Path | None = None) -> LoadedAdapter:

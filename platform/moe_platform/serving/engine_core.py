@@ -85,6 +85,10 @@ class EngineCore:
     def has_unfinished(self) -> bool:
         return bool(self._active_ids)
 
+    def num_active(self) -> int:
+        """Requests queued or running."""
+        return len(self._active_ids)
+
     def _finished(self, seq: Seq) -> None:
         with self.lock:
             self._active_ids.discard(seq.request_id)

@@ -171,6 +171,9 @@ class ProcessEngine(EngineFront):
     def has_unfinished(self) -> bool:
         return bool(self._sinks)
 
+    def num_in_flight(self) -> int:
+        return len(self._sinks)
+
     def step(self) -> list[RequestOutput]:
         raise RuntimeError("this engine steps in its own process; use submit, add_request or complete_batch")
 

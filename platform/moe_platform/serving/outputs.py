@@ -11,8 +11,10 @@ from typing import Protocol
 from moe_platform.serving.errors import EngineUnavailableError, RequestFailedError
 
 
-class _Aborts(Protocol):
+class _Engine(Protocol):
     def abort(self, request_id: str) -> None: ...
+
+    def tokens_per_output(self) -> int: ...
 
 
 @dataclass
@@ -56,12 +58,14 @@ class StepSink:
 
 
 class RequestStream:
-    """A submitted request seen from asyncio: iterate it for outputs (queued ones are merged); `abort()` cancels."""
+    """A submitted request seen from asyncio: iterate it for outputs (queued ones are merged; after the first, each
+    gathers the engine's `tokens_per_output()` new tokens, or up to the last); `abort()` cancels."""
 
-    def __init__(self, engine: _Aborts, loop: asyncio.AbstractEventLoop):
+    def __init__(self, engine: _Engine, loop: asyncio.AbstractEventLoop):
         self.engine = engine
         self.request_id = ""
         self.finished = False
+        self._started = False
         self._loop = loop
         self._queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
 
@@ -80,6 +84,11 @@ class RequestStream:
         out = await self._queue.get()
         while not self._queue.empty():
             out = out.merge(self._queue.get_nowait())
+        if self._started:  # after the first output, gather the engine's tokens_per_output() new tokens
+            want = self.engine.tokens_per_output()
+            while len(out.token_ids) < want and not out.finished and out.error is None:
+                out = out.merge(await self._queue.get())
+        self._started = True
         self.finished = out.finished
         if out.error is not None:
             raise out.failure()

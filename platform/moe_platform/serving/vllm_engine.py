@@ -320,6 +320,9 @@ class VllmEngine(EngineFront):
         except RuntimeError:  # the loop is closed: the engine is shut down and its requests are finished
             pass
 
+    def num_in_flight(self) -> int:
+        return len(self._seqs)
+
     def has_unfinished(self) -> bool:
         return bool(self._seqs)
 
