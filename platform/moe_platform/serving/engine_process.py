@@ -54,6 +54,7 @@ from moe_platform.serving.sampling import SamplingParams
 logger = logging.getLogger("moe_platform.serving.engine")
 STARTUP_TIMEOUT_S = 600.0
 CALL_TIMEOUT_S = 60.0
+HEALTH_TIMEOUT_S = 10.0  # the child answers between two torch calls of a step, so even a long step leaves time
 # What the replica may ask of the child's engine by name (anything else is refused there).
 _CALLS = ("load_read_adapter", "unload_adapter", "loaded_adapters", "score", "stats", "drain_latency_samples",
           "check_health", "shutdown")
@@ -287,9 +288,12 @@ class ProcessEngine(EngineFront):
         if not self._proc.is_alive():
             raise RuntimeError(f"the engine process exited (code {self._proc.exitcode})")
         try:
-            self._call("check_health", timeout=CALL_TIMEOUT_S)
+            self._call("check_health", timeout=HEALTH_TIMEOUT_S)
         except EngineUnavailableError as e:
             raise RuntimeError(str(e)) from None
+        except concurrent.futures.TimeoutError:
+            raise RuntimeError(f"the engine process did not answer a health check within {HEALTH_TIMEOUT_S:.0f} "
+                               f"s") from None
 
     def shutdown(self, drain: bool = False, timeout: float | None = 60.0) -> None:
         """Stop the child's loop (with `drain`, after every request it accepted finishes) and the child; requests
