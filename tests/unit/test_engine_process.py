@@ -132,6 +132,11 @@ def test_a_bad_export_fails_in_the_replica_naming_it(tmp_path):
 
 def test_a_dead_engine_process_fails_its_requests_and_its_health(exports):
     engine = load_engine(exports["model"], core="process", max_batch_size=2)
+    calm = load_engine(exports["model"], core="process")
+    calm.shutdown()  # a child that exits because it was asked to is no failure
+    assert calm.failure is None and not calm.running
+    with pytest.raises(RuntimeError, match="shut down"):
+        calm.check_health()
     outs = []
     engine.add_request(PROMPTS[0], SamplingParams(max_tokens=120, temperature=0.0, ignore_eos=True),
                        sink=outs.append)

@@ -76,6 +76,7 @@ class ProcessEngine(EngineFront):
         self._init_front_from_dir(model_dir, config, source)
         self.failure: BaseException | None = None
         self.closed = False
+        self._stopping = False  # shutdown asked: the child's exit is no failure
         self._lock = threading.Lock()  # the tables below, and one message on the pipe at a time
         self._sinks: dict[str, object] = {}  # request id -> its sink, until its last output
         self._unstarted: set[str] = set()  # sent, no output yet: counted against max_waiting
@@ -217,7 +218,7 @@ class ProcessEngine(EngineFront):
     def _process_gone(self) -> None:
         """The pipe closed: fail what is still waiting on the child (503), as a stopped engine does."""
         with self._lock:
-            if not self.closed and self.failure is None:
+            if not (self.closed or self._stopping) and self.failure is None:
                 self.failure = RuntimeError(f"the engine process exited (code {self._proc.exitcode})")
             self.closed = True
             sinks, self._sinks = self._sinks, {}
@@ -299,6 +300,7 @@ class ProcessEngine(EngineFront):
         """Stop the child's loop (with `drain`, after every request it accepted finishes) and the child; requests
         left get an error (503)."""
         if not self.closed:
+            self._stopping = True
             try:
                 self._call("shutdown", drain, timeout, timeout=None if timeout is None else timeout + 10.0)
             except (EngineUnavailableError, concurrent.futures.TimeoutError):
