@@ -23,8 +23,7 @@ from moe_platform.serving.errors import (
     NotFoundError,
 )
 from moe_platform.serving.loader import load_engine
-from moe_platform.tokenizer import save_tokenizer, train_tokenizer
-from tinyrun import corpus_text, poll, random_adapter
+from tinyrun import poll, random_adapter, tiny_tokenizer
 
 OPTIONS = {"max_batch_size": 4, "max_waiting": 3, "max_loras": 1, "max_lora_rank": 8}
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
@@ -33,11 +32,9 @@ PROMPTS = ["ROMEO:", "JULIET:\nO Romeo, Romeo!", "First Citizen:\nBefore we proc
 
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory):
-    text = corpus_text(60_000)
-    tok = train_tokenizer([text[i:i + 2000] for i in range(0, len(text), 2000)], 384)
-    tok_dir = save_tokenizer(tok, tmp_path_factory.mktemp("tok"), model_max_length=128)
-    args = ModelArgs(vocab_size=tok.get_vocab_size(), dim=32, n_layers=1, n_heads=2, n_kv_heads=1,
-                     intermediate_size=64, num_experts=4, top_k=2, max_seq_len=128, init_std=0.1)
+    tok_dir = tiny_tokenizer(tmp_path_factory.mktemp("tok"), vocab=384)
+    args = ModelArgs(vocab_size=384, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, intermediate_size=64, num_experts=4,
+                     top_k=2, max_seq_len=128, init_std=0.1)
     model_dir = export_hf(build_model(args, seed=0).state_dict(), args, tmp_path_factory.mktemp("m"),
                           tokenizer_dir=tok_dir)
     a_args, state = load_hf(model_dir)

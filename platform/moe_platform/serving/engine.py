@@ -38,6 +38,7 @@ import hashlib
 import json
 import queue
 import re
+import shutil
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -57,7 +58,7 @@ from moe_platform.serving.engine_core import EngineCore
 from moe_platform.serving.errors import EngineOverloadedError, EngineUnavailableError
 from moe_platform.serving.input_processor import InputProcessor
 from moe_platform.serving.lora_manager import LoRAManager
-from moe_platform.serving.model_loader import load_export, load_parts
+from moe_platform.serving.model_loader import load_export, load_parts, write_export
 from moe_platform.serving.model_runner import ModelRunner
 from moe_platform.serving.outputs import RequestOutput, RequestStream
 from moe_platform.serving.quant import QUANTIZATIONS
@@ -65,7 +66,8 @@ from moe_platform.serving.sampling import SamplingParams
 from moe_platform.serving.scheduler import SequenceState as Seq
 from moe_platform.serving.scheduler import build_scheduler
 
-__all__ = ["Engine", "EngineConfig", "EngineFront", "RequestOutput", "RequestStream", "SamplingParams"]
+__all__ = ["ElsewhereFront", "Engine", "EngineConfig", "EngineFront", "RequestOutput", "RequestStream",
+           "SamplingParams"]
 
 BACKENDS = ("native", "vllm")
 AUTO_OUTPUTS_PER_STEP = 16  # stream_interval 0: about this many stream outputs per engine step, beyond one per token
@@ -354,6 +356,41 @@ class EngineFront:
             self._fingerprint = {"architecture": self.args.hf_architecture, "vocab_size": self.args.vocab_size,
                                  "tokenizer": hashlib.blake2b(vocab.encode(), digest_size=8).hexdigest()}
         return dict(self._fingerprint)
+
+
+class ElsewhereFront(EngineFront):
+    """A backend whose core steps elsewhere (vLLM's async engine, our engine in a process of its own): it runs from
+    the moment it is built, and keeps `closed` and `failure` (the exception that stopped its core, else None)."""
+
+    closed: bool = False
+    failure: BaseException | None = None
+    model_dir_prefix = "moe-engine-model-"  # of the directory a registry version is written to for the core
+
+    @classmethod
+    def config_of(cls, options: dict) -> EngineConfig:
+        return EngineConfig.from_options(**options)
+
+    @classmethod
+    def from_state_dict(cls, args: ModelArgs, state: Mapping[str, torch.Tensor], files: Mapping[str, bytes | str],
+                        source: str, keepalive: object = None, **options) -> ElsewhereFront:
+        """A registry version (our state dict and the export's small files), written out as an export directory for
+        the core to read; the backend removes the directory when it shuts down (`owned_dir`)."""
+        config = cls.config_of(options)
+        out = write_export(args, state, files, source, cls.model_dir_prefix)
+        try:
+            return cls(out, config, source=source, owned_dir=out)
+        except BaseException:
+            shutil.rmtree(out, ignore_errors=True)
+            raise
+
+    def start(self) -> ElsewhereFront:
+        self._check_open()
+        return self
+
+    def _check_open(self) -> None:
+        if self.closed or self.failure is not None:
+            raise EngineUnavailableError("the engine is shut down" if self.failure is None else
+                                         f"the engine failed: {self.failure!r}")
 
 
 class Engine(EngineFront):

@@ -6,7 +6,7 @@ In one process, the replica's HTTP, streaming and Ray Serve threads wait for the
 the loop behind them; `bench/serve_path.py` measures what that costs. In a process of its own the engine keeps its
 own GIL.
 
-The replica keeps everything above the core: `ProcessEngine` is an `EngineFront` with the model's tokenizer, chat
+The replica keeps everything above the core: `ProcessEngine` is an `ElsewhereFront` with the model's tokenizer, chat
 template and input checks (a bad request fails in the replica, before it is sent), and the child is our `Engine`
 (`core = "thread"` there) on the same export. They talk over one pipe:
 - replica -> child: ("add", request id, prompt ids, params, adapter), ("abort", id) and ("call", n, method, args)
@@ -37,16 +37,14 @@ from pathlib import Path
 
 import torch
 
-from moe_platform.model.args import ModelArgs
 from moe_platform.serving.adapters import AdapterLoadError, LoadedAdapter, read_adapter_source
-from moe_platform.serving.engine import EngineConfig, EngineFront
+from moe_platform.serving.engine import ElsewhereFront, EngineConfig
 from moe_platform.serving.errors import (
     EngineOverloadedError,
     EngineUnavailableError,
     InvalidRequestError,
     NotFoundError,
 )
-from moe_platform.serving.model_loader import write_export
 from moe_platform.serving.output_processor import deliver_outputs
 from moe_platform.serving.outputs import RequestOutput, RequestStream, StepSink
 from moe_platform.serving.sampling import SamplingParams
@@ -64,7 +62,7 @@ def _dumps(message: tuple) -> bytes:
     return pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
 
 
-class ProcessEngine(EngineFront):
+class ProcessEngine(ElsewhereFront):
     """Our engine in a child process, behind the engine's interface (`add_request`, `submit`, `abort`, adapters,
     `score`, `stats`, health, `shutdown`)."""
 
@@ -114,23 +112,13 @@ class ProcessEngine(EngineFront):
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, **options) -> ProcessEngine:
         """An export directory (config.json, model.safetensors, tokenizer files). Options: `EngineConfig`."""
-        config = EngineConfig.from_options(**options)
-        config.torch_device()  # a device that is not here fails in the replica, naming the option
-        return cls(Path(model_dir), config)
+        return cls(Path(model_dir), cls.config_of(options))
 
     @classmethod
-    def from_state_dict(cls, args: ModelArgs, state: Mapping[str, torch.Tensor], files: Mapping[str, bytes | str],
-                        source: str, keepalive: object = None, **options) -> ProcessEngine:
-        """A registry version (our state dict and the export's small files), written out as an export directory
-        for the child to load; the directory goes when the engine shuts down."""
+    def config_of(cls, options: dict) -> EngineConfig:
         config = EngineConfig.from_options(**options)
-        config.torch_device()
-        out = write_export(args, state, files, source, "moe-engine-model-")
-        try:
-            return cls(out, config, source=source, owned_dir=out)
-        except BaseException:
-            shutil.rmtree(out, ignore_errors=True)
-            raise
+        config.torch_device()  # a device that is not here fails in the replica, naming the option
+        return config
 
     # -- requests ------------------------------------------------------------------------------------------------
     def add_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
@@ -267,18 +255,9 @@ class ProcessEngine(EngineFront):
                          "weight sync (RL) runs on an engine in the caller's process (engine.core: thread)")
 
     # -- loop, health, shutdown ----------------------------------------------------------------------------------
-    def start(self) -> ProcessEngine:
-        self._check_open()
-        return self
-
     @property
     def running(self) -> bool:
         return not self.closed and self._proc.is_alive()
-
-    def _check_open(self) -> None:
-        if self.closed or self.failure is not None:
-            raise EngineUnavailableError("the engine is shut down" if self.failure is None else
-                                         f"the engine failed: {self.failure!r}")
 
     def check_health(self) -> None:
         """Raise if the engine cannot serve: the child exited, or its loop failed or stopped."""

@@ -30,14 +30,12 @@ from pathlib import Path
 import torch
 
 from moe_platform.model.args import ModelArgs
-from moe_platform.serving.engine import EngineConfig, EngineFront
+from moe_platform.serving.engine import ElsewhereFront, EngineConfig
 from moe_platform.serving.errors import (
     EngineOverloadedError,
-    EngineUnavailableError,
     InvalidRequestError,
     NotFoundError,
 )
-from moe_platform.serving.model_loader import write_export
 from moe_platform.serving.output_processor import OutputProcessor
 from moe_platform.serving.outputs import RequestOutput
 from moe_platform.serving.sampling import SamplingParams
@@ -112,9 +110,11 @@ def _logprob_entry(token: int, entry: Mapping | None, k: int) -> tuple[float, li
     return entry[token].logprob, [(t, lp.logprob) for t, lp in tops[:k]]
 
 
-class VllmEngine(EngineFront):
+class VllmEngine(ElsewhereFront):
     """vLLM's `AsyncLLM` as a serving engine: the native `Engine`'s interface (`submit`, `complete_batch`, `score`,
     `stats`, health, shutdown) with our input and output processing around vLLM's scheduler and model runner."""
+
+    model_dir_prefix = "moe-vllm-model-"
 
     def __init__(self, model_dir: str | Path, config: EngineConfig, source: str | None = None,
                  owned_dir: Path | None = None):
@@ -169,19 +169,6 @@ class VllmEngine(EngineFront):
         if not (d / "config.json").is_file() or not (d / "tokenizer.json").is_file():
             raise ValueError(f"{d} is not an export directory vLLM can read (config.json and tokenizer.json)")
         return cls(d, config)
-
-    @classmethod
-    def from_state_dict(cls, args: ModelArgs, state: Mapping[str, torch.Tensor], files: Mapping[str, bytes | str],
-                        source: str, keepalive: object = None, **options) -> VllmEngine:
-        """A registry version (our state dict and the export's small files), written out as an export directory
-        for vLLM to read; the directory goes when the engine shuts down."""
-        config = EngineConfig.from_options(**options)
-        out = write_export(args, state, files, source, "moe-vllm-model-")
-        try:
-            return cls(out, config, source=source, owned_dir=out)
-        except BaseException:
-            shutil.rmtree(out, ignore_errors=True)
-            raise
 
     # -- requests ------------------------------------------------------------------------------------------------
     def add_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
@@ -350,18 +337,9 @@ class VllmEngine(EngineFront):
                          "second engine); in-place weight sync (RL) runs on engine.backend native")
 
     # -- loop, health, shutdown ----------------------------------------------------------------------------------
-    def start(self) -> VllmEngine:
-        self._check_open()
-        return self
-
     @property
     def running(self) -> bool:
         return self._thread.is_alive() and not self.closed
-
-    def _check_open(self) -> None:
-        if self.closed or self.failure is not None:
-            raise EngineUnavailableError("the engine is shut down" if self.failure is None else
-                                         f"the engine failed: {self.failure!r}")
 
     def check_health(self) -> None:
         if self.failure is not None or self.llm.errored:
