@@ -26,7 +26,8 @@ def test_stdlib_platform_still_importable():
 # nothing of ours either; `cli` sits on top. `post_train` (objectives beyond next-token) builds on the trainer and, for
 # GRPO's rollouts, runs the serving engine: it sits above serving, just below cli, and nothing else imports it.
 LEVELS = {"checks": 0, "ray_compat": 0, "deepspeed_compat": 0, "rewards": 0, "model": 1, "tokenizer": 2, "config": 2,
-          "checkpoint": 3, "parallel": 4, "train": 5, "cluster": 6, "serving": 7, "post_train": 7.5, "cli": 8}
+          "checkpoint": 3, "parallel": 4, "train": 5, "cluster": 6, "serving": 7, "post_train": 7.5, "cli_support": 7.8,
+          "cli": 8}
 
 
 def _imports(path: Path) -> list[tuple[int, str]]:

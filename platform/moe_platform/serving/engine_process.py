@@ -311,16 +311,6 @@ class ProcessEngine(ElsewhereFront):
         return self._call("drain_latency_samples")
 
 
-class _PipeSink(StepSink):
-    """The child's sink of every request: a step's outputs go to the replica as one message."""
-
-    def __init__(self, send: Callable[[tuple], None]):
-        self._send = send
-
-    def put_many(self, outputs: list[RequestOutput]) -> None:
-        self._send(("out", outputs))
-
-
 def _child_main(conn, model_dir: str, options: dict) -> None:
     """The child: load the engine, run its loop, and serve the replica's messages until the pipe closes."""
     from moe_platform.serving.engine import Engine
@@ -337,7 +327,7 @@ def _child_main(conn, model_dir: str, options: dict) -> None:
     except BaseException as e:  # noqa: BLE001 - the replica raises it (a bad export names what is wrong)
         send(("error", _picklable(e)))
         return
-    sink = _PipeSink(send)
+    sink = StepSink(lambda outputs: send(("out", outputs)))  # every request's: a step's outputs in one message
     send(("ready", None))
     try:
         while True:

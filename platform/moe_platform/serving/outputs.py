@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -51,10 +52,10 @@ class RequestOutput:
 
 class StepSink:
     """A sink that takes all the outputs of one engine step for its requests at once, in one call of `put_many`
-    (e.g. to send them to another process in one message); subclasses say where they go."""
+    (e.g. to send them to another process in one message)."""
 
-    def put_many(self, outputs: list[RequestOutput]) -> None:
-        raise NotImplementedError(f"{type(self).__name__} must say where its outputs go (put_many)")
+    def __init__(self, put_many: Callable[[list[RequestOutput]], None]):
+        self.put_many = put_many
 
 
 class RequestStream:
