@@ -8,6 +8,8 @@ One tiny Mixtral-style export (dim 256, 4 layers, 16 experts top-2, head dim 64 
   process of its own (the default for an export directory);
 - `ours_per_token`: the same with one SSE event per token at any load (`--engine stream_interval=1`; the default
   gathers more tokens per event once over 16 requests are in flight);
+- `ours_budget512`: the same with 512 prompt tokens prefilled per engine step (`--engine prefill_token_budget=512`,
+  the default before 2,048);
 - `ours_throughput`: the same with Ray Serve's `RAY_SERVE_THROUGHPUT_OPTIMIZED=1` (one of the levers of the serving
   data path: replica code on the replica's event loop, gRPC between proxy and replica, the ingress replica taking
   HTTP on a port of its own; Ray Serve's HAProxy ingress binds every interface and is not measured);
@@ -50,7 +52,8 @@ from _vllm import OFFLINE, wait_healthy  # noqa: E402
 MODEL = "moe-platform"
 API_KEY = "bench-key"
 CORPUS = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
-ENGINE_OPTIONS = {"ours_thread": ["core=thread"], "ours_per_token": ["stream_interval=1"]}  # --engine KEY=VALUE
+ENGINE_OPTIONS = {"ours_thread": ["core=thread"], "ours_per_token": ["stream_interval=1"],
+                  "ours_budget512": ["prefill_token_budget=512"]}  # --engine KEY=VALUE
 GOAL = {"output_tokens_per_s": 1.0, "ttft_p50_ms": 1.0, "itl_p50_ms": 1.0}  # ours ÷ vLLM: >= 1, <= 1, <= 1
 
 
@@ -71,7 +74,8 @@ def add_load_args(p: argparse.ArgumentParser, concurrency: str) -> None:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_load_args(p, "1,16,64")
-    p.add_argument("--systems", default="ours,ours_thread,ours_per_token,ours_throughput,ours_vllm,vllm",
+    p.add_argument("--systems",
+                   default="ours,ours_thread,ours_per_token,ours_budget512,ours_throughput,ours_vllm,vllm",
                    help="which systems, comma-separated")
     add_output_args(p, "serve_vs_vllm")
     return p.parse_args(argv)

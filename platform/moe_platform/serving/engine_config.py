@@ -41,7 +41,7 @@ class EngineConfig:
         default=0.0, metadata={"doc": "an idle engine waits this long for more requests before its first prefill "
                                       "(0: none; requests arriving later join the running batch at the next step)"})
     prefill_token_budget: int = field(
-        default=512, metadata={"doc": "prompt tokens prefilled per step at most (long prompts are chunked)"})
+        default=2048, metadata={"doc": "prompt tokens prefilled per step at most (long prompts are chunked)"})
     max_waiting: int = field(default=256, metadata={"doc": "queued (not yet admitted) requests before rejecting"})
     max_seq_len: int = field(default=0, metadata={"doc": "context window; 0 takes the model's max_seq_len"})
     kv_cache_layout: str = field(default="paged", metadata={"doc": "paged (KV blocks on demand, prefix caching, "
